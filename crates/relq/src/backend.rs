@@ -1,0 +1,383 @@
+//! The backend trait: what a storage system must do for relq to run on it.
+//!
+//! Every operation is semantic (publish, read, settle a batch, park a stopped message, ...), not a
+//! storage primitive, so each backend can map it onto its own atomic unit: one lock section for
+//! the in-memory backend, one commit cycle for the embedded engine, one Lua script or pipeline for
+//! Redis Streams. `docs/design.md` holds the mapping table.
+//!
+//! # Per-group state a backend keeps
+//! For every (topic, group): a cursor (the last id read), pending entries (id, owner, delivery
+//! count, last delivery time, failure history), scheduled entries (id, due time, delivery count,
+//! failure history: retries and delayed messages) and parked entries (stopped messages). A message
+//! counts as acknowledged by a group when its id is at or below the cursor and it is in none of
+//! those sets.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
+use crate::error::BackendError;
+use crate::model::{Message, MessageId, Outgoing, StartPosition, Timestamp};
+
+/// A consumer's membership in a group, returned by [`Backend::join`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subscription {
+    /// The topic.
+    pub topic: String,
+    /// The group.
+    pub group: String,
+    /// The consumer.
+    pub consumer: String,
+    /// The topic's generation when the consumer joined. A terminate ends the generation: every
+    /// later call with this subscription fails with [`BackendErrorKind::Terminated`](crate::BackendErrorKind),
+    /// even if the topic was created again meanwhile.
+    pub epoch: u64,
+}
+
+/// One failed attempt, as stored with a pending or scheduled entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptFailure {
+    /// Which delivery failed (1 = the first).
+    pub attempt: u32,
+    /// When it failed.
+    pub at: Timestamp,
+    /// The consumer that ran it.
+    pub consumer: String,
+    /// What kind of failure it was.
+    pub kind: FailureKind,
+    /// The error's message.
+    pub error: String,
+}
+
+/// How an attempt failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum FailureKind {
+    /// The handler returned a retryable error.
+    Retryable,
+    /// The handler returned a permanent error.
+    Permanent,
+    /// The handler panicked.
+    Panic,
+    /// The handler ran past its timeout.
+    Timeout,
+    /// No handler is registered for the message type.
+    NoHandler,
+    /// The message was delivered more times than the retry policy allows without being settled
+    /// (consumers crashed or hung while holding it).
+    DeliveryLimit,
+}
+
+impl FailureKind {
+    /// The name used in filters, metrics and output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Retryable => "retryable",
+            FailureKind::Permanent => "permanent",
+            FailureKind::Panic => "panic",
+            FailureKind::Timeout => "timeout",
+            FailureKind::NoHandler => "no_handler",
+            FailureKind::DeliveryLimit => "delivery_limit",
+        }
+    }
+}
+
+impl std::str::FromStr for FailureKind {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "retryable" => FailureKind::Retryable,
+            "permanent" => FailureKind::Permanent,
+            "panic" => FailureKind::Panic,
+            "timeout" => FailureKind::Timeout,
+            "no_handler" => FailureKind::NoHandler,
+            "delivery_limit" => FailureKind::DeliveryLimit,
+            other => {
+                return Err(crate::Error::NotFound(format!(
+                    "failure kind {other:?} (expected retryable, permanent, panic, timeout, no_handler or delivery_limit)"
+                )))
+            }
+        })
+    }
+}
+
+/// A delivered message with the failures of its earlier attempts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    /// The message; `message.attempt` is the delivery count including this one.
+    pub message: Message,
+    /// Failures of earlier attempts, oldest first.
+    pub failures: Vec<AttemptFailure>,
+}
+
+/// How a delivered message ends this delivery. Applied by [`Backend::settle`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Settlement {
+    /// Processed: remove from pending.
+    Ack(MessageId),
+    /// Failed, to be delivered again at `at`: move from pending to scheduled, keeping the delivery
+    /// count and appending `failure` to the history.
+    Retry {
+        /// The message.
+        id: MessageId,
+        /// When to deliver it again.
+        at: Timestamp,
+        /// The failure of this attempt.
+        failure: AttemptFailure,
+    },
+    /// Given up: remove from pending and store the dead letter, in one atomic step.
+    DeadLetter(Box<DeadLetter>),
+}
+
+impl Settlement {
+    /// The message this settles.
+    pub fn id(&self) -> MessageId {
+        match self {
+            Settlement::Ack(id) | Settlement::Retry { id, .. } => *id,
+            Settlement::DeadLetter(d) => d.message.id,
+        }
+    }
+}
+
+/// Retention policy for [`Backend::cleanup`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Retention {
+    /// Messages younger than this are kept even when every group acknowledged them.
+    pub min_age: Duration,
+    /// When set, the topic is trimmed to at most this many messages, oldest first, even if some
+    /// group has not acknowledged them. Unset by default: cleanup then never removes a message a
+    /// group still needs.
+    pub max_len: Option<u64>,
+    /// Messages removed per step, so one cleanup does not stall the backend.
+    pub batch: usize,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            min_age: Duration::from_secs(3600),
+            max_len: None,
+            batch: 1000,
+        }
+    }
+}
+
+impl Retention {
+    /// Keeps acknowledged messages for at least `min_age`.
+    pub fn min_age(mut self, min_age: Duration) -> Self {
+        self.min_age = min_age;
+        self
+    }
+    /// Trims the topic to `max_len` messages even when unacknowledged.
+    pub fn max_len(mut self, max_len: u64) -> Self {
+        self.max_len = Some(max_len);
+        self
+    }
+    /// Removes at most `batch` messages per step (at least 1).
+    pub fn batch(mut self, batch: usize) -> Self {
+        self.batch = batch.max(1);
+        self
+    }
+}
+
+/// What a cleanup removed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct CleanupReport {
+    /// Messages removed because every group had acknowledged them.
+    pub removed: u64,
+    /// Messages removed by the max-length policy although some group had not acknowledged them.
+    pub trimmed_unacknowledged: u64,
+}
+
+/// One consumer of a group.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ConsumerInfo {
+    /// Its name.
+    pub name: String,
+    /// Messages it holds (delivered, not settled).
+    pub pending: u64,
+    /// Time since it last received a delivery.
+    pub idle_ms: u64,
+}
+
+/// One group of a topic.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct GroupInfo {
+    /// Its name.
+    pub name: String,
+    /// The last id read.
+    pub cursor: MessageId,
+    /// Messages delivered and not settled.
+    pub pending: u64,
+    /// Messages not yet read by the group.
+    pub lag: u64,
+    /// Retries and delayed messages waiting for their time.
+    pub scheduled: u64,
+    /// Stopped messages held back.
+    pub parked: u64,
+    /// Its consumers.
+    pub consumers: Vec<ConsumerInfo>,
+}
+
+/// A topic's state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TopicInfo {
+    /// Its name.
+    pub name: String,
+    /// Messages stored.
+    pub length: u64,
+    /// The oldest stored id.
+    pub first_id: Option<MessageId>,
+    /// The newest id assigned.
+    pub last_id: Option<MessageId>,
+    /// Its groups.
+    pub groups: Vec<GroupInfo>,
+    /// Ids stopped with [`Backend::stop_message`].
+    pub stopped: Vec<MessageId>,
+    /// Dead letters stored.
+    pub dead_letters: u64,
+}
+
+/// A storage system relq runs on.
+///
+/// Implementations must make every method atomic with respect to the others, and durable to the
+/// degree they document before returning `Ok`.
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// A short name for logs and errors ("memory", "embedded", "redis").
+    fn name(&self) -> &'static str;
+
+    /// Appends messages to `topic` (creating it if needed) and returns their ids, in order. Returns
+    /// only once the backend holds them with its documented durability. A full backend waits for
+    /// space up to its own publish timeout, then fails with `Full`.
+    async fn publish(
+        &self,
+        topic: &str,
+        batch: Vec<Outgoing>,
+    ) -> Result<Vec<MessageId>, BackendError>;
+
+    /// Joins `group` as `consumer`, creating the topic and the group (at `start`) if needed.
+    async fn join(
+        &self,
+        topic: &str,
+        group: &str,
+        consumer: &str,
+        start: StartPosition,
+    ) -> Result<Subscription, BackendError>;
+
+    /// Delivers again up to `max` messages this consumer holds (left pending by a crash or an
+    /// unclean stop). Increments their delivery counts.
+    async fn recover(&self, sub: &Subscription, max: usize) -> Result<Vec<Delivery>, BackendError>;
+
+    /// Takes over up to `max` pending messages whose last delivery is older than `min_idle`, from
+    /// any consumer of the group. Increments their delivery counts.
+    async fn claim(
+        &self,
+        sub: &Subscription,
+        min_idle: Duration,
+        max: usize,
+    ) -> Result<Vec<Delivery>, BackendError>;
+
+    /// Delivers up to `max` messages: scheduled entries that are due first, then new messages
+    /// after the cursor. Stopped messages are parked instead of delivered; delayed messages that
+    /// are not yet due are scheduled. Waits up to `wait` when nothing is ready.
+    ///
+    /// Cancel safety: a cancelled read may leave messages pending for this consumer; [`recover`]
+    /// delivers them again.
+    ///
+    /// [`recover`]: Backend::recover
+    async fn read(
+        &self,
+        sub: &Subscription,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Delivery>, BackendError>;
+
+    /// Applies settlements atomically as one batch. Settlements for messages no longer pending in
+    /// the group (settled already, or claimed and settled by another consumer) are ignored.
+    async fn settle(&self, sub: &Subscription, batch: &[Settlement]) -> Result<(), BackendError>;
+
+    /// Stops message `id` for every group: it is parked instead of delivered until resumed.
+    /// Returns false if the topic does not exist.
+    async fn stop_message(&self, topic: &str, id: MessageId) -> Result<bool, BackendError>;
+
+    /// Resumes a stopped message: parked entries become deliverable at once. Returns whether it was
+    /// stopped.
+    async fn resume_message(&self, topic: &str, id: MessageId) -> Result<bool, BackendError>;
+
+    /// Removes the topic: messages, groups, pending, scheduled and parked state, stop markers and
+    /// dead letters. Running consumers get `Terminated` from their next call. The topic can be
+    /// created again. Returns whether it existed.
+    async fn terminate(&self, topic: &str) -> Result<bool, BackendError>;
+
+    /// Removes messages every group has acknowledged and that are older than
+    /// `retention.min_age`, and applies `retention.max_len`.
+    async fn cleanup(
+        &self,
+        topic: &str,
+        retention: &Retention,
+    ) -> Result<CleanupReport, BackendError>;
+
+    /// The names of all topics.
+    async fn topics(&self) -> Result<Vec<String>, BackendError>;
+
+    /// A topic's state, or `None` if it does not exist.
+    async fn topic_info(&self, topic: &str) -> Result<Option<TopicInfo>, BackendError>;
+
+    /// Dead letters of `topic` matching `query`, oldest first, starting after `query.after`.
+    async fn dead_letters(
+        &self,
+        topic: &str,
+        query: &DeadLetterQuery,
+    ) -> Result<Vec<DeadLetter>, BackendError>;
+
+    /// One dead letter.
+    async fn dead_letter(
+        &self,
+        topic: &str,
+        id: DeadLetterId,
+    ) -> Result<Option<DeadLetter>, BackendError>;
+
+    /// Republishes the given dead letters to their topic (new ids, a fresh delivery count, replay
+    /// headers) and removes them, atomically per dead letter. Returns (dead letter, new message id)
+    /// for each one that existed.
+    async fn replay_dead_letters(
+        &self,
+        topic: &str,
+        ids: &[DeadLetterId],
+    ) -> Result<Vec<(DeadLetterId, MessageId)>, BackendError>;
+
+    /// Deletes dead letters; returns how many existed.
+    async fn delete_dead_letters(
+        &self,
+        topic: &str,
+        ids: &[DeadLetterId],
+    ) -> Result<u64, BackendError>;
+
+    /// Deletes dead letters that failed last before `before`; returns how many.
+    async fn purge_dead_letters(&self, topic: &str, before: Timestamp)
+        -> Result<u64, BackendError>;
+
+    /// Counts by failure kind, message type and error category.
+    async fn dead_letter_stats(&self, topic: &str) -> Result<DeadLetterStats, BackendError>;
+}
+
+/// Headers a replay adds, shared by every backend.
+pub fn replay_headers(dl: &DeadLetter) -> BTreeMap<String, String> {
+    let mut headers = dl.message.headers.clone();
+    headers.insert(crate::model::HEADER_REPLAY_OF.to_owned(), dl.id.to_string());
+    headers.insert(
+        crate::model::HEADER_ORIGINAL_ID.to_owned(),
+        dl.message.id.to_string(),
+    );
+    headers.insert(
+        crate::model::HEADER_REPLAY_GROUP.to_owned(),
+        dl.group.clone(),
+    );
+    headers
+}

@@ -1,0 +1,391 @@
+//! The broker: the entry point that publishes, builds consumers and runs operations.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::backend::{Backend, CleanupReport, Retention, TopicInfo};
+use crate::consumer::ConsumerBuilder;
+use crate::dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
+use crate::error::{BackendError, BackendErrorKind, Error, Result};
+use crate::memory::MemoryBackend;
+use crate::model::{
+    validate_kind, validate_name, MessageId, NewMessage, Outgoing, Timestamp,
+    RESERVED_HEADER_PREFIX,
+};
+
+/// Largest payload accepted by default: 1 MiB.
+pub const DEFAULT_MAX_PAYLOAD: usize = 1 << 20;
+/// How long dead letters are kept by default by [`DeadLetters::purge_expired`]: 30 days.
+pub const DEFAULT_DEAD_LETTER_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// A handle to a backend: publishes messages, builds consumers, inspects and operates topics.
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct Broker {
+    backend: Arc<dyn Backend>,
+    max_payload: usize,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("backend", &self.backend.name())
+            .finish()
+    }
+}
+
+impl Broker {
+    /// A broker on `backend`.
+    pub fn new(backend: impl Backend) -> Broker {
+        Broker {
+            backend: Arc::new(backend),
+            max_payload: DEFAULT_MAX_PAYLOAD,
+        }
+    }
+
+    /// A broker on a fresh in-memory backend (not durable).
+    pub fn memory() -> Broker {
+        Broker::new(MemoryBackend::new())
+    }
+
+    /// A broker for a backend URL: `memory://`.
+    ///
+    /// # Errors
+    /// An unsupported URL.
+    pub async fn connect(url: &str) -> Result<Broker> {
+        match url.split_once("://").map(|(scheme, _)| scheme) {
+            Some("memory") => Ok(Broker::memory()),
+            Some("file") | Some("redis") | Some("rediss") => Err(Error::UnsupportedUrl {
+                url: url.to_owned(),
+                reason: "this build has only the in-memory backend (memory://); the embedded engine and Redis backends are not built yet".into(),
+            }),
+            _ => Err(Error::UnsupportedUrl {
+                url: url.to_owned(),
+                reason: "expected memory://".into(),
+            }),
+        }
+    }
+
+    /// Sets the largest payload [`publish`](Self::publish) accepts.
+    pub fn with_max_payload(mut self, bytes: usize) -> Broker {
+        self.max_payload = bytes;
+        self
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    fn prepare(&self, m: NewMessage) -> Result<Outgoing> {
+        validate_kind(&m.kind)?;
+        if m.payload.len() > self.max_payload {
+            return Err(Error::PayloadTooLarge {
+                size: m.payload.len(),
+                max: self.max_payload,
+            });
+        }
+        if let Some(h) = m
+            .headers
+            .keys()
+            .find(|h| h.starts_with(RESERVED_HEADER_PREFIX))
+        {
+            return Err(Error::ReservedHeader(h.clone()));
+        }
+        let deliver_at = match (m.deliver_at, m.delay) {
+            (Some(at), _) => Some(at),
+            (None, Some(d)) => Some(Timestamp::now().add(d)),
+            (None, None) => None,
+        };
+        Ok(Outgoing {
+            kind: m.kind,
+            payload: m.payload,
+            headers: m.headers,
+            deliver_at,
+        })
+    }
+
+    /// Publishes one message and returns its id once the backend holds it.
+    ///
+    /// # Errors
+    /// An invalid topic or type, an oversize payload, a reserved header, a backend that stayed
+    /// full ([`Error::Full`]) or failed. On error nothing was published.
+    pub async fn publish(&self, topic: &str, message: NewMessage) -> Result<MessageId> {
+        let ids = self.publish_batch(topic, vec![message]).await?;
+        ids.into_iter().next().ok_or_else(|| {
+            Error::Backend(BackendError::new(
+                self.backend.name(),
+                BackendErrorKind::Invalid,
+                "publish returned no id",
+            ))
+        })
+    }
+
+    /// Publishes messages in one backend call; ids are returned in order.
+    ///
+    /// # Errors
+    /// As [`publish`](Self::publish); the batch is validated as a whole first.
+    pub async fn publish_batch(
+        &self,
+        topic: &str,
+        messages: Vec<NewMessage>,
+    ) -> Result<Vec<MessageId>> {
+        validate_name("topic", topic)?;
+        let n = messages.len() as u64;
+        let batch = messages
+            .into_iter()
+            .map(|m| self.prepare(m))
+            .collect::<Result<Vec<_>>>()?;
+        let ids = self
+            .backend
+            .publish(topic, batch)
+            .await
+            .map_err(|e| match e.kind {
+                BackendErrorKind::Full => Error::Full {
+                    topic: topic.to_owned(),
+                    waited: Duration::ZERO,
+                },
+                _ => Error::Backend(e),
+            })?;
+        metrics::counter!("relq_published_total", "topic" => topic.to_owned()).increment(n);
+        Ok(ids)
+    }
+
+    /// Starts building a consumer of `topic` in `group`.
+    pub fn consumer(&self, topic: &str, group: &str) -> ConsumerBuilder {
+        ConsumerBuilder::new(self.clone(), topic, group)
+    }
+
+    /// Stops message `id` for every group of `topic`: it is held back, neither processed nor lost,
+    /// until [`resume_message`](Self::resume_message). A delivery already running finishes.
+    ///
+    /// # Errors
+    /// The topic does not exist, or the backend failed.
+    pub async fn stop_message(&self, topic: &str, id: MessageId) -> Result<()> {
+        validate_name("topic", topic)?;
+        if self.backend.stop_message(topic, id).await? {
+            Ok(())
+        } else {
+            Err(Error::NotFound(format!("topic {topic:?}")))
+        }
+    }
+
+    /// Makes a stopped message deliverable again. Returns whether it was stopped.
+    ///
+    /// # Errors
+    /// The backend failed.
+    pub async fn resume_message(&self, topic: &str, id: MessageId) -> Result<bool> {
+        validate_name("topic", topic)?;
+        Ok(self.backend.resume_message(topic, id).await?)
+    }
+
+    /// Terminates `topic`: removes its messages, groups, pending and scheduled state and dead
+    /// letters. Its running consumers stop with [`StopReason::TopicTerminated`](crate::StopReason).
+    /// Returns whether it existed.
+    ///
+    /// # Errors
+    /// The backend failed.
+    pub async fn terminate(&self, topic: &str) -> Result<bool> {
+        validate_name("topic", topic)?;
+        Ok(self.backend.terminate(topic).await?)
+    }
+
+    /// Removes messages of `topic` that every group acknowledged and that are older than the
+    /// retention's minimum age; applies its max length.
+    ///
+    /// # Errors
+    /// The backend failed.
+    pub async fn cleanup(&self, topic: &str, retention: &Retention) -> Result<CleanupReport> {
+        validate_name("topic", topic)?;
+        Ok(self.backend.cleanup(topic, retention).await?)
+    }
+
+    /// Runs [`cleanup`](Self::cleanup) and expired dead-letter purging every `interval` until the
+    /// returned task is dropped or aborted.
+    pub fn spawn_cleanup(
+        &self,
+        topic: &str,
+        retention: Retention,
+        interval: Duration,
+    ) -> CleanupTask {
+        let broker = self.clone();
+        let topic = topic.to_owned();
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match broker.cleanup(&topic, &retention).await {
+                    Ok(r) => tracing::debug!(
+                        topic,
+                        removed = r.removed,
+                        trimmed = r.trimmed_unacknowledged,
+                        "cleanup"
+                    ),
+                    Err(e) => tracing::warn!(topic, error = %e, "cleanup failed"),
+                }
+                if let Err(e) = broker.dead_letters(&topic).purge_expired().await {
+                    tracing::warn!(topic, error = %e, "dead-letter purge failed");
+                }
+            }
+        });
+        CleanupTask(task)
+    }
+
+    /// All topic names.
+    ///
+    /// # Errors
+    /// The backend failed.
+    pub async fn topics(&self) -> Result<Vec<String>> {
+        Ok(self.backend.topics().await?)
+    }
+
+    /// A topic's length, groups, pending, lag, scheduled and dead-letter counts.
+    ///
+    /// # Errors
+    /// The topic does not exist, or the backend failed.
+    pub async fn topic_info(&self, topic: &str) -> Result<TopicInfo> {
+        validate_name("topic", topic)?;
+        self.backend
+            .topic_info(topic)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("topic {topic:?}")))
+    }
+
+    /// The dead letters of `topic`.
+    pub fn dead_letters(&self, topic: &str) -> DeadLetters {
+        DeadLetters {
+            backend: self.backend.clone(),
+            topic: topic.to_owned(),
+        }
+    }
+}
+
+/// A periodic cleanup started by [`Broker::spawn_cleanup`]; dropping it stops it.
+#[derive(Debug)]
+pub struct CleanupTask(tokio::task::JoinHandle<()>);
+
+impl Drop for CleanupTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Dead-letter operations on one topic.
+#[derive(Clone)]
+pub struct DeadLetters {
+    backend: Arc<dyn Backend>,
+    topic: String,
+}
+
+impl DeadLetters {
+    /// One page of dead letters matching `query`, oldest first. Continue with
+    /// `query.after(last.id)`.
+    ///
+    /// # Errors
+    /// The backend failed.
+    pub async fn list(&self, query: &DeadLetterQuery) -> Result<Vec<DeadLetter>> {
+        Ok(self.backend.dead_letters(&self.topic, query).await?)
+    }
+
+    /// One dead letter.
+    ///
+    /// # Errors
+    /// It does not exist, or the backend failed.
+    pub async fn get(&self, id: DeadLetterId) -> Result<DeadLetter> {
+        self.backend
+            .dead_letter(&self.topic, id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("dead letter {id} in topic {:?}", self.topic)))
+    }
+
+    /// How many dead letters match `query`'s filters.
+    ///
+    /// # Errors
+    /// The backend failed.
+    pub async fn count(&self, query: &DeadLetterQuery) -> Result<u64> {
+        let mut n = 0;
+        self.for_each_page(query, |page| n += page.len() as u64)
+            .await?;
+        Ok(n)
+    }
+
+    async fn for_each_page(
+        &self,
+        query: &DeadLetterQuery,
+        mut f: impl FnMut(&[DeadLetter]),
+    ) -> Result<()> {
+        let mut q = query.clone().limit(500);
+        loop {
+            let page = self.backend.dead_letters(&self.topic, &q).await?;
+            f(&page);
+            match page.last() {
+                Some(last) if page.len() == q.page_size() => q = q.after(last.id),
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    /// Replays dead letters back to the topic: each becomes a new message with a fresh attempt
+    /// budget, headers marking the replay, delivered only to the group that gave up on it.
+    /// Returns (dead letter, new message id) for each that existed.
+    ///
+    /// # Errors
+    /// The backend failed.
+    pub async fn replay(&self, ids: &[DeadLetterId]) -> Result<Vec<(DeadLetterId, MessageId)>> {
+        Ok(self.backend.replay_dead_letters(&self.topic, ids).await?)
+    }
+
+    /// Replays every dead letter matching `query`'s filters.
+    ///
+    /// # Errors
+    /// The backend failed; what was replayed before stays replayed.
+    pub async fn replay_matching(
+        &self,
+        query: &DeadLetterQuery,
+    ) -> Result<Vec<(DeadLetterId, MessageId)>> {
+        let mut ids = Vec::new();
+        self.for_each_page(query, |page| ids.extend(page.iter().map(|d| d.id)))
+            .await?;
+        let mut out = Vec::new();
+        for chunk in ids.chunks(500) {
+            out.extend(self.replay(chunk).await?);
+        }
+        Ok(out)
+    }
+
+    /// Deletes dead letters; returns how many existed.
+    ///
+    /// # Errors
+    /// The backend failed.
+    pub async fn delete(&self, ids: &[DeadLetterId]) -> Result<u64> {
+        Ok(self.backend.delete_dead_letters(&self.topic, ids).await?)
+    }
+
+    /// Deletes dead letters whose last failure is older than `age`.
+    ///
+    /// # Errors
+    /// The backend failed.
+    pub async fn purge_older_than(&self, age: Duration) -> Result<u64> {
+        Ok(self
+            .backend
+            .purge_dead_letters(&self.topic, Timestamp::now().sub(age))
+            .await?)
+    }
+
+    /// Deletes dead letters older than the default retention of 30 days.
+    ///
+    /// # Errors
+    /// The backend failed.
+    pub async fn purge_expired(&self) -> Result<u64> {
+        self.purge_older_than(DEFAULT_DEAD_LETTER_RETENTION).await
+    }
+
+    /// Counts by reason, message type and error category.
+    ///
+    /// # Errors
+    /// The backend failed.
+    pub async fn stats(&self) -> Result<DeadLetterStats> {
+        Ok(self.backend.dead_letter_stats(&self.topic).await?)
+    }
+}

@@ -1,0 +1,409 @@
+//! Consumers: the builder, the running handle, stop reasons and statistics.
+
+mod runtime;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::broker::Broker;
+use crate::error::{ConfigError, Error};
+use crate::handler::{BatchConfig, BatchHandler, Handler};
+use crate::model::{validate_kind, validate_name, StartPosition};
+use crate::retry::{Backoff, RetryPolicy};
+
+/// Why a consumer stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StopReason {
+    /// [`ConsumerHandle::shutdown`] was called.
+    Shutdown,
+    /// The topic was terminated; the consumer stopped by itself.
+    TopicTerminated,
+    /// The backend failed in a way the consumer cannot recover from.
+    Failed(String),
+}
+
+/// Counters of one running consumer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConsumerStats {
+    /// Messages acknowledged after success.
+    pub processed: u64,
+    /// Failed attempts (errors, panics, timeouts).
+    pub failed: u64,
+    /// Failed attempts scheduled for a retry.
+    pub retried: u64,
+    /// Messages dead-lettered.
+    pub dead_lettered: u64,
+    /// Messages being handled now.
+    pub in_flight: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) processed: AtomicU64,
+    pub(crate) failed: AtomicU64,
+    pub(crate) retried: AtomicU64,
+    pub(crate) dead_lettered: AtomicU64,
+    pub(crate) in_flight: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> ConsumerStats {
+        ConsumerStats {
+            processed: self.processed.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            retried: self.retried.load(Ordering::Relaxed),
+            dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What a graceful shutdown did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Handlers still running at the deadline, cancelled; their messages stay pending and are
+    /// delivered again (to this consumer name on restart, or claimed by another consumer).
+    pub abandoned: u64,
+}
+
+pub(crate) struct Config {
+    pub(crate) topic: String,
+    pub(crate) group: String,
+    pub(crate) consumer: String,
+    pub(crate) start: StartPosition,
+    pub(crate) concurrency: usize,
+    pub(crate) read_batch: usize,
+    pub(crate) claim_after: Duration,
+    pub(crate) handler_timeout: Duration,
+    pub(crate) poll_wait: Duration,
+    pub(crate) retry: Arc<dyn RetryPolicy>,
+    pub(crate) handlers: HashMap<String, Arc<dyn Handler>>,
+    pub(crate) batch_handlers: HashMap<String, (BatchConfig, Arc<dyn BatchHandler>)>,
+    pub(crate) fallback: Option<Arc<dyn Handler>>,
+    pub(crate) include_stack_trace: bool,
+}
+
+/// Builds a [`Consumer`]; from [`Broker::consumer`].
+pub struct ConsumerBuilder {
+    broker: Broker,
+    topic: String,
+    group: String,
+    consumer: Option<String>,
+    start: StartPosition,
+    concurrency: usize,
+    read_batch: usize,
+    claim_after: Duration,
+    handler_timeout: Duration,
+    poll_wait: Duration,
+    retry: Option<Arc<dyn RetryPolicy>>,
+    backoff: Option<Backoff>,
+    handlers: HashMap<String, Arc<dyn Handler>>,
+    batch_handlers: HashMap<String, (BatchConfig, Arc<dyn BatchHandler>)>,
+    fallback: Option<Arc<dyn Handler>>,
+    include_stack_trace: bool,
+}
+
+impl ConsumerBuilder {
+    pub(crate) fn new(broker: Broker, topic: &str, group: &str) -> ConsumerBuilder {
+        ConsumerBuilder {
+            broker,
+            topic: topic.to_owned(),
+            group: group.to_owned(),
+            consumer: None,
+            start: StartPosition::Latest,
+            concurrency: 16,
+            read_batch: 64,
+            claim_after: Duration::from_secs(60),
+            handler_timeout: Duration::from_secs(30),
+            poll_wait: Duration::from_secs(1),
+            retry: None,
+            backoff: None,
+            handlers: HashMap::new(),
+            batch_handlers: HashMap::new(),
+            fallback: None,
+            include_stack_trace: false,
+        }
+    }
+
+    /// The consumer's name within its group. Use a stable name per process (e.g. the host name)
+    /// so a restart recovers what the previous run left pending. Default: `consumer-<random>`.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.consumer = Some(name.into());
+        self
+    }
+
+    /// Where the group starts if this consumer creates it. Default [`StartPosition::Latest`].
+    pub fn start(mut self, start: StartPosition) -> Self {
+        self.start = start;
+        self
+    }
+
+    /// Most messages handled at once. Default 16.
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n;
+        self
+    }
+
+    /// Most messages fetched per backend read. Default 64.
+    pub fn read_batch(mut self, n: usize) -> Self {
+        self.read_batch = n;
+        self
+    }
+
+    /// Messages another consumer has held this long are claimed. Must exceed the handler timeout.
+    /// Default 60 s.
+    pub fn claim_after(mut self, d: Duration) -> Self {
+        self.claim_after = d;
+        self
+    }
+
+    /// A handler running longer is cancelled and the attempt fails with reason `timeout`.
+    /// Default 30 s.
+    pub fn handler_timeout(mut self, d: Duration) -> Self {
+        self.handler_timeout = d;
+        self
+    }
+
+    /// How long one backend read waits for new messages. Default 1 s.
+    pub fn poll_wait(mut self, d: Duration) -> Self {
+        self.poll_wait = d;
+        self
+    }
+
+    /// The built-in retry policy. Default [`Backoff::default`].
+    pub fn retry(mut self, backoff: Backoff) -> Self {
+        self.backoff = Some(backoff);
+        self.retry = None;
+        self
+    }
+
+    /// A custom retry policy.
+    pub fn retry_policy(mut self, policy: impl RetryPolicy) -> Self {
+        self.retry = Some(Arc::new(policy));
+        self.backoff = None;
+        self
+    }
+
+    /// Handles messages of type `kind` with `handler`.
+    pub fn handler(mut self, kind: impl Into<String>, handler: impl Handler) -> Self {
+        self.handlers.insert(kind.into(), Arc::new(handler));
+        self
+    }
+
+    /// Handles messages of type `kind` in batches.
+    pub fn batch_handler(
+        mut self,
+        kind: impl Into<String>,
+        config: BatchConfig,
+        handler: impl BatchHandler,
+    ) -> Self {
+        self.batch_handlers
+            .insert(kind.into(), (config, Arc::new(handler)));
+        self
+    }
+
+    /// Handles messages of every type without a handler of its own.
+    pub fn fallback(mut self, handler: impl Handler) -> Self {
+        self.fallback = Some(Arc::new(handler));
+        self
+    }
+
+    /// Stores the failing error's backtrace in dead letters (when one was captured).
+    pub fn include_stack_trace(mut self, on: bool) -> Self {
+        self.include_stack_trace = on;
+        self
+    }
+
+    /// Validates the configuration.
+    ///
+    /// # Errors
+    /// Invalid names, zero concurrency or batch sizes, a claim time not above the handler
+    /// timeout, an invalid retry policy, or no handler at all.
+    pub fn build(self) -> Result<Consumer, Error> {
+        validate_name("topic", &self.topic)?;
+        validate_name("group", &self.group)?;
+        let consumer = self
+            .consumer
+            .unwrap_or_else(|| format!("consumer-{:08x}", fastrand::u32(..)));
+        validate_name("consumer", &consumer)?;
+        for kind in self.handlers.keys().chain(self.batch_handlers.keys()) {
+            validate_kind(kind)?;
+        }
+        if self.concurrency == 0 {
+            return Err(ConfigError::new("concurrency", "must be at least 1").into());
+        }
+        if self.read_batch == 0 {
+            return Err(ConfigError::new("read_batch", "must be at least 1").into());
+        }
+        if self.handler_timeout.is_zero() {
+            return Err(ConfigError::new("handler_timeout", "must be above zero").into());
+        }
+        if self.claim_after <= self.handler_timeout {
+            return Err(ConfigError::new(
+                "claim_after",
+                format!(
+                    "must exceed handler_timeout ({:?}), or a slow handler's message is claimed by another consumer while it still runs",
+                    self.handler_timeout
+                ),
+            )
+            .into());
+        }
+        for (kind, (c, _)) in &self.batch_handlers {
+            if c.size == 0 || c.timeout.is_zero() || c.max_wait < c.timeout {
+                return Err(ConfigError::new(
+                    "batch",
+                    format!("batch handler {kind:?}: size must be >= 1, timeout > 0, max_wait >= timeout"),
+                )
+                .into());
+            }
+        }
+        if self.handlers.is_empty() && self.batch_handlers.is_empty() && self.fallback.is_none() {
+            return Err(ConfigError::new(
+                "handlers",
+                "register at least one handler or a fallback",
+            )
+            .into());
+        }
+        let retry: Arc<dyn RetryPolicy> = match (self.retry, self.backoff) {
+            (Some(p), _) => p,
+            (None, b) => {
+                let b = b.unwrap_or_default();
+                b.validate()?;
+                Arc::new(b)
+            }
+        };
+        Ok(Consumer {
+            broker: self.broker,
+            config: Arc::new(Config {
+                topic: self.topic,
+                group: self.group,
+                consumer,
+                start: self.start,
+                concurrency: self.concurrency,
+                read_batch: self.read_batch,
+                claim_after: self.claim_after,
+                handler_timeout: self.handler_timeout,
+                poll_wait: self.poll_wait,
+                retry,
+                handlers: self.handlers,
+                batch_handlers: self.batch_handlers,
+                fallback: self.fallback,
+                include_stack_trace: self.include_stack_trace,
+            }),
+        })
+    }
+}
+
+/// A configured consumer; [`Consumer::start`] runs it.
+pub struct Consumer {
+    broker: Broker,
+    config: Arc<Config>,
+}
+
+impl Consumer {
+    /// Joins the group (creating it at the start position if needed) and starts consuming in
+    /// background tasks: first this consumer's own pending messages, then messages other
+    /// consumers held past `claim_after`, then new ones.
+    ///
+    /// # Errors
+    /// The backend failed to join.
+    pub async fn start(self) -> Result<ConsumerHandle, Error> {
+        let c = &self.config;
+        let sub = self
+            .broker
+            .backend()
+            .join(&c.topic, &c.group, &c.consumer, c.start)
+            .await?;
+        let counters = Arc::new(Counters::default());
+        let (stop_tx, stop_rx) = watch::channel(None::<Duration>);
+        let (done_tx, done_rx) = watch::channel(None::<StopReason>);
+        let (report_tx, report_rx) = watch::channel(None::<ShutdownReport>);
+        let span = tracing::info_span!("relq.consumer", topic = %sub.topic, group = %sub.group, consumer = %sub.consumer);
+        tokio::spawn(tracing::Instrument::instrument(
+            runtime::run(
+                self.broker.backend().clone(),
+                self.config.clone(),
+                sub,
+                counters.clone(),
+                stop_rx,
+                done_tx,
+                report_tx,
+            ),
+            span,
+        ));
+        Ok(ConsumerHandle {
+            name: self.config.consumer.clone(),
+            counters,
+            stop: stop_tx,
+            done: done_rx,
+            report: report_rx,
+        })
+    }
+}
+
+/// A running consumer. Dropping the handle does not stop it; call [`shutdown`](Self::shutdown).
+pub struct ConsumerHandle {
+    name: String,
+    counters: Arc<Counters>,
+    stop: watch::Sender<Option<Duration>>,
+    done: watch::Receiver<Option<StopReason>>,
+    report: watch::Receiver<Option<ShutdownReport>>,
+}
+
+impl ConsumerHandle {
+    /// The consumer's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its counters now.
+    pub fn stats(&self) -> ConsumerStats {
+        self.counters.snapshot()
+    }
+
+    /// Whether it has stopped.
+    pub fn is_stopped(&self) -> bool {
+        self.done.borrow().is_some()
+    }
+
+    /// Resolves when the consumer stops, with the reason.
+    ///
+    /// Cancel safety: cancel safe; call again to keep waiting.
+    pub async fn done(&self) -> StopReason {
+        let mut rx = self.done.clone();
+        loop {
+            if let Some(r) = rx.borrow_and_update().clone() {
+                return r;
+            }
+            if rx.changed().await.is_err() {
+                return rx
+                    .borrow()
+                    .clone()
+                    .unwrap_or_else(|| StopReason::Failed("consumer task ended".into()));
+            }
+        }
+    }
+
+    /// Stops fetching, lets in-flight handlers finish for up to `deadline`, flushes
+    /// acknowledgements, and cancels what is still running. Cancelled messages stay pending and
+    /// are delivered again later: nothing is lost.
+    pub async fn shutdown(self, deadline: Duration) -> ShutdownReport {
+        let _ = self.stop.send(Some(deadline));
+        self.done().await;
+        let mut rx = self.report.clone();
+        loop {
+            if let Some(r) = *rx.borrow_and_update() {
+                return r;
+            }
+            if rx.changed().await.is_err() {
+                return rx.borrow().unwrap_or(ShutdownReport { abandoned: 0 });
+            }
+        }
+    }
+}

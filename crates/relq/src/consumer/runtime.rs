@@ -1,0 +1,553 @@
+//! The consumer runtime: the fetch loop, handler tasks, batchers and the settler.
+//!
+//! ```text
+//! fetch loop ── recover own pending ─▶ claim idle ─▶ read new ──┐ (one semaphore permit per message)
+//!      │                                                         ▼
+//!      ├──────────────▶ handler task (spawned: panics caught, timeout enforced) ─┐
+//!      └──────────────▶ batcher per batch type ─▶ batch task ───────────────────┤
+//!                                                                              ▼
+//!                                       settler: batches ack / retry / dead-letter into one backend call
+//! ```
+//! A failure becomes a `Settlement::Retry` (scheduled in the backend) or a
+//! `Settlement::DeadLetter`; no task sleeps on a retry. A message whose settlement never reaches
+//! the backend stays pending there and is delivered again: at-least-once.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::{Config, Counters, ShutdownReport, StopReason};
+use crate::backend::{AttemptFailure, Backend, Delivery, FailureKind, Settlement, Subscription};
+use crate::dead_letter::DeadLetter;
+use crate::error::{BackendError, BackendErrorKind};
+use crate::handler::{BatchConfig, BatchHandler, Handler, HandlerError};
+use crate::model::{MessageId, Timestamp, HEADER_REPLAY_GROUP};
+use crate::retry::{Failure, RetryDecision};
+
+/// Settlements flushed per backend call.
+const SETTLE_BATCH: usize = 512;
+/// Attempts to apply one settlement batch while the backend is unavailable before leaving the
+/// messages pending (they are then delivered again).
+const SETTLE_ATTEMPTS: u32 = 12;
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+struct Ctx {
+    backend: Arc<dyn Backend>,
+    config: Arc<Config>,
+    sub: Subscription,
+    counters: Arc<Counters>,
+    settle: mpsc::Sender<Settlement>,
+    abort: watch::Receiver<bool>,
+}
+
+enum Outcome {
+    Ok,
+    Failed {
+        kind: FailureKind,
+        chain: Vec<String>,
+        category: Option<String>,
+        backtrace: Option<String>,
+    },
+}
+
+impl Outcome {
+    fn from_error(e: HandlerError) -> Outcome {
+        Outcome::Failed {
+            kind: if e.is_permanent() {
+                FailureKind::Permanent
+            } else {
+                FailureKind::Retryable
+            },
+            chain: e.chain(),
+            category: e.category_name().map(str::to_owned),
+            backtrace: e.backtrace(),
+        }
+    }
+
+    fn simple(kind: FailureKind, error: String) -> Outcome {
+        Outcome::Failed {
+            kind,
+            chain: vec![error],
+            category: None,
+            backtrace: None,
+        }
+    }
+}
+
+fn panic_message(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(p) => match p.downcast::<String>() {
+            Ok(s) => format!("handler panicked: {s}"),
+            Err(p) => match p.downcast::<&'static str>() {
+                Ok(s) => format!("handler panicked: {s}"),
+                Err(_) => "handler panicked".to_owned(),
+            },
+        },
+        Err(e) => format!("handler task failed: {e}"),
+    }
+}
+
+pub(crate) async fn run(
+    backend: Arc<dyn Backend>,
+    config: Arc<Config>,
+    sub: Subscription,
+    counters: Arc<Counters>,
+    mut stop: watch::Receiver<Option<Duration>>,
+    done: watch::Sender<Option<StopReason>>,
+    report: watch::Sender<Option<ShutdownReport>>,
+) {
+    let permits = Arc::new(Semaphore::new(config.concurrency));
+    let (settle_tx, settle_rx) = mpsc::channel(config.concurrency.max(SETTLE_BATCH) * 2);
+    let (abort_tx, abort_rx) = watch::channel(false);
+    let (fatal_tx, mut fatal_rx) = watch::channel(None::<StopReason>);
+    let settler = tokio::spawn(settler(backend.clone(), sub.clone(), settle_rx, fatal_tx));
+    let ctx = Arc::new(Ctx {
+        backend,
+        config: config.clone(),
+        sub,
+        counters: counters.clone(),
+        settle: settle_tx,
+        abort: abort_rx,
+    });
+    let mut batchers = HashMap::new();
+    let mut batcher_tasks: Vec<JoinHandle<()>> = Vec::new();
+    for (kind, (cfg, handler)) in &config.batch_handlers {
+        let (tx, rx) = mpsc::channel(cfg.size * 2);
+        batchers.insert(kind.clone(), tx);
+        batcher_tasks.push(tokio::spawn(batcher(
+            ctx.clone(),
+            kind.clone(),
+            *cfg,
+            handler.clone(),
+            rx,
+        )));
+    }
+
+    let reason = fetch_loop(&ctx, &permits, &batchers, &mut stop, &mut fatal_rx).await;
+    tracing::info!(reason = ?reason, "consumer stopping");
+
+    // Drain: batchers run what they hold; handlers get until the deadline.
+    drop(batchers);
+    let deadline = match (&reason, *stop.borrow()) {
+        (StopReason::Shutdown, Some(d)) => d,
+        _ => Duration::ZERO,
+    };
+    let all = config.concurrency as u32;
+    let mut abandoned = 0;
+    if tokio::time::timeout(deadline, permits.acquire_many(all))
+        .await
+        .is_err()
+    {
+        abandoned = counters.in_flight.load(Ordering::Relaxed);
+        if abandoned > 0 {
+            tracing::warn!(
+                abandoned,
+                "shutdown deadline reached; cancelled handlers' messages stay pending"
+            );
+        }
+        let _ = abort_tx.send(true);
+        let _ = permits.acquire_many(all).await;
+    }
+    for t in batcher_tasks {
+        let _ = t.await;
+    }
+    drop(ctx);
+    let _ = settler.await;
+    let _ = report.send(Some(ShutdownReport { abandoned }));
+    let _ = done.send(Some(reason));
+}
+
+async fn fetch_loop(
+    ctx: &Arc<Ctx>,
+    permits: &Arc<Semaphore>,
+    batchers: &HashMap<String, mpsc::Sender<(Delivery, OwnedSemaphorePermit)>>,
+    stop: &mut watch::Receiver<Option<Duration>>,
+    fatal: &mut watch::Receiver<Option<StopReason>>,
+) -> StopReason {
+    let c = &ctx.config;
+    let mut backoff = Duration::from_millis(50);
+    let mut recovering = true;
+    let mut next_claim = Instant::now();
+    loop {
+        if stop.borrow().is_some() {
+            return StopReason::Shutdown;
+        }
+        if let Some(r) = fatal.borrow().clone() {
+            return r;
+        }
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return StopReason::Failed("permit semaphore closed".into()),
+            },
+            _ = stop.changed() => continue,
+            _ = fatal.changed() => continue,
+        };
+        let max = (permits.available_permits() + 1).min(c.read_batch);
+        let now = Instant::now();
+        let claiming = !recovering && now >= next_claim;
+        let fetched = if recovering {
+            ctx.backend.recover(&ctx.sub, max).await
+        } else if claiming {
+            ctx.backend.claim(&ctx.sub, c.claim_after, max).await
+        } else {
+            let wait = c.poll_wait.min(next_claim.saturating_duration_since(now));
+            tokio::select! {
+                r = ctx.backend.read(&ctx.sub, max, wait) => r,
+                _ = stop.changed() => continue,
+                _ = fatal.changed() => continue,
+            }
+        };
+        let deliveries = match fetched {
+            Ok(d) => {
+                backoff = Duration::from_millis(50);
+                d
+            }
+            Err(e) => match e.kind {
+                BackendErrorKind::Terminated => return StopReason::TopicTerminated,
+                _ if e.is_transient() => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "backend unavailable; retrying");
+                    drop(permit);
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.changed() => {}
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+                _ => return StopReason::Failed(e.to_string()),
+            },
+        };
+        if recovering && deliveries.len() < max {
+            recovering = false;
+        }
+        if claiming && deliveries.len() < max {
+            next_claim = Instant::now() + (c.claim_after / 2).max(Duration::from_millis(10));
+        }
+        let mut permit = Some(permit);
+        for d in deliveries {
+            let p = match permit.take() {
+                Some(p) => p,
+                None => match permits.clone().acquire_owned().await {
+                    Ok(p) => p,
+                    Err(_) => return StopReason::Failed("permit semaphore closed".into()),
+                },
+            };
+            dispatch(ctx, batchers, d, p).await;
+        }
+    }
+}
+
+async fn dispatch(
+    ctx: &Arc<Ctx>,
+    batchers: &HashMap<String, mpsc::Sender<(Delivery, OwnedSemaphorePermit)>>,
+    d: Delivery,
+    permit: OwnedSemaphorePermit,
+) {
+    let c = &ctx.config;
+    ctx.counters.in_flight.fetch_add(1, Ordering::Relaxed);
+    metrics::counter!("relq_delivered_total", "topic" => c.topic.clone(), "group" => c.group.clone())
+        .increment(1);
+    let m = &d.message;
+    if let Some(target) = m.header(HEADER_REPLAY_GROUP) {
+        if target != c.group {
+            // A dead letter replayed for another group of this topic.
+            send_settlement(ctx, Settlement::Ack(m.id)).await;
+            ctx.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+    }
+    if m.attempt > c.retry.max_attempts() {
+        let error = format!(
+            "delivered {} times without being settled (limit {}): its consumers crashed or hung while holding it",
+            m.attempt,
+            c.retry.max_attempts()
+        );
+        finish(
+            ctx,
+            d,
+            "none",
+            Outcome::simple(FailureKind::DeliveryLimit, error),
+        )
+        .await;
+        drop(permit);
+        return;
+    }
+    if let Some(tx) = batchers.get(&m.kind) {
+        if let Err(mpsc::error::SendError((d, _permit))) = tx.send((d, permit)).await {
+            // Batcher gone (only during shutdown): leave it pending, it is delivered again.
+            tracing::debug!(id = %d.message.id, "batcher closed; message stays pending");
+            ctx.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+        return;
+    }
+    let (name, handler) = match c.handlers.get(&m.kind) {
+        Some(h) => (m.kind.clone(), h.clone()),
+        None => match &c.fallback {
+            Some(h) => ("fallback".to_owned(), h.clone()),
+            None => {
+                let error = format!("no handler registered for message type {:?}", m.kind);
+                finish(
+                    ctx,
+                    d,
+                    "none",
+                    Outcome::simple(FailureKind::NoHandler, error),
+                )
+                .await;
+                drop(permit);
+                return;
+            }
+        },
+    };
+    tokio::spawn(run_one(ctx.clone(), d, name, handler, permit));
+}
+
+async fn run_one(
+    ctx: Arc<Ctx>,
+    d: Delivery,
+    name: String,
+    handler: Arc<dyn Handler>,
+    permit: OwnedSemaphorePermit,
+) {
+    let started = Instant::now();
+    let msg = d.message.clone();
+    let span =
+        tracing::debug_span!("relq.handle", id = %msg.id, kind = %msg.kind, attempt = msg.attempt);
+    let mut task = tokio::spawn(tracing::Instrument::instrument(
+        async move { handler.handle(msg).await },
+        span,
+    ));
+    let mut abort = ctx.abort.clone();
+    let outcome = tokio::select! {
+        r = tokio::time::timeout(ctx.config.handler_timeout, &mut task) => match r {
+            Ok(Ok(Ok(()))) => Outcome::Ok,
+            Ok(Ok(Err(e))) => Outcome::from_error(e),
+            Ok(Err(join)) => Outcome::simple(FailureKind::Panic, panic_message(join)),
+            Err(_) => {
+                task.abort();
+                Outcome::simple(
+                    FailureKind::Timeout,
+                    format!("handler did not finish within {:?}", ctx.config.handler_timeout),
+                )
+            }
+        },
+        _ = abort.wait_for(|a| *a) => {
+            task.abort();
+            ctx.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+    };
+    metrics::histogram!("relq_handler_seconds", "topic" => ctx.config.topic.clone())
+        .record(started.elapsed().as_secs_f64());
+    finish(&ctx, d, &name, outcome).await;
+    drop(permit);
+}
+
+async fn batcher(
+    ctx: Arc<Ctx>,
+    kind: String,
+    cfg: BatchConfig,
+    handler: Arc<dyn BatchHandler>,
+    mut rx: mpsc::Receiver<(Delivery, OwnedSemaphorePermit)>,
+) {
+    while let Some(first) = rx.recv().await {
+        let started = Instant::now();
+        let mut batch = vec![first];
+        while batch.len() < cfg.size {
+            let until = (Instant::now() + cfg.timeout).min(started + cfg.max_wait);
+            match tokio::time::timeout_at(until, rx.recv()).await {
+                Ok(Some(x)) => batch.push(x),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        tokio::spawn(run_batch(ctx.clone(), kind.clone(), handler.clone(), batch));
+    }
+}
+
+async fn run_batch(
+    ctx: Arc<Ctx>,
+    kind: String,
+    handler: Arc<dyn BatchHandler>,
+    batch: Vec<(Delivery, OwnedSemaphorePermit)>,
+) {
+    let n = batch.len();
+    let messages = batch.iter().map(|(d, _)| d.message.clone()).collect();
+    let mut task = tokio::spawn(async move { handler.handle_batch(messages).await });
+    let mut abort = ctx.abort.clone();
+    let outcomes: Vec<Outcome> = tokio::select! {
+        r = tokio::time::timeout(ctx.config.handler_timeout, &mut task) => match r {
+            Ok(Ok(results)) if results.len() == n => results
+                .into_iter()
+                .map(|r| match r { Ok(()) => Outcome::Ok, Err(e) => Outcome::from_error(e) })
+                .collect(),
+            Ok(Ok(results)) => {
+                let error = format!("batch handler returned {} results for {n} messages", results.len());
+                (0..n).map(|_| Outcome::simple(FailureKind::Retryable, error.clone())).collect()
+            }
+            Ok(Err(join)) => {
+                let error = panic_message(join);
+                (0..n).map(|_| Outcome::simple(FailureKind::Panic, error.clone())).collect()
+            }
+            Err(_) => {
+                task.abort();
+                let error = format!("batch handler did not finish within {:?}", ctx.config.handler_timeout);
+                (0..n).map(|_| Outcome::simple(FailureKind::Timeout, error.clone())).collect()
+            }
+        },
+        _ = abort.wait_for(|a| *a) => {
+            task.abort();
+            ctx.counters.in_flight.fetch_sub(n as u64, Ordering::Relaxed);
+            return;
+        }
+    };
+    for ((d, permit), outcome) in batch.into_iter().zip(outcomes) {
+        finish(&ctx, d, &kind, outcome).await;
+        drop(permit);
+    }
+}
+
+/// Turns an outcome into a settlement and queues it.
+async fn finish(ctx: &Ctx, d: Delivery, handler: &str, outcome: Outcome) {
+    let c = &ctx.config;
+    let counters = &ctx.counters;
+    let labels = [("topic", c.topic.clone()), ("group", c.group.clone())];
+    let settlement = match outcome {
+        Outcome::Ok => {
+            counters.processed.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("relq_acked_total", &labels).increment(1);
+            metrics::histogram!("relq_publish_to_handled_seconds", &labels)
+                .record(Timestamp::now().since(d.message.published_at).as_secs_f64());
+            Settlement::Ack(d.message.id)
+        }
+        Outcome::Failed {
+            kind,
+            chain,
+            category,
+            backtrace,
+        } => {
+            counters.failed.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("relq_failed_total", &labels).increment(1);
+            let now = Timestamp::now();
+            let attempt = d.message.attempt;
+            let error = chain.first().cloned().unwrap_or_default();
+            let decision = match kind {
+                FailureKind::Permanent | FailureKind::NoHandler | FailureKind::DeliveryLimit => {
+                    RetryDecision::GiveUp
+                }
+                _ => c.retry.decide(&Failure {
+                    attempt,
+                    kind,
+                    error: &error,
+                    category: category.as_deref(),
+                }),
+            };
+            let failure = AttemptFailure {
+                attempt,
+                at: now,
+                consumer: c.consumer.clone(),
+                kind,
+                error,
+            };
+            match decision {
+                RetryDecision::RetryAfter(delay) => {
+                    counters.retried.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("relq_retried_total", &labels).increment(1);
+                    tracing::debug!(id = %d.message.id, attempt, ?delay, error = %failure.error, "retry scheduled");
+                    Settlement::Retry {
+                        id: d.message.id,
+                        at: now.add(delay),
+                        failure,
+                    }
+                }
+                RetryDecision::GiveUp => {
+                    counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("relq_dead_lettered_total", &labels).increment(1);
+                    tracing::warn!(id = %d.message.id, attempt, reason = kind.as_str(), error = %failure.error, "dead-lettered");
+                    let mut failures = d.failures;
+                    failures.push(failure);
+                    let first_failed_at = failures.first().map_or(now, |f| f.at);
+                    Settlement::DeadLetter(Box::new(DeadLetter {
+                        id: MessageId::ZERO,
+                        topic: c.topic.clone(),
+                        group: c.group.clone(),
+                        consumer: c.consumer.clone(),
+                        handler: handler.to_owned(),
+                        reason: kind,
+                        category,
+                        error_chain: chain,
+                        backtrace: if c.include_stack_trace {
+                            backtrace
+                        } else {
+                            None
+                        },
+                        attempts: attempt,
+                        first_failed_at,
+                        last_failed_at: now,
+                        failures,
+                        message: d.message,
+                    }))
+                }
+            }
+        }
+    };
+    send_settlement(ctx, settlement).await;
+    counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+}
+
+async fn send_settlement(ctx: &Ctx, s: Settlement) {
+    if ctx.settle.send(s).await.is_err() {
+        // The settler stopped (topic terminated or backend failed): the message stays pending.
+        tracing::debug!("settler stopped; settlement dropped, message stays pending");
+    }
+}
+
+async fn settler(
+    backend: Arc<dyn Backend>,
+    sub: Subscription,
+    mut rx: mpsc::Receiver<Settlement>,
+    fatal: watch::Sender<Option<StopReason>>,
+) {
+    let mut buf = Vec::with_capacity(SETTLE_BATCH);
+    while rx.recv_many(&mut buf, SETTLE_BATCH).await > 0 {
+        let mut delay = Duration::from_millis(50);
+        for attempt in 1..=SETTLE_ATTEMPTS {
+            match backend.settle(&sub, &buf).await {
+                Ok(()) => break,
+                Err(e) => {
+                    if !handle_settle_error(&e, attempt, &fatal) {
+                        break;
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+        buf.clear();
+    }
+}
+
+/// Logs a settle failure; returns whether to try again.
+fn handle_settle_error(
+    e: &BackendError,
+    attempt: u32,
+    fatal: &watch::Sender<Option<StopReason>>,
+) -> bool {
+    if e.kind == BackendErrorKind::Terminated {
+        let _ = fatal.send(Some(StopReason::TopicTerminated));
+        return false;
+    }
+    if e.is_transient() && attempt < SETTLE_ATTEMPTS {
+        tracing::warn!(error = %e, attempt, "settling failed; retrying");
+        return true;
+    }
+    tracing::error!(error = %e, "settling failed; the messages stay pending and will be delivered again");
+    if !e.is_transient() {
+        let _ = fatal.send(Some(StopReason::Failed(e.to_string())));
+    }
+    false
+}

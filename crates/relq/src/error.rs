@@ -1,0 +1,148 @@
+//! Errors. Every fallible public operation returns [`Error`]; backends return [`BackendError`].
+
+use std::time::Duration;
+
+/// A name (topic, group, consumer, message type) was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {what} name {name:?}: {reason}")]
+pub struct NameError {
+    pub(crate) what: &'static str,
+    pub(crate) name: String,
+    pub(crate) reason: &'static str,
+}
+
+/// A configuration value was rejected by a builder.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration: {field}: {reason}")]
+pub struct ConfigError {
+    pub(crate) field: &'static str,
+    pub(crate) reason: String,
+}
+
+impl ConfigError {
+    pub(crate) fn new(field: &'static str, reason: impl Into<String>) -> ConfigError {
+        ConfigError {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// What kind of backend failure happened; decides what the caller can do about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BackendErrorKind {
+    /// The backend cannot be reached or refused the operation for now; retrying may succeed.
+    Unavailable,
+    /// The topic was terminated while the operation ran (or the caller's view of it is from before
+    /// a terminate).
+    Terminated,
+    /// The backend is at capacity.
+    Full,
+    /// Stored data failed validation.
+    Corrupt,
+    /// The backend refused the request as invalid.
+    Invalid,
+    /// The backend is poisoned after a fatal error and must be reopened.
+    Fatal,
+}
+
+/// An error reported by a backend.
+#[derive(Debug, thiserror::Error)]
+#[error("{backend} backend: {message}")]
+pub struct BackendError {
+    /// What kind of failure it is.
+    pub kind: BackendErrorKind,
+    /// The backend's name.
+    pub backend: &'static str,
+    /// What happened, for a human.
+    pub message: String,
+    #[source]
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl BackendError {
+    /// Creates an error.
+    pub fn new(backend: &'static str, kind: BackendErrorKind, message: impl Into<String>) -> Self {
+        BackendError {
+            kind,
+            backend,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// Attaches the underlying cause.
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Box::new(source));
+        self
+    }
+
+    /// Whether retrying the same operation later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self.kind,
+            BackendErrorKind::Unavailable | BackendErrorKind::Full
+        )
+    }
+}
+
+/// The error of every relq operation.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A topic, group, consumer or message-type name was rejected.
+    #[error(transparent)]
+    Name(#[from] NameError),
+    /// A configuration value was rejected.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A message id could not be parsed; ids look like `1700000000000-0`.
+    #[error("invalid message id {0:?}: expected <milliseconds>-<sequence>, e.g. 1700000000000-0")]
+    InvalidId(String),
+    /// A header name uses the `relq-` prefix, which relq reserves.
+    #[error("header {0:?} uses the reserved prefix \"relq-\"")]
+    ReservedHeader(String),
+    /// The payload is larger than the broker accepts; nothing was published.
+    #[error("payload of {size} bytes exceeds the limit of {max} bytes; nothing was published")]
+    PayloadTooLarge {
+        /// The payload size.
+        size: usize,
+        /// The configured limit.
+        max: usize,
+    },
+    /// The backend stayed full for the whole publish timeout; nothing was published.
+    #[error("topic {topic:?} is full: no space freed within {waited:?}; nothing was published (consume or clean up the topic, or raise its capacity)")]
+    Full {
+        /// The topic.
+        topic: String,
+        /// How long the publish waited for space.
+        waited: Duration,
+    },
+    /// The topic was terminated.
+    #[error("topic {0:?} was terminated")]
+    Terminated(String),
+    /// No such item.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The URL names no backend this build supports.
+    #[error("unsupported backend URL {url:?}: {reason}")]
+    UnsupportedUrl {
+        /// The URL given.
+        url: String,
+        /// Why it is not supported.
+        reason: String,
+    },
+    /// The backend failed.
+    #[error(transparent)]
+    Backend(BackendError),
+}
+
+impl From<BackendError> for Error {
+    fn from(e: BackendError) -> Self {
+        Error::Backend(e)
+    }
+}
+
+/// `Result<T, relq::Error>`.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,76 @@
+#![warn(missing_docs)]
+//! relq: reliable, at-least-once message processing.
+//!
+//! Publish messages to topics; consume them in consumer groups. Every group receives every
+//! message; consumers within a group share the work. A message is acknowledged only after its
+//! handler succeeds. A failed handler's message is retried with backoff (scheduled in the backend,
+//! not in a sleeping task) or dead-lettered with a full failure record an operator can list,
+//! replay and purge. A consumer that dies leaves its messages pending; they are recovered on
+//! restart or claimed by another consumer after `claim_after`.
+//!
+//! **Delivery is at-least-once**: a handler can see a message more than once (after a crash, a
+//! timeout or a claim), so handlers must be idempotent.
+//!
+//! ```
+//! use std::time::Duration;
+//! use relq::{Backoff, Broker, HandlerError, Message, NewMessage, StartPosition};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), relq::Error> {
+//! let broker = Broker::memory();
+//!
+//! let consumer = broker
+//!     .consumer("orders", "billing")
+//!     .name("worker-1")
+//!     .start(StartPosition::Earliest)
+//!     .concurrency(8)
+//!     .retry(Backoff::exponential(Duration::from_millis(100), Duration::from_secs(10)).max_attempts(5))
+//!     .handler("order.created", |msg: Message| async move {
+//!         let order = std::str::from_utf8(&msg.payload).map_err(HandlerError::permanent)?;
+//!         println!("billing order {order} (attempt {})", msg.attempt);
+//!         Ok(())
+//!     })
+//!     .build()?
+//!     .start()
+//!     .await?;
+//!
+//! broker.publish("orders", NewMessage::new("order.created", "order-42")).await?;
+//!
+//! while consumer.stats().processed < 1 {
+//!     tokio::time::sleep(Duration::from_millis(5)).await;
+//! }
+//! consumer.shutdown(Duration::from_secs(5)).await;
+//! # Ok(())
+//! # }
+//! ```
+
+mod backend;
+mod broker;
+mod consumer;
+mod dead_letter;
+mod error;
+mod handler;
+mod memory;
+mod model;
+mod retry;
+
+pub use backend::{
+    replay_headers, AttemptFailure, Backend, CleanupReport, ConsumerInfo, Delivery, FailureKind,
+    GroupInfo, Retention, Settlement, Subscription, TopicInfo,
+};
+pub use broker::{
+    Broker, CleanupTask, DeadLetters, DEFAULT_DEAD_LETTER_RETENTION, DEFAULT_MAX_PAYLOAD,
+};
+pub use consumer::{
+    Consumer, ConsumerBuilder, ConsumerHandle, ConsumerStats, ShutdownReport, StopReason,
+};
+pub use dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
+pub use error::{BackendError, BackendErrorKind, ConfigError, Error, NameError, Result};
+pub use handler::{BatchConfig, BatchHandler, Handler, HandlerError};
+pub use memory::{MemoryBackend, MemoryConfig};
+pub use model::{
+    validate_name, Message, MessageId, NewMessage, Outgoing, StartPosition, Timestamp,
+    HEADER_ORIGINAL_ID, HEADER_REPLAY_GROUP, HEADER_REPLAY_OF, MAX_KIND_LEN, MAX_NAME_LEN,
+    RESERVED_HEADER_PREFIX,
+};
+pub use retry::{Backoff, Failure, RetryDecision, RetryPolicy};

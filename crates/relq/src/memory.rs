@@ -1,0 +1,857 @@
+//! The in-memory backend: complete and concurrent, **not durable**. Everything is lost when the
+//! process exits. Use it for tests and for work that may be lost; use the embedded engine or
+//! Redis when a published message must survive a crash.
+//!
+//! # Data structures
+//! One mutex guards a map of topics. A topic is an ordered map of messages by id plus, per group,
+//! the cursor, pending, scheduled and parked entries described in [`crate::backend`]. Readers that
+//! find nothing wait on a [`Notify`] woken by publishes, retries and resumes, or until the next
+//! scheduled entry is due.
+//!
+//! # Capacity
+//! A topic holds at most `capacity` messages. When a publish does not fit, messages every group
+//! has acknowledged are dropped first (they are done); if that frees too little, the publish waits
+//! up to `publish_timeout` for space, then fails with a `Full` error. Nothing is dropped silently.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::Notify;
+
+use crate::backend::{
+    replay_headers, AttemptFailure, Backend, CleanupReport, ConsumerInfo, Delivery, GroupInfo,
+    Retention, Settlement, Subscription, TopicInfo,
+};
+use crate::dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
+use crate::error::{BackendError, BackendErrorKind, ConfigError};
+use crate::model::{Message, MessageId, Outgoing, StartPosition, Timestamp};
+
+const NAME: &str = "memory";
+
+/// Configuration of a [`MemoryBackend`].
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct MemoryConfig {
+    /// Most messages one topic holds. Default 1,000,000.
+    pub capacity: usize,
+    /// How long a publish waits for space when the topic is full. Default 5 s.
+    pub publish_timeout: Duration,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            capacity: 1_000_000,
+            publish_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl MemoryConfig {
+    /// Sets the per-topic capacity.
+    pub fn capacity(mut self, capacity: usize) -> Self {
+        self.capacity = capacity;
+        self
+    }
+    /// Sets how long a publish waits for space.
+    pub fn publish_timeout(mut self, timeout: Duration) -> Self {
+        self.publish_timeout = timeout;
+        self
+    }
+}
+
+/// The in-memory backend. Not durable: see the [module docs](self).
+#[derive(Debug)]
+pub struct MemoryBackend {
+    config: MemoryConfig,
+    state: Mutex<State>,
+    /// Woken when something may have become deliverable or a topic ended.
+    ready: Notify,
+    /// Woken when space may have been freed.
+    space: Notify,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    topics: HashMap<String, Topic>,
+    next_epoch: u64,
+}
+
+#[derive(Debug)]
+struct Stored {
+    kind: String,
+    payload: bytes::Bytes,
+    headers: BTreeMap<String, String>,
+    published_at: Timestamp,
+    deliver_at: Option<Timestamp>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Meta {
+    deliveries: u32,
+    failures: Vec<AttemptFailure>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    consumer: String,
+    delivered_at: Timestamp,
+    meta: Meta,
+}
+
+#[derive(Debug, Default)]
+struct Group {
+    cursor: MessageId,
+    pending: BTreeMap<MessageId, Pending>,
+    scheduled: BTreeSet<(Timestamp, MessageId)>,
+    scheduled_meta: HashMap<MessageId, (Timestamp, Meta)>,
+    parked: BTreeMap<MessageId, Meta>,
+    consumers: BTreeMap<String, Timestamp>,
+}
+
+impl Group {
+    fn schedule(&mut self, id: MessageId, due: Timestamp, meta: Meta) {
+        if let Some((old, _)) = self.scheduled_meta.insert(id, (due, meta)) {
+            self.scheduled.remove(&(old, id));
+        }
+        self.scheduled.insert((due, id));
+    }
+
+    fn unschedule(&mut self, id: MessageId) -> Option<Meta> {
+        let (due, meta) = self.scheduled_meta.remove(&id)?;
+        self.scheduled.remove(&(due, id));
+        Some(meta)
+    }
+
+    /// The lowest id this group still needs (everything below it is acknowledged).
+    fn floor(&self) -> MessageId {
+        let mut floor = self.cursor.next_after(0);
+        if let Some((id, _)) = self.pending.first_key_value() {
+            floor = floor.min(*id);
+        }
+        if let Some(id) = self.scheduled_meta.keys().min() {
+            floor = floor.min(*id);
+        }
+        if let Some((id, _)) = self.parked.first_key_value() {
+            floor = floor.min(*id);
+        }
+        floor
+    }
+
+    fn forget(&mut self, id: MessageId) {
+        self.pending.remove(&id);
+        self.unschedule(id);
+        self.parked.remove(&id);
+    }
+}
+
+#[derive(Debug, Default)]
+struct Topic {
+    epoch: u64,
+    messages: BTreeMap<MessageId, Stored>,
+    last_id: MessageId,
+    groups: BTreeMap<String, Group>,
+    stopped: BTreeSet<MessageId>,
+    dead: BTreeMap<DeadLetterId, DeadLetter>,
+    last_dead_id: DeadLetterId,
+}
+
+impl Topic {
+    fn append(&mut self, m: Outgoing, now: Timestamp) -> MessageId {
+        let id = self.last_id.next_after(now.0);
+        self.last_id = id;
+        self.messages.insert(
+            id,
+            Stored {
+                kind: m.kind,
+                payload: m.payload,
+                headers: m.headers,
+                published_at: now,
+                deliver_at: m.deliver_at,
+            },
+        );
+        id
+    }
+
+    /// The id below which every group has acknowledged everything; `None` without groups.
+    fn acked_floor(&self) -> Option<MessageId> {
+        self.groups.values().map(Group::floor).min()
+    }
+
+    /// Removes up to `max` messages below the acknowledged floor published at or before `cutoff`.
+    fn remove_acked(&mut self, cutoff: Timestamp, max: usize) -> u64 {
+        let Some(floor) = self.acked_floor() else {
+            return 0;
+        };
+        let doomed: Vec<MessageId> = self
+            .messages
+            .range(..floor)
+            .take_while(|(_, s)| s.published_at <= cutoff)
+            .take(max)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &doomed {
+            self.messages.remove(id);
+        }
+        doomed.len() as u64
+    }
+
+    fn take_ready(
+        &mut self,
+        group: &str,
+        consumer: &str,
+        max: usize,
+        now: Timestamp,
+    ) -> Vec<Delivery> {
+        let mut out = Vec::new();
+        let Some(g) = self.groups.get_mut(group) else {
+            return out;
+        };
+        g.consumers.insert(consumer.to_owned(), now);
+        // Due retries and delayed messages first.
+        while out.len() < max {
+            let Some(&(due, id)) = g.scheduled.first() else {
+                break;
+            };
+            if due > now {
+                break;
+            }
+            let Some(mut meta) = g.unschedule(id) else {
+                break;
+            };
+            if self.stopped.contains(&id) {
+                g.parked.insert(id, meta);
+                continue;
+            }
+            meta.deliveries += 1;
+            let Some(message) = message_of(&self.messages, id, meta.deliveries) else {
+                continue; // trimmed by a max-length policy
+            };
+            out.push(Delivery {
+                message,
+                failures: meta.failures.clone(),
+            });
+            g.pending.insert(
+                id,
+                Pending {
+                    consumer: consumer.to_owned(),
+                    delivered_at: now,
+                    meta,
+                },
+            );
+        }
+        // Then new messages after the cursor.
+        while out.len() < max {
+            let Some((&id, stored)) = self
+                .messages
+                .range((
+                    std::ops::Bound::Excluded(g.cursor),
+                    std::ops::Bound::Unbounded,
+                ))
+                .next()
+            else {
+                break;
+            };
+            g.cursor = id;
+            if self.stopped.contains(&id) {
+                g.parked.insert(id, Meta::default());
+                continue;
+            }
+            if let Some(at) = stored.deliver_at.filter(|at| *at > now) {
+                g.schedule(id, at, Meta::default());
+                continue;
+            }
+            let meta = Meta {
+                deliveries: 1,
+                failures: Vec::new(),
+            };
+            if let Some(message) = message_of(&self.messages, id, 1) {
+                out.push(Delivery {
+                    message,
+                    failures: Vec::new(),
+                });
+            }
+            g.pending.insert(
+                id,
+                Pending {
+                    consumer: consumer.to_owned(),
+                    delivered_at: now,
+                    meta,
+                },
+            );
+        }
+        out
+    }
+
+    /// Redelivers pending entries selected by `pick` to `consumer`.
+    fn redeliver(
+        &mut self,
+        group: &str,
+        consumer: &str,
+        max: usize,
+        now: Timestamp,
+        pick: impl Fn(&Pending) -> bool,
+    ) -> Vec<Delivery> {
+        let mut out = Vec::new();
+        let Some(g) = self.groups.get_mut(group) else {
+            return out;
+        };
+        g.consumers.insert(consumer.to_owned(), now);
+        let ids: Vec<MessageId> = g
+            .pending
+            .iter()
+            .filter(|(_, p)| pick(p))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            if out.len() >= max {
+                break;
+            }
+            if self.stopped.contains(&id) {
+                if let Some(p) = g.pending.remove(&id) {
+                    g.parked.insert(id, p.meta);
+                }
+                continue;
+            }
+            let Some(p) = g.pending.get_mut(&id) else {
+                continue;
+            };
+            let Some(message) = message_of(&self.messages, id, p.meta.deliveries + 1) else {
+                g.pending.remove(&id);
+                continue;
+            };
+            p.meta.deliveries += 1;
+            p.consumer = consumer.to_owned();
+            p.delivered_at = now;
+            out.push(Delivery {
+                message,
+                failures: p.meta.failures.clone(),
+            });
+        }
+        out
+    }
+}
+
+fn message_of(
+    messages: &BTreeMap<MessageId, Stored>,
+    id: MessageId,
+    attempt: u32,
+) -> Option<Message> {
+    messages.get(&id).map(|s| Message {
+        id,
+        kind: s.kind.clone(),
+        payload: s.payload.clone(),
+        headers: s.headers.clone(),
+        published_at: s.published_at,
+        deliver_at: s.deliver_at,
+        attempt,
+    })
+}
+
+fn terminated(topic: &str) -> BackendError {
+    BackendError::new(
+        NAME,
+        BackendErrorKind::Terminated,
+        format!("topic {topic:?} was terminated"),
+    )
+}
+
+impl Default for MemoryBackend {
+    fn default() -> Self {
+        MemoryBackend::new()
+    }
+}
+
+impl MemoryBackend {
+    /// A backend with the default configuration.
+    pub fn new() -> MemoryBackend {
+        MemoryBackend::with_config(MemoryConfig::default()).expect("default config is valid")
+    }
+
+    /// A backend with `config`.
+    ///
+    /// # Errors
+    /// A zero capacity.
+    pub fn with_config(config: MemoryConfig) -> Result<MemoryBackend, ConfigError> {
+        if config.capacity == 0 {
+            return Err(ConfigError::new("capacity", "must be at least 1"));
+        }
+        Ok(MemoryBackend {
+            config,
+            state: Mutex::new(State::default()),
+            ready: Notify::new(),
+            space: Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the state half-updated in a way later
+        // operations misread: every mutation is a single map operation or ends with one.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn with_topic<T>(
+        &self,
+        sub: &Subscription,
+        f: impl FnOnce(&mut Topic) -> T,
+    ) -> Result<T, BackendError> {
+        let mut state = self.lock();
+        match state.topics.get_mut(&sub.topic) {
+            Some(t) if t.epoch == sub.epoch && t.groups.contains_key(&sub.group) => Ok(f(t)),
+            _ => Err(terminated(&sub.topic)),
+        }
+    }
+
+    /// One bounded cleanup step under the lock; returns how many messages it removed.
+    fn cleanup_step(
+        &self,
+        topic: &str,
+        retention: &Retention,
+        batch: usize,
+        report: &mut CleanupReport,
+    ) -> u64 {
+        let mut state = self.lock();
+        let Some(t) = state.topics.get_mut(topic) else {
+            return 0;
+        };
+        let cutoff = Timestamp::now().sub(retention.min_age);
+        let removed = t.remove_acked(cutoff, batch);
+        report.removed += removed;
+        let mut trimmed = 0;
+        if let Some(max_len) = retention.max_len {
+            let floor = t.acked_floor().unwrap_or(MessageId::ZERO);
+            while (t.messages.len() as u64) > max_len && trimmed < batch as u64 {
+                let Some((id, _)) = t.messages.pop_first() else {
+                    break;
+                };
+                trimmed += 1;
+                if id >= floor {
+                    report.trimmed_unacknowledged += 1;
+                } else {
+                    report.removed += 1;
+                }
+                for g in t.groups.values_mut() {
+                    g.forget(id);
+                }
+            }
+        }
+        removed + trimmed
+    }
+}
+
+#[async_trait]
+impl Backend for MemoryBackend {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    async fn publish(
+        &self,
+        topic: &str,
+        batch: Vec<Outgoing>,
+    ) -> Result<Vec<MessageId>, BackendError> {
+        if batch.len() > self.config.capacity {
+            return Err(BackendError::new(
+                NAME,
+                BackendErrorKind::Invalid,
+                format!(
+                    "a batch of {} messages exceeds the topic capacity of {}",
+                    batch.len(),
+                    self.config.capacity
+                ),
+            ));
+        }
+        let deadline = tokio::time::Instant::now() + self.config.publish_timeout;
+        loop {
+            let space = self.space.notified();
+            tokio::pin!(space);
+            space.as_mut().enable();
+            {
+                let mut state = self.lock();
+                let state = &mut *state;
+                let topic_state = state.topics.entry(topic.to_owned()).or_insert_with(|| {
+                    state.next_epoch += 1;
+                    Topic {
+                        epoch: state.next_epoch,
+                        ..Topic::default()
+                    }
+                });
+                let now = Timestamp::now();
+                let free =
+                    self.config.capacity - topic_state.messages.len().min(self.config.capacity);
+                if free < batch.len() {
+                    topic_state.remove_acked(now, batch.len() - free);
+                }
+                if topic_state.messages.len() + batch.len() <= self.config.capacity {
+                    let ids = batch
+                        .into_iter()
+                        .map(|m| topic_state.append(m, now))
+                        .collect();
+                    self.ready.notify_waiters();
+                    return Ok(ids);
+                }
+            }
+            if tokio::time::timeout_at(deadline, space).await.is_err() {
+                return Err(BackendError::new(
+                    NAME,
+                    BackendErrorKind::Full,
+                    format!(
+                        "topic {topic:?} holds its capacity of {} messages",
+                        self.config.capacity
+                    ),
+                ));
+            }
+        }
+    }
+
+    async fn join(
+        &self,
+        topic: &str,
+        group: &str,
+        consumer: &str,
+        start: StartPosition,
+    ) -> Result<Subscription, BackendError> {
+        let mut state = self.lock();
+        let state = &mut *state;
+        let t = state.topics.entry(topic.to_owned()).or_insert_with(|| {
+            state.next_epoch += 1;
+            Topic {
+                epoch: state.next_epoch,
+                ..Topic::default()
+            }
+        });
+        let last = t.last_id;
+        let g = t.groups.entry(group.to_owned()).or_insert_with(|| Group {
+            cursor: match start {
+                StartPosition::Latest => last,
+                StartPosition::Earliest => MessageId::ZERO,
+                StartPosition::From(id) => before(id),
+            },
+            ..Group::default()
+        });
+        g.consumers.insert(consumer.to_owned(), Timestamp::now());
+        Ok(Subscription {
+            topic: topic.to_owned(),
+            group: group.to_owned(),
+            consumer: consumer.to_owned(),
+            epoch: t.epoch,
+        })
+    }
+
+    async fn recover(&self, sub: &Subscription, max: usize) -> Result<Vec<Delivery>, BackendError> {
+        let now = Timestamp::now();
+        self.with_topic(sub, |t| {
+            t.redeliver(&sub.group, &sub.consumer, max, now, |p| {
+                p.consumer == sub.consumer
+            })
+        })
+    }
+
+    async fn claim(
+        &self,
+        sub: &Subscription,
+        min_idle: Duration,
+        max: usize,
+    ) -> Result<Vec<Delivery>, BackendError> {
+        let now = Timestamp::now();
+        self.with_topic(sub, |t| {
+            t.redeliver(&sub.group, &sub.consumer, max, now, |p| {
+                now.since(p.delivered_at) >= min_idle
+            })
+        })
+    }
+
+    async fn read(
+        &self,
+        sub: &Subscription,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Delivery>, BackendError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let ready = self.ready.notified();
+            tokio::pin!(ready);
+            ready.as_mut().enable();
+            let now = Timestamp::now();
+            let (out, next_due) = self.with_topic(sub, |t| {
+                let out = t.take_ready(&sub.group, &sub.consumer, max, now);
+                let next_due = t
+                    .groups
+                    .get(&sub.group)
+                    .and_then(|g| g.scheduled.first().map(|(d, _)| *d));
+                (out, next_due)
+            })?;
+            let now_instant = tokio::time::Instant::now();
+            if !out.is_empty() || now_instant >= deadline {
+                return Ok(out);
+            }
+            let mut wake = deadline;
+            if let Some(due) = next_due {
+                wake = wake.min(now_instant + due.since(now).max(Duration::from_millis(1)));
+            }
+            let _ = tokio::time::timeout_at(wake, ready).await;
+        }
+    }
+
+    async fn settle(&self, sub: &Subscription, batch: &[Settlement]) -> Result<(), BackendError> {
+        let mut retried = false;
+        self.with_topic(sub, |t| {
+            for s in batch {
+                let Some(g) = t.groups.get_mut(&sub.group) else {
+                    return;
+                };
+                match s {
+                    Settlement::Ack(id) => {
+                        g.pending.remove(id);
+                    }
+                    Settlement::Retry { id, at, failure } => {
+                        if let Some(mut p) = g.pending.remove(id) {
+                            p.meta.failures.push(failure.clone());
+                            g.schedule(*id, *at, p.meta);
+                            retried = true;
+                        }
+                    }
+                    Settlement::DeadLetter(dl) => {
+                        if g.pending.remove(&dl.message.id).is_some() {
+                            let id = t.last_dead_id.next_after(Timestamp::now().0);
+                            t.last_dead_id = id;
+                            let mut dl = (**dl).clone();
+                            dl.id = id;
+                            t.dead.insert(id, dl);
+                        }
+                    }
+                }
+            }
+        })?;
+        if retried {
+            self.ready.notify_waiters();
+        }
+        self.space.notify_waiters();
+        Ok(())
+    }
+
+    async fn stop_message(&self, topic: &str, id: MessageId) -> Result<bool, BackendError> {
+        let mut state = self.lock();
+        let Some(t) = state.topics.get_mut(topic) else {
+            return Ok(false);
+        };
+        t.stopped.insert(id);
+        // Entries already waiting for a retry are parked now rather than at their due time.
+        for g in t.groups.values_mut() {
+            if let Some(meta) = g.unschedule(id) {
+                g.parked.insert(id, meta);
+            }
+        }
+        Ok(true)
+    }
+
+    async fn resume_message(&self, topic: &str, id: MessageId) -> Result<bool, BackendError> {
+        let was_stopped = {
+            let mut state = self.lock();
+            let Some(t) = state.topics.get_mut(topic) else {
+                return Ok(false);
+            };
+            let was = t.stopped.remove(&id);
+            let now = Timestamp::now();
+            for g in t.groups.values_mut() {
+                if let Some(meta) = g.parked.remove(&id) {
+                    g.schedule(id, now, meta);
+                }
+            }
+            was
+        };
+        self.ready.notify_waiters();
+        Ok(was_stopped)
+    }
+
+    async fn terminate(&self, topic: &str) -> Result<bool, BackendError> {
+        let existed = self.lock().topics.remove(topic).is_some();
+        self.ready.notify_waiters();
+        self.space.notify_waiters();
+        Ok(existed)
+    }
+
+    async fn cleanup(
+        &self,
+        topic: &str,
+        retention: &Retention,
+    ) -> Result<CleanupReport, BackendError> {
+        let mut report = CleanupReport::default();
+        let batch = retention.batch.max(1);
+        loop {
+            let step = self.cleanup_step(topic, retention, batch, &mut report);
+            if step == 0 {
+                break;
+            }
+            self.space.notify_waiters();
+            tokio::task::yield_now().await;
+        }
+        Ok(report)
+    }
+
+    async fn topics(&self) -> Result<Vec<String>, BackendError> {
+        let mut names: Vec<String> = self.lock().topics.keys().cloned().collect();
+        names.sort();
+        Ok(names)
+    }
+
+    async fn topic_info(&self, topic: &str) -> Result<Option<TopicInfo>, BackendError> {
+        let state = self.lock();
+        let Some(t) = state.topics.get(topic) else {
+            return Ok(None);
+        };
+        let now = Timestamp::now();
+        let groups = t
+            .groups
+            .iter()
+            .map(|(name, g)| {
+                let consumers = g
+                    .consumers
+                    .iter()
+                    .map(|(c, seen)| ConsumerInfo {
+                        name: c.clone(),
+                        pending: g.pending.values().filter(|p| &p.consumer == c).count() as u64,
+                        idle_ms: now.since(*seen).as_millis() as u64,
+                    })
+                    .collect();
+                GroupInfo {
+                    name: name.clone(),
+                    cursor: g.cursor,
+                    pending: g.pending.len() as u64,
+                    lag: t
+                        .messages
+                        .range((
+                            std::ops::Bound::Excluded(g.cursor),
+                            std::ops::Bound::Unbounded,
+                        ))
+                        .count() as u64,
+                    scheduled: g.scheduled.len() as u64,
+                    parked: g.parked.len() as u64,
+                    consumers,
+                }
+            })
+            .collect();
+        Ok(Some(TopicInfo {
+            name: topic.to_owned(),
+            length: t.messages.len() as u64,
+            first_id: t.messages.keys().next().copied(),
+            last_id: (t.last_id != MessageId::ZERO).then_some(t.last_id),
+            groups,
+            stopped: t.stopped.iter().copied().collect(),
+            dead_letters: t.dead.len() as u64,
+        }))
+    }
+
+    async fn dead_letters(
+        &self,
+        topic: &str,
+        query: &DeadLetterQuery,
+    ) -> Result<Vec<DeadLetter>, BackendError> {
+        let state = self.lock();
+        let Some(t) = state.topics.get(topic) else {
+            return Ok(Vec::new());
+        };
+        let start = match query.after {
+            Some(after) => std::ops::Bound::Excluded(after),
+            None => std::ops::Bound::Unbounded,
+        };
+        Ok(t.dead
+            .range((start, std::ops::Bound::Unbounded))
+            .map(|(_, d)| d)
+            .filter(|d| query.matches(d))
+            .take(query.page_size())
+            .cloned()
+            .collect())
+    }
+
+    async fn dead_letter(
+        &self,
+        topic: &str,
+        id: DeadLetterId,
+    ) -> Result<Option<DeadLetter>, BackendError> {
+        Ok(self
+            .lock()
+            .topics
+            .get(topic)
+            .and_then(|t| t.dead.get(&id).cloned()))
+    }
+
+    async fn replay_dead_letters(
+        &self,
+        topic: &str,
+        ids: &[DeadLetterId],
+    ) -> Result<Vec<(DeadLetterId, MessageId)>, BackendError> {
+        let mut out = Vec::new();
+        {
+            let mut state = self.lock();
+            let Some(t) = state.topics.get_mut(topic) else {
+                return Ok(out);
+            };
+            let now = Timestamp::now();
+            for id in ids {
+                let Some(dl) = t.dead.remove(id) else {
+                    continue;
+                };
+                let new_id = t.append(
+                    Outgoing {
+                        kind: dl.message.kind.clone(),
+                        payload: dl.message.payload.clone(),
+                        headers: replay_headers(&dl),
+                        deliver_at: None,
+                    },
+                    now,
+                );
+                out.push((*id, new_id));
+            }
+        }
+        self.ready.notify_waiters();
+        Ok(out)
+    }
+
+    async fn delete_dead_letters(
+        &self,
+        topic: &str,
+        ids: &[DeadLetterId],
+    ) -> Result<u64, BackendError> {
+        let mut state = self.lock();
+        let Some(t) = state.topics.get_mut(topic) else {
+            return Ok(0);
+        };
+        Ok(ids.iter().filter(|id| t.dead.remove(id).is_some()).count() as u64)
+    }
+
+    async fn purge_dead_letters(
+        &self,
+        topic: &str,
+        before: Timestamp,
+    ) -> Result<u64, BackendError> {
+        let mut state = self.lock();
+        let Some(t) = state.topics.get_mut(topic) else {
+            return Ok(0);
+        };
+        let n = t.dead.len();
+        t.dead.retain(|_, d| d.last_failed_at >= before);
+        Ok((n - t.dead.len()) as u64)
+    }
+
+    async fn dead_letter_stats(&self, topic: &str) -> Result<DeadLetterStats, BackendError> {
+        let mut stats = DeadLetterStats::default();
+        if let Some(t) = self.lock().topics.get(topic) {
+            t.dead.values().for_each(|d| stats.add(d));
+        }
+        Ok(stats)
+    }
+}
+
+/// The cursor that makes `id` the next id read.
+fn before(id: MessageId) -> MessageId {
+    if id.seq > 0 {
+        MessageId::new(id.ms, id.seq - 1)
+    } else if id.ms > 0 {
+        MessageId::new(id.ms - 1, u64::MAX)
+    } else {
+        MessageId::ZERO
+    }
+}

@@ -1,0 +1,347 @@
+//! The message model: ids, timestamps, names, and messages as published and as delivered.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, NameError};
+
+/// Milliseconds since the Unix epoch.
+///
+/// relq reads time through [`Timestamp::now`], which follows tokio's clock: in a test that calls
+/// `tokio::time::pause()`, retry delays, claim timeouts and delayed publishes advance with the
+/// paused clock, so they can be tested without sleeping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Timestamp(pub u64);
+
+impl Timestamp {
+    /// The current time, anchored to the wall clock once and advanced by tokio's monotonic clock.
+    pub fn now() -> Timestamp {
+        static ANCHOR: OnceLock<(u64, tokio::time::Instant)> = OnceLock::new();
+        let (wall, instant) = ANCHOR.get_or_init(|| {
+            let wall = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            (wall, tokio::time::Instant::now())
+        });
+        let elapsed = tokio::time::Instant::now().saturating_duration_since(*instant);
+        Timestamp(wall + elapsed.as_millis() as u64)
+    }
+
+    /// This timestamp plus `d`, saturating.
+    pub fn add(self, d: Duration) -> Timestamp {
+        Timestamp(self.0.saturating_add(d.as_millis() as u64))
+    }
+
+    /// This timestamp minus `d`, saturating at the epoch.
+    pub fn sub(self, d: Duration) -> Timestamp {
+        Timestamp(self.0.saturating_sub(d.as_millis() as u64))
+    }
+
+    /// How long after `earlier` this timestamp is (zero if it is not after it).
+    pub fn since(self, earlier: Timestamp) -> Duration {
+        Duration::from_millis(self.0.saturating_sub(earlier.0))
+    }
+
+    /// As a [`SystemTime`].
+    pub fn to_system_time(self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(self.0)
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}",
+            humantime::format_rfc3339_millis(self.to_system_time())
+        )
+    }
+}
+
+/// A message id, ordered within a topic: `<milliseconds>-<sequence>`, the form Redis Streams uses,
+/// on every backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct MessageId {
+    /// Milliseconds since the epoch at which the backend assigned the id.
+    pub ms: u64,
+    /// Sequence number within that millisecond.
+    pub seq: u64,
+}
+
+impl MessageId {
+    /// The smallest id; no message has it.
+    pub const ZERO: MessageId = MessageId { ms: 0, seq: 0 };
+
+    /// Creates an id from its two parts.
+    pub const fn new(ms: u64, seq: u64) -> MessageId {
+        MessageId { ms, seq }
+    }
+
+    /// The id that follows `self` in a topic where ids are assigned at `now_ms`.
+    pub fn next_after(self, now_ms: u64) -> MessageId {
+        if now_ms > self.ms {
+            MessageId::new(now_ms, 0)
+        } else {
+            MessageId::new(self.ms, self.seq + 1)
+        }
+    }
+}
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
+impl FromStr for MessageId {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || Error::InvalidId(s.to_owned());
+        let (ms, seq) = match s.split_once('-') {
+            Some((ms, seq)) => (ms, seq),
+            None => (s, "0"),
+        };
+        Ok(MessageId::new(
+            ms.parse().map_err(|_| bad())?,
+            seq.parse().map_err(|_| bad())?,
+        ))
+    }
+}
+
+impl Serialize for MessageId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MessageId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Longest topic, group or consumer name.
+pub const MAX_NAME_LEN: usize = 128;
+/// Longest message type.
+pub const MAX_KIND_LEN: usize = 256;
+
+/// Checks a topic, group or consumer name: 1 to 128 characters from `A-Z a-z 0-9 _ - .`.
+///
+/// The character set keeps names safe as Redis key parts (no `{`, `}` or `:`), file names and URL
+/// path segments.
+pub fn validate_name(what: &'static str, name: &str) -> Result<(), NameError> {
+    let err = |reason: &'static str| NameError {
+        what,
+        name: name.to_owned(),
+        reason,
+    };
+    if name.is_empty() {
+        return Err(err("it is empty"));
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(err("it is longer than 128 bytes"));
+    }
+    if name.starts_with('.') {
+        return Err(err("it starts with '.'"));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    {
+        return Err(err("only letters, digits, '_', '-' and '.' are allowed"));
+    }
+    Ok(())
+}
+
+pub(crate) fn validate_kind(kind: &str) -> Result<(), NameError> {
+    let err = |reason: &'static str| NameError {
+        what: "message type",
+        name: kind.to_owned(),
+        reason,
+    };
+    if kind.is_empty() {
+        return Err(err("it is empty"));
+    }
+    if kind.len() > MAX_KIND_LEN {
+        return Err(err("it is longer than 256 bytes"));
+    }
+    if kind.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(err("it contains whitespace or control characters"));
+    }
+    Ok(())
+}
+
+/// Header names starting with this prefix are reserved for relq.
+pub const RESERVED_HEADER_PREFIX: &str = "relq-";
+/// Header set on a replayed dead letter: the id of the dead letter it came from.
+pub const HEADER_REPLAY_OF: &str = "relq-replay-of";
+/// Header set on a replayed dead letter: the id of the original message.
+pub const HEADER_ORIGINAL_ID: &str = "relq-original-id";
+/// Header set on a replayed dead letter: the only group that should process it. Other groups of
+/// the topic acknowledge it without running a handler.
+pub const HEADER_REPLAY_GROUP: &str = "relq-replay-group";
+
+/// A message to publish.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewMessage {
+    pub(crate) kind: String,
+    pub(crate) payload: Bytes,
+    pub(crate) headers: BTreeMap<String, String>,
+    pub(crate) deliver_at: Option<Timestamp>,
+    pub(crate) delay: Option<Duration>,
+}
+
+impl NewMessage {
+    /// A message of type `kind` (which routes it to a handler) carrying `payload`.
+    pub fn new(kind: impl Into<String>, payload: impl Into<Bytes>) -> NewMessage {
+        NewMessage {
+            kind: kind.into(),
+            payload: payload.into(),
+            headers: BTreeMap::new(),
+            deliver_at: None,
+            delay: None,
+        }
+    }
+
+    /// Adds a header.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> NewMessage {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+
+    /// Delivers the message at or after `at`.
+    pub fn deliver_at(mut self, at: Timestamp) -> NewMessage {
+        self.deliver_at = Some(at);
+        self
+    }
+
+    /// Delivers the message at or after `delay` from the moment it is published.
+    pub fn delay(mut self, delay: Duration) -> NewMessage {
+        self.delay = Some(delay);
+        self
+    }
+
+    /// The message type.
+    pub fn kind(&self) -> &str {
+        &self.kind
+    }
+
+    /// The payload.
+    pub fn payload(&self) -> &Bytes {
+        &self.payload
+    }
+
+    /// The headers.
+    pub fn headers(&self) -> &BTreeMap<String, String> {
+        &self.headers
+    }
+}
+
+/// A message as a backend stores it: what was published, with the time it becomes deliverable.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outgoing {
+    /// The message type.
+    pub kind: String,
+    /// The payload.
+    pub payload: Bytes,
+    /// The headers.
+    pub headers: BTreeMap<String, String>,
+    /// Not delivered before this time.
+    pub deliver_at: Option<Timestamp>,
+}
+
+/// A message as stored in a topic and handed to handlers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// The id the backend assigned.
+    pub id: MessageId,
+    /// The message type, which routes it to a handler.
+    pub kind: String,
+    /// The payload.
+    pub payload: Bytes,
+    /// The headers.
+    pub headers: BTreeMap<String, String>,
+    /// When it was published.
+    pub published_at: Timestamp,
+    /// Not delivered before this time (a delayed publish).
+    pub deliver_at: Option<Timestamp>,
+    /// How many times this message has been delivered to this group, this delivery included.
+    /// Kept by the backend, so it survives consumer restarts.
+    pub attempt: u32,
+}
+
+impl Message {
+    /// The value of header `name`.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+}
+
+/// Where a new consumer group starts reading a topic. Applied only when the group is created;
+/// an existing group keeps its position.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum StartPosition {
+    /// Only messages published after the group was created (the default).
+    #[default]
+    Latest,
+    /// Every message still stored in the topic.
+    Earliest,
+    /// Messages with an id greater than or equal to this one.
+    From(MessageId),
+}
+
+impl FromStr for StartPosition {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "latest" | "$" => Ok(StartPosition::Latest),
+            "earliest" | "0" => Ok(StartPosition::Earliest),
+            id => Ok(StartPosition::From(id.parse()?)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_round_trips_and_orders() {
+        let a: MessageId = "1700000000000-3".parse().unwrap();
+        assert_eq!(a, MessageId::new(1_700_000_000_000, 3));
+        assert_eq!(a.to_string(), "1700000000000-3");
+        assert!(a < MessageId::new(1_700_000_000_000, 4));
+        assert!(a < MessageId::new(1_700_000_000_001, 0));
+        assert!("x-1".parse::<MessageId>().is_err());
+        assert!("1-".parse::<MessageId>().is_err());
+        assert_eq!(a.next_after(10), MessageId::new(1_700_000_000_000, 4));
+        assert_eq!(
+            a.next_after(1_700_000_000_005),
+            MessageId::new(1_700_000_000_005, 0)
+        );
+    }
+
+    #[test]
+    fn names_are_validated() {
+        assert!(validate_name("topic", "orders.v1_eu-west").is_ok());
+        for bad in ["", ".hidden", "a b", "a{b}", "a:b", &"x".repeat(129)] {
+            let e = validate_name("topic", bad).unwrap_err();
+            assert!(e.to_string().contains("topic"), "{e}");
+        }
+        assert!(validate_kind("order.created").is_ok());
+        assert!(validate_kind("a b").is_err());
+        assert!(validate_kind("").is_err());
+    }
+}
