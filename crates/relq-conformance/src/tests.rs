@@ -1,0 +1,1409 @@
+//! The conformance tests. Each takes a fresh broker.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use relq::{
+    Backoff, BatchConfig, Broker, DeadLetterQuery, Delivery, Error, FailureKind, HandlerError,
+    Message, MessageId, NewMessage, Retention, Settlement, StartPosition, StopReason, Timestamp,
+};
+
+use crate::wait_until;
+
+const LONG: Duration = Duration::from_secs(60);
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// What a recording handler saw.
+#[derive(Clone, Debug)]
+struct Seen {
+    id: MessageId,
+    attempt: u32,
+    at: Timestamp,
+    payload: String,
+    headers: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Default)]
+struct Log(Arc<Mutex<Vec<Seen>>>);
+
+impl Log {
+    fn record(&self, m: &Message) {
+        self.0.lock().unwrap().push(Seen {
+            id: m.id,
+            attempt: m.attempt,
+            at: Timestamp::now(),
+            payload: String::from_utf8_lossy(&m.payload).into_owned(),
+            headers: m.headers.clone(),
+        });
+    }
+    fn all(&self) -> Vec<Seen> {
+        self.0.lock().unwrap().clone()
+    }
+    fn len(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+    fn payloads(&self) -> BTreeSet<String> {
+        self.all().into_iter().map(|s| s.payload).collect()
+    }
+}
+
+/// A handler that records and succeeds.
+fn ok_handler(
+    log: &Log,
+) -> impl Fn(Message) -> std::future::Ready<Result<(), HandlerError>> + Send + Sync + 'static {
+    let log = log.clone();
+    move |m: Message| {
+        log.record(&m);
+        std::future::ready(Ok(()))
+    }
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{:08x}", fastrand::u32(..))
+}
+
+async fn publish_n(b: &Broker, topic: &str, n: usize) -> Vec<MessageId> {
+    let msgs = (0..n)
+        .map(|i| NewMessage::new("job", format!("m{i}")))
+        .collect();
+    b.publish_batch(topic, msgs).await.expect("publish")
+}
+
+async fn dead_count(b: &Broker, topic: &str) -> u64 {
+    b.dead_letters(topic)
+        .count(&DeadLetterQuery::all())
+        .await
+        .expect("count")
+}
+
+/// Every group receives every message.
+pub async fn publish_and_consume_every_group_gets_every_message(b: Broker) {
+    let topic = unique("pubsub");
+    let (l1, l2) = (Log::default(), Log::default());
+    let c1 = b
+        .consumer(&topic, "g1")
+        .start(StartPosition::Earliest)
+        .handler("job", ok_handler(&l1))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let c2 = b
+        .consumer(&topic, "g2")
+        .start(StartPosition::Earliest)
+        .handler("job", ok_handler(&l2))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let ids = publish_n(&b, &topic, 50).await;
+    assert_eq!(ids.len(), 50);
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids are ordered");
+    wait_until("both groups processed 50", LONG, || async {
+        l1.len() >= 50 && l2.len() >= 50
+    })
+    .await;
+    assert_eq!(l1.payloads().len(), 50);
+    assert_eq!(l2.payloads().len(), 50);
+    let info = b.topic_info(&topic).await.unwrap();
+    for g in &info.groups {
+        assert_eq!(
+            (g.pending, g.lag, g.scheduled),
+            (0, 0, 0),
+            "group {} settled",
+            g.name
+        );
+    }
+    c1.shutdown(LONG).await;
+    c2.shutdown(LONG).await;
+}
+
+/// Consumers inside one group share the messages: each message is processed once.
+pub async fn consumers_in_a_group_compete(b: Broker) {
+    let topic = unique("compete");
+    let log = Log::default();
+    let mut handles = Vec::new();
+    for i in 0..3 {
+        handles.push(
+            b.consumer(&topic, "g")
+                .name(format!("w{i}"))
+                .start(StartPosition::Earliest)
+                .read_batch(4)
+                .handler("job", ok_handler(&log))
+                .build()
+                .unwrap()
+                .start()
+                .await
+                .unwrap(),
+        );
+    }
+    publish_n(&b, &topic, 120).await;
+    wait_until("120 processed", LONG, || async { log.len() >= 120 }).await;
+    tokio::time::sleep(ms(200)).await;
+    assert_eq!(log.len(), 120, "no message processed twice");
+    assert_eq!(log.payloads().len(), 120);
+    let total: u64 = handles.iter().map(|h| h.stats().processed).sum();
+    assert_eq!(total, 120);
+    for h in handles {
+        h.shutdown(LONG).await;
+    }
+}
+
+/// A message held by a consumer that died is claimed by another after `claim_after`.
+pub async fn stuck_message_is_claimed_after_its_consumer_dies(b: Broker) {
+    let topic = unique("stuck");
+    let backend = b.backend().clone();
+    let dead = backend
+        .join(&topic, "g", "dead", StartPosition::Earliest)
+        .await
+        .unwrap();
+    let id = b
+        .publish(&topic, NewMessage::new("job", "stuck"))
+        .await
+        .unwrap();
+    let got = backend.read(&dead, 10, ms(100)).await.unwrap();
+    assert_eq!(got.len(), 1, "the dying consumer took the message");
+    // "dead" never settles it.
+    let log = Log::default();
+    let started = Timestamp::now();
+    let c = b
+        .consumer(&topic, "g")
+        .name("alive")
+        .claim_after(ms(2000))
+        .handler_timeout(ms(500))
+        .handler("job", ok_handler(&log))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    wait_until("claimed and processed", LONG, || async { log.len() == 1 }).await;
+    let seen = &log.all()[0];
+    assert_eq!(seen.id, id);
+    assert_eq!(seen.attempt, 2, "the claim is the second delivery");
+    assert!(
+        seen.at.since(started) >= ms(1900),
+        "not claimed before claim_after: {:?}",
+        seen.at.since(started)
+    );
+    wait_until("settled", LONG, || async {
+        b.topic_info(&topic).await.unwrap().groups[0].pending == 0
+    })
+    .await;
+    c.shutdown(LONG).await;
+}
+
+/// A consumer restarting under the same name first redelivers what it held.
+pub async fn own_pending_messages_are_recovered_on_restart(b: Broker) {
+    let topic = unique("recover");
+    let backend = b.backend().clone();
+    let w1 = backend
+        .join(&topic, "g", "w1", StartPosition::Earliest)
+        .await
+        .unwrap();
+    publish_n(&b, &topic, 3).await;
+    assert_eq!(backend.read(&w1, 10, ms(100)).await.unwrap().len(), 3);
+    let log = Log::default();
+    // claim_after is an hour: only recovery can deliver these.
+    let c = b
+        .consumer(&topic, "g")
+        .name("w1")
+        .claim_after(Duration::from_secs(3600))
+        .handler("job", ok_handler(&log))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    wait_until("recovered", Duration::from_secs(10), || async {
+        log.len() == 3
+    })
+    .await;
+    assert!(log.all().iter().all(|s| s.attempt == 2));
+    c.shutdown(LONG).await;
+}
+
+/// Retries happen exactly as the policy says, then the message is dead-lettered.
+pub async fn retries_follow_the_policy_exactly(b: Broker) {
+    let topic = unique("retry");
+    let log = Log::default();
+    let l = log.clone();
+    let c = b
+        .consumer(&topic, "g")
+        .start(StartPosition::Earliest)
+        .retry(
+            Backoff::exponential(ms(200), ms(5000))
+                .randomization(0.0)
+                .max_attempts(4),
+        )
+        .handler("job", move |m: Message| {
+            l.record(&m);
+            async {
+                Err(HandlerError::retryable(std::io::Error::other("db down")).category("database"))
+            }
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let id = b
+        .publish(&topic, NewMessage::new("job", "x"))
+        .await
+        .unwrap();
+    wait_until("dead-lettered", LONG, || async {
+        dead_count(&b, &topic).await == 1
+    })
+    .await;
+    let seen = log.all();
+    assert_eq!(seen.len(), 4, "exactly max_attempts deliveries");
+    assert_eq!(
+        seen.iter().map(|s| s.attempt).collect::<Vec<_>>(),
+        [1, 2, 3, 4]
+    );
+    assert!(
+        seen.iter().all(|s| s.id == id),
+        "a retry keeps the message id"
+    );
+    for (i, want) in [200u64, 400, 800].into_iter().enumerate() {
+        let gap = seen[i + 1].at.since(seen[i].at);
+        assert!(gap >= ms(want), "retry {i}: {gap:?} < {want} ms");
+        assert!(
+            gap < ms(want + 1500),
+            "retry {i}: {gap:?} far above {want} ms"
+        );
+    }
+    let s = c.stats();
+    assert_eq!(
+        (s.failed, s.retried, s.dead_lettered, s.processed),
+        (4, 3, 1, 0)
+    );
+    c.shutdown(LONG).await;
+}
+
+#[derive(Debug)]
+struct Wrapped(std::io::Error);
+impl std::fmt::Display for Wrapped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("order is invalid")
+    }
+}
+impl std::error::Error for Wrapped {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+/// A dead letter records the message, where and why it failed, and every attempt.
+pub async fn dead_letter_holds_the_full_failure_record(b: Broker) {
+    let topic = unique("dlrecord");
+    let c = b
+        .consumer(&topic, "billing")
+        .name("w-7")
+        .start(StartPosition::Earliest)
+        .retry(Backoff::fixed(ms(50)).max_attempts(3))
+        .handler("order", |m: Message| async move {
+            if m.attempt < 2 {
+                Err(HandlerError::retryable(std::io::Error::other(
+                    "timeout talking to db",
+                )))
+            } else {
+                Err(
+                    HandlerError::permanent(Wrapped(std::io::Error::other("amount < 0")))
+                        .category("validation"),
+                )
+            }
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let before = Timestamp::now();
+    let id = b
+        .publish(
+            &topic,
+            NewMessage::new("order", "{\"amount\":-1}").header("tenant", "acme"),
+        )
+        .await
+        .unwrap();
+    wait_until("dead-lettered", LONG, || async {
+        dead_count(&b, &topic).await == 1
+    })
+    .await;
+    let dl = b
+        .dead_letters(&topic)
+        .list(&DeadLetterQuery::all())
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(b.dead_letters(&topic).get(dl.id).await.unwrap(), dl);
+    assert_eq!(dl.message.id, id);
+    assert_eq!(&dl.message.payload[..], b"{\"amount\":-1}");
+    assert_eq!(dl.message.header("tenant"), Some("acme"));
+    assert_eq!(dl.message.kind, "order");
+    assert_eq!(
+        (
+            dl.topic.as_str(),
+            dl.group.as_str(),
+            dl.consumer.as_str(),
+            dl.handler.as_str()
+        ),
+        (topic.as_str(), "billing", "w-7", "order")
+    );
+    assert_eq!(dl.reason, FailureKind::Permanent);
+    assert_eq!(dl.category.as_deref(), Some("validation"));
+    assert_eq!(dl.error_chain, ["order is invalid", "amount < 0"]);
+    assert_eq!(dl.attempts, 2);
+    assert_eq!(dl.failures.len(), 2);
+    assert_eq!(dl.failures[0].kind, FailureKind::Retryable);
+    assert_eq!(dl.failures[0].error, "timeout talking to db");
+    assert_eq!(dl.failures[1].kind, FailureKind::Permanent);
+    assert!(dl.first_failed_at >= before && dl.first_failed_at <= dl.last_failed_at);
+    let info = b.topic_info(&topic).await.unwrap();
+    assert_eq!(
+        (
+            info.groups[0].pending,
+            info.groups[0].scheduled,
+            info.dead_letters
+        ),
+        (0, 0, 1)
+    );
+    c.shutdown(LONG).await;
+}
+
+/// A replayed dead letter is processed again, with a fresh attempt budget, by its group only.
+pub async fn replay_redelivers_to_the_failing_group_only(b: Broker) {
+    let topic = unique("replay");
+    let healed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (failing_log, other_log) = (Log::default(), Log::default());
+    let (h, fl) = (healed.clone(), failing_log.clone());
+    let failing = b
+        .consumer(&topic, "flaky")
+        .start(StartPosition::Earliest)
+        .retry(Backoff::fixed(ms(10)).max_attempts(2))
+        .handler("job", move |m: Message| {
+            fl.record(&m);
+            let ok = h.load(std::sync::atomic::Ordering::SeqCst);
+            async move {
+                if ok {
+                    Ok(())
+                } else {
+                    Err(HandlerError::retryable(std::io::Error::other("down")))
+                }
+            }
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let other = b
+        .consumer(&topic, "steady")
+        .start(StartPosition::Earliest)
+        .handler("job", ok_handler(&other_log))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let id = b
+        .publish(&topic, NewMessage::new("job", "p"))
+        .await
+        .unwrap();
+    wait_until("dead-lettered", LONG, || async {
+        dead_count(&b, &topic).await == 1
+    })
+    .await;
+    healed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let dl = b
+        .dead_letters(&topic)
+        .list(&DeadLetterQuery::all())
+        .await
+        .unwrap()
+        .remove(0);
+    let replayed = b.dead_letters(&topic).replay(&[dl.id]).await.unwrap();
+    assert_eq!(replayed.len(), 1);
+    let new_id = replayed[0].1;
+    assert!(new_id > id);
+    wait_until("replay processed", LONG, || async {
+        failing_log.len() == 3
+    })
+    .await;
+    let last = failing_log.all().pop().unwrap();
+    assert_eq!(last.id, new_id);
+    assert_eq!(last.attempt, 1, "fresh attempt budget");
+    assert_eq!(
+        last.headers.get(relq::HEADER_REPLAY_OF),
+        Some(&dl.id.to_string())
+    );
+    assert_eq!(
+        last.headers.get(relq::HEADER_ORIGINAL_ID),
+        Some(&id.to_string())
+    );
+    assert_eq!(dead_count(&b, &topic).await, 0);
+    wait_until("steady settled the replay", LONG, || async {
+        b.topic_info(&topic)
+            .await
+            .unwrap()
+            .groups
+            .iter()
+            .all(|g| g.pending == 0 && g.lag == 0)
+    })
+    .await;
+    assert_eq!(
+        other_log.len(),
+        1,
+        "the group that succeeded does not process the replay"
+    );
+    failing.shutdown(LONG).await;
+    other.shutdown(LONG).await;
+}
+
+/// Listing pages and filters, delete, purge by age, stats by category.
+pub async fn dead_letter_list_filter_delete_purge_stats(b: Broker) {
+    let topic = unique("dlops");
+    let c = b
+        .consumer(&topic, "g")
+        .start(StartPosition::Earliest)
+        .concurrency(4)
+        .handler("a", |_m: Message| async {
+            Err(HandlerError::permanent("bad a").category("validation"))
+        })
+        .handler("b", |_m: Message| async {
+            Err(HandlerError::permanent("bad b").category("database"))
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    for i in 0..7 {
+        b.publish(
+            &topic,
+            NewMessage::new(if i % 2 == 0 { "a" } else { "b" }, format!("{i}")),
+        )
+        .await
+        .unwrap();
+    }
+    wait_until("7 dead letters", LONG, || async {
+        dead_count(&b, &topic).await == 7
+    })
+    .await;
+    let dls = b.dead_letters(&topic);
+    let mut pages = Vec::new();
+    let mut q = DeadLetterQuery::all().limit(3);
+    loop {
+        let page = dls.list(&q).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        q = q.after(page.last().unwrap().id);
+        pages.push(page);
+    }
+    assert_eq!(pages.iter().map(Vec::len).collect::<Vec<_>>(), [3, 3, 1]);
+    assert_eq!(
+        dls.count(&DeadLetterQuery::all().kind("a")).await.unwrap(),
+        4
+    );
+    assert_eq!(
+        dls.count(&DeadLetterQuery::all().category("database"))
+            .await
+            .unwrap(),
+        3
+    );
+    assert_eq!(
+        dls.count(&DeadLetterQuery::all().reason(FailureKind::Permanent))
+            .await
+            .unwrap(),
+        7
+    );
+    assert_eq!(
+        dls.count(&DeadLetterQuery::all().reason(FailureKind::Panic))
+            .await
+            .unwrap(),
+        0
+    );
+    let stats = dls.stats().await.unwrap();
+    assert_eq!(stats.total, 7);
+    assert_eq!(stats.by_kind.get("a"), Some(&4));
+    assert_eq!(stats.by_category.get("validation"), Some(&4));
+    assert_eq!(stats.by_reason.get("permanent"), Some(&7));
+    let first = pages[0][0].id;
+    assert_eq!(dls.delete(&[first]).await.unwrap(), 1);
+    assert_eq!(dls.delete(&[first]).await.unwrap(), 0);
+    assert!(matches!(dls.get(first).await, Err(Error::NotFound(_))));
+    assert_eq!(
+        dls.purge_expired().await.unwrap(),
+        0,
+        "young dead letters survive the 30-day purge"
+    );
+    tokio::time::sleep(ms(50)).await;
+    assert_eq!(dls.purge_older_than(ms(10)).await.unwrap(), 6);
+    assert_eq!(dead_count(&b, &topic).await, 0);
+    c.shutdown(LONG).await;
+}
+
+/// A stopped message is neither processed nor lost; resume delivers it.
+pub async fn stopped_message_is_held_then_resumed(b: Broker) {
+    let topic = unique("stop");
+    let ids = publish_n(&b, &topic, 3).await;
+    b.stop_message(&topic, ids[1]).await.unwrap();
+    let log = Log::default();
+    let c = b
+        .consumer(&topic, "g")
+        .start(StartPosition::Earliest)
+        .handler("job", ok_handler(&log))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    wait_until("two processed", LONG, || async { log.len() == 2 }).await;
+    tokio::time::sleep(ms(500)).await;
+    assert_eq!(log.len(), 2, "the stopped message is not processed");
+    let info = b.topic_info(&topic).await.unwrap();
+    assert_eq!(info.stopped, vec![ids[1]]);
+    assert_eq!(info.groups[0].parked, 1);
+    assert!(b.resume_message(&topic, ids[1]).await.unwrap());
+    wait_until("resumed message processed", LONG, || async {
+        log.len() == 3
+    })
+    .await;
+    assert_eq!(log.all()[2].id, ids[1]);
+    assert!(matches!(
+        b.stop_message("no-such-topic", ids[0]).await,
+        Err(Error::NotFound(_))
+    ));
+    c.shutdown(LONG).await;
+}
+
+/// Terminate removes everything, running consumers stop by themselves with the reason, and the
+/// topic can be created again.
+pub async fn terminate_stops_consumers_and_topic_can_return(b: Broker) {
+    let topic = unique("term");
+    let log = Log::default();
+    let c = b
+        .consumer(&topic, "g")
+        .start(StartPosition::Earliest)
+        .handler("job", ok_handler(&log))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    publish_n(&b, &topic, 5).await;
+    wait_until("processed", LONG, || async { log.len() == 5 }).await;
+    assert!(b.terminate(&topic).await.unwrap());
+    let reason = tokio::time::timeout(LONG, c.done())
+        .await
+        .expect("consumer stops by itself");
+    assert_eq!(reason, StopReason::TopicTerminated);
+    assert!(matches!(
+        b.topic_info(&topic).await,
+        Err(Error::NotFound(_))
+    ));
+    assert!(!b.topics().await.unwrap().contains(&topic));
+    // Created again: a new consumer works; the old one stays stopped.
+    let log2 = Log::default();
+    let c2 = b
+        .consumer(&topic, "g")
+        .start(StartPosition::Earliest)
+        .handler("job", ok_handler(&log2))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    publish_n(&b, &topic, 2).await;
+    wait_until("new generation processed", LONG, || async {
+        log2.len() == 2
+    })
+    .await;
+    assert_eq!(log.len(), 5);
+    assert_eq!(c2.shutdown(LONG).await.abandoned, 0);
+    assert_eq!(c.done().await, StopReason::TopicTerminated);
+}
+
+/// Earliest, latest and from-id apply when the group is created.
+pub async fn start_positions_apply_when_the_group_is_created(b: Broker) {
+    let topic = unique("start");
+    let old = publish_n(&b, &topic, 3).await;
+    let (le, ll, lf) = (Log::default(), Log::default(), Log::default());
+    let ce = b
+        .consumer(&topic, "earliest")
+        .start(StartPosition::Earliest)
+        .handler("job", ok_handler(&le))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let cl = b
+        .consumer(&topic, "latest")
+        .start(StartPosition::Latest)
+        .handler("job", ok_handler(&ll))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let cf = b
+        .consumer(&topic, "from")
+        .start(StartPosition::From(old[1]))
+        .handler("job", ok_handler(&lf))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let new = b
+        .publish(&topic, NewMessage::new("job", "new"))
+        .await
+        .unwrap();
+    wait_until("all groups caught up", LONG, || async {
+        le.len() == 4 && ll.len() == 1 && lf.len() == 3
+    })
+    .await;
+    tokio::time::sleep(ms(100)).await;
+    assert_eq!(ll.all().iter().map(|s| s.id).collect::<Vec<_>>(), [new]);
+    assert_eq!(
+        lf.all().iter().map(|s| s.id).collect::<BTreeSet<_>>(),
+        BTreeSet::from([old[1], old[2], new])
+    );
+    for c in [ce, cl, cf] {
+        c.shutdown(LONG).await;
+    }
+    // An existing group keeps its position whatever a later consumer asks for.
+    let again = Log::default();
+    let c = b
+        .consumer(&topic, "latest")
+        .start(StartPosition::Earliest)
+        .handler("job", ok_handler(&again))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    tokio::time::sleep(ms(300)).await;
+    assert_eq!(again.len(), 0);
+    c.shutdown(LONG).await;
+}
+
+/// Cleanup removes only what every group acknowledged (unless max-length says otherwise).
+pub async fn cleanup_never_removes_unacknowledged_messages(b: Broker) {
+    let topic = unique("cleanup");
+    let backend = b.backend().clone();
+    let _lagging = backend
+        .join(&topic, "lagging", "idle", StartPosition::Earliest)
+        .await
+        .unwrap();
+    let log = Log::default();
+    let c = b
+        .consumer(&topic, "fast")
+        .start(StartPosition::Earliest)
+        .handler("job", ok_handler(&log))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    publish_n(&b, &topic, 10).await;
+    wait_until("fast processed", LONG, || async { log.len() == 10 }).await;
+    wait_until("fast settled", LONG, || async {
+        b.topic_info(&topic)
+            .await
+            .unwrap()
+            .groups
+            .iter()
+            .any(|g| g.name == "fast" && g.pending == 0)
+    })
+    .await;
+    let keep = Retention::default().min_age(Duration::ZERO).batch(3);
+    let r = b.cleanup(&topic, &keep).await.unwrap();
+    assert_eq!(r.removed, 0, "the lagging group has not read them");
+    assert_eq!(b.topic_info(&topic).await.unwrap().length, 10);
+    // The lagging group catches up.
+    let log2 = Log::default();
+    let c2 = b
+        .consumer(&topic, "lagging")
+        .name("idle")
+        .handler("job", ok_handler(&log2))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    wait_until("lagging processed", LONG, || async { log2.len() == 10 }).await;
+    wait_until("lagging settled", LONG, || async {
+        b.topic_info(&topic)
+            .await
+            .unwrap()
+            .groups
+            .iter()
+            .all(|g| g.pending == 0)
+    })
+    .await;
+    let young = b
+        .cleanup(
+            &topic,
+            &Retention::default().min_age(Duration::from_secs(3600)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(young.removed, 0, "min_age keeps young messages");
+    let r = b.cleanup(&topic, &keep).await.unwrap();
+    assert_eq!(r.removed, 10);
+    assert_eq!(b.topic_info(&topic).await.unwrap().length, 0);
+    c.shutdown(LONG).await;
+    c2.shutdown(LONG).await;
+    // A max-length policy trims unacknowledged messages, and says so.
+    publish_n(&b, &topic, 6).await;
+    let r = b
+        .cleanup(
+            &topic,
+            &Retention::default().min_age(Duration::ZERO).max_len(2),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.trimmed_unacknowledged, 4);
+    assert_eq!(b.topic_info(&topic).await.unwrap().length, 2);
+}
+
+/// One failing message in a batch fails alone.
+pub async fn batch_handler_partial_failure_fails_only_the_bad_message(b: Broker) {
+    let topic = unique("batch");
+    let sizes = Arc::new(Mutex::new(Vec::new()));
+    let log = Log::default();
+    let (s, l) = (sizes.clone(), log.clone());
+    let c = b
+        .consumer(&topic, "g")
+        .start(StartPosition::Earliest)
+        .concurrency(16)
+        .retry(Backoff::fixed(ms(10)).max_attempts(1))
+        .batch_handler(
+            "email",
+            BatchConfig::default()
+                .size(5)
+                .timeout(ms(200))
+                .max_wait(ms(1000)),
+            move |msgs: Vec<Message>| {
+                s.lock().unwrap().push(msgs.len());
+                let out = msgs
+                    .iter()
+                    .map(|m| {
+                        l.record(m);
+                        if &m.payload[..] == b"m2" {
+                            Err(HandlerError::permanent("bad address"))
+                        } else {
+                            Ok(())
+                        }
+                    })
+                    .collect();
+                async move { out }
+            },
+        )
+        .handler("job", ok_handler(&log))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let msgs = (0..5)
+        .map(|i| NewMessage::new("email", format!("m{i}")))
+        .collect();
+    b.publish_batch(&topic, msgs).await.unwrap();
+    b.publish(&topic, NewMessage::new("job", "single"))
+        .await
+        .unwrap();
+    wait_until("all settled", LONG, || async {
+        let s = c.stats();
+        s.processed == 5 && s.dead_lettered == 1
+    })
+    .await;
+    assert_eq!(*sizes.lock().unwrap(), [5], "one batch of five");
+    let dl = b
+        .dead_letters(&topic)
+        .list(&DeadLetterQuery::all())
+        .await
+        .unwrap();
+    assert_eq!(dl.len(), 1);
+    assert_eq!(&dl[0].message.payload[..], b"m2");
+    // A partial batch runs after the timeout.
+    b.publish_batch(
+        &topic,
+        vec![
+            NewMessage::new("email", "late1"),
+            NewMessage::new("email", "late2"),
+        ],
+    )
+    .await
+    .unwrap();
+    wait_until("partial batch ran", LONG, || async {
+        c.stats().processed == 7
+    })
+    .await;
+    assert_eq!(*sizes.lock().unwrap(), [5, 2]);
+    c.shutdown(LONG).await;
+}
+
+/// Shutdown lets handlers finish until the deadline; what is cut off stays pending and is
+/// delivered again.
+pub async fn shutdown_during_a_handler_leaves_the_message_pending(b: Broker) {
+    let topic = unique("shutdown");
+    let started = Log::default();
+    let s = started.clone();
+    let c = b
+        .consumer(&topic, "g")
+        .name("w")
+        .start(StartPosition::Earliest)
+        .handler_timeout(Duration::from_secs(30))
+        .claim_after(Duration::from_secs(3600))
+        .handler("slow", move |m: Message| {
+            s.record(&m);
+            async {
+                tokio::time::sleep(Duration::from_secs(20)).await;
+                Ok(())
+            }
+        })
+        .handler("job", |_m: Message| async {
+            tokio::time::sleep(ms(50)).await;
+            Ok(())
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    b.publish(&topic, NewMessage::new("slow", "s"))
+        .await
+        .unwrap();
+    b.publish(&topic, NewMessage::new("job", "quick"))
+        .await
+        .unwrap();
+    wait_until("slow handler started", LONG, || async {
+        started.len() == 1
+    })
+    .await;
+    let report = c.shutdown(ms(500)).await;
+    assert_eq!(
+        report.abandoned, 1,
+        "the slow handler was cut off, the quick one finished"
+    );
+    let g = b.topic_info(&topic).await.unwrap().groups.remove(0);
+    assert_eq!(g.pending, 1, "the cut-off message is still pending");
+    let log = Log::default();
+    let c = b
+        .consumer(&topic, "g")
+        .name("w")
+        .handler("slow", ok_handler(&log))
+        .handler("job", ok_handler(&log))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    wait_until("redelivered after restart", LONG, || async {
+        log.len() == 1
+    })
+    .await;
+    assert_eq!(log.all()[0].attempt, 2);
+    assert_eq!(log.all()[0].payload, "s");
+    c.shutdown(LONG).await;
+}
+
+/// A panic is caught, counted as a failure, retried, then dead-lettered with reason panic.
+pub async fn panicking_handler_is_retried_then_dead_lettered(b: Broker) {
+    let topic = unique("panic");
+    let c = b
+        .consumer(&topic, "g")
+        .start(StartPosition::Earliest)
+        .retry(Backoff::fixed(ms(20)).max_attempts(2))
+        .handler("job", |m: Message| async move {
+            if !m.payload.is_empty() {
+                panic!("corrupt state for {}", m.id);
+            }
+            Ok(())
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let id = b
+        .publish(&topic, NewMessage::new("job", "x"))
+        .await
+        .unwrap();
+    b.publish(&topic, NewMessage::new("job", "")).await.unwrap();
+    wait_until("dead-lettered", LONG, || async {
+        dead_count(&b, &topic).await == 1
+    })
+    .await;
+    let dl = b
+        .dead_letters(&topic)
+        .list(&DeadLetterQuery::all())
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(dl.reason, FailureKind::Panic);
+    assert_eq!(dl.attempts, 2);
+    assert!(
+        dl.error_chain[0].contains(&format!("corrupt state for {id}")),
+        "{:?}",
+        dl.error_chain
+    );
+    wait_until("the other message processed", LONG, || async {
+        c.stats().processed == 1
+    })
+    .await;
+    assert!(!c.is_stopped(), "a panic does not stop the consumer");
+    c.shutdown(LONG).await;
+}
+
+/// A handler that hangs is cut off at the timeout and fails with reason timeout.
+pub async fn hanging_handler_times_out(b: Broker) {
+    let topic = unique("hang");
+    let c = b
+        .consumer(&topic, "g")
+        .start(StartPosition::Earliest)
+        .handler_timeout(ms(300))
+        .claim_after(Duration::from_secs(10))
+        .retry(Backoff::fixed(ms(10)).max_attempts(2))
+        .handler("job", |_m: Message| async {
+            std::future::pending::<()>().await;
+            Ok(())
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    b.publish(&topic, NewMessage::new("job", "x"))
+        .await
+        .unwrap();
+    wait_until("dead-lettered", LONG, || async {
+        dead_count(&b, &topic).await == 1
+    })
+    .await;
+    let dl = b
+        .dead_letters(&topic)
+        .list(&DeadLetterQuery::all())
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(dl.reason, FailureKind::Timeout);
+    assert_eq!(
+        dl.failures.iter().map(|f| f.kind).collect::<Vec<_>>(),
+        [FailureKind::Timeout; 2]
+    );
+    assert_eq!(c.stats().in_flight, 0);
+    c.shutdown(LONG).await;
+}
+
+/// A delayed publish is delivered at or after its time, not before.
+pub async fn delayed_publish_is_not_delivered_early(b: Broker) {
+    let topic = unique("delay");
+    let log = Log::default();
+    let c = b
+        .consumer(&topic, "g")
+        .start(StartPosition::Earliest)
+        .handler("job", ok_handler(&log))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let t0 = Timestamp::now();
+    b.publish(&topic, NewMessage::new("job", "later").delay(ms(1500)))
+        .await
+        .unwrap();
+    b.publish(&topic, NewMessage::new("job", "now"))
+        .await
+        .unwrap();
+    wait_until("both delivered", LONG, || async { log.len() == 2 }).await;
+    let seen = log.all();
+    assert_eq!(seen[0].payload, "now");
+    assert_eq!(seen[1].payload, "later");
+    assert!(
+        seen[1].at.since(t0) >= ms(1500),
+        "delivered after {:?}",
+        seen[1].at.since(t0)
+    );
+    assert_eq!(seen[1].attempt, 1, "waiting for a delay is not an attempt");
+    c.shutdown(LONG).await;
+}
+
+/// A message of a type nobody handles is dead-lettered, not dropped.
+pub async fn message_without_handler_is_dead_lettered(b: Broker) {
+    let topic = unique("nohandler");
+    let log = Log::default();
+    let c = b
+        .consumer(&topic, "g")
+        .start(StartPosition::Earliest)
+        .handler("job", ok_handler(&log))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    b.publish(&topic, NewMessage::new("mystery", "?"))
+        .await
+        .unwrap();
+    wait_until("dead-lettered", LONG, || async {
+        dead_count(&b, &topic).await == 1
+    })
+    .await;
+    let dl = b
+        .dead_letters(&topic)
+        .list(&DeadLetterQuery::all())
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(dl.reason, FailureKind::NoHandler);
+    assert!(dl.error_chain[0].contains("mystery"));
+    c.shutdown(LONG).await;
+    // With a fallback, it is handled.
+    let fb = Log::default();
+    let c = b
+        .consumer(&topic, "g2")
+        .start(StartPosition::Earliest)
+        .fallback(ok_handler(&fb))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    wait_until("fallback ran", LONG, || async { fb.len() == 1 }).await;
+    c.shutdown(LONG).await;
+}
+
+/// Bad names, payloads, headers and configuration are clear errors; nothing is published.
+pub async fn bad_input_is_rejected_and_nothing_is_published(b: Broker) {
+    let topic = unique("bad");
+    let b = b.with_max_payload(1024);
+    assert!(matches!(
+        b.publish("bad topic", NewMessage::new("job", "x")).await,
+        Err(Error::Name(_))
+    ));
+    assert!(matches!(
+        b.publish(&topic, NewMessage::new("", "x")).await,
+        Err(Error::Name(_))
+    ));
+    let big = NewMessage::new("job", vec![0u8; 1025]);
+    assert!(matches!(
+        b.publish(&topic, big).await,
+        Err(Error::PayloadTooLarge {
+            size: 1025,
+            max: 1024
+        })
+    ));
+    let reserved = NewMessage::new("job", "x").header("relq-replay-of", "1-0");
+    assert!(matches!(
+        b.publish(&topic, reserved).await,
+        Err(Error::ReservedHeader(_))
+    ));
+    // A batch with one bad message publishes nothing.
+    let batch = vec![
+        NewMessage::new("job", "ok"),
+        NewMessage::new("job", vec![0u8; 2000]),
+    ];
+    assert!(b.publish_batch(&topic, batch).await.is_err());
+    assert!(matches!(
+        b.topic_info(&topic).await,
+        Err(Error::NotFound(_))
+    ));
+    let h = |_m: Message| async { Ok(()) };
+    let cfg = |r: Result<relq::Consumer, Error>| match r {
+        Err(Error::Config(e)) => e.to_string(),
+        Err(e) => panic!("expected a config error, got {e}"),
+        Ok(_) => panic!("expected a config error"),
+    };
+    assert!(cfg(b
+        .consumer(&topic, "g")
+        .concurrency(0)
+        .handler("job", h)
+        .build())
+    .contains("concurrency"));
+    assert!(cfg(b
+        .consumer(&topic, "g")
+        .handler_timeout(ms(100))
+        .claim_after(ms(100))
+        .handler("job", h)
+        .build())
+    .contains("claim_after"));
+    assert!(cfg(b
+        .consumer(&topic, "g")
+        .retry(Backoff::default().max_attempts(0))
+        .handler("job", h)
+        .build())
+    .contains("max_attempts"));
+    assert!(cfg(b.consumer(&topic, "g").build()).contains("handler"));
+    assert!(matches!(
+        b.consumer(&topic, "bad group").handler("job", h).build(),
+        Err(Error::Name(_))
+    ));
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    New,
+    Pending { consumer: usize, at: Timestamp },
+    Scheduled { due: Timestamp },
+    Acked,
+    Dead,
+}
+
+/// Random publish / read / ack / retry / dead-letter / crash / claim / recover sequences against
+/// the backend, checked after every step against a plain model. Invariant: every message is
+/// exactly one of new, pending, scheduled, acknowledged or dead-lettered; nothing is lost or
+/// duplicated; at the end everything is acknowledged or dead-lettered exactly once.
+pub async fn model_based_random_operations_lose_nothing(b: Broker) {
+    let backend = b.backend().clone();
+    for seed in 0..12u64 {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let topic = unique("model");
+        let mut subs = Vec::new();
+        for c in 0..3 {
+            subs.push(
+                backend
+                    .join(&topic, "g", &format!("c{c}"), StartPosition::Earliest)
+                    .await
+                    .unwrap(),
+            );
+        }
+        let mut model: BTreeMap<MessageId, State> = BTreeMap::new();
+        let mut dead_ids: Vec<MessageId> = Vec::new();
+        let check_deliveries = |model: &mut BTreeMap<MessageId, State>,
+                                got: &[Delivery],
+                                c: usize,
+                                eligible: &BTreeSet<MessageId>,
+                                max: usize,
+                                step: &str| {
+            assert!(got.len() <= max, "seed {seed} {step}: more than max");
+            assert_eq!(
+                got.len(),
+                eligible.len().min(max),
+                "seed {seed} {step}: returned {} of {} eligible",
+                got.len(),
+                eligible.len()
+            );
+            let now = Timestamp::now();
+            for d in got {
+                assert!(
+                    eligible.contains(&d.message.id),
+                    "seed {seed} {step}: {} was not eligible",
+                    d.message.id
+                );
+                model.insert(
+                    d.message.id,
+                    State::Pending {
+                        consumer: c,
+                        at: now,
+                    },
+                );
+            }
+        };
+        for step in 0..150 {
+            let now = Timestamp::now();
+            match rng.u8(0..100) {
+                0..=19 => {
+                    let n = rng.usize(1..5);
+                    for id in publish_n(&b, &topic, n).await {
+                        assert!(
+                            model.insert(id, State::New).is_none(),
+                            "seed {seed}: id reused"
+                        );
+                    }
+                }
+                20..=39 => {
+                    let c = rng.usize(0..3);
+                    let max = rng.usize(1..6);
+                    let eligible: BTreeSet<MessageId> = model
+                        .iter()
+                        .filter(|(_, s)| match s {
+                            State::New => true,
+                            State::Scheduled { due } => *due <= now,
+                            _ => false,
+                        })
+                        .map(|(id, _)| *id)
+                        .collect();
+                    let got = backend.read(&subs[c], max, Duration::ZERO).await.unwrap();
+                    check_deliveries(&mut model, &got, c, &eligible, max, "read");
+                }
+                40..=64 => {
+                    let pending: Vec<MessageId> = model
+                        .iter()
+                        .filter(|(_, s)| matches!(s, State::Pending { .. }))
+                        .map(|(id, _)| *id)
+                        .collect();
+                    if pending.is_empty() {
+                        continue;
+                    }
+                    let id = pending[rng.usize(0..pending.len())];
+                    let State::Pending { consumer, .. } = model[&id] else {
+                        unreachable!()
+                    };
+                    let failure = relq::AttemptFailure {
+                        attempt: 1,
+                        at: now,
+                        consumer: format!("c{consumer}"),
+                        kind: FailureKind::Retryable,
+                        error: "e".into(),
+                    };
+                    let (settlement, next) = match rng.u8(0..3) {
+                        0 => (Settlement::Ack(id), State::Acked),
+                        1 => {
+                            let due = now.add(ms(rng.u64(0..300)));
+                            (
+                                Settlement::Retry {
+                                    id,
+                                    at: due,
+                                    failure,
+                                },
+                                State::Scheduled { due },
+                            )
+                        }
+                        _ => {
+                            let msg = Message {
+                                id,
+                                kind: "job".into(),
+                                payload: Default::default(),
+                                headers: Default::default(),
+                                published_at: now,
+                                deliver_at: None,
+                                attempt: 1,
+                            };
+                            let dl = relq::DeadLetter {
+                                id: MessageId::ZERO,
+                                message: msg,
+                                topic: topic.clone(),
+                                group: "g".into(),
+                                consumer: failure.consumer.clone(),
+                                handler: "job".into(),
+                                reason: FailureKind::Retryable,
+                                category: None,
+                                error_chain: vec!["e".into()],
+                                backtrace: None,
+                                attempts: 1,
+                                first_failed_at: now,
+                                last_failed_at: now,
+                                failures: vec![failure],
+                            };
+                            dead_ids.push(id);
+                            (Settlement::DeadLetter(Box::new(dl)), State::Dead)
+                        }
+                    };
+                    // Any consumer may settle (a stale owner's settlement is still applied while pending).
+                    backend
+                        .settle(&subs[rng.usize(0..3)], &[settlement])
+                        .await
+                        .unwrap();
+                    model.insert(id, next);
+                }
+                65..=74 => {
+                    let c = rng.usize(0..3);
+                    let min_idle = ms(rng.u64(0..400));
+                    let eligible: BTreeSet<MessageId> = model.iter().filter(|(_, s)| matches!(s, State::Pending { at, .. } if now.since(*at) >= min_idle)).map(|(id, _)| *id).collect();
+                    let max = rng.usize(1..6);
+                    let got = backend.claim(&subs[c], min_idle, max).await.unwrap();
+                    check_deliveries(&mut model, &got, c, &eligible, max, "claim");
+                }
+                75..=84 => {
+                    // Consumer c crashed and restarts: it recovers what it held.
+                    let c = rng.usize(0..3);
+                    let eligible: BTreeSet<MessageId> = model
+                        .iter()
+                        .filter(
+                            |(_, s)| matches!(s, State::Pending { consumer, .. } if *consumer == c),
+                        )
+                        .map(|(id, _)| *id)
+                        .collect();
+                    let max = rng.usize(1..6);
+                    let got = backend.recover(&subs[c], max).await.unwrap();
+                    check_deliveries(&mut model, &got, c, &eligible, max, "recover");
+                }
+                _ => tokio::time::sleep(ms(rng.u64(1..200))).await,
+            }
+            // Counts agree with the model.
+            let info = backend
+                .topic_info(&topic)
+                .await
+                .unwrap()
+                .expect("topic exists");
+            let g = &info.groups[0];
+            let count = |f: fn(&State) -> bool| model.values().filter(|s| f(s)).count() as u64;
+            assert_eq!(
+                g.pending,
+                count(|s| matches!(s, State::Pending { .. })),
+                "seed {seed} step {step}: pending"
+            );
+            assert_eq!(
+                g.scheduled,
+                count(|s| matches!(s, State::Scheduled { .. })),
+                "seed {seed} step {step}: scheduled"
+            );
+            assert_eq!(
+                g.lag,
+                count(|s| matches!(s, State::New)),
+                "seed {seed} step {step}: lag"
+            );
+            assert_eq!(
+                info.dead_letters,
+                count(|s| matches!(s, State::Dead)),
+                "seed {seed} step {step}: dead letters"
+            );
+            assert_eq!(
+                info.length,
+                model.len() as u64,
+                "seed {seed} step {step}: nothing removed"
+            );
+        }
+        // Drain: wait out every schedule, take everything, ack it.
+        tokio::time::sleep(ms(500)).await;
+        loop {
+            let mut got = backend.claim(&subs[0], Duration::ZERO, 100).await.unwrap();
+            got.extend(backend.read(&subs[0], 100, Duration::ZERO).await.unwrap());
+            if got.is_empty() {
+                break;
+            }
+            let acks: Vec<Settlement> = got.iter().map(|d| Settlement::Ack(d.message.id)).collect();
+            backend.settle(&subs[0], &acks).await.unwrap();
+            for d in &got {
+                let prev = model.insert(d.message.id, State::Acked);
+                assert!(
+                    matches!(
+                        prev,
+                        Some(State::New | State::Pending { .. } | State::Scheduled { .. })
+                    ),
+                    "seed {seed}: drained {} from {prev:?}",
+                    d.message.id
+                );
+            }
+        }
+        assert!(
+            model
+                .values()
+                .all(|s| matches!(s, State::Acked | State::Dead)),
+            "seed {seed}: something was left behind"
+        );
+        let dls = b
+            .dead_letters(&topic)
+            .list(&DeadLetterQuery::all().limit(10_000))
+            .await
+            .unwrap();
+        let mut got: Vec<MessageId> = dls.iter().map(|d| d.message.id).collect();
+        got.sort();
+        dead_ids.sort();
+        assert_eq!(
+            got, dead_ids,
+            "seed {seed}: each dead letter stored exactly once"
+        );
+        let g = &backend.topic_info(&topic).await.unwrap().unwrap().groups[0];
+        assert_eq!((g.pending, g.scheduled, g.lag), (0, 0, 0));
+    }
+}
