@@ -1258,7 +1258,7 @@ pub async fn model_based_random_operations_lose_nothing(b: Broker) {
                     let (settlement, next) = match rng.u8(0..3) {
                         0 => (Settlement::Ack(id), State::Acked),
                         1 => {
-                            let due = now.add(ms(rng.u64(0..300)));
+                            let due = now.plus(ms(rng.u64(0..300)));
                             (
                                 Settlement::Retry {
                                     id,

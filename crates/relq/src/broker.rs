@@ -94,7 +94,7 @@ impl Broker {
         }
         let deliver_at = match (m.deliver_at, m.delay) {
             (Some(at), _) => Some(at),
-            (None, Some(d)) => Some(Timestamp::now().add(d)),
+            (None, Some(d)) => Some(Timestamp::now().plus(d)),
             (None, None) => None,
         };
         Ok(Outgoing {
@@ -369,7 +369,7 @@ impl DeadLetters {
     pub async fn purge_older_than(&self, age: Duration) -> Result<u64> {
         Ok(self
             .backend
-            .purge_dead_letters(&self.topic, Timestamp::now().sub(age))
+            .purge_dead_letters(&self.topic, Timestamp::now().minus(age))
             .await?)
     }
 

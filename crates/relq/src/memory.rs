@@ -416,7 +416,7 @@ impl MemoryBackend {
         let Some(t) = state.topics.get_mut(topic) else {
             return 0;
         };
-        let cutoff = Timestamp::now().sub(retention.min_age);
+        let cutoff = Timestamp::now().minus(retention.min_age);
         let removed = t.remove_acked(cutoff, batch);
         report.removed += removed;
         let mut trimmed = 0;

@@ -36,12 +36,12 @@ impl Timestamp {
     }
 
     /// This timestamp plus `d`, saturating.
-    pub fn add(self, d: Duration) -> Timestamp {
+    pub fn plus(self, d: Duration) -> Timestamp {
         Timestamp(self.0.saturating_add(d.as_millis() as u64))
     }
 
     /// This timestamp minus `d`, saturating at the epoch.
-    pub fn sub(self, d: Duration) -> Timestamp {
+    pub fn minus(self, d: Duration) -> Timestamp {
         Timestamp(self.0.saturating_sub(d.as_millis() as u64))
     }
 

@@ -460,7 +460,7 @@ async fn finish(ctx: &Ctx, d: Delivery, handler: &str, outcome: Outcome) {
                     tracing::debug!(id = %d.message.id, attempt, ?delay, error = %failure.error, "retry scheduled");
                     Settlement::Retry {
                         id: d.message.id,
-                        at: now.add(delay),
+                        at: now.plus(delay),
                         failure,
                     }
                 }
