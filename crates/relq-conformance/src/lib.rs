@@ -1,6 +1,6 @@
 //! The backend-agnostic conformance suite: every relq backend must pass it.
 //!
-//! Each test takes a fresh [`Broker`] and checks one behaviour through the public API (and, for
+//! Each test takes a fresh [`Broker`](relq::Broker) and checks one behaviour through the public API (and, for
 //! the model-based test, through the [`Backend`](relq::Backend) trait directly). A backend crate
 //! runs the whole suite with one macro call in an integration test:
 //!

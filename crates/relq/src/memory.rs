@@ -62,7 +62,9 @@ impl MemoryConfig {
     }
 }
 
-/// The in-memory backend. Not durable: see the [module docs](self).
+/// The in-memory backend. **Not durable**: everything is lost when the process exits. A topic
+/// holds at most `capacity` messages; a publish that does not fit first drops messages every group
+/// acknowledged, then waits up to `publish_timeout`, then fails with a `Full` error.
 #[derive(Debug)]
 pub struct MemoryBackend {
     config: MemoryConfig,
@@ -853,5 +855,101 @@ fn before(id: MessageId) -> MessageId {
         MessageId::new(id.ms - 1, u64::MAX)
     } else {
         MessageId::ZERO
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Broker, Error, NewMessage};
+
+    fn msg() -> Outgoing {
+        Outgoing {
+            kind: "job".into(),
+            payload: bytes::Bytes::from_static(b"x"),
+            headers: BTreeMap::new(),
+            deliver_at: None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_topic_makes_publish_wait_then_fail_without_dropping() {
+        let b = MemoryBackend::with_config(
+            MemoryConfig::default()
+                .capacity(3)
+                .publish_timeout(Duration::from_secs(1)),
+        )
+        .unwrap();
+        b.publish("t", vec![msg(), msg(), msg()]).await.unwrap();
+        let started = tokio::time::Instant::now();
+        let e = b.publish("t", vec![msg()]).await.unwrap_err();
+        assert_eq!(e.kind, BackendErrorKind::Full);
+        assert!(
+            started.elapsed() >= Duration::from_secs(1),
+            "waited the publish timeout"
+        );
+        assert_eq!(
+            b.topic_info("t").await.unwrap().unwrap().length,
+            3,
+            "nothing dropped"
+        );
+        let broker = Broker::new(b);
+        assert!(matches!(
+            broker.publish("t", NewMessage::new("job", "y")).await,
+            Err(Error::Full { .. })
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiting_publish_completes_once_messages_are_acknowledged() {
+        let b = std::sync::Arc::new(
+            MemoryBackend::with_config(
+                MemoryConfig::default()
+                    .capacity(2)
+                    .publish_timeout(Duration::from_secs(60)),
+            )
+            .unwrap(),
+        );
+        let sub = b
+            .join("t", "g", "c", StartPosition::Earliest)
+            .await
+            .unwrap();
+        b.publish("t", vec![msg(), msg()]).await.unwrap();
+        let got = b.read(&sub, 10, Duration::ZERO).await.unwrap();
+        assert_eq!(got.len(), 2);
+        let waiting = tokio::spawn({
+            let b = b.clone();
+            async move { b.publish("t", vec![msg()]).await }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            !waiting.is_finished(),
+            "no space until the group acknowledges"
+        );
+        let acks: Vec<Settlement> = got.iter().map(|d| Settlement::Ack(d.message.id)).collect();
+        b.settle(&sub, &acks).await.unwrap();
+        waiting.await.unwrap().unwrap();
+        // One acknowledged message made room (only as much as needed is reclaimed).
+        assert_eq!(b.topic_info("t").await.unwrap().unwrap().length, 2);
+        let e = b.publish("t", vec![msg(), msg()]).await;
+        assert!(
+            e.is_err(),
+            "one unacknowledged message plus two does not fit"
+        );
+        // The acknowledged one was reclaimed; the unacknowledged one is never dropped for space.
+        let info = b.topic_info("t").await.unwrap().unwrap();
+        assert_eq!((info.length, info.groups[0].lag), (1, 1));
+    }
+
+    #[test]
+    fn zero_capacity_is_a_config_error() {
+        assert!(MemoryBackend::with_config(MemoryConfig::default().capacity(0)).is_err());
+    }
+
+    #[test]
+    fn from_id_start_position_cursor() {
+        assert_eq!(before(MessageId::new(5, 2)), MessageId::new(5, 1));
+        assert_eq!(before(MessageId::new(5, 0)), MessageId::new(4, u64::MAX));
+        assert_eq!(before(MessageId::ZERO), MessageId::ZERO);
     }
 }

@@ -1,0 +1,66 @@
+//! The `relq` binary as an operator runs it: the demo accounts for every message, errors map to
+//! meaningful exit codes.
+
+use std::process::Command;
+
+fn relq(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_relq"))
+        .args(args)
+        .env_remove("RELQ_URL")
+        .output()
+        .expect("run relq")
+}
+
+#[test]
+fn demo_accounts_for_every_message() {
+    let out = relq(&["demo", "--messages", "600", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json summary");
+    let n = |k: &str| {
+        v[k].as_u64()
+            .unwrap_or_else(|| panic!("{k} missing in {v}"))
+    };
+    assert_eq!(n("messages"), 600);
+    assert_eq!(n("processed") + n("dead_lettered"), 600);
+    assert_eq!(n("pending"), 0);
+    assert!(
+        n("retried") > 0 && n("dead_lettered") > 0,
+        "failures were injected: {v}"
+    );
+    let by_cat = v["dead_lettered_by_category"].as_object().unwrap();
+    assert_eq!(
+        by_cat.values().map(|x| x.as_u64().unwrap()).sum::<u64>(),
+        n("dead_lettered")
+    );
+    let dl = &v["dead_letters"][0];
+    assert!(
+        dl["error_chain"][0].is_string() && dl["message"]["id"].is_string(),
+        "{dl}"
+    );
+}
+
+#[test]
+fn exit_codes_mean_something() {
+    let unsupported = relq(&["--url", "nats://localhost", "info"]);
+    assert_eq!(unsupported.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&unsupported.stderr).contains("unsupported backend URL"));
+    let missing = relq(&["dlq", "show", "orders", "1-0"]);
+    assert_eq!(
+        missing.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
+    let bad_name = relq(&["publish", "bad topic", "job", "x"]);
+    assert_eq!(bad_name.status.code(), Some(2));
+    let bad_id = relq(&["dlq", "show", "orders", "not-an-id"]);
+    assert_eq!(bad_id.status.code(), Some(2));
+    let ok = relq(&["--json", "publish", "orders", "job", "hello", "-H", "k=v"]);
+    assert!(ok.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&ok.stdout).unwrap();
+    assert!(v["id"].as_str().unwrap().contains('-'));
+}
