@@ -271,8 +271,15 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<Subscription, BackendError>;
 
     /// Delivers again up to `max` messages this consumer holds (left pending by a crash or an
-    /// unclean stop). Increments their delivery counts.
-    async fn recover(&self, sub: &Subscription, max: usize) -> Result<Vec<Delivery>, BackendError>;
+    /// unclean stop) with ids greater than `after`, in id order. Increments their delivery counts.
+    /// The runtime pages with `after` = the last id of the previous page, so messages it is
+    /// already handling are not delivered twice.
+    async fn recover(
+        &self,
+        sub: &Subscription,
+        after: MessageId,
+        max: usize,
+    ) -> Result<Vec<Delivery>, BackendError>;
 
     /// Takes over up to `max` pending messages whose last delivery is older than `min_idle`, from
     /// any consumer of the group. Increments their delivery counts.

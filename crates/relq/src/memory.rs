@@ -294,7 +294,7 @@ impl Topic {
         consumer: &str,
         max: usize,
         now: Timestamp,
-        pick: impl Fn(&Pending) -> bool,
+        pick: impl Fn(MessageId, &Pending) -> bool,
     ) -> Vec<Delivery> {
         let mut out = Vec::new();
         let Some(g) = self.groups.get_mut(group) else {
@@ -304,7 +304,7 @@ impl Topic {
         let ids: Vec<MessageId> = g
             .pending
             .iter()
-            .filter(|(_, p)| pick(p))
+            .filter(|(id, p)| pick(**id, p))
             .map(|(id, _)| *id)
             .collect();
         for id in ids {
@@ -542,11 +542,16 @@ impl Backend for MemoryBackend {
         })
     }
 
-    async fn recover(&self, sub: &Subscription, max: usize) -> Result<Vec<Delivery>, BackendError> {
+    async fn recover(
+        &self,
+        sub: &Subscription,
+        after: MessageId,
+        max: usize,
+    ) -> Result<Vec<Delivery>, BackendError> {
         let now = Timestamp::now();
         self.with_topic(sub, |t| {
-            t.redeliver(&sub.group, &sub.consumer, max, now, |p| {
-                p.consumer == sub.consumer
+            t.redeliver(&sub.group, &sub.consumer, max, now, |id, p| {
+                id > after && p.consumer == sub.consumer
             })
         })
     }
@@ -559,7 +564,7 @@ impl Backend for MemoryBackend {
     ) -> Result<Vec<Delivery>, BackendError> {
         let now = Timestamp::now();
         self.with_topic(sub, |t| {
-            t.redeliver(&sub.group, &sub.consumer, max, now, |p| {
+            t.redeliver(&sub.group, &sub.consumer, max, now, |_, p| {
                 now.since(p.delivered_at) >= min_idle
             })
         })

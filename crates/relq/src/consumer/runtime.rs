@@ -172,6 +172,7 @@ async fn fetch_loop(
     let c = &ctx.config;
     let mut backoff = Duration::from_millis(50);
     let mut recovering = true;
+    let mut recovered_up_to = MessageId::ZERO;
     let mut next_claim = Instant::now();
     loop {
         if stop.borrow().is_some() {
@@ -192,7 +193,7 @@ async fn fetch_loop(
         let now = Instant::now();
         let claiming = !recovering && now >= next_claim;
         let fetched = if recovering {
-            ctx.backend.recover(&ctx.sub, max).await
+            ctx.backend.recover(&ctx.sub, recovered_up_to, max).await
         } else if claiming {
             ctx.backend.claim(&ctx.sub, c.claim_after, max).await
         } else {
@@ -223,8 +224,11 @@ async fn fetch_loop(
                 _ => return StopReason::Failed(e.to_string()),
             },
         };
-        if recovering && deliveries.len() < max {
-            recovering = false;
+        if recovering {
+            match deliveries.last() {
+                Some(d) if deliveries.len() == max => recovered_up_to = d.message.id,
+                _ => recovering = false,
+            }
         }
         if claiming && deliveries.len() < max {
             next_claim = Instant::now() + (c.claim_after / 2).max(Duration::from_millis(10));
