@@ -946,6 +946,47 @@ mod tests {
         assert_eq!((info.length, info.groups[0].lag), (1, 1));
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn periodic_cleanup_removes_acknowledged_messages_only() {
+        let broker = Broker::memory();
+        let sub = broker
+            .backend()
+            .join("t", "g", "c", StartPosition::Earliest)
+            .await
+            .unwrap();
+        for i in 0..5 {
+            broker
+                .publish("t", NewMessage::new("job", format!("{i}")))
+                .await
+                .unwrap();
+        }
+        let got = broker
+            .backend()
+            .read(&sub, 3, Duration::ZERO)
+            .await
+            .unwrap();
+        let acks: Vec<Settlement> = got.iter().map(|d| Settlement::Ack(d.message.id)).collect();
+        broker.backend().settle(&sub, &acks).await.unwrap();
+        let task = broker.spawn_cleanup(
+            "t",
+            Retention::default().min_age(Duration::from_secs(10)),
+            Duration::from_secs(1),
+        );
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(
+            broker.topic_info("t").await.unwrap().length,
+            5,
+            "younger than min_age"
+        );
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(
+            broker.topic_info("t").await.unwrap().length,
+            2,
+            "the 3 acknowledged ones are gone"
+        );
+        drop(task);
+    }
+
     #[test]
     fn zero_capacity_is_a_config_error() {
         assert!(MemoryBackend::with_config(MemoryConfig::default().capacity(0)).is_err());

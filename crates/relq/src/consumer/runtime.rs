@@ -45,6 +45,22 @@ struct Ctx {
     abort: watch::Receiver<bool>,
 }
 
+impl Ctx {
+    /// A message entered processing.
+    fn enter(&self) {
+        self.counters.in_flight.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!("relq_in_flight", "topic" => self.config.topic.clone(), "group" => self.config.group.clone())
+            .increment(1.0);
+    }
+
+    /// `n` messages left processing (settled, or abandoned at shutdown).
+    fn leave(&self, n: u64) {
+        self.counters.in_flight.fetch_sub(n, Ordering::Relaxed);
+        metrics::gauge!("relq_in_flight", "topic" => self.config.topic.clone(), "group" => self.config.group.clone())
+            .decrement(n as f64);
+    }
+}
+
 enum Outcome {
     Ok,
     Failed {
@@ -254,7 +270,7 @@ async fn dispatch(
     permit: OwnedSemaphorePermit,
 ) {
     let c = &ctx.config;
-    ctx.counters.in_flight.fetch_add(1, Ordering::Relaxed);
+    ctx.enter();
     metrics::counter!("relq_delivered_total", "topic" => c.topic.clone(), "group" => c.group.clone())
         .increment(1);
     let m = &d.message;
@@ -262,7 +278,7 @@ async fn dispatch(
         if target != c.group {
             // A dead letter replayed for another group of this topic.
             send_settlement(ctx, Settlement::Ack(m.id)).await;
-            ctx.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+            ctx.leave(1);
             return;
         }
     }
@@ -286,7 +302,7 @@ async fn dispatch(
         if let Err(mpsc::error::SendError((d, _permit))) = tx.send((d, permit)).await {
             // Batcher gone (only during shutdown): leave it pending, it is delivered again.
             tracing::debug!(id = %d.message.id, "batcher closed; message stays pending");
-            ctx.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+            ctx.leave(1);
         }
         return;
     }
@@ -342,7 +358,7 @@ async fn run_one(
         },
         _ = abort.wait_for(|a| *a) => {
             task.abort();
-            ctx.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+            ctx.leave(1);
             return;
         }
     };
@@ -405,7 +421,7 @@ async fn run_batch(
         },
         _ = abort.wait_for(|a| *a) => {
             task.abort();
-            ctx.counters.in_flight.fetch_sub(n as u64, Ordering::Relaxed);
+            ctx.leave(n as u64);
             return;
         }
     };
@@ -500,7 +516,7 @@ async fn finish(ctx: &Ctx, d: Delivery, handler: &str, outcome: Outcome) {
         }
     };
     send_settlement(ctx, settlement).await;
-    counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+    ctx.leave(1);
 }
 
 async fn send_settlement(ctx: &Ctx, s: Settlement) {
