@@ -143,7 +143,7 @@ impl Broker {
             .map_err(|e| match e.kind {
                 BackendErrorKind::Full => Error::Full {
                     topic: topic.to_owned(),
-                    waited: Duration::ZERO,
+                    detail: e.message,
                 },
                 _ => Error::Backend(e),
             })?;

@@ -1,7 +1,5 @@
 //! Errors. Every fallible public operation returns [`Error`]; backends return [`BackendError`].
 
-use std::time::Duration;
-
 /// A name (topic, group, consumer, message type) was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid {what} name {name:?}: {reason}")]
@@ -112,12 +110,12 @@ pub enum Error {
         max: usize,
     },
     /// The backend stayed full for the whole publish timeout; nothing was published.
-    #[error("topic {topic:?} is full: no space freed within {waited:?}; nothing was published (consume or clean up the topic, or raise its capacity)")]
+    #[error("topic {topic:?} is full ({detail}); nothing was published: consume or clean up the topic, or raise its capacity")]
     Full {
         /// The topic.
         topic: String,
-        /// How long the publish waited for space.
-        waited: Duration,
+        /// The backend's account of the limit and how long it waited.
+        detail: String,
     },
     /// The topic was terminated.
     #[error("topic {0:?} was terminated")]

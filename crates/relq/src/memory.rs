@@ -81,6 +81,20 @@ struct State {
     next_epoch: u64,
 }
 
+impl State {
+    /// The topic, created (as a new generation) if it does not exist.
+    fn topic_or_create(&mut self, name: &str) -> &mut Topic {
+        let next_epoch = &mut self.next_epoch;
+        self.topics.entry(name.to_owned()).or_insert_with(|| {
+            *next_epoch += 1;
+            Topic {
+                epoch: *next_epoch,
+                ..Topic::default()
+            }
+        })
+    }
+}
+
 #[derive(Debug)]
 struct Stored {
     kind: String,
@@ -472,14 +486,7 @@ impl Backend for MemoryBackend {
             space.as_mut().enable();
             {
                 let mut state = self.lock();
-                let state = &mut *state;
-                let topic_state = state.topics.entry(topic.to_owned()).or_insert_with(|| {
-                    state.next_epoch += 1;
-                    Topic {
-                        epoch: state.next_epoch,
-                        ..Topic::default()
-                    }
-                });
+                let topic_state = state.topic_or_create(topic);
                 let now = Timestamp::now();
                 let free =
                     self.config.capacity - topic_state.messages.len().min(self.config.capacity);
@@ -500,8 +507,8 @@ impl Backend for MemoryBackend {
                     NAME,
                     BackendErrorKind::Full,
                     format!(
-                        "topic {topic:?} holds its capacity of {} messages",
-                        self.config.capacity
+                        "it holds its capacity of {} messages and no space was freed within {:?}",
+                        self.config.capacity, self.config.publish_timeout
                     ),
                 ));
             }
@@ -516,14 +523,7 @@ impl Backend for MemoryBackend {
         start: StartPosition,
     ) -> Result<Subscription, BackendError> {
         let mut state = self.lock();
-        let state = &mut *state;
-        let t = state.topics.entry(topic.to_owned()).or_insert_with(|| {
-            state.next_epoch += 1;
-            Topic {
-                epoch: state.next_epoch,
-                ..Topic::default()
-            }
-        });
+        let t = state.topic_or_create(topic);
         let last = t.last_id;
         let g = t.groups.entry(group.to_owned()).or_insert_with(|| Group {
             cursor: match start {
