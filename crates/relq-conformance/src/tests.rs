@@ -555,6 +555,24 @@ pub async fn dead_letter_list_filter_delete_purge_stats(b: Broker) {
     assert_eq!(stats.by_kind.get("a"), Some(&4));
     assert_eq!(stats.by_category.get("validation"), Some(&4));
     assert_eq!(stats.by_reason.get("permanent"), Some(&7));
+    // Replay a filtered set: the three of type "b" go back, fail again, and return as new dead letters.
+    let replayed = dls
+        .replay_matching(&DeadLetterQuery::all().kind("b"))
+        .await
+        .unwrap();
+    assert_eq!(replayed.len(), 3);
+    assert_eq!(
+        dls.count(&DeadLetterQuery::all().kind("b")).await.unwrap(),
+        0
+    );
+    wait_until("replayed ones dead-lettered again", LONG, || async {
+        dead_count(&b, &topic).await == 7
+    })
+    .await;
+    let again = dls.list(&DeadLetterQuery::all().kind("b")).await.unwrap();
+    assert!(again
+        .iter()
+        .all(|d| d.message.header(relq::HEADER_REPLAY_OF).is_some() && d.attempts == 1));
     let first = pages[0][0].id;
     assert_eq!(dls.delete(&[first]).await.unwrap(), 1);
     assert_eq!(dls.delete(&[first]).await.unwrap(), 0);
