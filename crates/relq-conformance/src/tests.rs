@@ -257,6 +257,7 @@ pub async fn retries_follow_the_policy_exactly(b: Broker) {
     let c = b
         .consumer(&topic, "g")
         .start(StartPosition::Earliest)
+        .include_stack_trace(true)
         .retry(
             Backoff::exponential(ms(200), ms(5000))
                 .randomization(0.0)
@@ -299,6 +300,17 @@ pub async fn retries_follow_the_policy_exactly(b: Broker) {
             "retry {i}: {gap:?} far above {want} ms"
         );
     }
+    let dl = b
+        .dead_letters(&topic)
+        .list(&DeadLetterQuery::all())
+        .await
+        .unwrap()
+        .remove(0);
+    assert!(
+        dl.backtrace.as_deref().is_some_and(|t| !t.is_empty()),
+        "include_stack_trace captured one"
+    );
+    assert_eq!(dl.category.as_deref(), Some("database"));
     let s = c.stats();
     assert_eq!(
         (s.failed, s.retried, s.dead_lettered, s.processed),
@@ -381,6 +393,7 @@ pub async fn dead_letter_holds_the_full_failure_record(b: Broker) {
     assert_eq!(dl.category.as_deref(), Some("validation"));
     assert_eq!(dl.error_chain, ["order is invalid", "amount < 0"]);
     assert_eq!(dl.attempts, 2);
+    assert_eq!(dl.backtrace, None, "include_stack_trace is off by default");
     assert_eq!(dl.failures.len(), 2);
     assert_eq!(dl.failures[0].kind, FailureKind::Retryable);
     assert_eq!(dl.failures[0].error, "timeout talking to db");

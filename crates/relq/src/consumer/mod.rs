@@ -214,7 +214,8 @@ impl ConsumerBuilder {
         self
     }
 
-    /// Stores the failing error's backtrace in dead letters (when one was captured).
+    /// Captures a backtrace where a handler creates a [`HandlerError`](crate::HandlerError) and
+    /// stores it in the dead letter. Off by default: capturing costs time on every failure.
     pub fn include_stack_trace(mut self, on: bool) -> Self {
         self.include_stack_trace = on;
         self

@@ -25,7 +25,7 @@ use super::{Config, Counters, ShutdownReport, StopReason};
 use crate::backend::{AttemptFailure, Backend, Delivery, FailureKind, Settlement, Subscription};
 use crate::dead_letter::DeadLetter;
 use crate::error::{BackendError, BackendErrorKind};
-use crate::handler::{BatchConfig, BatchHandler, Handler, HandlerError};
+use crate::handler::{BatchConfig, BatchHandler, Handler, HandlerError, CAPTURE_BACKTRACE};
 use crate::model::{MessageId, Timestamp, HEADER_REPLAY_GROUP};
 use crate::retry::{Failure, RetryDecision};
 
@@ -338,8 +338,9 @@ async fn run_one(
     let msg = d.message.clone();
     let span =
         tracing::debug_span!("relq.handle", id = %msg.id, kind = %msg.kind, attempt = msg.attempt);
+    let capture = ctx.config.include_stack_trace;
     let mut task = tokio::spawn(tracing::Instrument::instrument(
-        async move { handler.handle(msg).await },
+        CAPTURE_BACKTRACE.scope(capture, async move { handler.handle(msg).await }),
         span,
     ));
     let mut abort = ctx.abort.clone();
@@ -397,7 +398,10 @@ async fn run_batch(
 ) {
     let n = batch.len();
     let messages = batch.iter().map(|(d, _)| d.message.clone()).collect();
-    let mut task = tokio::spawn(async move { handler.handle_batch(messages).await });
+    let capture = ctx.config.include_stack_trace;
+    let mut task = tokio::spawn(
+        CAPTURE_BACKTRACE.scope(capture, async move { handler.handle_batch(messages).await }),
+    );
     let mut abort = ctx.abort.clone();
     let outcomes: Vec<Outcome> = tokio::select! {
         r = tokio::time::timeout(ctx.config.handler_timeout, &mut task) => match r {
