@@ -202,8 +202,8 @@ async fn fetch_loop(
                 Ok(p) => p,
                 Err(_) => return StopReason::Failed("permit semaphore closed".into()),
             },
-            _ = stop.changed() => continue,
-            _ = fatal.changed() => continue,
+            _ = changed(stop) => continue,
+            _ = changed(fatal) => continue,
         };
         let max = (permits.available_permits() + 1).min(c.read_batch);
         let now = Instant::now();
@@ -216,8 +216,8 @@ async fn fetch_loop(
             let wait = c.poll_wait.min(next_claim.saturating_duration_since(now));
             tokio::select! {
                 r = ctx.backend.read(&ctx.sub, max, wait) => r,
-                _ = stop.changed() => continue,
-                _ = fatal.changed() => continue,
+                _ = changed(stop) => continue,
+                _ = changed(fatal) => continue,
             }
         };
         let deliveries = match fetched {
@@ -232,7 +232,7 @@ async fn fetch_loop(
                     drop(permit);
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
-                        _ = stop.changed() => {}
+                        _ = changed(stop) => {}
                     }
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                     continue;
@@ -260,6 +260,14 @@ async fn fetch_loop(
             };
             dispatch(ctx, batchers, d, p).await;
         }
+    }
+}
+
+/// Resolves when `rx` changes; never, once its sender is gone (a dropped `ConsumerHandle` must not
+/// make the fetch loop spin).
+async fn changed<T>(rx: &mut watch::Receiver<T>) {
+    if rx.changed().await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
