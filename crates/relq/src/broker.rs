@@ -6,6 +6,7 @@ use std::time::Duration;
 use crate::backend::{Backend, CleanupReport, Retention, TopicInfo};
 use crate::consumer::ConsumerBuilder;
 use crate::dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
+use crate::embedded::EmbeddedBackend;
 use crate::error::{BackendError, BackendErrorKind, Error, Result};
 use crate::memory::MemoryBackend;
 use crate::model::{
@@ -48,20 +49,36 @@ impl Broker {
         Broker::new(MemoryBackend::new())
     }
 
-    /// A broker for a backend URL: `memory://`.
+    /// A broker on the embedded engine in data directory `path` (created if needed): durable,
+    /// nothing to install. See [`EmbeddedBackend`].
     ///
     /// # Errors
-    /// An unsupported URL.
+    /// The directory is in use by another process, cannot be created, or holds corrupt data.
+    pub fn open(path: impl AsRef<std::path::Path>) -> Result<Broker> {
+        Ok(Broker::new(EmbeddedBackend::open(path)?))
+    }
+
+    /// A broker for a backend URL: `file:///path/to/data` (or `file://relative/path`) for the
+    /// embedded engine, `memory://` for the in-memory backend.
+    ///
+    /// # Errors
+    /// An unsupported URL, or the backend failed to open.
     pub async fn connect(url: &str) -> Result<Broker> {
-        match url.split_once("://").map(|(scheme, _)| scheme) {
-            Some("memory") => Ok(Broker::memory()),
-            Some("file") | Some("redis") | Some("rediss") => Err(Error::UnsupportedUrl {
+        match url.split_once("://") {
+            Some(("memory", _)) => Ok(Broker::memory()),
+            Some(("file", path)) if !path.is_empty() => Broker::open(path),
+            Some(("file", _)) => Err(Error::UnsupportedUrl {
                 url: url.to_owned(),
-                reason: "this build has only the in-memory backend (memory://); the embedded engine and Redis backends are not built yet".into(),
+                reason: "a file:// URL needs a directory, e.g. file:///var/lib/relq".into(),
+            }),
+            Some(("redis", _)) | Some(("rediss", _)) => Err(Error::UnsupportedUrl {
+                url: url.to_owned(),
+                reason: "the Redis Streams backend is not built yet; use file:// or memory://"
+                    .into(),
             }),
             _ => Err(Error::UnsupportedUrl {
                 url: url.to_owned(),
-                reason: "expected memory://".into(),
+                reason: "expected file:///path or memory://".into(),
             }),
         }
     }

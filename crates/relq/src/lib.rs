@@ -48,6 +48,7 @@ mod backend;
 mod broker;
 mod consumer;
 mod dead_letter;
+mod embedded;
 mod error;
 mod handler;
 mod memory;
@@ -65,6 +66,7 @@ pub use consumer::{
     Consumer, ConsumerBuilder, ConsumerHandle, ConsumerStats, ShutdownReport, StopReason,
 };
 pub use dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
+pub use embedded::{Durability, EmbeddedBackend, EmbeddedConfig};
 pub use error::{BackendError, BackendErrorKind, ConfigError, Error, NameError, Result};
 pub use handler::{BatchConfig, BatchHandler, Handler, HandlerError};
 pub use memory::{MemoryBackend, MemoryConfig};

@@ -1,0 +1,203 @@
+//! A group's in-memory state, mirrored durably by [`GroupRecord`] and [`Row`]s.
+//!
+//! Offsets below `cursor` were read. A read offset is either pending (a first delivery in flight,
+//! in memory only), *done* (acknowledged, or handed over to a row or a dead letter), or both done
+//! and the key of a row. Done offsets are kept as `floor` (everything below is done) plus ranges
+//! above it, so the record stays small: its size follows the number of messages in flight, not
+//! the backlog.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use super::log::ReadHint;
+use super::state::{GroupRecord, Row};
+use crate::model::Timestamp;
+
+/// A delivery in flight.
+#[derive(Debug)]
+pub(crate) struct Pending {
+    pub(crate) consumer: String,
+    pub(crate) delivered_at: Timestamp,
+    pub(crate) attempt: u32,
+    /// The delivery comes from a row (the row holds its count and failures).
+    pub(crate) row: bool,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct GroupState {
+    pub(crate) cursor: u64,
+    pub(crate) cursor_ms: u64,
+    pub(crate) floor: u64,
+    /// Done ranges `start -> end` (exclusive) above `floor`.
+    pub(crate) done: BTreeMap<u64, u64>,
+    pub(crate) pending: BTreeMap<u64, Pending>,
+    pub(crate) rows: HashMap<u64, Row>,
+    /// Rows waiting for their time: (due, offset). Rows in flight or parked are not here.
+    pub(crate) due: BTreeSet<(u64, u64)>,
+    pub(crate) parked: usize,
+    pub(crate) consumers: BTreeMap<String, Timestamp>,
+    pub(crate) hint: Option<ReadHint>,
+}
+
+impl GroupState {
+    pub(crate) fn from_record(rec: &GroupRecord) -> GroupState {
+        GroupState {
+            cursor: rec.cursor,
+            cursor_ms: rec.cursor_ms,
+            floor: rec.floor,
+            done: rec.done.iter().copied().collect(),
+            ..GroupState::default()
+        }
+    }
+
+    pub(crate) fn record(&self) -> GroupRecord {
+        GroupRecord {
+            cursor: self.cursor,
+            cursor_ms: self.cursor_ms,
+            floor: self.floor,
+            done: self.done.iter().map(|(a, b)| (*a, *b)).collect(),
+        }
+    }
+
+    pub(crate) fn is_done(&self, offset: u64) -> bool {
+        offset < self.floor
+            || self
+                .done
+                .range(..=offset)
+                .next_back()
+                .is_some_and(|(_, end)| offset < *end)
+    }
+
+    /// Marks `offset`'s first delivery done.
+    pub(crate) fn mark_done(&mut self, offset: u64) {
+        if self.is_done(offset) {
+            return;
+        }
+        let mut start = offset;
+        let mut end = offset + 1;
+        if let Some((&s, &e)) = self.done.range(..offset).next_back() {
+            if e == offset {
+                start = s;
+                self.done.remove(&s);
+            }
+        }
+        if let Some(e) = self.done.remove(&end) {
+            end = e;
+        }
+        if start == self.floor {
+            self.floor = end;
+        } else {
+            self.done.insert(start, end);
+        }
+    }
+
+    /// Moves the floor up to `to`, forgetting done ranges below it.
+    pub(crate) fn raise_floor(&mut self, to: u64) {
+        if to <= self.floor {
+            return;
+        }
+        self.floor = to;
+        let below: Vec<u64> = self.done.range(..to).map(|(s, _)| *s).collect();
+        for s in below {
+            if let Some(e) = self.done.remove(&s) {
+                if e > to {
+                    self.done.insert(to, e);
+                }
+            }
+        }
+        if let Some(e) = self.done.remove(&self.floor) {
+            self.floor = e;
+        }
+    }
+
+    /// Offsets read, not done and not pending: deliveries in flight when the process died.
+    pub(crate) fn lost_in_flight(&self) -> Vec<u64> {
+        let mut out = Vec::new();
+        let mut o = self.floor;
+        while o < self.cursor {
+            if let Some(e) = self.done.get(&o) {
+                o = *e;
+                continue;
+            }
+            if !self.pending.contains_key(&o) {
+                out.push(o);
+            }
+            o += 1;
+        }
+        out
+    }
+
+    /// Inserts or replaces a row, keeping `due` and `parked` consistent.
+    pub(crate) fn put_row(&mut self, offset: u64, row: Row, in_flight: bool) {
+        self.remove_row(offset);
+        if row.parked {
+            self.parked += 1;
+        } else if !in_flight {
+            self.due.insert((row.due, offset));
+        }
+        self.rows.insert(offset, row);
+    }
+
+    pub(crate) fn remove_row(&mut self, offset: u64) -> Option<Row> {
+        let row = self.rows.remove(&offset)?;
+        if row.parked {
+            self.parked -= 1;
+        }
+        self.due.remove(&(row.due, offset));
+        Some(row)
+    }
+
+    /// The lowest offset this group still needs.
+    pub(crate) fn needs_from(&self) -> u64 {
+        let mut min = self.floor.min(self.cursor);
+        if let Some(o) = self.rows.keys().min() {
+            min = min.min(*o);
+        }
+        min
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Marking offsets done in any order gives the same set as a plain set, and the floor is
+        /// the first offset not done.
+        #[test]
+        fn done_ranges_match_a_plain_set(order in proptest::collection::vec(0u64..64, 0..100)) {
+            let mut g = GroupState { cursor: 64, ..GroupState::default() };
+            let mut plain = BTreeSet::new();
+            for o in order {
+                g.mark_done(o);
+                plain.insert(o);
+                let floor = (0..).find(|o| !plain.contains(o)).unwrap();
+                prop_assert_eq!(g.floor, floor);
+                for o in 0..70 {
+                    prop_assert_eq!(g.is_done(o), plain.contains(&o), "offset {}", o);
+                }
+                let round = GroupState::from_record(&g.record());
+                prop_assert_eq!(round.done, g.done.clone());
+                // Ranges never touch each other or the floor.
+                let mut last = g.floor;
+                for (s, e) in &g.done {
+                    prop_assert!(*s > last && e > s);
+                    last = *e;
+                }
+            }
+            let lost = g.lost_in_flight();
+            prop_assert_eq!(lost, (0..64).filter(|o| !plain.contains(o)).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn raise_floor_drops_ranges_below() {
+        let mut g = GroupState::default();
+        for o in [3, 4, 8, 9, 12] {
+            g.mark_done(o);
+        }
+        g.raise_floor(9);
+        assert_eq!(g.floor, 10);
+        assert_eq!(g.done.iter().collect::<Vec<_>>(), [(&12, &13)]);
+    }
+}

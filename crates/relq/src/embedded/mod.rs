@@ -1,0 +1,1920 @@
+//! The embedded engine: a crash-safe message store in a data directory, the default backend.
+//!
+//! ```text
+//! <data dir>/
+//!   LOCK                      held (flock) while a process has the directory open
+//!   state.redb                topics, groups, redelivery rows, stop markers, dead letters
+//!   topics/<topic>@<epoch>/   the topic's log: 00000000000000000000.seg, ...
+//! ```
+//!
+//! Messages live in a per-topic segmented log ([`log`]); what changes as messages are read and
+//! settled lives in a small redb database ([`state`]). A message id is `<ms>-<offset>`: the
+//! publish time and the record's position in the topic's log.
+//!
+//! # Commit cycle
+//! One committer thread owns all writes. A cycle takes every queued operation (publishes, topic
+//! creation and termination, dead-letter replay/delete/purge) and every state change made since
+//! the last cycle (reads, acks, retries, dead letters, stops), then:
+//! 1. appends the publishes to the topics' logs (page cache);
+//! 2. fdatasyncs every log file written, in parallel when several topics were written;
+//! 3. writes the state changes in one redb transaction and commits it (fsync);
+//! 4. makes the new records readable and completes the callers.
+//!
+//! Callers queue while a cycle runs, so the next cycle takes everything that arrived during the
+//! sync: group commit. No lock a caller needs is held during a sync. A failed write or sync
+//! poisons the engine: every call fails with [`BackendErrorKind::Fatal`] until the directory is
+//! reopened, because after a failed fsync the kernel may have dropped the data.
+//!
+//! # What is durable when
+//! See [`Durability`]. In-flight deliveries are kept in memory only: after a crash, a message
+//! that was delivered and not settled is delivered again (its delivery count is raised by one).
+
+mod codec;
+mod fs;
+mod group;
+mod log;
+mod state;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tokio::sync::{oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
+
+use self::codec::Record;
+use self::fs::{RealFs, Storage, StorageFile};
+use self::group::{GroupState, Pending};
+use self::log::{LogConfig, TopicLog};
+use self::state::{Batch, DeadKey, Row, RowKey, TopicRecord};
+use crate::backend::{
+    replay_headers, Backend, CleanupReport, ConsumerInfo, Delivery, GroupInfo, Retention,
+    Settlement, Subscription, TopicInfo,
+};
+use crate::dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
+use crate::error::{BackendError, BackendErrorKind, ConfigError};
+use crate::model::{Message, MessageId, Outgoing, StartPosition, Timestamp};
+
+const NAME: &str = "embedded";
+
+pub(crate) fn io_error(what: &'static str) -> impl Fn(std::io::Error) -> BackendError {
+    move |e| BackendError::new(NAME, BackendErrorKind::Fatal, format!("{what}: {e}")).with_source(e)
+}
+
+pub(crate) fn corrupt(message: String) -> BackendError {
+    BackendError::new(NAME, BackendErrorKind::Corrupt, message)
+}
+
+pub(crate) fn db_error(e: impl Into<redb::Error>) -> BackendError {
+    let e: redb::Error = e.into();
+    BackendError::new(
+        NAME,
+        BackendErrorKind::Fatal,
+        format!("state database: {e}"),
+    )
+    .with_source(e)
+}
+
+fn terminated(topic: &str) -> BackendError {
+    BackendError::new(
+        NAME,
+        BackendErrorKind::Terminated,
+        format!("topic {topic:?} was terminated"),
+    )
+}
+
+/// What an acknowledged operation survives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Durability {
+    /// Every publish, acknowledgement, retry and dead letter is fdatasynced before the call
+    /// returns (many callers share one sync). Survives a process crash and a power loss, on a
+    /// disk that honours flushes. The default.
+    #[default]
+    Sync,
+    /// Writes reach the operating system before the call returns and are synced every
+    /// `interval`. A publish survives a process crash (kill -9) once acknowledged; a power loss
+    /// or kernel crash loses up to `interval` of publishes. Acknowledgements, retries and dead
+    /// letters since the last sync are forgotten by any crash, so those messages are delivered
+    /// again (never lost).
+    Periodic(Duration),
+}
+
+/// Configuration of an [`EmbeddedBackend`].
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct EmbeddedConfig {
+    /// What an acknowledged operation survives. Default [`Durability::Sync`].
+    pub durability: Durability,
+    /// Size of a log segment file. Retention frees disk space a segment at a time. Default
+    /// 64 MiB.
+    pub segment_size: u64,
+    /// Bytes of recent messages kept in memory per topic, so consumers that keep up never read
+    /// the disk. Default 16 MiB.
+    pub tail_cache: usize,
+    /// Most messages waiting for a commit cycle; publishers wait beyond it. Default 65,536.
+    pub max_queued: usize,
+}
+
+impl Default for EmbeddedConfig {
+    fn default() -> Self {
+        EmbeddedConfig {
+            durability: Durability::Sync,
+            segment_size: 64 << 20,
+            tail_cache: 16 << 20,
+            max_queued: 65_536,
+        }
+    }
+}
+
+impl EmbeddedConfig {
+    /// Sets the durability mode.
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+    /// Sets the segment size.
+    pub fn segment_size(mut self, bytes: u64) -> Self {
+        self.segment_size = bytes;
+        self
+    }
+    /// Sets the per-topic tail cache size.
+    pub fn tail_cache(mut self, bytes: usize) -> Self {
+        self.tail_cache = bytes;
+        self
+    }
+    /// Sets how many messages may wait for a commit cycle.
+    pub fn max_queued(mut self, n: usize) -> Self {
+        self.max_queued = n;
+        self
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.segment_size < 4096 {
+            return Err(ConfigError::new(
+                "segment_size",
+                "must be at least 4096 bytes",
+            ));
+        }
+        if self.max_queued == 0 {
+            return Err(ConfigError::new("max_queued", "must be at least 1"));
+        }
+        if let Durability::Periodic(d) = self.durability {
+            if d.is_zero() {
+                return Err(ConfigError::new(
+                    "durability",
+                    "the periodic sync interval must be positive (use Durability::Sync)",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The embedded engine. Open it with [`EmbeddedBackend::open`] or
+/// [`Broker::open`](crate::Broker::open). One process at a time may open a data directory.
+pub struct EmbeddedBackend {
+    shared: Arc<Shared>,
+    committer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for EmbeddedBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedBackend")
+            .field("root", &self.shared.root)
+            .finish()
+    }
+}
+
+struct Shared {
+    config: EmbeddedConfig,
+    root: PathBuf,
+    storage: Arc<dyn Storage>,
+    db: redb::Database,
+    gen: u32,
+    inner: Mutex<Inner>,
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    progress: watch::Sender<Progress>,
+    queue_space: Arc<Semaphore>,
+    _lock: std::fs::File,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Progress {
+    /// State changes up to this sequence number are durable.
+    durable: u64,
+    poisoned: bool,
+}
+
+#[derive(Default)]
+struct Queue {
+    ops: Vec<Op>,
+    state_dirty: bool,
+    shutdown: bool,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, BackendError>>;
+
+enum Op {
+    Publish {
+        topic: String,
+        msgs: Vec<Outgoing>,
+        reply: Reply<Vec<MessageId>>,
+        _permit: OwnedSemaphorePermit,
+    },
+    Create {
+        topic: String,
+        reply: Reply<()>,
+    },
+    Terminate {
+        topic: String,
+        reply: Reply<bool>,
+    },
+    Replay {
+        topic: String,
+        ids: Vec<DeadLetterId>,
+        reply: Reply<Replayed>,
+    },
+    DeleteDead {
+        topic: String,
+        ids: Vec<DeadLetterId>,
+        reply: Reply<u64>,
+    },
+    PurgeDead {
+        topic: String,
+        before: Timestamp,
+        reply: Reply<u64>,
+    },
+}
+
+impl Op {
+    fn fail(self, e: &BackendError) {
+        let err = || BackendError::new(NAME, e.kind, e.message.clone());
+        match self {
+            Op::Publish { reply, .. } => drop(reply.send(Err(err()))),
+            Op::Create { reply, .. } => drop(reply.send(Err(err()))),
+            Op::Terminate { reply, .. } => drop(reply.send(Err(err()))),
+            Op::Replay { reply, .. } => drop(reply.send(Err(err()))),
+            Op::DeleteDead { reply, .. } | Op::PurgeDead { reply, .. } => {
+                drop(reply.send(Err(err())))
+            }
+        }
+    }
+}
+
+struct TopicState {
+    epoch: u64,
+    log: Arc<TopicLog>,
+    start: u64,
+    last_dead: MessageId,
+    dead_count: u64,
+    groups: BTreeMap<String, GroupState>,
+    /// Stopped offsets and their ids' milliseconds.
+    stopped: BTreeMap<u64, u64>,
+    ready: Arc<Notify>,
+}
+
+impl TopicState {
+    fn record(&self) -> TopicRecord {
+        TopicRecord {
+            epoch: self.epoch,
+            start: self.start,
+            last_dead: self.last_dead,
+            dead_count: self.dead_count,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Dirty {
+    next_epoch: bool,
+    drop_topics: Vec<String>,
+    topics: BTreeSet<String>,
+    groups: BTreeSet<(String, String)>,
+    rows: BTreeSet<RowKey>,
+    stopped: BTreeSet<(String, u64)>,
+    dead: Vec<(DeadKey, Option<Vec<u8>>)>,
+}
+
+struct Inner {
+    topics: HashMap<String, TopicState>,
+    next_epoch: u64,
+    /// Bumped by every state change; the committer reports how far it made changes durable.
+    change_seq: u64,
+    dirty: Dirty,
+    poison: Option<String>,
+}
+
+impl Inner {
+    /// Encodes every change since the last snapshot.
+    fn snapshot(&mut self) -> (Batch, u64) {
+        let dirty = std::mem::take(&mut self.dirty);
+        let mut b = Batch {
+            drop_topics: dirty.drop_topics,
+            next_epoch: dirty.next_epoch.then_some(self.next_epoch),
+            dead: dirty.dead,
+            ..Batch::default()
+        };
+        for t in dirty.topics {
+            let v = self
+                .topics
+                .get(&t)
+                .map(|ts| state::encode_json(&ts.record()));
+            b.topics.push((t, v));
+        }
+        for (t, g) in dirty.groups {
+            if let Some(gs) = self.topics.get(&t).and_then(|ts| ts.groups.get(&g)) {
+                b.groups.push(((t, g), gs.record().encode()));
+            }
+        }
+        for (t, g, o) in dirty.rows {
+            let v = self
+                .topics
+                .get(&t)
+                .and_then(|ts| ts.groups.get(&g))
+                .and_then(|gs| gs.rows.get(&o))
+                .map(state::encode_json);
+            b.rows.push(((t, g, o), v));
+        }
+        for (t, o) in dirty.stopped {
+            let v = self
+                .topics
+                .get(&t)
+                .and_then(|ts| ts.stopped.get(&o).copied());
+            b.stopped.push(((t, o), v));
+        }
+        (b, self.change_seq)
+    }
+
+    fn touch(&mut self) -> u64 {
+        self.change_seq += 1;
+        self.change_seq
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn topic_dir(root: &Path, topic: &str, epoch: u64) -> PathBuf {
+    root.join("topics").join(format!("{topic}@{epoch}"))
+}
+
+fn message_of(r: &Record, attempt: u32) -> Message {
+    Message {
+        id: MessageId::new(r.ms, r.offset),
+        kind: r.kind.clone(),
+        payload: r.payload.clone(),
+        headers: r.headers.clone(),
+        published_at: Timestamp(r.ms),
+        deliver_at: r.deliver_at.map(Timestamp),
+        attempt,
+    }
+}
+
+impl EmbeddedBackend {
+    /// Opens (creating if needed) the data directory `path` with the default configuration.
+    ///
+    /// # Errors
+    /// The directory is in use by another process, cannot be created, or holds corrupt data.
+    pub fn open(path: impl AsRef<Path>) -> Result<EmbeddedBackend, BackendError> {
+        Self::open_with(path, EmbeddedConfig::default())
+    }
+
+    /// Opens the data directory `path` with `config`.
+    ///
+    /// # Errors
+    /// As [`open`](Self::open), or an invalid configuration.
+    pub fn open_with(
+        path: impl AsRef<Path>,
+        config: EmbeddedConfig,
+    ) -> Result<EmbeddedBackend, BackendError> {
+        config.validate().map_err(|e| {
+            BackendError::new(NAME, BackendErrorKind::Invalid, e.to_string()).with_source(e)
+        })?;
+        Self::open_on(Arc::new(RealFs), path.as_ref(), config)
+    }
+
+    fn open_on(
+        storage: Arc<dyn Storage>,
+        root: &Path,
+        config: EmbeddedConfig,
+    ) -> Result<EmbeddedBackend, BackendError> {
+        std::fs::create_dir_all(root.join("topics"))
+            .map_err(io_error("creating the data directory"))?;
+        let lock_file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(root.join("LOCK"))
+            .map_err(io_error("opening the LOCK file"))?;
+        match lock_file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(BackendError::new(
+                    NAME,
+                    BackendErrorKind::Unavailable,
+                    format!(
+                        "data directory {} is in use by another process (or another backend in this one)",
+                        root.display()
+                    ),
+                ))
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(io_error("locking the data directory")(e))
+            }
+        }
+        let db = redb::Database::builder()
+            .create(root.join("state.redb"))
+            .map_err(db_error)?;
+        let loaded = state::load(&db)?;
+        let log_config = |gen| LogConfig {
+            segment_size: config.segment_size,
+            tail_bytes: config.tail_cache,
+            gen,
+        };
+        // Topic directories: open those the state knows, remove the rest (a crash between a
+        // terminate's commit and the removal, or a creation that never committed).
+        let topics_dir = root.join("topics");
+        let mut logs = HashMap::new();
+        for name in storage
+            .list(&topics_dir)
+            .map_err(io_error("listing topics"))?
+        {
+            let known = name.rsplit_once('@').and_then(|(t, e)| {
+                let e: u64 = e.parse().ok()?;
+                loaded
+                    .topics
+                    .get(t)
+                    .filter(|r| r.epoch == e)
+                    .map(|_| t.to_owned())
+            });
+            let dir = topics_dir.join(&name);
+            match known {
+                Some(t) => {
+                    let log = TopicLog::open(storage.clone(), dir, log_config(loaded.gen))?;
+                    logs.insert(t, Arc::new(log));
+                }
+                None => {
+                    tracing::info!(dir = %dir.display(), "removing a topic directory the state does not know");
+                    log::destroy_dir(&*storage, &dir)?;
+                }
+            }
+        }
+        let now = Timestamp::now();
+        let mut inner = Inner {
+            topics: HashMap::new(),
+            next_epoch: loaded.next_epoch,
+            change_seq: 0,
+            dirty: Dirty::default(),
+            poison: None,
+        };
+        for (name, rec) in &loaded.topics {
+            let Some(log) = logs.remove(name) else {
+                return Err(corrupt(format!(
+                    "topic {name:?} (generation {}) has no log directory",
+                    rec.epoch
+                )));
+            };
+            inner.topics.insert(
+                name.clone(),
+                TopicState {
+                    epoch: rec.epoch,
+                    start: rec.start.max(log.first_offset()),
+                    log,
+                    last_dead: rec.last_dead,
+                    dead_count: rec.dead_count,
+                    groups: BTreeMap::new(),
+                    stopped: BTreeMap::new(),
+                    ready: Arc::new(Notify::new()),
+                },
+            );
+        }
+        for ((t, g), rec) in &loaded.groups {
+            if let Some(ts) = inner.topics.get_mut(t) {
+                ts.groups.insert(g.clone(), GroupState::from_record(rec));
+            }
+        }
+        for ((t, g, o), row) in loaded.rows {
+            if let Some(gs) = inner
+                .topics
+                .get_mut(&t)
+                .and_then(|ts| ts.groups.get_mut(&g))
+            {
+                gs.put_row(o, row, false);
+            }
+        }
+        for ((t, o), ms) in loaded.stopped {
+            if let Some(ts) = inner.topics.get_mut(&t) {
+                ts.stopped.insert(o, ms);
+            }
+        }
+        // Deliveries in flight when the process died come back as redelivery rows, due now, with
+        // the lost delivery counted.
+        let mut recovered = 0usize;
+        let mut dirty_rows = Vec::new();
+        let mut dirty_groups = Vec::new();
+        for (t, ts) in &mut inner.topics {
+            let start = ts.start;
+            let end = ts.log.visible();
+            for (g, gs) in &mut ts.groups {
+                let before = gs.record();
+                if gs.cursor < start {
+                    gs.cursor = start;
+                }
+                gs.cursor = gs.cursor.min(end);
+                gs.raise_floor(start.min(gs.cursor));
+                for o in gs.lost_in_flight() {
+                    gs.mark_done(o);
+                    if gs.rows.contains_key(&o) {
+                        continue;
+                    }
+                    gs.put_row(
+                        o,
+                        Row {
+                            due: now.0,
+                            deliveries: 1,
+                            failures: Vec::new(),
+                            parked: false,
+                        },
+                        false,
+                    );
+                    dirty_rows.push((t.clone(), g.clone(), o));
+                    recovered += 1;
+                }
+                if gs.record() != before {
+                    dirty_groups.push((t.clone(), g.clone()));
+                }
+            }
+        }
+        if recovered > 0 {
+            tracing::warn!(
+                messages = recovered,
+                "deliveries in flight at the last crash will be delivered again"
+            );
+        }
+        inner.dirty.rows.extend(dirty_rows);
+        inner.dirty.groups.extend(dirty_groups);
+        let (batch, _) = inner.snapshot();
+        if !batch.is_empty() {
+            let tx = db.begin_write().map_err(db_error)?;
+            state::apply(&tx, &batch)?;
+            tx.commit().map_err(db_error)?;
+        }
+        let (progress, _) = watch::channel(Progress::default());
+        let shared = Arc::new(Shared {
+            queue_space: Arc::new(Semaphore::new(config.max_queued)),
+            config,
+            root: root.to_owned(),
+            storage,
+            db,
+            gen: loaded.gen,
+            inner: Mutex::new(inner),
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            progress,
+            _lock: lock_file,
+        });
+        let committer = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("relq-committer".into())
+                .spawn(move || shared.run())
+                .map_err(io_error("starting the committer thread"))?
+        };
+        Ok(EmbeddedBackend {
+            shared,
+            committer: Mutex::new(Some(committer)),
+        })
+    }
+
+    /// The data directory.
+    pub fn path(&self) -> &Path {
+        &self.shared.root
+    }
+
+    /// Bytes the topic's log files take on disk, or `None` if it does not exist.
+    pub fn topic_disk_bytes(&self, topic: &str) -> Option<u64> {
+        let inner = lock(&self.shared.inner);
+        inner.topics.get(topic).map(|t| t.log.disk_bytes())
+    }
+}
+
+impl Drop for EmbeddedBackend {
+    fn drop(&mut self) {
+        lock(&self.shared.queue).shutdown = true;
+        self.shared.wake.notify_all();
+        if let Some(t) = lock(&self.committer).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+type Replayed = Vec<(DeadLetterId, MessageId)>;
+/// A replayed dead letter, an index into `CycleWork::published` and the record's index there.
+type ReplayItem = (DeadLetterId, usize, usize);
+
+/// Records appended for one operation.
+struct Published {
+    log: Arc<TopicLog>,
+    ready: Arc<Notify>,
+    records: Vec<Arc<Record>>,
+}
+
+/// Results to deliver once a cycle committed.
+#[derive(Default)]
+struct CycleWork {
+    published: Vec<Published>,
+    publish_replies: Vec<(Reply<Vec<MessageId>>, usize, usize)>,
+    created: Vec<Reply<()>>,
+    terminated: Vec<(Reply<bool>, bool)>,
+    destroy: Vec<(Arc<TopicLog>, Arc<Notify>)>,
+    /// Each replay's reply and (dead letter, index into `published`, index of the record).
+    replays: Vec<(Reply<Replayed>, Vec<ReplayItem>)>,
+    counts: Vec<(Reply<u64>, u64)>,
+    /// Dead letters removed this cycle, so two operations never remove one twice.
+    dead_gone: HashSet<DeadKey>,
+    dead_removed: HashMap<String, u64>,
+    touched: Vec<Arc<TopicLog>>,
+}
+
+impl Shared {
+    fn check(&self) -> Result<(), BackendError> {
+        match &lock(&self.inner).poison {
+            Some(p) => Err(poisoned(p)),
+            None => Ok(()),
+        }
+    }
+
+    fn sync_mode(&self) -> bool {
+        self.config.durability == Durability::Sync
+    }
+
+    fn submit(&self, op: Op) {
+        let mut q = lock(&self.queue);
+        q.ops.push(op);
+        drop(q);
+        self.wake.notify_one();
+    }
+
+    /// Waits until the state change numbered `ticket` is durable (or at once in periodic mode).
+    async fn durable(&self, ticket: u64) -> Result<(), BackendError> {
+        {
+            let mut q = lock(&self.queue);
+            q.state_dirty = true;
+        }
+        self.wake.notify_one();
+        if !self.sync_mode() {
+            return self.check();
+        }
+        let mut rx = self.progress.subscribe();
+        let p = rx
+            .wait_for(|p| p.durable >= ticket || p.poisoned)
+            .await
+            .map_err(|_| {
+                BackendError::new(NAME, BackendErrorKind::Fatal, "the engine was closed")
+            })?;
+        if p.poisoned && p.durable < ticket {
+            return Err(self.check().err().unwrap_or_else(|| poisoned("unknown")));
+        }
+        Ok(())
+    }
+
+    async fn call<T>(
+        &self,
+        op: Op,
+        rx: oneshot::Receiver<Result<T, BackendError>>,
+    ) -> Result<T, BackendError> {
+        self.check()?;
+        self.submit(op);
+        rx.await.map_err(|_| {
+            BackendError::new(NAME, BackendErrorKind::Fatal, "the engine was closed")
+        })?
+    }
+
+    /// The committer thread.
+    fn run(self: Arc<Self>) {
+        let interval = match self.config.durability {
+            Durability::Sync => None,
+            Durability::Periodic(d) => Some(d),
+        };
+        let mut last_sync = Instant::now();
+        loop {
+            let (ops, shutdown, state_dirty) = {
+                let mut q = lock(&self.queue);
+                loop {
+                    if !q.ops.is_empty() || q.state_dirty || q.shutdown {
+                        break;
+                    }
+                    match interval {
+                        None => q = self.wake.wait(q).unwrap_or_else(|e| e.into_inner()),
+                        Some(d) => {
+                            let left = d.saturating_sub(last_sync.elapsed());
+                            if left.is_zero() {
+                                break;
+                            }
+                            q = self
+                                .wake
+                                .wait_timeout(q, left)
+                                .unwrap_or_else(|e| e.into_inner())
+                                .0;
+                        }
+                    }
+                }
+                (
+                    std::mem::take(&mut q.ops),
+                    q.shutdown,
+                    std::mem::take(&mut q.state_dirty),
+                )
+            };
+            let sync = match interval {
+                None => true,
+                Some(d) => shutdown || last_sync.elapsed() >= d,
+            };
+            if ops.is_empty() && !state_dirty && !sync {
+                continue;
+            }
+            let poison = lock(&self.inner).poison.clone();
+            if let Some(p) = poison {
+                let e = poisoned(&p);
+                ops.into_iter().for_each(|op| op.fail(&e));
+            } else if let Err(e) = self.cycle(ops, sync) {
+                tracing::error!(error = %e, "the embedded engine failed and is poisoned; reopen the data directory");
+                lock(&self.inner).poison = Some(e.to_string());
+                self.progress.send_modify(|p| p.poisoned = true);
+                let inner = lock(&self.inner);
+                for t in inner.topics.values() {
+                    t.ready.notify_waiters();
+                }
+            }
+            if sync {
+                last_sync = Instant::now();
+            }
+            if shutdown {
+                return;
+            }
+        }
+    }
+
+    /// One commit cycle. An error poisons the engine.
+    fn cycle(&self, ops: Vec<Op>, sync: bool) -> Result<(), BackendError> {
+        let mut w = CycleWork::default();
+        let mut pending_ops = ops.into_iter();
+        let result = (|| {
+            for op in pending_ops.by_ref() {
+                self.stage(op, &mut w)?;
+            }
+            if sync {
+                let files: Vec<Arc<dyn StorageFile>> = {
+                    let inner = lock(&self.inner);
+                    let mut logs: Vec<&Arc<TopicLog>> =
+                        inner.topics.values().map(|t| &t.log).collect();
+                    logs.extend(w.touched.iter());
+                    logs.iter().filter_map(|l| l.take_dirty()).collect()
+                };
+                sync_all(&files)?;
+            }
+            let (batch, seq) = lock(&self.inner).snapshot();
+            if !batch.is_empty() {
+                let mut tx = self.db.begin_write().map_err(db_error)?;
+                if !sync {
+                    tx.set_durability(redb::Durability::None)
+                        .map_err(|e| db_error(redb::Error::from(e)))?;
+                }
+                state::apply(&tx, &batch)?;
+                tx.commit().map_err(db_error)?;
+            }
+            if sync {
+                self.progress
+                    .send_modify(|p| p.durable = p.durable.max(seq));
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            for op in pending_ops {
+                op.fail(&e);
+            }
+            let err = || BackendError::new(NAME, e.kind, e.message.clone());
+            for (r, _, _) in w.publish_replies {
+                let _ = r.send(Err(err()));
+            }
+            for r in w.created {
+                let _ = r.send(Err(err()));
+            }
+            for (r, _) in w.terminated {
+                let _ = r.send(Err(err()));
+            }
+            for (r, _) in w.replays {
+                let _ = r.send(Err(err()));
+            }
+            for (r, _) in w.counts {
+                let _ = r.send(Err(err()));
+            }
+            return Err(e);
+        }
+        // Committed: make records readable, then answer.
+        for p in &w.published {
+            p.log.make_visible(&p.records);
+            p.ready.notify_waiters();
+        }
+        let id = |i: usize, j: usize| {
+            let r = &w.published[i].records[j];
+            MessageId::new(r.ms, r.offset)
+        };
+        for (reply, i, n) in w.publish_replies.drain(..) {
+            let ids = (0..n).map(|j| id(i, j)).collect();
+            let _ = reply.send(Ok(ids));
+        }
+        for (reply, items) in w.replays.drain(..) {
+            let out = items.iter().map(|(dl, i, j)| (*dl, id(*i, *j))).collect();
+            let _ = reply.send(Ok(out));
+        }
+        if !w.dead_removed.is_empty() {
+            let mut inner = lock(&self.inner);
+            for (t, n) in &w.dead_removed {
+                if let Some(ts) = inner.topics.get_mut(t) {
+                    ts.dead_count = ts.dead_count.saturating_sub(*n);
+                }
+                inner.dirty.topics.insert(t.clone());
+            }
+        }
+        for (reply, n) in w.counts {
+            let _ = reply.send(Ok(n));
+        }
+        for r in w.created {
+            let _ = r.send(Ok(()));
+        }
+        for (log, ready) in &w.destroy {
+            ready.notify_waiters();
+            log.destroy()?;
+        }
+        for (r, existed) in w.terminated {
+            let _ = r.send(Ok(existed));
+        }
+        Ok(())
+    }
+
+    /// The topic's state, created (directory, first segment, record) if needed. Committer only.
+    fn topic_or_create<'a>(
+        &self,
+        inner: &'a mut Inner,
+        topic: &str,
+    ) -> Result<&'a mut TopicState, BackendError> {
+        if !inner.topics.contains_key(topic) {
+            let epoch = inner.next_epoch;
+            inner.next_epoch += 1;
+            inner.dirty.next_epoch = true;
+            let log = TopicLog::create(
+                self.storage.clone(),
+                topic_dir(&self.root, topic, epoch),
+                LogConfig {
+                    segment_size: self.config.segment_size,
+                    tail_bytes: self.config.tail_cache,
+                    gen: self.gen,
+                },
+            )?;
+            inner.topics.insert(
+                topic.to_owned(),
+                TopicState {
+                    epoch,
+                    log: Arc::new(log),
+                    start: 0,
+                    last_dead: MessageId::ZERO,
+                    dead_count: 0,
+                    groups: BTreeMap::new(),
+                    stopped: BTreeMap::new(),
+                    ready: Arc::new(Notify::new()),
+                },
+            );
+            inner.dirty.topics.insert(topic.to_owned());
+            inner.touch();
+        }
+        Ok(inner.topics.get_mut(topic).expect("inserted above"))
+    }
+
+    /// Carries out the log part of one operation (committer only).
+    fn stage(&self, op: Op, w: &mut CycleWork) -> Result<(), BackendError> {
+        match op {
+            Op::Publish {
+                topic, msgs, reply, ..
+            } => {
+                let (log, ready) = {
+                    let mut inner = lock(&self.inner);
+                    let ts = self.topic_or_create(&mut inner, &topic)?;
+                    (ts.log.clone(), ts.ready.clone())
+                };
+                let mut records = Vec::with_capacity(msgs.len());
+                let n = msgs.len();
+                log.append(msgs, Timestamp::now().0, &mut records)?;
+                w.touched.push(log.clone());
+                w.publish_replies.push((reply, w.published.len(), n));
+                w.published.push(Published {
+                    log,
+                    ready,
+                    records,
+                });
+            }
+            Op::Create { topic, reply } => {
+                let mut inner = lock(&self.inner);
+                self.topic_or_create(&mut inner, &topic)?;
+                w.created.push(reply);
+            }
+            Op::Terminate { topic, reply } => {
+                let mut inner = lock(&self.inner);
+                match inner.topics.remove(&topic) {
+                    Some(ts) => {
+                        inner.dirty.drop_topics.push(topic.clone());
+                        inner.dirty.topics.remove(&topic);
+                        inner.touch();
+                        w.destroy.push((ts.log.clone(), ts.ready.clone()));
+                        w.terminated.push((reply, true));
+                    }
+                    None => w.terminated.push((reply, false)),
+                }
+            }
+            Op::Replay { topic, ids, reply } => {
+                let log_ready = {
+                    let inner = lock(&self.inner);
+                    inner
+                        .topics
+                        .get(&topic)
+                        .map(|ts| (ts.log.clone(), ts.ready.clone()))
+                };
+                let Some((log, ready)) = log_ready else {
+                    let _ = reply.send(Ok(Vec::new()));
+                    return Ok(());
+                };
+                let mut found = Vec::new();
+                for id in ids {
+                    let key = (topic.clone(), id.ms, id.seq);
+                    if w.dead_gone.contains(&key) {
+                        continue;
+                    }
+                    if let Some(dl) = state::get_dead(&self.db, &topic, id)? {
+                        w.dead_gone.insert(key.clone());
+                        lock(&self.inner).dirty.dead.push((key, None));
+                        found.push(dl);
+                    }
+                }
+                let msgs: Vec<Outgoing> = found
+                    .iter()
+                    .map(|dl| Outgoing {
+                        kind: dl.message.kind.clone(),
+                        payload: dl.message.payload.clone(),
+                        headers: replay_headers(dl),
+                        deliver_at: None,
+                    })
+                    .collect();
+                let mut records = Vec::with_capacity(msgs.len());
+                log.append(msgs, Timestamp::now().0, &mut records)?;
+                w.touched.push(log.clone());
+                *w.dead_removed.entry(topic.clone()).or_default() += found.len() as u64;
+                let i = w.published.len();
+                let items = found
+                    .iter()
+                    .enumerate()
+                    .map(|(j, dl)| (dl.id, i, j))
+                    .collect();
+                w.replays.push((reply, items));
+                w.published.push(Published {
+                    log,
+                    ready,
+                    records,
+                });
+                lock(&self.inner).touch();
+            }
+            Op::DeleteDead { topic, ids, reply } => {
+                let mut n = 0;
+                for id in ids {
+                    let key = (topic.clone(), id.ms, id.seq);
+                    if w.dead_gone.contains(&key) {
+                        continue;
+                    }
+                    if state::get_dead(&self.db, &topic, id)?.is_some() {
+                        w.dead_gone.insert(key.clone());
+                        lock(&self.inner).dirty.dead.push((key, None));
+                        n += 1;
+                    }
+                }
+                *w.dead_removed.entry(topic).or_default() += n;
+                w.counts.push((reply, n));
+            }
+            Op::PurgeDead {
+                topic,
+                before,
+                reply,
+            } => {
+                let mut doomed = Vec::new();
+                state::scan_dead(&self.db, &topic, None, |dl| {
+                    if dl.last_failed_at < before {
+                        doomed.push(dl.id);
+                    }
+                    true
+                })?;
+                let mut n = 0;
+                for id in doomed {
+                    let key = (topic.clone(), id.ms, id.seq);
+                    if w.dead_gone.insert(key.clone()) {
+                        lock(&self.inner).dirty.dead.push((key, None));
+                        n += 1;
+                    }
+                }
+                *w.dead_removed.entry(topic).or_default() += n;
+                w.counts.push((reply, n));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on the subscription's topic and group, or fails with `Terminated`.
+    fn with_group<T>(
+        &self,
+        sub: &Subscription,
+        f: impl FnOnce(&mut Inner) -> Result<T, BackendError>,
+    ) -> Result<T, BackendError> {
+        let mut inner = lock(&self.inner);
+        if let Some(p) = &inner.poison {
+            return Err(poisoned(p));
+        }
+        match inner.topics.get(&sub.topic) {
+            Some(t) if t.epoch == sub.epoch && t.groups.contains_key(&sub.group) => f(&mut inner),
+            _ => Err(terminated(&sub.topic)),
+        }
+    }
+}
+
+fn poisoned(p: &str) -> BackendError {
+    BackendError::new(
+        NAME,
+        BackendErrorKind::Fatal,
+        format!("the engine stopped after a storage failure and must be reopened: {p}"),
+    )
+}
+
+/// fdatasyncs the files, in parallel when there are several.
+fn sync_all(files: &[Arc<dyn StorageFile>]) -> Result<(), BackendError> {
+    match files {
+        [] => Ok(()),
+        [one] => one.sync_data().map_err(io_error("syncing a segment")),
+        many => std::thread::scope(|s| {
+            let handles: Vec<_> = many
+                .iter()
+                .map(|f| s.spawn(move || f.sync_data()))
+                .collect();
+            for h in handles {
+                h.join()
+                    .map_err(|_| {
+                        BackendError::new(NAME, BackendErrorKind::Fatal, "a sync thread panicked")
+                    })?
+                    .map_err(io_error("syncing a segment"))?;
+            }
+            Ok(())
+        }),
+    }
+}
+
+/// The group-local part of the operations, under the engine lock.
+struct GroupOps<'a> {
+    topic: &'a str,
+    group: &'a str,
+    ts: &'a mut TopicState,
+    dirty: &'a mut Dirty,
+}
+
+impl GroupOps<'_> {
+    fn g(&mut self) -> &mut GroupState {
+        self.ts
+            .groups
+            .get_mut(self.group)
+            .expect("checked by with_group")
+    }
+
+    fn dirty_row(&mut self, o: u64) {
+        self.dirty
+            .rows
+            .insert((self.topic.to_owned(), self.group.to_owned(), o));
+    }
+
+    fn dirty_group(&mut self) {
+        self.dirty
+            .groups
+            .insert((self.topic.to_owned(), self.group.to_owned()));
+    }
+
+    /// Due rows first, then new records after the cursor.
+    fn take_ready(
+        &mut self,
+        consumer: &str,
+        max: usize,
+        now: Timestamp,
+    ) -> Result<Vec<Delivery>, BackendError> {
+        let mut out = Vec::new();
+        let log = self.ts.log.clone();
+        self.g().consumers.insert(consumer.to_owned(), now);
+        while out.len() < max {
+            let Some(&(due, o)) = self.g().due.first() else {
+                break;
+            };
+            if due > now.0 {
+                break;
+            }
+            let mut row = self.g().remove_row(o).expect("due rows exist");
+            self.dirty_row(o);
+            if self.ts.stopped.contains_key(&o) {
+                row.parked = true;
+                self.g().put_row(o, row, false);
+                continue;
+            }
+            let Some(rec) = log.get(o)? else {
+                continue; // removed by retention: the row goes
+            };
+            row.deliveries += 1;
+            let attempt = row.deliveries;
+            out.push(Delivery {
+                message: message_of(&rec, attempt),
+                failures: row.failures.clone(),
+            });
+            self.g().put_row(o, row, true);
+            self.g().pending.insert(
+                o,
+                Pending {
+                    consumer: consumer.to_owned(),
+                    delivered_at: now,
+                    attempt,
+                    row: true,
+                },
+            );
+        }
+        let start = self.ts.start;
+        let mut moved = false;
+        while out.len() < max {
+            let g = self.g();
+            if g.cursor < start {
+                g.cursor = start;
+                g.raise_floor(start);
+                moved = true;
+            }
+            let cursor = g.cursor;
+            let mut hint = g.hint.take();
+            let recs = log.read(cursor, (max - out.len()).max(16), &mut hint)?;
+            self.g().hint = hint;
+            if recs.is_empty() {
+                break;
+            }
+            for rec in recs {
+                if out.len() >= max {
+                    break;
+                }
+                let o = rec.offset;
+                let g = self.g();
+                g.cursor = o + 1;
+                g.cursor_ms = rec.ms;
+                moved = true;
+                if self.ts.stopped.contains_key(&o) || rec.deliver_at.is_some_and(|at| at > now.0) {
+                    let parked = self.ts.stopped.contains_key(&o);
+                    let g = self.g();
+                    g.mark_done(o);
+                    g.put_row(
+                        o,
+                        Row {
+                            due: rec.deliver_at.unwrap_or(now.0),
+                            deliveries: 0,
+                            failures: Vec::new(),
+                            parked,
+                        },
+                        false,
+                    );
+                    self.dirty_row(o);
+                    continue;
+                }
+                out.push(Delivery {
+                    message: message_of(&rec, 1),
+                    failures: Vec::new(),
+                });
+                self.g().pending.insert(
+                    o,
+                    Pending {
+                        consumer: consumer.to_owned(),
+                        delivered_at: now,
+                        attempt: 1,
+                        row: false,
+                    },
+                );
+            }
+        }
+        if moved {
+            self.dirty_group();
+        }
+        Ok(out)
+    }
+
+    /// Delivers again the pending entries `pick` selects, to `consumer`.
+    fn redeliver(
+        &mut self,
+        consumer: &str,
+        max: usize,
+        now: Timestamp,
+        pick: impl Fn(u64, &Pending) -> bool,
+    ) -> Result<Vec<Delivery>, BackendError> {
+        let log = self.ts.log.clone();
+        self.g().consumers.insert(consumer.to_owned(), now);
+        let chosen: Vec<u64> = self
+            .g()
+            .pending
+            .iter()
+            .filter(|(o, p)| pick(**o, p))
+            .map(|(o, _)| *o)
+            .collect();
+        let mut out = Vec::new();
+        for o in chosen {
+            if out.len() >= max {
+                break;
+            }
+            let stopped = self.ts.stopped.contains_key(&o);
+            let rec = log.get(o)?;
+            let g = self.g();
+            let Some(p) = g.pending.get_mut(&o) else {
+                continue;
+            };
+            p.attempt += 1;
+            p.consumer = consumer.to_owned();
+            p.delivered_at = now;
+            let attempt = p.attempt;
+            let had_row = p.row;
+            p.row = true;
+            // Every redelivery is recorded in a row, so the count survives a crash.
+            let mut row = match g.remove_row(o) {
+                Some(r) => r,
+                None => {
+                    g.mark_done(o);
+                    Row {
+                        due: now.0,
+                        deliveries: 0,
+                        failures: Vec::new(),
+                        parked: false,
+                    }
+                }
+            };
+            if !had_row {
+                self.dirty_group();
+            }
+            self.dirty_row(o);
+            row.deliveries = attempt;
+            let g = self.g();
+            if stopped || rec.is_none() {
+                g.pending.remove(&o);
+                if rec.is_some() {
+                    row.parked = true;
+                    g.put_row(o, row, false);
+                }
+                continue;
+            }
+            let failures = row.failures.clone();
+            g.put_row(o, row, true);
+            out.push(Delivery {
+                message: message_of(rec.as_ref().expect("checked"), attempt),
+                failures,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Applies one settlement; returns whether the message was pending.
+    fn settle(&mut self, s: &Settlement, now: Timestamp) -> bool {
+        let o = s.id().seq;
+        let g = self.g();
+        // Settled already (by this or another consumer): nothing to do.
+        let Some(p) = g.pending.remove(&o) else {
+            return false;
+        };
+        match s {
+            Settlement::Ack(_) => {
+                if p.row {
+                    g.remove_row(o);
+                    self.dirty_row(o);
+                } else {
+                    g.mark_done(o);
+                    self.dirty_group();
+                }
+            }
+            Settlement::Retry { at, failure, .. } => {
+                let mut row = g.remove_row(o).unwrap_or(Row {
+                    due: 0,
+                    deliveries: p.attempt,
+                    failures: Vec::new(),
+                    parked: false,
+                });
+                row.due = at.0;
+                row.deliveries = p.attempt;
+                row.failures.push(failure.clone());
+                g.put_row(o, row, false);
+                if !p.row {
+                    g.mark_done(o);
+                    self.dirty_group();
+                }
+                self.dirty_row(o);
+            }
+            Settlement::DeadLetter(dl) => {
+                if p.row {
+                    g.remove_row(o);
+                    self.dirty_row(o);
+                } else {
+                    g.mark_done(o);
+                    self.dirty_group();
+                }
+                let id = self.ts.last_dead.next_after(now.0);
+                self.ts.last_dead = id;
+                self.ts.dead_count += 1;
+                let mut dl = (**dl).clone();
+                dl.id = id;
+                self.dirty.dead.push((
+                    (self.topic.to_owned(), id.ms, id.seq),
+                    Some(state::encode_dead(&dl)),
+                ));
+                self.dirty.topics.insert(self.topic.to_owned());
+            }
+        }
+        true
+    }
+}
+
+impl Shared {
+    fn group_ops<T>(
+        &self,
+        sub: &Subscription,
+        f: impl FnOnce(&mut GroupOps<'_>) -> Result<T, BackendError>,
+    ) -> Result<(T, u64), BackendError> {
+        self.with_group(sub, |inner| {
+            let Inner { topics, dirty, .. } = inner;
+            let ts = topics.get_mut(&sub.topic).expect("checked");
+            let mut ops = GroupOps {
+                topic: &sub.topic,
+                group: &sub.group,
+                ts,
+                dirty,
+            };
+            let out = f(&mut ops)?;
+            let ticket = inner.touch();
+            Ok((out, ticket))
+        })
+    }
+
+    /// The offset a new group at `start` begins reading from.
+    fn start_offset(
+        &self,
+        log: &TopicLog,
+        begin: u64,
+        start: StartPosition,
+    ) -> Result<u64, BackendError> {
+        let end = log.visible();
+        Ok(match start {
+            StartPosition::Latest => end,
+            StartPosition::Earliest => begin,
+            StartPosition::From(id) => {
+                // The first record whose id is >= `id`; ids grow with offsets.
+                let (mut lo, mut hi) = (begin, end);
+                while lo < hi {
+                    let mid = lo + (hi - lo) / 2;
+                    let below = match log.get(mid)? {
+                        Some(r) => MessageId::new(r.ms, r.offset) < id,
+                        None => true,
+                    };
+                    if below {
+                        lo = mid + 1;
+                    } else {
+                        hi = mid;
+                    }
+                }
+                lo
+            }
+        })
+    }
+}
+
+#[async_trait]
+impl Backend for EmbeddedBackend {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    async fn publish(
+        &self,
+        topic: &str,
+        batch: Vec<Outgoing>,
+    ) -> Result<Vec<MessageId>, BackendError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let s = &self.shared;
+        s.check()?;
+        let n = u32::try_from(batch.len().min(s.config.max_queued)).unwrap_or(u32::MAX);
+        let permit = s
+            .queue_space
+            .clone()
+            .acquire_many_owned(n)
+            .await
+            .map_err(|_| {
+                BackendError::new(NAME, BackendErrorKind::Fatal, "the engine was closed")
+            })?;
+        let (reply, rx) = oneshot::channel();
+        s.call(
+            Op::Publish {
+                topic: topic.to_owned(),
+                msgs: batch,
+                reply,
+                _permit: permit,
+            },
+            rx,
+        )
+        .await
+    }
+
+    async fn join(
+        &self,
+        topic: &str,
+        group: &str,
+        consumer: &str,
+        start: StartPosition,
+    ) -> Result<Subscription, BackendError> {
+        let s = &self.shared;
+        s.check()?;
+        let exists = lock(&s.inner).topics.contains_key(topic);
+        if !exists {
+            let (reply, rx) = oneshot::channel();
+            s.call(
+                Op::Create {
+                    topic: topic.to_owned(),
+                    reply,
+                },
+                rx,
+            )
+            .await?;
+        }
+        let (sub, ticket) = {
+            let mut inner = lock(&s.inner);
+            let Some(ts) = inner.topics.get(topic) else {
+                return Err(terminated(topic));
+            };
+            let epoch = ts.epoch;
+            let created = if ts.groups.contains_key(group) {
+                false
+            } else {
+                let cursor = s.start_offset(&ts.log, ts.start, start)?;
+                let cursor_ms = match cursor.checked_sub(1) {
+                    Some(prev) => ts.log.get(prev)?.map_or(0, |r| r.ms),
+                    None => 0,
+                };
+                let ts = inner.topics.get_mut(topic).expect("checked");
+                ts.groups.insert(
+                    group.to_owned(),
+                    GroupState {
+                        cursor,
+                        cursor_ms,
+                        floor: cursor,
+                        ..GroupState::default()
+                    },
+                );
+                inner
+                    .dirty
+                    .groups
+                    .insert((topic.to_owned(), group.to_owned()));
+                true
+            };
+            let ts = inner.topics.get_mut(topic).expect("checked");
+            if let Some(g) = ts.groups.get_mut(group) {
+                g.consumers.insert(consumer.to_owned(), Timestamp::now());
+            }
+            let ticket = if created { inner.touch() } else { 0 };
+            (
+                Subscription {
+                    topic: topic.to_owned(),
+                    group: group.to_owned(),
+                    consumer: consumer.to_owned(),
+                    epoch,
+                },
+                ticket,
+            )
+        };
+        if ticket > 0 {
+            s.durable(ticket).await?;
+        }
+        Ok(sub)
+    }
+
+    async fn recover(
+        &self,
+        sub: &Subscription,
+        after: MessageId,
+        max: usize,
+    ) -> Result<Vec<Delivery>, BackendError> {
+        let min = if after == MessageId::ZERO {
+            0
+        } else {
+            after.seq + 1
+        };
+        let now = Timestamp::now();
+        let (out, ticket) = self.shared.group_ops(sub, |ops| {
+            ops.redeliver(&sub.consumer, max, now, |o, p| {
+                o >= min && p.consumer == sub.consumer
+            })
+        })?;
+        if !out.is_empty() {
+            // Raised delivery counts ride the next cycle; no need to wait for it.
+            self.shared.durable_later(ticket);
+        }
+        Ok(out)
+    }
+
+    async fn claim(
+        &self,
+        sub: &Subscription,
+        min_idle: Duration,
+        max: usize,
+    ) -> Result<Vec<Delivery>, BackendError> {
+        let now = Timestamp::now();
+        let (out, ticket) = self.shared.group_ops(sub, |ops| {
+            ops.redeliver(&sub.consumer, max, now, |_, p| {
+                now.since(p.delivered_at) >= min_idle
+            })
+        })?;
+        if !out.is_empty() {
+            self.shared.durable_later(ticket);
+        }
+        Ok(out)
+    }
+
+    async fn read(
+        &self,
+        sub: &Subscription,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Delivery>, BackendError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let ready = {
+            let inner = lock(&self.shared.inner);
+            match inner.topics.get(&sub.topic) {
+                Some(t) if t.epoch == sub.epoch => t.ready.clone(),
+                _ => return Err(terminated(&sub.topic)),
+            }
+        };
+        loop {
+            let notified = ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let now = Timestamp::now();
+            let ((out, next_due), ticket) = self.shared.group_ops(sub, |ops| {
+                let out = ops.take_ready(&sub.consumer, max, now)?;
+                let next_due = ops.g().due.first().map(|(d, _)| *d);
+                Ok((out, next_due))
+            })?;
+            if !out.is_empty() {
+                self.shared.durable_later(ticket);
+            }
+            let now_instant = tokio::time::Instant::now();
+            if !out.is_empty() || now_instant >= deadline {
+                return Ok(out);
+            }
+            let mut wake = deadline;
+            if let Some(due) = next_due {
+                let wait =
+                    Duration::from_millis(due.saturating_sub(now.0)).max(Duration::from_millis(1));
+                wake = wake.min(now_instant + wait);
+            }
+            let _ = tokio::time::timeout_at(wake, notified).await;
+        }
+    }
+
+    async fn settle(&self, sub: &Subscription, batch: &[Settlement]) -> Result<(), BackendError> {
+        let now = Timestamp::now();
+        let ((changed, retried), ticket) = self.shared.group_ops(sub, |ops| {
+            let mut changed = false;
+            let mut retried = false;
+            for s in batch {
+                let applied = ops.settle(s, now);
+                changed |= applied;
+                retried |= applied && matches!(s, Settlement::Retry { .. });
+            }
+            Ok((changed, retried))
+        })?;
+        if retried {
+            let inner = lock(&self.shared.inner);
+            if let Some(t) = inner.topics.get(&sub.topic) {
+                t.ready.notify_waiters();
+            }
+        }
+        if changed {
+            self.shared.durable(ticket).await?;
+        }
+        Ok(())
+    }
+
+    async fn stop_message(&self, topic: &str, id: MessageId) -> Result<bool, BackendError> {
+        let s = &self.shared;
+        s.check()?;
+        let ticket = {
+            let mut inner = lock(&s.inner);
+            let Inner { topics, dirty, .. } = &mut *inner;
+            let Some(ts) = topics.get_mut(topic) else {
+                return Ok(false);
+            };
+            let o = id.seq;
+            ts.stopped.insert(o, id.ms);
+            dirty.stopped.insert((topic.to_owned(), o));
+            for (g, gs) in ts.groups.iter_mut() {
+                let scheduled = gs.due.iter().any(|(_, x)| *x == o);
+                if scheduled {
+                    let mut row = gs.remove_row(o).expect("scheduled rows exist");
+                    row.parked = true;
+                    gs.put_row(o, row, false);
+                    dirty.rows.insert((topic.to_owned(), g.clone(), o));
+                }
+            }
+            inner.touch()
+        };
+        s.durable(ticket).await?;
+        Ok(true)
+    }
+
+    async fn resume_message(&self, topic: &str, id: MessageId) -> Result<bool, BackendError> {
+        let s = &self.shared;
+        s.check()?;
+        let (was, ticket) = {
+            let mut inner = lock(&s.inner);
+            let Inner { topics, dirty, .. } = &mut *inner;
+            let Some(ts) = topics.get_mut(topic) else {
+                return Ok(false);
+            };
+            let o = id.seq;
+            let was = ts.stopped.remove(&o).is_some();
+            dirty.stopped.insert((topic.to_owned(), o));
+            let now = Timestamp::now();
+            for (g, gs) in ts.groups.iter_mut() {
+                if gs.rows.get(&o).is_some_and(|r| r.parked) {
+                    let mut row = gs.remove_row(o).expect("checked");
+                    row.parked = false;
+                    row.due = now.0;
+                    gs.put_row(o, row, false);
+                    dirty.rows.insert((topic.to_owned(), g.clone(), o));
+                }
+            }
+            ts.ready.notify_waiters();
+            (was, inner.touch())
+        };
+        s.durable(ticket).await?;
+        Ok(was)
+    }
+
+    async fn terminate(&self, topic: &str) -> Result<bool, BackendError> {
+        let (reply, rx) = oneshot::channel();
+        self.shared
+            .call(
+                Op::Terminate {
+                    topic: topic.to_owned(),
+                    reply,
+                },
+                rx,
+            )
+            .await
+    }
+
+    async fn cleanup(
+        &self,
+        topic: &str,
+        retention: &Retention,
+    ) -> Result<CleanupReport, BackendError> {
+        let s = &self.shared;
+        s.check()?;
+        let mut report = CleanupReport::default();
+        let cutoff = Timestamp::now().minus(retention.min_age);
+        let (log, new_start, ticket) = {
+            let mut inner = lock(&s.inner);
+            let Inner { topics, dirty, .. } = &mut *inner;
+            let Some(ts) = topics.get_mut(topic) else {
+                return Ok(report);
+            };
+            let end = ts.log.visible();
+            let old = ts.start;
+            // Everything below `needed` is acknowledged by every group.
+            let needed = ts
+                .groups
+                .values()
+                .map(GroupState::needs_from)
+                .chain(ts.stopped.keys().copied())
+                .min();
+            let mut start = old;
+            if let Some(needed) = needed {
+                let needed = needed.min(end);
+                // Oldest first, stopping at the first record younger than min_age.
+                let mut hint = None;
+                'scan: while start < needed {
+                    let recs = ts.log.read(start, 1024, &mut hint)?;
+                    if recs.is_empty() {
+                        break;
+                    }
+                    for r in recs {
+                        if r.offset >= needed || r.ms > cutoff.0 {
+                            break 'scan;
+                        }
+                        start = r.offset + 1;
+                    }
+                }
+            }
+            report.removed = start - old;
+            if let Some(max_len) = retention.max_len {
+                let trim_to = end.saturating_sub(max_len);
+                if trim_to > start {
+                    let needed = needed.unwrap_or(end);
+                    let acked_end = needed.clamp(start, trim_to);
+                    report.removed += acked_end - start;
+                    report.trimmed_unacknowledged += trim_to - acked_end;
+                    start = trim_to;
+                    for (g, gs) in ts.groups.iter_mut() {
+                        let doomed: Vec<u64> =
+                            gs.rows.keys().filter(|o| **o < start).copied().collect();
+                        for o in doomed {
+                            gs.remove_row(o);
+                            dirty.rows.insert((topic.to_owned(), g.clone(), o));
+                        }
+                        gs.pending.retain(|o, _| *o >= start);
+                        if gs.cursor < start {
+                            gs.cursor = start;
+                        }
+                        gs.raise_floor(start);
+                        dirty.groups.insert((topic.to_owned(), g.clone()));
+                    }
+                }
+            }
+            if start == old {
+                return Ok(report);
+            }
+            ts.start = start;
+            dirty.topics.insert(topic.to_owned());
+            let log = ts.log.clone();
+            (log, start, inner.touch())
+        };
+        s.durable(ticket).await?;
+        // The new start is durable: whole segments below it can go.
+        log.remove_below(new_start)?;
+        Ok(report)
+    }
+
+    async fn topics(&self) -> Result<Vec<String>, BackendError> {
+        self.shared.check()?;
+        let mut names: Vec<String> = lock(&self.shared.inner).topics.keys().cloned().collect();
+        names.sort();
+        Ok(names)
+    }
+
+    async fn topic_info(&self, topic: &str) -> Result<Option<TopicInfo>, BackendError> {
+        self.shared.check()?;
+        let inner = lock(&self.shared.inner);
+        let Some(t) = inner.topics.get(topic) else {
+            return Ok(None);
+        };
+        let end = t.log.visible();
+        let now = Timestamp::now();
+        let id_of = |o: u64| -> Result<Option<MessageId>, BackendError> {
+            Ok(t.log.get(o)?.map(|r| MessageId::new(r.ms, r.offset)))
+        };
+        let groups = t
+            .groups
+            .iter()
+            .map(|(name, g)| GroupInfo {
+                name: name.clone(),
+                cursor: match g.cursor.checked_sub(1) {
+                    Some(o) => MessageId::new(g.cursor_ms, o),
+                    None => MessageId::ZERO,
+                },
+                pending: g.pending.len() as u64,
+                lag: end.saturating_sub(g.cursor),
+                scheduled: g.due.len() as u64,
+                parked: g.parked as u64,
+                consumers: g
+                    .consumers
+                    .iter()
+                    .map(|(c, seen)| ConsumerInfo {
+                        name: c.clone(),
+                        pending: g.pending.values().filter(|p| &p.consumer == c).count() as u64,
+                        idle_ms: now.since(*seen).as_millis() as u64,
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Some(TopicInfo {
+            name: topic.to_owned(),
+            length: end.saturating_sub(t.start),
+            first_id: if t.start < end { id_of(t.start)? } else { None },
+            last_id: match end.checked_sub(1) {
+                Some(o) => id_of(o)?,
+                None => None,
+            },
+            groups,
+            stopped: t
+                .stopped
+                .iter()
+                .map(|(o, ms)| MessageId::new(*ms, *o))
+                .collect(),
+            dead_letters: t.dead_count,
+        }))
+    }
+
+    async fn dead_letters(
+        &self,
+        topic: &str,
+        query: &DeadLetterQuery,
+    ) -> Result<Vec<DeadLetter>, BackendError> {
+        self.shared.check()?;
+        let mut out = Vec::new();
+        let limit = query.page_size();
+        state::scan_dead(&self.shared.db, topic, query.after, |dl| {
+            if query.matches(&dl) {
+                out.push(dl);
+            }
+            out.len() < limit
+        })?;
+        Ok(out)
+    }
+
+    async fn dead_letter(
+        &self,
+        topic: &str,
+        id: DeadLetterId,
+    ) -> Result<Option<DeadLetter>, BackendError> {
+        self.shared.check()?;
+        state::get_dead(&self.shared.db, topic, id)
+    }
+
+    async fn replay_dead_letters(
+        &self,
+        topic: &str,
+        ids: &[DeadLetterId],
+    ) -> Result<Vec<(DeadLetterId, MessageId)>, BackendError> {
+        let (reply, rx) = oneshot::channel();
+        self.shared
+            .call(
+                Op::Replay {
+                    topic: topic.to_owned(),
+                    ids: ids.to_vec(),
+                    reply,
+                },
+                rx,
+            )
+            .await
+    }
+
+    async fn delete_dead_letters(
+        &self,
+        topic: &str,
+        ids: &[DeadLetterId],
+    ) -> Result<u64, BackendError> {
+        let (reply, rx) = oneshot::channel();
+        self.shared
+            .call(
+                Op::DeleteDead {
+                    topic: topic.to_owned(),
+                    ids: ids.to_vec(),
+                    reply,
+                },
+                rx,
+            )
+            .await
+    }
+
+    async fn purge_dead_letters(
+        &self,
+        topic: &str,
+        before: Timestamp,
+    ) -> Result<u64, BackendError> {
+        let (reply, rx) = oneshot::channel();
+        self.shared
+            .call(
+                Op::PurgeDead {
+                    topic: topic.to_owned(),
+                    before,
+                    reply,
+                },
+                rx,
+            )
+            .await
+    }
+
+    async fn dead_letter_stats(&self, topic: &str) -> Result<DeadLetterStats, BackendError> {
+        self.shared.check()?;
+        let mut stats = DeadLetterStats::default();
+        state::scan_dead(&self.shared.db, topic, None, |dl| {
+            stats.add(&dl);
+            true
+        })?;
+        Ok(stats)
+    }
+}
+
+impl Shared {
+    /// Asks for a cycle to persist change `ticket` without waiting for it.
+    fn durable_later(&self, _ticket: u64) {
+        lock(&self.queue).state_dirty = true;
+        self.wake.notify_one();
+    }
+}
