@@ -14,7 +14,6 @@ use relq::{
 };
 use serde_json::json;
 
-const TOPIC: &str = "demo";
 const HANDLER_TIMEOUT: Duration = Duration::from_millis(50);
 
 #[derive(Args)]
@@ -87,14 +86,38 @@ async fn handle_batch(batch: Vec<Message>) -> Vec<Result<(), HandlerError>> {
         .collect()
 }
 
-pub(crate) async fn run(args: DemoArgs, json_out: bool) -> anyhow::Result<()> {
-    let broker = Broker::memory();
+/// A data directory removed when the demo ends.
+struct DemoDir(std::path::PathBuf);
+
+impl Drop for DemoDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub(crate) async fn run(args: DemoArgs, url: Option<&str>, json_out: bool) -> anyhow::Result<()> {
+    // The durable embedded engine in a fresh directory, unless the operator chose a backend.
+    let mut _dir = None;
+    let (broker, backend) = match url {
+        Some(url) => (Broker::connect(url).await?, url.to_owned()),
+        None => {
+            let dir = std::env::temp_dir().join(format!("relq-demo-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            let broker = Broker::open(&dir)?;
+            let shown = format!("embedded engine in {}", dir.display());
+            _dir = Some(DemoDir(dir));
+            (broker, shown)
+        }
+    };
+    // A topic of its own, so a reused data directory does not mix runs.
+    let topic_name: std::sync::Arc<str> = format!("demo-{}", relq::Timestamp::now().0).into();
+    let topic = &*topic_name;
     let started = Instant::now();
     let mut consumers = Vec::new();
     for i in 1..=2 {
         consumers.push(
             broker
-                .consumer(TOPIC, "workers")
+                .consumer(topic, "workers")
                 .name(format!("worker-{i}"))
                 .start(StartPosition::Earliest)
                 .concurrency(args.concurrency)
@@ -124,6 +147,7 @@ pub(crate) async fn run(args: DemoArgs, json_out: bool) -> anyhow::Result<()> {
     let mut producers = Vec::new();
     for p in 0..args.producers.max(1) {
         let broker = broker.clone();
+        let topic = topic_name.clone();
         let n = if p == 0 {
             args.messages - per * (args.producers.max(1) - 1)
         } else {
@@ -144,7 +168,7 @@ pub(crate) async fn run(args: DemoArgs, json_out: bool) -> anyhow::Result<()> {
                         NewMessage::new(kind, body.to_string()).header("producer", p.to_string())
                     })
                     .collect();
-                broker.publish_batch(TOPIC, batch).await?;
+                broker.publish_batch(&topic, batch).await?;
                 sent += chunk;
             }
             anyhow::Ok(())
@@ -199,7 +223,7 @@ pub(crate) async fn run(args: DemoArgs, json_out: bool) -> anyhow::Result<()> {
         dead += s.dead_lettered;
         c.shutdown(Duration::from_secs(5)).await;
     }
-    let dls = broker.dead_letters(TOPIC);
+    let dls = broker.dead_letters(topic);
     let all = dls.list(&DeadLetterQuery::all().limit(usize::MAX)).await?;
     let mut by_category: BTreeMap<String, u64> = BTreeMap::new();
     for d in &all {
@@ -210,7 +234,7 @@ pub(crate) async fn run(args: DemoArgs, json_out: bool) -> anyhow::Result<()> {
         *by_category.entry(key).or_default() += 1;
     }
     let stats = dls.stats().await?;
-    let info = broker.topic_info(TOPIC).await?;
+    let info = broker.topic_info(topic).await?;
     let throughput = args.messages as f64 / elapsed.as_secs_f64();
     let examples: Vec<_> = all
         .iter()
@@ -222,7 +246,7 @@ pub(crate) async fn run(args: DemoArgs, json_out: bool) -> anyhow::Result<()> {
         println!(
             "{}",
             json!({
-                "messages": args.messages, "processed": processed, "failed_attempts": failed,
+                "backend": backend, "messages": args.messages, "processed": processed, "failed_attempts": failed,
                 "retried": retried, "dead_lettered": dead, "dead_lettered_by_category": by_category,
                 "dead_lettered_by_reason": stats.by_reason, "elapsed_seconds": elapsed.as_secs_f64(),
                 "throughput_per_second": throughput,
@@ -232,7 +256,7 @@ pub(crate) async fn run(args: DemoArgs, json_out: bool) -> anyhow::Result<()> {
         );
     } else {
         println!(
-            "\nrelq demo: {} messages on the in-memory backend, 2 consumers x {} handlers",
+            "\nrelq demo: {} messages on the {backend}, 2 consumers x {} handlers",
             args.messages, args.concurrency
         );
         println!("  processed       {processed}");

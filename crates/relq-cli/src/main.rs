@@ -15,6 +15,9 @@ use relq::{
 };
 use serde_json::json;
 
+/// The backend of every command but the demo when no `--url` is given.
+const DEFAULT_URL: &str = "file://relq-data";
+
 #[derive(Parser)]
 #[command(
     name = "relq",
@@ -22,9 +25,11 @@ use serde_json::json;
     about = "Reliable message processing: at-least-once delivery, retries, dead letters"
 )]
 struct Cli {
-    /// Backend URL.
-    #[arg(long, global = true, env = "RELQ_URL", default_value = "memory://")]
-    url: String,
+    /// Backend URL: file:///path (the embedded engine; default file://relq-data, a directory
+    /// in the working directory) or memory:// (a fresh in-process store, lost at exit). The demo
+    /// uses a fresh temporary data directory unless this is given.
+    #[arg(long, global = true, env = "RELQ_URL")]
+    url: Option<String>,
     /// Print machine-readable JSON.
     #[arg(long, global = true)]
     json: bool,
@@ -154,9 +159,10 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Demo(args) = cli.command {
-        return demo::run(args, cli.json).await;
+        return demo::run(args, cli.url.as_deref(), cli.json).await;
     }
-    let broker = Broker::connect(&cli.url).await?;
+    let url = cli.url.as_deref().unwrap_or(DEFAULT_URL);
+    let broker = Broker::connect(url).await?;
     match cli.command {
         Command::Demo(_) => unreachable!("handled above"),
         Command::Publish {

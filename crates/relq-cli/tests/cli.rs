@@ -3,9 +3,31 @@
 
 use std::process::Command;
 
+/// Runs relq in a fresh working directory (its default data directory lives there).
 fn relq(args: &[&str]) -> std::process::Output {
+    let dir = fresh_dir();
+    let out = relq_in(&dir, args);
+    let _ = std::fs::remove_dir_all(&dir);
+    out
+}
+
+fn fresh_dir() -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "relq-cli-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn relq_in(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_relq"))
         .args(args)
+        .current_dir(dir)
         .env_remove("RELQ_URL")
         .output()
         .expect("run relq")
@@ -63,4 +85,38 @@ fn exit_codes_mean_something() {
     assert!(ok.status.success());
     let v: serde_json::Value = serde_json::from_slice(&ok.stdout).unwrap();
     assert!(v["id"].as_str().unwrap().contains('-'));
+}
+
+#[test]
+fn messages_persist_between_commands_in_the_default_data_directory() {
+    let dir = fresh_dir();
+    for i in 0..3 {
+        let out = relq_in(&dir, &["publish", "orders", "job", &format!("order-{i}")]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(dir.join("relq-data").join("state.redb").exists());
+    let out = relq_in(
+        &dir,
+        &[
+            "--json", "consume", "orders", "--count", "3", "--idle", "2s",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    for i in 0..3 {
+        assert!(text.contains(&format!("order-{i}")), "{text}");
+    }
+    // Acknowledged: a second consume of the same group finds nothing.
+    let out = relq_in(&dir, &["--json", "info", "orders"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v.to_string().contains("\"lag\":0"), "{v}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
