@@ -2,6 +2,7 @@
 //!
 //! Exit codes: 0 success, 1 operation failed, 2 bad usage or input (clap's convention), 3 not found.
 
+mod crash;
 mod demo;
 
 use std::collections::BTreeMap;
@@ -78,6 +79,9 @@ enum Command {
         /// One topic (default: all).
         topic: Option<String>,
     },
+    /// The workload of the kill -9 crash test (see crates/relq-cli/tests/crash.rs).
+    #[command(hide = true)]
+    CrashChild(crash::CrashArgs),
     /// Inspect and operate dead letters.
     Dlq {
         #[command(subcommand)]
@@ -158,13 +162,15 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    if let Command::Demo(args) = cli.command {
-        return demo::run(args, cli.url.as_deref(), cli.json).await;
-    }
+    let command = match cli.command {
+        Command::Demo(args) => return demo::run(args, cli.url.as_deref(), cli.json).await,
+        Command::CrashChild(args) => return crash::run(args).await,
+        other => other,
+    };
     let url = cli.url.as_deref().unwrap_or(DEFAULT_URL);
     let broker = Broker::connect(url).await?;
-    match cli.command {
-        Command::Demo(_) => unreachable!("handled above"),
+    match command {
+        Command::Demo(_) | Command::CrashChild(_) => unreachable!("handled above"),
         Command::Publish {
             topic,
             kind,

@@ -1,0 +1,139 @@
+//! `relq crash-child` (hidden): the workload of the kill -9 test. It publishes, reads and settles
+//! through the backend API as fast as it can and reports on stdout what the backend acknowledged,
+//! one line per event, flushed before the next call, until it is killed:
+//!
+//! ```text
+//! P <payload> <id>        publish returned Ok
+//! R <payload> <attempt>   delivered
+//! A <payload>             ack committed (settle returned Ok)
+//! D <payload>             dead letter committed
+//! ```
+//!
+//! The parent (`crates/relq-cli/tests/crash.rs`) kills it at random moments, reopens the data
+//! directory and checks the lines against what is stored.
+
+use std::io::Write;
+use std::time::Duration;
+
+use clap::Args;
+use relq::{
+    Backend, DeadLetter, EmbeddedBackend, EmbeddedConfig, FailureKind, MessageId, Outgoing,
+    Settlement, StartPosition, Timestamp,
+};
+
+#[derive(Args)]
+pub(crate) struct CrashArgs {
+    /// Data directory.
+    #[arg(long)]
+    dir: std::path::PathBuf,
+    /// First payload number (unique across rounds).
+    #[arg(long)]
+    start: u64,
+    /// Consumer name.
+    #[arg(long, default_value = "c")]
+    consumer: String,
+    /// Use the in-memory backend (the control: it must lose messages).
+    #[arg(long)]
+    memory: bool,
+}
+
+fn emit(lines: &[String]) {
+    let mut out = std::io::stdout().lock();
+    for l in lines {
+        let _ = writeln!(out, "{l}");
+    }
+    let _ = out.flush();
+}
+
+pub(crate) async fn run(args: CrashArgs) -> anyhow::Result<()> {
+    let backend: std::sync::Arc<dyn Backend> = if args.memory {
+        std::sync::Arc::new(relq::MemoryBackend::new())
+    } else {
+        // Small segments, so kills land around rollovers too.
+        std::sync::Arc::new(EmbeddedBackend::open_with(
+            &args.dir,
+            EmbeddedConfig::default().segment_size(256 * 1024),
+        )?)
+    };
+    let publisher = {
+        let backend = backend.clone();
+        let mut n = args.start;
+        tokio::spawn(async move {
+            loop {
+                let size = fastrand::usize(1..=16);
+                let batch: Vec<Outgoing> = (0..size)
+                    .map(|i| Outgoing {
+                        kind: "job".into(),
+                        payload: format!("m{}", n + i as u64).into(),
+                        headers: Default::default(),
+                        deliver_at: None,
+                    })
+                    .collect();
+                let ids = backend.publish("t", batch).await?;
+                let lines: Vec<String> = ids
+                    .iter()
+                    .enumerate()
+                    .map(|(i, id)| format!("P m{} {id}", n + i as u64))
+                    .collect();
+                emit(&lines);
+                n += size as u64;
+            }
+            #[allow(unreachable_code)]
+            anyhow::Ok(())
+        })
+    };
+    let sub = backend
+        .join("t", "g", &args.consumer, StartPosition::Earliest)
+        .await?;
+    loop {
+        if publisher.is_finished() {
+            return publisher.await?;
+        }
+        let got = backend.read(&sub, 32, Duration::from_millis(20)).await?;
+        if got.is_empty() {
+            continue;
+        }
+        let payload = |d: &relq::Delivery| String::from_utf8_lossy(&d.message.payload).into_owned();
+        emit(
+            &got.iter()
+                .map(|d| format!("R {} {}", payload(d), d.message.attempt))
+                .collect::<Vec<_>>(),
+        );
+        let mut settlements = Vec::new();
+        let mut done = Vec::new();
+        for d in &got {
+            if fastrand::u8(0..10) == 0 {
+                settlements.push(Settlement::DeadLetter(Box::new(dead_letter(
+                    &sub.consumer,
+                    d,
+                ))));
+                done.push(format!("D {}", payload(d)));
+            } else {
+                settlements.push(Settlement::Ack(d.message.id));
+                done.push(format!("A {}", payload(d)));
+            }
+        }
+        backend.settle(&sub, &settlements).await?;
+        emit(&done);
+    }
+}
+
+fn dead_letter(consumer: &str, d: &relq::Delivery) -> DeadLetter {
+    let now = Timestamp::now();
+    DeadLetter {
+        id: MessageId::ZERO,
+        message: d.message.clone(),
+        topic: "t".into(),
+        group: "g".into(),
+        consumer: consumer.to_owned(),
+        handler: "job".into(),
+        reason: FailureKind::Permanent,
+        category: Some("crash-test".into()),
+        error_chain: vec!["rejected by the crash test".into()],
+        backtrace: None,
+        attempts: d.message.attempt,
+        first_failed_at: now,
+        last_failed_at: now,
+        failures: Vec::new(),
+    }
+}
