@@ -2,6 +2,7 @@
 //!
 //! Exit codes: 0 success, 1 operation failed, 2 bad usage or input (clap's convention), 3 not found.
 
+mod bench;
 mod crash;
 mod demo;
 
@@ -78,6 +79,11 @@ enum Command {
     Info {
         /// One topic (default: all).
         topic: Option<String>,
+    },
+    /// Benchmarks; every figure in the docs comes from here.
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
     },
     /// The workload of the kill -9 crash test (see crates/relq-cli/tests/crash.rs).
     #[command(hide = true)]
@@ -165,12 +171,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let command = match cli.command {
         Command::Demo(args) => return demo::run(args, cli.url.as_deref(), cli.json).await,
         Command::CrashChild(args) => return crash::run(args).await,
+        Command::Bench { command } => return bench::run(command, cli.json).await,
         other => other,
     };
     let url = cli.url.as_deref().unwrap_or(DEFAULT_URL);
     let broker = Broker::connect(url).await?;
     match command {
-        Command::Demo(_) | Command::CrashChild(_) => unreachable!("handled above"),
+        Command::Demo(_) | Command::CrashChild(_) | Command::Bench { .. } => {
+            unreachable!("handled above")
+        }
         Command::Publish {
             topic,
             kind,

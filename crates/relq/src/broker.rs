@@ -44,6 +44,15 @@ impl Broker {
         }
     }
 
+    /// A broker on a backend that is shared with other code (to read backend-specific statistics,
+    /// for example).
+    pub fn from_arc(backend: Arc<dyn Backend>) -> Broker {
+        Broker {
+            backend,
+            max_payload: DEFAULT_MAX_PAYLOAD,
+        }
+    }
+
     /// A broker on a fresh in-memory backend (not durable).
     pub fn memory() -> Broker {
         Broker::new(MemoryBackend::new())

@@ -66,7 +66,7 @@ pub use consumer::{
     Consumer, ConsumerBuilder, ConsumerHandle, ConsumerStats, ShutdownReport, StopReason,
 };
 pub use dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
-pub use embedded::{Durability, EmbeddedBackend, EmbeddedConfig};
+pub use embedded::{Durability, EmbeddedBackend, EmbeddedConfig, EngineStats};
 pub use error::{BackendError, BackendErrorKind, ConfigError, Error, NameError, Result};
 pub use handler::{BatchConfig, BatchHandler, Handler, HandlerError};
 pub use memory::{MemoryBackend, MemoryConfig};

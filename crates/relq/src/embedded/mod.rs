@@ -37,6 +37,7 @@ mod state;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -198,7 +199,30 @@ struct Shared {
     wake: Condvar,
     progress: watch::Sender<Progress>,
     queue_space: Arc<Semaphore>,
+    counters: Counters,
     _lock: std::fs::File,
+}
+
+#[derive(Default)]
+struct Counters {
+    cycles: AtomicU64,
+    syncs: AtomicU64,
+    records: AtomicU64,
+    state_commits: AtomicU64,
+}
+
+/// What the engine has done since it was opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct EngineStats {
+    /// Commit cycles run.
+    pub cycles: u64,
+    /// fdatasync calls on log files (one per written file per cycle, plus one per sealed segment).
+    pub syncs: u64,
+    /// Messages appended to logs.
+    pub records: u64,
+    /// State database transactions committed.
+    pub state_commits: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -566,6 +590,7 @@ impl EmbeddedBackend {
         let (progress, _) = watch::channel(Progress::default());
         let shared = Arc::new(Shared {
             queue_space: Arc::new(Semaphore::new(config.max_queued)),
+            counters: Counters::default(),
             config,
             root: root.to_owned(),
             storage,
@@ -588,6 +613,17 @@ impl EmbeddedBackend {
             shared,
             committer: Mutex::new(Some(committer)),
         })
+    }
+
+    /// Counters of the commit cycles so far.
+    pub fn stats(&self) -> EngineStats {
+        let c = &self.shared.counters;
+        EngineStats {
+            cycles: c.cycles.load(Ordering::Relaxed),
+            syncs: c.syncs.load(Ordering::Relaxed),
+            records: c.records.load(Ordering::Relaxed),
+            state_commits: c.state_commits.load(Ordering::Relaxed),
+        }
     }
 
     /// The data directory.
@@ -775,6 +811,9 @@ impl Shared {
                     logs.iter().filter_map(|l| l.take_dirty()).collect()
                 };
                 sync_all(&files)?;
+                self.counters
+                    .syncs
+                    .fetch_add(files.len() as u64, Ordering::Relaxed);
             }
             let (batch, seq) = lock(&self.inner).snapshot();
             if !batch.is_empty() {
@@ -785,7 +824,9 @@ impl Shared {
                 }
                 state::apply(&tx, &batch)?;
                 tx.commit().map_err(db_error)?;
+                self.counters.state_commits.fetch_add(1, Ordering::Relaxed);
             }
+            self.counters.cycles.fetch_add(1, Ordering::Relaxed);
             if sync {
                 self.progress
                     .send_modify(|p| p.durable = p.durable.max(seq));
@@ -908,6 +949,7 @@ impl Shared {
                 let mut records = Vec::with_capacity(msgs.len());
                 let n = msgs.len();
                 log.append(msgs, Timestamp::now().0, &mut records)?;
+                self.counters.records.fetch_add(n as u64, Ordering::Relaxed);
                 w.touched.push(log.clone());
                 w.publish_replies.push((reply, w.published.len(), n));
                 w.published.push(Published {

@@ -1,0 +1,435 @@
+//! `relq bench embedded`: throughput, latency, memory and recovery of the embedded engine, each
+//! beside this machine's limit measured in the same run (fdatasync rate, sequential write
+//! bandwidth), and the same scenarios on the in-memory backend as a reference.
+//!
+//! Every figure the docs quote comes from this command.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Subcommand};
+use relq::{Backend, Broker, EmbeddedBackend, Message, NewMessage, StartPosition};
+use serde_json::{json, Value};
+
+#[derive(Subcommand)]
+pub(crate) enum BenchCommand {
+    /// The embedded engine against this machine's fsync and bandwidth limits.
+    Embedded(EmbeddedArgs),
+    /// Internal: fills a data directory with a backlog, prints "ready", waits to be killed.
+    #[command(hide = true)]
+    Fill {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        messages: u64,
+    },
+}
+
+#[derive(Args)]
+pub(crate) struct EmbeddedArgs {
+    /// Messages per publish scenario.
+    #[arg(long, default_value_t = 200_000)]
+    messages: u64,
+    /// Messages of the end-to-end scenario.
+    #[arg(long, default_value_t = 300_000)]
+    e2e_messages: u64,
+    /// Backlog for the memory and recovery scenario (the target is 10,000,000).
+    #[arg(long, default_value_t = 1_000_000)]
+    backlog: u64,
+    /// Where to put the data directories (default: the system temp directory).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(base: &Path, name: &str) -> Scratch {
+        let dir = base.join(format!("relq-bench-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub(crate) async fn run(cmd: BenchCommand, json_out: bool) -> anyhow::Result<()> {
+    match cmd {
+        BenchCommand::Fill { dir, messages } => fill(&dir, messages).await,
+        BenchCommand::Embedded(args) => embedded(args, json_out).await,
+    }
+}
+
+fn say(json_out: bool, line: String) {
+    if !json_out {
+        eprintln!("{line}");
+    }
+}
+
+async fn embedded(args: EmbeddedArgs, json_out: bool) -> anyhow::Result<()> {
+    let base = args.dir.clone().unwrap_or_else(std::env::temp_dir);
+    let mut report = serde_json::Map::new();
+
+    // The machine's limits, measured now, in the same directory.
+    let scratch = Scratch::new(&base, "limits");
+    std::fs::create_dir_all(&scratch.0)?;
+    let sync_rate = fsync_rate(&scratch.0.join("sync"), Duration::from_secs(2))?;
+    let bandwidth = write_bandwidth(&scratch.0.join("bw"), 512 << 20)?;
+    drop(scratch);
+    say(
+        json_out,
+        format!(
+            "machine: fdatasync after a 256 B write: {sync_rate:.0}/s; sequential write + fsync: {:.0} MB/s",
+            bandwidth / 1e6
+        ),
+    );
+    report.insert(
+        "machine".into(),
+        json!({"fdatasync_per_second": sync_rate, "sequential_write_bytes_per_second": bandwidth}),
+    );
+
+    // Durable publish throughput.
+    let mut publish = Vec::new();
+    for size in [256usize, 1024] {
+        for publishers in [1usize, 64] {
+            let n = if publishers == 1 {
+                (args.messages / 20).max(1000)
+            } else {
+                args.messages
+            };
+            let scratch = Scratch::new(&base, "publish");
+            let engine = Arc::new(EmbeddedBackend::open(&scratch.0)?);
+            let broker = Broker::from_arc(engine.clone());
+            let elapsed = publish_load(&broker, n, size, publishers).await?;
+            let stats = engine.stats();
+            let rate = n as f64 / elapsed.as_secs_f64();
+            let per_sync = stats.records as f64 / stats.syncs.max(1) as f64;
+            // The limit at this batching: sync rate x records per sync, or the bandwidth.
+            let record = (size + 40) as f64;
+            let limit = (sync_rate * per_sync).min(bandwidth / record);
+            let mem = {
+                let broker = Broker::memory();
+                let e = publish_load(&broker, n, size, publishers).await?;
+                n as f64 / e.as_secs_f64()
+            };
+            say(
+                json_out,
+                format!(
+                    "publish {size:>4} B x {publishers:>2} publishers: {rate:>9.0} msg/s ({:.0} MB/s), {per_sync:.1} msgs per sync, limit {limit:.0} msg/s -> {:.0}% of limit; in-memory {mem:.0} msg/s",
+                    rate * size as f64 / 1e6,
+                    100.0 * rate / limit
+                ),
+            );
+            publish.push(json!({
+                "payload_bytes": size, "publishers": publishers, "messages": n,
+                "messages_per_second": rate, "records_per_sync": per_sync,
+                "limit_messages_per_second": limit, "ratio_of_limit": rate / limit,
+                "memory_backend_messages_per_second": mem,
+            }));
+        }
+    }
+    report.insert("publish".into(), Value::Array(publish));
+
+    // End to end: 64 publishers and a consumer with concurrency 100, no-op handler.
+    let scratch = Scratch::new(&base, "e2e");
+    let broker = Broker::open(&scratch.0)?;
+    let e2e = end_to_end(&broker, args.e2e_messages).await?;
+    drop(broker);
+    drop(scratch);
+    let e2e_mem = end_to_end(&Broker::memory(), args.e2e_messages).await?;
+    say(
+        json_out,
+        format!(
+            "end to end (publish, consume, ack; 256 B; concurrency 100): {e2e:.0} msg/s; in-memory {e2e_mem:.0} msg/s"
+        ),
+    );
+    report.insert(
+        "end_to_end".into(),
+        json!({"messages": args.e2e_messages, "messages_per_second": e2e, "memory_backend_messages_per_second": e2e_mem}),
+    );
+
+    // Latency at half the end-to-end maximum.
+    let scratch = Scratch::new(&base, "latency");
+    let broker = Broker::open(&scratch.0)?;
+    let rate = (e2e / 2.0).max(100.0);
+    let lat = latency(&broker, rate, Duration::from_secs(5)).await?;
+    drop(broker);
+    drop(scratch);
+    let lat_mem = latency(&Broker::memory(), rate, Duration::from_secs(3)).await?;
+    say(
+        json_out,
+        format!(
+            "publish-to-handler latency at {rate:.0} msg/s: p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms; in-memory p50 {:.3} p99 {:.3} p99.9 {:.3} ms",
+            lat[0], lat[1], lat[2], lat_mem[0], lat_mem[1], lat_mem[2]
+        ),
+    );
+    report.insert(
+        "latency".into(),
+        json!({"rate_per_second": rate, "p50_ms": lat[0], "p99_ms": lat[1], "p999_ms": lat[2],
+               "memory_backend": {"p50_ms": lat_mem[0], "p99_ms": lat_mem[1], "p999_ms": lat_mem[2]}}),
+    );
+
+    // Backlog: memory while filling, then recovery after kill -9.
+    let scratch = Scratch::new(&base, "backlog");
+    let (rss, recovery) = backlog(&scratch.0, args.backlog).await?;
+    say(
+        json_out,
+        format!(
+            "backlog of {} messages: filler RSS {} MiB at 10% / {} MiB at 100%; reopen after kill -9 + first read: {:.0} ms",
+            args.backlog,
+            rss.0 >> 20,
+            rss.1 >> 20,
+            recovery.as_secs_f64() * 1e3
+        ),
+    );
+    report.insert(
+        "backlog".into(),
+        json!({"messages": args.backlog, "rss_bytes_at_10_percent": rss.0, "rss_bytes_at_end": rss.1,
+               "recovery_ms": recovery.as_secs_f64() * 1e3}),
+    );
+    if json_out {
+        println!("{}", Value::Object(report));
+    }
+    Ok(())
+}
+
+/// fdatasyncs per second after a 256-byte write to a preallocated file.
+fn fsync_rate(path: &Path, for_: Duration) -> anyhow::Result<f64> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path)?;
+    f.set_len(64 << 20)?;
+    f.sync_all()?;
+    let buf = [7u8; 256];
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < for_ {
+        f.write_all_at(&buf, (n * 256) % (64 << 20))?;
+        f.sync_data()?;
+        n += 1;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Bytes per second of buffered sequential 1 MiB writes followed by one fsync.
+fn write_bandwidth(path: &Path, total: usize) -> anyhow::Result<f64> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path)?;
+    let chunk = vec![42u8; 1 << 20];
+    let start = Instant::now();
+    for _ in 0..total / chunk.len() {
+        f.write_all(&chunk)?;
+    }
+    f.sync_all()?;
+    Ok(total as f64 / start.elapsed().as_secs_f64())
+}
+
+/// `publishers` tasks each publish single messages (one in flight each) until `n` are published.
+async fn publish_load(
+    broker: &Broker,
+    n: u64,
+    size: usize,
+    publishers: usize,
+) -> anyhow::Result<Duration> {
+    let payload = bytes::Bytes::from(vec![b'x'; size]);
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..publishers {
+        let (broker, payload, next) = (broker.clone(), payload.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < n {
+                broker
+                    .publish("bench", NewMessage::new("job", payload.clone()))
+                    .await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(start.elapsed())
+}
+
+/// Messages per second through publish, consume and ack, with 64 publishers running alongside a
+/// consumer of concurrency 100.
+async fn end_to_end(broker: &Broker, n: u64) -> anyhow::Result<f64> {
+    let done = Arc::new(AtomicU64::new(0));
+    let d = done.clone();
+    let consumer = broker
+        .consumer("e2e", "g")
+        .start(StartPosition::Earliest)
+        .concurrency(100)
+        .read_batch(256)
+        .handler("job", move |_m: Message| {
+            d.fetch_add(1, Ordering::Relaxed);
+            async { Ok(()) }
+        })
+        .build()?
+        .start()
+        .await?;
+    let start = Instant::now();
+    let payload = bytes::Bytes::from(vec![b'x'; 256]);
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let (broker, payload, next) = (broker.clone(), payload.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < n {
+                broker
+                    .publish("e2e", NewMessage::new("job", payload.clone()))
+                    .await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    // Done when every message was handled and every ack committed.
+    while consumer.stats().processed < n || !settled(broker, "e2e").await? {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let elapsed = start.elapsed();
+    let _ = done;
+    consumer.shutdown(Duration::from_secs(10)).await;
+    Ok(n as f64 / elapsed.as_secs_f64())
+}
+
+/// p50, p99 and p99.9 (ms) from publish call to handler start, publishing at `rate`.
+async fn latency(broker: &Broker, rate: f64, for_: Duration) -> anyhow::Result<[f64; 3]> {
+    let origin = Instant::now();
+    let samples = Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
+    let s = samples.clone();
+    let consumer = broker
+        .consumer("latency", "g")
+        .start(StartPosition::Earliest)
+        .concurrency(100)
+        .handler("job", move |m: Message| {
+            let sent: u64 = std::str::from_utf8(&m.payload)
+                .ok()
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(0);
+            let now = origin.elapsed().as_micros() as u64;
+            s.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(now.saturating_sub(sent));
+            async { Ok(()) }
+        })
+        .build()?
+        .start()
+        .await?;
+    // Open-loop: one publish task per tick, so a slow publish does not slow the schedule.
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let total = (for_.as_secs_f64() * rate) as u64;
+    let mut tasks = Vec::new();
+    let start = tokio::time::Instant::now();
+    for i in 0..total {
+        tokio::time::sleep_until(start + interval.mul_f64(i as f64)).await;
+        let broker = broker.clone();
+        let sent = origin.elapsed().as_micros() as u64;
+        tasks.push(tokio::spawn(async move {
+            broker
+                .publish("latency", NewMessage::new("job", sent.to_string()))
+                .await
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    while consumer.stats().processed < total || !settled(broker, "latency").await? {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    consumer.shutdown(Duration::from_secs(10)).await;
+    let mut v = samples.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    v.sort_unstable();
+    let q = |p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)] as f64 / 1000.0;
+    Ok([q(0.50), q(0.99), q(0.999)])
+}
+
+async fn settled(broker: &Broker, topic: &str) -> anyhow::Result<bool> {
+    let info = broker.topic_info(topic).await?;
+    Ok(info.groups.iter().all(|g| g.pending == 0 && g.lag == 0))
+}
+
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Fills a backlog in a child process (reporting its RSS), kills it with SIGKILL, and times the
+/// reopen plus the first read.
+async fn backlog(dir: &Path, n: u64) -> anyhow::Result<((u64, u64), Duration)> {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args(["bench", "fill", "--dir"])
+        .arg(dir)
+        .args(["--messages", &n.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+    let mut rss = (0, 0);
+    for line in lines.by_ref() {
+        let line = line?;
+        if let Some(v) = line.strip_prefix("rss10 ") {
+            rss.0 = v.parse()?;
+        }
+        if let Some(v) = line.strip_prefix("ready ") {
+            rss.1 = v.parse()?;
+            break;
+        }
+    }
+    child.kill()?;
+    child.wait()?;
+    let start = Instant::now();
+    let backend = EmbeddedBackend::open(dir)?;
+    let sub = backend
+        .join("backlog", "g", "c", StartPosition::Earliest)
+        .await?;
+    let first = backend.read(&sub, 1, Duration::from_secs(1)).await?;
+    let elapsed = start.elapsed();
+    anyhow::ensure!(first.len() == 1, "the backlog is readable after recovery");
+    Ok((rss, elapsed))
+}
+
+async fn fill(dir: &Path, n: u64) -> anyhow::Result<()> {
+    let broker = Broker::open(dir)?;
+    // The group exists from the start, so the backlog is unconsumed work, not garbage.
+    broker
+        .backend()
+        .join("backlog", "g", "c", StartPosition::Earliest)
+        .await?;
+    let payload = bytes::Bytes::from(vec![b'x'; 256]);
+    let batch = 1000u64;
+    let mut sent = 0;
+    let mut reported = false;
+    while sent < n {
+        let k = batch.min(n - sent);
+        let msgs = (0..k)
+            .map(|_| NewMessage::new("job", payload.clone()))
+            .collect();
+        broker.publish_batch("backlog", msgs).await?;
+        sent += k;
+        if !reported && sent >= n / 10 {
+            println!("rss10 {}", rss_bytes());
+            reported = true;
+        }
+    }
+    println!("ready {}", rss_bytes());
+    loop {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+}
