@@ -113,6 +113,13 @@ async fn embedded(args: EmbeddedArgs, json_out: bool) -> anyhow::Result<()> {
             // The limit at this batching: sync rate x records per sync, or the bandwidth.
             let record = (size + 40) as f64;
             let limit = (sync_rate * per_sync).min(bandwidth / record);
+            // The same, with syncs of the size this run actually wrote per sync.
+            let sized_rate = fsync_rate_at(
+                &base.join(format!("relq-bench-sync-{}", std::process::id())),
+                (per_sync * record) as usize,
+                Duration::from_secs(1),
+            )?;
+            let sized_limit = (sized_rate * per_sync).min(bandwidth / record);
             let mem = {
                 let broker = Broker::memory();
                 let e = publish_load(&broker, n, size, publishers).await?;
@@ -121,15 +128,19 @@ async fn embedded(args: EmbeddedArgs, json_out: bool) -> anyhow::Result<()> {
             say(
                 json_out,
                 format!(
-                    "publish {size:>4} B x {publishers:>2} publishers: {rate:>9.0} msg/s ({:.0} MB/s), {per_sync:.1} msgs per sync, limit {limit:.0} msg/s -> {:.0}% of limit; in-memory {mem:.0} msg/s",
+                    "publish {size:>4} B x {publishers:>2} publishers: {rate:>9.0} msg/s ({:.0} MB/s), {per_sync:.1} msgs per sync ({:.0} us each, {} rounds), limit {limit:.0} msg/s -> {:.0}% of limit ({:.0}% of {sized_limit:.0} with syncs of that size); in-memory {mem:.0} msg/s",
                     rate * size as f64 / 1e6,
-                    100.0 * rate / limit
+                    stats.sync_micros as f64 / stats.cycles.max(1) as f64,
+                    stats.cycles,
+                    100.0 * rate / limit,
+                    100.0 * rate / sized_limit
                 ),
             );
             publish.push(json!({
                 "payload_bytes": size, "publishers": publishers, "messages": n,
                 "messages_per_second": rate, "records_per_sync": per_sync,
                 "limit_messages_per_second": limit, "ratio_of_limit": rate / limit,
+                "sized_sync_limit_messages_per_second": sized_limit, "ratio_of_sized_limit": rate / sized_limit,
                 "memory_backend_messages_per_second": mem,
             }));
         }
@@ -201,18 +212,27 @@ async fn embedded(args: EmbeddedArgs, json_out: bool) -> anyhow::Result<()> {
 
 /// fdatasyncs per second after a 256-byte write to a preallocated file.
 fn fsync_rate(path: &Path, for_: Duration) -> anyhow::Result<f64> {
+    fsync_rate_at(path, 256, for_)
+}
+
+/// fdatasyncs per second, each after an appending write of `size` bytes to a file preallocated
+/// the way the engine preallocates segments.
+fn fsync_rate_at(path: &Path, size: usize, for_: Duration) -> anyhow::Result<f64> {
     use std::os::unix::fs::FileExt;
+    const SPAN: u64 = 256 << 20;
     let f = std::fs::File::create(path)?;
-    f.set_len(64 << 20)?;
+    rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, SPAN)?;
     f.sync_all()?;
-    let buf = [7u8; 256];
+    let buf = vec![7u8; size];
     let start = Instant::now();
     let mut n = 0u64;
     while start.elapsed() < for_ {
-        f.write_all_at(&buf, (n * 256) % (64 << 20))?;
+        f.write_all_at(&buf, (n * size as u64) % (SPAN - size as u64))?;
         f.sync_data()?;
         n += 1;
     }
+    drop(f);
+    let _ = std::fs::remove_file(path);
     Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 

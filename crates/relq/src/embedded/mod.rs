@@ -209,6 +209,7 @@ struct Counters {
     syncs: AtomicU64,
     records: AtomicU64,
     state_commits: AtomicU64,
+    sync_micros: AtomicU64,
 }
 
 /// What the engine has done since it was opened.
@@ -223,6 +224,8 @@ pub struct EngineStats {
     pub records: u64,
     /// State database transactions committed.
     pub state_commits: u64,
+    /// Time spent in commit rounds' syncs (log and state), in microseconds.
+    pub sync_micros: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -328,6 +331,9 @@ struct Inner {
     /// Bumped by every state change; the committer reports how far it made changes durable.
     change_seq: u64,
     dirty: Dirty,
+    /// Dead letters whose removal is not committed yet, so two operations never remove (or
+    /// replay) one twice.
+    dead_deleting: HashSet<DeadKey>,
     poison: Option<String>,
 }
 
@@ -493,6 +499,7 @@ impl EmbeddedBackend {
             next_epoch: loaded.next_epoch,
             change_seq: 0,
             dirty: Dirty::default(),
+            dead_deleting: HashSet::new(),
             poison: None,
         };
         for (name, rec) in &loaded.topics {
@@ -623,6 +630,7 @@ impl EmbeddedBackend {
             syncs: c.syncs.load(Ordering::Relaxed),
             records: c.records.load(Ordering::Relaxed),
             state_commits: c.state_commits.load(Ordering::Relaxed),
+            sync_micros: c.sync_micros.load(Ordering::Relaxed),
         }
     }
 
@@ -670,10 +678,31 @@ struct CycleWork {
     /// Each replay's reply and (dead letter, index into `published`, index of the record).
     replays: Vec<(Reply<Replayed>, Vec<ReplayItem>)>,
     counts: Vec<(Reply<u64>, u64)>,
-    /// Dead letters removed this cycle, so two operations never remove one twice.
-    dead_gone: HashSet<DeadKey>,
-    dead_removed: HashMap<String, u64>,
     touched: Vec<Arc<TopicLog>>,
+    /// The last batch before the engine closes.
+    shutdown: bool,
+}
+
+impl CycleWork {
+    /// Answers every caller of the batch with `e`.
+    fn fail(self, e: &BackendError) {
+        let err = || BackendError::new(NAME, e.kind, e.message.clone());
+        for (r, _, _) in self.publish_replies {
+            let _ = r.send(Err(err()));
+        }
+        for r in self.created {
+            let _ = r.send(Err(err()));
+        }
+        for (r, _) in self.terminated {
+            let _ = r.send(Err(err()));
+        }
+        for (r, _) in self.replays {
+            let _ = r.send(Err(err()));
+        }
+        for (r, _) in self.counts {
+            let _ = r.send(Err(err()));
+        }
+    }
 }
 
 impl Shared {
@@ -730,13 +759,29 @@ impl Shared {
         })?
     }
 
-    /// The committer thread.
+    /// The writer thread: takes queued operations and appends them to the logs (page cache),
+    /// then hands each batch to the syncer and goes on with the next one. So batch k+1 is
+    /// written while batch k is being synced.
     fn run(self: Arc<Self>) {
         let interval = match self.config.durability {
             Durability::Sync => None,
             Durability::Periodic(d) => Some(d),
         };
-        let mut last_sync = Instant::now();
+        let (to_syncer, rounds) = std::sync::mpsc::channel::<CycleWork>();
+        let syncer = {
+            let shared = self.clone();
+            std::thread::Builder::new()
+                .name("relq-syncer".into())
+                .spawn(move || shared.sync_loop(rounds))
+        };
+        let syncer = match syncer {
+            Ok(t) => t,
+            Err(e) => {
+                self.poison(&io_error("starting the syncer thread")(e));
+                return;
+            }
+        };
+        let mut last_tick = Instant::now();
         loop {
             let (ops, shutdown, state_dirty) = {
                 let mut q = lock(&self.queue);
@@ -747,7 +792,7 @@ impl Shared {
                     match interval {
                         None => q = self.wake.wait(q).unwrap_or_else(|e| e.into_inner()),
                         Some(d) => {
-                            let left = d.saturating_sub(last_sync.elapsed());
+                            let left = d.saturating_sub(last_tick.elapsed());
                             if left.is_zero() {
                                 break;
                             }
@@ -765,97 +810,176 @@ impl Shared {
                     std::mem::take(&mut q.state_dirty),
                 )
             };
-            let sync = match interval {
-                None => true,
-                Some(d) => shutdown || last_sync.elapsed() >= d,
-            };
-            if ops.is_empty() && !state_dirty && !sync {
+            let tick = interval.is_some_and(|d| last_tick.elapsed() >= d);
+            if tick {
+                last_tick = Instant::now();
+            }
+            if ops.is_empty() && !state_dirty && !tick && !shutdown {
                 continue;
             }
+            let mut w = CycleWork {
+                shutdown,
+                ..CycleWork::default()
+            };
             let poison = lock(&self.inner).poison.clone();
-            if let Some(p) = poison {
-                let e = poisoned(&p);
-                ops.into_iter().for_each(|op| op.fail(&e));
-            } else if let Err(e) = self.cycle(ops, sync) {
-                tracing::error!(error = %e, "the embedded engine failed and is poisoned; reopen the data directory");
-                lock(&self.inner).poison = Some(e.to_string());
-                self.progress.send_modify(|p| p.poisoned = true);
-                let inner = lock(&self.inner);
-                for t in inner.topics.values() {
-                    t.ready.notify_waiters();
+            let mut ops = ops.into_iter();
+            let staged = match poison {
+                Some(p) => Err(poisoned(&p)),
+                None => ops.by_ref().try_for_each(|op| self.stage(op, &mut w)),
+            };
+            match staged {
+                Ok(()) => {
+                    if to_syncer.send(w).is_err() {
+                        return; // the syncer stopped: the engine is poisoned
+                    }
+                }
+                Err(e) => {
+                    ops.for_each(|op| op.fail(&e));
+                    w.fail(&e);
+                    self.poison(&e);
                 }
             }
-            if sync {
-                last_sync = Instant::now();
-            }
             if shutdown {
+                drop(to_syncer);
+                let _ = syncer.join();
                 return;
             }
         }
     }
 
-    /// One commit cycle. An error poisons the engine.
-    fn cycle(&self, ops: Vec<Op>, sync: bool) -> Result<(), BackendError> {
-        let mut w = CycleWork::default();
-        let mut pending_ops = ops.into_iter();
-        let result = (|| {
-            for op in pending_ops.by_ref() {
-                self.stage(op, &mut w)?;
-            }
-            if sync {
-                let files: Vec<Arc<dyn StorageFile>> = {
-                    let inner = lock(&self.inner);
-                    let mut logs: Vec<&Arc<TopicLog>> =
-                        inner.topics.values().map(|t| &t.log).collect();
-                    logs.extend(w.touched.iter());
-                    logs.iter().filter_map(|l| l.take_dirty()).collect()
-                };
-                sync_all(&files)?;
-                self.counters
-                    .syncs
-                    .fetch_add(files.len() as u64, Ordering::Relaxed);
-            }
-            let (batch, seq) = lock(&self.inner).snapshot();
-            if !batch.is_empty() {
-                let mut tx = self.db.begin_write().map_err(db_error)?;
-                if !sync {
-                    tx.set_durability(redb::Durability::None)
-                        .map_err(|e| db_error(redb::Error::from(e)))?;
-                }
-                state::apply(&tx, &batch)?;
-                tx.commit().map_err(db_error)?;
-                self.counters.state_commits.fetch_add(1, Ordering::Relaxed);
-            }
-            self.counters.cycles.fetch_add(1, Ordering::Relaxed);
-            if sync {
-                self.progress
-                    .send_modify(|p| p.durable = p.durable.max(seq));
-            }
-            Ok(())
-        })();
-        if let Err(e) = result {
-            for op in pending_ops {
-                op.fail(&e);
-            }
-            let err = || BackendError::new(NAME, e.kind, e.message.clone());
-            for (r, _, _) in w.publish_replies {
-                let _ = r.send(Err(err()));
-            }
-            for r in w.created {
-                let _ = r.send(Err(err()));
-            }
-            for (r, _) in w.terminated {
-                let _ = r.send(Err(err()));
-            }
-            for (r, _) in w.replays {
-                let _ = r.send(Err(err()));
-            }
-            for (r, _) in w.counts {
-                let _ = r.send(Err(err()));
-            }
-            return Err(e);
+    /// Counts dead letters removed in this cycle (written in the same transaction).
+    fn dead_removed(&self, topic: &str, n: u64) {
+        if n == 0 {
+            return;
         }
-        // Committed: make records readable, then answer.
+        let mut inner = lock(&self.inner);
+        if let Some(ts) = inner.topics.get_mut(topic) {
+            ts.dead_count = ts.dead_count.saturating_sub(n);
+            inner.dirty.topics.insert(topic.to_owned());
+        }
+    }
+
+    /// Marks the engine failed: every later call errs until the directory is reopened.
+    fn poison(&self, e: &BackendError) {
+        tracing::error!(error = %e, "the embedded engine failed and is poisoned; reopen the data directory");
+        let mut inner = lock(&self.inner);
+        if inner.poison.is_none() {
+            inner.poison = Some(e.to_string());
+        }
+        for t in inner.topics.values() {
+            t.ready.notify_waiters();
+        }
+        drop(inner);
+        self.progress.send_modify(|p| p.poisoned = true);
+    }
+
+    /// The syncer thread: makes written batches durable (log fdatasync, state commit), then
+    /// completes their callers. Every batch that arrived while it synced goes into the next round.
+    fn sync_loop(&self, rounds: std::sync::mpsc::Receiver<CycleWork>) {
+        let mut last_sync = Instant::now();
+        while let Ok(first) = rounds.recv() {
+            let mut works = vec![first];
+            works.extend(rounds.try_iter());
+            let sync = match self.config.durability {
+                Durability::Sync => true,
+                Durability::Periodic(d) => {
+                    last_sync.elapsed() >= d || works.iter().any(|w| w.shutdown)
+                }
+            };
+            let poison = lock(&self.inner).poison.clone();
+            let result = match poison {
+                Some(p) => Err(poisoned(&p)),
+                None => self.commit(&works, sync),
+            };
+            match result {
+                Ok(()) => {
+                    for w in works {
+                        if let Err(e) = self.complete(w) {
+                            self.poison(&e);
+                        }
+                    }
+                }
+                Err(e) => {
+                    for w in works {
+                        w.fail(&e);
+                    }
+                    self.poison(&e);
+                }
+            }
+            if sync {
+                last_sync = Instant::now();
+            }
+        }
+    }
+
+    /// Syncs the written log files and commits the state changes made so far.
+    fn commit(&self, works: &[CycleWork], sync: bool) -> Result<(), BackendError> {
+        let files: Vec<Arc<dyn StorageFile>> = if sync {
+            let inner = lock(&self.inner);
+            let mut logs: Vec<&Arc<TopicLog>> = inner.topics.values().map(|t| &t.log).collect();
+            logs.extend(works.iter().flat_map(|w| w.touched.iter()));
+            logs.iter().filter_map(|l| l.take_dirty()).collect()
+        } else {
+            Vec::new()
+        };
+        let (batch, seq) = lock(&self.inner).snapshot();
+        // State never refers to unsynced records (readers only see synced ones), so the two
+        // syncs can overlap; a replay deletes dead letters whose copies it just appended, so
+        // there the log goes first.
+        let replay = works.iter().any(|w| !w.replays.is_empty());
+        let started = Instant::now();
+        if batch.is_empty() || files.is_empty() || replay {
+            sync_all(&files)?;
+            self.commit_state(&batch, sync)?;
+        } else {
+            std::thread::scope(|s| {
+                let logs = s.spawn(|| sync_all(&files));
+                let state = self.commit_state(&batch, sync);
+                let logs = logs.join().unwrap_or_else(|_| {
+                    Err(BackendError::new(
+                        NAME,
+                        BackendErrorKind::Fatal,
+                        "a sync thread panicked",
+                    ))
+                });
+                logs.and(state)
+            })?;
+        }
+        let c = &self.counters;
+        c.sync_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        c.syncs.fetch_add(files.len() as u64, Ordering::Relaxed);
+        c.cycles.fetch_add(1, Ordering::Relaxed);
+        if sync {
+            self.progress
+                .send_modify(|p| p.durable = p.durable.max(seq));
+        }
+        Ok(())
+    }
+
+    fn commit_state(&self, batch: &Batch, sync: bool) -> Result<(), BackendError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.db.begin_write().map_err(db_error)?;
+        if !sync {
+            tx.set_durability(redb::Durability::None)
+                .map_err(|e| db_error(redb::Error::from(e)))?;
+        }
+        state::apply(&tx, batch)?;
+        tx.commit().map_err(db_error)?;
+        self.counters.state_commits.fetch_add(1, Ordering::Relaxed);
+        let mut inner = lock(&self.inner);
+        for (key, v) in &batch.dead {
+            if v.is_none() {
+                inner.dead_deleting.remove(key);
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes a committed batch's records readable and answers its callers.
+    fn complete(&self, mut w: CycleWork) -> Result<(), BackendError> {
         for p in &w.published {
             p.log.make_visible(&p.records);
             p.ready.notify_waiters();
@@ -871,15 +995,6 @@ impl Shared {
         for (reply, items) in w.replays.drain(..) {
             let out = items.iter().map(|(dl, i, j)| (*dl, id(*i, *j))).collect();
             let _ = reply.send(Ok(out));
-        }
-        if !w.dead_removed.is_empty() {
-            let mut inner = lock(&self.inner);
-            for (t, n) in &w.dead_removed {
-                if let Some(ts) = inner.topics.get_mut(t) {
-                    ts.dead_count = ts.dead_count.saturating_sub(*n);
-                }
-                inner.dirty.topics.insert(t.clone());
-            }
         }
         for (reply, n) in w.counts {
             let _ = reply.send(Ok(n));
@@ -991,18 +1106,16 @@ impl Shared {
                 let mut found = Vec::new();
                 for id in ids {
                     let key = (topic.clone(), id.ms, id.seq);
-                    if w.dead_gone.contains(&key) {
+                    if lock(&self.inner).dead_deleting.contains(&key) {
                         continue;
                     }
                     if let Some(dl) = state::get_dead(&self.db, &topic, id)? {
-                        w.dead_gone.insert(key.clone());
-                        lock(&self.inner).dirty.dead.push((key, None));
-                        found.push(dl);
+                        found.push((key, dl));
                     }
                 }
                 let msgs: Vec<Outgoing> = found
                     .iter()
-                    .map(|dl| Outgoing {
+                    .map(|(_, dl)| Outgoing {
                         kind: dl.message.kind.clone(),
                         payload: dl.message.payload.clone(),
                         headers: replay_headers(dl),
@@ -1011,8 +1124,22 @@ impl Shared {
                     .collect();
                 let mut records = Vec::with_capacity(msgs.len());
                 log.append(msgs, Timestamp::now().0, &mut records)?;
+                // The copies are durable before the dead letters' removal can commit, so a
+                // crash leaves the dead letter, the new message or both, never neither.
+                if let Some(f) = log.take_dirty() {
+                    f.sync_data().map_err(io_error("syncing a segment"))?;
+                    self.counters.syncs.fetch_add(1, Ordering::Relaxed);
+                }
+                {
+                    let mut inner = lock(&self.inner);
+                    for (key, _) in &found {
+                        inner.dead_deleting.insert(key.clone());
+                        inner.dirty.dead.push((key.clone(), None));
+                    }
+                }
+                let found: Vec<DeadLetter> = found.into_iter().map(|(_, dl)| dl).collect();
                 w.touched.push(log.clone());
-                *w.dead_removed.entry(topic.clone()).or_default() += found.len() as u64;
+                self.dead_removed(&topic, found.len() as u64);
                 let i = w.published.len();
                 let items = found
                     .iter()
@@ -1031,16 +1158,17 @@ impl Shared {
                 let mut n = 0;
                 for id in ids {
                     let key = (topic.clone(), id.ms, id.seq);
-                    if w.dead_gone.contains(&key) {
+                    if lock(&self.inner).dead_deleting.contains(&key) {
                         continue;
                     }
                     if state::get_dead(&self.db, &topic, id)?.is_some() {
-                        w.dead_gone.insert(key.clone());
-                        lock(&self.inner).dirty.dead.push((key, None));
+                        let mut inner = lock(&self.inner);
+                        inner.dead_deleting.insert(key.clone());
+                        inner.dirty.dead.push((key, None));
                         n += 1;
                     }
                 }
-                *w.dead_removed.entry(topic).or_default() += n;
+                self.dead_removed(&topic, n);
                 w.counts.push((reply, n));
             }
             Op::PurgeDead {
@@ -1056,14 +1184,16 @@ impl Shared {
                     true
                 })?;
                 let mut n = 0;
+                let mut inner = lock(&self.inner);
                 for id in doomed {
                     let key = (topic.clone(), id.ms, id.seq);
-                    if w.dead_gone.insert(key.clone()) {
-                        lock(&self.inner).dirty.dead.push((key, None));
+                    if inner.dead_deleting.insert(key.clone()) {
+                        inner.dirty.dead.push((key, None));
                         n += 1;
                     }
                 }
-                *w.dead_removed.entry(topic).or_default() += n;
+                drop(inner);
+                self.dead_removed(&topic, n);
                 w.counts.push((reply, n));
             }
         }
