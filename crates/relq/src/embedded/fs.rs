@@ -4,11 +4,15 @@
 //! it (in `sim.rs`) that can forget, reorder or tear every write that was not synced, so the same
 //! engine code runs against both.
 
+use std::any::Any;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
+
+use super::db_error;
+use crate::error::BackendError;
 
 /// A directory tree of files.
 pub(crate) trait Storage: Send + Sync + 'static {
@@ -24,6 +28,11 @@ pub(crate) trait Storage: Send + Sync + 'static {
     fn remove_dir(&self, path: &Path) -> io::Result<()>;
     /// Makes the directory's entries (creations, removals) durable.
     fn sync_dir(&self, path: &Path) -> io::Result<()>;
+    /// Opens (creating if needed) the state database at `path`.
+    fn open_db(&self, path: &Path) -> Result<redb::Database, BackendError>;
+    /// Takes the data directory's exclusive lock, held while the guard lives; `None` when
+    /// another holder has it.
+    fn lock_dir(&self, root: &Path) -> io::Result<Option<Box<dyn Any + Send + Sync>>>;
 }
 
 /// One open file.
@@ -80,6 +89,23 @@ impl Storage for RealFs {
 
     fn sync_dir(&self, path: &Path) -> io::Result<()> {
         File::open(path)?.sync_all()
+    }
+
+    fn open_db(&self, path: &Path) -> Result<redb::Database, BackendError> {
+        redb::Database::builder().create(path).map_err(db_error)
+    }
+
+    fn lock_dir(&self, root: &Path) -> io::Result<Option<Box<dyn Any + Send + Sync>>> {
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(root.join("LOCK"))?;
+        match f.try_lock() {
+            Ok(()) => Ok(Some(Box::new(f))),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(e),
+        }
     }
 }
 

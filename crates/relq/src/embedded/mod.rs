@@ -33,6 +33,10 @@ mod codec;
 mod fs;
 mod group;
 mod log;
+#[cfg(test)]
+mod sim;
+#[cfg(test)]
+mod sim_tests;
 mod state;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -200,7 +204,7 @@ struct Shared {
     progress: watch::Sender<Progress>,
     queue_space: Arc<Semaphore>,
     counters: Counters,
-    _lock: std::fs::File,
+    _lock: Box<dyn std::any::Any + Send + Sync>,
 }
 
 #[derive(Default)]
@@ -432,17 +436,20 @@ impl EmbeddedBackend {
         root: &Path,
         config: EmbeddedConfig,
     ) -> Result<EmbeddedBackend, BackendError> {
-        std::fs::create_dir_all(root.join("topics"))
+        let topics_dir = root.join("topics");
+        let had_state = storage
+            .list(root)
+            .map(|names| names.iter().any(|n| n == "state.redb"))
+            .unwrap_or(false);
+        storage
+            .create_dir_all(&topics_dir)
             .map_err(io_error("creating the data directory"))?;
-        let lock_file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(root.join("LOCK"))
-            .map_err(io_error("opening the LOCK file"))?;
-        match lock_file.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
+        let lock_guard = match storage
+            .lock_dir(root)
+            .map_err(io_error("locking the data directory"))?
+        {
+            Some(g) => g,
+            None => {
                 return Err(BackendError::new(
                     NAME,
                     BackendErrorKind::Unavailable,
@@ -452,13 +459,25 @@ impl EmbeddedBackend {
                     ),
                 ))
             }
-            Err(std::fs::TryLockError::Error(e)) => {
-                return Err(io_error("locking the data directory")(e))
-            }
+        };
+        let logs_present = !storage
+            .list(&topics_dir)
+            .map_err(io_error("listing topics"))?
+            .is_empty();
+        if !had_state && logs_present {
+            return Err(corrupt(format!(
+                "{} holds topic logs but no state.redb; refusing to guess their state (restore state.redb or remove the topics directory)",
+                root.display()
+            )));
         }
-        let db = redb::Database::builder()
-            .create(root.join("state.redb"))
-            .map_err(db_error)?;
+        let db = storage.open_db(&root.join("state.redb"))?;
+        // The new entries (topics/, state.redb) must survive a power loss too.
+        storage
+            .sync_dir(root)
+            .map_err(io_error("syncing the data directory"))?;
+        if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
+            let _ = storage.sync_dir(parent);
+        }
         let loaded = state::load(&db)?;
         let log_config = |gen| LogConfig {
             segment_size: config.segment_size,
@@ -467,7 +486,6 @@ impl EmbeddedBackend {
         };
         // Topic directories: open those the state knows, remove the rest (a crash between a
         // terminate's commit and the removal, or a creation that never committed).
-        let topics_dir = root.join("topics");
         let mut logs = HashMap::new();
         for name in storage
             .list(&topics_dir)
@@ -607,7 +625,7 @@ impl EmbeddedBackend {
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
             progress,
-            _lock: lock_file,
+            _lock: lock_guard,
         });
         let committer = {
             let shared = shared.clone();
