@@ -852,9 +852,9 @@ impl Shared {
                     }
                 }
                 Err(e) => {
+                    self.poison(&e);
                     ops.for_each(|op| op.fail(&e));
                     w.fail(&e);
-                    self.poison(&e);
                 }
             }
             if shutdown {
@@ -918,10 +918,11 @@ impl Shared {
                     }
                 }
                 Err(e) => {
+                    // Poisoned before anyone hears of the failure, so no caller can slip in.
+                    self.poison(&e);
                     for w in works {
                         w.fail(&e);
                     }
-                    self.poison(&e);
                 }
             }
             if sync {
