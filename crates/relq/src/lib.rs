@@ -17,7 +17,8 @@
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), relq::Error> {
-//! let broker = Broker::memory();
+//! # let dir = std::env::temp_dir().join(format!("relq-doctest-{}", std::process::id()));
+//! let broker = Broker::open(&dir)?; // the embedded engine; Broker::memory() for tests
 //!
 //! let consumer = broker
 //!     .consumer("orders", "billing")
@@ -40,6 +41,8 @@
 //!     tokio::time::sleep(Duration::from_millis(5)).await;
 //! }
 //! consumer.shutdown(Duration::from_secs(5)).await;
+//! # drop(broker);
+//! # let _ = std::fs::remove_dir_all(&dir);
 //! # Ok(())
 //! # }
 //! ```

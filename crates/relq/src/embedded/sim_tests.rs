@@ -201,9 +201,17 @@ async fn run(seeds: u64, sync_disabled: bool) -> Vec<String> {
     all
 }
 
+/// Seeds per run: 16 in CI; `RELQ_SIM_SEEDS=2000` for a soak.
+fn seeds() -> u64 {
+    std::env::var("RELQ_SIM_SEEDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_work_survives_simulated_power_loss() {
-    let problems = run(16, false).await;
+    let problems = run(seeds(), false).await;
     assert!(problems.is_empty(), "{problems:#?}");
 }
 
