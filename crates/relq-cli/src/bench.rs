@@ -41,6 +41,12 @@ pub(crate) struct EmbeddedArgs {
     /// Where to put the data directories (default: the system temp directory).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Run only these scenarios (publish, e2e, latency, backlog); default all.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Publish rate of the latency scenario (default: half the end-to-end maximum).
+    #[arg(long)]
+    latency_rate: Option<f64>,
 }
 
 struct Scratch(PathBuf);
@@ -94,9 +100,10 @@ async fn embedded(args: EmbeddedArgs, json_out: bool) -> anyhow::Result<()> {
         json!({"fdatasync_per_second": sync_rate, "sequential_write_bytes_per_second": bandwidth}),
     );
 
+    let want = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
     // Durable publish throughput.
     let mut publish = Vec::new();
-    for size in [256usize, 1024] {
+    for size in [256usize, 1024].into_iter().filter(|_| want("publish")) {
         for publishers in [1usize, 64] {
             let n = if publishers == 1 {
                 (args.messages / 20).max(1000)
@@ -148,48 +155,61 @@ async fn embedded(args: EmbeddedArgs, json_out: bool) -> anyhow::Result<()> {
     report.insert("publish".into(), Value::Array(publish));
 
     // End to end: 64 publishers and a consumer with concurrency 100, no-op handler.
-    let scratch = Scratch::new(&base, "e2e");
-    let broker = Broker::open(&scratch.0)?;
-    let e2e = end_to_end(&broker, args.e2e_messages).await?;
-    drop(broker);
-    drop(scratch);
-    let e2e_mem = end_to_end(&Broker::memory(), args.e2e_messages).await?;
-    say(
+    let mut e2e = 0.0;
+    if want("e2e") || (want("latency") && args.latency_rate.is_none()) {
+        let scratch = Scratch::new(&base, "e2e");
+        let broker = Broker::open(&scratch.0)?;
+        e2e = end_to_end(&broker, args.e2e_messages, 1).await?;
+        drop(broker);
+        drop(scratch);
+        let scratch = Scratch::new(&base, "e2e-batched");
+        let broker = Broker::open(&scratch.0)?;
+        let e2e_batched = end_to_end(&broker, args.e2e_messages, 50).await?;
+        drop(broker);
+        drop(scratch);
+        let e2e_mem = end_to_end(&Broker::memory(), args.e2e_messages, 1).await?;
+        say(
         json_out,
         format!(
-            "end to end (publish, consume, ack; 256 B; concurrency 100): {e2e:.0} msg/s; in-memory {e2e_mem:.0} msg/s"
+            "end to end (publish, consume, ack; 256 B; concurrency 100): {e2e:.0} msg/s with single publishes, {e2e_batched:.0} msg/s with batches of 50; in-memory {e2e_mem:.0} msg/s"
         ),
     );
-    report.insert(
-        "end_to_end".into(),
-        json!({"messages": args.e2e_messages, "messages_per_second": e2e, "memory_backend_messages_per_second": e2e_mem}),
-    );
+        report.insert(
+            "end_to_end".into(),
+            json!({"messages": args.e2e_messages, "messages_per_second": e2e,
+               "batched_50_messages_per_second": e2e_batched,
+               "memory_backend_messages_per_second": e2e_mem}),
+        );
+    }
 
     // Latency at half the end-to-end maximum.
-    let scratch = Scratch::new(&base, "latency");
-    let broker = Broker::open(&scratch.0)?;
-    let rate = (e2e / 2.0).max(100.0);
-    let lat = latency(&broker, rate, Duration::from_secs(5)).await?;
-    drop(broker);
-    drop(scratch);
-    let lat_mem = latency(&Broker::memory(), rate, Duration::from_secs(3)).await?;
-    say(
+    if want("latency") {
+        let scratch = Scratch::new(&base, "latency");
+        let broker = Broker::open(&scratch.0)?;
+        let rate = args.latency_rate.unwrap_or((e2e / 2.0).max(100.0));
+        let lat = latency(&broker, rate, Duration::from_secs(5)).await?;
+        drop(broker);
+        drop(scratch);
+        let lat_mem = latency(&Broker::memory(), rate, Duration::from_secs(3)).await?;
+        say(
         json_out,
         format!(
             "publish-to-handler latency at {rate:.0} msg/s: p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms; in-memory p50 {:.3} p99 {:.3} p99.9 {:.3} ms",
             lat[0], lat[1], lat[2], lat_mem[0], lat_mem[1], lat_mem[2]
         ),
     );
-    report.insert(
+        report.insert(
         "latency".into(),
         json!({"rate_per_second": rate, "p50_ms": lat[0], "p99_ms": lat[1], "p999_ms": lat[2],
                "memory_backend": {"p50_ms": lat_mem[0], "p99_ms": lat_mem[1], "p999_ms": lat_mem[2]}}),
     );
+    }
 
     // Backlog: memory while filling, then recovery after kill -9.
-    let scratch = Scratch::new(&base, "backlog");
-    let (rss, recovery) = backlog(&scratch.0, args.backlog).await?;
-    say(
+    if want("backlog") {
+        let scratch = Scratch::new(&base, "backlog");
+        let (rss, recovery) = backlog(&scratch.0, args.backlog).await?;
+        say(
         json_out,
         format!(
             "backlog of {} messages: filler RSS {} MiB at 10% / {} MiB at 100%; reopen after kill -9 + first read: {:.0} ms",
@@ -199,11 +219,12 @@ async fn embedded(args: EmbeddedArgs, json_out: bool) -> anyhow::Result<()> {
             recovery.as_secs_f64() * 1e3
         ),
     );
-    report.insert(
+        report.insert(
         "backlog".into(),
         json!({"messages": args.backlog, "rss_bytes_at_10_percent": rss.0, "rss_bytes_at_end": rss.1,
                "recovery_ms": recovery.as_secs_f64() * 1e3}),
     );
+    }
     if json_out {
         println!("{}", Value::Object(report));
     }
@@ -277,9 +298,9 @@ async fn publish_load(
     Ok(start.elapsed())
 }
 
-/// Messages per second through publish, consume and ack, with 64 publishers running alongside a
-/// consumer of concurrency 100.
-async fn end_to_end(broker: &Broker, n: u64) -> anyhow::Result<f64> {
+/// Messages per second through publish, consume and ack, with 64 publishers (each publishing
+/// `batch` messages per call) running alongside a consumer of concurrency 100.
+async fn end_to_end(broker: &Broker, n: u64, batch: u64) -> anyhow::Result<f64> {
     let done = Arc::new(AtomicU64::new(0));
     let d = done.clone();
     let consumer = broker
@@ -301,10 +322,16 @@ async fn end_to_end(broker: &Broker, n: u64) -> anyhow::Result<f64> {
     for _ in 0..64 {
         let (broker, payload, next) = (broker.clone(), payload.clone(), next.clone());
         tasks.push(tokio::spawn(async move {
-            while next.fetch_add(1, Ordering::Relaxed) < n {
-                broker
-                    .publish("e2e", NewMessage::new("job", payload.clone()))
-                    .await?;
+            loop {
+                let from = next.fetch_add(batch, Ordering::Relaxed);
+                if from >= n {
+                    break;
+                }
+                let k = batch.min(n - from);
+                let msgs = (0..k)
+                    .map(|_| NewMessage::new("job", payload.clone()))
+                    .collect();
+                broker.publish_batch("e2e", msgs).await?;
             }
             anyhow::Ok(())
         }));

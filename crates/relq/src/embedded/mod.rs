@@ -702,6 +702,26 @@ struct CycleWork {
 }
 
 impl CycleWork {
+    /// Makes the synced records readable and answers their publishers (not replays: those wait
+    /// for the dead letters' removal).
+    fn publish_early(&mut self) {
+        if !self.replays.is_empty() {
+            return;
+        }
+        for p in &self.published {
+            p.log.make_visible(&p.records);
+            p.ready.notify_waiters();
+        }
+        for (reply, i, n) in self.publish_replies.drain(..) {
+            let r = &self.published[i].records;
+            let _ = reply.send(Ok(r[..n]
+                .iter()
+                .map(|r| MessageId::new(r.ms, r.offset))
+                .collect()));
+        }
+        self.published.clear();
+    }
+
     /// Answers every caller of the batch with `e`.
     fn fail(self, e: &BackendError) {
         let err = || BackendError::new(NAME, e.kind, e.message.clone());
@@ -907,7 +927,7 @@ impl Shared {
             let poison = lock(&self.inner).poison.clone();
             let result = match poison {
                 Some(p) => Err(poisoned(&p)),
-                None => self.commit(&works, sync),
+                None => self.commit(&mut works, sync),
             };
             match result {
                 Ok(()) => {
@@ -932,7 +952,7 @@ impl Shared {
     }
 
     /// Syncs the written log files and commits the state changes made so far.
-    fn commit(&self, works: &[CycleWork], sync: bool) -> Result<(), BackendError> {
+    fn commit(&self, works: &mut [CycleWork], sync: bool) -> Result<(), BackendError> {
         let files: Vec<Arc<dyn StorageFile>> = if sync {
             let inner = lock(&self.inner);
             let mut logs: Vec<&Arc<TopicLog>> = inner.topics.values().map(|t| &t.log).collect();
@@ -952,7 +972,16 @@ impl Shared {
             self.commit_state(&batch, sync)?;
         } else {
             std::thread::scope(|s| {
-                let logs = s.spawn(|| sync_all(&files));
+                // Publishes need only their log sync: answer them without waiting for the
+                // state commit.
+                let files = &files;
+                let logs = s.spawn(move || {
+                    sync_all(files)?;
+                    for w in works.iter_mut() {
+                        w.publish_early();
+                    }
+                    Ok(())
+                });
                 let state = self.commit_state(&batch, sync);
                 let logs = logs.join().unwrap_or_else(|_| {
                     Err(BackendError::new(
