@@ -304,3 +304,28 @@ fn invalid_configuration_is_refused() {
     .unwrap_err();
     assert!(e.to_string().contains("interval"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn periodic_durability_works_and_keeps_publishes_across_a_reopen() {
+    let dir = TempDir::new("periodic");
+    let config = small().durability(relq::Durability::Periodic(Duration::from_millis(20)));
+    let ids = {
+        let b = EmbeddedBackend::open_with(dir.path(), config.clone()).unwrap();
+        let sub = b
+            .join("t", "g", "c", StartPosition::Earliest)
+            .await
+            .unwrap();
+        let ids = publish(&b, "t", 50, 10).await;
+        let got = b.read(&sub, 20, Duration::ZERO).await.unwrap();
+        let acks: Vec<Settlement> = got.iter().map(|d| Settlement::Ack(d.message.id)).collect();
+        b.settle(&sub, &acks).await.unwrap();
+        // Past the interval, the acks were synced too.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(b.stats().syncs > 0, "the periodic sync ran");
+        ids
+    };
+    let b = EmbeddedBackend::open_with(dir.path(), config).unwrap();
+    let info = b.topic_info("t").await.unwrap().unwrap();
+    assert_eq!(info.last_id, ids.last().copied());
+    assert_eq!(info.groups[0].lag, 30);
+}
