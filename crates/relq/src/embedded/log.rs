@@ -413,6 +413,14 @@ impl TopicLog {
     /// Seals the active segment (synced first, so a newer segment implies a complete older one)
     /// and starts a new one with room for at least `need` bytes.
     fn roll(&self, w: &mut Writer, need: u64) -> Result<(), BackendError> {
+        // An explicit end marker: bytes a crash left beyond the recovered end (from before the
+        // last open) must not follow the data of a sealed segment.
+        if w.pos + HEADER as u64 <= w.capacity {
+            w.active
+                .file
+                .write_at(&[0; HEADER], w.pos)
+                .map_err(io_error("writing to a segment"))?;
+        }
         w.active
             .file
             .sync_data()
@@ -429,6 +437,16 @@ impl TopicLog {
         w.capacity = size;
         w.last_index_pos = 0;
         Ok(())
+    }
+
+    /// Syncs the active segment now, leaving the dirty flag for the syncer (whose round may
+    /// still be answering for earlier writes).
+    pub(crate) fn sync_now(&self) -> Result<(), BackendError> {
+        let w = lock(&self.writer);
+        w.active
+            .file
+            .sync_data()
+            .map_err(io_error("syncing a segment"))
     }
 
     /// The segment written since the last sync, if any (committer only).

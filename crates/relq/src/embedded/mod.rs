@@ -243,6 +243,8 @@ struct Progress {
 struct Queue {
     ops: Vec<Op>,
     state_dirty: bool,
+    /// A caller needs a sync round even in periodic mode.
+    force_sync: bool,
     shutdown: bool,
 }
 
@@ -565,15 +567,37 @@ impl EmbeddedBackend {
         let mut recovered = 0usize;
         let mut dirty_rows = Vec::new();
         let mut dirty_groups = Vec::new();
+        let mut dirty_stopped = Vec::new();
         for (t, ts) in &mut inner.topics {
             let start = ts.start;
             let end = ts.log.visible();
+            let ahead: Vec<u64> = ts.stopped.range(end..).map(|(o, _)| *o).collect();
+            for o in ahead {
+                ts.stopped.remove(&o);
+                dirty_stopped.push((t.clone(), o));
+            }
             for (g, gs) in &mut ts.groups {
                 let before = gs.record();
                 if gs.cursor < start {
                     gs.cursor = start;
                 }
-                gs.cursor = gs.cursor.min(end);
+                if gs.cursor > end || gs.floor > end {
+                    // Periodic mode after a power loss: the state got ahead of the log. Forget
+                    // what refers to offsets the log no longer has; they will be reassigned.
+                    tracing::warn!(topic = %t, group = %g, end, "state ahead of the log after a crash; cutting it back");
+                    gs.cursor = gs.cursor.min(end);
+                    gs.floor = gs.floor.min(end);
+                    gs.done = std::mem::take(&mut gs.done)
+                        .into_iter()
+                        .filter(|(a, _)| *a < end)
+                        .map(|(a, b)| (a, b.min(end)))
+                        .collect();
+                }
+                let ahead: Vec<u64> = gs.rows.keys().filter(|o| **o >= end).copied().collect();
+                for o in ahead {
+                    gs.remove_row(o);
+                    dirty_rows.push((t.clone(), g.clone(), o));
+                }
                 gs.raise_floor(start.min(gs.cursor));
                 for o in gs.lost_in_flight() {
                     gs.mark_done(o);
@@ -605,6 +629,7 @@ impl EmbeddedBackend {
             );
         }
         inner.dirty.rows.extend(dirty_rows);
+        inner.dirty.stopped.extend(dirty_stopped);
         inner.dirty.groups.extend(dirty_groups);
         let (batch, _) = inner.snapshot();
         if !batch.is_empty() {
@@ -699,6 +724,8 @@ struct CycleWork {
     touched: Vec<Arc<TopicLog>>,
     /// The last batch before the engine closes.
     shutdown: bool,
+    /// Sync this round even in periodic mode.
+    force_sync: bool,
 }
 
 impl CycleWork {
@@ -764,14 +791,25 @@ impl Shared {
 
     /// Waits until the state change numbered `ticket` is durable (or at once in periodic mode).
     async fn durable(&self, ticket: u64) -> Result<(), BackendError> {
+        if !self.sync_mode() {
+            {
+                let mut q = lock(&self.queue);
+                q.state_dirty = true;
+            }
+            self.wake.notify_one();
+            return self.check();
+        }
+        self.durable_synced(ticket).await
+    }
+
+    /// Waits until change `ticket` was synced, forcing a sync round in periodic mode too.
+    async fn durable_synced(&self, ticket: u64) -> Result<(), BackendError> {
         {
             let mut q = lock(&self.queue);
             q.state_dirty = true;
+            q.force_sync = true;
         }
         self.wake.notify_one();
-        if !self.sync_mode() {
-            return self.check();
-        }
         let mut rx = self.progress.subscribe();
         let p = rx
             .wait_for(|p| p.durable >= ticket || p.poisoned)
@@ -821,7 +859,7 @@ impl Shared {
         };
         let mut last_tick = Instant::now();
         loop {
-            let (ops, shutdown, state_dirty) = {
+            let (ops, shutdown, state_dirty, force_sync) = {
                 let mut q = lock(&self.queue);
                 loop {
                     if !q.ops.is_empty() || q.state_dirty || q.shutdown {
@@ -846,6 +884,7 @@ impl Shared {
                     std::mem::take(&mut q.ops),
                     q.shutdown,
                     std::mem::take(&mut q.state_dirty),
+                    std::mem::take(&mut q.force_sync),
                 )
             };
             let tick = interval.is_some_and(|d| last_tick.elapsed() >= d);
@@ -857,6 +896,8 @@ impl Shared {
             }
             let mut w = CycleWork {
                 shutdown,
+                // 11: the writer's tick forces the sync, so syncs keep to the interval.
+                force_sync: force_sync || tick,
                 ..CycleWork::default()
             };
             let poison = lock(&self.inner).poison.clone();
@@ -921,7 +962,7 @@ impl Shared {
             let sync = match self.config.durability {
                 Durability::Sync => true,
                 Durability::Periodic(d) => {
-                    last_sync.elapsed() >= d || works.iter().any(|w| w.shutdown)
+                    last_sync.elapsed() >= d || works.iter().any(|w| w.shutdown || w.force_sync)
                 }
             };
             let poison = lock(&self.inner).poison.clone();
@@ -954,9 +995,13 @@ impl Shared {
     /// Syncs the written log files and commits the state changes made so far.
     fn commit(&self, works: &mut [CycleWork], sync: bool) -> Result<(), BackendError> {
         let files: Vec<Arc<dyn StorageFile>> = if sync {
-            let inner = lock(&self.inner);
-            let mut logs: Vec<&Arc<TopicLog>> = inner.topics.values().map(|t| &t.log).collect();
-            logs.extend(works.iter().flat_map(|w| w.touched.iter()));
+            // The log handles are copied out first: take_dirty waits for the writer's lock,
+            // which must never stall callers of `inner`.
+            let mut logs: Vec<Arc<TopicLog>> = {
+                let inner = lock(&self.inner);
+                inner.topics.values().map(|t| t.log.clone()).collect()
+            };
+            logs.extend(works.iter().flat_map(|w| w.touched.iter().cloned()));
             logs.iter().filter_map(|l| l.take_dirty()).collect()
         } else {
             Vec::new()
@@ -966,10 +1011,14 @@ impl Shared {
         // syncs can overlap; a replay deletes dead letters whose copies it just appended, so
         // there the log goes first.
         let replay = works.iter().any(|w| !w.replays.is_empty());
+        // A new topic's record must be durable before its first publishes are acknowledged
+        // (open removes directories the state does not know).
+        let structural = batch.next_epoch.is_some() || !batch.drop_topics.is_empty();
         let started = Instant::now();
-        if batch.is_empty() || files.is_empty() || replay {
+        if batch.is_empty() || files.is_empty() || replay || structural {
             sync_all(&files)?;
             self.commit_state(&batch, sync)?;
+            self.check()?;
         } else {
             std::thread::scope(|s| {
                 // Publishes need only their log sync: answer them without waiting for the
@@ -977,6 +1026,8 @@ impl Shared {
                 let files = &files;
                 let logs = s.spawn(move || {
                     sync_all(files)?;
+                    // Another thread's failed sync (a seal, a replay) poisons: trust nothing.
+                    self.check()?;
                     for w in works.iter_mut() {
                         w.publish_early();
                     }
@@ -1130,6 +1181,8 @@ impl Shared {
                 let mut inner = lock(&self.inner);
                 match inner.topics.remove(&topic) {
                     Some(ts) => {
+                        // Dead letters settled but not yet written belong to the old topic.
+                        inner.dirty.dead.retain(|((t, _, _), _)| *t != topic);
                         inner.dirty.drop_topics.push(topic.clone());
                         inner.dirty.topics.remove(&topic);
                         inner.touch();
@@ -1174,10 +1227,8 @@ impl Shared {
                 log.append(msgs, Timestamp::now().0, &mut records)?;
                 // The copies are durable before the dead letters' removal can commit, so a
                 // crash leaves the dead letter, the new message or both, never neither.
-                if let Some(f) = log.take_dirty() {
-                    f.sync_data().map_err(io_error("syncing a segment"))?;
-                    self.counters.syncs.fetch_add(1, Ordering::Relaxed);
-                }
+                log.sync_now()?;
+                self.counters.syncs.fetch_add(1, Ordering::Relaxed);
                 {
                     let mut inner = lock(&self.inner);
                     for (key, _) in &found {
@@ -1340,6 +1391,8 @@ impl GroupOps<'_> {
             if due > now.0 {
                 break;
             }
+            // Read first: an error leaves the row as it was.
+            let rec = log.get(o)?;
             let mut row = self.g().remove_row(o).expect("due rows exist");
             self.dirty_row(o);
             if self.ts.stopped.contains_key(&o) {
@@ -1347,7 +1400,7 @@ impl GroupOps<'_> {
                 self.g().put_row(o, row, false);
                 continue;
             }
-            let Some(rec) = log.get(o)? else {
+            let Some(rec) = rec else {
                 continue; // removed by retention: the row goes
             };
             row.deliveries += 1;
@@ -1458,6 +1511,37 @@ impl GroupOps<'_> {
             let Some(p) = g.pending.get_mut(&o) else {
                 continue;
             };
+            if stopped || rec.is_none() {
+                // Parked (or gone) without counting a delivery that did not happen.
+                let p = g.pending.remove(&o).expect("checked");
+                let row = match g.remove_row(o) {
+                    Some(r) => r,
+                    None => {
+                        g.mark_done(o);
+                        Row {
+                            due: now.0,
+                            deliveries: p.attempt,
+                            failures: Vec::new(),
+                            parked: false,
+                        }
+                    }
+                };
+                if rec.is_some() {
+                    g.put_row(
+                        o,
+                        Row {
+                            parked: true,
+                            ..row
+                        },
+                        false,
+                    );
+                }
+                if !p.row {
+                    self.dirty_group();
+                }
+                self.dirty_row(o);
+                continue;
+            }
             p.attempt += 1;
             p.consumer = consumer.to_owned();
             p.delivered_at = now;
@@ -1482,19 +1566,13 @@ impl GroupOps<'_> {
             }
             self.dirty_row(o);
             row.deliveries = attempt;
-            let g = self.g();
-            if stopped || rec.is_none() {
-                g.pending.remove(&o);
-                if rec.is_some() {
-                    row.parked = true;
-                    g.put_row(o, row, false);
-                }
-                continue;
-            }
+            let Some(rec) = rec else {
+                unreachable!("handled above");
+            };
             let failures = row.failures.clone();
-            g.put_row(o, row, true);
+            self.g().put_row(o, row, true);
             out.push(Delivery {
-                message: message_of(rec.as_ref().expect("checked"), attempt),
+                message: message_of(&rec, attempt),
                 failures,
             });
         }
@@ -1824,9 +1902,10 @@ impl Backend for EmbeddedBackend {
                 t.ready.notify_waiters();
             }
         }
-        if changed {
-            self.shared.durable(ticket).await?;
-        }
+        // Even when every settlement was already applied (a retried call), wait: the first
+        // call's commit may still be running.
+        let _ = changed;
+        self.shared.durable(ticket).await?;
         Ok(())
     }
 
@@ -1921,7 +2000,7 @@ impl Backend for EmbeddedBackend {
                 .groups
                 .values()
                 .map(GroupState::needs_from)
-                .chain(ts.stopped.keys().copied())
+                .chain(ts.stopped.keys().copied().filter(|o| *o >= old))
                 .min();
             let mut start = old;
             if let Some(needed) = needed {
@@ -1974,7 +2053,7 @@ impl Backend for EmbeddedBackend {
             let log = ts.log.clone();
             (log, start, inner.touch())
         };
-        s.durable(ticket).await?;
+        s.durable_synced(ticket).await?;
         // The new start is durable: whole segments below it can go.
         log.remove_below(new_start)?;
         Ok(report)
