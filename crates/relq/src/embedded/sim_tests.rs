@@ -64,6 +64,8 @@ fn text(d: &crate::Delivery) -> String {
 #[derive(Default)]
 struct Acked {
     published: BTreeMap<String, MessageId>,
+    /// Topics created by their first publish: topic -> the id it was given.
+    created: BTreeMap<String, MessageId>,
     acked: BTreeSet<String>,
     dead: BTreeSet<String>,
 }
@@ -75,7 +77,14 @@ async fn workload(b: &EmbeddedBackend, rng: &mut fastrand::Rng, next: &mut u64, 
         .await
         .unwrap();
     for _ in 0..rng.usize(20..60) {
-        match rng.u8(0..10) {
+        match rng.u8(0..12) {
+            10 | 11 => {
+                // A publish that creates its topic.
+                let topic = format!("new{}", *next);
+                *next += 1;
+                let ids = b.publish(&topic, vec![msg("first".into())]).await.unwrap();
+                seen.created.insert(topic, ids[0]);
+            }
             0..=4 => {
                 let n = rng.usize(1..8);
                 let batch: Vec<Outgoing> = (0..n)
@@ -138,6 +147,14 @@ async fn violations(b: &EmbeddedBackend, seen: &Acked, round: usize) -> Vec<Stri
     for (p, id) in &seen.published {
         if stored.get(p) != Some(id) {
             out.push(format!("acknowledged publish {p} ({id}) lost or changed"));
+        }
+    }
+    for (topic, id) in &seen.created {
+        match b.topic_info(topic).await.unwrap() {
+            Some(info) if info.last_id == Some(*id) => {}
+            other => out.push(format!(
+                "topic {topic} created by an acknowledged publish: {other:?}"
+            )),
         }
     }
     // What group g delivers now must not include anything whose settlement was committed.
