@@ -2077,15 +2077,22 @@ impl Backend for EmbeddedBackend {
         let id_of = |o: u64| -> Result<Option<MessageId>, BackendError> {
             Ok(t.log.get(o)?.map(|r| MessageId::new(r.ms, r.offset)))
         };
+        let mut cursors = Vec::with_capacity(t.groups.len());
+        for g in t.groups.values() {
+            // The id of the last record read; the record itself may be gone (retention), then
+            // the remembered milliseconds stand in.
+            cursors.push(match g.cursor.checked_sub(1) {
+                Some(o) => id_of(o)?.unwrap_or(MessageId::new(g.cursor_ms, o)),
+                None => MessageId::ZERO,
+            });
+        }
         let groups = t
             .groups
             .iter()
-            .map(|(name, g)| GroupInfo {
+            .zip(cursors)
+            .map(|((name, g), cursor)| GroupInfo {
                 name: name.clone(),
-                cursor: match g.cursor.checked_sub(1) {
-                    Some(o) => MessageId::new(g.cursor_ms, o),
-                    None => MessageId::ZERO,
-                },
+                cursor,
                 pending: g.pending.len() as u64,
                 lag: end.saturating_sub(g.cursor),
                 scheduled: g.due.len() as u64,
