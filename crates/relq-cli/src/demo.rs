@@ -132,7 +132,7 @@ pub(crate) async fn run(args: DemoArgs, url: Option<&str>, json_out: bool) -> an
                 .batch_handler(
                     "notification",
                     BatchConfig::default()
-                        .size(20)
+                        .size(20.min(args.concurrency.max(1)))
                         .timeout(Duration::from_millis(5))
                         .max_wait(Duration::from_millis(20)),
                     handle_batch,

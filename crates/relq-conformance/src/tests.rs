@@ -1213,6 +1213,16 @@ pub async fn bad_input_is_rejected_and_nothing_is_published(b: Broker) {
         .handler("job", h)
         .build())
     .contains("max_attempts"));
+    assert!(cfg(b
+        .consumer(&topic, "g")
+        .concurrency(4)
+        .batch_handler(
+            "job",
+            BatchConfig::default().size(10),
+            |msgs: Vec<Message>| async move { msgs.iter().map(|_| Ok(())).collect() },
+        )
+        .build())
+    .contains("exceeds the concurrency"));
     assert!(cfg(b.consumer(&topic, "g").build()).contains("handler"));
     assert!(matches!(
         b.consumer(&topic, "bad group").handler("job", h).build(),

@@ -263,6 +263,18 @@ impl ConsumerBuilder {
                 )
                 .into());
             }
+            if c.size > self.concurrency {
+                // Each message waiting in a batch holds a concurrency slot: a batch larger than
+                // the concurrency could never fill and would always wait for its timeout.
+                return Err(ConfigError::new(
+                    "batch",
+                    format!(
+                        "batch handler {kind:?}: size {} exceeds the concurrency {}",
+                        c.size, self.concurrency
+                    ),
+                )
+                .into());
+            }
         }
         if self.handlers.is_empty() && self.batch_handlers.is_empty() && self.fallback.is_none() {
             return Err(ConfigError::new(

@@ -241,9 +241,11 @@ async fn fetch_loop(
             },
         };
         if recovering {
+            // Page until a page comes back empty: a short page does not mean the end (a backend
+            // may skip stopped or trimmed entries within a page).
             match deliveries.last() {
-                Some(d) if deliveries.len() == max => recovered_up_to = d.message.id,
-                _ => recovering = false,
+                Some(d) => recovered_up_to = d.message.id,
+                None => recovering = false,
             }
         }
         if claiming && deliveries.len() < max {
