@@ -329,3 +329,30 @@ async fn periodic_durability_works_and_keeps_publishes_across_a_reopen() {
     assert_eq!(info.last_id, ids.last().copied());
     assert_eq!(info.groups[0].lag, 30);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_min_age_splits_exactly_between_old_and_young_messages() {
+    let dir = TempDir::new("minage");
+    let b = open(&dir);
+    let sub = b
+        .join("t", "g", "c", StartPosition::Earliest)
+        .await
+        .unwrap();
+    let old = publish(&b, "t", 7, 10).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    publish(&b, "t", 5, 10).await;
+    let got = b.read(&sub, 100, Duration::ZERO).await.unwrap();
+    let acks: Vec<Settlement> = got.iter().map(|d| Settlement::Ack(d.message.id)).collect();
+    b.settle(&sub, &acks).await.unwrap();
+    let r = b
+        .cleanup(
+            "t",
+            &Retention::default().min_age(Duration::from_millis(600)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.removed, 7, "exactly the messages older than min_age");
+    let info = b.topic_info("t").await.unwrap().unwrap();
+    assert_eq!(info.length, 5);
+    assert!(info.first_id.unwrap() > *old.last().unwrap());
+}

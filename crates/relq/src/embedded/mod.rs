@@ -2005,20 +2005,17 @@ impl Backend for EmbeddedBackend {
             let mut start = old;
             if let Some(needed) = needed {
                 let needed = needed.min(end);
-                // Oldest first, stopping at the first record younger than min_age.
-                let mut hint = None;
-                'scan: while start < needed {
-                    let recs = ts.log.read(start, 1024, &mut hint)?;
-                    if recs.is_empty() {
-                        break;
-                    }
-                    for r in recs {
-                        if r.offset >= needed || r.ms > cutoff.0 {
-                            break 'scan;
-                        }
-                        start = r.offset + 1;
+                // Publish times never decrease along the log, so the first record younger than
+                // min_age is found by binary search: O(log n) reads, not a scan under the lock.
+                let (mut lo, mut hi) = (start, needed);
+                while lo < hi {
+                    let mid = lo + (hi - lo) / 2;
+                    match ts.log.get(mid)? {
+                        Some(r) if r.ms > cutoff.0 => hi = mid,
+                        _ => lo = mid + 1,
                     }
                 }
+                start = lo;
             }
             report.removed = start - old;
             if let Some(max_len) = retention.max_len {
