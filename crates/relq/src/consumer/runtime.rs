@@ -355,6 +355,9 @@ async fn run_one(
     ));
     let mut abort = ctx.abort.clone();
     let outcome = tokio::select! {
+        // A handler that finished wins over a shutdown abort that fired at the same time: its
+        // outcome is settled rather than counted as abandoned.
+        biased;
         r = tokio::time::timeout(ctx.config.handler_timeout, &mut task) => match r {
             Ok(Ok(Ok(()))) => Outcome::Ok,
             Ok(Ok(Err(e))) => Outcome::from_error(e),
@@ -414,6 +417,7 @@ async fn run_batch(
     );
     let mut abort = ctx.abort.clone();
     let outcomes: Vec<Outcome> = tokio::select! {
+        biased;
         r = tokio::time::timeout(ctx.config.handler_timeout, &mut task) => match r {
             Ok(Ok(results)) if results.len() == n => results
                 .into_iter()
