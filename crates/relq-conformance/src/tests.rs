@@ -1223,6 +1223,20 @@ pub async fn bad_input_is_rejected_and_nothing_is_published(b: Broker) {
         )
         .build())
     .contains("exceeds the concurrency"));
+    assert!(cfg(b
+        .consumer(&topic, "g")
+        .handler_timeout(ms(500))
+        .claim_after(ms(1000))
+        .batch_handler(
+            "job",
+            BatchConfig::default()
+                .size(2)
+                .timeout(ms(100))
+                .max_wait(ms(600)),
+            |msgs: Vec<Message>| async move { msgs.iter().map(|_| Ok(())).collect() },
+        )
+        .build())
+    .contains("max_wait"));
     assert!(cfg(b.consumer(&topic, "g").build()).contains("handler"));
     assert!(matches!(
         b.consumer(&topic, "bad group").handler("job", h).build(),

@@ -276,6 +276,25 @@ impl ConsumerBuilder {
                 .into());
             }
         }
+        // A message waits in a batch up to max_wait, then runs up to handler_timeout: only
+        // after both may another consumer take it over.
+        let batch_wait = self
+            .batch_handlers
+            .values()
+            .map(|(c, _)| c.max_wait)
+            .max()
+            .unwrap_or_default();
+        if !self.batch_handlers.is_empty() && self.claim_after <= self.handler_timeout + batch_wait
+        {
+            return Err(ConfigError::new(
+                "claim_after",
+                format!(
+                    "must exceed handler_timeout plus the longest batch max_wait ({:?}), or a message waiting in a batch is claimed while it is still held",
+                    self.handler_timeout + batch_wait
+                ),
+            )
+            .into());
+        }
         if self.handlers.is_empty() && self.batch_handlers.is_empty() && self.fallback.is_none() {
             return Err(ConfigError::new(
                 "handlers",

@@ -43,18 +43,34 @@ struct Ctx {
     counters: Arc<Counters>,
     settle: mpsc::Sender<Settlement>,
     abort: watch::Receiver<bool>,
+    /// Ids this consumer is processing (in a handler, a batch or on the way to the settler): a
+    /// claim that returns one of them (it sat idle past `claim_after`, e.g. in a slow batch) must
+    /// not start a second run of it in this process.
+    held: std::sync::Mutex<std::collections::HashSet<MessageId>>,
 }
 
 impl Ctx {
-    /// A message entered processing.
-    fn enter(&self) {
+    /// A message entered processing; false if this consumer is processing it already.
+    fn enter(&self, id: MessageId) -> bool {
+        if !self
+            .held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id)
+        {
+            return false;
+        }
         self.counters.in_flight.fetch_add(1, Ordering::Relaxed);
         metrics::gauge!("relq_in_flight", "topic" => self.config.topic.clone(), "group" => self.config.group.clone())
             .increment(1.0);
+        true
     }
 
-    /// `n` messages left processing (settled, or abandoned at shutdown).
-    fn leave(&self, n: u64) {
+    /// Messages left processing (handed to the settler, or abandoned at shutdown).
+    fn leave(&self, ids: impl IntoIterator<Item = MessageId>) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let n = ids.into_iter().filter(|id| held.remove(id)).count() as u64;
+        drop(held);
         self.counters.in_flight.fetch_sub(n, Ordering::Relaxed);
         metrics::gauge!("relq_in_flight", "topic" => self.config.topic.clone(), "group" => self.config.group.clone())
             .decrement(n as f64);
@@ -129,6 +145,7 @@ pub(crate) async fn run(
         counters: counters.clone(),
         settle: settle_tx,
         abort: abort_rx,
+        held: std::sync::Mutex::new(std::collections::HashSet::new()),
     });
     let mut batchers = HashMap::new();
     let mut batcher_tasks: Vec<JoinHandle<()>> = Vec::new();
@@ -280,7 +297,12 @@ async fn dispatch(
     permit: OwnedSemaphorePermit,
 ) {
     let c = &ctx.config;
-    ctx.enter();
+    if !ctx.enter(d.message.id) {
+        // Claimed back from ourselves: the run in progress settles it.
+        tracing::debug!(id = %d.message.id, "claimed a message this consumer is still processing; not running it twice");
+        drop(permit);
+        return;
+    }
     metrics::counter!("relq_delivered_total", "topic" => c.topic.clone(), "group" => c.group.clone())
         .increment(1);
     let m = &d.message;
@@ -288,7 +310,7 @@ async fn dispatch(
         if target != c.group {
             // A dead letter replayed for another group of this topic.
             send_settlement(ctx, Settlement::Ack(m.id)).await;
-            ctx.leave(1);
+            ctx.leave([m.id]);
             return;
         }
     }
@@ -312,7 +334,7 @@ async fn dispatch(
         if let Err(mpsc::error::SendError((d, _permit))) = tx.send((d, permit)).await {
             // Batcher gone (only during shutdown): leave it pending, it is delivered again.
             tracing::debug!(id = %d.message.id, "batcher closed; message stays pending");
-            ctx.leave(1);
+            ctx.leave([d.message.id]);
         }
         return;
     }
@@ -372,7 +394,7 @@ async fn run_one(
         },
         _ = abort.wait_for(|a| *a) => {
             task.abort();
-            ctx.leave(1);
+            ctx.leave([d.message.id]);
             return;
         }
     };
@@ -439,7 +461,7 @@ async fn run_batch(
         },
         _ = abort.wait_for(|a| *a) => {
             task.abort();
-            ctx.leave(n as u64);
+            ctx.leave(batch.iter().map(|(d, _)| d.message.id));
             return;
         }
     };
@@ -451,6 +473,7 @@ async fn run_batch(
 
 /// Turns an outcome into a settlement and queues it.
 async fn finish(ctx: &Ctx, d: Delivery, handler: &str, outcome: Outcome) {
+    let id = d.message.id;
     let c = &ctx.config;
     let counters = &ctx.counters;
     let labels = [("topic", c.topic.clone()), ("group", c.group.clone())];
@@ -534,7 +557,7 @@ async fn finish(ctx: &Ctx, d: Delivery, handler: &str, outcome: Outcome) {
         }
     };
     send_settlement(ctx, settlement).await;
-    ctx.leave(1);
+    ctx.leave([id]);
 }
 
 async fn send_settlement(ctx: &Ctx, s: Settlement) {
