@@ -137,7 +137,13 @@ pub(crate) async fn run(
     let (settle_tx, settle_rx) = mpsc::channel(config.concurrency.max(SETTLE_BATCH) * 2);
     let (abort_tx, abort_rx) = watch::channel(false);
     let (fatal_tx, mut fatal_rx) = watch::channel(None::<StopReason>);
-    let settler = tokio::spawn(settler(backend.clone(), sub.clone(), settle_rx, fatal_tx));
+    let settler = tokio::spawn(settler(
+        backend.clone(),
+        sub.clone(),
+        settle_rx,
+        fatal_tx,
+        abort_rx.clone(),
+    ));
     let ctx = Arc::new(Ctx {
         backend,
         config: config.clone(),
@@ -170,9 +176,10 @@ pub(crate) async fn run(
         (StopReason::Shutdown, Some(d)) => d,
         _ => Duration::ZERO,
     };
+    let deadline_at = Instant::now() + deadline;
     let all = config.concurrency as u32;
     let mut abandoned = 0;
-    if tokio::time::timeout(deadline, permits.acquire_many(all))
+    if tokio::time::timeout_at(deadline_at, permits.acquire_many(all))
         .await
         .is_err()
     {
@@ -190,7 +197,16 @@ pub(crate) async fn run(
         let _ = t.await;
     }
     drop(ctx);
-    let _ = settler.await;
+    // The settler flushes what the handlers settled, until the deadline; past it, a failing
+    // backend is not waited for (those messages stay pending and are delivered again).
+    let mut settler = settler;
+    if tokio::time::timeout_at(deadline_at, &mut settler)
+        .await
+        .is_err()
+    {
+        let _ = abort_tx.send(true);
+        let _ = settler.await;
+    }
     let _ = report.send(Some(ShutdownReport { abandoned }));
     let _ = done.send(Some(reason));
 }
@@ -572,6 +588,7 @@ async fn settler(
     sub: Subscription,
     mut rx: mpsc::Receiver<Settlement>,
     fatal: watch::Sender<Option<StopReason>>,
+    mut abort: watch::Receiver<bool>,
 ) {
     let mut buf = Vec::with_capacity(SETTLE_BATCH);
     while rx.recv_many(&mut buf, SETTLE_BATCH).await > 0 {
@@ -583,7 +600,16 @@ async fn settler(
                     if !handle_settle_error(&e, attempt, &fatal) {
                         break;
                     }
-                    tokio::time::sleep(delay).await;
+                    if *abort.borrow() {
+                        // Past the shutdown deadline: no more waiting. The messages stay
+                        // pending and are delivered again.
+                        tracing::warn!(error = %e, "shutdown deadline passed while settling failed; messages stay pending");
+                        break;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = abort.wait_for(|a| *a) => {}
+                    }
                     delay = (delay * 2).min(MAX_BACKOFF);
                 }
             }

@@ -1,0 +1,166 @@
+//! Shutdown keeps its deadline even when the backend refuses settlements: the consumer does not
+//! wait out the settler's retries (the messages stay pending and are delivered again).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use relq::{
+    Backend, BackendError, BackendErrorKind, Broker, CleanupReport, DeadLetter, DeadLetterId,
+    DeadLetterQuery, DeadLetterStats, Delivery, MemoryBackend, Message, MessageId, NewMessage,
+    Outgoing, Retention, Settlement, StartPosition, Subscription, Timestamp, TopicInfo,
+};
+
+/// The in-memory backend, whose `settle` can be switched to fail as unavailable.
+struct Flaky {
+    inner: MemoryBackend,
+    refuse_settle: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl Backend for Flaky {
+    fn name(&self) -> &'static str {
+        "flaky"
+    }
+    async fn publish(&self, t: &str, b: Vec<Outgoing>) -> Result<Vec<MessageId>, BackendError> {
+        self.inner.publish(t, b).await
+    }
+    async fn join(
+        &self,
+        t: &str,
+        g: &str,
+        c: &str,
+        s: StartPosition,
+    ) -> Result<Subscription, BackendError> {
+        self.inner.join(t, g, c, s).await
+    }
+    async fn recover(
+        &self,
+        s: &Subscription,
+        a: MessageId,
+        m: usize,
+    ) -> Result<Vec<Delivery>, BackendError> {
+        self.inner.recover(s, a, m).await
+    }
+    async fn claim(
+        &self,
+        s: &Subscription,
+        i: Duration,
+        m: usize,
+    ) -> Result<Vec<Delivery>, BackendError> {
+        self.inner.claim(s, i, m).await
+    }
+    async fn read(
+        &self,
+        s: &Subscription,
+        m: usize,
+        w: Duration,
+    ) -> Result<Vec<Delivery>, BackendError> {
+        self.inner.read(s, m, w).await
+    }
+    async fn settle(&self, s: &Subscription, b: &[Settlement]) -> Result<(), BackendError> {
+        if self.refuse_settle.load(Ordering::Relaxed) {
+            return Err(BackendError::new(
+                "flaky",
+                BackendErrorKind::Unavailable,
+                "settlements refused by the test",
+            ));
+        }
+        self.inner.settle(s, b).await
+    }
+    async fn stop_message(&self, t: &str, id: MessageId) -> Result<bool, BackendError> {
+        self.inner.stop_message(t, id).await
+    }
+    async fn resume_message(&self, t: &str, id: MessageId) -> Result<bool, BackendError> {
+        self.inner.resume_message(t, id).await
+    }
+    async fn terminate(&self, t: &str) -> Result<bool, BackendError> {
+        self.inner.terminate(t).await
+    }
+    async fn cleanup(&self, t: &str, r: &Retention) -> Result<CleanupReport, BackendError> {
+        self.inner.cleanup(t, r).await
+    }
+    async fn topics(&self) -> Result<Vec<String>, BackendError> {
+        self.inner.topics().await
+    }
+    async fn topic_info(&self, t: &str) -> Result<Option<TopicInfo>, BackendError> {
+        self.inner.topic_info(t).await
+    }
+    async fn dead_letters(
+        &self,
+        t: &str,
+        q: &DeadLetterQuery,
+    ) -> Result<Vec<DeadLetter>, BackendError> {
+        self.inner.dead_letters(t, q).await
+    }
+    async fn dead_letter(
+        &self,
+        t: &str,
+        id: DeadLetterId,
+    ) -> Result<Option<DeadLetter>, BackendError> {
+        self.inner.dead_letter(t, id).await
+    }
+    async fn replay_dead_letters(
+        &self,
+        t: &str,
+        ids: &[DeadLetterId],
+    ) -> Result<Vec<(DeadLetterId, MessageId)>, BackendError> {
+        self.inner.replay_dead_letters(t, ids).await
+    }
+    async fn delete_dead_letters(
+        &self,
+        t: &str,
+        ids: &[DeadLetterId],
+    ) -> Result<u64, BackendError> {
+        self.inner.delete_dead_letters(t, ids).await
+    }
+    async fn purge_dead_letters(&self, t: &str, before: Timestamp) -> Result<u64, BackendError> {
+        self.inner.purge_dead_letters(t, before).await
+    }
+    async fn dead_letter_stats(&self, t: &str) -> Result<DeadLetterStats, BackendError> {
+        self.inner.dead_letter_stats(t).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_keeps_its_deadline_while_the_backend_refuses_settlements() {
+    let refuse = Arc::new(AtomicBool::new(false));
+    let broker = Broker::new(Flaky {
+        inner: MemoryBackend::new(),
+        refuse_settle: refuse.clone(),
+    });
+    let handled = Arc::new(AtomicBool::new(false));
+    let h = handled.clone();
+    let c = broker
+        .consumer("t", "g")
+        .name("w")
+        .start(StartPosition::Earliest)
+        .handler("job", move |_m: Message| {
+            h.store(true, Ordering::Relaxed);
+            async { Ok(()) }
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    refuse.store(true, Ordering::Relaxed);
+    broker
+        .publish("t", NewMessage::new("job", "x"))
+        .await
+        .unwrap();
+    while !handled.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let started = tokio::time::Instant::now();
+    c.shutdown(Duration::from_secs(1)).await;
+    let took = started.elapsed();
+    assert!(
+        took <= Duration::from_millis(1500),
+        "shutdown took {took:?} (the settler's retries alone would take ~30 s)"
+    );
+    // The ack never reached the backend: the message is still pending, to be delivered again.
+    let info = broker.topic_info("t").await.unwrap();
+    assert_eq!(info.groups[0].pending, 1);
+}
