@@ -203,6 +203,8 @@ struct Shared {
     wake: Condvar,
     progress: watch::Sender<Progress>,
     queue_space: Arc<Semaphore>,
+    /// Batches handed to the syncer and not yet completed.
+    queued_rounds: std::sync::atomic::AtomicUsize,
     counters: Counters,
     _lock: Box<dyn std::any::Any + Send + Sync>,
 }
@@ -640,6 +642,7 @@ impl EmbeddedBackend {
         let (progress, _) = watch::channel(Progress::default());
         let shared = Arc::new(Shared {
             queue_space: Arc::new(Semaphore::new(config.max_queued)),
+            queued_rounds: std::sync::atomic::AtomicUsize::new(0),
             counters: Counters::default(),
             config,
             root: root.to_owned(),
@@ -907,7 +910,13 @@ impl Shared {
                 None => ops.by_ref().try_for_each(|op| self.stage(op, &mut w)),
             };
             match staged {
+                Ok(()) if interval.is_none() && self.queued_rounds.load(Ordering::Acquire) == 0 => {
+                    // The syncer has nothing in hand: commit this batch here and spare the
+                    // hand-off (a light load gets one thread wake-up less per commit).
+                    self.round(vec![w], &mut last_tick);
+                }
                 Ok(()) => {
+                    self.queued_rounds.fetch_add(1, Ordering::AcqRel);
                     if to_syncer.send(w).is_err() {
                         return; // the syncer stopped: the engine is poisoned
                     }
@@ -959,36 +968,43 @@ impl Shared {
         while let Ok(first) = rounds.recv() {
             let mut works = vec![first];
             works.extend(rounds.try_iter());
-            let sync = match self.config.durability {
-                Durability::Sync => true,
-                Durability::Periodic(d) => {
-                    last_sync.elapsed() >= d || works.iter().any(|w| w.shutdown || w.force_sync)
-                }
-            };
-            let poison = lock(&self.inner).poison.clone();
-            let result = match poison {
-                Some(p) => Err(poisoned(&p)),
-                None => self.commit(&mut works, sync),
-            };
-            match result {
-                Ok(()) => {
-                    for w in works {
-                        if let Err(e) = self.complete(w) {
-                            self.poison(&e);
-                        }
-                    }
-                }
-                Err(e) => {
-                    // Poisoned before anyone hears of the failure, so no caller can slip in.
-                    self.poison(&e);
-                    for w in works {
-                        w.fail(&e);
+            let n = works.len();
+            self.round(works, &mut last_sync);
+            self.queued_rounds.fetch_sub(n, Ordering::AcqRel);
+        }
+    }
+
+    /// Makes `works` durable and answers their callers (or fails them and poisons).
+    fn round(&self, mut works: Vec<CycleWork>, last_sync: &mut Instant) {
+        let sync = match self.config.durability {
+            Durability::Sync => true,
+            Durability::Periodic(d) => {
+                last_sync.elapsed() >= d || works.iter().any(|w| w.shutdown || w.force_sync)
+            }
+        };
+        let poison = lock(&self.inner).poison.clone();
+        let result = match poison {
+            Some(p) => Err(poisoned(&p)),
+            None => self.commit(&mut works, sync),
+        };
+        match result {
+            Ok(()) => {
+                for w in works {
+                    if let Err(e) = self.complete(w) {
+                        self.poison(&e);
                     }
                 }
             }
-            if sync {
-                last_sync = Instant::now();
+            Err(e) => {
+                // Poisoned before anyone hears of the failure, so no caller can slip in.
+                self.poison(&e);
+                for w in works {
+                    w.fail(&e);
+                }
             }
+        }
+        if sync {
+            *last_sync = Instant::now();
         }
     }
 
