@@ -366,17 +366,28 @@ impl TopicLog {
         let mut w = lock(&self.writer);
         let w = &mut *w;
         w.buf.clear();
-        let mut buf_start = w.pos;
-        for m in batch {
-            let rec = Record {
-                offset: w.next_offset,
-                ms: now_ms.max(w.last_ms),
+        // A batch goes into one segment: if it does not fit, the next segment is started before
+        // anything is written, so a failure to create it (a full disk) leaves no partial batch.
+        let ms = now_ms.max(w.last_ms);
+        let records: Vec<Record> = batch
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| Record {
+                offset: w.next_offset + i as u64,
+                ms,
                 gen: self.gen,
                 deliver_at: m.deliver_at.map(|t| t.0),
                 kind: m.kind,
                 headers: m.headers,
                 payload: m.payload,
-            };
+            })
+            .collect();
+        let total: u64 = records.iter().map(|r| r.encoded_len() as u64).sum();
+        if w.pos + total + HEADER as u64 > w.capacity {
+            self.roll(w, total + HEADER as u64)?;
+        }
+        let mut buf_start = w.pos;
+        for rec in records {
             let len = rec.encoded_len() as u64;
             if buf_start + w.buf.len() as u64 + len + HEADER as u64 > w.capacity {
                 self.flush(w, buf_start)?;
@@ -733,8 +744,25 @@ fn new_segment(
     let file = storage
         .open(&path, true)
         .map_err(io_error("creating a segment"))?;
-    file.allocate(size)
-        .map_err(io_error("preallocating a segment"))?;
+    if let Err(e) = file.allocate(size) {
+        let full = e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(28);
+        if full {
+            // Nothing was written: take the empty file back and refuse this batch only.
+            drop(file);
+            let _ = storage.remove_file(&path);
+            let _ = storage.sync_dir(dir);
+            return Err(BackendError::new(
+                super::NAME,
+                crate::error::BackendErrorKind::Full,
+                format!(
+                    "the disk is full: no room for a new {size}-byte log segment in {}",
+                    dir.display()
+                ),
+            )
+            .with_source(e));
+        }
+        return Err(io_error("preallocating a segment")(e));
+    }
     file.sync_data().map_err(io_error("syncing a segment"))?;
     storage
         .sync_dir(dir)

@@ -61,7 +61,7 @@ use crate::dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterSt
 use crate::error::{BackendError, BackendErrorKind, ConfigError};
 use crate::model::{Message, MessageId, Outgoing, StartPosition, Timestamp};
 
-const NAME: &str = "embedded";
+pub(crate) const NAME: &str = "embedded";
 
 pub(crate) fn io_error(what: &'static str) -> impl Fn(std::io::Error) -> BackendError {
     move |e| BackendError::new(NAME, BackendErrorKind::Fatal, format!("{what}: {e}")).with_source(e)
@@ -1171,14 +1171,30 @@ impl Shared {
             Op::Publish {
                 topic, msgs, reply, ..
             } => {
-                let (log, ready) = {
+                let created = {
                     let mut inner = lock(&self.inner);
-                    let ts = self.topic_or_create(&mut inner, &topic)?;
-                    (ts.log.clone(), ts.ready.clone())
+                    self.topic_or_create(&mut inner, &topic)
+                        .map(|ts| (ts.log.clone(), ts.ready.clone()))
+                };
+                let (log, ready) = match created {
+                    Ok(x) => x,
+                    Err(e) if e.kind == BackendErrorKind::Full => {
+                        let _ = reply.send(Err(e));
+                        return Ok(());
+                    }
+                    Err(e) => return Err(e),
                 };
                 let mut records = Vec::with_capacity(msgs.len());
                 let n = msgs.len();
-                log.append(msgs, Timestamp::now().0, &mut records)?;
+                match log.append(msgs, Timestamp::now().0, &mut records) {
+                    Ok(()) => {}
+                    // A full disk refuses this publish; the engine stays healthy.
+                    Err(e) if e.kind == BackendErrorKind::Full => {
+                        let _ = reply.send(Err(e));
+                        return Ok(());
+                    }
+                    Err(e) => return Err(e),
+                }
                 self.counters.records.fetch_add(n as u64, Ordering::Relaxed);
                 w.touched.push(log.clone());
                 w.publish_replies.push((reply, w.published.len(), n));
@@ -1190,8 +1206,13 @@ impl Shared {
             }
             Op::Create { topic, reply } => {
                 let mut inner = lock(&self.inner);
-                self.topic_or_create(&mut inner, &topic)?;
-                w.created.push(reply);
+                match self.topic_or_create(&mut inner, &topic) {
+                    Ok(_) => w.created.push(reply),
+                    Err(e) if e.kind == BackendErrorKind::Full => {
+                        let _ = reply.send(Err(e));
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             Op::Terminate { topic, reply } => {
                 let mut inner = lock(&self.inner);

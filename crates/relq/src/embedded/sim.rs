@@ -69,6 +69,8 @@ struct State {
     dirs: BTreeMap<u64, Dir>,
     sync_disabled: bool,
     fail_next_sync: bool,
+    /// When set, preallocating a file fails with "no space left" (a full disk).
+    disk_full: bool,
 }
 
 impl State {
@@ -219,6 +221,7 @@ impl SimFs {
             dirs: BTreeMap::from([(ROOT, Dir::default())]),
             sync_disabled: false,
             fail_next_sync: false,
+            disk_full: false,
         };
         SimFs {
             state: Arc::new(Mutex::new(state)),
@@ -238,6 +241,11 @@ impl SimFs {
     /// Makes the next `sync_data` on any file (log segment or database) fail.
     pub(crate) fn fail_next_sync(&self) {
         self.lock().fail_next_sync = true;
+    }
+
+    /// Makes every later preallocation fail as on a full disk (until set back).
+    pub(crate) fn set_disk_full(&self, full: bool) {
+        self.lock().disk_full = full;
     }
 
     /// Creates `path` and its parents and links each durably, so it survives any crash (for a
@@ -515,6 +523,12 @@ impl StorageFile for SimFile {
     }
 
     fn allocate(&self, len: u64) -> io::Result<()> {
+        if self.fs.lock().disk_full {
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                "no space left on device (simulated)",
+            ));
+        }
         self.set_len(len, true)
     }
 }

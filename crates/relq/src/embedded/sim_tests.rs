@@ -267,3 +267,47 @@ async fn a_failed_fsync_poisons_the_engine_until_reopened() {
     assert_eq!(got[0].message.id, kept[0]);
     assert!(got.iter().all(|d| text(d) != "later"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_publishes_without_poisoning_the_engine() {
+    let fs = SimFs::new();
+    fs.create_dir_all_durable(Path::new(ROOT)).unwrap();
+    let b = open(&fs).unwrap();
+    let sub = b
+        .join("t", "g", "c", StartPosition::Earliest)
+        .await
+        .unwrap();
+    let kept = b.publish("t", vec![msg("kept".into())]).await.unwrap();
+    fs.set_disk_full(true);
+    // Fill the current 8 KiB segment until a new one is needed: that publish is refused.
+    let mut refused = None;
+    for i in 0..100 {
+        match b.publish("t", vec![msg(format!("{i:0200}"))]).await {
+            Ok(_) => {}
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    let e = refused.expect("a new segment was needed and the disk is full");
+    assert_eq!(e.kind, BackendErrorKind::Full, "{e}");
+    assert!(e.to_string().contains("disk is full"), "{e}");
+    // A new topic cannot be created either, with the same clear error.
+    let e = b.publish("other", vec![msg("x".into())]).await.unwrap_err();
+    assert_eq!(e.kind, BackendErrorKind::Full, "{e}");
+    // Still healthy: reads and settlements work, and publishing resumes once space is back.
+    let got = b.read(&sub, 1, Duration::ZERO).await.unwrap();
+    assert_eq!(got[0].message.id, kept[0]);
+    b.settle(&sub, &[Settlement::Ack(kept[0])]).await.unwrap();
+    fs.set_disk_full(false);
+    let more = b.publish("t", vec![msg("after".into())]).await.unwrap();
+    drop(b);
+    let b = open(&fs).unwrap();
+    let info = b.topic_info("t").await.unwrap().unwrap();
+    assert_eq!(
+        info.last_id,
+        Some(more[0]),
+        "nothing half-written in between"
+    );
+}
