@@ -917,6 +917,7 @@ pub async fn batch_handler_partial_failure_fails_only_the_bad_message(b: Broker)
 pub async fn shutdown_during_a_handler_leaves_the_message_pending(b: Broker) {
     let topic = unique("shutdown");
     let started = Log::default();
+    let quick = Log::default();
     let s = started.clone();
     let c = b
         .consumer(&topic, "g")
@@ -931,9 +932,15 @@ pub async fn shutdown_during_a_handler_leaves_the_message_pending(b: Broker) {
                 Ok(())
             }
         })
-        .handler("job", |_m: Message| async {
-            tokio::time::sleep(ms(50)).await;
-            Ok(())
+        .handler("job", {
+            let q = quick.clone();
+            move |m: Message| {
+                q.record(&m);
+                async {
+                    tokio::time::sleep(ms(50)).await;
+                    Ok(())
+                }
+            }
         })
         .build()
         .unwrap()
@@ -946,8 +953,10 @@ pub async fn shutdown_during_a_handler_leaves_the_message_pending(b: Broker) {
     b.publish(&topic, NewMessage::new("job", "quick"))
         .await
         .unwrap();
-    wait_until("slow handler started", LONG, || async {
-        started.len() == 1
+    // Both are running before the shutdown starts (the quick one may otherwise still be unread,
+    // and would rightly come back after the restart).
+    wait_until("both handlers started", LONG, || async {
+        started.len() == 1 && quick.len() == 1
     })
     .await;
     let report = c.shutdown(ms(500)).await;

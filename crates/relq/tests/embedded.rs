@@ -43,16 +43,23 @@ fn open(dir: &TempDir) -> EmbeddedBackend {
     EmbeddedBackend::open_with(dir.path(), small()).expect("open")
 }
 
+/// Publishes `n` messages in batches of 10 (a batch goes into one segment, so many batches
+/// span several).
 async fn publish(b: &EmbeddedBackend, topic: &str, n: usize, size: usize) -> Vec<relq::MessageId> {
-    let batch = (0..n)
-        .map(|i| relq::Outgoing {
-            kind: "job".into(),
-            payload: bytes::Bytes::from(format!("{i:0size$}")),
-            headers: Default::default(),
-            deliver_at: None,
-        })
-        .collect();
-    b.publish(topic, batch).await.expect("publish")
+    let mut ids = Vec::new();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(10) {
+        let batch = chunk
+            .iter()
+            .map(|i| relq::Outgoing {
+                kind: "job".into(),
+                payload: bytes::Bytes::from(format!("{i:0size$}")),
+                headers: Default::default(),
+                deliver_at: None,
+            })
+            .collect();
+        ids.extend(b.publish(topic, batch).await.expect("publish"));
+    }
+    ids
 }
 
 fn segments(dir: &TempDir) -> Vec<PathBuf> {
