@@ -47,6 +47,35 @@ struct Ctx {
     /// claim that returns one of them (it sat idle past `claim_after`, e.g. in a slow batch) must
     /// not start a second run of it in this process.
     held: std::sync::Mutex<std::collections::HashSet<MessageId>>,
+    meters: Meters,
+}
+
+/// The consumer's metric handles, registered once (not looked up per message).
+struct Meters {
+    in_flight: metrics::Gauge,
+    delivered: metrics::Counter,
+    handler_seconds: metrics::Histogram,
+    acked: metrics::Counter,
+    publish_to_handled: metrics::Histogram,
+    failed: metrics::Counter,
+    retried: metrics::Counter,
+    dead_lettered: metrics::Counter,
+}
+
+impl Meters {
+    fn new(topic: &str, group: &str) -> Meters {
+        let labels = [("topic", topic.to_owned()), ("group", group.to_owned())];
+        Meters {
+            in_flight: metrics::gauge!("relq_in_flight", &labels),
+            delivered: metrics::counter!("relq_delivered_total", &labels),
+            handler_seconds: metrics::histogram!("relq_handler_seconds", &labels),
+            acked: metrics::counter!("relq_acked_total", &labels),
+            publish_to_handled: metrics::histogram!("relq_publish_to_handled_seconds", &labels),
+            failed: metrics::counter!("relq_failed_total", &labels),
+            retried: metrics::counter!("relq_retried_total", &labels),
+            dead_lettered: metrics::counter!("relq_dead_lettered_total", &labels),
+        }
+    }
 }
 
 impl Ctx {
@@ -61,8 +90,7 @@ impl Ctx {
             return false;
         }
         self.counters.in_flight.fetch_add(1, Ordering::Relaxed);
-        metrics::gauge!("relq_in_flight", "topic" => self.config.topic.clone(), "group" => self.config.group.clone())
-            .increment(1.0);
+        self.meters.in_flight.increment(1.0);
         true
     }
 
@@ -72,8 +100,7 @@ impl Ctx {
         let n = ids.into_iter().filter(|id| held.remove(id)).count() as u64;
         drop(held);
         self.counters.in_flight.fetch_sub(n, Ordering::Relaxed);
-        metrics::gauge!("relq_in_flight", "topic" => self.config.topic.clone(), "group" => self.config.group.clone())
-            .decrement(n as f64);
+        self.meters.in_flight.decrement(n as f64);
     }
 }
 
@@ -152,6 +179,7 @@ pub(crate) async fn run(
         settle: settle_tx,
         abort: abort_rx,
         held: std::sync::Mutex::new(std::collections::HashSet::new()),
+        meters: Meters::new(&config.topic, &config.group),
     });
     let mut batchers = HashMap::new();
     let mut batcher_tasks: Vec<JoinHandle<()>> = Vec::new();
@@ -319,8 +347,7 @@ async fn dispatch(
         drop(permit);
         return;
     }
-    metrics::counter!("relq_delivered_total", "topic" => c.topic.clone(), "group" => c.group.clone())
-        .increment(1);
+    ctx.meters.delivered.increment(1);
     let m = &d.message;
     if let Some(target) = m.header(HEADER_REPLAY_GROUP) {
         if target != c.group {
@@ -414,7 +441,8 @@ async fn run_one(
             return;
         }
     };
-    metrics::histogram!("relq_handler_seconds", "topic" => ctx.config.topic.clone())
+    ctx.meters
+        .handler_seconds
         .record(started.elapsed().as_secs_f64());
     finish(&ctx, d, &name, outcome).await;
     drop(permit);
@@ -492,12 +520,12 @@ async fn finish(ctx: &Ctx, d: Delivery, handler: &str, outcome: Outcome) {
     let id = d.message.id;
     let c = &ctx.config;
     let counters = &ctx.counters;
-    let labels = [("topic", c.topic.clone()), ("group", c.group.clone())];
     let settlement = match outcome {
         Outcome::Ok => {
             counters.processed.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("relq_acked_total", &labels).increment(1);
-            metrics::histogram!("relq_publish_to_handled_seconds", &labels)
+            ctx.meters.acked.increment(1);
+            ctx.meters
+                .publish_to_handled
                 .record(Timestamp::now().since(d.message.published_at).as_secs_f64());
             Settlement::Ack(d.message.id)
         }
@@ -508,7 +536,7 @@ async fn finish(ctx: &Ctx, d: Delivery, handler: &str, outcome: Outcome) {
             backtrace,
         } => {
             counters.failed.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("relq_failed_total", &labels).increment(1);
+            ctx.meters.failed.increment(1);
             let now = Timestamp::now();
             let attempt = d.message.attempt;
             let error = chain.first().cloned().unwrap_or_default();
@@ -533,7 +561,7 @@ async fn finish(ctx: &Ctx, d: Delivery, handler: &str, outcome: Outcome) {
             match decision {
                 RetryDecision::RetryAfter(delay) => {
                     counters.retried.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!("relq_retried_total", &labels).increment(1);
+                    ctx.meters.retried.increment(1);
                     tracing::debug!(id = %d.message.id, attempt, ?delay, error = %failure.error, "retry scheduled");
                     Settlement::Retry {
                         id: d.message.id,
@@ -543,7 +571,7 @@ async fn finish(ctx: &Ctx, d: Delivery, handler: &str, outcome: Outcome) {
                 }
                 RetryDecision::GiveUp => {
                     counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!("relq_dead_lettered_total", &labels).increment(1);
+                    ctx.meters.dead_lettered.increment(1);
                     tracing::warn!(id = %d.message.id, attempt, reason = kind.as_str(), error = %failure.error, "dead-lettered");
                     let mut failures = d.failures;
                     failures.push(failure);
