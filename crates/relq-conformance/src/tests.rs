@@ -1198,6 +1198,7 @@ pub async fn bad_input_is_rejected_and_nothing_is_published(b: Broker) {
         Err(Error::NotFound(_))
     ));
     let h = |_m: Message| async { Ok(()) };
+    let bh = |msgs: Vec<Message>| async move { msgs.iter().map(|_| Ok(())).collect() };
     let cfg = |r: Result<relq::Consumer, Error>| match r {
         Err(Error::Config(e)) => e.to_string(),
         Err(e) => panic!("expected a config error, got {e}"),
@@ -1225,11 +1226,7 @@ pub async fn bad_input_is_rejected_and_nothing_is_published(b: Broker) {
     assert!(cfg(b
         .consumer(&topic, "g")
         .concurrency(4)
-        .batch_handler(
-            "job",
-            BatchConfig::default().size(10),
-            |msgs: Vec<Message>| async move { msgs.iter().map(|_| Ok(())).collect() },
-        )
+        .batch_handler("job", BatchConfig::default().size(10), bh,)
         .build())
     .contains("exceeds the concurrency"));
     assert!(cfg(b
@@ -1242,7 +1239,7 @@ pub async fn bad_input_is_rejected_and_nothing_is_published(b: Broker) {
                 .size(2)
                 .timeout(ms(100))
                 .max_wait(ms(600)),
-            |msgs: Vec<Message>| async move { msgs.iter().map(|_| Ok(())).collect() },
+            bh,
         )
         .build())
     .contains("max_wait"));

@@ -374,6 +374,17 @@ pub trait Backend: Send + Sync + 'static {
     async fn dead_letter_stats(&self, topic: &str) -> Result<DeadLetterStats, BackendError>;
 }
 
+/// The message a replay of `dl` publishes: the original type and payload, the replay headers, a
+/// fresh delivery count (it is a new message).
+pub(crate) fn replay_message(dl: &DeadLetter) -> Outgoing {
+    Outgoing {
+        kind: dl.message.kind.clone(),
+        payload: dl.message.payload.clone(),
+        headers: replay_headers(dl),
+        deliver_at: None,
+    }
+}
+
 /// Headers a replay adds, shared by every backend.
 pub fn replay_headers(dl: &DeadLetter) -> BTreeMap<String, String> {
     let mut headers = dl.message.headers.clone();

@@ -21,7 +21,7 @@ use async_trait::async_trait;
 use tokio::sync::Notify;
 
 use crate::backend::{
-    replay_headers, AttemptFailure, Backend, CleanupReport, ConsumerInfo, Delivery, GroupInfo,
+    replay_message, AttemptFailure, Backend, CleanupReport, ConsumerInfo, Delivery, GroupInfo,
     Retention, Settlement, Subscription, TopicInfo,
 };
 use crate::dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
@@ -801,15 +801,7 @@ impl Backend for MemoryBackend {
                 let Some(dl) = t.dead.remove(id) else {
                     continue;
                 };
-                let new_id = t.append(
-                    Outgoing {
-                        kind: dl.message.kind.clone(),
-                        payload: dl.message.payload.clone(),
-                        headers: replay_headers(&dl),
-                        deliver_at: None,
-                    },
-                    now,
-                );
+                let new_id = t.append(replay_message(&dl), now);
                 out.push((*id, new_id));
             }
         }

@@ -178,30 +178,19 @@ fn scan(file: &dyn StorageFile, base: u64) -> Result<Scan, BackendError> {
                     s.how = ScanEnd::Bad(format!("record at position {pos} runs past the file"));
                     return Ok(s);
                 }
-                if at == 0 && filled > 0 && need > buf.len() {
+                // Refill from `pos`, with room for the whole record.
+                if need > buf.len() {
                     buf.resize(need, 0);
                 }
-                // Refill from `pos`.
                 buf_pos = pos;
                 at = 0;
                 let want = buf.len().min((len - pos) as usize);
                 filled = file
                     .read_at(&mut buf[..want], pos)
                     .map_err(io_error("reading a segment"))?;
-                if filled < need.min(want) {
+                if filled < need {
                     s.how = ScanEnd::Bad(format!("short read at position {pos}"));
                     return Ok(s);
-                }
-                if need > filled {
-                    buf.resize(need, 0);
-                    let more = file
-                        .read_at(&mut buf[filled..need], pos + filled as u64)
-                        .map_err(io_error("reading a segment"))?;
-                    filled += more;
-                    if filled < need {
-                        s.how = ScanEnd::Bad(format!("short read at position {pos}"));
-                        return Ok(s);
-                    }
                 }
             }
         }
@@ -532,13 +521,7 @@ impl TopicLog {
                 break;
             }
             // The segment ended: the next one must start where it stopped.
-            let following = self
-                .segments
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .range(seg.base + 1..)
-                .next()
-                .map(|(b, _)| *b);
+            let following = self.base_after(seg.base);
             match following {
                 Some(base) if base == next => offset = next,
                 Some(base) => {
@@ -563,18 +546,22 @@ impl TopicLog {
             .filter(|r| r.offset == offset))
     }
 
+    /// The base offset of the segment after the one starting at `base`.
+    fn base_after(&self, base: u64) -> Option<u64> {
+        self.segments
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .range(base + 1..)
+            .next()
+            .map(|(b, _)| *b)
+    }
+
     /// The position to start reading `offset` from.
     fn locate(&self, seg: &Segment, offset: u64) -> Result<u64, BackendError> {
         let mut idx = lock(&seg.index);
         if !idx.built {
             let s = scan(&*seg.file, seg.base)?;
-            let next_base = self
-                .segments
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .range(seg.base + 1..)
-                .next()
-                .map(|(b, _)| *b);
+            let next_base = self.base_after(seg.base);
             match (&s.how, next_base) {
                 (ScanEnd::Bad(why), _) => {
                     return Err(corrupt(format!(
@@ -704,12 +691,6 @@ impl TopicLog {
     /// Removes every file and the directory itself.
     pub(crate) fn destroy(&self) -> Result<(), BackendError> {
         destroy_dir(&*self.storage, &self.dir)
-    }
-
-    /// Bytes the segment files take.
-    pub(crate) fn disk_bytes(&self) -> u64 {
-        let segs = self.segments.read().unwrap_or_else(|e| e.into_inner());
-        segs.values().filter_map(|s| s.file.len().ok()).sum()
     }
 }
 

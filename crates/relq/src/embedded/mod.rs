@@ -54,7 +54,7 @@ use self::group::{GroupState, Pending};
 use self::log::{LogConfig, TopicLog};
 use self::state::{Batch, DeadKey, Row, RowKey, TopicRecord};
 use crate::backend::{
-    replay_headers, Backend, CleanupReport, ConsumerInfo, Delivery, GroupInfo, Retention,
+    replay_message, Backend, CleanupReport, ConsumerInfo, Delivery, GroupInfo, Retention,
     Settlement, Subscription, TopicInfo,
 };
 use crate::dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
@@ -684,12 +684,6 @@ impl EmbeddedBackend {
     pub fn path(&self) -> &Path {
         &self.shared.root
     }
-
-    /// Bytes the topic's log files take on disk, or `None` if it does not exist.
-    pub fn topic_disk_bytes(&self, topic: &str) -> Option<u64> {
-        let inner = lock(&self.shared.inner);
-        inner.topics.get(topic).map(|t| t.log.disk_bytes())
-    }
 }
 
 impl Drop for EmbeddedBackend {
@@ -1251,15 +1245,7 @@ impl Shared {
                         found.push((key, dl));
                     }
                 }
-                let msgs: Vec<Outgoing> = found
-                    .iter()
-                    .map(|(_, dl)| Outgoing {
-                        kind: dl.message.kind.clone(),
-                        payload: dl.message.payload.clone(),
-                        headers: replay_headers(dl),
-                        deliver_at: None,
-                    })
-                    .collect();
+                let msgs: Vec<Outgoing> = found.iter().map(|(_, dl)| replay_message(dl)).collect();
                 let mut records = Vec::with_capacity(msgs.len());
                 log.append(msgs, Timestamp::now().0, &mut records)?;
                 // The copies are durable before the dead letters' removal can commit, so a
@@ -1411,6 +1397,36 @@ impl GroupOps<'_> {
             .insert((self.topic.to_owned(), self.group.to_owned()));
     }
 
+    /// Ends the delivery of `o` for good (acknowledged or dead-lettered).
+    fn drop_delivery(&mut self, o: u64, had_row: bool) {
+        if had_row {
+            self.g().remove_row(o);
+            self.dirty_row(o);
+        } else {
+            self.g().mark_done(o);
+            self.dirty_group();
+        }
+    }
+
+    /// Takes out the row that carries `o` on (a retry, a redelivery, a park). A first delivery
+    /// has none yet: its offset is handed over (marked done) and a fresh row starts.
+    fn take_row(&mut self, o: u64, had_row: bool, now_ms: u64) -> Row {
+        self.dirty_row(o);
+        if had_row {
+            if let Some(row) = self.g().remove_row(o) {
+                return row;
+            }
+        }
+        self.g().mark_done(o);
+        self.dirty_group();
+        Row {
+            due: now_ms,
+            deliveries: 0,
+            failures: Vec::new(),
+            parked: false,
+        }
+    }
+
     /// Due rows first, then new records after the cursor.
     fn take_ready(
         &mut self,
@@ -1468,7 +1484,7 @@ impl GroupOps<'_> {
             }
             let cursor = g.cursor;
             let mut hint = g.hint.take();
-            let recs = log.read(cursor, (max - out.len()).max(16), &mut hint)?;
+            let recs = log.read(cursor, max - out.len(), &mut hint)?;
             self.g().hint = hint;
             if recs.is_empty() {
                 break;
@@ -1544,70 +1560,34 @@ impl GroupOps<'_> {
             }
             let stopped = self.ts.stopped.contains_key(&o);
             let rec = log.get(o)?;
-            let g = self.g();
-            let Some(p) = g.pending.get_mut(&o) else {
+            let Some(had_row) = self.g().pending.get(&o).map(|p| p.row) else {
                 continue;
             };
-            if stopped || rec.is_none() {
-                // Parked (or gone) without counting a delivery that did not happen.
-                let p = g.pending.remove(&o).expect("checked");
-                let row = match g.remove_row(o) {
-                    Some(r) => r,
-                    None => {
-                        g.mark_done(o);
-                        Row {
-                            due: now.0,
-                            deliveries: p.attempt,
-                            failures: Vec::new(),
-                            parked: false,
-                        }
+            // Every redelivery is recorded in a row, so the count survives a crash.
+            let mut row = self.take_row(o, had_row, now.0);
+            let g = self.g();
+            let rec = match rec {
+                Some(rec) if !stopped => rec,
+                rec => {
+                    // Parked (or gone) without counting a delivery that did not happen.
+                    let p = g.pending.remove(&o).expect("checked above");
+                    if rec.is_some() {
+                        row.deliveries = p.attempt;
+                        row.parked = true;
+                        g.put_row(o, row, false);
                     }
-                };
-                if rec.is_some() {
-                    g.put_row(
-                        o,
-                        Row {
-                            parked: true,
-                            ..row
-                        },
-                        false,
-                    );
+                    continue;
                 }
-                if !p.row {
-                    self.dirty_group();
-                }
-                self.dirty_row(o);
-                continue;
-            }
+            };
+            let p = g.pending.get_mut(&o).expect("checked above");
             p.attempt += 1;
             p.consumer = consumer.to_owned();
             p.delivered_at = now;
-            let attempt = p.attempt;
-            let had_row = p.row;
             p.row = true;
-            // Every redelivery is recorded in a row, so the count survives a crash.
-            let mut row = match g.remove_row(o) {
-                Some(r) => r,
-                None => {
-                    g.mark_done(o);
-                    Row {
-                        due: now.0,
-                        deliveries: 0,
-                        failures: Vec::new(),
-                        parked: false,
-                    }
-                }
-            };
-            if !had_row {
-                self.dirty_group();
-            }
-            self.dirty_row(o);
+            let attempt = p.attempt;
             row.deliveries = attempt;
-            let Some(rec) = rec else {
-                unreachable!("handled above");
-            };
             let failures = row.failures.clone();
-            self.g().put_row(o, row, true);
+            g.put_row(o, row, true);
             out.push(Delivery {
                 message: message_of(&rec, attempt),
                 failures,
@@ -1625,40 +1605,16 @@ impl GroupOps<'_> {
             return false;
         };
         match s {
-            Settlement::Ack(_) => {
-                if p.row {
-                    g.remove_row(o);
-                    self.dirty_row(o);
-                } else {
-                    g.mark_done(o);
-                    self.dirty_group();
-                }
-            }
+            Settlement::Ack(_) => self.drop_delivery(o, p.row),
             Settlement::Retry { at, failure, .. } => {
-                let mut row = g.remove_row(o).unwrap_or(Row {
-                    due: 0,
-                    deliveries: p.attempt,
-                    failures: Vec::new(),
-                    parked: false,
-                });
+                let mut row = self.take_row(o, p.row, at.0);
                 row.due = at.0;
                 row.deliveries = p.attempt;
                 row.failures.push(failure.clone());
-                g.put_row(o, row, false);
-                if !p.row {
-                    g.mark_done(o);
-                    self.dirty_group();
-                }
-                self.dirty_row(o);
+                self.g().put_row(o, row, false);
             }
             Settlement::DeadLetter(dl) => {
-                if p.row {
-                    g.remove_row(o);
-                    self.dirty_row(o);
-                } else {
-                    g.mark_done(o);
-                    self.dirty_group();
-                }
+                self.drop_delivery(o, p.row);
                 let id = self.ts.last_dead.next_after(now.0);
                 self.ts.last_dead = id;
                 self.ts.dead_count += 1;
@@ -1849,17 +1805,7 @@ impl Backend for EmbeddedBackend {
         } else {
             after.seq + 1
         };
-        let now = Timestamp::now();
-        let (out, ticket) = self.shared.group_ops(sub, |ops| {
-            ops.redeliver(&sub.consumer, max, now, |o, p| {
-                o >= min && p.consumer == sub.consumer
-            })
-        })?;
-        if !out.is_empty() {
-            // Raised delivery counts ride the next cycle; no need to wait for it.
-            self.shared.durable_later(ticket);
-        }
-        Ok(out)
+        self.redeliver(sub, max, |o, p, _| o >= min && p.consumer == sub.consumer)
     }
 
     async fn claim(
@@ -1868,16 +1814,7 @@ impl Backend for EmbeddedBackend {
         min_idle: Duration,
         max: usize,
     ) -> Result<Vec<Delivery>, BackendError> {
-        let now = Timestamp::now();
-        let (out, ticket) = self.shared.group_ops(sub, |ops| {
-            ops.redeliver(&sub.consumer, max, now, |_, p| {
-                now.since(p.delivered_at) >= min_idle
-            })
-        })?;
-        if !out.is_empty() {
-            self.shared.durable_later(ticket);
-        }
-        Ok(out)
+        self.redeliver(sub, max, |_, p, now| now.since(p.delivered_at) >= min_idle)
     }
 
     async fn read(
@@ -1899,13 +1836,13 @@ impl Backend for EmbeddedBackend {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let now = Timestamp::now();
-            let ((out, next_due), ticket) = self.shared.group_ops(sub, |ops| {
+            let ((out, next_due), _) = self.shared.group_ops(sub, |ops| {
                 let out = ops.take_ready(&sub.consumer, max, now)?;
                 let next_due = ops.g().due.first().map(|(d, _)| *d);
                 Ok((out, next_due))
             })?;
             if !out.is_empty() {
-                self.shared.durable_later(ticket);
+                self.shared.request_commit();
             }
             let now_instant = tokio::time::Instant::now();
             if !out.is_empty() || now_instant >= deadline {
@@ -1923,15 +1860,12 @@ impl Backend for EmbeddedBackend {
 
     async fn settle(&self, sub: &Subscription, batch: &[Settlement]) -> Result<(), BackendError> {
         let now = Timestamp::now();
-        let ((changed, retried), ticket) = self.shared.group_ops(sub, |ops| {
-            let mut changed = false;
+        let (retried, ticket) = self.shared.group_ops(sub, |ops| {
             let mut retried = false;
             for s in batch {
-                let applied = ops.settle(s, now);
-                changed |= applied;
-                retried |= applied && matches!(s, Settlement::Retry { .. });
+                retried |= ops.settle(s, now) && matches!(s, Settlement::Retry { .. });
             }
-            Ok((changed, retried))
+            Ok(retried)
         })?;
         if retried {
             let inner = lock(&self.shared.inner);
@@ -1939,9 +1873,8 @@ impl Backend for EmbeddedBackend {
                 t.ready.notify_waiters();
             }
         }
-        // Even when every settlement was already applied (a retried call), wait: the first
+        // Wait even when every settlement was applied already (a retried call): the first
         // call's commit may still be running.
-        let _ = changed;
         self.shared.durable(ticket).await?;
         Ok(())
     }
@@ -2252,9 +2185,29 @@ impl Backend for EmbeddedBackend {
 }
 
 impl Shared {
-    /// Asks for a cycle to persist change `ticket` without waiting for it.
-    fn durable_later(&self, _ticket: u64) {
+    /// Asks for a commit cycle for the changes made so far, without waiting for it.
+    fn request_commit(&self) {
         lock(&self.queue).state_dirty = true;
         self.wake.notify_one();
+    }
+}
+
+impl EmbeddedBackend {
+    /// Delivers again the pending entries `pick` selects (`recover` and `claim`). Raised
+    /// delivery counts ride the next cycle; nobody waits for it.
+    fn redeliver(
+        &self,
+        sub: &Subscription,
+        max: usize,
+        pick: impl Fn(u64, &Pending, Timestamp) -> bool,
+    ) -> Result<Vec<Delivery>, BackendError> {
+        let now = Timestamp::now();
+        let (out, _) = self.shared.group_ops(sub, |ops| {
+            ops.redeliver(&sub.consumer, max, now, |o, p| pick(o, p, now))
+        })?;
+        if !out.is_empty() {
+            self.shared.request_commit();
+        }
+        Ok(out)
     }
 }
