@@ -1253,8 +1253,16 @@ pub async fn bad_input_is_rejected_and_nothing_is_published(b: Broker) {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
     New,
-    Pending { consumer: usize, at: Timestamp },
-    Scheduled { due: Timestamp },
+    /// Delivered to `consumer` between `since` and `at` (the backend's own delivery time lies
+    /// in between; in paused time they are equal).
+    Pending {
+        consumer: usize,
+        since: Timestamp,
+        at: Timestamp,
+    },
+    Scheduled {
+        due: Timestamp,
+    },
     Acked,
     Dead,
 }
@@ -1285,6 +1293,7 @@ pub async fn model_based_random_operations_lose_nothing(b: Broker) {
                                 eligible: &BTreeSet<MessageId>,
                                 must: usize,
                                 max: usize,
+                                before: Timestamp,
                                 step: &str| {
             // `eligible` holds what may be delivered (its time came by the end of the call);
             // `must` of them were due before the call began. In real time the two differ.
@@ -1306,6 +1315,7 @@ pub async fn model_based_random_operations_lose_nothing(b: Broker) {
                     d.message.id,
                     State::Pending {
                         consumer: c,
+                        since: before,
                         at: now,
                     },
                 );
@@ -1340,7 +1350,7 @@ pub async fn model_based_random_operations_lose_nothing(b: Broker) {
                     let must = due_by(now).len();
                     let got = backend.read(&subs[c], max, Duration::ZERO).await.unwrap();
                     let eligible = due_by(Timestamp::now());
-                    check_deliveries(&mut model, &got, c, &eligible, must, max, "read");
+                    check_deliveries(&mut model, &got, c, &eligible, must, max, now, "read");
                 }
                 40..=64 => {
                     let pending: Vec<MessageId> = model
@@ -1415,18 +1425,25 @@ pub async fn model_based_random_operations_lose_nothing(b: Broker) {
                 65..=74 => {
                     let c = rng.usize(0..3);
                     let min_idle = ms(rng.u64(0..400));
-                    let idle_by = |t: Timestamp| -> BTreeSet<MessageId> {
+                    // May be claimed: idle by the end of the call counting from the earliest
+                    // possible delivery; must be: idle at its start from the latest one.
+                    let idle_by = |t: Timestamp, latest: bool| -> BTreeSet<MessageId> {
                         model
                             .iter()
-                            .filter(|(_, s)| matches!(s, State::Pending { at, .. } if t.since(*at) >= min_idle))
+                            .filter(|(_, s)| match s {
+                                State::Pending { since, at, .. } => {
+                                    t.since(if latest { *at } else { *since }) >= min_idle
+                                }
+                                _ => false,
+                            })
                             .map(|(id, _)| *id)
                             .collect()
                     };
-                    let must = idle_by(now).len();
+                    let must = idle_by(now, true).len();
                     let max = rng.usize(1..6);
                     let got = backend.claim(&subs[c], min_idle, max).await.unwrap();
-                    let eligible = idle_by(Timestamp::now());
-                    check_deliveries(&mut model, &got, c, &eligible, must, max, "claim");
+                    let eligible = idle_by(Timestamp::now(), false);
+                    check_deliveries(&mut model, &got, c, &eligible, must, max, now, "claim");
                 }
                 75..=84 => {
                     // Consumer c crashed and restarts: it recovers what it held.
@@ -1448,7 +1465,7 @@ pub async fn model_based_random_operations_lose_nothing(b: Broker) {
                     let max = rng.usize(1..6);
                     let got = backend.recover(&subs[c], after, max).await.unwrap();
                     let must = eligible.len();
-                    check_deliveries(&mut model, &got, c, &eligible, must, max, "recover");
+                    check_deliveries(&mut model, &got, c, &eligible, must, max, now, "recover");
                 }
                 _ => tokio::time::sleep(ms(rng.u64(1..200))).await,
             }
