@@ -68,7 +68,9 @@ impl Broker {
     }
 
     /// A broker for a backend URL: `file:///path/to/data` (or `file://relative/path`) for the
-    /// embedded engine, `memory://` for the in-memory backend.
+    /// embedded engine, `memory://` for the in-memory backend, and with the `redis` feature
+    /// `redis://[user:password@]host:port[/db]`, `rediss://...` or
+    /// `redis+cluster://host:port,host:port` for Redis Streams.
     ///
     /// # Errors
     /// An unsupported URL, or the backend failed to open.
@@ -80,14 +82,21 @@ impl Broker {
                 url: url.to_owned(),
                 reason: "a file:// URL needs a directory, e.g. file:///var/lib/relq".into(),
             }),
-            Some(("redis", _)) | Some(("rediss", _)) => Err(Error::UnsupportedUrl {
-                url: url.to_owned(),
-                reason: "the Redis Streams backend is not built yet; use file:// or memory://"
-                    .into(),
-            }),
+            #[cfg(feature = "redis")]
+            Some(("redis" | "rediss" | "redis+cluster" | "rediss+cluster", _)) => Ok(Broker::new(
+                crate::redis::RedisBackend::connect(url).await?,
+            )),
+            #[cfg(not(feature = "redis"))]
+            Some(("redis" | "rediss" | "redis+cluster" | "rediss+cluster", _)) => {
+                Err(Error::UnsupportedUrl {
+                    url: url.to_owned(),
+                    reason: "this build of relq has no Redis backend: enable the `redis` feature"
+                        .into(),
+                })
+            }
             _ => Err(Error::UnsupportedUrl {
                 url: url.to_owned(),
-                reason: "expected file:///path or memory://".into(),
+                reason: "expected file:///path, memory://, redis://host:port or redis+cluster://host:port,host:port".into(),
             }),
         }
     }

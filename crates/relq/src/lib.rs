@@ -56,6 +56,8 @@ mod error;
 mod handler;
 mod memory;
 mod model;
+#[cfg(feature = "redis")]
+mod redis;
 mod retry;
 
 pub use backend::{
@@ -78,4 +80,6 @@ pub use model::{
     HEADER_ORIGINAL_ID, HEADER_REPLAY_GROUP, HEADER_REPLAY_OF, MAX_KIND_LEN, MAX_NAME_LEN,
     RESERVED_HEADER_PREFIX,
 };
+#[cfg(feature = "redis")]
+pub use redis::{RedisBackend, RedisConfig};
 pub use retry::{Backoff, Failure, RetryDecision, RetryPolicy};

@@ -1,0 +1,1373 @@
+//! The Redis Streams backend (Redis 7.0 or newer, and Redis Cluster).
+//!
+//! # Keys
+//! Every key of topic `T` starts with `relq:{T}:`; the braces make `{T}` the hash tag, so all of
+//! a topic's keys live in one cluster slot and one Lua script can touch them atomically.
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `relq:{T}:s` | stream | the messages; relq groups are this stream's consumer groups |
+//! | `relq:{T}:meta` | hash | `epoch`: the topic's generation (set when created) |
+//! | `relq:{T}:ended` | string | the highest terminated epoch (the terminate marker) |
+//! | `relq:{T}:stop` | set | stopped message ids |
+//! | `relq:{T}:dl` | stream | dead letters: fields `record` (JSON) and `data` (payload) |
+//! | `relq:{T}:g:{G}:sched` | sorted set | group G's retries and delayed messages, by due ms |
+//! | `relq:{T}:g:{G}:park` | set | group G's parked (stopped) messages |
+//! | `relq:{T}:g:{G}:m` | hash | id → `"<deliveries> <failures JSON array>"` |
+//! | `relq:{T}:g:{G}:held` | sorted set | ids in `sched` or `park`, by id ms (retention floor) |
+//! | `relq:topics` | set | topic names (a registry for listing; not in the topic's slot) |
+//!
+//! A message is a stream entry with fields `type`, `data` (the payload bytes), optionally
+//! `headers` (a JSON object of strings) and `deliver_at` (ms since the epoch), and, on the first
+//! entry of a published batch, `nonce` (makes a retried publish idempotent). The id is the
+//! Redis stream id. A service in another language publishes with
+//! `XADD relq:{orders}:s * type order.created data <bytes>`; see `docs/design.md`.
+//!
+//! # Delivery
+//! A delivered message is in the group's pending entries list (PEL) under its consumer, with the
+//! PEL's delivery counter as its delivery count. A retry or a delayed message is acknowledged in
+//! the PEL and kept in `sched`; when due, the read script puts it back into the PEL with
+//! `XCLAIM ... FORCE RETRYCOUNT n` (so the count survives), atomically with the read. There is no
+//! separate promoter process to elect: promotion is part of every read, and the script runs
+//! atomically, so two readers never promote the same entry.
+
+mod conn;
+mod scripts;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use ::redis::{RedisError, RedisResult, Script, Value};
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::backend::{
+    replay_message, Backend, CleanupReport, ConsumerInfo, Delivery, GroupInfo, Retention,
+    Settlement, Subscription, TopicInfo,
+};
+use crate::dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
+use crate::error::{BackendError, BackendErrorKind, ConfigError};
+use crate::model::{Message, MessageId, Outgoing, StartPosition, Timestamp};
+use conn::{BlockingPool, Conn, Target};
+
+const NAME: &str = "redis";
+/// The set listing topic names.
+const REGISTRY: &str = "relq:topics";
+/// Header set on a message whose stored entry could not be decoded.
+const HEADER_MALFORMED: &str = "relq-malformed";
+/// The message type given to an entry without a readable `type` field; no handler is registered
+/// for it unless the user does so, so it is dead-lettered with the reason in its headers.
+const MALFORMED_KIND: &str = "relq.malformed";
+
+/// Configuration of a [`RedisBackend`].
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct RedisConfig {
+    /// How long one command may take before it counts as failed. Default 5 s.
+    pub response_timeout: Duration,
+    /// How long a failing call (connection lost, timeout, server loading) is retried before the
+    /// error reaches the caller. Default 30 s.
+    pub retry_for: Duration,
+    /// Connect even when `maxmemory-policy` lets Redis evict keys (queue data could vanish
+    /// silently). Default false: such a server is refused.
+    pub allow_eviction: bool,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            response_timeout: Duration::from_secs(5),
+            retry_for: Duration::from_secs(30),
+            allow_eviction: false,
+        }
+    }
+}
+
+impl RedisConfig {
+    /// Sets the per-command response timeout.
+    pub fn response_timeout(mut self, d: Duration) -> Self {
+        self.response_timeout = d;
+        self
+    }
+    /// Sets how long failing calls are retried.
+    pub fn retry_for(mut self, d: Duration) -> Self {
+        self.retry_for = d;
+        self
+    }
+    /// Accepts a server whose eviction policy could drop queue data.
+    pub fn allow_eviction(mut self, allow: bool) -> Self {
+        self.allow_eviction = allow;
+        self
+    }
+}
+
+struct Scripts {
+    publish: Script,
+    join: Script,
+    read: Script,
+    hold: Script,
+    redeliver: Script,
+    settle: Script,
+    stop: Script,
+    resume: Script,
+    terminate: Script,
+    cleanup: Script,
+    replay: Script,
+}
+
+impl Scripts {
+    fn new() -> Scripts {
+        let s = |body: &str| Script::new(&scripts::source(body));
+        Scripts {
+            publish: s(scripts::PUBLISH),
+            join: s(scripts::JOIN),
+            read: s(scripts::READ),
+            hold: s(scripts::HOLD),
+            redeliver: s(scripts::REDELIVER),
+            settle: s(scripts::SETTLE),
+            stop: s(scripts::STOP),
+            resume: s(scripts::RESUME),
+            terminate: s(scripts::TERMINATE),
+            cleanup: s(scripts::CLEANUP),
+            replay: s(scripts::REPLAY),
+        }
+    }
+}
+
+/// The Redis Streams backend. Durability is the server's: with `appendonly yes` and
+/// `appendfsync always` an acknowledged publish survives a server crash; with the default
+/// `everysec`, up to a second of writes can be lost on a power loss. See the module source for
+/// the key layout.
+pub struct RedisBackend {
+    config: RedisConfig,
+    target: Target,
+    conn: Conn,
+    blocking: BlockingPool,
+    scripts: Scripts,
+    /// Topics this process has registered in [`REGISTRY`].
+    registered: Mutex<HashSet<String>>,
+    /// Per (topic, group): stopped ids seen by the last read, to screen blocking reads.
+    stopped: Mutex<HashMap<(String, String), HashSet<MessageId>>>,
+}
+
+impl std::fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBackend")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+fn prefix(topic: &str) -> String {
+    format!("relq:{{{topic}}}:")
+}
+
+fn stream_key(topic: &str) -> String {
+    format!("relq:{{{topic}}}:s")
+}
+
+fn err(kind: BackendErrorKind, message: impl Into<String>) -> BackendError {
+    BackendError::new(NAME, kind, message)
+}
+
+fn corrupt(what: impl std::fmt::Display) -> BackendError {
+    err(
+        BackendErrorKind::Corrupt,
+        format!("unexpected reply from Redis: {what}"),
+    )
+}
+
+/// Whether a failed call may succeed if tried again.
+fn transient(e: &RedisError) -> bool {
+    if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_connection_refusal() {
+        return true;
+    }
+    matches!(
+        e.code(),
+        Some("LOADING" | "TRYAGAIN" | "BUSY" | "CLUSTERDOWN" | "MASTERDOWN" | "READONLY")
+    )
+}
+
+fn map_err(e: RedisError) -> BackendError {
+    let text = e.to_string();
+    if text.contains("RELQ_TERMINATED") {
+        return err(BackendErrorKind::Terminated, "the topic was terminated");
+    }
+    let kind = if e.code() == Some("OOM") {
+        BackendErrorKind::Full
+    } else if transient(&e) {
+        BackendErrorKind::Unavailable
+    } else if e.code() == Some("WRONGTYPE") {
+        BackendErrorKind::Corrupt
+    } else if e.code() == Some("NOPERM") || e.code() == Some("NOAUTH") {
+        BackendErrorKind::Invalid
+    } else {
+        BackendErrorKind::Unavailable
+    };
+    let message = if kind == BackendErrorKind::Full {
+        format!("Redis is out of memory (maxmemory reached): {text}")
+    } else {
+        text.clone()
+    };
+    err(kind, message).with_source(e)
+}
+
+// ---- reply parsing -------------------------------------------------------------------------
+
+fn items(v: Value) -> Vec<Value> {
+    match v {
+        Value::Array(a) | Value::Set(a) => a,
+        Value::Map(m) => m.into_iter().flat_map(|(k, v)| [k, v]).collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(i) => Some(i.to_string()),
+        Value::Okay => Some("OK".into()),
+        Value::VerbatimString { text, .. } => Some(text.clone()),
+        _ => None,
+    }
+}
+
+fn int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(i) => Some(*i),
+        other => text(other)?.parse().ok(),
+    }
+}
+
+fn id_of(v: &Value) -> Result<MessageId, BackendError> {
+    let s = text(v).ok_or_else(|| corrupt(format!("{v:?} is not an id")))?;
+    s.parse()
+        .map_err(|_| corrupt(format!("{s:?} is not an id")))
+}
+
+/// A key/value reply (RESP2 flat array or RESP3 map) as a map by key name.
+fn fields_map(v: Value) -> HashMap<String, Value> {
+    let mut out = HashMap::new();
+    let mut it = items(v).into_iter();
+    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+        if let Some(k) = text(&k) {
+            out.insert(k, v);
+        }
+    }
+    out
+}
+
+/// Decodes a stream entry's fields into a message. An entry that cannot be decoded becomes a
+/// message of type [`MALFORMED_KIND`] with the reason in a header, so it is dead-lettered and
+/// visible rather than lost or looping.
+fn message_of(id: MessageId, fields: Value, attempt: u32) -> Message {
+    let mut kind = None;
+    let mut payload = Bytes::new();
+    let mut headers = BTreeMap::new();
+    let mut deliver_at = None;
+    let mut problems = Vec::new();
+    let mut it = items(fields).into_iter();
+    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+        let key = text(&k).unwrap_or_default();
+        match key.as_str() {
+            "type" => kind = text(&v),
+            "data" => {
+                if let Value::BulkString(b) = v {
+                    payload = Bytes::from(b);
+                }
+            }
+            "headers" => match text(&v).map(|s| serde_json::from_str(&s)) {
+                Some(Ok(h)) => headers = h,
+                _ => problems.push("the headers field is not a JSON object of strings"),
+            },
+            "deliver_at" => match int(&v) {
+                Some(ms) if ms >= 0 => deliver_at = Some(Timestamp(ms as u64)),
+                _ => problems.push("the deliver_at field is not a number of milliseconds"),
+            },
+            _ => {}
+        }
+    }
+    let kind = match kind {
+        Some(k) if crate::model::validate_kind(&k).is_ok() => k,
+        _ => {
+            problems.push("the type field is missing or invalid");
+            MALFORMED_KIND.to_owned()
+        }
+    };
+    let kind = if problems.is_empty() {
+        kind
+    } else {
+        headers.insert(HEADER_MALFORMED.to_owned(), problems.join("; "));
+        MALFORMED_KIND.to_owned()
+    };
+    Message {
+        id,
+        kind,
+        payload,
+        headers,
+        published_at: Timestamp(id.ms),
+        deliver_at,
+        attempt,
+    }
+}
+
+/// Parses `{id, deliveries, fields, failures|false}` entries.
+fn deliveries(v: Value) -> Result<Vec<Delivery>, BackendError> {
+    items(v)
+        .into_iter()
+        .map(|d| {
+            let mut parts = items(d).into_iter();
+            let (Some(id), Some(n), Some(fields)) = (parts.next(), parts.next(), parts.next())
+            else {
+                return Err(corrupt("a delivery with fewer than 3 parts"));
+            };
+            let id = id_of(&id)?;
+            let attempt = int(&n).ok_or_else(|| corrupt("a delivery count"))? as u32;
+            let failures = match parts.next().as_ref().and_then(text) {
+                Some(json) => serde_json::from_str(&json).unwrap_or_else(|e| {
+                    tracing::warn!(%id, error = %e, "unreadable failure history; delivering without it");
+                    Vec::new()
+                }),
+                None => Vec::new(),
+            };
+            Ok(Delivery {
+                message: message_of(id, fields, attempt),
+                failures,
+            })
+        })
+        .collect()
+}
+
+/// Decodes a dead-letter stream entry.
+fn dead_letter_of(entry: Value) -> Result<DeadLetter, BackendError> {
+    let mut parts = items(entry).into_iter();
+    let (Some(id), Some(fields)) = (parts.next(), parts.next()) else {
+        return Err(corrupt("a dead-letter entry"));
+    };
+    let id = id_of(&id)?;
+    let mut f = fields_map(fields);
+    let record = f
+        .remove("record")
+        .and_then(|v| text(&v))
+        .ok_or_else(|| corrupt(format!("dead letter {id} has no record field")))?;
+    let mut dl: DeadLetter = serde_json::from_str(&record).map_err(|e| {
+        err(
+            BackendErrorKind::Corrupt,
+            format!("dead letter {id} has an unreadable record: {e}"),
+        )
+    })?;
+    dl.id = id;
+    if let Some(Value::BulkString(b)) = f.remove("data") {
+        dl.message.payload = Bytes::from(b);
+    }
+    Ok(dl)
+}
+
+/// The cursor that makes `id` the next id read (`XGROUP CREATE` takes the last id read).
+fn before(id: MessageId) -> String {
+    if id.seq > 0 {
+        MessageId::new(id.ms, id.seq - 1).to_string()
+    } else if id.ms > 0 {
+        format!("{}-{}", id.ms - 1, u64::MAX)
+    } else {
+        "0".to_owned()
+    }
+}
+
+/// Largest number of dead letters looked at per page by list, purge and stats.
+const DL_PAGE: usize = 500;
+
+impl RedisBackend {
+    /// Connects to `url` with the default configuration. See [`connect_with`](Self::connect_with).
+    ///
+    /// # Errors
+    /// As for [`connect_with`](Self::connect_with).
+    pub async fn connect(url: &str) -> Result<RedisBackend, crate::Error> {
+        Self::connect_with(url, RedisConfig::default()).await
+    }
+
+    /// Connects to `url`: `redis://[user:password@]host:port[/db]`, `rediss://...` (TLS; needs
+    /// the `redis-tls` build feature), or `redis+cluster://[user:password@]host:port,host:port`
+    /// for Redis Cluster. Checks that the server is Redis 7.0 or newer and that its
+    /// `maxmemory-policy` cannot evict queue data.
+    ///
+    /// # Errors
+    /// A malformed URL, an unreachable server, authentication failure, a server older than 7.0,
+    /// or an evicting memory policy (unless [`RedisConfig::allow_eviction`]).
+    pub async fn connect_with(
+        url: &str,
+        config: RedisConfig,
+    ) -> Result<RedisBackend, crate::Error> {
+        let bad_url = |e: RedisError| crate::Error::UnsupportedUrl {
+            url: redact(url),
+            reason: e.to_string(),
+        };
+        if config.response_timeout.is_zero() {
+            return Err(ConfigError::new("response_timeout", "must be greater than zero").into());
+        }
+        let target = conn::target(url, config.response_timeout).map_err(bad_url)?;
+        let conn = target
+            .main(config.response_timeout)
+            .await
+            .map_err(|e| crate::Error::Backend(map_err(e)))?;
+        let backend = RedisBackend {
+            config,
+            target,
+            conn,
+            blocking: BlockingPool::new(),
+            scripts: Scripts::new(),
+            registered: Mutex::new(HashSet::new()),
+            stopped: Mutex::new(HashMap::new()),
+        };
+        backend.check_server().await?;
+        Ok(backend)
+    }
+
+    /// Refuses servers older than 7.0 and (unless allowed) an evicting memory policy.
+    async fn check_server(&self) -> Result<(), BackendError> {
+        let info: Value = self
+            .call(
+                |mut c| async move { ::redis::cmd("INFO").arg("server").query_async(&mut c).await },
+            )
+            .await?;
+        let info = match info {
+            Value::Map(nodes) => nodes.into_iter().filter_map(|(_, v)| text(&v)).collect(),
+            other => text(&other).unwrap_or_default(),
+        };
+        for line in info.lines() {
+            if let Some(v) = line.strip_prefix("redis_version:") {
+                let mut parts = v.trim().split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+                let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+                if (major, minor) < (7, 0) {
+                    return Err(err(
+                        BackendErrorKind::Invalid,
+                        format!(
+                            "Redis {} is too old: relq needs Redis 7.0 or newer",
+                            v.trim()
+                        ),
+                    ));
+                }
+            }
+        }
+        let policy: RedisResult<Value> = ::redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("maxmemory-policy")
+            .query_async(&mut self.conn.clone())
+            .await;
+        let policies: Vec<String> = match policy {
+            Ok(v) => {
+                let flat = items(v);
+                let mut out = Vec::new();
+                for v in flat {
+                    match v {
+                        Value::Array(_) | Value::Map(_) => {
+                            if let Some(p) = fields_map(v).get("maxmemory-policy").and_then(text) {
+                                out.push(p);
+                            }
+                        }
+                        other => {
+                            if let Some(t) = text(&other) {
+                                if t != "maxmemory-policy" {
+                                    out.push(t);
+                                }
+                            }
+                        }
+                    }
+                }
+                out
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read maxmemory-policy (CONFIG GET denied?); make sure it is noeviction, or Redis may silently evict queue data");
+                Vec::new()
+            }
+        };
+        for p in policies {
+            if p != "noeviction" {
+                let msg = format!(
+                    "the server's maxmemory-policy is {p:?}: Redis may evict queue data (messages, pending entries, dead letters) when memory is full, losing messages silently; set `maxmemory-policy noeviction`"
+                );
+                if self.config.allow_eviction {
+                    tracing::warn!("{msg} (allowed by configuration)");
+                } else {
+                    return Err(err(
+                        BackendErrorKind::Invalid,
+                        format!("{msg}, or allow it explicitly with RedisConfig::allow_eviction"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on the shared connection, retrying transient failures for `retry_for`.
+    async fn call<T, F, Fut>(&self, mut f: F) -> Result<T, BackendError>
+    where
+        F: FnMut(Conn) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.config.retry_for;
+        let mut delay = Duration::from_millis(20);
+        loop {
+            match f(self.conn.clone()).await {
+                Ok(v) => return Ok(v),
+                Err(e) if transient(&e) && tokio::time::Instant::now() + delay < deadline => {
+                    tracing::debug!(error = %e, ?delay, "redis call failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => return Err(map_err(e)),
+            }
+        }
+    }
+
+    /// Adds `topic` to the registry once per process (before it is created, so the registry
+    /// never misses a topic).
+    async fn register(&self, topic: &str) -> Result<(), BackendError> {
+        if self
+            .registered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(topic)
+        {
+            return Ok(());
+        }
+        self.call(|mut c| async move {
+            ::redis::cmd("SADD")
+                .arg(REGISTRY)
+                .arg(topic)
+                .query_async::<Value>(&mut c)
+                .await
+        })
+        .await?;
+        self.registered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(topic.to_owned());
+        Ok(())
+    }
+
+    fn warn_lost(&self, sub: &Subscription, lost: bool) {
+        if lost {
+            tracing::warn!(
+                topic = %sub.topic,
+                group = %sub.group,
+                "Redis lost this topic's group (restart without persistence, eviction or FLUSHALL?): recreated it; messages published before the loss are gone"
+            );
+        }
+    }
+
+    fn remember_stopped(&self, sub: &Subscription, ids: Value) {
+        let ids: HashSet<MessageId> = items(ids).iter().filter_map(|v| id_of(v).ok()).collect();
+        let mut map = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
+        map.insert((sub.topic.clone(), sub.group.clone()), ids);
+    }
+
+    fn is_stopped(&self, sub: &Subscription, id: MessageId) -> bool {
+        let map = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&(sub.topic.clone(), sub.group.clone()))
+            .is_some_and(|s| s.contains(&id))
+    }
+
+    /// The read script: due entries, then new ones, without blocking.
+    async fn read_now(
+        &self,
+        sub: &Subscription,
+        max: usize,
+    ) -> Result<(Vec<Delivery>, Option<u64>), BackendError> {
+        let key = stream_key(&sub.topic);
+        let pre = prefix(&sub.topic);
+        let now = Timestamp::now().0;
+        let reply: Value = self
+            .call(|mut c| {
+                let mut inv = self.scripts.read.key(&key);
+                inv.arg(&pre)
+                    .arg(&sub.group)
+                    .arg(&sub.consumer)
+                    .arg(sub.epoch)
+                    .arg(now)
+                    .arg(max);
+                async move { inv.invoke_async(&mut c).await }
+            })
+            .await?;
+        let mut parts = items(reply).into_iter();
+        let (Some(lost), Some(out), Some(next_due), Some(stopped)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(corrupt("read script reply"));
+        };
+        self.warn_lost(sub, int(&lost) == Some(1));
+        self.remember_stopped(sub, stopped);
+        Ok((deliveries(out)?, int(&next_due).map(|d| d as u64)))
+    }
+
+    /// Blocks on `XREADGROUP` for up to `block`; screens what arrives (stopped or not yet due
+    /// entries are moved aside by the hold script).
+    async fn read_blocking(
+        &self,
+        sub: &Subscription,
+        max: usize,
+        block: Duration,
+    ) -> Result<Vec<Delivery>, BackendError> {
+        let key = stream_key(&sub.topic);
+        let mut conn = self.blocking.take(&self.target).await.map_err(map_err)?;
+        let block_ms = block.as_millis().max(1) as u64;
+        let cmd = {
+            let mut cmd = ::redis::cmd("XREADGROUP");
+            cmd.arg("GROUP")
+                .arg(&sub.group)
+                .arg(&sub.consumer)
+                .arg("COUNT")
+                .arg(max)
+                .arg("BLOCK")
+                .arg(block_ms)
+                .arg("STREAMS")
+                .arg(&key)
+                .arg(">");
+            cmd
+        };
+        let limit = block + self.config.response_timeout;
+        let reply = match tokio::time::timeout(limit, cmd.query_async::<Value>(&mut conn)).await {
+            Ok(Ok(v)) => {
+                self.blocking.give_back(conn);
+                v
+            }
+            Ok(Err(e)) if e.code() == Some("NOGROUP") => {
+                self.blocking.give_back(conn);
+                // The group or stream is gone: the read script tells terminated from lost.
+                return Ok(Vec::new());
+            }
+            Ok(Err(e)) => return Err(map_err(e)),
+            Err(_) => {
+                return Err(err(
+                    BackendErrorKind::Unavailable,
+                    format!("blocking read got no reply within {limit:?}"),
+                ))
+            }
+        };
+        let mut entries = Vec::new();
+        for stream in items(reply) {
+            // RESP2: [key, entries]; RESP3 maps flatten to the same shape.
+            let mut parts = items(stream).into_iter();
+            if let (Some(_), Some(list)) = (parts.next(), parts.next()) {
+                entries.extend(items(list));
+            }
+        }
+        let now = Timestamp::now();
+        let mut out = Vec::new();
+        let mut held: Vec<(MessageId, i64)> = Vec::new();
+        for e in entries {
+            let mut parts = items(e).into_iter();
+            let (Some(id), Some(fields)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let id = id_of(&id)?;
+            let message = message_of(id, fields, 1);
+            if self.is_stopped(sub, id) {
+                held.push((id, -1));
+            } else if let Some(at) = message.deliver_at.filter(|at| *at > now) {
+                held.push((id, at.0 as i64));
+            } else {
+                out.push(Delivery {
+                    message,
+                    failures: Vec::new(),
+                });
+            }
+        }
+        if !held.is_empty() {
+            let pre = prefix(&sub.topic);
+            self.call(|mut c| {
+                let mut inv = self.scripts.hold.key(&key);
+                inv.arg(&pre).arg(&sub.group).arg(sub.epoch);
+                for (id, due) in &held {
+                    inv.arg(id.to_string()).arg(*due);
+                }
+                async move { inv.invoke_async::<Value>(&mut c).await }
+            })
+            .await?;
+        }
+        Ok(out)
+    }
+
+    async fn redeliver(
+        &self,
+        sub: &Subscription,
+        max: usize,
+        mode: &str,
+        arg: String,
+    ) -> Result<Vec<Delivery>, BackendError> {
+        let key = stream_key(&sub.topic);
+        let pre = prefix(&sub.topic);
+        let now = Timestamp::now().0;
+        let reply: Value = self
+            .call(|mut c| {
+                let mut inv = self.scripts.redeliver.key(&key);
+                inv.arg(&pre)
+                    .arg(&sub.group)
+                    .arg(&sub.consumer)
+                    .arg(sub.epoch)
+                    .arg(now)
+                    .arg(max)
+                    .arg(mode)
+                    .arg(&arg);
+                async move { inv.invoke_async(&mut c).await }
+            })
+            .await?;
+        let mut parts = items(reply).into_iter();
+        let (Some(lost), Some(out)) = (parts.next(), parts.next()) else {
+            return Err(corrupt("redeliver script reply"));
+        };
+        self.warn_lost(sub, int(&lost) == Some(1));
+        deliveries(out)
+    }
+
+    async fn query(&self, cmd: ::redis::Cmd) -> Result<Value, BackendError> {
+        self.call(|mut c| {
+            let cmd = cmd.clone();
+            async move { cmd.query_async(&mut c).await }
+        })
+        .await
+    }
+
+    /// Dead letters of `topic` from `start` (an XRANGE bound), one raw page.
+    async fn dead_letter_page(
+        &self,
+        topic: &str,
+        start: &str,
+        count: usize,
+    ) -> Result<Vec<DeadLetter>, BackendError> {
+        let mut cmd = ::redis::cmd("XRANGE");
+        cmd.arg(format!("{}dl", prefix(topic)))
+            .arg(start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(count);
+        items(self.query(cmd).await?)
+            .into_iter()
+            .map(dead_letter_of)
+            .collect()
+    }
+
+    /// Calls `f` on every dead letter of `topic`, a page at a time, oldest first.
+    async fn each_dead_letter(
+        &self,
+        topic: &str,
+        mut f: impl FnMut(&DeadLetter),
+    ) -> Result<(), BackendError> {
+        let mut start = "-".to_owned();
+        loop {
+            let page = self.dead_letter_page(topic, &start, DL_PAGE).await?;
+            for dl in &page {
+                f(dl);
+            }
+            match page.last() {
+                Some(last) if page.len() == DL_PAGE => start = format!("({}", last.id),
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    /// Counts stream entries after `id` (used when Redis cannot report a group's lag).
+    async fn count_after(&self, key: &str, id: &str) -> Result<u64, BackendError> {
+        let mut start = format!("({id}");
+        let mut n = 0u64;
+        loop {
+            let mut cmd = ::redis::cmd("XRANGE");
+            cmd.arg(key).arg(&start).arg("+").arg("COUNT").arg(1000);
+            let page = items(self.query(cmd).await?);
+            n += page.len() as u64;
+            if page.len() < 1000 {
+                return Ok(n);
+            }
+            let last = items(page.last().cloned().unwrap_or(Value::Nil))
+                .first()
+                .and_then(text)
+                .unwrap_or_default();
+            start = format!("({last}");
+        }
+    }
+}
+
+/// The URL without its password, for error messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let userinfo = &url[s + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..s + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+fn random_nonce() -> String {
+    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+}
+
+#[async_trait]
+impl Backend for RedisBackend {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    async fn publish(
+        &self,
+        topic: &str,
+        batch: Vec<Outgoing>,
+    ) -> Result<Vec<MessageId>, BackendError> {
+        self.register(topic).await?;
+        let key = stream_key(topic);
+        let pre = prefix(topic);
+        let nonce = random_nonce();
+        let headers: Vec<String> = batch
+            .iter()
+            .map(|m| {
+                if m.headers.is_empty() {
+                    String::new()
+                } else {
+                    serde_json::to_string(&m.headers).expect("string maps serialize")
+                }
+            })
+            .collect();
+        let started = tokio::time::Instant::now();
+        let mut first = true;
+        let reply: Value = self
+            .call(|mut c| {
+                // A retry (the first attempt may have been applied before the connection
+                // dropped) looks for the batch's nonce among recent entries first.
+                let window = if first {
+                    0
+                } else {
+                    started.elapsed().as_millis() as u64 + 10_000
+                };
+                first = false;
+                let mut inv = self.scripts.publish.key(&key);
+                inv.arg(&pre).arg(window).arg(&nonce).arg(batch.len());
+                for (m, h) in batch.iter().zip(&headers) {
+                    inv.arg(&m.kind).arg(m.payload.as_ref()).arg(h);
+                    match m.deliver_at {
+                        Some(at) => inv.arg(at.0),
+                        None => inv.arg(""),
+                    };
+                }
+                async move { inv.invoke_async(&mut c).await }
+            })
+            .await?;
+        let ids = items(reply)
+            .iter()
+            .map(id_of)
+            .collect::<Result<Vec<_>, _>>()?;
+        if ids.len() != batch.len() {
+            return Err(corrupt(format!(
+                "publish of {} messages returned {} ids",
+                batch.len(),
+                ids.len()
+            )));
+        }
+        Ok(ids)
+    }
+
+    async fn join(
+        &self,
+        topic: &str,
+        group: &str,
+        consumer: &str,
+        start: StartPosition,
+    ) -> Result<Subscription, BackendError> {
+        self.register(topic).await?;
+        let key = stream_key(topic);
+        let pre = prefix(topic);
+        let start = match start {
+            StartPosition::Latest => "$".to_owned(),
+            StartPosition::Earliest => "0".to_owned(),
+            StartPosition::From(id) => before(id),
+        };
+        let epoch: Value = self
+            .call(|mut c| {
+                let mut inv = self.scripts.join.key(&key);
+                inv.arg(&pre).arg(group).arg(consumer).arg(&start);
+                async move { inv.invoke_async(&mut c).await }
+            })
+            .await?;
+        let epoch = text(&epoch)
+            .and_then(|e| e.parse::<u64>().ok())
+            .ok_or_else(|| corrupt(format!("topic epoch {epoch:?}")))?;
+        Ok(Subscription {
+            topic: topic.to_owned(),
+            group: group.to_owned(),
+            consumer: consumer.to_owned(),
+            epoch,
+        })
+    }
+
+    async fn recover(
+        &self,
+        sub: &Subscription,
+        after: MessageId,
+        max: usize,
+    ) -> Result<Vec<Delivery>, BackendError> {
+        self.redeliver(sub, max, "recover", after.to_string()).await
+    }
+
+    async fn claim(
+        &self,
+        sub: &Subscription,
+        min_idle: Duration,
+        max: usize,
+    ) -> Result<Vec<Delivery>, BackendError> {
+        self.redeliver(sub, max, "claim", min_idle.as_millis().to_string())
+            .await
+    }
+
+    async fn read(
+        &self,
+        sub: &Subscription,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Delivery>, BackendError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let (out, next_due) = self.read_now(sub, max).await?;
+            if !out.is_empty() {
+                return Ok(out);
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Ok(out);
+            }
+            let mut block = deadline - now;
+            if let Some(due) = next_due {
+                block = block.min(Timestamp(due).since(Timestamp::now()));
+            }
+            if block.is_zero() {
+                continue;
+            }
+            let out = self.read_blocking(sub, max, block).await?;
+            if !out.is_empty() {
+                return Ok(out);
+            }
+        }
+    }
+
+    async fn settle(&self, sub: &Subscription, batch: &[Settlement]) -> Result<(), BackendError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let key = stream_key(&sub.topic);
+        let pre = prefix(&sub.topic);
+        // Encode once; retries reuse the arguments.
+        let mut args: Vec<Vec<u8>> = Vec::with_capacity(batch.len() * 2);
+        for s in batch {
+            match s {
+                Settlement::Ack(id) => {
+                    args.push(b"a".to_vec());
+                    args.push(id.to_string().into_bytes());
+                }
+                Settlement::Retry { id, at, failure } => {
+                    args.push(b"r".to_vec());
+                    args.push(id.to_string().into_bytes());
+                    args.push(at.0.to_string().into_bytes());
+                    args.push(serde_json::to_vec(failure).expect("failures serialize"));
+                }
+                Settlement::DeadLetter(dl) => {
+                    let mut record = (**dl).clone();
+                    let payload = std::mem::take(&mut record.message.payload);
+                    args.push(b"d".to_vec());
+                    args.push(dl.message.id.to_string().into_bytes());
+                    args.push(serde_json::to_vec(&record).expect("dead letters serialize"));
+                    args.push(payload.to_vec());
+                }
+            }
+        }
+        self.call(|mut c| {
+            let mut inv = self.scripts.settle.key(&key);
+            inv.arg(&pre).arg(&sub.group).arg(sub.epoch);
+            for a in &args {
+                inv.arg(a.as_slice());
+            }
+            async move { inv.invoke_async::<Value>(&mut c).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn stop_message(&self, topic: &str, id: MessageId) -> Result<bool, BackendError> {
+        let key = stream_key(topic);
+        let pre = prefix(topic);
+        let r: Value = self
+            .call(|mut c| {
+                let mut inv = self.scripts.stop.key(&key);
+                inv.arg(&pre).arg(id.to_string());
+                async move { inv.invoke_async(&mut c).await }
+            })
+            .await?;
+        Ok(int(&r) == Some(1))
+    }
+
+    async fn resume_message(&self, topic: &str, id: MessageId) -> Result<bool, BackendError> {
+        let key = stream_key(topic);
+        let pre = prefix(topic);
+        let now = Timestamp::now().0;
+        let r: Value = self
+            .call(|mut c| {
+                let mut inv = self.scripts.resume.key(&key);
+                inv.arg(&pre).arg(id.to_string()).arg(now);
+                async move { inv.invoke_async(&mut c).await }
+            })
+            .await?;
+        Ok(items(r).get(1).and_then(int) == Some(1))
+    }
+
+    async fn terminate(&self, topic: &str) -> Result<bool, BackendError> {
+        let key = stream_key(topic);
+        let pre = prefix(topic);
+        let r: Value = self
+            .call(|mut c| {
+                let mut inv = self.scripts.terminate.key(&key);
+                inv.arg(&pre);
+                async move { inv.invoke_async(&mut c).await }
+            })
+            .await?;
+        let mut cmd = ::redis::cmd("SREM");
+        cmd.arg(REGISTRY).arg(topic);
+        self.query(cmd).await?;
+        self.registered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(topic);
+        Ok(int(&r) == Some(1))
+    }
+
+    async fn cleanup(
+        &self,
+        topic: &str,
+        retention: &Retention,
+    ) -> Result<CleanupReport, BackendError> {
+        let key = stream_key(topic);
+        let pre = prefix(topic);
+        let mut report = CleanupReport::default();
+        let max_len = retention.max_len.map(|m| m as i64).unwrap_or(-1);
+        loop {
+            let cutoff = Timestamp::now().minus(retention.min_age).0;
+            let r: Value = self
+                .call(|mut c| {
+                    let mut inv = self.scripts.cleanup.key(&key);
+                    inv.arg(&pre)
+                        .arg(cutoff)
+                        .arg(retention.batch.max(1))
+                        .arg(max_len);
+                    async move { inv.invoke_async(&mut c).await }
+                })
+                .await?;
+            let r = items(r);
+            let removed = r.first().and_then(int).unwrap_or(0) as u64;
+            let trimmed = r.get(1).and_then(int).unwrap_or(0) as u64;
+            report.removed += removed;
+            report.trimmed_unacknowledged += trimmed;
+            if removed + trimmed == 0 {
+                return Ok(report);
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+
+    async fn topics(&self) -> Result<Vec<String>, BackendError> {
+        let mut cmd = ::redis::cmd("SMEMBERS");
+        cmd.arg(REGISTRY);
+        let mut out = Vec::new();
+        for name in items(self.query(cmd).await?).iter().filter_map(text) {
+            let mut cmd = ::redis::cmd("EXISTS");
+            cmd.arg(format!("{}meta", prefix(&name)))
+                .arg(stream_key(&name));
+            if int(&self.query(cmd).await?).unwrap_or(0) > 0 {
+                out.push(name);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    async fn topic_info(&self, topic: &str) -> Result<Option<TopicInfo>, BackendError> {
+        let key = stream_key(topic);
+        let pre = prefix(topic);
+        let mut cmd = ::redis::cmd("EXISTS");
+        cmd.arg(format!("{pre}meta")).arg(&key);
+        if int(&self.query(cmd).await?).unwrap_or(0) == 0 {
+            return Ok(None);
+        }
+        let mut info = TopicInfo {
+            name: topic.to_owned(),
+            length: 0,
+            first_id: None,
+            last_id: None,
+            groups: Vec::new(),
+            stopped: Vec::new(),
+            dead_letters: 0,
+        };
+        let mut cmd = ::redis::cmd("EXISTS");
+        cmd.arg(&key);
+        let has_stream = int(&self.query(cmd).await?).unwrap_or(0) == 1;
+        if has_stream {
+            let mut cmd = ::redis::cmd("XINFO");
+            cmd.arg("STREAM").arg(&key);
+            let s = fields_map(self.query(cmd).await?);
+            info.length = s.get("length").and_then(int).unwrap_or(0) as u64;
+            info.last_id = s
+                .get("last-generated-id")
+                .and_then(|v| id_of(v).ok())
+                .filter(|id| *id != MessageId::ZERO);
+            info.first_id = s
+                .get("first-entry")
+                .and_then(|e| items(e.clone()).first().and_then(|v| id_of(v).ok()));
+            let mut cmd = ::redis::cmd("XINFO");
+            cmd.arg("GROUPS").arg(&key);
+            for g in items(self.query(cmd).await?) {
+                let g = fields_map(g);
+                let name = g.get("name").and_then(text).unwrap_or_default();
+                let cursor = g
+                    .get("last-delivered-id")
+                    .and_then(|v| id_of(v).ok())
+                    .unwrap_or_default();
+                let lag = match g.get("lag").and_then(int) {
+                    Some(l) => l as u64,
+                    None => self.count_after(&key, &cursor.to_string()).await?,
+                };
+                let gkey = format!("{pre}g:{name}:");
+                let mut cmd = ::redis::cmd("ZCARD");
+                cmd.arg(format!("{gkey}sched"));
+                let scheduled = int(&self.query(cmd).await?).unwrap_or(0) as u64;
+                let mut cmd = ::redis::cmd("SCARD");
+                cmd.arg(format!("{gkey}park"));
+                let parked = int(&self.query(cmd).await?).unwrap_or(0) as u64;
+                let mut cmd = ::redis::cmd("XINFO");
+                cmd.arg("CONSUMERS").arg(&key).arg(&name);
+                let consumers = items(self.query(cmd).await?)
+                    .into_iter()
+                    .map(|c| {
+                        let c = fields_map(c);
+                        ConsumerInfo {
+                            name: c.get("name").and_then(text).unwrap_or_default(),
+                            pending: c.get("pending").and_then(int).unwrap_or(0) as u64,
+                            idle_ms: c.get("idle").and_then(int).unwrap_or(0) as u64,
+                        }
+                    })
+                    .collect();
+                info.groups.push(GroupInfo {
+                    name,
+                    cursor,
+                    pending: g.get("pending").and_then(int).unwrap_or(0) as u64,
+                    lag,
+                    scheduled,
+                    parked,
+                    consumers,
+                });
+            }
+        }
+        let mut cmd = ::redis::cmd("SMEMBERS");
+        cmd.arg(format!("{pre}stop"));
+        info.stopped = items(self.query(cmd).await?)
+            .iter()
+            .filter_map(|v| id_of(v).ok())
+            .collect();
+        info.stopped.sort();
+        let mut cmd = ::redis::cmd("XLEN");
+        cmd.arg(format!("{pre}dl"));
+        info.dead_letters = int(&self.query(cmd).await?).unwrap_or(0) as u64;
+        Ok(Some(info))
+    }
+
+    async fn dead_letters(
+        &self,
+        topic: &str,
+        query: &DeadLetterQuery,
+    ) -> Result<Vec<DeadLetter>, BackendError> {
+        let want = query.page_size();
+        let mut out = Vec::new();
+        let mut start = match query.after {
+            Some(after) => format!("({after}"),
+            None => "-".to_owned(),
+        };
+        loop {
+            let page = self.dead_letter_page(topic, &start, DL_PAGE).await?;
+            let full = page.len() == DL_PAGE;
+            let last = page.last().map(|d| d.id);
+            for dl in page {
+                if query.matches(&dl) {
+                    out.push(dl);
+                    if out.len() == want {
+                        return Ok(out);
+                    }
+                }
+            }
+            match last {
+                Some(last) if full => start = format!("({last}"),
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    async fn dead_letter(
+        &self,
+        topic: &str,
+        id: DeadLetterId,
+    ) -> Result<Option<DeadLetter>, BackendError> {
+        let mut cmd = ::redis::cmd("XRANGE");
+        let id = id.to_string();
+        cmd.arg(format!("{}dl", prefix(topic))).arg(&id).arg(&id);
+        match items(self.query(cmd).await?).into_iter().next() {
+            Some(e) => Ok(Some(dead_letter_of(e)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn replay_dead_letters(
+        &self,
+        topic: &str,
+        ids: &[DeadLetterId],
+    ) -> Result<Vec<(DeadLetterId, MessageId)>, BackendError> {
+        let mut found = Vec::new();
+        for id in ids {
+            if let Some(dl) = self.dead_letter(topic, *id).await? {
+                found.push((dl.id, replay_message(&dl)));
+            }
+        }
+        if found.is_empty() {
+            return Ok(Vec::new());
+        }
+        let key = stream_key(topic);
+        let pre = prefix(topic);
+        let args: Vec<(String, &Outgoing, String)> = found
+            .iter()
+            .map(|(id, m)| {
+                (
+                    id.to_string(),
+                    m,
+                    serde_json::to_string(&m.headers).expect("string maps serialize"),
+                )
+            })
+            .collect();
+        let r: Value = self
+            .call(|mut c| {
+                let mut inv = self.scripts.replay.key(&key);
+                inv.arg(&pre);
+                for (id, m, h) in &args {
+                    inv.arg(id).arg(&m.kind).arg(m.payload.as_ref()).arg(h);
+                }
+                async move { inv.invoke_async(&mut c).await }
+            })
+            .await?;
+        items(r)
+            .into_iter()
+            .map(|pair| {
+                let p = items(pair);
+                match (p.first(), p.get(1)) {
+                    (Some(a), Some(b)) => Ok((id_of(a)?, id_of(b)?)),
+                    _ => Err(corrupt("replay script reply")),
+                }
+            })
+            .collect()
+    }
+
+    async fn delete_dead_letters(
+        &self,
+        topic: &str,
+        ids: &[DeadLetterId],
+    ) -> Result<u64, BackendError> {
+        let mut n = 0;
+        for chunk in ids.chunks(1000) {
+            let mut cmd = ::redis::cmd("XDEL");
+            cmd.arg(format!("{}dl", prefix(topic)));
+            for id in chunk {
+                cmd.arg(id.to_string());
+            }
+            n += int(&self.query(cmd).await?).unwrap_or(0) as u64;
+        }
+        Ok(n)
+    }
+
+    async fn purge_dead_letters(
+        &self,
+        topic: &str,
+        before: Timestamp,
+    ) -> Result<u64, BackendError> {
+        let mut doomed = Vec::new();
+        self.each_dead_letter(topic, |dl| {
+            if dl.last_failed_at < before {
+                doomed.push(dl.id);
+            }
+        })
+        .await?;
+        self.delete_dead_letters(topic, &doomed).await
+    }
+
+    async fn dead_letter_stats(&self, topic: &str) -> Result<DeadLetterStats, BackendError> {
+        let mut stats = DeadLetterStats::default();
+        self.each_dead_letter(topic, |dl| stats.add(dl)).await?;
+        Ok(stats)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn malformed_entries_become_visible_messages() {
+        let fields = Value::Array(vec![
+            Value::BulkString(b"data".to_vec()),
+            Value::BulkString(b"x".to_vec()),
+            Value::BulkString(b"headers".to_vec()),
+            Value::BulkString(b"not json".to_vec()),
+        ]);
+        let m = message_of(MessageId::new(5, 1), fields, 1);
+        assert_eq!(m.kind, MALFORMED_KIND);
+        let why = m.header(HEADER_MALFORMED).unwrap();
+        assert!(why.contains("headers") && why.contains("type"), "{why}");
+        assert_eq!(m.payload.as_ref(), b"x");
+        assert_eq!(m.published_at, Timestamp(5));
+    }
+
+    #[test]
+    fn well_formed_entry_decodes() {
+        let fields = Value::Array(vec![
+            Value::BulkString(b"type".to_vec()),
+            Value::BulkString(b"order.created".to_vec()),
+            Value::BulkString(b"data".to_vec()),
+            Value::BulkString(vec![0, 255]),
+            Value::BulkString(b"headers".to_vec()),
+            Value::BulkString(br#"{"a":"b"}"#.to_vec()),
+            Value::BulkString(b"deliver_at".to_vec()),
+            Value::BulkString(b"77".to_vec()),
+        ]);
+        let m = message_of(MessageId::new(5, 1), fields, 3);
+        assert_eq!(m.kind, "order.created");
+        assert_eq!(m.payload.as_ref(), &[0, 255]);
+        assert_eq!(m.header("a"), Some("b"));
+        assert_eq!(m.deliver_at, Some(Timestamp(77)));
+        assert_eq!(m.attempt, 3);
+    }
+
+    #[test]
+    fn start_cursor_and_redaction() {
+        assert_eq!(before(MessageId::new(5, 2)), "5-1");
+        assert_eq!(before(MessageId::new(5, 0)), format!("4-{}", u64::MAX));
+        assert_eq!(before(MessageId::ZERO), "0");
+        assert_eq!(
+            redact("redis://app:secret@h:6379/0"),
+            "redis://app:***@h:6379/0"
+        );
+        assert_eq!(redact("redis://h:6379"), "redis://h:6379");
+    }
+
+    #[test]
+    fn cluster_urls_split_into_nodes() {
+        let t = conn::target(
+            "redis+cluster://u:p@127.0.0.1:7000,127.0.0.1:7001",
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        assert!(matches!(t, Target::Cluster { .. }));
+    }
+}

@@ -1,0 +1,423 @@
+//! The Lua scripts. Each runs atomically on the server; together they are every state change the
+//! backend makes, so a client crash between two calls never leaves a half-applied operation.
+//!
+//! Conventions: `KEYS[1]` is the topic's stream (so Redis Cluster routes the call to the topic's
+//! slot), `ARGV[1]` the topic's key prefix `relq:{<topic>}:`; every other key a script touches
+//! starts with that prefix, so all of them hash to the same slot. Message ids are compared as
+//! decimal strings (`idcmp`), never as Lua numbers, which lose precision above 2^53.
+
+/// Shared helpers, prepended to every script.
+const PRELUDE: &str = r#"
+local S = KEYS[1]
+local P = ARGV[1]
+local function numcmp(a, b)
+  if #a ~= #b then return #a < #b and -1 or 1 end
+  if a == b then return 0 end
+  return a < b and -1 or 1
+end
+local function idcmp(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  local c = numcmp(am, bm)
+  if c ~= 0 then return c end
+  return numcmp(as, bs)
+end
+local function idms(id) return tonumber(string.match(id, '^(%d+)-')) end
+local function field(fields, name)
+  for i = 1, #fields, 2 do
+    if fields[i] == name then return fields[i + 1] end
+  end
+  return nil
+end
+local function ended(epoch)
+  local e = redis.call('GET', P .. 'ended')
+  return e and numcmp(e, epoch) >= 0
+end
+local function gk(g) return P .. 'g:' .. g .. ':' end
+-- meta value: "<deliveries> <failures json array>"
+local function meta(gkey, id)
+  local m = redis.call('HGET', gkey .. 'm', id)
+  if not m then return 0, '[]' end
+  local n, f = string.match(m, '^(%d+) (.*)$')
+  return tonumber(n), f
+end
+-- Takes `id` out of the group's pending list into the scheduled set (due >= 0) or the parked
+-- set (due < 0), keeping `n` deliveries and its failure history.
+local function hold(g, id, due, n)
+  local gkey = gk(g)
+  local _, f = meta(gkey, id)
+  redis.call('XACK', S, g, id)
+  redis.call('HSET', gkey .. 'm', id, n .. ' ' .. f)
+  redis.call('ZADD', gkey .. 'held', idms(id), id)
+  if due < 0 then
+    redis.call('SADD', gkey .. 'park', id)
+  else
+    redis.call('ZADD', gkey .. 'sched', due, id)
+  end
+end
+local function stopped_set()
+  local set = {}
+  for _, id in ipairs(redis.call('SMEMBERS', P .. 'stop')) do set[id] = true end
+  return set
+end
+-- Recreates the topic's metadata after Redis lost it (restart without persistence, eviction,
+-- FLUSHALL); returns 1 if it had to.
+local function ensure_meta(epoch)
+  if redis.call('EXISTS', P .. 'meta') == 1 then return 0 end
+  redis.call('HSET', P .. 'meta', 'epoch', epoch)
+  return 1
+end
+local function new_epoch()
+  local t = redis.call('TIME')
+  local e = t[1] .. string.format('%06d', tonumber(t[2]))
+  local last = redis.call('GET', P .. 'ended')
+  if last and numcmp(last, e) >= 0 then e = tostring(tonumber(last) + 1) end
+  return e
+end
+"#;
+
+/// Appends messages. ARGV: prefix, window_ms, nonce, count, then per message: type, data,
+/// headers (JSON or ""), deliver_at (ms or ""). With window_ms > 0 (a retried publish) it first
+/// looks for a batch carrying `nonce` among the entries of the last window_ms and returns its ids
+/// instead of appending again.
+pub(super) const PUBLISH: &str = r#"
+local window, nonce, count = tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+if redis.call('EXISTS', P .. 'meta') == 0 then
+  redis.call('HSET', P .. 'meta', 'epoch', new_epoch())
+end
+if window > 0 then
+  local t = redis.call('TIME')
+  local floor = (tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)) - window
+  local hi = '+'
+  while true do
+    local page = redis.call('XREVRANGE', S, hi, string.format('%d', floor), 'COUNT', 500)
+    for _, e in ipairs(page) do
+      if field(e[2], 'nonce') == nonce then
+        local ids = {}
+        for _, f in ipairs(redis.call('XRANGE', S, e[1], '+', 'COUNT', count)) do ids[#ids + 1] = f[1] end
+        return ids
+      end
+    end
+    if #page < 500 then break end
+    hi = '(' .. page[#page][1]
+  end
+end
+local ids = {}
+local i = 5
+for n = 1, count do
+  local fields = {'type', ARGV[i], 'data', ARGV[i + 1]}
+  if ARGV[i + 2] ~= '' then fields[#fields + 1] = 'headers'; fields[#fields + 1] = ARGV[i + 2] end
+  if ARGV[i + 3] ~= '' then fields[#fields + 1] = 'deliver_at'; fields[#fields + 1] = ARGV[i + 3] end
+  if n == 1 then fields[#fields + 1] = 'nonce'; fields[#fields + 1] = nonce end
+  ids[n] = redis.call('XADD', S, '*', unpack(fields))
+  i = i + 4
+end
+return ids
+"#;
+
+/// Creates the topic and the group if needed. ARGV: prefix, group, consumer, start id ('$', '0'
+/// or an id). Returns the topic's epoch.
+pub(super) const JOIN: &str = r#"
+local g, c, start = ARGV[2], ARGV[3], ARGV[4]
+if redis.call('EXISTS', P .. 'meta') == 0 then
+  redis.call('HSET', P .. 'meta', 'epoch', new_epoch())
+end
+local r = redis.pcall('XGROUP', 'CREATE', S, g, start, 'MKSTREAM')
+if type(r) == 'table' and r.err and not string.find(r.err, 'BUSYGROUP') then return r end
+redis.call('XGROUP', 'CREATECONSUMER', S, g, c)
+return redis.call('HGET', P .. 'meta', 'epoch')
+"#;
+
+/// Delivers up to max messages: due scheduled entries first, then new entries. ARGV: prefix,
+/// group, consumer, epoch, now_ms, max. Returns {lost, deliveries, next_due_ms|false, stopped}
+/// where a delivery is {id, deliveries, fields, failures_json|false}.
+pub(super) const READ: &str = r#"
+local g, c, epoch, now, max = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
+if ended(epoch) then return redis.error_reply('RELQ_TERMINATED the topic was terminated') end
+local lost = ensure_meta(epoch)
+local gkey = gk(g)
+local stop = stopped_set()
+local out = {}
+local due = redis.call('ZRANGEBYSCORE', gkey .. 'sched', '-inf', now, 'LIMIT', 0, max)
+for _, id in ipairs(due) do
+  redis.call('ZREM', gkey .. 'sched', id)
+  if stop[id] then
+    redis.call('SADD', gkey .. 'park', id)
+  else
+    redis.call('ZREM', gkey .. 'held', id)
+    local n, f = meta(gkey, id)
+    local r = redis.pcall('XCLAIM', S, g, c, 0, id, 'FORCE', 'RETRYCOUNT', n + 1)
+    if type(r) == 'table' and r.err then
+      redis.call('XGROUP', 'CREATE', S, g, '0', 'MKSTREAM')
+      lost = 1
+      r = redis.call('XCLAIM', S, g, c, 0, id, 'FORCE', 'RETRYCOUNT', n + 1)
+    end
+    if r[1] and r[1][2] then
+      out[#out + 1] = {id, n + 1, r[1][2], f}
+    else
+      redis.call('HDEL', gkey .. 'm', id) -- trimmed by a max-length policy
+    end
+  end
+end
+local rounds = 0
+while #out < max and rounds < 8 do
+  rounds = rounds + 1
+  local want = max - #out
+  local r = redis.pcall('XREADGROUP', 'GROUP', g, c, 'COUNT', want, 'STREAMS', S, '>')
+  if type(r) == 'table' and r.err then
+    if not string.find(r.err, 'NOGROUP') then return r end
+    redis.call('XGROUP', 'CREATE', S, g, '0', 'MKSTREAM')
+    lost = 1
+    r = redis.call('XREADGROUP', 'GROUP', g, c, 'COUNT', want, 'STREAMS', S, '>')
+  end
+  if not r then break end
+  local entries = r[1][2]
+  for _, e in ipairs(entries) do
+    local id, fields = e[1], e[2]
+    local at = field(fields, 'deliver_at')
+    if stop[id] then
+      hold(g, id, -1, 0)
+    elseif at and tonumber(at) > now then
+      hold(g, id, tonumber(at), 0)
+    else
+      out[#out + 1] = {id, 1, fields, false}
+    end
+  end
+  if #entries < want then break end
+end
+local nd = redis.call('ZRANGE', gkey .. 'sched', 0, 0, 'WITHSCORES')
+local stopped = {}
+for id, _ in pairs(stop) do stopped[#stopped + 1] = id end
+return {lost, out, nd[2] or false, stopped}
+"#;
+
+/// Moves entries a blocking read delivered that must not run yet. ARGV: prefix, group, epoch,
+/// then pairs of id, due_ms (-1 = parked).
+pub(super) const HOLD: &str = r#"
+local g = ARGV[2]
+if ended(ARGV[3]) then return redis.error_reply('RELQ_TERMINATED the topic was terminated') end
+for i = 4, #ARGV, 2 do hold(g, ARGV[i], tonumber(ARGV[i + 1]), 0) end
+return 1
+"#;
+
+/// Delivers pending entries again, counting the delivery. ARGV: prefix, group, consumer, epoch,
+/// now_ms, max, mode, arg. mode 'recover': this consumer's entries after id `arg`; mode 'claim':
+/// any consumer's entries idle for at least `arg` ms. Returns {lost, deliveries} like READ.
+pub(super) const REDELIVER: &str = r#"
+local g, c, epoch, now, max, mode, arg = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], ARGV[8]
+if ended(epoch) then return redis.error_reply('RELQ_TERMINATED the topic was terminated') end
+local lost = ensure_meta(epoch)
+local gkey = gk(g)
+local pend
+if mode == 'recover' then
+  pend = redis.pcall('XPENDING', S, g, '(' .. arg, '+', max, c)
+else
+  pend = redis.pcall('XPENDING', S, g, 'IDLE', arg, '-', '+', max)
+end
+if type(pend) == 'table' and pend.err then
+  if not string.find(pend.err, 'NOGROUP') then return pend end
+  redis.call('XGROUP', 'CREATE', S, g, '0', 'MKSTREAM')
+  return {1, {}}
+end
+local stop = stopped_set()
+local out = {}
+local min_idle = 0
+if mode ~= 'recover' then min_idle = arg end
+for _, p in ipairs(pend) do
+  local id, count = p[1], p[4]
+  local r = redis.call('XCLAIM', S, g, c, min_idle, id, 'RETRYCOUNT', count + 1)
+  if r[1] and r[1][2] then
+    local fields = r[1][2]
+    local at = field(fields, 'deliver_at')
+    if stop[id] then
+      hold(g, id, -1, count)
+    elseif at and tonumber(at) > now then
+      hold(g, id, tonumber(at), count - 1)
+    else
+      local _, f = meta(gkey, id)
+      out[#out + 1] = {id, count + 1, fields, f}
+    end
+  elseif r[1] == nil and #r == 0 then
+    -- claimed by someone else meanwhile, or deleted from the stream
+    if redis.call('XRANGE', S, id, id)[1] == nil then
+      redis.call('XACK', S, g, id)
+      redis.call('HDEL', gkey .. 'm', id)
+    end
+  end
+end
+return {lost, out}
+"#;
+
+/// Settles a batch. ARGV: prefix, group, epoch, then entries: 'a', id | 'r', id, due_ms,
+/// failure_json | 'd', id, dead_letter_json, payload. Entries no longer pending are ignored.
+pub(super) const SETTLE: &str = r#"
+local g = ARGV[2]
+if ended(ARGV[3]) then return redis.error_reply('RELQ_TERMINATED the topic was terminated') end
+local gkey = gk(g)
+local acks = {}
+local has_meta = redis.call('EXISTS', gkey .. 'm') == 1
+local i = 4
+while i <= #ARGV do
+  local op, id = ARGV[i], ARGV[i + 1]
+  if op == 'a' then
+    acks[#acks + 1] = id
+    if #acks >= 500 then
+      redis.pcall('XACK', S, g, unpack(acks))
+      if has_meta then redis.call('HDEL', gkey .. 'm', unpack(acks)) end
+      acks = {}
+    end
+    i = i + 2
+  elseif op == 'r' then
+    local p = redis.pcall('XPENDING', S, g, id, id, 1)
+    if type(p) == 'table' and not p.err and p[1] then
+      local _, f = meta(gkey, id)
+      if f == '[]' then f = '[' .. ARGV[i + 3] .. ']' else f = string.sub(f, 1, -2) .. ',' .. ARGV[i + 3] .. ']' end
+      redis.call('XACK', S, g, id)
+      redis.call('HSET', gkey .. 'm', id, p[1][4] .. ' ' .. f)
+      redis.call('ZADD', gkey .. 'held', idms(id), id)
+      redis.call('ZADD', gkey .. 'sched', ARGV[i + 2], id)
+      has_meta = true
+    end
+    i = i + 4
+  else
+    local acked = redis.pcall('XACK', S, g, id)
+    if acked == 1 then
+      if has_meta then redis.call('HDEL', gkey .. 'm', id) end
+      redis.call('XADD', P .. 'dl', '*', 'record', ARGV[i + 2], 'data', ARGV[i + 3])
+    end
+    i = i + 4
+  end
+end
+if #acks > 0 then
+  redis.pcall('XACK', S, g, unpack(acks))
+  if has_meta then redis.call('HDEL', gkey .. 'm', unpack(acks)) end
+end
+return 1
+"#;
+
+/// Stops a message for every group. ARGV: prefix, id. Returns 0 if the topic does not exist.
+pub(super) const STOP: &str = r#"
+local id = ARGV[2]
+if redis.call('EXISTS', P .. 'meta') == 0 then return 0 end
+redis.call('SADD', P .. 'stop', id)
+for _, info in ipairs(redis.call('XINFO', 'GROUPS', S)) do
+  local gkey = gk(info[2])
+  if redis.call('ZREM', gkey .. 'sched', id) == 1 then redis.call('SADD', gkey .. 'park', id) end
+end
+return 1
+"#;
+
+/// Resumes a stopped message: parked entries become due now. ARGV: prefix, id, now_ms. Returns
+/// {topic exists, was stopped}.
+pub(super) const RESUME: &str = r#"
+local id, now = ARGV[2], ARGV[3]
+if redis.call('EXISTS', P .. 'meta') == 0 then return {0, 0} end
+local was = redis.call('SREM', P .. 'stop', id)
+for _, info in ipairs(redis.call('XINFO', 'GROUPS', S)) do
+  local gkey = gk(info[2])
+  if redis.call('SREM', gkey .. 'park', id) == 1 then redis.call('ZADD', gkey .. 'sched', now, id) end
+end
+return {1, was}
+"#;
+
+/// Removes every key of the topic and records its epoch as ended. ARGV: prefix. Returns whether
+/// the topic existed.
+pub(super) const TERMINATE: &str = r#"
+local epoch = redis.call('HGET', P .. 'meta', 'epoch')
+local existed = epoch and 1 or 0
+if redis.call('EXISTS', S) == 1 then
+  existed = 1
+  for _, info in ipairs(redis.call('XINFO', 'GROUPS', S)) do
+    local gkey = gk(info[2])
+    redis.call('DEL', gkey .. 'sched', gkey .. 'park', gkey .. 'm', gkey .. 'held')
+  end
+end
+redis.call('DEL', S, P .. 'meta', P .. 'stop', P .. 'dl')
+if existed == 1 then
+  if not epoch then epoch = new_epoch() end
+  local last = redis.call('GET', P .. 'ended')
+  if not last or numcmp(last, epoch) < 0 then redis.call('SET', P .. 'ended', epoch) end
+end
+return existed
+"#;
+
+/// One bounded cleanup step. ARGV: prefix, cutoff_ms, batch, max_len (-1 = none). Returns
+/// {removed acknowledged, trimmed unacknowledged}.
+pub(super) const CLEANUP: &str = r#"
+local cutoff, batch, max_len = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+if redis.call('EXISTS', S) == 0 then return {0, 0} end
+local groups = redis.call('XINFO', 'GROUPS', S)
+local floor = nil
+local function lower(id) if floor == nil or idcmp(id, floor) < 0 then floor = id end end
+for _, info in ipairs(groups) do
+  local name, last
+  for j = 1, #info, 2 do
+    if info[j] == 'name' then name = info[j + 1] end
+    if info[j] == 'last-delivered-id' then last = info[j + 1] end
+  end
+  local ms, seq = string.match(last, '^(%d+)-(%d+)$')
+  lower(ms .. '-' .. string.format('%d', tonumber(seq) + 1))
+  local pend = redis.call('XPENDING', S, name)
+  if pend[1] > 0 then lower(pend[2]) end
+  local held = redis.call('ZRANGE', gk(name) .. 'held', 0, 0, 'WITHSCORES')
+  if held[1] then lower(held[2] .. '-0') end
+end
+local removed, trimmed = 0, 0
+if floor then
+  local page = redis.call('XRANGE', S, '-', '+', 'COUNT', batch)
+  local boundary = nil
+  for _, e in ipairs(page) do
+    if idcmp(e[1], floor) >= 0 or idms(e[1]) > cutoff then boundary = e[1]; break end
+    removed = removed + 1
+  end
+  if removed > 0 then
+    if boundary == nil then
+      local ms, seq = string.match(page[#page][1], '^(%d+)-(%d+)$')
+      boundary = ms .. '-' .. string.format('%d', tonumber(seq) + 1)
+    end
+    redis.call('XTRIM', S, 'MINID', boundary)
+  end
+end
+if max_len >= 0 and removed == 0 then
+  local excess = redis.call('XLEN', S) - max_len
+  if excess > 0 then
+    local page = redis.call('XRANGE', S, '-', '+', 'COUNT', math.min(excess, batch))
+    for _, e in ipairs(page) do
+      if floor and idcmp(e[1], floor) < 0 then removed = removed + 1 else trimmed = trimmed + 1 end
+      for _, info in ipairs(groups) do
+        local gkey = gk(info[2])
+        redis.call('ZREM', gkey .. 'sched', e[1])
+        redis.call('ZREM', gkey .. 'held', e[1])
+        redis.call('SREM', gkey .. 'park', e[1])
+        redis.call('HDEL', gkey .. 'm', e[1])
+        redis.pcall('XACK', S, info[2], e[1])
+      end
+      redis.call('XDEL', S, e[1])
+    end
+  end
+end
+return {removed, trimmed}
+"#;
+
+/// Replays dead letters, atomically per dead letter. ARGV: prefix, then per dead letter: id,
+/// type, data, headers json. Returns {dead letter id, new message id} pairs for those that
+/// existed.
+pub(super) const REPLAY: &str = r#"
+if redis.call('EXISTS', P .. 'meta') == 0 then return {} end
+local out = {}
+for i = 2, #ARGV, 4 do
+  if redis.call('XDEL', P .. 'dl', ARGV[i]) == 1 then
+    local id = redis.call('XADD', S, '*', 'type', ARGV[i + 1], 'data', ARGV[i + 2], 'headers', ARGV[i + 3])
+    out[#out + 1] = {ARGV[i], id}
+  end
+end
+return out
+"#;
+
+/// The full source of a script: the prelude, then its body.
+pub(super) fn source(body: &str) -> String {
+    let mut s = String::with_capacity(PRELUDE.len() + body.len());
+    s.push_str(PRELUDE);
+    s.push_str(body);
+    s
+}
