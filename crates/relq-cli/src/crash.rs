@@ -23,9 +23,12 @@ use relq::{
 
 #[derive(Args)]
 pub(crate) struct CrashArgs {
-    /// Data directory.
+    /// Data directory (the embedded engine).
+    #[arg(long, required_unless_present_any = ["url", "memory"])]
+    dir: Option<std::path::PathBuf>,
+    /// A backend URL instead of a data directory (e.g. redis://127.0.0.1:7000).
     #[arg(long)]
-    dir: std::path::PathBuf,
+    url: Option<String>,
     /// First payload number (unique across rounds).
     #[arg(long)]
     start: u64,
@@ -48,10 +51,12 @@ fn emit(lines: &[String]) {
 pub(crate) async fn run(args: CrashArgs) -> anyhow::Result<()> {
     let backend: std::sync::Arc<dyn Backend> = if args.memory {
         std::sync::Arc::new(relq::MemoryBackend::new())
+    } else if let Some(url) = &args.url {
+        relq::Broker::connect(url).await?.backend().clone()
     } else {
         // Small segments, so kills land around rollovers too.
         std::sync::Arc::new(EmbeddedBackend::open_with(
-            &args.dir,
+            args.dir.as_deref().expect("clap requires --dir"),
             EmbeddedConfig::default().segment_size(256 * 1024),
         )?)
     };

@@ -291,6 +291,12 @@ async fn fetch_loop(
                 _ if e.is_transient() => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "backend unavailable; retrying");
                     drop(permit);
+                    // The failed call may have been applied with its reply lost (a read or claim
+                    // whose connection dropped leaves messages pending for this consumer), so
+                    // recover this consumer's pending messages before reading on. Messages it is
+                    // processing are in `held` and are not run twice.
+                    recovering = true;
+                    recovered_up_to = MessageId::ZERO;
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = changed(stop) => {}

@@ -523,6 +523,17 @@ impl RedisBackend {
         }
     }
 
+    /// Runs `f` once. For calls that hand messages to this consumer (read, recover, claim): if
+    /// the connection drops after the server applied one, retrying would hand out other messages
+    /// and hide the loss of the reply; the error goes to the consumer runtime instead, which then
+    /// recovers this consumer's pending messages.
+    async fn call_once<T, Fut>(&self, f: impl FnOnce(Conn) -> Fut) -> Result<T, BackendError>
+    where
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        f(self.conn.clone()).await.map_err(map_err)
+    }
+
     /// Adds `topic` to the registry once per process (before it is created, so the registry
     /// never misses a topic).
     async fn register(&self, topic: &str) -> Result<(), BackendError> {
@@ -581,7 +592,7 @@ impl RedisBackend {
         let pre = prefix(&sub.topic);
         let now = Timestamp::now().0;
         let reply: Value = self
-            .call(|mut c| {
+            .call_once(|mut c| {
                 let mut inv = self.scripts.read.key(&key);
                 inv.arg(&pre)
                     .arg(&sub.group)
@@ -702,7 +713,7 @@ impl RedisBackend {
         let pre = prefix(&sub.topic);
         let now = Timestamp::now().0;
         let reply: Value = self
-            .call(|mut c| {
+            .call_once(|mut c| {
                 let mut inv = self.scripts.redeliver.key(&key);
                 inv.arg(&pre)
                     .arg(&sub.group)
