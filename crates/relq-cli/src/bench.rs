@@ -17,6 +17,9 @@ use serde_json::{json, Value};
 pub(crate) enum BenchCommand {
     /// The embedded engine against this machine's fsync and bandwidth limits.
     Embedded(EmbeddedArgs),
+    /// The Redis Streams backend against redis-benchmark and a naive loop, on a redis-server
+    /// this command starts.
+    Redis(crate::bench_redis::RedisArgs),
     /// Internal: fills a data directory with a backlog, prints "ready", waits to be killed.
     #[command(hide = true)]
     Fill {
@@ -69,10 +72,11 @@ pub(crate) async fn run(cmd: BenchCommand, json_out: bool) -> anyhow::Result<()>
     match cmd {
         BenchCommand::Fill { dir, messages } => fill(&dir, messages).await,
         BenchCommand::Embedded(args) => embedded(args, json_out).await,
+        BenchCommand::Redis(args) => crate::bench_redis::run(args, json_out).await,
     }
 }
 
-fn say(json_out: bool, line: String) {
+pub(crate) fn say(json_out: bool, line: String) {
     if !json_out {
         eprintln!("{line}");
     }
@@ -344,7 +348,11 @@ async fn end_to_end(broker: &Broker, n: u64, batch: u64) -> anyhow::Result<f64> 
 }
 
 /// p50, p99 and p99.9 (ms) from publish call to handler start, publishing at `rate`.
-async fn latency(broker: &Broker, rate: f64, for_: Duration) -> anyhow::Result<[f64; 3]> {
+pub(crate) async fn latency(
+    broker: &Broker,
+    rate: f64,
+    for_: Duration,
+) -> anyhow::Result<[f64; 3]> {
     let origin = Instant::now();
     let samples = Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
     let s = samples.clone();
@@ -394,7 +402,7 @@ async fn latency(broker: &Broker, rate: f64, for_: Duration) -> anyhow::Result<[
     Ok([q(0.50), q(0.99), q(0.999)])
 }
 
-async fn settled(broker: &Broker, topic: &str) -> anyhow::Result<bool> {
+pub(crate) async fn settled(broker: &Broker, topic: &str) -> anyhow::Result<bool> {
     let info = broker.topic_info(topic).await?;
     Ok(info.groups.iter().all(|g| g.pending == 0 && g.lag == 0))
 }

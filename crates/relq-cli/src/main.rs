@@ -3,6 +3,7 @@
 //! Exit codes: 0 success, 1 operation failed, 2 bad usage or input (clap's convention), 3 not found.
 
 mod bench;
+mod bench_redis;
 mod crash;
 mod demo;
 
