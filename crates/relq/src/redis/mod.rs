@@ -106,7 +106,8 @@ impl RedisConfig {
 struct Scripts {
     publish: Script,
     join: Script,
-    read: Script,
+    promote: Script,
+    recreate: Script,
     hold: Script,
     redeliver: Script,
     settle: Script,
@@ -123,7 +124,8 @@ impl Scripts {
         Scripts {
             publish: s(scripts::PUBLISH),
             join: s(scripts::JOIN),
-            read: s(scripts::READ),
+            promote: s(scripts::PROMOTE),
+            recreate: s(scripts::RECREATE),
             hold: s(scripts::HOLD),
             redeliver: s(scripts::REDELIVER),
             settle: s(scripts::SETTLE),
@@ -582,8 +584,9 @@ impl RedisBackend {
             .is_some_and(|s| s.contains(&id))
     }
 
-    /// The read script: due entries, then new ones, without blocking.
-    async fn read_now(
+    /// The promote script: due scheduled entries, put back into the pending list for this
+    /// consumer. Also returns the next due time and the stopped ids.
+    async fn promote(
         &self,
         sub: &Subscription,
         max: usize,
@@ -593,7 +596,7 @@ impl RedisBackend {
         let now = Timestamp::now().0;
         let reply: Value = self
             .call_once(|mut c| {
-                let mut inv = self.scripts.read.key(&key);
+                let mut inv = self.scripts.promote.key(&key);
                 inv.arg(&pre)
                     .arg(&sub.group)
                     .arg(&sub.consumer)
@@ -607,36 +610,49 @@ impl RedisBackend {
         let (Some(lost), Some(out), Some(next_due), Some(stopped)) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
-            return Err(corrupt("read script reply"));
+            return Err(corrupt("promote script reply"));
         };
         self.warn_lost(sub, int(&lost) == Some(1));
         self.remember_stopped(sub, stopped);
         Ok((deliveries(out)?, int(&next_due).map(|d| d as u64)))
     }
 
-    /// Blocks on `XREADGROUP` for up to `block`; screens what arrives (stopped or not yet due
-    /// entries are moved aside by the hold script).
-    async fn read_blocking(
+    /// Recreates the group after a read found it missing.
+    async fn recreate_group(&self, sub: &Subscription) -> Result<(), BackendError> {
+        let key = stream_key(&sub.topic);
+        let pre = prefix(&sub.topic);
+        self.call(|mut c| {
+            let mut inv = self.scripts.recreate.key(&key);
+            inv.arg(&pre).arg(&sub.group).arg(sub.epoch);
+            async move { inv.invoke_async::<Value>(&mut c).await }
+        })
+        .await?;
+        self.warn_lost(sub, true);
+        Ok(())
+    }
+
+    /// Reads new entries with `XREADGROUP`, blocking up to `block` (not at all when zero), on a
+    /// dedicated connection; screens what arrives (stopped or not yet due entries are moved
+    /// aside by the hold script). `None` when the group is missing.
+    async fn read_new(
         &self,
         sub: &Subscription,
         max: usize,
         block: Duration,
-    ) -> Result<Vec<Delivery>, BackendError> {
+    ) -> Result<Option<Vec<Delivery>>, BackendError> {
         let key = stream_key(&sub.topic);
         let mut conn = self.blocking.take(&self.target).await.map_err(map_err)?;
-        let block_ms = block.as_millis().max(1) as u64;
         let cmd = {
             let mut cmd = ::redis::cmd("XREADGROUP");
             cmd.arg("GROUP")
                 .arg(&sub.group)
                 .arg(&sub.consumer)
                 .arg("COUNT")
-                .arg(max)
-                .arg("BLOCK")
-                .arg(block_ms)
-                .arg("STREAMS")
-                .arg(&key)
-                .arg(">");
+                .arg(max);
+            if !block.is_zero() {
+                cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
+            }
+            cmd.arg("STREAMS").arg(&key).arg(">");
             cmd
         };
         let limit = block + self.config.response_timeout;
@@ -647,8 +663,7 @@ impl RedisBackend {
             }
             Ok(Err(e)) if e.code() == Some("NOGROUP") => {
                 self.blocking.give_back(conn);
-                // The group or stream is gone: the read script tells terminated from lost.
-                return Ok(Vec::new());
+                return Ok(None);
             }
             Ok(Err(e)) => return Err(map_err(e)),
             Err(_) => {
@@ -699,7 +714,7 @@ impl RedisBackend {
             })
             .await?;
         }
-        Ok(out)
+        Ok(Some(out))
     }
 
     async fn redeliver(
@@ -844,26 +859,61 @@ impl Backend for RedisBackend {
             .collect();
         let started = tokio::time::Instant::now();
         let mut first = true;
+        enum Attempt<'a> {
+            Append(::redis::Pipeline),
+            Retry(::redis::ScriptInvocation<'a>),
+        }
         let reply: Value = self
             .call(|mut c| {
-                // A retry (the first attempt may have been applied before the connection
-                // dropped) looks for the batch's nonce among recent entries first.
-                let window = if first {
-                    0
+                let attempt = if first {
+                    // The hot path, without Lua: the batch's XADDs in one MULTI/EXEC, so the
+                    // batch is contiguous in the stream (a retry finds it by the nonce on its
+                    // first entry).
+                    let mut pipe = ::redis::pipe();
+                    if batch.len() > 1 {
+                        pipe.atomic();
+                    }
+                    for (i, (m, h)) in batch.iter().zip(&headers).enumerate() {
+                        let cmd = pipe.cmd("XADD");
+                        cmd.arg(&key)
+                            .arg("*")
+                            .arg("type")
+                            .arg(&m.kind)
+                            .arg("data")
+                            .arg(m.payload.as_ref());
+                        if !h.is_empty() {
+                            cmd.arg("headers").arg(h);
+                        }
+                        if let Some(at) = m.deliver_at {
+                            cmd.arg("deliver_at").arg(at.0);
+                        }
+                        if i == 0 {
+                            cmd.arg("nonce").arg(&nonce);
+                        }
+                    }
+                    Attempt::Append(pipe)
                 } else {
-                    started.elapsed().as_millis() as u64 + 10_000
+                    // The first attempt may have been applied before the connection dropped:
+                    // look for the batch's nonce among recent entries before appending.
+                    let window = started.elapsed().as_millis() as u64 + 10_000;
+                    let mut inv = self.scripts.publish.key(&key);
+                    inv.arg(&pre).arg(window).arg(&nonce).arg(batch.len());
+                    for (m, h) in batch.iter().zip(&headers) {
+                        inv.arg(&m.kind).arg(m.payload.as_ref()).arg(h);
+                        match m.deliver_at {
+                            Some(at) => inv.arg(at.0),
+                            None => inv.arg(""),
+                        };
+                    }
+                    Attempt::Retry(inv)
                 };
                 first = false;
-                let mut inv = self.scripts.publish.key(&key);
-                inv.arg(&pre).arg(window).arg(&nonce).arg(batch.len());
-                for (m, h) in batch.iter().zip(&headers) {
-                    inv.arg(&m.kind).arg(m.payload.as_ref()).arg(h);
-                    match m.deliver_at {
-                        Some(at) => inv.arg(at.0),
-                        None => inv.arg(""),
-                    };
+                async move {
+                    match attempt {
+                        Attempt::Append(pipe) => pipe.query_async(&mut c).await,
+                        Attempt::Retry(inv) => inv.invoke_async(&mut c).await,
+                    }
                 }
-                async move { inv.invoke_async(&mut c).await }
             })
             .await?;
         let ids = items(reply)
@@ -940,24 +990,33 @@ impl Backend for RedisBackend {
     ) -> Result<Vec<Delivery>, BackendError> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            let (out, next_due) = self.read_now(sub, max).await?;
+            let (mut out, next_due) = self.promote(sub, max).await?;
             if !out.is_empty() {
+                if out.len() < max {
+                    // Fill the rest with new messages, without waiting.
+                    if let Some(more) = self.read_new(sub, max - out.len(), Duration::ZERO).await? {
+                        out.extend(more);
+                    }
+                }
                 return Ok(out);
             }
             let now = tokio::time::Instant::now();
-            if now >= deadline {
-                return Ok(out);
-            }
-            let mut block = deadline - now;
+            let mut block = deadline.saturating_duration_since(now);
             if let Some(due) = next_due {
                 block = block.min(Timestamp(due).since(Timestamp::now()));
             }
-            if block.is_zero() {
-                continue;
+            match self.read_new(sub, max, block).await? {
+                None => {
+                    // Redis lost the group (restart without persistence, FLUSHALL): recreate
+                    // it, unless the topic was terminated (the script then says so).
+                    self.recreate_group(sub).await?;
+                    continue;
+                }
+                Some(out) if !out.is_empty() => return Ok(out),
+                Some(_) => {}
             }
-            let out = self.read_blocking(sub, max, block).await?;
-            if !out.is_empty() {
-                return Ok(out);
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(Vec::new());
             }
         }
     }
@@ -968,6 +1027,25 @@ impl Backend for RedisBackend {
         }
         let key = stream_key(&sub.topic);
         let pre = prefix(&sub.topic);
+        if batch.iter().all(|s| matches!(s, Settlement::Ack(_))) {
+            // The hot path, without Lua: one MULTI/EXEC of XACK and of HDEL of any failure
+            // history (both idempotent, so a retry after a lost reply is harmless).
+            let ids: Vec<String> = batch.iter().map(|s| s.id().to_string()).collect();
+            let meta = format!("{pre}g:{}:m", sub.group);
+            self.call(|mut c| {
+                let mut pipe = ::redis::pipe();
+                pipe.atomic();
+                pipe.cmd("XACK")
+                    .arg(&key)
+                    .arg(&sub.group)
+                    .arg(&ids)
+                    .ignore();
+                pipe.cmd("HDEL").arg(&meta).arg(&ids).ignore();
+                async move { pipe.query_async::<()>(&mut c).await }
+            })
+            .await?;
+            return Ok(());
+        }
         // Encode once; retries reuse the arguments.
         let mut args: Vec<Vec<u8>> = Vec::with_capacity(batch.len() * 2);
         for s in batch {

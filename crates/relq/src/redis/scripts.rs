@@ -34,6 +34,8 @@ local function ended(epoch)
   return e and numcmp(e, epoch) >= 0
 end
 local function gk(g) return P .. 'g:' .. g .. ':' end
+-- A topic exists once published to (the stream) or joined (the metadata).
+local function topic_exists() return redis.call('EXISTS', P .. 'meta', S) > 0 end
 -- meta value: "<deliveries> <failures json array>"
 local function meta(gkey, id)
   local m = redis.call('HGET', gkey .. 'm', id)
@@ -76,15 +78,12 @@ local function new_epoch()
 end
 "#;
 
-/// Appends messages. ARGV: prefix, window_ms, nonce, count, then per message: type, data,
-/// headers (JSON or ""), deliver_at (ms or ""). With window_ms > 0 (a retried publish) it first
-/// looks for a batch carrying `nonce` among the entries of the last window_ms and returns its ids
-/// instead of appending again.
+/// A retried publish (the first attempt, a plain MULTI/EXEC of XADDs, may have been applied
+/// before its reply was lost). ARGV: prefix, window_ms, nonce, count, then per message: type,
+/// data, headers (JSON or ""), deliver_at (ms or ""). Looks for the batch carrying `nonce` among
+/// the entries of the last window_ms and returns its ids; appends the batch if it is not there.
 pub(super) const PUBLISH: &str = r#"
 local window, nonce, count = tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
-if redis.call('EXISTS', P .. 'meta') == 0 then
-  redis.call('HSET', P .. 'meta', 'epoch', new_epoch())
-end
 if window > 0 then
   local t = redis.call('TIME')
   local floor = (tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)) - window
@@ -128,70 +127,59 @@ redis.call('XGROUP', 'CREATECONSUMER', S, g, c)
 return redis.call('HGET', P .. 'meta', 'epoch')
 "#;
 
-/// Delivers up to max messages: due scheduled entries first, then new entries. ARGV: prefix,
-/// group, consumer, epoch, now_ms, max. Returns {lost, deliveries, next_due_ms|false, stopped}
-/// where a delivery is {id, deliveries, fields, failures_json|false}.
-pub(super) const READ: &str = r#"
+/// Delivers due scheduled entries (retries, delayed messages, resumed ones) by putting them back
+/// into the group's pending list under this consumer. ARGV: prefix, group, consumer, epoch,
+/// now_ms, max. Returns {lost, deliveries, next_due_ms|false, stopped ids} where a delivery is
+/// {id, deliveries, fields, failures_json}. New entries are then read by the client with a plain
+/// XREADGROUP (no Lua on the hot path).
+pub(super) const PROMOTE: &str = r#"
 local g, c, epoch, now, max = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
 if ended(epoch) then return redis.error_reply('RELQ_TERMINATED the topic was terminated') end
 local lost = ensure_meta(epoch)
 local gkey = gk(g)
-local stop = stopped_set()
+local stopped = redis.call('SMEMBERS', P .. 'stop')
 local out = {}
 local due = redis.call('ZRANGEBYSCORE', gkey .. 'sched', '-inf', now, 'LIMIT', 0, max)
-for _, id in ipairs(due) do
-  redis.call('ZREM', gkey .. 'sched', id)
-  if stop[id] then
-    redis.call('SADD', gkey .. 'park', id)
-  else
-    redis.call('ZREM', gkey .. 'held', id)
-    local n, f = meta(gkey, id)
-    local r = redis.pcall('XCLAIM', S, g, c, 0, id, 'FORCE', 'RETRYCOUNT', n + 1)
-    if type(r) == 'table' and r.err then
-      redis.call('XGROUP', 'CREATE', S, g, '0', 'MKSTREAM')
-      lost = 1
-      r = redis.call('XCLAIM', S, g, c, 0, id, 'FORCE', 'RETRYCOUNT', n + 1)
-    end
-    if r[1] and r[1][2] then
-      out[#out + 1] = {id, n + 1, r[1][2], f}
-    else
-      redis.call('HDEL', gkey .. 'm', id) -- trimmed by a max-length policy
-    end
-  end
-end
-local rounds = 0
-while #out < max and rounds < 8 do
-  rounds = rounds + 1
-  local want = max - #out
-  local r = redis.pcall('XREADGROUP', 'GROUP', g, c, 'COUNT', want, 'STREAMS', S, '>')
-  if type(r) == 'table' and r.err then
-    if not string.find(r.err, 'NOGROUP') then return r end
-    redis.call('XGROUP', 'CREATE', S, g, '0', 'MKSTREAM')
-    lost = 1
-    r = redis.call('XREADGROUP', 'GROUP', g, c, 'COUNT', want, 'STREAMS', S, '>')
-  end
-  if not r then break end
-  local entries = r[1][2]
-  for _, e in ipairs(entries) do
-    local id, fields = e[1], e[2]
-    local at = field(fields, 'deliver_at')
+if #due > 0 then
+  local stop = {}
+  for _, id in ipairs(stopped) do stop[id] = true end
+  for _, id in ipairs(due) do
+    redis.call('ZREM', gkey .. 'sched', id)
     if stop[id] then
-      hold(g, id, -1, 0)
-    elseif at and tonumber(at) > now then
-      hold(g, id, tonumber(at), 0)
+      redis.call('SADD', gkey .. 'park', id)
     else
-      out[#out + 1] = {id, 1, fields, false}
+      redis.call('ZREM', gkey .. 'held', id)
+      local n, f = meta(gkey, id)
+      local r = redis.pcall('XCLAIM', S, g, c, 0, id, 'FORCE', 'RETRYCOUNT', n + 1)
+      if type(r) == 'table' and r.err then
+        redis.call('XGROUP', 'CREATE', S, g, '0', 'MKSTREAM')
+        lost = 1
+        r = redis.call('XCLAIM', S, g, c, 0, id, 'FORCE', 'RETRYCOUNT', n + 1)
+      end
+      if r[1] and r[1][2] then
+        out[#out + 1] = {id, n + 1, r[1][2], f}
+      else
+        redis.call('HDEL', gkey .. 'm', id) -- trimmed by a max-length policy
+      end
     end
   end
-  if #entries < want then break end
 end
 local nd = redis.call('ZRANGE', gkey .. 'sched', 0, 0, 'WITHSCORES')
-local stopped = {}
-for id, _ in pairs(stop) do stopped[#stopped + 1] = id end
 return {lost, out, nd[2] or false, stopped}
 "#;
 
-/// Moves entries a blocking read delivered that must not run yet. ARGV: prefix, group, epoch,
+/// Recreates a group a read found missing (Redis lost it), unless the topic was terminated.
+/// ARGV: prefix, group, epoch. Returns 1.
+pub(super) const RECREATE: &str = r#"
+local g, epoch = ARGV[2], ARGV[3]
+if ended(epoch) then return redis.error_reply('RELQ_TERMINATED the topic was terminated') end
+ensure_meta(epoch)
+local r = redis.pcall('XGROUP', 'CREATE', S, g, '0', 'MKSTREAM')
+if type(r) == 'table' and r.err and not string.find(r.err, 'BUSYGROUP') then return r end
+return 1
+"#;
+
+/// Moves entries a read delivered that must not run yet (stopped, or delayed and not due). ARGV: prefix, group, epoch,
 /// then pairs of id, due_ms (-1 = parked).
 pub(super) const HOLD: &str = r#"
 local g = ARGV[2]
@@ -298,7 +286,7 @@ return 1
 /// Stops a message for every group. ARGV: prefix, id. Returns 0 if the topic does not exist.
 pub(super) const STOP: &str = r#"
 local id = ARGV[2]
-if redis.call('EXISTS', P .. 'meta') == 0 then return 0 end
+if not topic_exists() then return 0 end
 redis.call('SADD', P .. 'stop', id)
 for _, info in ipairs(redis.call('XINFO', 'GROUPS', S)) do
   local gkey = gk(info[2])
@@ -311,7 +299,7 @@ return 1
 /// {topic exists, was stopped}.
 pub(super) const RESUME: &str = r#"
 local id, now = ARGV[2], ARGV[3]
-if redis.call('EXISTS', P .. 'meta') == 0 then return {0, 0} end
+if not topic_exists() then return {0, 0} end
 local was = redis.call('SREM', P .. 'stop', id)
 for _, info in ipairs(redis.call('XINFO', 'GROUPS', S)) do
   local gkey = gk(info[2])
@@ -403,7 +391,7 @@ return {removed, trimmed}
 /// type, data, headers json. Returns {dead letter id, new message id} pairs for those that
 /// existed.
 pub(super) const REPLAY: &str = r#"
-if redis.call('EXISTS', P .. 'meta') == 0 then return {} end
+if not topic_exists() then return {} end
 local out = {}
 for i = 2, #ARGV, 4 do
   if redis.call('XDEL', P .. 'dl', ARGV[i]) == 1 then
