@@ -304,7 +304,7 @@ async fn publish_load(
 
 /// Messages per second through publish, consume and ack, with 64 publishers (each publishing
 /// `batch` messages per call) running alongside a consumer of concurrency 100.
-async fn end_to_end(broker: &Broker, n: u64, batch: u64) -> anyhow::Result<f64> {
+pub(crate) async fn end_to_end(broker: &Broker, n: u64, batch: u64) -> anyhow::Result<f64> {
     let consumer = broker
         .consumer("e2e", "g")
         .start(StartPosition::Earliest)
