@@ -7,7 +7,7 @@
 //! | key | type | holds |
 //! |---|---|---|
 //! | `relq:{T}:s` | stream | the messages; relq groups are this stream's consumer groups |
-//! | `relq:{T}:meta` | hash | `epoch`: the topic's generation (set when created) |
+//! | `relq:{T}:meta` | hash | `epoch`: the topic's generation (set when a consumer first joins) |
 //! | `relq:{T}:ended` | string | the highest terminated epoch (the terminate marker) |
 //! | `relq:{T}:stop` | set | stopped message ids |
 //! | `relq:{T}:dl` | stream | dead letters: fields `record` (JSON) and `data` (payload) |
@@ -26,10 +26,11 @@
 //! # Delivery
 //! A delivered message is in the group's pending entries list (PEL) under its consumer, with the
 //! PEL's delivery counter as its delivery count. A retry or a delayed message is acknowledged in
-//! the PEL and kept in `sched`; when due, the read script puts it back into the PEL with
-//! `XCLAIM ... FORCE RETRYCOUNT n` (so the count survives), atomically with the read. There is no
-//! separate promoter process to elect: promotion is part of every read, and the script runs
-//! atomically, so two readers never promote the same entry.
+//! the PEL and kept in `sched`; when due, the promote script that starts every read puts it back
+//! into the PEL with `XCLAIM ... FORCE RETRYCOUNT n` (so the count survives). There is no
+//! separate promoter process to elect: the script runs atomically, so two readers never promote
+//! the same entry. The hot paths run without Lua: publish is a MULTI/EXEC of XADDs, new messages
+//! come from a plain XREADGROUP, acks are a MULTI/EXEC of XACK and HDEL.
 
 mod conn;
 mod scripts;
