@@ -65,8 +65,34 @@ pub(super) enum Target {
     },
 }
 
+/// TLS settings for `rediss://` URLs.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Tls {
+    /// PEM root certificate(s) to trust instead of the system's.
+    pub(super) root_cert: Option<Vec<u8>>,
+}
+
+#[cfg(feature = "redis-tls")]
+fn certificates(tls: &Tls) -> ::redis::TlsCertificates {
+    // rustls needs a process-wide crypto provider; install ring's unless one is set already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    ::redis::TlsCertificates {
+        client_tls: None,
+        root_cert: tls.root_cert.clone(),
+    }
+}
+
 /// The parsed form of a backend URL.
-pub(super) fn target(url: &str, response_timeout: Duration) -> RedisResult<Target> {
+pub(super) fn target(url: &str, response_timeout: Duration, tls: &Tls) -> RedisResult<Target> {
+    let secure = url.starts_with("rediss");
+    if secure && !cfg!(feature = "redis-tls") {
+        return Err(::redis::RedisError::from((
+            ::redis::ErrorKind::InvalidClientConfig,
+            "rediss:// needs TLS support: build relq with the `redis-tls` feature",
+        )));
+    }
+    #[cfg(not(feature = "redis-tls"))]
+    let _ = tls;
     if let Some((scheme, rest)) = url.split_once("://") {
         if let Some(base) = scheme.strip_suffix("+cluster") {
             // redis+cluster://[user:password@]host:port,host:port,...
@@ -81,17 +107,32 @@ pub(super) fn target(url: &str, response_timeout: Duration) -> RedisResult<Targe
                 .map(|h| format!("{base}://{auth}{h}"))
                 .collect();
             let build = |timeout: Duration| {
-                ClusterClient::builder(nodes.clone())
+                let builder = ClusterClient::builder(nodes.clone())
                     .response_timeout(timeout)
                     .connection_timeout(Duration::from_secs(2))
-                    .retries(4)
-                    .build()
+                    .retries(4);
+                #[cfg(feature = "redis-tls")]
+                let builder = if secure {
+                    builder
+                        .tls(::redis::TlsMode::Secure)
+                        .certs(certificates(tls))
+                } else {
+                    builder
+                };
+                builder.build()
             };
             return Ok(Target::Cluster {
                 main: Box::new(build(response_timeout)?),
                 blocking: Box::new(build(Duration::from_secs(24 * 3600))?),
             });
         }
+    }
+    #[cfg(feature = "redis-tls")]
+    if secure {
+        return Ok(Target::Single(Client::build_with_tls(
+            url,
+            certificates(tls),
+        )?));
     }
     Ok(Target::Single(Client::open(url)?))
 }

@@ -74,6 +74,8 @@ pub struct RedisConfig {
     /// Connect even when `maxmemory-policy` lets Redis evict keys (queue data could vanish
     /// silently). Default false: such a server is refused.
     pub allow_eviction: bool,
+    /// PEM root certificate(s) to trust for `rediss://` instead of the system's roots.
+    pub tls_root_cert: Option<Vec<u8>>,
 }
 
 impl Default for RedisConfig {
@@ -82,6 +84,7 @@ impl Default for RedisConfig {
             response_timeout: Duration::from_secs(5),
             retry_for: Duration::from_secs(30),
             allow_eviction: false,
+            tls_root_cert: None,
         }
     }
 }
@@ -100,6 +103,12 @@ impl RedisConfig {
     /// Accepts a server whose eviction policy could drop queue data.
     pub fn allow_eviction(mut self, allow: bool) -> Self {
         self.allow_eviction = allow;
+        self
+    }
+    /// Trusts these PEM root certificates for `rediss://` (e.g. a private CA) instead of the
+    /// system's roots.
+    pub fn tls_root_cert(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_root_cert = Some(pem.into());
         self
     }
 }
@@ -393,8 +402,10 @@ impl RedisBackend {
     }
 
     /// Connects to `url`: `redis://[user:password@]host:port[/db]`, `rediss://...` (TLS; needs
-    /// the `redis-tls` build feature), or `redis+cluster://[user:password@]host:port,host:port`
-    /// for Redis Cluster. Checks that the server is Redis 7.0 or newer and that its
+    /// the `redis-tls` build feature; the server certificate is checked against the system's
+    /// roots or [`RedisConfig::tls_root_cert`]), or
+    /// `redis+cluster://[user:password@]host:port,host:port` (`rediss+cluster://` with TLS) for
+    /// Redis Cluster. Checks that the server is Redis 7.0 or newer and that its
     /// `maxmemory-policy` cannot evict queue data.
     ///
     /// # Errors
@@ -411,7 +422,10 @@ impl RedisBackend {
         if config.response_timeout.is_zero() {
             return Err(ConfigError::new("response_timeout", "must be greater than zero").into());
         }
-        let target = conn::target(url, config.response_timeout).map_err(bad_url)?;
+        let tls = conn::Tls {
+            root_cert: config.tls_root_cert.clone(),
+        };
+        let target = conn::target(url, config.response_timeout, &tls).map_err(bad_url)?;
         let conn = target
             .main(config.response_timeout)
             .await
@@ -1456,6 +1470,7 @@ mod tests {
         let t = conn::target(
             "redis+cluster://u:p@127.0.0.1:7000,127.0.0.1:7001",
             Duration::from_secs(1),
+            &conn::Tls::default(),
         )
         .unwrap();
         assert!(matches!(t, Target::Cluster { .. }));
