@@ -56,7 +56,7 @@ impl ConnectionLike for Conn {
 
 /// Where connections come from.
 pub(super) enum Target {
-    Single(Client),
+    Single(Box<Client>),
     Cluster {
         /// For short commands.
         main: Box<ClusterClient>,
@@ -69,6 +69,7 @@ pub(super) enum Target {
 #[derive(Clone, Debug, Default)]
 pub(super) struct Tls {
     /// PEM root certificate(s) to trust instead of the system's.
+    #[cfg_attr(not(feature = "redis-tls"), allow(dead_code))]
     pub(super) root_cert: Option<Vec<u8>>,
 }
 
@@ -129,12 +130,12 @@ pub(super) fn target(url: &str, response_timeout: Duration, tls: &Tls) -> RedisR
     }
     #[cfg(feature = "redis-tls")]
     if secure {
-        return Ok(Target::Single(Client::build_with_tls(
+        return Ok(Target::Single(Box::new(Client::build_with_tls(
             url,
             certificates(tls),
-        )?));
+        )?)));
     }
-    Ok(Target::Single(Client::open(url)?))
+    Ok(Target::Single(Box::new(Client::open(url)?)))
 }
 
 impl Target {
@@ -147,7 +148,7 @@ impl Target {
                     .set_number_of_retries(3)
                     .set_max_delay(Duration::from_secs(1));
                 Ok(Conn::Managed(
-                    ConnectionManager::new_with_config(client.clone(), config).await?,
+                    ConnectionManager::new_with_config((**client).clone(), config).await?,
                 ))
             }
             Target::Cluster { main, .. } => Ok(Conn::Cluster(main.get_async_connection().await?)),
