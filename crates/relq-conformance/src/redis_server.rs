@@ -115,24 +115,6 @@ impl RedisServer {
         Some(server)
     }
 
-    /// Like [`start_with`](Self::start_with) on `port`, for servers the caller arranges (cluster).
-    pub fn start_on(port: u16, options: ServerOptions) -> Option<RedisServer> {
-        if !available() {
-            return None;
-        }
-        let dir = std::env::temp_dir().join(format!("relq-redis-{}-p{port}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create the server's directory");
-        let mut server = RedisServer {
-            child: None,
-            port,
-            dir,
-            options,
-        };
-        server.spawn();
-        Some(server)
-    }
-
     fn spawn(&mut self) {
         let mut args: Vec<String> = vec![
             "--port".into(),

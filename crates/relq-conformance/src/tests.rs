@@ -1271,6 +1271,8 @@ enum State {
         consumer: usize,
         since: Timestamp,
         at: Timestamp,
+        /// The delivery count of this delivery.
+        attempt: u32,
     },
     Scheduled {
         due: Timestamp,
@@ -1329,6 +1331,7 @@ pub async fn model_based_random_operations_lose_nothing(b: Broker) {
                         consumer: c,
                         since: before,
                         at: now,
+                        attempt: d.message.attempt,
                     },
                 );
             }
@@ -1374,11 +1377,19 @@ pub async fn model_based_random_operations_lose_nothing(b: Broker) {
                         continue;
                     }
                     let id = pending[rng.usize(0..pending.len())];
-                    let State::Pending { consumer, .. } = model[&id] else {
+                    let State::Pending {
+                        consumer, attempt, ..
+                    } = model[&id]
+                    else {
                         unreachable!()
                     };
+                    // Now and then a stale settlement: for a delivery that was superseded (the
+                    // message was claimed or recovered since). A retry or dead letter for it
+                    // must be ignored; an ack still counts (the work was done).
+                    let stale = rng.u8(0..5) == 0;
+                    let attempt = if stale { attempt + 1 } else { attempt };
                     let failure = relq::AttemptFailure {
-                        attempt: 1,
+                        attempt,
                         at: now,
                         consumer: format!("c{consumer}"),
                         kind: FailureKind::Retryable,
@@ -1405,7 +1416,7 @@ pub async fn model_based_random_operations_lose_nothing(b: Broker) {
                                 headers: Default::default(),
                                 published_at: now,
                                 deliver_at: None,
-                                attempt: 1,
+                                attempt,
                             };
                             let dl = relq::DeadLetter {
                                 id: MessageId::ZERO,
@@ -1418,21 +1429,27 @@ pub async fn model_based_random_operations_lose_nothing(b: Broker) {
                                 category: None,
                                 error_chain: vec!["e".into()],
                                 backtrace: None,
-                                attempts: 1,
+                                attempts: attempt,
                                 first_failed_at: now,
                                 last_failed_at: now,
                                 failures: vec![failure],
                             };
-                            dead_ids.push(id);
                             (Settlement::DeadLetter(Box::new(dl)), State::Dead)
                         }
                     };
-                    // Any consumer may settle (a stale owner's settlement is still applied while pending).
+                    let applies = !stale || matches!(settlement, Settlement::Ack(_));
+                    // Any consumer may settle (a stale owner's settlement is still applied while
+                    // pending, as long as it is for the current delivery).
                     backend
                         .settle(&subs[rng.usize(0..3)], &[settlement])
                         .await
                         .unwrap();
-                    model.insert(id, next);
+                    if applies {
+                        if matches!(next, State::Dead) {
+                            dead_ids.push(id);
+                        }
+                        model.insert(id, next);
+                    }
                 }
                 65..=74 => {
                     let c = rng.usize(0..3);

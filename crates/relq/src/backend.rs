@@ -306,7 +306,10 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<Vec<Delivery>, BackendError>;
 
     /// Applies settlements atomically as one batch. Settlements for messages no longer pending in
-    /// the group (settled already, or claimed and settled by another consumer) are ignored.
+    /// the group (settled already, or claimed and settled by another consumer) are ignored, and
+    /// so are a `Retry` or `DeadLetter` for a superseded delivery: one whose attempt
+    /// (`failure.attempt`, `message.attempt`) is not the message's current delivery count because
+    /// it was claimed or recovered since. An `Ack` of a pending message always applies.
     async fn settle(&self, sub: &Subscription, batch: &[Settlement]) -> Result<(), BackendError>;
 
     /// Stops message `id` for every group: it is parked instead of delivered until resumed.

@@ -614,14 +614,18 @@ impl Backend for MemoryBackend {
                         g.pending.remove(id);
                     }
                     Settlement::Retry { id, at, failure } => {
-                        if let Some(mut p) = g.pending.remove(id) {
+                        let current = g.pending.get(id).map(|p| p.meta.deliveries);
+                        if current == Some(failure.attempt) {
+                            let mut p = g.pending.remove(id).expect("pending");
                             p.meta.failures.push(failure.clone());
                             g.schedule(*id, *at, p.meta);
                             retried = true;
                         }
                     }
                     Settlement::DeadLetter(dl) => {
-                        if g.pending.remove(&dl.message.id).is_some() {
+                        let current = g.pending.get(&dl.message.id).map(|p| p.meta.deliveries);
+                        if current == Some(dl.message.attempt) {
+                            g.pending.remove(&dl.message.id);
                             let id = t.last_dead_id.next_after(Timestamp::now().0);
                             t.last_dead_id = id;
                             let mut dl = (**dl).clone();

@@ -1600,7 +1600,21 @@ impl GroupOps<'_> {
     fn settle(&mut self, s: &Settlement, now: Timestamp) -> bool {
         let o = s.id().seq;
         let g = self.g();
-        // Settled already (by this or another consumer): nothing to do.
+        // Settled already (by this or another consumer): nothing to do. A retry or dead letter
+        // of a superseded delivery (claimed or recovered since) is stale: ignored too.
+        let current = match g.pending.get(&o) {
+            Some(p) => p.attempt,
+            None => return false,
+        };
+        let settles = match s {
+            Settlement::Ack(_) => None,
+            Settlement::Retry { failure, .. } => Some(failure.attempt),
+            Settlement::DeadLetter(dl) => Some(dl.message.attempt),
+        };
+        if settles.is_some_and(|a| a != current) {
+            return false;
+        }
+        let g = self.g();
         let Some(p) = g.pending.remove(&o) else {
             return false;
         };

@@ -158,8 +158,12 @@ pub struct RedisBackend {
     conn: Conn,
     blocking: BlockingPool,
     scripts: Scripts,
-    /// Topics this process has registered in [`REGISTRY`].
-    registered: Mutex<HashSet<String>>,
+    /// Topics this process has registered in [`REGISTRY`], and when (re-registered after
+    /// [`REGISTER_AGAIN`], in case another process terminated the topic meanwhile).
+    registered: Mutex<HashMap<String, tokio::time::Instant>>,
+    /// Ids delivered with a failure history (`g:{G}:m`): their acks go through the settle
+    /// script, which deletes the history only if the ack removed the entry.
+    with_history: Mutex<HashSet<MessageId>>,
     /// Per (topic, group): stopped ids seen by the last read, to screen blocking reads.
     stopped: Mutex<HashMap<(String, String), HashSet<MessageId>>>,
 }
@@ -207,13 +211,27 @@ fn map_err(e: RedisError) -> BackendError {
     if text.contains("RELQ_TERMINATED") {
         return err(BackendErrorKind::Terminated, "the topic was terminated");
     }
-    let kind = if e.code() == Some("OOM") {
+    // A MULTI/EXEC aborted by an error inside reports EXECABORT; look at the cause.
+    let has = |code: &str| e.code() == Some(code) || text.contains(code);
+    let kind = if has("OOM") {
         BackendErrorKind::Full
-    } else if transient(&e) {
+    } else if transient(&e)
+        || [
+            "LOADING",
+            "READONLY",
+            "MASTERDOWN",
+            "CLUSTERDOWN",
+            "TRYAGAIN",
+        ]
+        .iter()
+        .any(|c| has(c))
+    {
         BackendErrorKind::Unavailable
-    } else if e.code() == Some("WRONGTYPE") {
+    } else if has("WRONGTYPE") {
         BackendErrorKind::Corrupt
-    } else if e.code() == Some("NOPERM") || e.code() == Some("NOAUTH") {
+    } else if e.code().is_some() {
+        // Any other server error (NOPERM, NOAUTH, ERR from a command or a script) is not going
+        // to go away by itself: retrying would spin.
         BackendErrorKind::Invalid
     } else {
         BackendErrorKind::Unavailable
@@ -389,6 +407,9 @@ fn before(id: MessageId) -> String {
     }
 }
 
+/// How long a topic counts as registered before a publish or join adds it to the registry again.
+const REGISTER_AGAIN: Duration = Duration::from_secs(10);
+
 /// Largest number of dead letters looked at per page by list, purge and stats.
 const DL_PAGE: usize = 500;
 
@@ -436,7 +457,8 @@ impl RedisBackend {
             conn,
             blocking: BlockingPool::new(),
             scripts: Scripts::new(),
-            registered: Mutex::new(HashSet::new()),
+            registered: Mutex::new(HashMap::new()),
+            with_history: Mutex::new(HashSet::new()),
             stopped: Mutex::new(HashMap::new()),
         };
         backend.check_server().await?;
@@ -528,14 +550,17 @@ impl RedisBackend {
         let deadline = tokio::time::Instant::now() + self.config.retry_for;
         let mut delay = Duration::from_millis(20);
         loop {
-            match f(self.conn.clone()).await {
+            match f(self.conn.clone()).await.map_err(map_err) {
                 Ok(v) => return Ok(v),
-                Err(e) if transient(&e) && tokio::time::Instant::now() + delay < deadline => {
+                Err(e)
+                    if e.kind == BackendErrorKind::Unavailable
+                        && tokio::time::Instant::now() + delay < deadline =>
+                {
                     tracing::debug!(error = %e, ?delay, "redis call failed; retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(1));
                 }
-                Err(e) => return Err(map_err(e)),
+                Err(e) => return Err(e),
             }
         }
     }
@@ -554,12 +579,13 @@ impl RedisBackend {
     /// Adds `topic` to the registry once per process (before it is created, so the registry
     /// never misses a topic).
     async fn register(&self, topic: &str) -> Result<(), BackendError> {
-        if self
+        let fresh = self
             .registered
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .contains(topic)
-        {
+            .get(topic)
+            .is_some_and(|at| at.elapsed() < REGISTER_AGAIN);
+        if fresh {
             return Ok(());
         }
         self.call(|mut c| async move {
@@ -573,8 +599,14 @@ impl RedisBackend {
         self.registered
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(topic.to_owned());
+            .insert(topic.to_owned(), tokio::time::Instant::now());
         Ok(())
+    }
+
+    /// Notes which deliveries carry a failure history (all but first deliveries of new entries).
+    fn note_history(&self, out: &[Delivery]) {
+        let mut set = self.with_history.lock().unwrap_or_else(|e| e.into_inner());
+        set.extend(out.iter().map(|d| d.message.id));
     }
 
     fn warn_lost(&self, sub: &Subscription, lost: bool) {
@@ -629,7 +661,9 @@ impl RedisBackend {
         };
         self.warn_lost(sub, int(&lost) == Some(1));
         self.remember_stopped(sub, stopped);
-        Ok((deliveries(out)?, int(&next_due).map(|d| d as u64)))
+        let out = deliveries(out)?;
+        self.note_history(&out);
+        Ok((out, int(&next_due).map(|d| d as u64)))
     }
 
     /// Recreates the group after a read found it missing.
@@ -676,7 +710,9 @@ impl RedisBackend {
                 self.blocking.give_back(conn);
                 v
             }
-            Ok(Err(e)) if e.code() == Some("NOGROUP") => {
+            // NOGROUP: the group is gone; UNBLOCKED: the stream was deleted while we waited
+            // (a terminate, or a FLUSHALL). The recreate script tells which.
+            Ok(Err(e)) if matches!(e.code(), Some("NOGROUP" | "UNBLOCKED")) => {
                 self.blocking.give_back(conn);
                 return Ok(None);
             }
@@ -699,6 +735,7 @@ impl RedisBackend {
         let now = Timestamp::now();
         let mut out = Vec::new();
         let mut held: Vec<(MessageId, i64)> = Vec::new();
+        let mut parked = HashMap::new();
         for e in entries {
             let mut parts = items(e).into_iter();
             let (Some(id), Some(fields)) = (parts.next(), parts.next()) else {
@@ -708,6 +745,7 @@ impl RedisBackend {
             let message = message_of(id, fields, 1);
             if self.is_stopped(sub, id) {
                 held.push((id, -1));
+                parked.insert(id, message);
             } else if let Some(at) = message.deliver_at.filter(|at| *at > now) {
                 held.push((id, at.0 as i64));
             } else {
@@ -719,15 +757,35 @@ impl RedisBackend {
         }
         if !held.is_empty() {
             let pre = prefix(&sub.topic);
-            self.call(|mut c| {
-                let mut inv = self.scripts.hold.key(&key);
-                inv.arg(&pre).arg(&sub.group).arg(sub.epoch);
-                for (id, due) in &held {
-                    inv.arg(id.to_string()).arg(*due);
+            let hold = self
+                .call(|mut c| {
+                    let mut inv = self.scripts.hold.key(&key);
+                    inv.arg(&pre).arg(&sub.group).arg(sub.epoch);
+                    for (id, due) in &held {
+                        inv.arg(id.to_string()).arg(*due);
+                    }
+                    async move { inv.invoke_async::<Value>(&mut c).await }
+                })
+                .await;
+            match hold {
+                // Resumed since the promote step looked: deliver after all.
+                Ok(released) => out.extend(
+                    items(released)
+                        .iter()
+                        .filter_map(|v| id_of(v).ok())
+                        .filter_map(|id| parked.remove(&id))
+                        .map(|message| Delivery {
+                            message,
+                            failures: Vec::new(),
+                        }),
+                ),
+                // The set-aside entries stay pending for this consumer (recovered or claimed
+                // later); what is deliverable is not lost with them.
+                Err(e) if !out.is_empty() => {
+                    tracing::warn!(error = %e, "could not set aside stopped or delayed messages; they stay pending");
                 }
-                async move { inv.invoke_async::<Value>(&mut c).await }
-            })
-            .await?;
+                Err(e) => return Err(e),
+            }
         }
         Ok(Some(out))
     }
@@ -761,7 +819,9 @@ impl RedisBackend {
             return Err(corrupt("redeliver script reply"));
         };
         self.warn_lost(sub, int(&lost) == Some(1));
-        deliveries(out)
+        let out = deliveries(out)?;
+        self.note_history(&out);
+        Ok(out)
     }
 
     async fn query(&self, cmd: ::redis::Cmd) -> Result<Value, BackendError> {
@@ -1008,9 +1068,12 @@ impl Backend for RedisBackend {
             let (mut out, next_due) = self.promote(sub, max).await?;
             if !out.is_empty() {
                 if out.len() < max {
-                    // Fill the rest with new messages, without waiting.
-                    if let Some(more) = self.read_new(sub, max - out.len(), Duration::ZERO).await? {
-                        out.extend(more);
+                    // Fill the rest with new messages, without waiting. On an error, the
+                    // promoted messages are still handed over (they are pending for us).
+                    match self.read_new(sub, max - out.len(), Duration::ZERO).await {
+                        Ok(Some(more)) => out.extend(more),
+                        Ok(None) => {}
+                        Err(e) => tracing::debug!(error = %e, "filling a read failed"),
                     }
                 }
                 return Ok(out);
@@ -1042,7 +1105,15 @@ impl Backend for RedisBackend {
         }
         let key = stream_key(&sub.topic);
         let pre = prefix(&sub.topic);
-        if batch.iter().all(|s| matches!(s, Settlement::Ack(_))) {
+        let plain_acks = {
+            let mut history = self.with_history.lock().unwrap_or_else(|e| e.into_inner());
+            let mut any = false;
+            for s in batch {
+                any |= history.remove(&s.id());
+            }
+            !any && batch.iter().all(|s| matches!(s, Settlement::Ack(_)))
+        };
+        if plain_acks {
             // The hot path, without Lua: one MULTI/EXEC of XACK and of HDEL of any failure
             // history (both idempotent, so a retry after a lost reply is harmless).
             let ids: Vec<String> = batch.iter().map(|s| s.id().to_string()).collect();
@@ -1074,6 +1145,7 @@ impl Backend for RedisBackend {
                     args.push(id.to_string().into_bytes());
                     args.push(at.0.to_string().into_bytes());
                     args.push(serde_json::to_vec(failure).expect("failures serialize"));
+                    args.push(failure.attempt.to_string().into_bytes());
                 }
                 Settlement::DeadLetter(dl) => {
                     let mut record = (**dl).clone();
@@ -1082,6 +1154,7 @@ impl Backend for RedisBackend {
                     args.push(dl.message.id.to_string().into_bytes());
                     args.push(serde_json::to_vec(&record).expect("dead letters serialize"));
                     args.push(payload.to_vec());
+                    args.push(dl.message.attempt.to_string().into_bytes());
                 }
             }
         }

@@ -23,6 +23,19 @@ local function idcmp(a, b)
   return numcmp(as, bs)
 end
 local function idms(id) return tonumber(string.match(id, '^(%d+)-')) end
+-- A decimal string plus one, exact at any length (Lua numbers lose precision above 2^53).
+local function inc(s)
+  local i = #s
+  while i > 0 and string.sub(s, i, i) == '9' do i = i - 1 end
+  if i == 0 then return '1' .. string.rep('0', #s) end
+  return string.sub(s, 1, i - 1) .. (tonumber(string.sub(s, i, i)) + 1) .. string.rep('0', #s - i)
+end
+-- The smallest id after `id`.
+local function next_id(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  if seq == '18446744073709551615' then return inc(ms) .. '-0' end
+  return ms .. '-' .. inc(seq)
+end
 local function field(fields, name)
   for i = 1, #fields, 2 do
     if fields[i] == name then return fields[i + 1] end
@@ -44,11 +57,12 @@ local function meta(gkey, id)
   return tonumber(n), f
 end
 -- Takes `id` out of the group's pending list into the scheduled set (due >= 0) or the parked
--- set (due < 0), keeping `n` deliveries and its failure history.
+-- set (due < 0), keeping `n` deliveries and its failure history. Does nothing (returns false)
+-- if the entry is not pending, so a replayed call cannot resurrect a settled entry.
 local function hold(g, id, due, n)
   local gkey = gk(g)
   local _, f = meta(gkey, id)
-  redis.call('XACK', S, g, id)
+  if redis.call('XACK', S, g, id) == 0 then return false end
   redis.call('HSET', gkey .. 'm', id, n .. ' ' .. f)
   redis.call('ZADD', gkey .. 'held', idms(id), id)
   if due < 0 then
@@ -56,6 +70,13 @@ local function hold(g, id, due, n)
   else
     redis.call('ZADD', gkey .. 'sched', due, id)
   end
+  return true
+end
+-- The deliver_at field as a number, or nil if absent or not a number (then the entry is due:
+-- the client reports such an entry as malformed).
+local function due_at(fields)
+  local at = field(fields, 'deliver_at')
+  return at and tonumber(at)
 end
 local function stopped_set()
   local set = {}
@@ -73,7 +94,7 @@ local function new_epoch()
   local t = redis.call('TIME')
   local e = t[1] .. string.format('%06d', tonumber(t[2]))
   local last = redis.call('GET', P .. 'ended')
-  if last and numcmp(last, e) >= 0 then e = tostring(tonumber(last) + 1) end
+  if last and numcmp(last, e) >= 0 then e = inc(last) end
   return e
 end
 "#;
@@ -179,13 +200,22 @@ if type(r) == 'table' and r.err and not string.find(r.err, 'BUSYGROUP') then ret
 return 1
 "#;
 
-/// Moves entries a read delivered that must not run yet (stopped, or delayed and not due). ARGV: prefix, group, epoch,
-/// then pairs of id, due_ms (-1 = parked).
+/// Moves entries a read delivered that must not run yet (stopped, or delayed and not due).
+/// ARGV: prefix, group, epoch, then pairs of id, due_ms (-1 = park: stopped). Returns the ids
+/// to deliver after all: those whose stop marker was removed since the client looked.
 pub(super) const HOLD: &str = r#"
 local g = ARGV[2]
 if ended(ARGV[3]) then return redis.error_reply('RELQ_TERMINATED the topic was terminated') end
-for i = 4, #ARGV, 2 do hold(g, ARGV[i], tonumber(ARGV[i + 1]), 0) end
-return 1
+local release = {}
+for i = 4, #ARGV, 2 do
+  local id, due = ARGV[i], tonumber(ARGV[i + 1])
+  if due < 0 and redis.call('SISMEMBER', P .. 'stop', id) == 0 then
+    release[#release + 1] = id
+  else
+    hold(g, id, due, 0)
+  end
+end
+return release
 "#;
 
 /// Delivers pending entries again, counting the delivery. ARGV: prefix, group, consumer, epoch,
@@ -211,53 +241,70 @@ local stop = stopped_set()
 local out = {}
 local min_idle = 0
 if mode ~= 'recover' then min_idle = arg end
-for _, p in ipairs(pend) do
-  local id, count = p[1], p[4]
-  local r = redis.call('XCLAIM', S, g, c, min_idle, id, 'RETRYCOUNT', count + 1)
-  if r[1] and r[1][2] then
-    local fields = r[1][2]
-    local at = field(fields, 'deliver_at')
-    if stop[id] then
-      hold(g, id, -1, count)
-    elseif at and tonumber(at) > now then
-      hold(g, id, tonumber(at), count - 1)
-    else
-      local _, f = meta(gkey, id)
-      out[#out + 1] = {id, count + 1, fields, f}
+-- Entries set aside (stopped, not yet due) do not count: page on until max deliveries or the
+-- end of the pending list, so an empty reply means there is nothing left.
+local pages = 0
+local asked = max
+while true do
+  pages = pages + 1
+  local last = nil
+  for _, p in ipairs(pend) do
+    local id, count = p[1], p[4]
+    last = id
+    local r = redis.call('XCLAIM', S, g, c, min_idle, id, 'RETRYCOUNT', count + 1)
+    if r[1] and r[1][2] then
+      local fields = r[1][2]
+      local at = due_at(fields)
+      if stop[id] then
+        hold(g, id, -1, count)
+      elseif at and at > now then
+        hold(g, id, at, count - 1)
+      else
+        local _, f = meta(gkey, id)
+        out[#out + 1] = {id, count + 1, fields, f}
+      end
+    elseif r[1] == nil and #r == 0 then
+      -- claimed by someone else meanwhile, or deleted from the stream
+      if redis.call('XRANGE', S, id, id)[1] == nil then
+        redis.call('XACK', S, g, id)
+        redis.call('HDEL', gkey .. 'm', id)
+      end
     end
-  elseif r[1] == nil and #r == 0 then
-    -- claimed by someone else meanwhile, or deleted from the stream
-    if redis.call('XRANGE', S, id, id)[1] == nil then
-      redis.call('XACK', S, g, id)
-      redis.call('HDEL', gkey .. 'm', id)
-    end
+  end
+  if #out >= max or #pend < asked or last == nil or pages >= 20 then break end
+  local want = max - #out
+  asked = want
+  if mode == 'recover' then
+    pend = redis.call('XPENDING', S, g, '(' .. last, '+', want, c)
+  else
+    pend = redis.call('XPENDING', S, g, 'IDLE', arg, '(' .. last, '+', want)
   end
 end
 return {lost, out}
 "#;
 
 /// Settles a batch. ARGV: prefix, group, epoch, then entries: 'a', id | 'r', id, due_ms,
-/// failure_json | 'd', id, dead_letter_json, payload. Entries no longer pending are ignored.
+/// failure_json, attempt | 'd', id, dead_letter_json, payload, attempts. Entries no longer
+/// pending are ignored, and so is a retry or dead letter whose attempt is not the entry's current
+/// delivery count (a stale settlement from a consumer the entry was claimed from).
 pub(super) const SETTLE: &str = r#"
 local g = ARGV[2]
 if ended(ARGV[3]) then return redis.error_reply('RELQ_TERMINATED the topic was terminated') end
 local gkey = gk(g)
-local acks = {}
 local has_meta = redis.call('EXISTS', gkey .. 'm') == 1
 local i = 4
 while i <= #ARGV do
   local op, id = ARGV[i], ARGV[i + 1]
   if op == 'a' then
-    acks[#acks + 1] = id
-    if #acks >= 500 then
-      redis.pcall('XACK', S, g, unpack(acks))
-      if has_meta then redis.call('HDEL', gkey .. 'm', unpack(acks)) end
-      acks = {}
-    end
+    -- The failure history goes only with the delivery it belongs to: an ack of an entry that
+    -- is no longer pending (claimed and retried by another consumer) leaves it alone.
+    if redis.pcall('XACK', S, g, id) == 1 and has_meta then redis.call('HDEL', gkey .. 'm', id) end
     i = i + 2
   elseif op == 'r' then
     local p = redis.pcall('XPENDING', S, g, id, id, 1)
-    if type(p) == 'table' and not p.err and p[1] then
+    -- Only the delivery that failed: if the entry was claimed (or retried and promoted) since,
+    -- its count moved on and this settlement is stale.
+    if type(p) == 'table' and not p.err and p[1] and tostring(p[1][4]) == ARGV[i + 4] then
       local _, f = meta(gkey, id)
       if f == '[]' then f = '[' .. ARGV[i + 3] .. ']' else f = string.sub(f, 1, -2) .. ',' .. ARGV[i + 3] .. ']' end
       redis.call('XACK', S, g, id)
@@ -266,19 +313,16 @@ while i <= #ARGV do
       redis.call('ZADD', gkey .. 'sched', ARGV[i + 2], id)
       has_meta = true
     end
-    i = i + 4
+    i = i + 5
   else
-    local acked = redis.pcall('XACK', S, g, id)
-    if acked == 1 then
+    local p = redis.pcall('XPENDING', S, g, id, id, 1)
+    if type(p) == 'table' and not p.err and p[1] and tostring(p[1][4]) == ARGV[i + 4] then
+      redis.call('XACK', S, g, id)
       if has_meta then redis.call('HDEL', gkey .. 'm', id) end
       redis.call('XADD', P .. 'dl', '*', 'record', ARGV[i + 2], 'data', ARGV[i + 3])
     end
-    i = i + 4
+    i = i + 5
   end
-end
-if #acks > 0 then
-  redis.pcall('XACK', S, g, unpack(acks))
-  if has_meta then redis.call('HDEL', gkey .. 'm', unpack(acks)) end
 end
 return 1
 "#;
@@ -343,8 +387,7 @@ for _, info in ipairs(groups) do
     if info[j] == 'name' then name = info[j + 1] end
     if info[j] == 'last-delivered-id' then last = info[j + 1] end
   end
-  local ms, seq = string.match(last, '^(%d+)-(%d+)$')
-  lower(ms .. '-' .. string.format('%d', tonumber(seq) + 1))
+  lower(next_id(last))
   local pend = redis.call('XPENDING', S, name)
   if pend[1] > 0 then lower(pend[2]) end
   local held = redis.call('ZRANGE', gk(name) .. 'held', 0, 0, 'WITHSCORES')
@@ -359,10 +402,7 @@ if floor then
     removed = removed + 1
   end
   if removed > 0 then
-    if boundary == nil then
-      local ms, seq = string.match(page[#page][1], '^(%d+)-(%d+)$')
-      boundary = ms .. '-' .. string.format('%d', tonumber(seq) + 1)
-    end
+    if boundary == nil then boundary = next_id(page[#page][1]) end
     redis.call('XTRIM', S, 'MINID', boundary)
   end
 end
