@@ -109,7 +109,9 @@ if window > 0 then
   local t = redis.call('TIME')
   local floor = (tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)) - window
   local hi = '+'
-  while true do
+  -- Bounded: at most 100,000 entries are looked at (a long outage under a high publish rate);
+  -- past that the batch is appended again, as a duplicate at worst, never lost.
+  for _ = 1, 200 do
     local page = redis.call('XREVRANGE', S, hi, string.format('%d', floor), 'COUNT', 500)
     for _, e in ipairs(page) do
       if field(e[2], 'nonce') == nonce then
