@@ -162,6 +162,8 @@ async fn durable_restart_mid_load_loses_no_acknowledged_publish() {
 struct Proxy {
     port: u16,
     cut_next_reply: Arc<AtomicBool>,
+    /// Holds the next reply back this many ms (0 = none).
+    delay_next_reply: Arc<AtomicU64>,
 }
 
 impl Proxy {
@@ -170,6 +172,8 @@ impl Proxy {
         let port = listener.local_addr().unwrap().port();
         let cut = Arc::new(AtomicBool::new(false));
         let cut_next_reply = cut.clone();
+        let delay = Arc::new(AtomicU64::new(0));
+        let delay_next_reply = delay.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
@@ -187,11 +191,16 @@ impl Proxy {
                     }
                 });
                 let cut = cut.clone();
+                let delay = delay.clone();
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 64 * 1024];
                     while let Ok(n) = sr.read(&mut buf).await {
                         if n == 0 {
                             break;
+                        }
+                        let hold = delay.swap(0, Ordering::SeqCst);
+                        if hold > 0 {
+                            tokio::time::sleep(Duration::from_millis(hold)).await;
                         }
                         if cut.swap(false, Ordering::SeqCst) {
                             // The reply is swallowed and the client's connection closed.
@@ -208,6 +217,7 @@ impl Proxy {
         Proxy {
             port,
             cut_next_reply,
+            delay_next_reply,
         }
     }
 }
@@ -229,7 +239,7 @@ async fn publish_retried_after_a_dropped_reply_is_not_duplicated() {
         .publish("idem", NewMessage::new("job", "before"))
         .await
         .unwrap();
-    let calls_before = calls(&server, "evalsha");
+    let calls_before = calls(&server, "evalsha") + calls(&server, "eval");
     proxy.cut_next_reply.store(true, Ordering::SeqCst);
     let ids = broker
         .publish_batch(
@@ -247,8 +257,9 @@ async fn publish_retried_after_a_dropped_reply_is_not_duplicated() {
         "the proxy did cut a reply"
     );
     assert!(
-        calls(&server, "evalsha") >= calls_before + 2,
-        "the publish ran twice on the server (first attempt applied, then the retry)"
+        calls(&server, "exec") >= 1
+            && calls(&server, "evalsha") + calls(&server, "eval") > calls_before,
+        "the publish ran twice on the server (the MULTI/EXEC applied, then the retry script)"
     );
     let stored = entries(&server, "idem");
     for p in ["x1", "x2", "x3"] {
@@ -265,6 +276,56 @@ async fn publish_retried_after_a_dropped_reply_is_not_duplicated() {
         Some(ids[2]),
         "the retry returned the stored ids"
     );
+}
+
+/// The reply to a publish arrives after the response timeout: the backend retries, and the
+/// retry finds the batch (applied on the first attempt) instead of appending it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_retried_after_a_timeout_is_not_duplicated() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let proxy = Proxy::start(server.port()).await;
+    let backend = RedisBackend::connect_with(
+        &format!("redis://127.0.0.1:{}", proxy.port),
+        RedisConfig::default().response_timeout(Duration::from_millis(300)),
+    )
+    .await
+    .unwrap();
+    let broker = Broker::new(backend);
+    broker
+        .publish("slow", NewMessage::new("job", "before"))
+        .await
+        .unwrap();
+    let calls_before = calls(&server, "evalsha") + calls(&server, "eval");
+    proxy.delay_next_reply.store(1000, Ordering::SeqCst);
+    let ids = broker
+        .publish_batch(
+            "slow",
+            vec![NewMessage::new("job", "y1"), NewMessage::new("job", "y2")],
+        )
+        .await
+        .expect("the publish is retried after the timeout");
+    assert_eq!(
+        proxy.delay_next_reply.load(Ordering::SeqCst),
+        0,
+        "the proxy did hold a reply back"
+    );
+    assert!(
+        calls(&server, "evalsha") + calls(&server, "eval") > calls_before,
+        "the publish was retried (through the retry script)"
+    );
+    let stored = entries(&server, "slow");
+    for p in ["y1", "y2"] {
+        assert_eq!(
+            stored.iter().filter(|l| *l == p).count(),
+            1,
+            "{p} stored once: {stored:?}"
+        );
+    }
+    let info = broker.topic_info("slow").await.unwrap();
+    assert_eq!(info.length, 3);
+    assert_eq!(info.last_id, Some(ids[1]));
 }
 
 /// Redis restarts without persistence: the topic and its group are gone. The running consumer
