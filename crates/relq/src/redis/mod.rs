@@ -301,19 +301,29 @@ fn message_of(id: MessageId, fields: Value, attempt: u32) -> Message {
     let mut problems = Vec::new();
     let mut it = items(fields).into_iter();
     while let (Some(k), Some(v)) = (it.next(), it.next()) {
-        let key = text(&k).unwrap_or_default();
-        match key.as_str() {
-            "type" => kind = text(&v),
-            "data" => {
+        // Field names compared as bytes: no allocation per field.
+        let key: &[u8] = match &k {
+            Value::BulkString(b) => b,
+            Value::SimpleString(s) => s.as_bytes(),
+            _ => b"",
+        };
+        match key {
+            b"type" => {
+                kind = match v {
+                    Value::BulkString(b) => String::from_utf8(b).ok(),
+                    other => text(&other),
+                }
+            }
+            b"data" => {
                 if let Value::BulkString(b) = v {
                     payload = Bytes::from(b);
                 }
             }
-            "headers" => match text(&v).map(|s| serde_json::from_str(&s)) {
+            b"headers" => match text(&v).map(|s| serde_json::from_str(&s)) {
                 Some(Ok(h)) => headers = h,
                 _ => problems.push("the headers field is not a JSON object of strings"),
             },
-            "deliver_at" => match int(&v) {
+            b"deliver_at" => match int(&v) {
                 Some(ms) if ms >= 0 => deliver_at = Some(Timestamp(ms as u64)),
                 _ => problems.push("the deliver_at field is not a number of milliseconds"),
             },
