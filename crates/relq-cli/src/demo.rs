@@ -246,7 +246,7 @@ pub(crate) async fn run(args: DemoArgs, url: Option<&str>, json_out: bool) -> an
         println!(
             "{}",
             json!({
-                "backend": backend, "messages": args.messages, "processed": processed, "failed_attempts": failed,
+                "backend": backend, "topic": topic, "messages": args.messages, "processed": processed, "failed_attempts": failed,
                 "retried": retried, "dead_lettered": dead, "dead_lettered_by_category": by_category,
                 "dead_lettered_by_reason": stats.by_reason, "elapsed_seconds": elapsed.as_secs_f64(),
                 "throughput_per_second": throughput,

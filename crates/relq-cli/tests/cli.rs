@@ -120,3 +120,78 @@ fn messages_persist_between_commands_in_the_default_data_directory() {
     assert!(v.to_string().contains("\"lag\":0"), "{v}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The same commands against Redis (`--url redis://...`), on a server the test starts: publish,
+/// consume, info, and the dead-letter commands after a demo run.
+#[test]
+fn commands_work_against_redis() {
+    let Some(server) = relq_conformance::redis_server::RedisServer::start() else {
+        return;
+    };
+    let url = server.url();
+    let dir = fresh_dir();
+    for i in 0..3 {
+        let out = relq_in(
+            &dir,
+            &[
+                "--url",
+                &url,
+                "publish",
+                "orders",
+                "job",
+                &format!("order-{i}"),
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = relq_in(
+        &dir,
+        &[
+            "--url", &url, "--json", "consume", "orders", "--count", "3", "--idle", "2s",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    for i in 0..3 {
+        assert!(text.contains(&format!("order-{i}")), "{text}");
+    }
+    assert!(
+        !dir.join("relq-data").exists(),
+        "nothing was written to the default data directory"
+    );
+    let out = relq_in(&dir, &["--url", &url, "--json", "info", "orders"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v.to_string().contains("\"lag\":0"), "{v}");
+    // The demo on Redis accounts for every message; its dead letters are listed by the CLI.
+    let out = relq_in(
+        &dir,
+        &["--url", &url, "--json", "demo", "--messages", "300"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let demo: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let n = |k: &str| demo[k].as_u64().unwrap();
+    assert_eq!(n("processed") + n("dead_lettered"), 300, "{demo}");
+    assert_eq!(n("pending"), 0, "{demo}");
+    let topic = demo["topic"].as_str().expect("the demo names its topic");
+    let out = relq_in(&dir, &["--url", &url, "--json", "dlq", "stats", topic]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(stats["total"].as_u64(), Some(n("dead_lettered")), "{stats}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
