@@ -450,3 +450,70 @@ async fn entries_from_other_programs_are_consumed_or_dead_lettered() {
     assert_eq!(dl.message.payload.as_ref(), b"no type");
     consumer.shutdown(LONG).await;
 }
+
+/// Consumers that hold nothing and were not seen for `consumer_expiry` are removed from the group
+/// by another consumer's claims; one that still holds a message is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_consumers_holding_nothing_are_forgotten() {
+    use relq::Backend;
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let backend = RedisBackend::connect_with(
+        &server.url(),
+        RedisConfig::default().consumer_expiry(Duration::from_millis(200)),
+    )
+    .await
+    .unwrap();
+    let gone = backend
+        .join("crowd", "g", "gone", StartPosition::Earliest)
+        .await
+        .unwrap();
+    let holder = backend
+        .join("crowd", "g", "holder", StartPosition::Earliest)
+        .await
+        .unwrap();
+    let live = backend
+        .join("crowd", "g", "live", StartPosition::Earliest)
+        .await
+        .unwrap();
+    backend
+        .publish(
+            "crowd",
+            vec![relq::Outgoing {
+                kind: "job".into(),
+                payload: "x".into(),
+                headers: Default::default(),
+                deliver_at: None,
+            }],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        backend
+            .read(&holder, 1, Duration::ZERO)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    let _ = gone;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // A claim with a long min-idle takes nothing, but tidies the group.
+    assert!(backend
+        .claim(&live, Duration::from_secs(60), 10)
+        .await
+        .unwrap()
+        .is_empty());
+    let info = backend.topic_info("crowd").await.unwrap().unwrap();
+    let names: BTreeSet<String> = info.groups[0]
+        .consumers
+        .iter()
+        .map(|c| c.name.clone())
+        .collect();
+    assert_eq!(
+        names,
+        ["holder", "live"].into_iter().map(String::from).collect(),
+        "the idle consumer without messages is gone; the one holding a message stays"
+    );
+}

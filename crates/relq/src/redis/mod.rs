@@ -76,6 +76,10 @@ pub struct RedisConfig {
     pub allow_eviction: bool,
     /// PEM root certificate(s) to trust for `rediss://` instead of the system's roots.
     pub tls_root_cert: Option<Vec<u8>>,
+    /// A consumer that holds no message and was not seen for this long is removed from its
+    /// group (by claims of other consumers), so restarts under new names do not pile up. A
+    /// live consumer is added back by its next read. Default 1 hour.
+    pub consumer_expiry: Duration,
 }
 
 impl Default for RedisConfig {
@@ -85,6 +89,7 @@ impl Default for RedisConfig {
             retry_for: Duration::from_secs(30),
             allow_eviction: false,
             tls_root_cert: None,
+            consumer_expiry: Duration::from_secs(3600),
         }
     }
 }
@@ -103,6 +108,11 @@ impl RedisConfig {
     /// Accepts a server whose eviction policy could drop queue data.
     pub fn allow_eviction(mut self, allow: bool) -> Self {
         self.allow_eviction = allow;
+        self
+    }
+    /// Sets how long an idle consumer holding nothing stays listed in its group.
+    pub fn consumer_expiry(mut self, d: Duration) -> Self {
+        self.consumer_expiry = d;
         self
     }
     /// Trusts these PEM root certificates for `rediss://` (e.g. a private CA) instead of the
@@ -820,7 +830,8 @@ impl RedisBackend {
                     .arg(now)
                     .arg(max)
                     .arg(mode)
-                    .arg(&arg);
+                    .arg(&arg)
+                    .arg(self.config.consumer_expiry.as_millis() as u64);
                 async move { inv.invoke_async(&mut c).await }
             })
             .await?;

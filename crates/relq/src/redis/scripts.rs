@@ -221,7 +221,7 @@ return release
 "#;
 
 /// Delivers pending entries again, counting the delivery. ARGV: prefix, group, consumer, epoch,
-/// now_ms, max, mode, arg. mode 'recover': this consumer's entries after id `arg`; mode 'claim':
+/// now_ms, max, mode, arg, consumer_expiry_ms. mode 'recover': this consumer's entries after id `arg`; mode 'claim':
 /// any consumer's entries idle for at least `arg` ms. Returns {lost, deliveries} like READ.
 pub(super) const REDELIVER: &str = r#"
 local g, c, epoch, now, max, mode, arg = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], ARGV[8]
@@ -280,6 +280,22 @@ while true do
     pend = redis.call('XPENDING', S, g, '(' .. last, '+', want, c)
   else
     pend = redis.call('XPENDING', S, g, 'IDLE', arg, '(' .. last, '+', want)
+  end
+end
+if mode ~= 'recover' then
+  -- Housekeeping while claiming: consumers that hold nothing and were not seen for ARGV[9] ms
+  -- are removed from the group (a live one is added back by its next read), so restarts under new
+  -- names do not pile up consumers.
+  for _, info in ipairs(redis.call('XINFO', 'CONSUMERS', S, g)) do
+    local name, pending, idle
+    for j = 1, #info, 2 do
+      if info[j] == 'name' then name = info[j + 1] end
+      if info[j] == 'pending' then pending = info[j + 1] end
+      if info[j] == 'idle' then idle = info[j + 1] end
+    end
+    if name ~= c and pending == 0 and idle and idle > tonumber(ARGV[9]) then
+      redis.call('XGROUP', 'DELCONSUMER', S, g, name)
+    end
   end
 end
 return {lost, out}
