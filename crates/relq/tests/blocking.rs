@@ -1,0 +1,61 @@
+//! A handler that blocks its thread (a synchronous sleep or a stuck FFI call: a bug, but one
+//! that happens) is still cut off at its timeout: the consumer's watchdog settles the attempt as
+//! a timeout and the retry runs on another worker thread while the first call is still stuck.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use relq::{Backoff, Broker, HandlerError, Message, NewMessage, StartPosition};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_blocking_its_thread_is_cut_off_at_the_timeout() {
+    let broker = Broker::memory();
+    let starts: Arc<Mutex<Vec<(u32, Instant)>>> = Arc::default();
+    let seen = starts.clone();
+    let block = Duration::from_millis(1500);
+    let consumer = broker
+        .consumer("blocking", "g")
+        .start(StartPosition::Earliest)
+        .handler_timeout(Duration::from_millis(200))
+        .claim_after(Duration::from_secs(30))
+        .retry(Backoff::fixed(Duration::from_millis(1)).max_attempts(3))
+        .handler("job", move |m: Message| {
+            seen.lock().unwrap().push((m.attempt, Instant::now()));
+            if m.attempt == 1 {
+                std::thread::sleep(block); // blocks the worker thread, ignores cancellation
+            }
+            async { Ok::<(), HandlerError>(()) }
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    broker
+        .publish("blocking", NewMessage::new("job", "x"))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while consumer.stats().processed < 1 {
+        assert!(Instant::now() < deadline, "never processed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let starts = starts.lock().unwrap().clone();
+    assert_eq!(
+        starts.len(),
+        2,
+        "one timed-out attempt, one retry: {starts:?}"
+    );
+    assert_eq!((starts[0].0, starts[1].0), (1, 2));
+    assert!(
+        starts[1].1 - starts[0].1 < block,
+        "the retry started {:?} after the first attempt, before the blocked call returned",
+        starts[1].1 - starts[0].1
+    );
+    assert_eq!(
+        consumer.stats().failed,
+        1,
+        "the first attempt failed as a timeout"
+    );
+    consumer.shutdown(Duration::from_secs(5)).await;
+}
