@@ -29,7 +29,8 @@ impl ServerOptions {
             ..Self::default()
         }
     }
-    /// Adds a config argument.
+    /// Adds a config argument (a value with spaces becomes several arguments, as in
+    /// `user app on >secret ~relq:* +@all`).
     pub fn arg(mut self, name: &str, value: &str) -> Self {
         self.extra.push((name.to_owned(), value.to_owned()));
         self
@@ -137,7 +138,8 @@ impl RedisServer {
         }
         for (k, v) in &self.options.extra {
             args.push(format!("--{k}"));
-            args.push(v.clone());
+            // A multi-word value (an ACL rule) is several arguments.
+            args.extend(v.split_whitespace().map(str::to_owned));
         }
         // A watchdog: if this process dies without dropping the guard, the server goes too.
         let quoted: Vec<String> = args

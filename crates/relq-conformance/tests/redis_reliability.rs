@@ -517,3 +517,52 @@ async fn idle_consumers_holding_nothing_are_forgotten() {
         "the idle consumer without messages is gone; the one holding a message stays"
     );
 }
+
+/// ACL users: `redis://user:password@host:port`. A user limited to relq's keys and without the
+/// dangerous commands (INFO, CONFIG) can do everything relq needs; a wrong password is a clear
+/// error that is not retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acl_user_with_password_works_and_a_wrong_password_is_refused() {
+    let Some(server) = RedisServer::start_with(
+        ServerOptions::default().arg("user", "app on >s3cret ~relq:* &* +@all -@dangerous"),
+    ) else {
+        return;
+    };
+    let url = format!("redis://app:s3cret@127.0.0.1:{}", server.port());
+    let broker = Broker::connect(&url)
+        .await
+        .expect("connect as the ACL user");
+    let seen = Seen::default();
+    let consumer = broker
+        .consumer("acl", "g")
+        .start(StartPosition::Earliest)
+        .handler("job", seen.handler())
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    broker
+        .publish("acl", NewMessage::new("job", "as app"))
+        .await
+        .unwrap();
+    wait_until("consumed as the ACL user", LONG, || async {
+        seen.len() == 1
+    })
+    .await;
+    assert_eq!(broker.topics().await.unwrap(), vec!["acl".to_owned()]);
+    consumer.shutdown(LONG).await;
+
+    let started = std::time::Instant::now();
+    let wrong = format!("redis://app:wrong@127.0.0.1:{}", server.port());
+    let e = RedisBackend::connect(&wrong).await.unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.to_lowercase().contains("password") || text.contains("WRONGPASS"),
+        "{text}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "a wrong password is not retried for the whole retry window"
+    );
+}

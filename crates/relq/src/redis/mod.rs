@@ -487,11 +487,21 @@ impl RedisBackend {
 
     /// Refuses servers older than 7.0 and (unless allowed) an evicting memory policy.
     async fn check_server(&self) -> Result<(), BackendError> {
-        let info: Value = self
+        // A restricted ACL user may not run INFO or CONFIG (both are in @dangerous): then the
+        // checks are skipped with a warning, and relq runs with what the user may do.
+        let info: Value = match self
             .call(
                 |mut c| async move { ::redis::cmd("INFO").arg("server").query_async(&mut c).await },
             )
-            .await?;
+            .await
+        {
+            Ok(v) => v,
+            Err(e) if e.message.to_ascii_lowercase().contains("noperm") => {
+                tracing::warn!(error = %e, "could not read the server version (INFO denied); relq needs Redis 7.0 or newer");
+                Value::Nil
+            }
+            Err(e) => return Err(e),
+        };
         let info = match info {
             Value::Map(nodes) => nodes.into_iter().filter_map(|(_, v)| text(&v)).collect(),
             other => text(&other).unwrap_or_default(),
