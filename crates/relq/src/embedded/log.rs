@@ -33,6 +33,8 @@ use crate::model::Outgoing;
 pub(crate) const INDEX_EVERY: u64 = 32 * 1024;
 /// Bytes read per call when scanning.
 const CHUNK: usize = 256 * 1024;
+/// The first read of a small `read` (up to 16 records): the sparse index interval plus room.
+const SMALL_READ: usize = 48 * 1024;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -601,7 +603,10 @@ impl TopicLog {
             .len()
             .map_err(io_error("reading a segment's length"))?;
         let mut next = want;
-        let mut buf = vec![0u8; CHUNK];
+        // A few records (one for `get`) sit within one index interval of `pos`: a small first
+        // read; the buffer grows when a record does not fit.
+        let first = if max <= 16 { SMALL_READ } else { CHUNK };
+        let mut buf = vec![0u8; first];
         loop {
             if pos + HEADER as u64 > len || out.len() >= max || next >= visible {
                 return Ok((next, pos));
@@ -647,7 +652,7 @@ impl TopicLog {
                                     seg.path.display()
                                 )));
                             }
-                            buf.resize(need.max(CHUNK), 0);
+                            buf.resize(need.max(buf.len()), 0);
                         }
                         break;
                     }
