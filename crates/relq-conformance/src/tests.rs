@@ -1437,13 +1437,12 @@ pub async fn model_based_random_operations_lose_nothing(b: Broker) {
                             (Settlement::DeadLetter(Box::new(dl)), State::Dead)
                         }
                     };
-                    let applies = !stale || matches!(settlement, Settlement::Ack(_));
-                    // Any consumer may settle (a stale owner's settlement is still applied while
-                    // pending, as long as it is for the current delivery).
-                    backend
-                        .settle(&subs[rng.usize(0..3)], &[settlement])
-                        .await
-                        .unwrap();
+                    // Any consumer may settle while the message is pending. A stale retry or dead
+                    // letter applies only when the settling consumer holds the message.
+                    let settler = rng.usize(0..3);
+                    let applies =
+                        !stale || matches!(settlement, Settlement::Ack(_)) || settler == consumer;
+                    backend.settle(&subs[settler], &[settlement]).await.unwrap();
                     if applies {
                         if matches!(next, State::Dead) {
                             dead_ids.push(id);

@@ -307,9 +307,11 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Applies settlements atomically as one batch. Settlements for messages no longer pending in
     /// the group (settled already, or claimed and settled by another consumer) are ignored, and
-    /// so are a `Retry` or `DeadLetter` for a superseded delivery: one whose attempt
-    /// (`failure.attempt`, `message.attempt`) is not the message's current delivery count because
-    /// it was claimed or recovered since. An `Ack` of a pending message always applies.
+    /// so are a `Retry` or `DeadLetter` for a superseded delivery: its attempt
+    /// (`failure.attempt`, `message.attempt`) is not the message's current delivery count and
+    /// another consumer holds it now (claimed it since). The consumer that holds it may settle
+    /// it even after recovering it (which raised the count). An `Ack` of a pending message
+    /// always applies.
     async fn settle(&self, sub: &Subscription, batch: &[Settlement]) -> Result<(), BackendError>;
 
     /// Stops message `id` for every group: it is parked instead of delivered until resumed.

@@ -614,8 +614,10 @@ impl Backend for MemoryBackend {
                         g.pending.remove(id);
                     }
                     Settlement::Retry { id, at, failure } => {
-                        let current = g.pending.get(id).map(|p| p.meta.deliveries);
-                        if current == Some(failure.attempt) {
+                        if g.pending
+                            .get(id)
+                            .is_some_and(|p| current(p, &sub.consumer, failure.attempt))
+                        {
                             let mut p = g.pending.remove(id).expect("pending");
                             p.meta.failures.push(failure.clone());
                             g.schedule(*id, *at, p.meta);
@@ -623,8 +625,10 @@ impl Backend for MemoryBackend {
                         }
                     }
                     Settlement::DeadLetter(dl) => {
-                        let current = g.pending.get(&dl.message.id).map(|p| p.meta.deliveries);
-                        if current == Some(dl.message.attempt) {
+                        if g.pending
+                            .get(&dl.message.id)
+                            .is_some_and(|p| current(p, &sub.consumer, dl.message.attempt))
+                        {
                             g.pending.remove(&dl.message.id);
                             let id = t.last_dead_id.next_after(Timestamp::now().0);
                             t.last_dead_id = id;
@@ -846,6 +850,13 @@ impl Backend for MemoryBackend {
         }
         Ok(stats)
     }
+}
+
+/// Whether a retry or dead letter for delivery `attempt`, settled by `consumer`, still applies
+/// to pending entry `p`: it is that delivery, or the settling consumer still holds the message
+/// (it recovered it meanwhile). Claimed by another consumer since: stale.
+fn current(p: &Pending, consumer: &str, attempt: u32) -> bool {
+    p.meta.deliveries == attempt || p.consumer == consumer
 }
 
 /// The cursor that makes `id` the next id read.

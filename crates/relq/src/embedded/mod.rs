@@ -1597,13 +1597,13 @@ impl GroupOps<'_> {
     }
 
     /// Applies one settlement; returns whether the message was pending.
-    fn settle(&mut self, s: &Settlement, now: Timestamp) -> bool {
+    fn settle(&mut self, s: &Settlement, consumer: &str, now: Timestamp) -> bool {
         let o = s.id().seq;
         let g = self.g();
         // Settled already (by this or another consumer): nothing to do. A retry or dead letter
         // of a superseded delivery (claimed or recovered since) is stale: ignored too.
-        let current = match g.pending.get(&o) {
-            Some(p) => p.attempt,
+        let (current, owner_settles) = match g.pending.get(&o) {
+            Some(p) => (p.attempt, p.consumer == consumer),
             None => return false,
         };
         let settles = match s {
@@ -1611,7 +1611,9 @@ impl GroupOps<'_> {
             Settlement::Retry { failure, .. } => Some(failure.attempt),
             Settlement::DeadLetter(dl) => Some(dl.message.attempt),
         };
-        if settles.is_some_and(|a| a != current) {
+        // Stale: for a delivery that another consumer superseded by a claim. (The settling
+        // consumer may have recovered its own message meanwhile: still its run.)
+        if settles.is_some_and(|a| a != current) && !owner_settles {
             return false;
         }
         let g = self.g();
@@ -1877,7 +1879,8 @@ impl Backend for EmbeddedBackend {
         let (retried, ticket) = self.shared.group_ops(sub, |ops| {
             let mut retried = false;
             for s in batch {
-                retried |= ops.settle(s, now) && matches!(s, Settlement::Retry { .. });
+                retried |=
+                    ops.settle(s, &sub.consumer, now) && matches!(s, Settlement::Retry { .. });
             }
             Ok(retried)
         })?;

@@ -221,8 +221,10 @@ fn map_err(e: RedisError) -> BackendError {
     if text.contains("RELQ_TERMINATED") {
         return err(BackendErrorKind::Terminated, "the topic was terminated");
     }
-    // A MULTI/EXEC aborted by an error inside reports EXECABORT; look at the cause.
-    let has = |code: &str| e.code() == Some(code) || text.contains(code);
+    // A MULTI/EXEC aborted by an error inside reports EXECABORT; then look at the cause in the
+    // text (only then: elsewhere the text can hold key names such as a topic called "ROOM").
+    let aborted = e.code() == Some("EXECABORT") || text.starts_with("EXECABORT");
+    let has = |code: &str| e.code() == Some(code) || (aborted && text.contains(code));
     let kind = if has("OOM") {
         BackendErrorKind::Full
     } else if transient(&e)
@@ -790,7 +792,10 @@ impl RedisBackend {
             let hold = self
                 .call(|mut c| {
                     let mut inv = self.scripts.hold.key(&key);
-                    inv.arg(&pre).arg(&sub.group).arg(sub.epoch);
+                    inv.arg(&pre)
+                        .arg(&sub.group)
+                        .arg(sub.epoch)
+                        .arg(Timestamp::now().0);
                     for (id, due) in &held {
                         inv.arg(id.to_string()).arg(*due);
                     }
@@ -1137,28 +1142,19 @@ impl Backend for RedisBackend {
         let key = stream_key(&sub.topic);
         let pre = prefix(&sub.topic);
         let plain_acks = {
-            let mut history = self.with_history.lock().unwrap_or_else(|e| e.into_inner());
-            let mut any = false;
-            for s in batch {
-                any |= history.remove(&s.id());
-            }
-            !any && batch.iter().all(|s| matches!(s, Settlement::Ack(_)))
+            let history = self.with_history.lock().unwrap_or_else(|e| e.into_inner());
+            batch
+                .iter()
+                .all(|s| matches!(s, Settlement::Ack(_)) && !history.contains(&s.id()))
         };
         if plain_acks {
-            // The hot path, without Lua: one MULTI/EXEC of XACK and of HDEL of any failure
-            // history (both idempotent, so a retry after a lost reply is harmless).
+            // The hot path, without Lua: first deliveries of new entries have no failure
+            // history, so one XACK does (idempotent: a retry after a lost reply is harmless).
             let ids: Vec<String> = batch.iter().map(|s| s.id().to_string()).collect();
-            let meta = format!("{pre}g:{}:m", sub.group);
             self.call(|mut c| {
-                let mut pipe = ::redis::pipe();
-                pipe.atomic();
-                pipe.cmd("XACK")
-                    .arg(&key)
-                    .arg(&sub.group)
-                    .arg(&ids)
-                    .ignore();
-                pipe.cmd("HDEL").arg(&meta).arg(&ids).ignore();
-                async move { pipe.query_async::<()>(&mut c).await }
+                let mut cmd = ::redis::cmd("XACK");
+                cmd.arg(&key).arg(&sub.group).arg(&ids);
+                async move { cmd.query_async::<Value>(&mut c).await }
             })
             .await?;
             return Ok(());
@@ -1191,13 +1187,20 @@ impl Backend for RedisBackend {
         }
         self.call(|mut c| {
             let mut inv = self.scripts.settle.key(&key);
-            inv.arg(&pre).arg(&sub.group).arg(sub.epoch);
+            inv.arg(&pre)
+                .arg(&sub.group)
+                .arg(sub.epoch)
+                .arg(&sub.consumer);
             for a in &args {
                 inv.arg(a.as_slice());
             }
             async move { inv.invoke_async::<Value>(&mut c).await }
         })
         .await?;
+        let mut history = self.with_history.lock().unwrap_or_else(|e| e.into_inner());
+        for s in batch {
+            history.remove(&s.id());
+        }
         Ok(())
     }
 

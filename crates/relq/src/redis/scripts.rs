@@ -203,16 +203,23 @@ return 1
 "#;
 
 /// Moves entries a read delivered that must not run yet (stopped, or delayed and not due).
-/// ARGV: prefix, group, epoch, then pairs of id, due_ms (-1 = park: stopped). Returns the ids
-/// to deliver after all: those whose stop marker was removed since the client looked.
+/// ARGV: prefix, group, epoch, now_ms, then pairs of id, due_ms (-1 = park: stopped). Returns
+/// the ids to deliver after all: stopped ones whose stop marker was removed since the client
+/// looked, that are due and still pending for this read.
 pub(super) const HOLD: &str = r#"
-local g = ARGV[2]
+local g, now = ARGV[2], tonumber(ARGV[4])
 if ended(ARGV[3]) then return redis.error_reply('RELQ_TERMINATED the topic was terminated') end
 local release = {}
-for i = 4, #ARGV, 2 do
+for i = 5, #ARGV, 2 do
   local id, due = ARGV[i], tonumber(ARGV[i + 1])
   if due < 0 and redis.call('SISMEMBER', P .. 'stop', id) == 0 then
-    release[#release + 1] = id
+    local e = redis.call('XRANGE', S, id, id)[1]
+    local at = e and due_at(e[2])
+    if at and at > now then
+      hold(g, id, at, 0)
+    elseif redis.call('XPENDING', S, g, id, id, 1)[1] then
+      release[#release + 1] = id
+    end
   else
     hold(g, id, due, 0)
   end
@@ -273,7 +280,7 @@ while true do
       end
     end
   end
-  if #out >= max or #pend < asked or last == nil or pages >= 20 then break end
+  if #out >= max or #pend < asked or last == nil or pages >= 100 then break end
   local want = max - #out
   asked = want
   if mode == 'recover' then
@@ -301,16 +308,22 @@ end
 return {lost, out}
 "#;
 
-/// Settles a batch. ARGV: prefix, group, epoch, then entries: 'a', id | 'r', id, due_ms,
+/// Settles a batch. ARGV: prefix, group, epoch, settling consumer, then entries: 'a', id | 'r', id, due_ms,
 /// failure_json, attempt | 'd', id, dead_letter_json, payload, attempts. Entries no longer
-/// pending are ignored, and so is a retry or dead letter whose attempt is not the entry's current
-/// delivery count (a stale settlement from a consumer the entry was claimed from).
+/// pending are ignored, and so is a retry or dead letter for a delivery that was superseded: the
+/// entry's count moved on and another consumer holds it (claimed from the settling one).
 pub(super) const SETTLE: &str = r#"
-local g = ARGV[2]
+local g, c = ARGV[2], ARGV[4]
 if ended(ARGV[3]) then return redis.error_reply('RELQ_TERMINATED the topic was terminated') end
 local gkey = gk(g)
 local has_meta = redis.call('EXISTS', gkey .. 'm') == 1
-local i = 4
+-- A retry or dead letter settles the delivery it names: it applies if the entry is pending with
+-- that delivery count, or still held by the settling consumer (which may have recovered it
+-- meanwhile, raising the count). Claimed by another consumer since: stale, ignored.
+local function current(p, attempt)
+  return p[1] and (tostring(p[1][4]) == attempt or p[1][2] == c)
+end
+local i = 5
 while i <= #ARGV do
   local op, id = ARGV[i], ARGV[i + 1]
   if op == 'a' then
@@ -322,7 +335,7 @@ while i <= #ARGV do
     local p = redis.pcall('XPENDING', S, g, id, id, 1)
     -- Only the delivery that failed: if the entry was claimed (or retried and promoted) since,
     -- its count moved on and this settlement is stale.
-    if type(p) == 'table' and not p.err and p[1] and tostring(p[1][4]) == ARGV[i + 4] then
+    if type(p) == 'table' and not p.err and current(p, ARGV[i + 4]) then
       local _, f = meta(gkey, id)
       if f == '[]' then f = '[' .. ARGV[i + 3] .. ']' else f = string.sub(f, 1, -2) .. ',' .. ARGV[i + 3] .. ']' end
       redis.call('XACK', S, g, id)
@@ -334,7 +347,7 @@ while i <= #ARGV do
     i = i + 5
   else
     local p = redis.pcall('XPENDING', S, g, id, id, 1)
-    if type(p) == 'table' and not p.err and p[1] and tostring(p[1][4]) == ARGV[i + 4] then
+    if type(p) == 'table' and not p.err and current(p, ARGV[i + 4]) then
       redis.call('XACK', S, g, id)
       if has_meta then redis.call('HDEL', gkey .. 'm', id) end
       redis.call('XADD', P .. 'dl', '*', 'record', ARGV[i + 2], 'data', ARGV[i + 3])
