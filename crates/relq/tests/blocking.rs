@@ -59,3 +59,51 @@ async fn a_handler_blocking_its_thread_is_cut_off_at_the_timeout() {
     );
     consumer.shutdown(Duration::from_secs(5)).await;
 }
+
+/// A retry due at once is run by the same consumer right away; it does not wait for
+/// `claim_after` (a retried message must never look like one this consumer is still running).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_due_at_once_is_not_stuck_until_claim_after() {
+    // The embedded engine: its settle returns only after a commit, which leaves time for the
+    // retry to come due while its settlement is still in flight.
+    let dir = std::env::temp_dir().join(format!("relq-quick-retry-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let broker = Broker::open(&dir).unwrap();
+    let consumer = broker
+        .consumer("quick-retry", "g")
+        .start(StartPosition::Earliest)
+        .claim_after(Duration::from_secs(120))
+        .retry(Backoff::fixed(Duration::from_millis(1)).max_attempts(5))
+        .handler("job", |m: Message| async move {
+            if m.attempt < 4 {
+                Err(HandlerError::retryable("not yet"))
+            } else {
+                Ok(())
+            }
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    for i in 0..50 {
+        broker
+            .publish("quick-retry", NewMessage::new("job", format!("{i}")))
+            .await
+            .unwrap();
+    }
+    // 60 s is far below claim_after: only a stuck retry could take that long.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while consumer.stats().processed < 50 {
+        assert!(
+            Instant::now() < deadline,
+            "retries were stuck: {:?}",
+            consumer.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(consumer.stats().retried, 150);
+    consumer.shutdown(Duration::from_secs(5)).await;
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -46,21 +46,8 @@ struct Ctx {
     /// Ids this consumer is processing (in a handler, a batch or on the way to the settler): a
     /// claim that returns one of them (it sat idle past `claim_after`, e.g. in a slow batch) must
     /// not start a second run of it in this process.
-    /// Released by [`Ctx::leave`] when a run is abandoned, or by the settler once the run's
-    /// settlement was applied (or given up): until then a recovery after a backend error could
-    /// hand the message back while its ack is still on the way.
-    held: Held,
+    held: std::sync::Mutex<std::collections::HashSet<MessageId>>,
     meters: Meters,
-}
-
-/// Ids this consumer is processing or settling.
-type Held = Arc<std::sync::Mutex<std::collections::HashSet<MessageId>>>;
-
-fn release(held: &Held, ids: impl IntoIterator<Item = MessageId>) {
-    let mut held = held.lock().unwrap_or_else(|e| e.into_inner());
-    for id in ids {
-        held.remove(&id);
-    }
 }
 
 /// The consumer's metric handles, registered once (not looked up per message).
@@ -107,19 +94,12 @@ impl Ctx {
         true
     }
 
-    /// Messages abandoned (shutdown abort, a closed batcher, a stopped settler): no settlement
-    /// is on the way, they stay pending.
+    /// Messages left processing (handed to the settler, or abandoned at shutdown).
     fn leave(&self, ids: impl IntoIterator<Item = MessageId>) {
-        let ids: Vec<MessageId> = ids.into_iter().collect();
-        release(&self.held, ids.iter().copied());
-        self.processed(ids.len());
-    }
-
-    /// `n` messages left processing (their settlements were queued, or they were abandoned).
-    fn processed(&self, n: usize) {
-        self.counters
-            .in_flight
-            .fetch_sub(n as u64, Ordering::Relaxed);
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let n = ids.into_iter().filter(|id| held.remove(id)).count() as u64;
+        drop(held);
+        self.counters.in_flight.fetch_sub(n, Ordering::Relaxed);
         self.meters.in_flight.decrement(n as f64);
     }
 }
@@ -184,14 +164,12 @@ pub(crate) async fn run(
     let (settle_tx, settle_rx) = mpsc::channel(config.concurrency.max(SETTLE_BATCH) * 2);
     let (abort_tx, abort_rx) = watch::channel(false);
     let (fatal_tx, mut fatal_rx) = watch::channel(None::<StopReason>);
-    let held: Held = Arc::default();
     let settler = tokio::spawn(settler(
         backend.clone(),
         sub.clone(),
         settle_rx,
         fatal_tx,
         abort_rx.clone(),
-        held.clone(),
     ));
     let ctx = Arc::new(Ctx {
         backend,
@@ -200,7 +178,7 @@ pub(crate) async fn run(
         counters: counters.clone(),
         settle: settle_tx,
         abort: abort_rx,
-        held,
+        held: std::sync::Mutex::new(std::collections::HashSet::new()),
         meters: Meters::new(&config.topic, &config.group),
     });
     let mut batchers = HashMap::new();
@@ -381,7 +359,7 @@ async fn dispatch(
         if target != c.group {
             // A dead letter replayed for another group of this topic.
             send_settlement(ctx, Settlement::Ack(m.id)).await;
-            ctx.processed(1);
+            ctx.leave([m.id]);
             return;
         }
     }
@@ -545,6 +523,7 @@ async fn run_batch(
 
 /// Turns an outcome into a settlement and queues it.
 async fn finish(ctx: &Ctx, d: Delivery, handler: &str, outcome: Outcome) {
+    let id = d.message.id;
     let c = &ctx.config;
     let counters = &ctx.counters;
     let settlement = match outcome {
@@ -628,16 +607,13 @@ async fn finish(ctx: &Ctx, d: Delivery, handler: &str, outcome: Outcome) {
         }
     };
     send_settlement(ctx, settlement).await;
-    ctx.processed(1);
+    ctx.leave([id]);
 }
 
-/// Queues a settlement; the settler releases the message from `held` once it is applied.
 async fn send_settlement(ctx: &Ctx, s: Settlement) {
-    let id = s.id();
     if ctx.settle.send(s).await.is_err() {
         // The settler stopped (topic terminated or backend failed): the message stays pending.
         tracing::debug!("settler stopped; settlement dropped, message stays pending");
-        release(&ctx.held, [id]);
     }
 }
 
@@ -647,7 +623,6 @@ async fn settler(
     mut rx: mpsc::Receiver<Settlement>,
     fatal: watch::Sender<Option<StopReason>>,
     mut abort: watch::Receiver<bool>,
-    held: Held,
 ) {
     let mut buf = Vec::with_capacity(SETTLE_BATCH);
     while rx.recv_many(&mut buf, SETTLE_BATCH).await > 0 {
@@ -673,9 +648,6 @@ async fn settler(
                 }
             }
         }
-        // Applied, or given up (the messages stay pending): either way this consumer may be
-        // handed them again now.
-        release(&held, buf.iter().map(Settlement::id));
         buf.clear();
     }
 }
