@@ -174,6 +174,10 @@ pub struct RedisBackend {
     /// Ids delivered with a failure history (`g:{G}:m`): their acks go through the settle
     /// script, which deletes the history only if the ack removed the entry.
     with_history: Mutex<HashSet<MessageId>>,
+    /// Subscriptions (topic, group, consumer) whose last read handed out messages but failed
+    /// in a later step: the next read reports an error, so the runtime recovers the consumer's
+    /// pending messages (what the failed step may have left pending for it).
+    needs_recovery: Mutex<HashSet<(String, String, String)>>,
     /// Per (topic, group): stopped ids seen by the last read, to screen blocking reads.
     stopped: Mutex<HashMap<(String, String), HashSet<MessageId>>>,
 }
@@ -481,6 +485,7 @@ impl RedisBackend {
             scripts: Scripts::new(),
             registered: Mutex::new(HashMap::new()),
             with_history: Mutex::new(HashSet::new()),
+            needs_recovery: Mutex::new(HashSet::new()),
             stopped: Mutex::new(HashMap::new()),
         };
         backend.check_server().await?;
@@ -633,6 +638,13 @@ impl RedisBackend {
             .unwrap_or_else(|e| e.into_inner())
             .insert(topic.to_owned(), tokio::time::Instant::now());
         Ok(())
+    }
+
+    fn flag_recovery(&self, sub: &Subscription) {
+        self.needs_recovery
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((sub.topic.clone(), sub.group.clone(), sub.consumer.clone()));
     }
 
     /// Notes which deliveries carry a failure history (all but first deliveries of new entries).
@@ -818,6 +830,7 @@ impl RedisBackend {
                 // later); what is deliverable is not lost with them.
                 Err(e) if !out.is_empty() => {
                     tracing::warn!(error = %e, "could not set aside stopped or delayed messages; they stay pending");
+                    self.flag_recovery(sub);
                 }
                 Err(e) => return Err(e),
             }
@@ -1099,6 +1112,18 @@ impl Backend for RedisBackend {
         max: usize,
         wait: Duration,
     ) -> Result<Vec<Delivery>, BackendError> {
+        let key = (sub.topic.clone(), sub.group.clone(), sub.consumer.clone());
+        if self
+            .needs_recovery
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key)
+        {
+            return Err(err(
+                BackendErrorKind::Unavailable,
+                "part of the previous read failed after it handed out messages; recover this consumer's pending messages",
+            ));
+        }
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let (mut out, next_due) = self.promote(sub, max).await?;
@@ -1109,7 +1134,10 @@ impl Backend for RedisBackend {
                     match self.read_new(sub, max - out.len(), Duration::ZERO).await {
                         Ok(Some(more)) => out.extend(more),
                         Ok(None) => {}
-                        Err(e) => tracing::debug!(error = %e, "filling a read failed"),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "filling a read failed");
+                            self.flag_recovery(sub);
+                        }
                     }
                 }
                 return Ok(out);
