@@ -305,15 +305,7 @@ async fn publish_load(
 /// Messages per second through publish, consume and ack, with 64 publishers (each publishing
 /// `batch` messages per call) running alongside a consumer of concurrency 100.
 pub(crate) async fn end_to_end(broker: &Broker, n: u64, batch: u64) -> anyhow::Result<f64> {
-    let consumer = broker
-        .consumer("e2e", "g")
-        .start(StartPosition::Earliest)
-        .concurrency(100)
-        .read_batch(256)
-        .handler("job", |_m: Message| async { Ok(()) })
-        .build()?
-        .start()
-        .await?;
+    let consumer = noop_consumer(broker, "e2e").await?;
     let start = Instant::now();
     let payload = bytes::Bytes::from(vec![b'x'; 256]);
     let next = Arc::new(AtomicU64::new(0));
@@ -345,6 +337,23 @@ pub(crate) async fn end_to_end(broker: &Broker, n: u64, batch: u64) -> anyhow::R
     let elapsed = start.elapsed();
     consumer.shutdown(Duration::from_secs(10)).await;
     Ok(n as f64 / elapsed.as_secs_f64())
+}
+
+/// The benchmarks' consumer: group "g" from the earliest message, concurrency 100, reads of up
+/// to 256, a no-op handler for type "job".
+pub(crate) async fn noop_consumer(
+    broker: &Broker,
+    topic: &str,
+) -> anyhow::Result<relq::ConsumerHandle> {
+    Ok(broker
+        .consumer(topic, "g")
+        .start(StartPosition::Earliest)
+        .concurrency(100)
+        .read_batch(256)
+        .handler("job", |_m: Message| async { Ok(()) })
+        .build()?
+        .start()
+        .await?)
 }
 
 /// p50, p99 and p99.9 (ms) from publish call to handler start, publishing at `rate`.

@@ -11,7 +11,7 @@ use clap::Args;
 use relq::{Backoff, Broker, HandlerError, Message, NewMessage, StartPosition};
 use serde_json::json;
 
-use crate::bench::{end_to_end, latency, say, settled};
+use crate::bench::{end_to_end, latency, noop_consumer, say, settled};
 
 #[derive(Args)]
 pub(crate) struct RedisArgs {
@@ -150,15 +150,7 @@ pub(crate) async fn run(args: RedisArgs, json_out: bool) -> anyhow::Result<()> {
         let n = args.messages;
         bulk_publish(&broker, "worker", n, &payload).await?;
         let start = Instant::now();
-        let consumer = broker
-            .consumer("worker", "g")
-            .start(StartPosition::Earliest)
-            .concurrency(100)
-            .read_batch(256)
-            .handler("job", |_m: Message| async { Ok(()) })
-            .build()?
-            .start()
-            .await?;
+        let consumer = noop_consumer(&broker, "worker").await?;
         while consumer.stats().processed < n || !settled(&broker, "worker").await? {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }

@@ -184,11 +184,6 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    /// The server's directory (AOF, log).
-    pub fn dir(&self) -> &std::path::Path {
-        &self.dir
-    }
-
     /// Kills the server at once (SIGKILL to redis-server: no shutdown save).
     pub fn kill(&mut self) {
         let _ = Command::new("sh")
@@ -287,10 +282,5 @@ impl RedisCluster {
             .map(|n| format!("127.0.0.1:{}", n.port()))
             .collect();
         format!("redis+cluster://{}", hosts.join(","))
-    }
-
-    /// The nodes.
-    pub fn nodes(&self) -> &[RedisServer] {
-        &self.nodes
     }
 }

@@ -33,6 +33,18 @@ impl Seen {
             std::future::ready(Ok(()))
         }
     }
+    /// Starts a consumer of `topic` (group "g", from the earliest message) recording `kind`.
+    async fn consume(&self, broker: &Broker, topic: &str, kind: &str) -> relq::ConsumerHandle {
+        broker
+            .consumer(topic, "g")
+            .start(StartPosition::Earliest)
+            .handler(kind, self.handler())
+            .build()
+            .unwrap()
+            .start()
+            .await
+            .unwrap()
+    }
     fn contains_all(&self, want: &BTreeSet<String>) -> bool {
         let seen = self.0.lock().unwrap();
         want.iter().all(|p| seen.contains(p))
@@ -71,16 +83,7 @@ async fn durable_restart_mid_load_loses_no_acknowledged_publish() {
     };
     let broker = Broker::connect(&server.url()).await.unwrap();
     let seen = Seen::default();
-    let consumer = broker
-        .consumer("load", "g")
-        .start(StartPosition::Earliest)
-        .concurrency(16)
-        .handler("job", seen.handler())
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+    let consumer = seen.consume(&broker, "load", "job").await;
     let acked = Arc::new(Mutex::new(BTreeSet::new()));
     let stop = Arc::new(AtomicBool::new(false));
     let failed = Arc::new(AtomicU64::new(0));
@@ -337,15 +340,7 @@ async fn restart_without_persistence_recreates_the_group_and_does_not_spin() {
     };
     let broker = Broker::connect(&server.url()).await.unwrap();
     let seen = Seen::default();
-    let consumer = broker
-        .consumer("volatile", "g")
-        .start(StartPosition::Earliest)
-        .handler("job", seen.handler())
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+    let consumer = seen.consume(&broker, "volatile", "job").await;
     broker
         .publish("volatile", NewMessage::new("job", "before"))
         .await
@@ -409,15 +404,7 @@ async fn entries_from_other_programs_are_consumed_or_dead_lettered() {
     let broker = Broker::connect(&server.url()).await.unwrap();
     // The topic exists once a relq program touched it (or a consumer joined).
     let seen = Seen::default();
-    let consumer = broker
-        .consumer("foreign", "g")
-        .start(StartPosition::Earliest)
-        .handler("order.created", seen.handler())
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+    let consumer = seen.consume(&broker, "foreign", "order.created").await;
     let key = "relq:{foreign}:s";
     server.cli(&[
         "XADD",
@@ -533,15 +520,7 @@ async fn acl_user_with_password_works_and_a_wrong_password_is_refused() {
         .await
         .expect("connect as the ACL user");
     let seen = Seen::default();
-    let consumer = broker
-        .consumer("acl", "g")
-        .start(StartPosition::Earliest)
-        .handler("job", seen.handler())
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+    let consumer = seen.consume(&broker, "acl", "job").await;
     broker
         .publish("acl", NewMessage::new("job", "as app"))
         .await

@@ -30,7 +30,7 @@
 //! into the PEL with `XCLAIM ... FORCE RETRYCOUNT n` (so the count survives). There is no
 //! separate promoter process to elect: the script runs atomically, so two readers never promote
 //! the same entry. The hot paths run without Lua: publish is a MULTI/EXEC of XADDs, new messages
-//! come from a plain XREADGROUP, acks are a MULTI/EXEC of XACK and HDEL.
+//! come from a plain XREADGROUP, acks of first deliveries are one XACK.
 
 mod conn;
 mod scripts;
@@ -178,8 +178,6 @@ pub struct RedisBackend {
     /// in a later step: the next read reports an error, so the runtime recovers the consumer's
     /// pending messages (what the failed step may have left pending for it).
     needs_recovery: Mutex<HashSet<(String, String, String)>>,
-    /// Per (topic, group): stopped ids seen by the last read, to screen blocking reads.
-    stopped: Mutex<HashMap<(String, String), HashSet<MessageId>>>,
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -278,6 +276,18 @@ fn text(v: &Value) -> Option<String> {
         Value::Okay => Some("OK".into()),
         Value::VerbatimString { text, .. } => Some(text.clone()),
         _ => None,
+    }
+}
+
+/// Every text in a reply, through nested arrays and maps.
+fn flatten_text(v: Value, out: &mut Vec<String>) {
+    match v {
+        Value::Array(_) | Value::Set(_) | Value::Map(_) => {
+            for v in items(v) {
+                flatten_text(v, out);
+            }
+        }
+        other => out.extend(text(&other)),
     }
 }
 
@@ -486,7 +496,6 @@ impl RedisBackend {
             registered: Mutex::new(HashMap::new()),
             with_history: Mutex::new(HashSet::new()),
             needs_recovery: Mutex::new(HashSet::new()),
-            stopped: Mutex::new(HashMap::new()),
         };
         backend.check_server().await?;
         Ok(backend)
@@ -533,26 +542,12 @@ impl RedisBackend {
             .arg("maxmemory-policy")
             .query_async(&mut self.conn.clone())
             .await;
+        // `[name, value]`, or on a cluster one such reply per node.
         let policies: Vec<String> = match policy {
             Ok(v) => {
-                let flat = items(v);
                 let mut out = Vec::new();
-                for v in flat {
-                    match v {
-                        Value::Array(_) | Value::Map(_) => {
-                            if let Some(p) = fields_map(v).get("maxmemory-policy").and_then(text) {
-                                out.push(p);
-                            }
-                        }
-                        other => {
-                            if let Some(t) = text(&other) {
-                                if t != "maxmemory-policy" {
-                                    out.push(t);
-                                }
-                            }
-                        }
-                    }
-                }
+                flatten_text(v, &mut out);
+                out.retain(|t| t != "maxmemory-policy");
                 out
             }
             Err(e) => {
@@ -663,25 +658,14 @@ impl RedisBackend {
         }
     }
 
-    fn remember_stopped(&self, sub: &Subscription, ids: Value) {
-        let ids: HashSet<MessageId> = items(ids).iter().filter_map(|v| id_of(v).ok()).collect();
-        let mut map = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
-        map.insert((sub.topic.clone(), sub.group.clone()), ids);
-    }
-
-    fn is_stopped(&self, sub: &Subscription, id: MessageId) -> bool {
-        let map = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
-        map.get(&(sub.topic.clone(), sub.group.clone()))
-            .is_some_and(|s| s.contains(&id))
-    }
-
     /// The promote script: due scheduled entries, put back into the pending list for this
-    /// consumer. Also returns the next due time and the stopped ids.
+    /// consumer. Also returns the next due time and the topic's stopped ids (for screening the
+    /// new entries this read takes next).
     async fn promote(
         &self,
         sub: &Subscription,
         max: usize,
-    ) -> Result<(Vec<Delivery>, Option<u64>), BackendError> {
+    ) -> Result<(Vec<Delivery>, Option<u64>, HashSet<MessageId>), BackendError> {
         let key = stream_key(&sub.topic);
         let pre = prefix(&sub.topic);
         let now = Timestamp::now().0;
@@ -704,10 +688,13 @@ impl RedisBackend {
             return Err(corrupt("promote script reply"));
         };
         self.warn_lost(sub, int(&lost) == Some(1));
-        self.remember_stopped(sub, stopped);
+        let stopped = items(stopped)
+            .iter()
+            .filter_map(|v| id_of(v).ok())
+            .collect();
         let out = deliveries(out)?;
         self.note_history(&out);
-        Ok((out, int(&next_due).map(|d| d as u64)))
+        Ok((out, int(&next_due).map(|d| d as u64), stopped))
     }
 
     /// Recreates the group after a read found it missing.
@@ -732,6 +719,7 @@ impl RedisBackend {
         sub: &Subscription,
         max: usize,
         block: Duration,
+        stopped: &HashSet<MessageId>,
     ) -> Result<Option<Vec<Delivery>>, BackendError> {
         let key = stream_key(&sub.topic);
         let mut conn = self.blocking.take(&self.target).await.map_err(map_err)?;
@@ -787,7 +775,7 @@ impl RedisBackend {
             };
             let id = id_of(&id)?;
             let message = message_of(id, fields, 1);
-            if self.is_stopped(sub, id) {
+            if stopped.contains(&id) {
                 held.push((id, -1));
                 parked.insert(id, message);
             } else if let Some(at) = message.deliver_at.filter(|at| *at > now) {
@@ -1126,12 +1114,15 @@ impl Backend for RedisBackend {
         }
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            let (mut out, next_due) = self.promote(sub, max).await?;
+            let (mut out, next_due, stopped) = self.promote(sub, max).await?;
             if !out.is_empty() {
                 if out.len() < max {
                     // Fill the rest with new messages, without waiting. On an error, the
                     // promoted messages are still handed over (they are pending for us).
-                    match self.read_new(sub, max - out.len(), Duration::ZERO).await {
+                    match self
+                        .read_new(sub, max - out.len(), Duration::ZERO, &stopped)
+                        .await
+                    {
                         Ok(Some(more)) => out.extend(more),
                         Ok(None) => {}
                         Err(e) => {
@@ -1147,7 +1138,7 @@ impl Backend for RedisBackend {
             if let Some(due) = next_due {
                 block = block.min(Timestamp(due).since(Timestamp::now()));
             }
-            match self.read_new(sub, max, block).await? {
+            match self.read_new(sub, max, block, &stopped).await? {
                 None => {
                     // Redis lost the group (restart without persistence, FLUSHALL): recreate
                     // it, unless the topic was terminated (the script then says so).
