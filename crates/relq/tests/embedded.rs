@@ -347,15 +347,16 @@ async fn retention_min_age_splits_exactly_between_old_and_young_messages() {
         .unwrap();
     let old = publish(&b, "t", 7, 10).await;
     tokio::time::sleep(Duration::from_millis(1200)).await;
+    let young_at = std::time::Instant::now();
     publish(&b, "t", 5, 10).await;
     let got = b.read(&sub, 100, Duration::ZERO).await.unwrap();
     let acks: Vec<Settlement> = got.iter().map(|d| Settlement::Ack(d.message.id)).collect();
     b.settle(&sub, &acks).await.unwrap();
+    // The cutoff falls 600 ms before the young messages were published, however long the steps
+    // since then took (a loaded CI machine): between the two groups.
+    let min_age = young_at.elapsed() + Duration::from_millis(600);
     let r = b
-        .cleanup(
-            "t",
-            &Retention::default().min_age(Duration::from_millis(600)),
-        )
+        .cleanup("t", &Retention::default().min_age(min_age))
         .await
         .unwrap();
     assert_eq!(r.removed, 7, "exactly the messages older than min_age");
