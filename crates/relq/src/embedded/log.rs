@@ -477,6 +477,16 @@ impl TopicLog {
         self.visible.store(last.offset + 1, Ordering::Release);
     }
 
+    /// Whether a read from `offset` is served from memory (the tail cache, or nothing to read
+    /// yet) rather than from the segment files.
+    pub(crate) fn in_memory(&self, offset: u64) -> bool {
+        offset >= self.visible()
+            || lock(&self.tail)
+                .records
+                .front()
+                .is_some_and(|first| offset >= first.offset)
+    }
+
     /// Up to `max` readable records from offset `from` on, in order. Offsets below the oldest
     /// segment are skipped.
     pub(crate) fn read(

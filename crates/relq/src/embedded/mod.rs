@@ -51,7 +51,7 @@ use tokio::sync::{oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use self::codec::Record;
 use self::fs::{RealFs, Storage, StorageFile};
 use self::group::{GroupState, Pending};
-use self::log::{LogConfig, TopicLog};
+use self::log::{LogConfig, ReadHint, TopicLog};
 use self::state::{Batch, DeadKey, Row, RowKey, TopicRecord};
 use crate::backend::{
     replay_message, Backend, CleanupReport, ConsumerInfo, Delivery, GroupInfo, Retention,
@@ -1427,14 +1427,20 @@ impl GroupOps<'_> {
         }
     }
 
-    /// Due rows first, then new records after the cursor.
+    /// Due rows first, then new records after the cursor. Records come from the tail cache or
+    /// `pre`; one that would have to be read from a segment file is read here only if
+    /// `allow_io`, otherwise the deliveries so far are returned with `missed` set, so the caller
+    /// can read it without holding the engine lock (see [`EmbeddedBackend::prefetch`]).
     fn take_ready(
         &mut self,
         consumer: &str,
         max: usize,
         now: Timestamp,
-    ) -> Result<Vec<Delivery>, BackendError> {
+        pre: &mut Prefetch,
+        allow_io: bool,
+    ) -> Result<(Vec<Delivery>, bool), BackendError> {
         let mut out = Vec::new();
+        let mut missed = false;
         let log = self.ts.log.clone();
         self.g().consumers.insert(consumer.to_owned(), now);
         while out.len() < max {
@@ -1445,7 +1451,11 @@ impl GroupOps<'_> {
                 break;
             }
             // Read first: an error leaves the row as it was.
-            let rec = log.get(o)?;
+            let rec = match pre.rows.remove(&o) {
+                Some(rec) => rec,
+                None if allow_io || log.in_memory(o) => log.get(o)?,
+                None => return Ok((out, true)),
+            };
             let mut row = self.g().remove_row(o).expect("due rows exist");
             self.dirty_row(o);
             if self.ts.stopped.contains_key(&o) {
@@ -1483,9 +1493,20 @@ impl GroupOps<'_> {
                 moved = true;
             }
             let cursor = g.cursor;
-            let mut hint = g.hint.take();
-            let recs = log.read(cursor, max - out.len(), &mut hint)?;
-            self.g().hint = hint;
+            let want = max - out.len();
+            let recs = if pre.new.first().is_some_and(|r| r.offset == cursor) {
+                let n = want.min(pre.new.len());
+                g.hint = pre.hint.take();
+                pre.new.drain(..n).collect()
+            } else if allow_io || log.in_memory(cursor) {
+                let mut hint = g.hint.take();
+                let recs = log.read(cursor, want, &mut hint)?;
+                self.g().hint = hint;
+                recs
+            } else {
+                missed = true;
+                break;
+            };
             if recs.is_empty() {
                 break;
             }
@@ -1533,7 +1554,7 @@ impl GroupOps<'_> {
         if moved {
             self.dirty_group();
         }
-        Ok(out)
+        Ok((out, missed))
     }
 
     /// Delivers again the pending entries `pick` selects, to `consumer`.
@@ -1847,19 +1868,30 @@ impl Backend for EmbeddedBackend {
                 _ => return Err(terminated(&sub.topic)),
             }
         };
+        let mut pre = Prefetch::default();
+        let mut allow_io = false;
         loop {
             let notified = ready.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             let now = Timestamp::now();
-            let ((out, next_due), _) = self.shared.group_ops(sub, |ops| {
-                let out = ops.take_ready(&sub.consumer, max, now)?;
+            let ((out, missed, next_due), _) = self.shared.group_ops(sub, |ops| {
+                let (out, missed) = ops.take_ready(&sub.consumer, max, now, &mut pre, allow_io)?;
                 let next_due = ops.g().due.first().map(|(d, _)| *d);
-                Ok((out, next_due))
+                Ok((out, missed, next_due))
             })?;
             if !out.is_empty() {
                 self.shared.request_commit();
             }
+            if out.is_empty() && missed {
+                // The records are on disk: read them without the engine lock, then try again
+                // (reading under the lock only if another consumer moved the group meanwhile).
+                pre = self.prefetch(sub, max, now).await?;
+                allow_io = true;
+                continue;
+            }
+            pre = Prefetch::default();
+            allow_io = false;
             let now_instant = tokio::time::Instant::now();
             if !out.is_empty() || now_instant >= deadline {
                 return Ok(out);
@@ -1909,7 +1941,9 @@ impl Backend for EmbeddedBackend {
             ts.stopped.insert(o, id.ms);
             dirty.stopped.insert((topic.to_owned(), o));
             for (g, gs) in ts.groups.iter_mut() {
-                let scheduled = gs.due.iter().any(|(_, x)| *x == o);
+                // Waiting for its time (not in flight, not parked already): park it.
+                let scheduled =
+                    !gs.pending.contains_key(&o) && gs.rows.get(&o).is_some_and(|r| !r.parked);
                 if scheduled {
                     let mut row = gs.remove_row(o).expect("scheduled rows exist");
                     row.parked = true;
@@ -2052,62 +2086,90 @@ impl Backend for EmbeddedBackend {
 
     async fn topic_info(&self, topic: &str) -> Result<Option<TopicInfo>, BackendError> {
         self.shared.check()?;
-        let inner = lock(&self.shared.inner);
-        let Some(t) = inner.topics.get(topic) else {
-            return Ok(None);
-        };
-        let end = t.log.visible();
-        let now = Timestamp::now();
-        let id_of = |o: u64| -> Result<Option<MessageId>, BackendError> {
-            Ok(t.log.get(o)?.map(|r| MessageId::new(r.ms, r.offset)))
-        };
-        let mut cursors = Vec::with_capacity(t.groups.len());
-        for g in t.groups.values() {
-            // The id of the last record read; the record itself may be gone (retention), then
-            // the remembered milliseconds stand in.
-            cursors.push(match g.cursor.checked_sub(1) {
-                Some(o) => id_of(o)?.unwrap_or(MessageId::new(g.cursor_ms, o)),
-                None => MessageId::ZERO,
-            });
-        }
-        let groups = t
-            .groups
-            .iter()
-            .zip(cursors)
-            .map(|((name, g), cursor)| GroupInfo {
-                name: name.clone(),
-                cursor,
-                pending: g.pending.len() as u64,
-                lag: end.saturating_sub(g.cursor),
-                scheduled: g.due.len() as u64,
-                parked: g.parked as u64,
-                consumers: g
-                    .consumers
+        // Counts under the engine lock; the ids that need a record are looked up after it is
+        // released (they may be on disk, and a metrics scrape must not stall the engine).
+        let (mut info, log, start, end, cursors) = {
+            let inner = lock(&self.shared.inner);
+            let Some(t) = inner.topics.get(topic) else {
+                return Ok(None);
+            };
+            let end = t.log.visible();
+            let now = Timestamp::now();
+            // The last record each group read: (offset, its remembered milliseconds).
+            let cursors: Vec<Option<(u64, u64)>> = t
+                .groups
+                .values()
+                .map(|g| g.cursor.checked_sub(1).map(|o| (o, g.cursor_ms)))
+                .collect();
+            let groups = t
+                .groups
+                .iter()
+                .map(|(name, g)| GroupInfo {
+                    name: name.clone(),
+                    cursor: MessageId::ZERO,
+                    pending: g.pending.len() as u64,
+                    lag: end.saturating_sub(g.cursor),
+                    scheduled: g.due.len() as u64,
+                    parked: g.parked as u64,
+                    consumers: g
+                        .consumers
+                        .iter()
+                        .map(|(c, seen)| ConsumerInfo {
+                            name: c.clone(),
+                            pending: g.pending.values().filter(|p| &p.consumer == c).count() as u64,
+                            idle_ms: now.since(*seen).as_millis() as u64,
+                        })
+                        .collect(),
+                })
+                .collect();
+            let info = TopicInfo {
+                name: topic.to_owned(),
+                length: end.saturating_sub(t.start),
+                first_id: None,
+                last_id: None,
+                groups,
+                stopped: t
+                    .stopped
                     .iter()
-                    .map(|(c, seen)| ConsumerInfo {
-                        name: c.clone(),
-                        pending: g.pending.values().filter(|p| &p.consumer == c).count() as u64,
-                        idle_ms: now.since(*seen).as_millis() as u64,
-                    })
+                    .map(|(o, ms)| MessageId::new(*ms, *o))
                     .collect(),
-            })
-            .collect();
-        Ok(Some(TopicInfo {
-            name: topic.to_owned(),
-            length: end.saturating_sub(t.start),
-            first_id: if t.start < end { id_of(t.start)? } else { None },
-            last_id: match end.checked_sub(1) {
+                dead_letters: t.dead_count,
+            };
+            (info, t.log.clone(), t.start, end, cursors)
+        };
+        let (first, last, cursors) = tokio::task::spawn_blocking(move || {
+            let id_of = |o: u64| -> Result<Option<MessageId>, BackendError> {
+                Ok(log.get(o)?.map(|r| MessageId::new(r.ms, r.offset)))
+            };
+            let first = if start < end { id_of(start)? } else { None };
+            let last = match end.checked_sub(1) {
                 Some(o) => id_of(o)?,
                 None => None,
-            },
-            groups,
-            stopped: t
-                .stopped
-                .iter()
-                .map(|(o, ms)| MessageId::new(*ms, *o))
-                .collect(),
-            dead_letters: t.dead_count,
-        }))
+            };
+            // The record itself may be gone (retention): the remembered milliseconds stand in.
+            let cursors = cursors
+                .into_iter()
+                .map(|c| match c {
+                    Some((o, ms)) => Ok(id_of(o)?.unwrap_or(MessageId::new(ms, o))),
+                    None => Ok(MessageId::ZERO),
+                })
+                .collect::<Result<Vec<_>, BackendError>>()?;
+            Ok::<_, BackendError>((first, last, cursors))
+        })
+        .await
+        .map_err(|e| {
+            BackendError::new(
+                NAME,
+                BackendErrorKind::Fatal,
+                format!("reading the log failed: {e}"),
+            )
+        })??;
+        info.first_id = first;
+        info.last_id = last;
+        for (g, c) in info.groups.iter_mut().zip(cursors) {
+            g.cursor = c;
+        }
+        Ok(Some(info))
     }
 
     async fn dead_letters(
@@ -2209,7 +2271,65 @@ impl Shared {
     }
 }
 
+/// Records a read needs that are not in memory, read from the segment files without holding the
+/// engine lock.
+#[derive(Default)]
+struct Prefetch {
+    /// Records from the group's cursor on.
+    new: Vec<Arc<Record>>,
+    /// Where reading `new` stopped.
+    hint: Option<ReadHint>,
+    /// Due rows' records (`None`: removed by retention).
+    rows: HashMap<u64, Option<Arc<Record>>>,
+}
+
 impl EmbeddedBackend {
+    /// Reads what the next `read` of `sub` needs from disk (the records of due rows and new
+    /// records at the cursor that are not in the tail cache) on the blocking pool, so neither
+    /// the engine lock nor a runtime worker waits for the disk. Building a sealed segment's
+    /// index (a scan of the whole segment, the first time it is read after an open) happens
+    /// here too.
+    async fn prefetch(
+        &self,
+        sub: &Subscription,
+        max: usize,
+        now: Timestamp,
+    ) -> Result<Prefetch, BackendError> {
+        let (log, cursor, hint, due) = self.shared.with_group(sub, |inner| {
+            let ts = &inner.topics[&sub.topic];
+            let g = &ts.groups[&sub.group];
+            let due: Vec<u64> = g
+                .due
+                .iter()
+                .take_while(|(d, _)| *d <= now.0)
+                .take(max)
+                .map(|(_, o)| *o)
+                .filter(|o| !ts.log.in_memory(*o))
+                .collect();
+            Ok((ts.log.clone(), g.cursor.max(ts.start), g.hint, due))
+        })?;
+        tokio::task::spawn_blocking(move || {
+            let mut pre = Prefetch::default();
+            for o in due {
+                pre.rows.insert(o, log.get(o)?);
+            }
+            if !log.in_memory(cursor) {
+                let mut hint = hint;
+                pre.new = log.read(cursor, max, &mut hint)?;
+                pre.hint = hint;
+            }
+            Ok(pre)
+        })
+        .await
+        .map_err(|e| {
+            BackendError::new(
+                NAME,
+                BackendErrorKind::Fatal,
+                format!("reading the log failed: {e}"),
+            )
+        })?
+    }
+
     /// Delivers again the pending entries `pick` selects (`recover` and `claim`). Raised
     /// delivery counts ride the next cycle; nobody waits for it.
     fn redeliver(

@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::io;
 use std::path::{Component, Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use super::fs::{Storage, StorageFile};
 
@@ -197,6 +197,8 @@ fn tear(out: &mut Vec<u8>, pos: u64, data: &[u8], rng: &mut fastrand::Rng) {
 #[derive(Clone)]
 pub(crate) struct SimFs {
     state: Arc<Mutex<State>>,
+    /// While true, reads of log files wait (a slow disk, for tests of what waits for it).
+    reads_paused: Arc<(Mutex<bool>, Condvar)>,
 }
 
 impl fmt::Debug for SimFs {
@@ -225,6 +227,7 @@ impl SimFs {
         };
         SimFs {
             state: Arc::new(Mutex::new(state)),
+            reads_paused: Arc::default(),
         }
     }
 
@@ -241,6 +244,13 @@ impl SimFs {
     /// Makes the next `sync_data` on any file (log segment or database) fail.
     pub(crate) fn fail_next_sync(&self) {
         self.lock().fail_next_sync = true;
+    }
+
+    /// Makes reads of log files wait until set back (a disk that stalls).
+    pub(crate) fn set_reads_paused(&self, paused: bool) {
+        let (m, cv) = &*self.reads_paused;
+        *m.lock().unwrap_or_else(|e| e.into_inner()) = paused;
+        cv.notify_all();
     }
 
     /// Makes every later preallocation fail as on a full disk (until set back).
@@ -474,6 +484,13 @@ impl SimFile {
 
 impl StorageFile for SimFile {
     fn read_at(&self, buf: &mut [u8], pos: u64) -> io::Result<usize> {
+        {
+            let (m, cv) = &*self.fs.reads_paused;
+            let mut paused = m.lock().unwrap_or_else(|e| e.into_inner());
+            while *paused {
+                paused = cv.wait(paused).unwrap_or_else(|e| e.into_inner());
+            }
+        }
         let mut st = self.fs.lock();
         let f = self.inode(&mut st)?;
         let len = f.visible.len();

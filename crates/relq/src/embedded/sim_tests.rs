@@ -311,3 +311,92 @@ async fn a_full_disk_refuses_publishes_without_poisoning_the_engine() {
         "nothing half-written in between"
     );
 }
+
+/// A consumer reading a backlog from a stalled disk holds no lock that publishers, acks or other
+/// topics' consumers need: the engine goes on while the read waits, and the read then returns the
+/// records in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_waiting_for_the_disk_does_not_stall_the_engine() {
+    let fs = SimFs::new();
+    fs.create_dir_all_durable(Path::new(ROOT)).unwrap();
+    let b = Arc::new(open(&fs).unwrap());
+    let sub = b
+        .join("t", "g", "c", StartPosition::Earliest)
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for i in 0..100 {
+        // 100 x 200 B: far more than the 4 KiB tail cache, over several 8 KiB segments.
+        ids.extend(
+            b.publish("t", vec![msg(format!("{i:0200}"))])
+                .await
+                .unwrap(),
+        );
+    }
+    let other = b
+        .join("u", "g", "c", StartPosition::Earliest)
+        .await
+        .unwrap();
+    // The disk stalls until this test resumes it, or until a watchdog thread does after 20 s
+    // (a stalled engine may block every runtime thread, and then no tokio timer fires).
+    fs.set_reads_paused(true);
+    let watchdog_fired = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (resume, resumed) = std::sync::mpsc::channel::<()>();
+    let watchdog = {
+        let (fs, fired) = (fs.clone(), watchdog_fired.clone());
+        std::thread::spawn(move || {
+            if resumed.recv_timeout(Duration::from_secs(20)).is_err() {
+                fired.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            fs.set_reads_paused(false);
+        })
+    };
+    let reader = {
+        let (b, sub) = (b.clone(), sub.clone());
+        tokio::spawn(async move { b.read(&sub, 10, Duration::ZERO).await })
+    };
+    // An admin call that needs a record on disk (the topic's first id) waits too.
+    let info = {
+        let b = b.clone();
+        tokio::spawn(async move { b.topic_info("t").await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        !watchdog_fired.load(std::sync::atomic::Ordering::SeqCst),
+        "the engine stalled behind a read waiting for the disk"
+    );
+    assert!(
+        !reader.is_finished(),
+        "the read must be waiting for the disk"
+    );
+    assert!(
+        !info.is_finished(),
+        "topic_info must be waiting for the disk"
+    );
+    // Meanwhile: publishes to both topics, and a read, an ack and topic_info on the other topic.
+    let busy = tokio::spawn({
+        let b = b.clone();
+        async move {
+            b.publish("t", vec![msg("during".into())]).await.unwrap();
+            let u = b.publish("u", vec![msg("u".into())]).await.unwrap();
+            let got = b.read(&other, 10, Duration::ZERO).await.unwrap();
+            assert_eq!(got[0].message.id, u[0]);
+            b.settle(&other, &[Settlement::Ack(u[0])]).await.unwrap();
+            b.topic_info("u").await.unwrap().unwrap()
+        }
+    });
+    let u = busy.await.unwrap();
+    assert!(
+        !watchdog_fired.load(std::sync::atomic::Ordering::SeqCst),
+        "the engine stalled behind a read waiting for the disk"
+    );
+    assert_eq!((u.length, u.groups[0].pending, u.groups[0].lag), (1, 0, 0));
+    let _ = resume.send(());
+    watchdog.join().unwrap();
+    let info = info.await.unwrap().unwrap().unwrap();
+    assert_eq!(info.first_id, Some(ids[0]));
+    assert!(info.length >= 100);
+    let got = reader.await.unwrap().unwrap();
+    let got: Vec<MessageId> = got.iter().map(|d| d.message.id).collect();
+    assert_eq!(got, ids[..10]);
+}
