@@ -21,18 +21,23 @@ use crate::error::{Error, NameError};
 pub struct Timestamp(pub u64);
 
 impl Timestamp {
-    /// The current time, anchored to the wall clock once and advanced by tokio's monotonic clock.
+    /// The current time: the wall clock, shifted by however far tokio's clock has moved apart
+    /// from the real monotonic clock since the first call. Outside a paused test that shift is
+    /// zero, so relq follows the wall clock: a process that started before NTP stepped the
+    /// clock, or a VM that was suspended, does not carry a stale offset into due times and
+    /// publish times that other processes compare with theirs. Under `tokio::time::pause()` the
+    /// shift cancels real time and adds tokio's advances, so time stands still and jumps with
+    /// the paused clock.
     pub fn now() -> Timestamp {
-        static ANCHOR: OnceLock<(u64, tokio::time::Instant)> = OnceLock::new();
-        let (wall, instant) = ANCHOR.get_or_init(|| {
-            let wall = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0);
-            (wall, tokio::time::Instant::now())
-        });
-        let elapsed = tokio::time::Instant::now().saturating_duration_since(*instant);
-        Timestamp(wall + elapsed.as_millis() as u64)
+        static ANCHOR: OnceLock<(std::time::Instant, tokio::time::Instant)> = OnceLock::new();
+        let (real0, tokio0) =
+            ANCHOR.get_or_init(|| (std::time::Instant::now(), tokio::time::Instant::now()));
+        let tokio_elapsed = tokio::time::Instant::now().saturating_duration_since(*tokio0);
+        let real_elapsed = real0.elapsed();
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO);
+        compose(wall, real_elapsed, tokio_elapsed)
     }
 
     /// This timestamp plus `d`, saturating.
@@ -54,6 +59,14 @@ impl Timestamp {
     pub fn to_system_time(self) -> SystemTime {
         UNIX_EPOCH + Duration::from_millis(self.0)
     }
+}
+
+/// The wall clock plus tokio's clock's lead over the real monotonic clock (see
+/// [`Timestamp::now`]), in whole milliseconds.
+fn compose(wall: Duration, real_elapsed: Duration, tokio_elapsed: Duration) -> Timestamp {
+    let ns = wall.as_nanos() as i128 + tokio_elapsed.as_nanos() as i128
+        - real_elapsed.as_nanos() as i128;
+    Timestamp(u64::try_from(ns.max(0) / 1_000_000).unwrap_or(u64::MAX))
 }
 
 impl fmt::Display for Timestamp {
@@ -316,6 +329,45 @@ impl FromStr for StartPosition {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn time_follows_wall_clock_steps_and_the_paused_clock() {
+        let s = Duration::from_secs;
+        let start = s(1_700_000_000);
+        // Real time: tokio's clock and the monotonic clock move together; a wall-clock step (NTP,
+        // a resumed VM) shows at once instead of being hidden by a once-taken anchor.
+        assert_eq!(
+            compose(start + s(10), s(10), s(10)),
+            compose(start, s(0), s(0)).plus(s(10))
+        );
+        assert_eq!(
+            compose(start + s(70), s(10), s(10)).0,
+            (start + s(70)).as_millis() as u64
+        );
+        // Paused: 5 s of real time pass while tokio's clock stands still, then it advances 60 s.
+        assert_eq!(
+            compose(start + s(5), s(5), s(0)),
+            compose(start, s(0), s(0))
+        );
+        assert_eq!(
+            compose(start + s(5), s(5), s(60)).0,
+            (start + s(60)).as_millis() as u64
+        );
+        // Outside a test, the two clocks are read nanoseconds apart: no millisecond jitter.
+        let w = start + Duration::from_nanos(999_999_900);
+        let t = compose(
+            w,
+            Duration::from_nanos(1_000_050),
+            Duration::from_nanos(1_000_000),
+        );
+        assert_eq!(t.0, start.as_millis() as u64 + 999);
+        let now = Timestamp::now().0 as i128;
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i128;
+        assert!((now - wall).abs() <= 5, "now {now} wall {wall}");
+    }
 
     #[test]
     fn id_round_trips_and_orders() {
