@@ -1563,6 +1563,7 @@ impl GroupOps<'_> {
         consumer: &str,
         max: usize,
         now: Timestamp,
+        pre: &mut HashMap<u64, Option<Arc<Record>>>,
         pick: impl Fn(u64, &Pending) -> bool,
     ) -> Result<Vec<Delivery>, BackendError> {
         let log = self.ts.log.clone();
@@ -1580,7 +1581,10 @@ impl GroupOps<'_> {
                 break;
             }
             let stopped = self.ts.stopped.contains_key(&o);
-            let rec = log.get(o)?;
+            let rec = match pre.remove(&o) {
+                Some(rec) => rec,
+                None => log.get(o)?,
+            };
             let Some(had_row) = self.g().pending.get(&o).map(|p| p.row) else {
                 continue;
             };
@@ -1843,6 +1847,7 @@ impl Backend for EmbeddedBackend {
             after.seq + 1
         };
         self.redeliver(sub, max, |o, p, _| o >= min && p.consumer == sub.consumer)
+            .await
     }
 
     async fn claim(
@@ -1852,6 +1857,7 @@ impl Backend for EmbeddedBackend {
         max: usize,
     ) -> Result<Vec<Delivery>, BackendError> {
         self.redeliver(sub, max, |_, p, now| now.since(p.delivered_at) >= min_idle)
+            .await
     }
 
     async fn read(
@@ -2137,7 +2143,7 @@ impl Backend for EmbeddedBackend {
             };
             (info, t.log.clone(), t.start, end, cursors)
         };
-        let (first, last, cursors) = tokio::task::spawn_blocking(move || {
+        let (first, last, cursors) = blocking(move || {
             let id_of = |o: u64| -> Result<Option<MessageId>, BackendError> {
                 Ok(log.get(o)?.map(|r| MessageId::new(r.ms, r.offset)))
             };
@@ -2154,16 +2160,9 @@ impl Backend for EmbeddedBackend {
                     None => Ok(MessageId::ZERO),
                 })
                 .collect::<Result<Vec<_>, BackendError>>()?;
-            Ok::<_, BackendError>((first, last, cursors))
+            Ok((first, last, cursors))
         })
-        .await
-        .map_err(|e| {
-            BackendError::new(
-                NAME,
-                BackendErrorKind::Fatal,
-                format!("reading the log failed: {e}"),
-            )
-        })??;
+        .await?;
         info.first_id = first;
         info.last_id = last;
         for (g, c) in info.groups.iter_mut().zip(cursors) {
@@ -2271,6 +2270,19 @@ impl Shared {
     }
 }
 
+/// Runs `f` (reads of segment files) on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, BackendError> + Send + 'static,
+) -> Result<T, BackendError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        BackendError::new(
+            NAME,
+            BackendErrorKind::Fatal,
+            format!("reading the log failed: {e}"),
+        )
+    })?
+}
+
 /// Records a read needs that are not in memory, read from the segment files without holding the
 /// engine lock.
 #[derive(Default)]
@@ -2308,7 +2320,7 @@ impl EmbeddedBackend {
                 .collect();
             Ok((ts.log.clone(), g.cursor.max(ts.start), g.hint, due))
         })?;
-        tokio::task::spawn_blocking(move || {
+        blocking(move || {
             let mut pre = Prefetch::default();
             for o in due {
                 pre.rows.insert(o, log.get(o)?);
@@ -2321,26 +2333,43 @@ impl EmbeddedBackend {
             Ok(pre)
         })
         .await
-        .map_err(|e| {
-            BackendError::new(
-                NAME,
-                BackendErrorKind::Fatal,
-                format!("reading the log failed: {e}"),
-            )
-        })?
     }
 
     /// Delivers again the pending entries `pick` selects (`recover` and `claim`). Raised
     /// delivery counts ride the next cycle; nobody waits for it.
-    fn redeliver(
+    async fn redeliver(
         &self,
         sub: &Subscription,
         max: usize,
         pick: impl Fn(u64, &Pending, Timestamp) -> bool,
     ) -> Result<Vec<Delivery>, BackendError> {
         let now = Timestamp::now();
+        // The records to deliver again that are no longer in the tail cache are read first,
+        // without the engine lock (see `prefetch`); one chosen meanwhile is read under it.
+        let (log, on_disk) = self.shared.with_group(sub, |inner| {
+            let ts = &inner.topics[&sub.topic];
+            let on_disk: Vec<u64> = ts.groups[&sub.group]
+                .pending
+                .iter()
+                .filter(|(o, p)| pick(**o, p, now))
+                .map(|(o, _)| *o)
+                .take(max)
+                .filter(|o| !ts.log.in_memory(*o))
+                .collect();
+            Ok((ts.log.clone(), on_disk))
+        })?;
+        let mut pre = HashMap::new();
+        if !on_disk.is_empty() {
+            pre = blocking(move || {
+                on_disk
+                    .into_iter()
+                    .map(|o| Ok((o, log.get(o)?)))
+                    .collect::<Result<HashMap<_, _>, BackendError>>()
+            })
+            .await?;
+        }
         let (out, _) = self.shared.group_ops(sub, |ops| {
-            ops.redeliver(&sub.consumer, max, now, |o, p| pick(o, p, now))
+            ops.redeliver(&sub.consumer, max, now, &mut pre, |o, p| pick(o, p, now))
         })?;
         if !out.is_empty() {
             self.shared.request_commit();

@@ -312,9 +312,9 @@ async fn a_full_disk_refuses_publishes_without_poisoning_the_engine() {
     );
 }
 
-/// A consumer reading a backlog from a stalled disk holds no lock that publishers, acks or other
-/// topics' consumers need: the engine goes on while the read waits, and the read then returns the
-/// records in order.
+/// A consumer reading a backlog from a stalled disk, a claim of old pending messages and a
+/// `topic_info` that needs a record from disk hold no lock that publishers, acks or other topics'
+/// consumers need: the engine goes on while they wait, and they then return the right records.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_waiting_for_the_disk_does_not_stall_the_engine() {
     let fs = SimFs::new();
@@ -337,6 +337,18 @@ async fn a_read_waiting_for_the_disk_does_not_stall_the_engine() {
         .join("u", "g", "c", StartPosition::Earliest)
         .await
         .unwrap();
+    // A consumer of another group takes 5 messages and goes quiet: they are pending, their
+    // records long out of the tail cache.
+    let quiet = b
+        .join("t", "g2", "quiet", StartPosition::Earliest)
+        .await
+        .unwrap();
+    let taken = b.read(&quiet, 5, Duration::ZERO).await.unwrap();
+    assert_eq!(taken.len(), 5);
+    let claimer = b
+        .join("t", "g2", "claimer", StartPosition::Earliest)
+        .await
+        .unwrap();
     // The disk stalls until this test resumes it, or until a watchdog thread does after 20 s
     // (a stalled engine may block every runtime thread, and then no tokio timer fires).
     fs.set_reads_paused(true);
@@ -355,7 +367,12 @@ async fn a_read_waiting_for_the_disk_does_not_stall_the_engine() {
         let (b, sub) = (b.clone(), sub.clone());
         tokio::spawn(async move { b.read(&sub, 10, Duration::ZERO).await })
     };
-    // An admin call that needs a record on disk (the topic's first id) waits too.
+    // So do a claim of the quiet consumer's messages, and an admin call that needs a record on
+    // disk (the topic's first id).
+    let claim = {
+        let (b, claimer) = (b.clone(), claimer.clone());
+        tokio::spawn(async move { b.claim(&claimer, Duration::ZERO, 10).await })
+    };
     let info = {
         let b = b.clone();
         tokio::spawn(async move { b.topic_info("t").await })
@@ -368,6 +385,10 @@ async fn a_read_waiting_for_the_disk_does_not_stall_the_engine() {
     assert!(
         !reader.is_finished(),
         "the read must be waiting for the disk"
+    );
+    assert!(
+        !claim.is_finished(),
+        "the claim must be waiting for the disk"
     );
     assert!(
         !info.is_finished(),
@@ -399,4 +420,12 @@ async fn a_read_waiting_for_the_disk_does_not_stall_the_engine() {
     let got = reader.await.unwrap().unwrap();
     let got: Vec<MessageId> = got.iter().map(|d| d.message.id).collect();
     assert_eq!(got, ids[..10]);
+    let claimed = claim.await.unwrap().unwrap();
+    assert_eq!(
+        claimed
+            .iter()
+            .map(|d| (d.message.id, d.message.attempt))
+            .collect::<Vec<_>>(),
+        ids[..5].iter().map(|id| (*id, 2)).collect::<Vec<_>>()
+    );
 }
