@@ -1,5 +1,7 @@
-//! Shutdown keeps its deadline even when the backend refuses settlements: the consumer does not
-//! wait out the settler's retries (the messages stay pending and are delivered again).
+//! The runtime while the backend refuses calls: shutdown keeps its deadline even when the backend
+//! refuses settlements (the messages stay pending and are delivered again), and a message whose
+//! ack is still queued when the consumer recovers its pending messages after an outage is not
+//! run a second time.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -12,10 +14,20 @@ use relq::{
     Outgoing, Retention, Settlement, StartPosition, Subscription, Timestamp, TopicInfo,
 };
 
-/// The in-memory backend, whose `settle` can be switched to fail as unavailable.
+/// The in-memory backend, whose `settle` can be switched to fail as unavailable, and whose next
+/// `read` can be made to fail once.
 struct Flaky {
     inner: MemoryBackend,
     refuse_settle: Arc<AtomicBool>,
+    fail_next_read: Arc<AtomicBool>,
+}
+
+fn unavailable() -> BackendError {
+    BackendError::new(
+        "flaky",
+        BackendErrorKind::Unavailable,
+        "refused by the test",
+    )
 }
 
 #[async_trait]
@@ -57,15 +69,14 @@ impl Backend for Flaky {
         m: usize,
         w: Duration,
     ) -> Result<Vec<Delivery>, BackendError> {
+        if self.fail_next_read.swap(false, Ordering::Relaxed) {
+            return Err(unavailable());
+        }
         self.inner.read(s, m, w).await
     }
     async fn settle(&self, s: &Subscription, b: &[Settlement]) -> Result<(), BackendError> {
         if self.refuse_settle.load(Ordering::Relaxed) {
-            return Err(BackendError::new(
-                "flaky",
-                BackendErrorKind::Unavailable,
-                "settlements refused by the test",
-            ));
+            return Err(unavailable());
         }
         self.inner.settle(s, b).await
     }
@@ -129,6 +140,7 @@ async fn shutdown_keeps_its_deadline_while_the_backend_refuses_settlements() {
     let broker = Broker::new(Flaky {
         inner: MemoryBackend::new(),
         refuse_settle: refuse.clone(),
+        fail_next_read: Arc::default(),
     });
     let handled = Arc::new(AtomicBool::new(false));
     let h = handled.clone();
@@ -163,4 +175,56 @@ async fn shutdown_keeps_its_deadline_while_the_backend_refuses_settlements() {
     // The ack never reached the backend: the message is still pending, to be delivered again.
     let info = broker.topic_info("t").await.unwrap();
     assert_eq!(info.groups[0].pending, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_message_whose_ack_is_queued_is_not_run_again_after_an_outage() {
+    let refuse = Arc::new(AtomicBool::new(false));
+    let fail_read = Arc::new(AtomicBool::new(false));
+    let broker = Broker::new(Flaky {
+        inner: MemoryBackend::new(),
+        refuse_settle: refuse.clone(),
+        fail_next_read: fail_read.clone(),
+    });
+    let runs = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let r = runs.clone();
+    let c = broker
+        .consumer("t", "g")
+        .name("w")
+        .start(StartPosition::Earliest)
+        .handler("job", move |_m: Message| {
+            r.fetch_add(1, Ordering::Relaxed);
+            async { Ok(()) }
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    // The backend goes down after the handler ran: its ack waits in the settler.
+    refuse.store(true, Ordering::Relaxed);
+    broker
+        .publish("t", NewMessage::new("job", "x"))
+        .await
+        .unwrap();
+    while runs.load(Ordering::Relaxed) == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // A read fails too: the consumer recovers its pending messages, which include this one.
+    fail_read.store(true, Ordering::Relaxed);
+    while fail_read.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The backend comes back: the queued ack is applied.
+    refuse.store(false, Ordering::Relaxed);
+    while broker.topic_info("t").await.unwrap().groups[0].pending > 0 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.shutdown(Duration::from_secs(1)).await;
+    assert_eq!(
+        runs.load(Ordering::Relaxed),
+        1,
+        "the recovered message ran again although its ack was queued"
+    );
 }

@@ -43,10 +43,8 @@ struct Ctx {
     counters: Arc<Counters>,
     settle: mpsc::Sender<Settlement>,
     abort: watch::Receiver<bool>,
-    /// Ids this consumer is processing (in a handler, a batch or on the way to the settler): a
-    /// claim that returns one of them (it sat idle past `claim_after`, e.g. in a slow batch) must
-    /// not start a second run of it in this process.
-    held: std::sync::Mutex<std::collections::HashSet<MessageId>>,
+    /// Ids this consumer is processing, or whose ack it has queued: see [`Held`].
+    held: Arc<std::sync::Mutex<Held>>,
     meters: Meters,
 }
 
@@ -78,29 +76,62 @@ impl Meters {
     }
 }
 
+/// What this consumer holds, so a message it delivered again to itself is not run twice:
+/// - `running`: in a handler, a batch, or on the way to the settler. A claim can return one of
+///   them (it sat idle past `claim_after`, e.g. in a slow batch).
+/// - `acking`: handled successfully, its ack queued in the settler but not yet applied (the
+///   backend may be down). After an outage the fetch loop recovers this consumer's pending
+///   messages, and these are among them: the queued ack settles them (an ack always applies),
+///   so running them again would be a needless duplicate. The settler removes them once their
+///   batch was applied or given up (then they stay pending and come back by recovery or claim).
+///
+/// A message whose retry or dead letter is queued is not held: a retry that is due at once may
+/// come back as soon as it is applied, and that delivery must run.
+#[derive(Default)]
+struct Held {
+    running: std::collections::HashSet<MessageId>,
+    acking: std::collections::HashSet<MessageId>,
+}
+
+fn held(h: &std::sync::Mutex<Held>) -> std::sync::MutexGuard<'_, Held> {
+    h.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Ctx {
-    /// A message entered processing; false if this consumer is processing it already.
+    /// A message entered processing; false if this consumer is processing it already, or has
+    /// its ack queued.
     fn enter(&self, id: MessageId) -> bool {
-        if !self
-            .held
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id)
         {
-            return false;
+            let mut h = held(&self.held);
+            if h.acking.contains(&id) || !h.running.insert(id) {
+                return false;
+            }
         }
         self.counters.in_flight.fetch_add(1, Ordering::Relaxed);
         self.meters.in_flight.increment(1.0);
         true
     }
 
-    /// Messages left processing (handed to the settler, or abandoned at shutdown).
-    fn leave(&self, ids: impl IntoIterator<Item = MessageId>) {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        let n = ids.into_iter().filter(|id| held.remove(id)).count() as u64;
-        drop(held);
+    /// Messages left processing (handed to the settler, or abandoned at shutdown); `acking`: an
+    /// ack of theirs is about to be queued.
+    fn leave_as(&self, ids: impl IntoIterator<Item = MessageId>, acking: bool) {
+        let mut h = held(&self.held);
+        let mut n = 0;
+        for id in ids {
+            if h.running.remove(&id) {
+                n += 1;
+                if acking {
+                    h.acking.insert(id);
+                }
+            }
+        }
+        drop(h);
         self.counters.in_flight.fetch_sub(n, Ordering::Relaxed);
         self.meters.in_flight.decrement(n as f64);
+    }
+
+    fn leave(&self, ids: impl IntoIterator<Item = MessageId>) {
+        self.leave_as(ids, false);
     }
 }
 
@@ -162,6 +193,7 @@ pub(crate) async fn run(
 ) {
     let permits = Arc::new(Semaphore::new(config.concurrency));
     let (settle_tx, settle_rx) = mpsc::channel(config.concurrency.max(SETTLE_BATCH) * 2);
+    let held_ids = Arc::new(std::sync::Mutex::new(Held::default()));
     let (abort_tx, abort_rx) = watch::channel(false);
     let (fatal_tx, mut fatal_rx) = watch::channel(None::<StopReason>);
     let settler = tokio::spawn(settler(
@@ -170,6 +202,7 @@ pub(crate) async fn run(
         settle_rx,
         fatal_tx,
         abort_rx.clone(),
+        held_ids.clone(),
     ));
     let ctx = Arc::new(Ctx {
         backend,
@@ -178,7 +211,7 @@ pub(crate) async fn run(
         counters: counters.clone(),
         settle: settle_tx,
         abort: abort_rx,
-        held: std::sync::Mutex::new(std::collections::HashSet::new()),
+        held: held_ids,
         meters: Meters::new(&config.topic, &config.group),
     });
     let mut batchers = HashMap::new();
@@ -294,7 +327,8 @@ async fn fetch_loop(
                     // The failed call may have been applied with its reply lost (a read or claim
                     // whose connection dropped leaves messages pending for this consumer), so
                     // recover this consumer's pending messages before reading on. Messages it is
-                    // processing are in `held` and are not run twice.
+                    // processing, or whose ack it has queued, are in `held` and are not run
+                    // twice.
                     recovering = true;
                     recovered_up_to = MessageId::ZERO;
                     tokio::select! {
@@ -606,15 +640,22 @@ async fn finish(ctx: &Ctx, d: Delivery, handler: &str, outcome: Outcome) {
             }
         }
     };
-    send_settlement(ctx, settlement).await;
-    ctx.leave([id]);
+    let acking = matches!(settlement, Settlement::Ack(_));
+    // Marked before it is queued: the settler may apply it (and unmark it) at once.
+    ctx.leave_as([id], acking);
+    if !send_settlement(ctx, settlement).await && acking {
+        held(&ctx.held).acking.remove(&id);
+    }
 }
 
-async fn send_settlement(ctx: &Ctx, s: Settlement) {
+/// Queues a settlement; false if the settler is gone.
+async fn send_settlement(ctx: &Ctx, s: Settlement) -> bool {
     if ctx.settle.send(s).await.is_err() {
         // The settler stopped (topic terminated or backend failed): the message stays pending.
         tracing::debug!("settler stopped; settlement dropped, message stays pending");
+        return false;
     }
+    true
 }
 
 async fn settler(
@@ -623,6 +664,7 @@ async fn settler(
     mut rx: mpsc::Receiver<Settlement>,
     fatal: watch::Sender<Option<StopReason>>,
     mut abort: watch::Receiver<bool>,
+    held_ids: Arc<std::sync::Mutex<Held>>,
 ) {
     let mut buf = Vec::with_capacity(SETTLE_BATCH);
     while rx.recv_many(&mut buf, SETTLE_BATCH).await > 0 {
@@ -648,6 +690,14 @@ async fn settler(
                 }
             }
         }
+        // Applied, or given up (left pending, to be delivered again): not held any longer.
+        let mut h = held(&held_ids);
+        for s in &buf {
+            if let Settlement::Ack(id) = s {
+                h.acking.remove(id);
+            }
+        }
+        drop(h);
         buf.clear();
     }
 }
