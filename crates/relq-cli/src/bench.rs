@@ -27,6 +27,9 @@ pub(crate) enum BenchCommand {
         dir: PathBuf,
         #[arg(long)]
         messages: u64,
+        /// Publish the messages due in an hour, then have the group read past them.
+        #[arg(long)]
+        delayed: bool,
     },
 }
 
@@ -41,10 +44,14 @@ pub(crate) struct EmbeddedArgs {
     /// Backlog for the memory and recovery scenario (the target is 10,000,000).
     #[arg(long, default_value_t = 1_000_000)]
     backlog: u64,
+    /// Delayed messages of the scheduled-backlog scenario (due in an hour: the group reads past
+    /// them, so each becomes a scheduled row).
+    #[arg(long, default_value_t = 1_000_000)]
+    delayed: u64,
     /// Where to put the data directories (default: the system temp directory).
     #[arg(long)]
     dir: Option<PathBuf>,
-    /// Run only these scenarios (publish, e2e, latency, backlog); default all.
+    /// Run only these scenarios (publish, e2e, latency, backlog, delayed); default all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Publish rate of the latency scenario (default: half the end-to-end maximum).
@@ -70,7 +77,11 @@ impl Drop for Scratch {
 
 pub(crate) async fn run(cmd: BenchCommand, json_out: bool) -> anyhow::Result<()> {
     match cmd {
-        BenchCommand::Fill { dir, messages } => fill(&dir, messages).await,
+        BenchCommand::Fill {
+            dir,
+            messages,
+            delayed,
+        } => fill(&dir, messages, delayed).await,
         BenchCommand::Embedded(args) => embedded(args, json_out).await,
         BenchCommand::Redis(args) => crate::bench_redis::run(args, json_out).await,
     }
@@ -228,6 +239,28 @@ async fn embedded(args: EmbeddedArgs, json_out: bool) -> anyhow::Result<()> {
         json!({"messages": args.backlog, "rss_bytes_at_10_percent": rss.0, "rss_bytes_at_end": rss.1,
                "recovery_ms": recovery.as_secs_f64() * 1e3}),
     );
+    }
+    // Scheduled backlog: what a delayed message costs once its group has read past it (a
+    // scheduled row, kept in memory), and the reopen that loads those rows.
+    if want("delayed") {
+        let scratch = Scratch::new(&base, "delayed");
+        let (rss, recovery) = fill_and_reopen(&scratch.0, args.delayed, true).await?;
+        let per = rss.1.saturating_sub(rss.0) as f64 / args.delayed.max(1) as f64;
+        say(
+            json_out,
+            format!(
+                "scheduled backlog of {} delayed messages (due in 1 h): filler RSS {} MiB after publishing / {} MiB once the group read past them = {per:.0} B per scheduled message; reopen after kill -9 + first read: {:.0} ms",
+                args.delayed,
+                rss.0 >> 20,
+                rss.1 >> 20,
+                recovery.as_secs_f64() * 1e3
+            ),
+        );
+        report.insert(
+            "delayed".into(),
+            json!({"messages": args.delayed, "rss_bytes_published": rss.0, "rss_bytes_scheduled": rss.1,
+                   "bytes_per_scheduled_message": per, "recovery_ms": recovery.as_secs_f64() * 1e3}),
+        );
     }
     if json_out {
         println!("{}", Value::Object(report));
@@ -431,13 +464,25 @@ fn rss_bytes() -> u64 {
 /// Fills a backlog in a child process (reporting its RSS), kills it with SIGKILL, and times the
 /// reopen plus the first read.
 async fn backlog(dir: &Path, n: u64) -> anyhow::Result<((u64, u64), Duration)> {
+    fill_and_reopen(dir, n, false).await
+}
+
+/// Runs `bench fill` in a child process (its two RSS reports), kills it with SIGKILL, then
+/// reopens the directory and reads once (expecting a message unless `delayed`).
+async fn fill_and_reopen(
+    dir: &Path,
+    n: u64,
+    delayed: bool,
+) -> anyhow::Result<((u64, u64), Duration)> {
     use std::io::{BufRead, BufReader};
-    let mut child = std::process::Command::new(std::env::current_exe()?)
-        .args(["bench", "fill", "--dir"])
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(["bench", "fill", "--dir"])
         .arg(dir)
-        .args(["--messages", &n.to_string()])
-        .stdout(std::process::Stdio::piped())
-        .spawn()?;
+        .args(["--messages", &n.to_string()]);
+    if delayed {
+        cmd.arg("--delayed");
+    }
+    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn()?;
     let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
     let mut rss = (0, 0);
     for line in lines.by_ref() {
@@ -457,13 +502,27 @@ async fn backlog(dir: &Path, n: u64) -> anyhow::Result<((u64, u64), Duration)> {
     let sub = backend
         .join("backlog", "g", "c", StartPosition::Earliest)
         .await?;
-    let first = backend.read(&sub, 1, Duration::from_secs(1)).await?;
+    let wait = if delayed {
+        Duration::ZERO
+    } else {
+        Duration::from_secs(1)
+    };
+    let first = backend.read(&sub, 1, wait).await?;
     let elapsed = start.elapsed();
-    anyhow::ensure!(first.len() == 1, "the backlog is readable after recovery");
+    if delayed {
+        let info = backend.topic_info("backlog").await?;
+        let scheduled = info.map_or(0, |i| i.groups[0].scheduled);
+        anyhow::ensure!(
+            first.is_empty() && scheduled == n,
+            "after recovery all {n} delayed messages are scheduled (found {scheduled}), none due"
+        );
+    } else {
+        anyhow::ensure!(first.len() == 1, "the backlog is readable after recovery");
+    }
     Ok((rss, elapsed))
 }
 
-async fn fill(dir: &Path, n: u64) -> anyhow::Result<()> {
+async fn fill(dir: &Path, n: u64, delayed: bool) -> anyhow::Result<()> {
     let broker = Broker::open(dir)?;
     // The group exists from the start, so the backlog is unconsumed work, not garbage.
     broker
@@ -474,17 +533,43 @@ async fn fill(dir: &Path, n: u64) -> anyhow::Result<()> {
     let batch = 1000u64;
     let mut sent = 0;
     let mut reported = false;
+    let due = relq::Timestamp::now().plus(Duration::from_secs(3600));
     while sent < n {
         let k = batch.min(n - sent);
         let msgs = (0..k)
-            .map(|_| NewMessage::new("job", payload.clone()))
+            .map(|_| {
+                let m = NewMessage::new("job", payload.clone());
+                if delayed {
+                    m.deliver_at(due)
+                } else {
+                    m
+                }
+            })
             .collect();
         broker.publish_batch("backlog", msgs).await?;
         sent += k;
-        if !reported && sent >= n / 10 {
+        if !delayed && !reported && sent >= n / 10 {
             println!("rss10 {}", rss_bytes());
             reported = true;
         }
+    }
+    if delayed {
+        // The group reads past them: each becomes a scheduled row (committed before "ready").
+        println!("rss10 {}", rss_bytes());
+        let backend = broker.backend();
+        let sub = backend
+            .join("backlog", "g", "c", StartPosition::Earliest)
+            .await?;
+        loop {
+            let got = backend.read(&sub, 1000, Duration::ZERO).await?;
+            anyhow::ensure!(got.is_empty(), "delayed messages are not due yet");
+            let info = backend.topic_info("backlog").await?;
+            if info.is_some_and(|i| i.groups[0].lag == 0) {
+                break;
+            }
+        }
+        // An (empty) settlement returns once every state change before it was committed.
+        backend.settle(&sub, &[]).await?;
     }
     println!("ready {}", rss_bytes());
     loop {

@@ -171,9 +171,9 @@ pub struct RedisBackend {
     /// Topics this process has registered in [`REGISTRY`], and when (re-registered after
     /// [`REGISTER_AGAIN`], in case another process terminated the topic meanwhile).
     registered: Mutex<HashMap<String, tokio::time::Instant>>,
-    /// Ids delivered with a failure history (`g:{G}:m`): their acks go through the settle
-    /// script, which deletes the history only if the ack removed the entry.
-    with_history: Mutex<HashSet<MessageId>>,
+    /// Ids delivered with a failure history (`g:{G}:m`), and when: their acks go through the
+    /// settle script, which deletes the history only if the ack removed the entry.
+    with_history: Mutex<History>,
     /// Subscriptions (topic, group, consumer) whose last read handed out messages but failed
     /// in a later step: the next read reports an error, so the runtime recovers the consumer's
     /// pending messages (what the failed step may have left pending for it).
@@ -190,6 +190,36 @@ impl std::fmt::Debug for RedisBackend {
 
 fn prefix(topic: &str) -> String {
     format!("relq:{{{topic}}}:")
+}
+
+/// How long an id with a failure history is remembered without being settled. Deliveries this
+/// process never settles (abandoned at shutdown, or settled by whoever claimed them) would
+/// otherwise pile up; past this age the delivery was long claimed or recovered, and an ack of
+/// it that still comes takes the plain XACK path (leaving at most its history hash field).
+const HISTORY_KEEP: Duration = Duration::from_secs(3600);
+
+/// Ids delivered with a failure history, pruned of entries older than [`HISTORY_KEEP`].
+#[derive(Default)]
+struct History {
+    ids: HashMap<MessageId, tokio::time::Instant>,
+    last_prune: Option<tokio::time::Instant>,
+}
+
+impl History {
+    fn note(&mut self, ids: impl Iterator<Item = MessageId>, now: tokio::time::Instant) {
+        for id in ids {
+            self.ids.insert(id, now);
+        }
+        // One pass over the set at most once a minute.
+        if self
+            .last_prune
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60))
+        {
+            self.last_prune = Some(now);
+            self.ids
+                .retain(|_, seen| now.duration_since(*seen) < HISTORY_KEEP);
+        }
+    }
 }
 
 fn stream_key(topic: &str) -> String {
@@ -494,7 +524,7 @@ impl RedisBackend {
             blocking: BlockingPool::new(),
             scripts: Scripts::new(),
             registered: Mutex::new(HashMap::new()),
-            with_history: Mutex::new(HashSet::new()),
+            with_history: Mutex::new(History::default()),
             needs_recovery: Mutex::new(HashSet::new()),
         };
         backend.check_server().await?;
@@ -644,8 +674,11 @@ impl RedisBackend {
 
     /// Notes which deliveries carry a failure history (all but first deliveries of new entries).
     fn note_history(&self, out: &[Delivery]) {
-        let mut set = self.with_history.lock().unwrap_or_else(|e| e.into_inner());
-        set.extend(out.iter().map(|d| d.message.id));
+        let mut h = self.with_history.lock().unwrap_or_else(|e| e.into_inner());
+        h.note(
+            out.iter().map(|d| d.message.id),
+            tokio::time::Instant::now(),
+        );
     }
 
     fn warn_lost(&self, sub: &Subscription, lost: bool) {
@@ -1164,7 +1197,7 @@ impl Backend for RedisBackend {
             let history = self.with_history.lock().unwrap_or_else(|e| e.into_inner());
             batch
                 .iter()
-                .all(|s| matches!(s, Settlement::Ack(_)) && !history.contains(&s.id()))
+                .all(|s| matches!(s, Settlement::Ack(_)) && !history.ids.contains_key(&s.id()))
         };
         if plain_acks {
             // The hot path, without Lua: first deliveries of new entries have no failure
@@ -1218,7 +1251,7 @@ impl Backend for RedisBackend {
         .await?;
         let mut history = self.with_history.lock().unwrap_or_else(|e| e.into_inner());
         for s in batch {
-            history.remove(&s.id());
+            history.ids.remove(&s.id());
         }
         Ok(())
     }
@@ -1542,6 +1575,25 @@ impl Backend for RedisBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_with_history_never_settled_here_are_forgotten_after_an_hour() {
+        let t0 = tokio::time::Instant::now();
+        let mut h = History::default();
+        h.note([MessageId::new(1, 0)].into_iter(), t0);
+        h.note(
+            [MessageId::new(2, 0)].into_iter(),
+            t0 + Duration::from_secs(1800),
+        );
+        assert_eq!(h.ids.len(), 2);
+        h.note(
+            [MessageId::new(3, 0)].into_iter(),
+            t0 + HISTORY_KEEP + Duration::from_secs(1),
+        );
+        let mut left: Vec<_> = h.ids.keys().copied().collect();
+        left.sort();
+        assert_eq!(left, [MessageId::new(2, 0), MessageId::new(3, 0)]);
+    }
 
     #[test]
     fn malformed_entries_become_visible_messages() {
