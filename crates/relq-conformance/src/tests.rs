@@ -1456,9 +1456,8 @@ pub async fn model_based_random_operations_lose_nothing(b: Broker) {
                     // May be claimed: idle by the end of the call counting from the earliest
                     // possible delivery; must be: idle at its start from the latest one. A
                     // server-side backend (Redis) measures idleness with the server's clock,
-                    // which is not relq's clock (relq's is anchored to the wall clock once and
-                    // then follows the monotonic clock; both count whole milliseconds), so the
-                    // two bounds are widened by CLOCK_SLACK.
+                    // which is not relq's clock (both count whole milliseconds, and they may
+                    // differ), so the two bounds are widened by CLOCK_SLACK.
                     const CLOCK_SLACK: Duration = Duration::from_millis(50);
                     let idle_by = |t: Timestamp, latest: bool| -> BTreeSet<MessageId> {
                         model

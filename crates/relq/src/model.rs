@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -21,23 +22,32 @@ use crate::error::{Error, NameError};
 pub struct Timestamp(pub u64);
 
 impl Timestamp {
-    /// The current time: the wall clock, shifted by however far tokio's clock has moved apart
-    /// from the real monotonic clock since the first call. Outside a paused test that shift is
-    /// zero, so relq follows the wall clock: a process that started before NTP stepped the
-    /// clock, or a VM that was suspended, does not carry a stale offset into due times and
-    /// publish times that other processes compare with theirs. Under `tokio::time::pause()` the
-    /// shift cancels real time and adds tokio's advances, so time stands still and jumps with
-    /// the paused clock.
+    /// The current time: the wall clock read once, advanced by tokio's clock, and moved along
+    /// whenever the wall clock steps away from that by more than [`CLOCK_STEP`]. So a process
+    /// that started before NTP stepped the clock, or a VM that was suspended, does not carry a
+    /// stale offset into due times and publish times that other processes compare with theirs,
+    /// and under `tokio::time::pause()` time stands exactly still and jumps with the paused
+    /// clock (the wall clock and the real monotonic clock move together meanwhile: no step).
     pub fn now() -> Timestamp {
-        static ANCHOR: OnceLock<(std::time::Instant, tokio::time::Instant)> = OnceLock::new();
-        let (real0, tokio0) =
-            ANCHOR.get_or_init(|| (std::time::Instant::now(), tokio::time::Instant::now()));
-        let tokio_elapsed = tokio::time::Instant::now().saturating_duration_since(*tokio0);
-        let real_elapsed = real0.elapsed();
-        let wall = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or(Duration::ZERO);
-        compose(wall, real_elapsed, tokio_elapsed)
+        static ANCHOR: OnceLock<(i64, std::time::Instant, tokio::time::Instant)> = OnceLock::new();
+        static SHIFT_MS: AtomicI64 = AtomicI64::new(0);
+        let (wall0, real0, tokio0) = *ANCHOR.get_or_init(|| {
+            (
+                wall_ms(),
+                std::time::Instant::now(),
+                tokio::time::Instant::now(),
+            )
+        });
+        let tokio_ms = tokio::time::Instant::now()
+            .saturating_duration_since(tokio0)
+            .as_millis() as i64;
+        let real_ms = real0.elapsed().as_millis() as i64;
+        let mut shift = SHIFT_MS.load(Ordering::Relaxed);
+        if let Some(s) = restep(wall0, real_ms, wall_ms(), shift) {
+            SHIFT_MS.store(s, Ordering::Relaxed);
+            shift = s;
+        }
+        Timestamp(u64::try_from(wall0 + shift + tokio_ms).unwrap_or(0))
     }
 
     /// This timestamp plus `d`, saturating.
@@ -61,12 +71,21 @@ impl Timestamp {
     }
 }
 
-/// The wall clock plus tokio's clock's lead over the real monotonic clock (see
-/// [`Timestamp::now`]), in whole milliseconds.
-fn compose(wall: Duration, real_elapsed: Duration, tokio_elapsed: Duration) -> Timestamp {
-    let ns = wall.as_nanos() as i128 + tokio_elapsed.as_nanos() as i128
-        - real_elapsed.as_nanos() as i128;
-    Timestamp(u64::try_from(ns.max(0) / 1_000_000).unwrap_or(u64::MAX))
+/// Wall-clock steps larger than this move [`Timestamp::now`] along with the wall clock.
+const CLOCK_STEP_MS: i64 = 1000;
+
+fn wall_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The new shift of [`Timestamp::now`]'s anchor if the wall clock (`wall`) is more than
+/// [`CLOCK_STEP_MS`] away from the anchor's `wall0` plus the real time elapsed plus the shift
+/// so far.
+fn restep(wall0: i64, real_elapsed: i64, wall: i64, shift: i64) -> Option<i64> {
+    let drift = wall - (wall0 + real_elapsed + shift);
+    (drift.abs() > CLOCK_STEP_MS).then_some(shift + drift)
 }
 
 impl fmt::Display for Timestamp {
@@ -332,41 +351,17 @@ mod tests {
 
     #[test]
     fn time_follows_wall_clock_steps_and_the_paused_clock() {
-        let s = Duration::from_secs;
-        let start = s(1_700_000_000);
-        // Real time: tokio's clock and the monotonic clock move together; a wall-clock step (NTP,
-        // a resumed VM) shows at once instead of being hidden by a once-taken anchor.
-        assert_eq!(
-            compose(start + s(10), s(10), s(10)),
-            compose(start, s(0), s(0)).plus(s(10))
-        );
-        assert_eq!(
-            compose(start + s(70), s(10), s(10)).0,
-            (start + s(70)).as_millis() as u64
-        );
-        // Paused: 5 s of real time pass while tokio's clock stands still, then it advances 60 s.
-        assert_eq!(
-            compose(start + s(5), s(5), s(0)),
-            compose(start, s(0), s(0))
-        );
-        assert_eq!(
-            compose(start + s(5), s(5), s(60)).0,
-            (start + s(60)).as_millis() as u64
-        );
-        // Outside a test, the two clocks are read nanoseconds apart: no millisecond jitter.
-        let w = start + Duration::from_nanos(999_999_900);
-        let t = compose(
-            w,
-            Duration::from_nanos(1_000_050),
-            Duration::from_nanos(1_000_000),
-        );
-        assert_eq!(t.0, start.as_millis() as u64 + 999);
-        let now = Timestamp::now().0 as i128;
-        let wall = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as i128;
-        assert!((now - wall).abs() <= 5, "now {now} wall {wall}");
+        let w0 = 1_700_000_000_000;
+        // Real time and the wall clock agree, or drift by a slew: no step.
+        assert_eq!(restep(w0, 10_000, w0 + 10_000, 0), None);
+        assert_eq!(restep(w0, 10_000, w0 + 10_400, 0), None);
+        // A step of a minute forward (NTP at boot, a resumed VM), then one back.
+        assert_eq!(restep(w0, 10_000, w0 + 70_000, 0), Some(60_000));
+        assert_eq!(restep(w0, 20_000, w0 + 80_000, 60_000), None);
+        assert_eq!(restep(w0, 30_000, w0 + 25_000, 60_000), Some(-5_000));
+        // Paused (tokio's clock stands still, real time and the wall clock go on): no step, so
+        // `now` stays exactly where tokio's clock puts it.
+        assert_eq!(restep(w0, 5_000, w0 + 5_000, 0), None);
     }
 
     #[test]

@@ -1494,6 +1494,10 @@ impl GroupOps<'_> {
             }
             let cursor = g.cursor;
             let want = max - out.len();
+            // Prefetched records the cursor has passed meanwhile (another consumer of the group
+            // took them) are dropped; the rest is used if it starts at the cursor.
+            let passed = pre.new.partition_point(|r| r.offset < cursor);
+            pre.new.drain(..passed);
             let recs = if pre.new.first().is_some_and(|r| r.offset == cursor) {
                 let n = want.min(pre.new.len());
                 g.hint = pre.hint.take();
@@ -1890,10 +1894,14 @@ impl Backend for EmbeddedBackend {
                 self.shared.request_commit();
             }
             if out.is_empty() && missed {
-                // The records are on disk: read them without the engine lock, then try again
-                // (reading under the lock only if another consumer moved the group meanwhile).
+                // The records are on disk: read them without the engine lock, then try again.
+                // Each round moves on (records delivered or set aside, or the group's cursor
+                // moved by another consumer); a round handles at most `max` records, so a long
+                // run of delayed messages on disk is never walked under the lock. Only if the
+                // prefetch found nothing to read is the next round allowed to read under the
+                // lock, so the loop cannot spin.
                 pre = self.prefetch(sub, max, now).await?;
-                allow_io = true;
+                allow_io = pre.new.is_empty() && pre.rows.is_empty();
                 continue;
             }
             pre = Prefetch::default();
@@ -2147,7 +2155,14 @@ impl Backend for EmbeddedBackend {
             let id_of = |o: u64| -> Result<Option<MessageId>, BackendError> {
                 Ok(log.get(o)?.map(|r| MessageId::new(r.ms, r.offset)))
             };
-            let first = if start < end { id_of(start)? } else { None };
+            // The first record still stored (retention may have moved on since the snapshot).
+            let first = if start < end {
+                log.read(start, 1, &mut None)?
+                    .first()
+                    .map(|r| MessageId::new(r.ms, r.offset))
+            } else {
+                None
+            };
             let last = match end.checked_sub(1) {
                 Some(o) => id_of(o)?,
                 None => None,
