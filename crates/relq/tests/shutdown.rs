@@ -1,7 +1,7 @@
 //! The runtime while the backend refuses calls: shutdown keeps its deadline even when the backend
 //! refuses settlements (the messages stay pending and are delivered again), and a message whose
 //! ack is still queued when the consumer recovers its pending messages after an outage is not
-//! run a second time.
+//! run a second time; a settler that panics stops the consumer.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -20,6 +20,8 @@ struct Flaky {
     inner: MemoryBackend,
     refuse_settle: Arc<AtomicBool>,
     fail_next_read: Arc<AtomicBool>,
+    /// `settle` panics (a backend bug).
+    panic_settle: bool,
 }
 
 fn unavailable() -> BackendError {
@@ -75,6 +77,7 @@ impl Backend for Flaky {
         self.inner.read(s, m, w).await
     }
     async fn settle(&self, s: &Subscription, b: &[Settlement]) -> Result<(), BackendError> {
+        assert!(!self.panic_settle, "settle panicked (as the test asked)");
         if self.refuse_settle.load(Ordering::Relaxed) {
             return Err(unavailable());
         }
@@ -141,6 +144,7 @@ async fn shutdown_keeps_its_deadline_while_the_backend_refuses_settlements() {
         inner: MemoryBackend::new(),
         refuse_settle: refuse.clone(),
         fail_next_read: Arc::default(),
+        panic_settle: false,
     });
     let handled = Arc::new(AtomicBool::new(false));
     let h = handled.clone();
@@ -185,6 +189,7 @@ async fn a_message_whose_ack_is_queued_is_not_run_again_after_an_outage() {
         inner: MemoryBackend::new(),
         refuse_settle: refuse.clone(),
         fail_next_read: fail_read.clone(),
+        panic_settle: false,
     });
     let runs = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let r = runs.clone();
@@ -227,4 +232,37 @@ async fn a_message_whose_ack_is_queued_is_not_run_again_after_an_outage() {
         1,
         "the recovered message ran again although its ack was queued"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_settler_stops_the_consumer() {
+    let broker = Broker::new(Flaky {
+        inner: MemoryBackend::new(),
+        refuse_settle: Arc::default(),
+        fail_next_read: Arc::default(),
+        panic_settle: true,
+    });
+    let c = broker
+        .consumer("t", "g")
+        .name("w")
+        .start(StartPosition::Earliest)
+        .handler("job", |_m: Message| async { Ok(()) })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    broker
+        .publish("t", NewMessage::new("job", "x"))
+        .await
+        .unwrap();
+    let reason = tokio::time::timeout(Duration::from_secs(60), c.done())
+        .await
+        .expect("the consumer must stop when its settler is gone");
+    assert!(
+        matches!(&reason, relq::StopReason::Failed(why) if why.contains("settler panicked")),
+        "{reason:?}"
+    );
+    // The message was handled but never settled: it stays pending.
+    assert_eq!(broker.topic_info("t").await.unwrap().groups[0].pending, 1);
 }

@@ -666,6 +666,19 @@ async fn settler(
     mut abort: watch::Receiver<bool>,
     held_ids: Arc<std::sync::Mutex<Held>>,
 ) {
+    // A panic here (a backend bug) must stop the consumer: without a settler nothing it handles
+    // would ever be settled, and its messages would come back forever.
+    struct StopOnPanic<'a>(&'a watch::Sender<Option<StopReason>>);
+    impl Drop for StopOnPanic<'_> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                let _ = self.0.send(Some(StopReason::Failed(
+                    "the settler panicked; unsettled messages stay pending".into(),
+                )));
+            }
+        }
+    }
+    let _stop_on_panic = StopOnPanic(&fatal);
     let mut buf = Vec::with_capacity(SETTLE_BATCH);
     while rx.recv_many(&mut buf, SETTLE_BATCH).await > 0 {
         let mut delay = Duration::from_millis(50);
