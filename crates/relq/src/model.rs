@@ -23,7 +23,7 @@ pub struct Timestamp(pub u64);
 
 impl Timestamp {
     /// The current time: the wall clock read once, advanced by tokio's clock, and moved along
-    /// whenever the wall clock steps away from that by more than [`CLOCK_STEP`]. So a process
+    /// whenever the wall clock steps away from that by more than a second. So a process
     /// that started before NTP stepped the clock, or a VM that was suspended, does not carry a
     /// stale offset into due times and publish times that other processes compare with theirs,
     /// and under `tokio::time::pause()` time stands exactly still and jumps with the paused
