@@ -223,7 +223,7 @@ async fn embedded(args: EmbeddedArgs, json_out: bool) -> anyhow::Result<()> {
     // Backlog: memory while filling, then recovery after kill -9.
     if want("backlog") {
         let scratch = Scratch::new(&base, "backlog");
-        let (rss, recovery) = backlog(&scratch.0, args.backlog).await?;
+        let (rss, recovery) = fill_and_reopen(&scratch.0, args.backlog, false).await?;
         say(
         json_out,
         format!(
@@ -459,12 +459,6 @@ fn rss_bytes() -> u64 {
                 .and_then(|kb| kb.parse::<u64>().ok())
         })
         .map_or(0, |kb| kb * 1024)
-}
-
-/// Fills a backlog in a child process (reporting its RSS), kills it with SIGKILL, and times the
-/// reopen plus the first read.
-async fn backlog(dir: &Path, n: u64) -> anyhow::Result<((u64, u64), Duration)> {
-    fill_and_reopen(dir, n, false).await
 }
 
 /// Runs `bench fill` in a child process (its two RSS reports), kills it with SIGKILL, then

@@ -3,7 +3,7 @@
 //! ack is still queued when the consumer recovers its pending messages after an outage is not
 //! run a second time; a settler that panics stops the consumer.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -137,63 +137,28 @@ impl Backend for Flaky {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn shutdown_keeps_its_deadline_while_the_backend_refuses_settlements() {
-    let refuse = Arc::new(AtomicBool::new(false));
-    let broker = Broker::new(Flaky {
-        inner: MemoryBackend::new(),
-        refuse_settle: refuse.clone(),
-        fail_next_read: Arc::default(),
-        panic_settle: false,
-    });
-    let handled = Arc::new(AtomicBool::new(false));
-    let h = handled.clone();
-    let c = broker
-        .consumer("t", "g")
-        .name("w")
-        .start(StartPosition::Earliest)
-        .handler("job", move |_m: Message| {
-            h.store(true, Ordering::Relaxed);
-            async { Ok(()) }
-        })
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
-    refuse.store(true, Ordering::Relaxed);
-    broker
-        .publish("t", NewMessage::new("job", "x"))
-        .await
-        .unwrap();
-    while !handled.load(Ordering::Relaxed) {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let started = tokio::time::Instant::now();
-    c.shutdown(Duration::from_secs(1)).await;
-    let took = started.elapsed();
-    assert!(
-        took <= Duration::from_millis(1500),
-        "shutdown took {took:?} (the settler's retries alone would take ~30 s)"
-    );
-    // The ack never reached the backend: the message is still pending, to be delivered again.
-    let info = broker.topic_info("t").await.unwrap();
-    assert_eq!(info.groups[0].pending, 1);
+/// A broker on a [`Flaky`] backend (its switches), with a consumer "w" of group "g" on topic
+/// "t" whose handler counts its runs and succeeds, and one message published to it.
+struct Setup {
+    broker: Broker,
+    consumer: relq::ConsumerHandle,
+    refuse_settle: Arc<AtomicBool>,
+    fail_next_read: Arc<AtomicBool>,
+    runs: Arc<AtomicU32>,
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_message_whose_ack_is_queued_is_not_run_again_after_an_outage() {
-    let refuse = Arc::new(AtomicBool::new(false));
+async fn setup(panic_settle: bool, refuse_settle: bool) -> Setup {
+    let refuse = Arc::new(AtomicBool::new(refuse_settle));
     let fail_read = Arc::new(AtomicBool::new(false));
     let broker = Broker::new(Flaky {
         inner: MemoryBackend::new(),
         refuse_settle: refuse.clone(),
         fail_next_read: fail_read.clone(),
-        panic_settle: false,
+        panic_settle,
     });
-    let runs = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let runs = Arc::new(AtomicU32::new(0));
     let r = runs.clone();
-    let c = broker
+    let consumer = broker
         .consumer("t", "g")
         .name("w")
         .start(StartPosition::Earliest)
@@ -206,29 +171,65 @@ async fn a_message_whose_ack_is_queued_is_not_run_again_after_an_outage() {
         .start()
         .await
         .unwrap();
-    // The backend goes down after the handler ran: its ack waits in the settler.
-    refuse.store(true, Ordering::Relaxed);
     broker
         .publish("t", NewMessage::new("job", "x"))
         .await
         .unwrap();
-    while runs.load(Ordering::Relaxed) == 0 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    Setup {
+        broker,
+        consumer,
+        refuse_settle: refuse,
+        fail_next_read: fail_read,
+        runs,
     }
+}
+
+impl Setup {
+    async fn until_handled(&self) {
+        while self.runs.load(Ordering::Relaxed) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+async fn pending(broker: &Broker) -> u64 {
+    broker.topic_info("t").await.unwrap().groups[0].pending
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_keeps_its_deadline_while_the_backend_refuses_settlements() {
+    let s = setup(false, true).await;
+    s.until_handled().await;
+    let started = tokio::time::Instant::now();
+    s.consumer.shutdown(Duration::from_secs(1)).await;
+    let took = started.elapsed();
+    assert!(
+        took <= Duration::from_millis(1500),
+        "shutdown took {took:?} (the settler's retries alone would take ~30 s)"
+    );
+    // The ack never reached the backend: the message is still pending, to be delivered again.
+    assert_eq!(pending(&s.broker).await, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_message_whose_ack_is_queued_is_not_run_again_after_an_outage() {
+    // The backend is down when the handler finishes: its ack waits in the settler.
+    let s = setup(false, true).await;
+    s.until_handled().await;
     // A read fails too: the consumer recovers its pending messages, which include this one.
-    fail_read.store(true, Ordering::Relaxed);
-    while fail_read.load(Ordering::Relaxed) {
+    s.fail_next_read.store(true, Ordering::Relaxed);
+    while s.fail_next_read.load(Ordering::Relaxed) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     // The backend comes back: the queued ack is applied.
-    refuse.store(false, Ordering::Relaxed);
-    while broker.topic_info("t").await.unwrap().groups[0].pending > 0 {
+    s.refuse_settle.store(false, Ordering::Relaxed);
+    while pending(&s.broker).await > 0 {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    c.shutdown(Duration::from_secs(1)).await;
+    s.consumer.shutdown(Duration::from_secs(1)).await;
     assert_eq!(
-        runs.load(Ordering::Relaxed),
+        s.runs.load(Ordering::Relaxed),
         1,
         "the recovered message ran again although its ack was queued"
     );
@@ -236,27 +237,8 @@ async fn a_message_whose_ack_is_queued_is_not_run_again_after_an_outage() {
 
 #[tokio::test(start_paused = true)]
 async fn a_panicking_settler_stops_the_consumer() {
-    let broker = Broker::new(Flaky {
-        inner: MemoryBackend::new(),
-        refuse_settle: Arc::default(),
-        fail_next_read: Arc::default(),
-        panic_settle: true,
-    });
-    let c = broker
-        .consumer("t", "g")
-        .name("w")
-        .start(StartPosition::Earliest)
-        .handler("job", |_m: Message| async { Ok(()) })
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
-    broker
-        .publish("t", NewMessage::new("job", "x"))
-        .await
-        .unwrap();
-    let reason = tokio::time::timeout(Duration::from_secs(60), c.done())
+    let s = setup(true, false).await;
+    let reason = tokio::time::timeout(Duration::from_secs(60), s.consumer.done())
         .await
         .expect("the consumer must stop when its settler is gone");
     assert!(
@@ -264,5 +246,6 @@ async fn a_panicking_settler_stops_the_consumer() {
         "{reason:?}"
     );
     // The message was handled but never settled: it stays pending.
-    assert_eq!(broker.topic_info("t").await.unwrap().groups[0].pending, 1);
+    assert_eq!(s.runs.load(Ordering::Relaxed), 1);
+    assert_eq!(pending(&s.broker).await, 1);
 }

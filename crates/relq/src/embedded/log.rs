@@ -487,6 +487,20 @@ impl TopicLog {
                 .is_some_and(|first| offset >= first.offset)
     }
 
+    /// What [`read`](Self::read) returns, if it can be served from memory (the tail cache, or
+    /// nothing to read yet); `None` if it needs the segment files.
+    pub(crate) fn read_cached(&self, from: u64, max: usize) -> Option<Vec<Arc<Record>>> {
+        if from >= self.visible() || max == 0 {
+            return Some(Vec::new());
+        }
+        let tail = lock(&self.tail);
+        let first = tail.records.front()?.offset;
+        (from >= first).then(|| {
+            let skip = (from - first) as usize;
+            tail.records.iter().skip(skip).take(max).cloned().collect()
+        })
+    }
+
     /// Up to `max` readable records from offset `from` on, in order. Offsets below the oldest
     /// segment are skipped.
     pub(crate) fn read(
@@ -495,21 +509,11 @@ impl TopicLog {
         max: usize,
         hint: &mut Option<ReadHint>,
     ) -> Result<Vec<Arc<Record>>, BackendError> {
-        let visible = self.visible();
-        let mut out = Vec::new();
-        if from >= visible || max == 0 {
+        if let Some(out) = self.read_cached(from, max) {
             return Ok(out);
         }
-        {
-            let tail = lock(&self.tail);
-            if let Some(first) = tail.records.front() {
-                if from >= first.offset {
-                    let skip = (from - first.offset) as usize;
-                    out.extend(tail.records.iter().skip(skip).take(max).cloned());
-                    return Ok(out);
-                }
-            }
-        }
+        let visible = self.visible();
+        let mut out = Vec::new();
         let mut offset = from.max(self.first_offset());
         while out.len() < max && offset < visible {
             let seg = {
@@ -550,12 +554,12 @@ impl TopicLog {
 
     /// One record, if it is readable and still stored.
     pub(crate) fn get(&self, offset: u64) -> Result<Option<Arc<Record>>, BackendError> {
-        let mut hint = None;
-        Ok(self
-            .read(offset, 1, &mut hint)?
-            .into_iter()
-            .next()
-            .filter(|r| r.offset == offset))
+        Ok(one(self.read(offset, 1, &mut None)?, offset))
+    }
+
+    /// What [`get`](Self::get) returns, if it can be served from memory.
+    pub(crate) fn get_cached(&self, offset: u64) -> Option<Option<Arc<Record>>> {
+        self.read_cached(offset, 1).map(|recs| one(recs, offset))
     }
 
     /// The base offset of the segment after the one starting at `base`.
@@ -728,6 +732,11 @@ pub(crate) fn destroy_dir(storage: &dyn Storage, dir: &Path) -> Result<(), Backe
             .map_err(io_error("syncing the topics directory"))?;
     }
     Ok(())
+}
+
+/// The record at `offset`, if `recs` (read from it) starts with it.
+fn one(recs: Vec<Arc<Record>>, offset: u64) -> Option<Arc<Record>> {
+    recs.into_iter().next().filter(|r| r.offset == offset)
 }
 
 fn new_segment(

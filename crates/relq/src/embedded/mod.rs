@@ -1453,8 +1453,11 @@ impl GroupOps<'_> {
             // Read first: an error leaves the row as it was.
             let rec = match pre.rows.remove(&o) {
                 Some(rec) => rec,
-                None if allow_io || log.in_memory(o) => log.get(o)?,
-                None => return Ok((out, true)),
+                None => match log.get_cached(o) {
+                    Some(rec) => rec,
+                    None if allow_io => log.get(o)?,
+                    None => return Ok((out, true)),
+                },
             };
             let mut row = self.g().remove_row(o).expect("due rows exist");
             self.dirty_row(o);
@@ -1502,7 +1505,9 @@ impl GroupOps<'_> {
                 let n = want.min(pre.new.len());
                 g.hint = pre.hint.take();
                 pre.new.drain(..n).collect()
-            } else if allow_io || log.in_memory(cursor) {
+            } else if let Some(recs) = log.read_cached(cursor, want) {
+                recs
+            } else if allow_io {
                 let mut hint = g.hint.take();
                 let recs = log.read(cursor, want, &mut hint)?;
                 self.g().hint = hint;

@@ -197,7 +197,7 @@ fn tear(out: &mut Vec<u8>, pos: u64, data: &[u8], rng: &mut fastrand::Rng) {
 #[derive(Clone)]
 pub(crate) struct SimFs {
     state: Arc<Mutex<State>>,
-    /// While true, reads of log files wait (a slow disk, for tests of what waits for it).
+    /// While true, reads of files wait (a slow disk, for tests of what waits for it).
     reads_paused: Arc<(Mutex<bool>, Condvar)>,
 }
 
@@ -246,7 +246,7 @@ impl SimFs {
         self.lock().fail_next_sync = true;
     }
 
-    /// Makes reads of log files wait until set back (a disk that stalls).
+    /// Makes reads of files wait until set back (a disk that stalls).
     pub(crate) fn set_reads_paused(&self, paused: bool) {
         let (m, cv) = &*self.reads_paused;
         *m.lock().unwrap_or_else(|e| e.into_inner()) = paused;
