@@ -7,7 +7,11 @@
 //! R <payload> <attempt>   delivered
 //! A <payload>             ack committed (settle returned Ok)
 //! D <payload>             dead letter committed
+//! T <payload>             retry committed (due up to 100 ms later)
 //! ```
+//!
+//! A committed retry must be delivered again. The embedded engine runs with a resident window of zero, so each such retry is
+//! spilled to the state database and taken back from there.
 //!
 //! The parent (`crates/relq-cli/tests/crash.rs`) kills it at random moments, reopens the data
 //! directory and checks the lines against what is stored.
@@ -17,8 +21,8 @@ use std::time::Duration;
 
 use clap::Args;
 use relq::{
-    Backend, DeadLetter, EmbeddedBackend, EmbeddedConfig, FailureKind, MessageId, Outgoing,
-    Settlement, StartPosition, Timestamp,
+    AttemptFailure, Backend, DeadLetter, EmbeddedBackend, EmbeddedConfig, FailureKind, MessageId,
+    Outgoing, Settlement, StartPosition, Timestamp,
 };
 
 #[derive(Args)]
@@ -57,7 +61,9 @@ pub(crate) async fn run(args: CrashArgs) -> anyhow::Result<()> {
         // Small segments, so kills land around rollovers too.
         std::sync::Arc::new(EmbeddedBackend::open_with(
             args.dir.as_deref().expect("clap requires --dir"),
-            EmbeddedConfig::default().segment_size(256 * 1024),
+            EmbeddedConfig::default()
+                .segment_size(256 * 1024)
+                .resident_window(Duration::ZERO),
         )?)
     };
     let publisher = {
@@ -106,13 +112,28 @@ pub(crate) async fn run(args: CrashArgs) -> anyhow::Result<()> {
         );
         let mut settlements = Vec::new();
         let mut done = Vec::new();
+        let now = Timestamp::now();
         for d in &got {
-            if fastrand::u8(0..10) == 0 {
+            let pick = fastrand::u8(0..10);
+            if pick == 0 {
                 settlements.push(Settlement::DeadLetter(Box::new(dead_letter(
                     &sub.consumer,
                     d,
                 ))));
                 done.push(format!("D {}", payload(d)));
+            } else if pick == 1 && d.message.attempt < 4 {
+                settlements.push(Settlement::Retry {
+                    id: d.message.id,
+                    at: now.plus(Duration::from_millis(fastrand::u64(0..100))),
+                    failure: AttemptFailure {
+                        attempt: d.message.attempt,
+                        at: now,
+                        consumer: sub.consumer.clone(),
+                        kind: FailureKind::Retryable,
+                        error: "retried by the crash test".into(),
+                    },
+                });
+                done.push(format!("T {}", payload(d)));
             } else {
                 settlements.push(Settlement::Ack(d.message.id));
                 done.push(format!("A {}", payload(d)));

@@ -21,3 +21,18 @@ fn open() -> relq::Broker {
 }
 
 relq_conformance::conformance_suite!(real, open());
+
+/// The same suite with a resident window of zero: every retry and delayed message waits in the
+/// state database's spill table instead of memory, and reads take it back when it is due.
+mod spilling {
+    fn open() -> relq::Broker {
+        let config = relq::EmbeddedConfig::default()
+            .segment_size(64 * 1024)
+            .resident_window(std::time::Duration::ZERO);
+        relq::Broker::new(
+            relq::EmbeddedBackend::open_with(super::fresh_dir(), config).expect("open"),
+        )
+    }
+
+    relq_conformance::conformance_suite!(real, open());
+}

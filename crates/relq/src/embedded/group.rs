@@ -5,8 +5,13 @@
 //! and the key of a row. Done offsets are kept as `floor` (everything below is done) plus ranges
 //! above it, so the record stays small: its size follows the number of messages in flight, not
 //! the backlog.
+//!
+//! Rows due later than the resident window are *spilled*: once their durable copy sits in the
+//! state database's `spill` table (committed), they leave memory, and reads take them back in
+//! due order when their time comes. `spill_at` and `unspilling` tell which committed `spill`
+//! entries memory knows better about (see `docs/design.md`).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use super::log::ReadHint;
 use super::state::{GroupRecord, Row};
@@ -34,6 +39,15 @@ pub(crate) struct GroupState {
     /// Rows waiting for their time: (due, offset). Rows in flight or parked are not here.
     pub(crate) due: BTreeSet<(u64, u64)>,
     pub(crate) parked: usize,
+    /// Rows whose durable copy is (or is being written) in the `spill` table, with its due
+    /// time there. A resident row, or one removed whose removal is not snapshotted yet.
+    pub(crate) spill_at: HashMap<u64, u64>,
+    /// Offsets whose `spill` entry's removal is in the commit under way.
+    pub(crate) unspilling: HashSet<u64>,
+    /// Rows held only in the `spill` table.
+    pub(crate) spilled: u64,
+    /// No spilled row is due before this (a lower bound).
+    pub(crate) spill_min: Option<u64>,
     pub(crate) consumers: BTreeMap<String, Timestamp>,
     pub(crate) hint: Option<ReadHint>,
 }
@@ -146,13 +160,28 @@ impl GroupState {
         Some(row)
     }
 
-    /// The lowest offset this group still needs.
-    pub(crate) fn needs_from(&self) -> u64 {
+    /// The lowest offset this group still needs, given the lowest offset among its spilled
+    /// rows.
+    pub(crate) fn needs_from(&self, spilled_from: Option<u64>) -> u64 {
         let mut min = self.floor.min(self.cursor);
         if let Some(o) = self.rows.keys().min() {
             min = min.min(*o);
         }
+        if let Some(o) = spilled_from {
+            min = min.min(o);
+        }
         min
+    }
+
+    /// Counts a row that left memory for the `spill` table.
+    pub(crate) fn spilled_out(&mut self, due: u64) {
+        self.spilled += 1;
+        self.spill_min = Some(self.spill_min.map_or(due, |m| m.min(due)));
+    }
+
+    /// Scheduled rows: those waiting in memory and those spilled.
+    pub(crate) fn scheduled(&self) -> u64 {
+        self.due.len() as u64 + self.spilled
     }
 }
 

@@ -120,6 +120,11 @@ pub struct EmbeddedConfig {
     pub tail_cache: usize,
     /// Most messages waiting for a commit cycle; publishers wait beyond it. Default 65,536.
     pub max_queued: usize,
+    /// Scheduled messages (retries, delayed messages a group has read past) due within this
+    /// window are held in memory; later ones wait in the state database only, and reads take
+    /// them back in due order when their time comes. So millions of far-future messages cost
+    /// disk, not memory or reopen time. Default 30 s.
+    pub resident_window: Duration,
 }
 
 impl Default for EmbeddedConfig {
@@ -129,6 +134,7 @@ impl Default for EmbeddedConfig {
             segment_size: 64 << 20,
             tail_cache: 16 << 20,
             max_queued: 65_536,
+            resident_window: Duration::from_secs(30),
         }
     }
 }
@@ -152,6 +158,11 @@ impl EmbeddedConfig {
     /// Sets how many messages may wait for a commit cycle.
     pub fn max_queued(mut self, n: usize) -> Self {
         self.max_queued = n;
+        self
+    }
+    /// Sets the window of scheduled messages held in memory.
+    pub fn resident_window(mut self, window: Duration) -> Self {
+        self.resident_window = window;
         self
     }
 
@@ -232,6 +243,10 @@ pub struct EngineStats {
     pub state_commits: u64,
     /// Time spent in commit rounds' syncs (log and state), in microseconds.
     pub sync_micros: u64,
+    /// Scheduled rows that left memory for the state database (due beyond the resident window).
+    pub rows_spilled: u64,
+    /// Spilled rows taken back into memory (due, or needed by a stop).
+    pub rows_unspilled: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -329,6 +344,8 @@ struct Dirty {
     topics: BTreeSet<String>,
     groups: BTreeSet<(String, String)>,
     rows: BTreeSet<RowKey>,
+    /// Spilled rows retention trimmed: (topic, group, offsets below).
+    trim_spill: Vec<RowKey>,
     stopped: BTreeSet<(String, u64)>,
     dead: Vec<(DeadKey, Option<Vec<u8>>)>,
 }
@@ -343,6 +360,11 @@ struct Inner {
     /// replay) one twice.
     dead_deleting: HashSet<DeadKey>,
     poison: Option<String>,
+    /// Rows due later than now plus this many milliseconds are spilled.
+    window_ms: u64,
+    /// Rows spilled and taken back so far ([`EngineStats`]).
+    rows_spilled: u64,
+    rows_unspilled: u64,
 }
 
 impl Inner {
@@ -353,6 +375,7 @@ impl Inner {
             drop_topics: dirty.drop_topics,
             next_epoch: dirty.next_epoch.then_some(self.next_epoch),
             dead: dirty.dead,
+            trim_spill: dirty.trim_spill,
             ..Batch::default()
         };
         for t in dirty.topics {
@@ -367,14 +390,34 @@ impl Inner {
                 b.groups.push(((t, g), gs.record().encode()));
             }
         }
+        // A row waiting beyond the window goes to the spill table (and leaves memory once that
+        // is committed, see `after_commit`); any other row goes to `rows`.
+        let line = Timestamp::now().0.saturating_add(self.window_ms);
         for (t, g, o) in dirty.rows {
-            let v = self
-                .topics
-                .get(&t)
-                .and_then(|ts| ts.groups.get(&g))
-                .and_then(|gs| gs.rows.get(&o))
-                .map(state::encode_json);
-            b.rows.push(((t, g, o), v));
+            let Some(gs) = self.topics.get_mut(&t).and_then(|ts| ts.groups.get_mut(&g)) else {
+                b.rows.push(((t, g, o), None));
+                continue;
+            };
+            let row = gs.rows.get(&o);
+            let spill_due = row
+                .filter(|r| !r.parked && r.due > line && !gs.pending.contains_key(&o))
+                .map(|r| r.due);
+            let v = row.map(state::encode_json);
+            if let Some(d) = gs.spill_at.get(&o).copied() {
+                if spill_due != Some(d) {
+                    gs.spill_at.remove(&o);
+                    gs.unspilling.insert(o);
+                    b.unspill.push(((t.clone(), g.clone(), o), d));
+                }
+            }
+            match (spill_due, v) {
+                (Some(d), Some(v)) => {
+                    gs.spill_at.insert(o, d);
+                    b.spill.push(((t.clone(), g.clone(), o), d, v));
+                    b.rows.push(((t, g, o), None));
+                }
+                (_, v) => b.rows.push(((t, g, o), v)),
+            }
         }
         for (t, o) in dirty.stopped {
             let v = self
@@ -389,6 +432,54 @@ impl Inner {
     fn touch(&mut self) -> u64 {
         self.change_seq += 1;
         self.change_seq
+    }
+
+    /// Bookkeeping once `batch` is committed: spilled rows that did not change since leave
+    /// memory; removed spill entries stop being skipped.
+    fn after_commit(&mut self, batch: &Batch, trimmed: &[u64]) {
+        for (key, v) in &batch.dead {
+            if v.is_none() {
+                self.dead_deleting.remove(key);
+            }
+        }
+        let Inner {
+            topics,
+            dirty,
+            rows_spilled,
+            ..
+        } = self;
+        fn group<'a>(
+            topics: &'a mut HashMap<String, TopicState>,
+            t: &str,
+            g: &str,
+        ) -> Option<&'a mut GroupState> {
+            topics.get_mut(t).and_then(|ts| ts.groups.get_mut(g))
+        }
+        for ((t, g, o), _) in &batch.unspill {
+            if let Some(gs) = group(topics, t, g) {
+                gs.unspilling.remove(o);
+            }
+        }
+        for ((t, g, _), n) in batch.trim_spill.iter().zip(trimmed) {
+            if let Some(gs) = group(topics, t, g) {
+                gs.spilled = gs.spilled.saturating_sub(*n);
+            }
+        }
+        for ((t, g, o), d, _) in &batch.spill {
+            let Some(gs) = group(topics, t, g) else {
+                continue;
+            };
+            let unchanged = gs.spill_at.get(o) == Some(d)
+                && !gs.pending.contains_key(o)
+                && gs.rows.get(o).is_some_and(|r| !r.parked && r.due == *d);
+            // A row changed since the snapshot is dirty again: the next snapshot decides.
+            if unchanged && !dirty.rows.contains(&(t.clone(), g.clone(), *o)) {
+                gs.remove_row(*o);
+                gs.spill_at.remove(o);
+                gs.spilled_out(*d);
+                *rows_spilled += 1;
+            }
+        }
     }
 }
 
@@ -523,6 +614,13 @@ impl EmbeddedBackend {
             dirty: Dirty::default(),
             dead_deleting: HashSet::new(),
             poison: None,
+            window_ms: config
+                .resident_window
+                .as_millis()
+                .try_into()
+                .unwrap_or(u64::MAX),
+            rows_spilled: 0,
+            rows_unspilled: 0,
         };
         for (name, rec) in &loaded.topics {
             let Some(log) = logs.remove(name) else {
@@ -547,15 +645,27 @@ impl EmbeddedBackend {
         }
         for ((t, g), rec) in &loaded.groups {
             if let Some(ts) = inner.topics.get_mut(t) {
-                ts.groups.insert(g.clone(), GroupState::from_record(rec));
+                let mut gs = GroupState::from_record(rec);
+                if let Some((n, first)) = loaded.spilled.get(&(t.clone(), g.clone())) {
+                    gs.spilled = *n;
+                    gs.spill_min = *first;
+                }
+                ts.groups.insert(g.clone(), gs);
             }
         }
+        // Rows beyond the window (written by a build without spilling, or with a wider window)
+        // are spilled by the first commit.
+        let line = now.0.saturating_add(inner.window_ms);
+        let mut dirty_rows = Vec::new();
         for ((t, g, o), row) in loaded.rows {
             if let Some(gs) = inner
                 .topics
                 .get_mut(&t)
                 .and_then(|ts| ts.groups.get_mut(&g))
             {
+                if !row.parked && row.due > line {
+                    dirty_rows.push((t, g.clone(), o));
+                }
                 gs.put_row(o, row, false);
             }
         }
@@ -567,9 +677,11 @@ impl EmbeddedBackend {
         // Deliveries in flight when the process died come back as redelivery rows, due now, with
         // the lost delivery counted.
         let mut recovered = 0usize;
-        let mut dirty_rows = Vec::new();
         let mut dirty_groups = Vec::new();
         let mut dirty_stopped = Vec::new();
+        // Spilled rows beyond the log's end (state ahead of the log after a power loss in
+        // periodic mode): (topic, group, from, to).
+        let mut trim_spill = Vec::new();
         for (t, ts) in &mut inner.topics {
             let start = ts.start;
             let end = ts.log.visible();
@@ -599,6 +711,9 @@ impl EmbeddedBackend {
                 for o in ahead {
                     gs.remove_row(o);
                     dirty_rows.push((t.clone(), g.clone(), o));
+                }
+                if gs.spilled > 0 {
+                    trim_spill.push((t.clone(), g.clone(), end, u64::MAX));
                 }
                 gs.raise_floor(start.min(gs.cursor));
                 for o in gs.lost_in_flight() {
@@ -634,10 +749,20 @@ impl EmbeddedBackend {
         inner.dirty.stopped.extend(dirty_stopped);
         inner.dirty.groups.extend(dirty_groups);
         let (batch, _) = inner.snapshot();
-        if !batch.is_empty() {
+        if !batch.is_empty() || !trim_spill.is_empty() {
             let tx = db.begin_write().map_err(db_error)?;
-            state::apply(&tx, &batch)?;
+            let mut dropped = Vec::new();
+            for (t, g, from, to) in &trim_spill {
+                dropped.push(((t, g), state::drop_spilled(&tx, t, g, *from, *to)?));
+            }
+            let trimmed = state::apply(&tx, &batch)?;
             tx.commit().map_err(db_error)?;
+            inner.after_commit(&batch, &trimmed);
+            for ((t, g), n) in dropped {
+                if let Some(gs) = inner.topics.get_mut(t).and_then(|ts| ts.groups.get_mut(g)) {
+                    gs.spilled = gs.spilled.saturating_sub(n);
+                }
+            }
         }
         let (progress, _) = watch::channel(Progress::default());
         let shared = Arc::new(Shared {
@@ -671,7 +796,13 @@ impl EmbeddedBackend {
     /// Counters of the commit cycles so far.
     pub fn stats(&self) -> EngineStats {
         let c = &self.shared.counters;
+        let (rows_spilled, rows_unspilled) = {
+            let inner = lock(&self.shared.inner);
+            (inner.rows_spilled, inner.rows_unspilled)
+        };
         EngineStats {
+            rows_spilled,
+            rows_unspilled,
             cycles: c.cycles.load(Ordering::Relaxed),
             syncs: c.syncs.load(Ordering::Relaxed),
             records: c.records.load(Ordering::Relaxed),
@@ -1075,15 +1206,10 @@ impl Shared {
             tx.set_durability(redb::Durability::None)
                 .map_err(|e| db_error(redb::Error::from(e)))?;
         }
-        state::apply(&tx, batch)?;
+        let trimmed = state::apply(&tx, batch)?;
         tx.commit().map_err(db_error)?;
         self.counters.state_commits.fetch_add(1, Ordering::Relaxed);
-        let mut inner = lock(&self.inner);
-        for (key, v) in &batch.dead {
-            if v.is_none() {
-                inner.dead_deleting.remove(key);
-            }
-        }
+        lock(&self.inner).after_commit(batch, &trimmed);
         Ok(())
     }
 
@@ -1214,6 +1340,7 @@ impl Shared {
                     Some(ts) => {
                         // Dead letters settled but not yet written belong to the old topic.
                         inner.dirty.dead.retain(|((t, _, _), _)| *t != topic);
+                        inner.dirty.trim_spill.retain(|(t, _, _)| *t != topic);
                         inner.dirty.drop_topics.push(topic.clone());
                         inner.dirty.topics.remove(&topic);
                         inner.touch();
@@ -1375,6 +1502,8 @@ struct GroupOps<'a> {
     group: &'a str,
     ts: &'a mut TopicState,
     dirty: &'a mut Dirty,
+    db: &'a redb::Database,
+    unspilled: &'a mut u64,
 }
 
 impl GroupOps<'_> {
@@ -1443,6 +1572,7 @@ impl GroupOps<'_> {
         let mut missed = false;
         let log = self.ts.log.clone();
         self.g().consumers.insert(consumer.to_owned(), now);
+        self.promote(now.0, max)?;
         while out.len() < max {
             let Some(&(due, o)) = self.g().due.first() else {
                 break;
@@ -1564,6 +1694,47 @@ impl GroupOps<'_> {
             self.dirty_group();
         }
         Ok((out, missed))
+    }
+
+    /// Takes spilled rows that are due back into memory (at most enough to make `max` due rows
+    /// there). They leave the spill table with the next commit; until that is committed, the
+    /// table still shows them, so `spill_at` and `unspilling` tell which entries to pass over.
+    /// A bounded lookup in the state database (its cache, mostly), under the engine lock.
+    fn promote(&mut self, now: u64, max: usize) -> Result<(), BackendError> {
+        let start = self.ts.start;
+        let g = self
+            .ts
+            .groups
+            .get_mut(self.group)
+            .expect("checked by with_group");
+        if g.spill_min.is_none_or(|m| m > now) {
+            return Ok(());
+        }
+        let ready = g
+            .due
+            .iter()
+            .take_while(|(d, _)| *d <= now)
+            .take(max)
+            .count();
+        if ready >= max {
+            return Ok(());
+        }
+        let (found, next) =
+            state::spilled_due(self.db, self.topic, self.group, now, max - ready, |o| {
+                // Below the start: trimmed by retention (the removal rides the next commit).
+                o < start || g.spill_at.contains_key(&o) || g.unspilling.contains(&o)
+            })?;
+        g.spill_min = next;
+        *self.unspilled += found.len() as u64;
+        for (o, row) in found {
+            g.spilled = g.spilled.saturating_sub(1);
+            g.spill_at.insert(o, row.due);
+            g.put_row(o, row, false);
+            self.dirty
+                .rows
+                .insert((self.topic.to_owned(), self.group.to_owned(), o));
+        }
+        Ok(())
     }
 
     /// Delivers again the pending entries `pick` selects, to `consumer`.
@@ -1688,13 +1859,20 @@ impl Shared {
         f: impl FnOnce(&mut GroupOps<'_>) -> Result<T, BackendError>,
     ) -> Result<(T, u64), BackendError> {
         self.with_group(sub, |inner| {
-            let Inner { topics, dirty, .. } = inner;
+            let Inner {
+                topics,
+                dirty,
+                rows_unspilled,
+                ..
+            } = inner;
             let ts = topics.get_mut(&sub.topic).expect("checked");
             let mut ops = GroupOps {
                 topic: &sub.topic,
                 group: &sub.group,
                 ts,
                 dirty,
+                db: &self.db,
+                unspilled: rows_unspilled,
             };
             let out = f(&mut ops)?;
             let ticket = inner.touch();
@@ -1892,7 +2070,11 @@ impl Backend for EmbeddedBackend {
             let now = Timestamp::now();
             let ((out, missed, next_due), _) = self.shared.group_ops(sub, |ops| {
                 let (out, missed) = ops.take_ready(&sub.consumer, max, now, &mut pre, allow_io)?;
-                let next_due = ops.g().due.first().map(|(d, _)| *d);
+                let g = ops.g();
+                let next_due = match (g.due.first().map(|(d, _)| *d), g.spill_min) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
                 Ok((out, missed, next_due))
             })?;
             if !out.is_empty() {
@@ -1952,7 +2134,12 @@ impl Backend for EmbeddedBackend {
         s.check()?;
         let ticket = {
             let mut inner = lock(&s.inner);
-            let Inner { topics, dirty, .. } = &mut *inner;
+            let Inner {
+                topics,
+                dirty,
+                rows_unspilled,
+                ..
+            } = &mut *inner;
             let Some(ts) = topics.get_mut(topic) else {
                 return Ok(false);
             };
@@ -1960,6 +2147,19 @@ impl Backend for EmbeddedBackend {
             ts.stopped.insert(o, id.ms);
             dirty.stopped.insert((topic.to_owned(), o));
             for (g, gs) in ts.groups.iter_mut() {
+                // A spilled row comes back into memory to be parked there.
+                let spilled = o >= ts.start
+                    && !gs.rows.contains_key(&o)
+                    && !gs.spill_at.contains_key(&o)
+                    && !gs.unspilling.contains(&o);
+                if spilled {
+                    if let Some(row) = state::spilled_row(&s.db, topic, g, o)? {
+                        gs.spilled = gs.spilled.saturating_sub(1);
+                        *rows_unspilled += 1;
+                        gs.spill_at.insert(o, row.due);
+                        gs.put_row(o, row, false);
+                    }
+                }
                 // Waiting for its time (not in flight, not parked already): park it.
                 let scheduled =
                     !gs.pending.contains_key(&o) && gs.rows.get(&o).is_some_and(|r| !r.parked);
@@ -2036,10 +2236,15 @@ impl Backend for EmbeddedBackend {
             let end = ts.log.visible();
             let old = ts.start;
             // Everything below `needed` is acknowledged by every group.
-            let needed = ts
-                .groups
-                .values()
-                .map(GroupState::needs_from)
+            let mut needs = Vec::with_capacity(ts.groups.len());
+            for (g, gs) in &ts.groups {
+                // Spilled rows still in memory (their spill not yet committed) are among `rows`;
+                // the committed ones are looked up (one lookup, not trusting the count).
+                let spilled = state::spilled_min_offset(&s.db, topic, g)?;
+                needs.push(gs.needs_from(spilled));
+            }
+            let needed = needs
+                .into_iter()
                 .chain(ts.stopped.keys().copied().filter(|o| *o >= old))
                 .min();
             let mut start = old;
@@ -2074,6 +2279,7 @@ impl Backend for EmbeddedBackend {
                             dirty.rows.insert((topic.to_owned(), g.clone(), o));
                         }
                         gs.pending.retain(|o, _| *o >= start);
+                        dirty.trim_spill.push((topic.to_owned(), g.clone(), start));
                         if gs.cursor < start {
                             gs.cursor = start;
                         }
@@ -2128,7 +2334,7 @@ impl Backend for EmbeddedBackend {
                     cursor: MessageId::ZERO,
                     pending: g.pending.len() as u64,
                     lag: end.saturating_sub(g.cursor),
-                    scheduled: g.due.len() as u64,
+                    scheduled: g.scheduled(),
                     parked: g.parked as u64,
                     consumers: g
                         .consumers

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::sim::SimFs;
 use super::{EmbeddedBackend, EmbeddedConfig};
-use crate::backend::{Backend, Settlement};
+use crate::backend::{AttemptFailure, Backend, Settlement};
 use crate::dead_letter::{DeadLetter, DeadLetterQuery};
 use crate::error::BackendErrorKind;
 use crate::model::{MessageId, Outgoing, StartPosition, Timestamp};
@@ -23,9 +23,16 @@ fn open(fs: &SimFs) -> Result<EmbeddedBackend, crate::BackendError> {
         Path::new(ROOT),
         EmbeddedConfig::default()
             .segment_size(8 * 1024)
-            .tail_cache(4 * 1024),
+            .tail_cache(4 * 1024)
+            // Every retry and delayed message goes through the spill table.
+            .resident_window(Duration::ZERO),
     )
 }
+
+/// Messages are delayed (or retried) by at most this much, except far retries.
+const SHORT_MS: u64 = 150;
+/// How long after a reopen every outstanding message must have been delivered again.
+const OWED_WITHIN: Duration = Duration::from_secs(3);
 
 fn msg(payload: String) -> Outgoing {
     Outgoing {
@@ -68,6 +75,23 @@ struct Acked {
     created: BTreeMap<String, MessageId>,
     acked: BTreeSet<String>,
     dead: BTreeSet<String>,
+    /// Messages retried an hour ahead at some point: the check brings them forward (stop, then
+    /// resume) before it demands them.
+    far: BTreeMap<String, MessageId>,
+    /// Delivered to group g by this process and not retried since: delivering one again
+    /// (there are no claims here) is a duplicate the engine made up.
+    in_hand: BTreeSet<String>,
+    /// Such duplicates.
+    duplicates: Vec<String>,
+}
+
+impl Acked {
+    fn delivered(&mut self, p: String) {
+        if !self.in_hand.insert(p.clone()) {
+            self.duplicates
+                .push(format!("{p} delivered twice by one process"));
+        }
+    }
 }
 
 /// Random publishes, reads, acks and dead letters; everything that returned Ok is recorded.
@@ -87,8 +111,16 @@ async fn workload(b: &EmbeddedBackend, rng: &mut fastrand::Rng, next: &mut u64, 
             }
             0..=4 => {
                 let n = rng.usize(1..8);
+                let now = Timestamp::now();
                 let batch: Vec<Outgoing> = (0..n)
-                    .map(|i| msg(format!("m{}", *next + i as u64)))
+                    .map(|i| {
+                        let mut m = msg(format!("m{}", *next + i as u64));
+                        if rng.u8(0..3) == 0 {
+                            m.deliver_at =
+                                Some(now.plus(Duration::from_millis(rng.u64(0..SHORT_MS))));
+                        }
+                        m
+                    })
                     .collect();
                 let ids = b.publish("t", batch).await.unwrap();
                 for (i, id) in ids.into_iter().enumerate() {
@@ -104,13 +136,38 @@ async fn workload(b: &EmbeddedBackend, rng: &mut fastrand::Rng, next: &mut u64, 
                 let mut settle = Vec::new();
                 let mut acked = Vec::new();
                 let mut dead = Vec::new();
+                let mut far = Vec::new();
+                let now = Timestamp::now();
                 for d in &got {
-                    match rng.u8(0..10) {
+                    seen.delivered(text(d));
+                    match rng.u8(0..12) {
                         0 => {
                             settle.push(Settlement::DeadLetter(Box::new(dead_letter(d))));
                             dead.push(text(d));
                         }
                         1 => {} // left in flight
+                        2..=4 => {
+                            let far_away = rng.u8(0..4) == 0;
+                            let after = match far_away {
+                                true => Duration::from_secs(3600),
+                                false => Duration::from_millis(rng.u64(0..SHORT_MS)),
+                            };
+                            settle.push(Settlement::Retry {
+                                id: d.message.id,
+                                at: now.plus(after),
+                                failure: AttemptFailure {
+                                    attempt: d.message.attempt,
+                                    at: now,
+                                    consumer: "c".into(),
+                                    kind: FailureKind::Retryable,
+                                    error: "again".into(),
+                                },
+                            });
+                            if far_away {
+                                far.push((text(d), d.message.id));
+                            }
+                            seen.in_hand.remove(&text(d));
+                        }
                         _ => {
                             settle.push(Settlement::Ack(d.message.id));
                             acked.push(text(d));
@@ -120,24 +177,28 @@ async fn workload(b: &EmbeddedBackend, rng: &mut fastrand::Rng, next: &mut u64, 
                 b.settle(&sub, &settle).await.unwrap();
                 seen.acked.extend(acked);
                 seen.dead.extend(dead);
+                seen.far.extend(far);
             }
         }
     }
 }
 
 /// Every guarantee the reopened engine breaks.
-async fn violations(b: &EmbeddedBackend, seen: &Acked, round: usize) -> Vec<String> {
+async fn violations(b: &EmbeddedBackend, seen: &mut Acked, round: usize) -> Vec<String> {
     let mut out = Vec::new();
     let audit = b
         .join("t", &format!("audit{round}"), "a", StartPosition::Earliest)
         .await
         .unwrap();
     let mut stored = BTreeMap::new();
-    loop {
-        let got = b.read(&audit, 500, Duration::ZERO).await.unwrap();
-        if got.is_empty() {
-            break;
-        }
+    let deadline = tokio::time::Instant::now() + OWED_WITHIN;
+    while tokio::time::Instant::now() < deadline
+        && !seen.published.keys().all(|p| stored.contains_key(p))
+    {
+        let got = b
+            .read(&audit, 500, Duration::from_millis(20))
+            .await
+            .unwrap();
         for d in &got {
             stored.insert(text(d), d.message.id);
         }
@@ -157,16 +218,43 @@ async fn violations(b: &EmbeddedBackend, seen: &Acked, round: usize) -> Vec<Stri
             )),
         }
     }
-    // What group g delivers now must not include anything whose settlement was committed.
+    // Group g owes every message it has not acknowledged or dead-lettered (at least once):
+    // new ones, ones in flight at the crash, retries and delayed ones once due. Those retried an
+    // hour ahead are brought forward first: a stop takes a spilled row back from the state
+    // database (parked), a resume makes it due now.
+    let settled = |p: &String| seen.acked.contains(p) || seen.dead.contains(p);
+    for (p, id) in &seen.far {
+        if !settled(p) {
+            b.stop_message("t", *id).await.unwrap();
+            b.resume_message("t", *id).await.unwrap();
+        }
+    }
+    let owed: BTreeSet<String> = seen
+        .published
+        .keys()
+        .filter(|p| !settled(p))
+        .cloned()
+        .collect();
     let sub = b
         .join("t", "g", "c", StartPosition::Earliest)
         .await
         .unwrap();
-    let again = b.read(&sub, 100_000, Duration::ZERO).await.unwrap();
-    for d in &again {
-        let p = text(d);
-        if seen.acked.contains(&p) || seen.dead.contains(&p) {
-            out.push(format!("{p} was settled (committed) and came back"));
+    let mut delivered = BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + OWED_WITHIN;
+    while tokio::time::Instant::now() < deadline && !owed.iter().all(|p| delivered.contains(p)) {
+        for d in b.read(&sub, 1000, Duration::from_millis(20)).await.unwrap() {
+            let p = text(&d);
+            // Nothing whose settlement was committed comes back.
+            if seen.acked.contains(&p) || seen.dead.contains(&p) {
+                out.push(format!("{p} was settled (committed) and came back"));
+            }
+            seen.delivered(p.clone());
+            delivered.insert(p);
+        }
+    }
+    for p in &owed {
+        if !delivered.contains(p) {
+            out.push(format!("{p}, never settled, was lost by group g"));
         }
     }
     // Leave them in flight: the next round's workload settles some.
@@ -204,12 +292,16 @@ async fn run(seeds: u64, sync_disabled: bool) -> Vec<String> {
                     break;
                 }
             };
+            seen.in_hand.clear();
             if round > 0 {
-                for v in violations(&b, &seen, round).await {
+                for v in violations(&b, &mut seen, round).await {
                     all.push(format!("seed {seed} round {round}: {v}"));
                 }
             }
             workload(&b, &mut rng, &mut next, &mut seen).await;
+            for v in std::mem::take(&mut seen.duplicates) {
+                all.push(format!("seed {seed} round {round}: {v}"));
+            }
             // Power loss while the engine is open; then the process is gone too.
             fs.crash(&mut rng);
             drop(b);

@@ -8,6 +8,9 @@
 //! | `topics` | topic | [`TopicRecord`] (JSON) |
 //! | `groups` | (topic, group) | [`GroupRecord`] (binary: cursor, floor, done ranges) |
 //! | `rows` | (topic, group, offset) | [`Row`] (JSON: due, deliveries, failures, parked) |
+//! | `spill` | (topic, group, due, offset) | [`Row`] (JSON), a row due later than the window |
+//! | `spill_at` | (topic, group, offset) | its due time in `spill` |
+//! | `spill_count` | (topic, group) | entries in `spill` |
 //! | `stopped` | (topic, offset) | the message id's milliseconds |
 //! | `dead` | (topic, ms, seq) | dead letter: u32 JSON length, JSON without the payload, payload |
 
@@ -28,6 +31,16 @@ pub(crate) const GROUPS: TableDefinition<'_, (&str, &str), &[u8]> = TableDefinit
 pub(crate) const ROWS: TableDefinition<'_, (&str, &str, u64), &[u8]> = TableDefinition::new("rows");
 pub(crate) const STOPPED: TableDefinition<'_, (&str, u64), u64> = TableDefinition::new("stopped");
 pub(crate) const DEAD: TableDefinition<'_, (&str, u64, u64), &[u8]> = TableDefinition::new("dead");
+/// Rows waiting for a time beyond the resident window, ordered by due time. They are not loaded
+/// at open and not held in memory; reads take the due ones out in order.
+pub(crate) const SPILL: TableDefinition<'_, (&str, &str, u64, u64), &[u8]> =
+    TableDefinition::new("spill");
+/// The due time of each `spill` entry, by offset (lookups by message, retention).
+pub(crate) const SPILL_AT: TableDefinition<'_, (&str, &str, u64), u64> =
+    TableDefinition::new("spill_at");
+/// How many `spill` entries each group has.
+pub(crate) const SPILL_COUNT: TableDefinition<'_, (&str, &str), u64> =
+    TableDefinition::new("spill_count");
 
 /// Sorts after every valid name (names use `[A-Za-z0-9_.-]`).
 pub(crate) const NAME_MAX: &str = "~";
@@ -154,10 +167,13 @@ pub(crate) struct Loaded {
     pub(crate) groups: BTreeMap<(String, String), GroupRecord>,
     pub(crate) rows: BTreeMap<(String, String, u64), Row>,
     pub(crate) stopped: BTreeMap<(String, u64), u64>,
+    /// Per group: spilled rows and the earliest due time among them.
+    pub(crate) spilled: BTreeMap<(String, String), (u64, Option<u64>)>,
 }
 
-/// The format version this build writes.
-const FORMAT: u64 = 1;
+/// The format version this build writes. Format 1 (no spill tables) is upgraded in place: its
+/// rows all live in `rows`, which this build reads as well.
+const FORMAT: u64 = 2;
 
 /// Creates missing tables, checks the format, bumps `gen` and loads the state.
 pub(crate) fn load(db: &redb::Database) -> Result<Loaded, BackendError> {
@@ -171,6 +187,9 @@ pub(crate) fn load(db: &redb::Database) -> Result<Loaded, BackendError> {
                 meta.insert("format", FORMAT).map_err(db_error)?;
             }
             Some(FORMAT) => {}
+            Some(1) => {
+                meta.insert("format", FORMAT).map_err(db_error)?;
+            }
             Some(other) => {
                 return Err(corrupt(format!(
                     "the data directory has state format {other}; this build reads format {FORMAT}"
@@ -214,9 +233,140 @@ pub(crate) fn load(db: &redb::Database) -> Result<Loaded, BackendError> {
             out.stopped.insert((t.to_owned(), o), v.value());
         }
         tx.open_table(DEAD).map_err(db_error)?;
+        tx.open_table(SPILL_AT).map_err(db_error)?;
+        let spill = tx.open_table(SPILL).map_err(db_error)?;
+        let counts = tx.open_table(SPILL_COUNT).map_err(db_error)?;
+        for e in counts.iter().map_err(db_error)? {
+            let (k, v) = e.map_err(db_error)?;
+            let (t, g) = k.value();
+            let first = first_due(&spill, t, g)?;
+            out.spilled
+                .insert((t.to_owned(), g.to_owned()), (v.value(), first));
+        }
     }
     tx.commit().map_err(db_error)?;
     Ok(out)
+}
+
+/// The earliest due time among `t`/`g`'s spilled rows.
+fn first_due(
+    spill: &impl ReadableTable<(&'static str, &'static str, u64, u64), &'static [u8]>,
+    t: &str,
+    g: &str,
+) -> Result<Option<u64>, BackendError> {
+    let mut range = spill
+        .range((t, g, 0, 0)..=(t, g, u64::MAX, u64::MAX))
+        .map_err(db_error)?;
+    match range.next() {
+        Some(e) => Ok(Some(e.map_err(db_error)?.0.value().2)),
+        None => Ok(None),
+    }
+}
+
+/// Spilled rows taken back: (offset, row), and the due time of the first one left behind.
+pub(crate) type DueRows = (Vec<(u64, Row)>, Option<u64>);
+
+/// Spilled rows of `t`/`g` due at `now` or earlier, in due order, at most `max` of them, passing
+/// over offsets `skip` rejects. Also returns the due time of the first entry left behind (a row
+/// not yet due, or one past `max`), `None` if there is none.
+pub(crate) fn spilled_due(
+    db: &redb::Database,
+    t: &str,
+    g: &str,
+    now: u64,
+    max: usize,
+    skip: impl Fn(u64) -> bool,
+) -> Result<DueRows, BackendError> {
+    let tx = db.begin_read().map_err(db_error)?;
+    let spill = tx.open_table(SPILL).map_err(db_error)?;
+    let mut out = Vec::new();
+    for e in spill
+        .range((t, g, 0, 0)..=(t, g, u64::MAX, u64::MAX))
+        .map_err(db_error)?
+    {
+        let (k, v) = e.map_err(db_error)?;
+        let (_, _, due, o) = k.value();
+        if due > now || out.len() >= max {
+            return Ok((out, Some(due)));
+        }
+        if skip(o) {
+            continue;
+        }
+        out.push((o, decode_json("spilled row", v.value())?));
+    }
+    Ok((out, None))
+}
+
+/// The spilled row of `t`/`g` at offset `o`, with its due time.
+pub(crate) fn spilled_row(
+    db: &redb::Database,
+    t: &str,
+    g: &str,
+    o: u64,
+) -> Result<Option<Row>, BackendError> {
+    let tx = db.begin_read().map_err(db_error)?;
+    let at = tx.open_table(SPILL_AT).map_err(db_error)?;
+    let Some(due) = at.get((t, g, o)).map_err(db_error)?.map(|v| v.value()) else {
+        return Ok(None);
+    };
+    let spill = tx.open_table(SPILL).map_err(db_error)?;
+    match spill.get((t, g, due, o)).map_err(db_error)? {
+        Some(v) => Ok(Some(decode_json("spilled row", v.value())?)),
+        None => Err(corrupt(format!(
+            "spilled row {t}/{g}/{o} is indexed at {due} but missing"
+        ))),
+    }
+}
+
+/// The lowest offset among `t`/`g`'s spilled rows.
+pub(crate) fn spilled_min_offset(
+    db: &redb::Database,
+    t: &str,
+    g: &str,
+) -> Result<Option<u64>, BackendError> {
+    let tx = db.begin_read().map_err(db_error)?;
+    let at = tx.open_table(SPILL_AT).map_err(db_error)?;
+    let mut range = at.range((t, g, 0)..=(t, g, u64::MAX)).map_err(db_error)?;
+    match range.next() {
+        Some(e) => Ok(Some(e.map_err(db_error)?.0.value().2)),
+        None => Ok(None),
+    }
+}
+
+/// Removes `t`/`g`'s spilled rows at offsets in `from..to`; returns how many there were.
+pub(crate) fn drop_spilled(
+    tx: &redb::WriteTransaction,
+    t: &str,
+    g: &str,
+    from: u64,
+    to: u64,
+) -> Result<u64, BackendError> {
+    let mut at = tx.open_table(SPILL_AT).map_err(db_error)?;
+    let mut spill = tx.open_table(SPILL).map_err(db_error)?;
+    let mut gone = Vec::new();
+    at.retain_in((t, g, from)..(t, g, to), |k, due| {
+        gone.push((k.2, due));
+        false
+    })
+    .map_err(db_error)?;
+    for (o, due) in &gone {
+        spill.remove((t, g, *due, *o)).map_err(db_error)?;
+    }
+    let n = gone.len() as u64;
+    if n > 0 {
+        let mut counts = tx.open_table(SPILL_COUNT).map_err(db_error)?;
+        let left = counts
+            .get((t, g))
+            .map_err(db_error)?
+            .map_or(0, |v| v.value())
+            .saturating_sub(n);
+        if left == 0 {
+            counts.remove((t, g)).map_err(db_error)?;
+        } else {
+            counts.insert((t, g), left).map_err(db_error)?;
+        }
+    }
+    Ok(n)
 }
 
 /// Key of a redelivery row: (topic, group, offset).
@@ -233,6 +383,12 @@ pub(crate) struct Batch {
     pub(crate) topics: Vec<(String, Option<Vec<u8>>)>,
     pub(crate) groups: Vec<((String, String), Vec<u8>)>,
     pub(crate) rows: Vec<(RowKey, Option<Vec<u8>>)>,
+    /// Spilled rows to remove: key and due time. Applied before `spill`.
+    pub(crate) unspill: Vec<(RowKey, u64)>,
+    /// Rows to spill (written to `spill`, removed from `rows`): key, due time, encoded row.
+    pub(crate) spill: Vec<(RowKey, u64, Vec<u8>)>,
+    /// Spilled rows below an offset that retention trimmed: (topic, group, offset).
+    pub(crate) trim_spill: Vec<RowKey>,
     pub(crate) stopped: Vec<((String, u64), Option<u64>)>,
     pub(crate) dead: Vec<(DeadKey, Option<Vec<u8>>)>,
 }
@@ -244,13 +400,67 @@ impl Batch {
             && self.topics.is_empty()
             && self.groups.is_empty()
             && self.rows.is_empty()
+            && self.unspill.is_empty()
+            && self.spill.is_empty()
+            && self.trim_spill.is_empty()
             && self.stopped.is_empty()
             && self.dead.is_empty()
     }
 }
 
-/// Writes `batch` into `tx`.
-pub(crate) fn apply(tx: &redb::WriteTransaction, batch: &Batch) -> Result<(), BackendError> {
+/// Writes `batch` into `tx`. Returns how many spilled rows each `trim_spill` entry removed.
+pub(crate) fn apply(tx: &redb::WriteTransaction, batch: &Batch) -> Result<Vec<u64>, BackendError> {
+    {
+        let mut spill = tx.open_table(SPILL).map_err(db_error)?;
+        let mut at = tx.open_table(SPILL_AT).map_err(db_error)?;
+        let mut counts = tx.open_table(SPILL_COUNT).map_err(db_error)?;
+        for t in &batch.drop_topics {
+            let t = t.as_str();
+            spill
+                .retain_in((t, "", 0, 0)..(t, NAME_MAX, 0, 0), |_, _| false)
+                .map_err(db_error)?;
+            at.retain_in((t, "", 0)..(t, NAME_MAX, 0), |_, _| false)
+                .map_err(db_error)?;
+            counts
+                .retain_in((t, "")..(t, NAME_MAX), |_, _| false)
+                .map_err(db_error)?;
+        }
+        let mut delta: BTreeMap<(&str, &str), i64> = BTreeMap::new();
+        for ((t, g, o), due) in &batch.unspill {
+            let (t, g) = (t.as_str(), g.as_str());
+            if spill.remove((t, g, *due, *o)).map_err(db_error)?.is_some() {
+                *delta.entry((t, g)).or_default() -= 1;
+            }
+            at.remove((t, g, *o)).map_err(db_error)?;
+        }
+        for ((t, g, o), due, v) in &batch.spill {
+            let (t, g) = (t.as_str(), g.as_str());
+            if spill
+                .insert((t, g, *due, *o), v.as_slice())
+                .map_err(db_error)?
+                .is_none()
+            {
+                *delta.entry((t, g)).or_default() += 1;
+            }
+            at.insert((t, g, *o), *due).map_err(db_error)?;
+        }
+        for ((t, g), d) in delta {
+            let n = counts
+                .get((t, g))
+                .map_err(db_error)?
+                .map_or(0, |v| v.value());
+            let n = n.saturating_add_signed(d);
+            if n == 0 {
+                counts.remove((t, g)).map_err(db_error)?;
+            } else {
+                counts.insert((t, g), n).map_err(db_error)?;
+            }
+        }
+    }
+    let mut trimmed = Vec::with_capacity(batch.trim_spill.len());
+    for (t, g, below) in &batch.trim_spill {
+        trimmed.push(drop_spilled(tx, t, g, 0, *below)?);
+    }
     let mut topics = tx.open_table(TOPICS).map_err(db_error)?;
     let mut groups = tx.open_table(GROUPS).map_err(db_error)?;
     let mut rows = tx.open_table(ROWS).map_err(db_error)?;
@@ -310,7 +520,7 @@ pub(crate) fn apply(tx: &redb::WriteTransaction, batch: &Batch) -> Result<(), Ba
         }
         .map_err(db_error)?;
     }
-    Ok(())
+    Ok(trimmed)
 }
 
 /// Reads dead letters of `topic` after `after`, calling `visit` until it returns false.
