@@ -14,6 +14,10 @@ use std::sync::Arc;
 use super::db_error;
 use crate::error::BackendError;
 
+/// The state database's page cache. redb's default (1 GiB) would let a large spill or dead-letter
+/// table take that much memory; the state a commit cycle touches is far smaller.
+const STATE_CACHE: usize = 64 << 20;
+
 /// A directory tree of files.
 pub(crate) trait Storage: Send + Sync + 'static {
     /// Opens `path` for reading and writing, creating it (empty) when `create` is set.
@@ -92,7 +96,10 @@ impl Storage for RealFs {
     }
 
     fn open_db(&self, path: &Path) -> Result<redb::Database, BackendError> {
-        redb::Database::builder().create(path).map_err(db_error)
+        redb::Database::builder()
+            .set_cache_size(STATE_CACHE)
+            .create(path)
+            .map_err(db_error)
     }
 
     fn lock_dir(&self, root: &Path) -> io::Result<Option<Box<dyn Any + Send + Sync>>> {

@@ -399,10 +399,14 @@ impl Inner {
                 continue;
             };
             let row = gs.rows.get(&o);
-            let spill_due = row
+            let spill = row
                 .filter(|r| !r.parked && r.due > line && !gs.pending.contains_key(&o))
-                .map(|r| r.due);
-            let v = row.map(state::encode_json);
+                .map(|r| (r.due, state::encode_spilled(r)));
+            let spill_due = spill.as_ref().map(|(d, _)| *d);
+            let v = match spill {
+                Some((_, v)) => Some(v),
+                None => row.map(state::encode_json),
+            };
             if let Some(d) = gs.spill_at.get(&o).copied() {
                 if spill_due != Some(d) {
                     gs.spill_at.remove(&o);
@@ -2068,17 +2072,24 @@ impl Backend for EmbeddedBackend {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let now = Timestamp::now();
-            let ((out, missed, next_due), _) = self.shared.group_ops(sub, |ops| {
-                let (out, missed) = ops.take_ready(&sub.consumer, max, now, &mut pre, allow_io)?;
-                let g = ops.g();
-                let next_due = match (g.due.first().map(|(d, _)| *d), g.spill_min) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
-                Ok((out, missed, next_due))
-            })?;
-            if !out.is_empty() {
+            let ((out, missed, next_due, rows_dirty), ticket) =
+                self.shared.group_ops(sub, |ops| {
+                    let (out, missed) =
+                        ops.take_ready(&sub.consumer, max, now, &mut pre, allow_io)?;
+                    let g = ops.g();
+                    let next_due = match (g.due.first().map(|(d, _)| *d), g.spill_min) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                    Ok((out, missed, next_due, ops.dirty.rows.len()))
+                })?;
+            if !out.is_empty() || rows_dirty > 0 {
                 self.shared.request_commit();
+            }
+            if rows_dirty > MAX_DIRTY_ROWS {
+                // Reading past delayed messages makes rows faster than commits write them: wait
+                // for the commit, so memory holds a bounded number of them before they spill.
+                self.shared.durable_synced(ticket).await?;
             }
             if out.is_empty() && missed {
                 // The records are on disk: read them without the engine lock, then try again.
@@ -2147,8 +2158,11 @@ impl Backend for EmbeddedBackend {
             ts.stopped.insert(o, id.ms);
             dirty.stopped.insert((topic.to_owned(), o));
             for (g, gs) in ts.groups.iter_mut() {
-                // A spilled row comes back into memory to be parked there.
-                let spilled = o >= ts.start
+                // A spilled row comes back into memory to be parked there. (A group with none
+                // counted has none: this also keeps a recreated topic's group from finding the
+                // old generation's rows before their removal is committed.)
+                let spilled = gs.spilled > 0
+                    && o >= ts.start
                     && !gs.rows.contains_key(&o)
                     && !gs.spill_at.contains_key(&o)
                     && !gs.unspilling.contains(&o);
@@ -2495,6 +2509,9 @@ impl Shared {
         self.wake.notify_one();
     }
 }
+
+/// Rows changed and not yet committed beyond which a read waits for the commit.
+const MAX_DIRTY_ROWS: usize = 1 << 16;
 
 /// Runs `f` (reads of segment files) on tokio's blocking pool.
 async fn blocking<T: Send + 'static>(

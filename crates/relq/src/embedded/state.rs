@@ -248,6 +248,35 @@ pub(crate) fn load(db: &redb::Database) -> Result<Loaded, BackendError> {
     Ok(out)
 }
 
+/// Encodes a spilled row: empty for a message not delivered yet (a delayed message a group read
+/// past: most of them, and the due time is in the key), else the row's JSON.
+pub(crate) fn encode_spilled(row: &Row) -> Vec<u8> {
+    if row.deliveries == 0 && row.failures.is_empty() && !row.parked {
+        Vec::new()
+    } else {
+        encode_json(row)
+    }
+}
+
+fn decode_spilled(due: u64, buf: &[u8]) -> Result<Row, BackendError> {
+    if buf.is_empty() {
+        return Ok(Row {
+            due,
+            deliveries: 0,
+            failures: Vec::new(),
+            parked: false,
+        });
+    }
+    let row: Row = decode_json("spilled row", buf)?;
+    if row.due != due {
+        return Err(corrupt(format!(
+            "spilled row due at {} is filed under {due}",
+            row.due
+        )));
+    }
+    Ok(row)
+}
+
 /// The earliest due time among `t`/`g`'s spilled rows.
 fn first_due(
     spill: &impl ReadableTable<(&'static str, &'static str, u64, u64), &'static [u8]>,
@@ -292,7 +321,7 @@ pub(crate) fn spilled_due(
         if skip(o) {
             continue;
         }
-        out.push((o, decode_json("spilled row", v.value())?));
+        out.push((o, decode_spilled(due, v.value())?));
     }
     Ok((out, None))
 }
@@ -311,7 +340,7 @@ pub(crate) fn spilled_row(
     };
     let spill = tx.open_table(SPILL).map_err(db_error)?;
     match spill.get((t, g, due, o)).map_err(db_error)? {
-        Some(v) => Ok(Some(decode_json("spilled row", v.value())?)),
+        Some(v) => Ok(Some(decode_spilled(due, v.value())?)),
         None => Err(corrupt(format!(
             "spilled row {t}/{g}/{o} is indexed at {due} but missing"
         ))),
@@ -385,7 +414,8 @@ pub(crate) struct Batch {
     pub(crate) rows: Vec<(RowKey, Option<Vec<u8>>)>,
     /// Spilled rows to remove: key and due time. Applied before `spill`.
     pub(crate) unspill: Vec<(RowKey, u64)>,
-    /// Rows to spill (written to `spill`, removed from `rows`): key, due time, encoded row.
+    /// Rows to spill (written to `spill`, removed from `rows`): key, due time, the row encoded
+    /// by [`encode_spilled`].
     pub(crate) spill: Vec<(RowKey, u64, Vec<u8>)>,
     /// Spilled rows below an offset that retention trimmed: (topic, group, offset).
     pub(crate) trim_spill: Vec<RowKey>,
@@ -410,7 +440,9 @@ impl Batch {
 
 /// Writes `batch` into `tx`. Returns how many spilled rows each `trim_spill` entry removed.
 pub(crate) fn apply(tx: &redb::WriteTransaction, batch: &Batch) -> Result<Vec<u64>, BackendError> {
-    {
+    let spills =
+        !(batch.drop_topics.is_empty() && batch.unspill.is_empty() && batch.spill.is_empty());
+    if spills {
         let mut spill = tx.open_table(SPILL).map_err(db_error)?;
         let mut at = tx.open_table(SPILL_AT).map_err(db_error)?;
         let mut counts = tx.open_table(SPILL_COUNT).map_err(db_error)?;
@@ -582,6 +614,28 @@ mod tests {
         let mut bad = r.encode();
         bad.pop();
         assert_eq!(GroupRecord::decode(&bad), None);
+    }
+
+    #[test]
+    fn spilled_rows_round_trip_and_a_misfiled_one_is_refused() {
+        let fresh = Row {
+            due: 77,
+            deliveries: 0,
+            failures: Vec::new(),
+            parked: false,
+        };
+        assert!(encode_spilled(&fresh).is_empty(), "the key holds all of it");
+        assert_eq!(decode_spilled(77, &encode_spilled(&fresh)).unwrap(), fresh);
+        let retried = Row {
+            deliveries: 2,
+            ..fresh.clone()
+        };
+        assert_eq!(
+            decode_spilled(77, &encode_spilled(&retried)).unwrap(),
+            retried
+        );
+        assert!(decode_spilled(78, &encode_spilled(&retried)).is_err());
+        assert!(decode_spilled(77, b"{not json").is_err());
     }
 }
 
