@@ -1856,6 +1856,32 @@ impl GroupOps<'_> {
     }
 }
 
+/// The offset a new group at `start` begins reading from.
+fn start_offset(log: &TopicLog, begin: u64, start: StartPosition) -> Result<u64, BackendError> {
+    let end = log.visible();
+    Ok(match start {
+        StartPosition::Latest => end,
+        StartPosition::Earliest => begin,
+        StartPosition::From(id) => {
+            // The first record whose id is >= `id`; ids grow with offsets.
+            let (mut lo, mut hi) = (begin, end);
+            while lo < hi {
+                let mid = lo + (hi - lo) / 2;
+                let below = match log.get(mid)? {
+                    Some(r) => MessageId::new(r.ms, r.offset) < id,
+                    None => true,
+                };
+                if below {
+                    lo = mid + 1;
+                } else {
+                    hi = mid;
+                }
+            }
+            lo
+        }
+    })
+}
+
 impl Shared {
     fn group_ops<T>(
         &self,
@@ -1881,37 +1907,6 @@ impl Shared {
             let out = f(&mut ops)?;
             let ticket = inner.touch();
             Ok((out, ticket))
-        })
-    }
-
-    /// The offset a new group at `start` begins reading from.
-    fn start_offset(
-        &self,
-        log: &TopicLog,
-        begin: u64,
-        start: StartPosition,
-    ) -> Result<u64, BackendError> {
-        let end = log.visible();
-        Ok(match start {
-            StartPosition::Latest => end,
-            StartPosition::Earliest => begin,
-            StartPosition::From(id) => {
-                // The first record whose id is >= `id`; ids grow with offsets.
-                let (mut lo, mut hi) = (begin, end);
-                while lo < hi {
-                    let mid = lo + (hi - lo) / 2;
-                    let below = match log.get(mid)? {
-                        Some(r) => MessageId::new(r.ms, r.offset) < id,
-                        None => true,
-                    };
-                    if below {
-                        lo = mid + 1;
-                    } else {
-                        hi = mid;
-                    }
-                }
-                lo
-            }
         })
     }
 }
@@ -1975,7 +1970,34 @@ impl Backend for EmbeddedBackend {
             )
             .await?;
         }
-        let (sub, ticket) = {
+        // Where a new group starts is found without the engine lock: it may read the log (a
+        // binary search for a start id, the record before the start). If the topic was
+        // recreated meanwhile, it is found again in the new generation.
+        let mut placed = None;
+        let (sub, ticket) = loop {
+            let new_group = {
+                let inner = lock(&s.inner);
+                let Some(ts) = inner.topics.get(topic) else {
+                    return Err(terminated(topic));
+                };
+                match &placed {
+                    Some((epoch, _, _)) if *epoch == ts.epoch => None,
+                    _ if ts.groups.contains_key(group) => None,
+                    _ => Some((ts.epoch, ts.log.clone(), ts.start)),
+                }
+            };
+            if let Some((epoch, log, begin)) = new_group {
+                let (cursor, cursor_ms) = blocking(move || {
+                    let cursor = start_offset(&log, begin, start)?;
+                    let cursor_ms = match cursor.checked_sub(1) {
+                        Some(prev) => log.get(prev)?.map_or(0, |r| r.ms),
+                        None => 0,
+                    };
+                    Ok((cursor, cursor_ms))
+                })
+                .await?;
+                placed = Some((epoch, cursor, cursor_ms));
+            }
             let mut inner = lock(&s.inner);
             let Some(ts) = inner.topics.get(topic) else {
                 return Err(terminated(topic));
@@ -1984,11 +2006,14 @@ impl Backend for EmbeddedBackend {
             let created = if ts.groups.contains_key(group) {
                 false
             } else {
-                let cursor = s.start_offset(&ts.log, ts.start, start)?;
-                let cursor_ms = match cursor.checked_sub(1) {
-                    Some(prev) => ts.log.get(prev)?.map_or(0, |r| r.ms),
-                    None => 0,
+                let Some((cursor, cursor_ms)) = placed
+                    .filter(|(e, _, _)| *e == epoch)
+                    .map(|(_, c, ms)| (c, ms))
+                else {
+                    continue; // recreated meanwhile: place it in the new generation
                 };
+                // Retention may have moved the start on meanwhile.
+                let cursor = cursor.max(ts.start);
                 let ts = inner.topics.get_mut(topic).expect("checked");
                 ts.groups.insert(
                     group.to_owned(),
@@ -2010,7 +2035,7 @@ impl Backend for EmbeddedBackend {
                 g.consumers.insert(consumer.to_owned(), Timestamp::now());
             }
             let ticket = if created { inner.touch() } else { 0 };
-            (
+            break (
                 Subscription {
                     topic: topic.to_owned(),
                     group: group.to_owned(),
@@ -2018,7 +2043,7 @@ impl Backend for EmbeddedBackend {
                     epoch,
                 },
                 ticket,
-            )
+            );
         };
         if ticket > 0 {
             s.durable(ticket).await?;

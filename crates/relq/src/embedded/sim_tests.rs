@@ -469,6 +469,16 @@ async fn a_read_waiting_for_the_disk_does_not_stall_the_engine() {
         let b = b.clone();
         tokio::spawn(async move { b.topic_info("t").await })
     };
+    // And a new group starting at an id: a binary search over records on disk.
+    let from = ids[40];
+    let joiner = {
+        let b = b.clone();
+        tokio::spawn(async move {
+            b.join("t", "g3", "c", StartPosition::From(from))
+                .await
+                .map(|sub| (b, sub))
+        })
+    };
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(
         !watchdog_fired.load(std::sync::atomic::Ordering::SeqCst),
@@ -485,6 +495,10 @@ async fn a_read_waiting_for_the_disk_does_not_stall_the_engine() {
     assert!(
         !info.is_finished(),
         "topic_info must be waiting for the disk"
+    );
+    assert!(
+        !joiner.is_finished(),
+        "the join must be waiting for the disk"
     );
     // Meanwhile: publishes to both topics, and a read, an ack and topic_info on the other topic.
     let busy = tokio::spawn({
@@ -512,6 +526,9 @@ async fn a_read_waiting_for_the_disk_does_not_stall_the_engine() {
     let got = reader.await.unwrap().unwrap();
     let got: Vec<MessageId> = got.iter().map(|d| d.message.id).collect();
     assert_eq!(got, ids[..10]);
+    let (b2, g3) = joiner.await.unwrap().unwrap();
+    let first = b2.read(&g3, 1, Duration::ZERO).await.unwrap();
+    assert_eq!(first[0].message.id, from, "the new group starts at the id");
     let claimed = claim.await.unwrap().unwrap();
     assert_eq!(
         claimed
