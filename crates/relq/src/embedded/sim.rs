@@ -565,6 +565,19 @@ impl fmt::Debug for SimRedbFile {
     }
 }
 
+impl SimRedbFile {
+    /// On a full disk the database file cannot grow.
+    fn refuse_growth(&self, len: u64) -> io::Result<()> {
+        if self.file.fs.lock().disk_full && len > StorageFile::len(&self.file)? {
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                "no space left on device (simulated)",
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl redb::StorageBackend for SimRedbFile {
     fn len(&self) -> Result<u64, io::Error> {
         StorageFile::len(&self.file)
@@ -583,6 +596,7 @@ impl redb::StorageBackend for SimRedbFile {
     }
 
     fn set_len(&self, len: u64) -> Result<(), io::Error> {
+        self.refuse_growth(len)?;
         self.file.set_len(len, false)
     }
 
@@ -591,6 +605,7 @@ impl redb::StorageBackend for SimRedbFile {
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), io::Error> {
+        self.refuse_growth(offset + data.len() as u64)?;
         self.file.write_at(data, offset)
     }
 }

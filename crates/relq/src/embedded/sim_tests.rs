@@ -404,6 +404,89 @@ async fn a_full_disk_refuses_publishes_without_poisoning_the_engine() {
     );
 }
 
+/// A full disk when the state database must grow fails that commit as a whole. redb cannot go on
+/// after a failed commit, so the engine is poisoned: every caller is told, none is answered Ok
+/// for a change that was not written. Reopened once space is back, everything acknowledged
+/// before is there and the messages whose settlement failed are delivered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_under_the_state_database_poisons_and_a_reopen_loses_nothing() {
+    let fs = SimFs::new();
+    fs.create_dir_all_durable(Path::new(ROOT)).unwrap();
+    let config = EmbeddedConfig::default().segment_size(1 << 20);
+    let b =
+        EmbeddedBackend::open_on(Arc::new(fs.clone()), Path::new(ROOT), config.clone()).unwrap();
+    let sub = b
+        .join("t", "g", "c", StartPosition::Earliest)
+        .await
+        .unwrap();
+    let big = "x".repeat(50_000);
+    let mut published = Vec::new();
+    for i in 0..200 {
+        let p = format!("{i:03}{big}");
+        published.push(p.clone());
+        b.publish("t", vec![msg(p)]).await.unwrap();
+    }
+    // Each dead letter keeps a copy of its 50 KB payload in the state database, which must grow.
+    // Five while there is space, then on a full disk until a commit fails.
+    let mut dead = BTreeSet::new();
+    let mut failure = None;
+    for i in 0..200 {
+        if i == 5 {
+            fs.set_disk_full(true);
+        }
+        let got = b.read(&sub, 1, Duration::ZERO).await.unwrap();
+        let d = &got[0];
+        match b
+            .settle(&sub, &[Settlement::DeadLetter(Box::new(dead_letter(d)))])
+            .await
+        {
+            Ok(()) => {
+                dead.insert(text(d));
+            }
+            Err(e) => {
+                assert!(i >= 5, "failed with space left: {e}");
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    let e = failure.expect("the state database had to grow on a full disk");
+    assert_eq!(e.kind, BackendErrorKind::Fatal, "{e}");
+    let e = b.read(&sub, 1, Duration::ZERO).await.unwrap_err();
+    assert_eq!(e.kind, BackendErrorKind::Fatal, "poisoned: {e}");
+    fs.set_disk_full(false);
+    drop(b);
+    let b = EmbeddedBackend::open_on(Arc::new(fs.clone()), Path::new(ROOT), config).unwrap();
+    let stored: BTreeSet<String> = b
+        .dead_letters("t", &DeadLetterQuery::all().limit(1000))
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| String::from_utf8_lossy(&d.message.payload).into_owned())
+        .collect();
+    assert_eq!(stored, dead, "exactly the committed dead letters");
+    let sub = b
+        .join("t", "g", "c", StartPosition::Earliest)
+        .await
+        .unwrap();
+    let mut again = BTreeSet::new();
+    loop {
+        let got = b.read(&sub, 100, Duration::ZERO).await.unwrap();
+        if got.is_empty() {
+            break;
+        }
+        again.extend(got.iter().map(text));
+    }
+    let owed: BTreeSet<String> = published
+        .into_iter()
+        .filter(|p| !dead.contains(p))
+        .collect();
+    assert_eq!(
+        again, owed,
+        "everything not dead-lettered is delivered again"
+    );
+}
+
 /// A consumer reading a backlog from a stalled disk, a claim of old pending messages and a
 /// `topic_info` that needs a record from disk hold no lock that publishers, acks or other topics'
 /// consumers need: the engine goes on while they wait, and they then return the right records.
