@@ -825,23 +825,25 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
 
-        /// Whatever a crash leaves at the end of the newest segment (garbage, or zeros, written
-        /// at any position over or after its records), recovery keeps exactly the records before
-        /// the first damaged byte, byte for byte, and appending goes on from there.
+        /// Whatever a crash leaves in the newest segment (garbage or zeros, written at any
+        /// position of the preallocated file: over its records, right after them, or further on
+        /// past a run of zeros), recovery keeps exactly the records before the first damaged
+        /// byte, byte for byte, and appending goes on from there.
         #[test]
         fn recovery_keeps_exactly_the_records_before_the_damage(
             sizes in proptest::collection::vec(0usize..700, 1..40),
             at in any::<prop::sample::Index>(),
             junk in proptest::collection::vec(any::<u8>(), 1..64),
             zeros in any::<bool>(),
+            anywhere in any::<bool>(),
         ) {
             static N: AtomicUsize = AtomicUsize::new(0);
-            let root = std::env::temp_dir().join(format!(
+            let root = Removed(std::env::temp_dir().join(format!(
                 "relq-scan-{}-{}",
                 std::process::id(),
                 N.fetch_add(1, Ordering::Relaxed)
-            ));
-            let dir = root.join("t@1");
+            )));
+            let dir = root.0.join("t@1");
             let storage: Arc<dyn Storage> = Arc::new(RealFs);
             let log = TopicLog::create(storage.clone(), dir.clone(), config(1)).unwrap();
             let mut written = Vec::new();
@@ -861,9 +863,10 @@ mod tests {
                     Some(*pos)
                 })
                 .collect();
-            let used = ends.last().copied().unwrap_or(0);
-            let p = at.index(used + 1);
             let before = std::fs::read(&path).unwrap();
+            // Half the cases within the records or just after them, half anywhere in the file.
+            let used = ends.last().copied().unwrap_or(0);
+            let p = if anywhere { at.index(before.len()) } else { at.index(used + 1) };
             // Within the preallocated file: a crash tears writes, it does not grow the file.
             let n = junk.len().min(before.len() - p);
             let bytes = if zeros { vec![0; n] } else { junk[..n].to_vec() };
@@ -898,8 +901,15 @@ mod tests {
             prop_assert_eq!(log.visible(), kept + 1);
             let again = log.get(kept).unwrap();
             prop_assert_eq!(again.as_deref(), Some(&*more[0]));
-            drop(log);
-            std::fs::remove_dir_all(&root).unwrap();
+        }
+    }
+
+    /// A directory removed when dropped, also when a case fails.
+    struct Removed(PathBuf);
+
+    impl Drop for Removed {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
         }
     }
 }

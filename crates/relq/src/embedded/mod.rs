@@ -1571,9 +1571,11 @@ impl GroupOps<'_> {
         now: Timestamp,
         pre: &mut Prefetch,
         allow_io: bool,
-    ) -> Result<(Vec<Delivery>, bool), BackendError> {
+    ) -> Result<Taken, BackendError> {
         let mut out = Vec::new();
         let mut missed = false;
+        let mut set_aside = 0;
+        let mut more = false;
         let log = self.ts.log.clone();
         self.g().consumers.insert(consumer.to_owned(), now);
         self.promote(now.0, max)?;
@@ -1590,7 +1592,13 @@ impl GroupOps<'_> {
                 None => match log.get_cached(o) {
                     Some(rec) => rec,
                     None if allow_io => log.get(o)?,
-                    None => return Ok((out, true)),
+                    None => {
+                        return Ok(Taken {
+                            out,
+                            missed: true,
+                            more: false,
+                        })
+                    }
                 },
             };
             let mut row = self.g().remove_row(o).expect("due rows exist");
@@ -1650,11 +1658,16 @@ impl GroupOps<'_> {
                 missed = true;
                 break;
             };
-            if recs.is_empty() {
+            if recs.is_empty() || more {
                 break;
             }
             for rec in recs {
                 if out.len() >= max {
+                    break;
+                }
+                if set_aside >= SET_ASIDE_MAX {
+                    // A long run of delayed messages: the lock is not held for all of it.
+                    more = true;
                     break;
                 }
                 let o = rec.offset;
@@ -1677,6 +1690,7 @@ impl GroupOps<'_> {
                         false,
                     );
                     self.dirty_row(o);
+                    set_aside += 1;
                     continue;
                 }
                 out.push(Delivery {
@@ -1697,7 +1711,7 @@ impl GroupOps<'_> {
         if moved {
             self.dirty_group();
         }
-        Ok((out, missed))
+        Ok(Taken { out, missed, more })
     }
 
     /// Takes spilled rows that are due back into memory (at most enough to make `max` due rows
@@ -2012,8 +2026,12 @@ impl Backend for EmbeddedBackend {
                 else {
                     continue; // recreated meanwhile: place it in the new generation
                 };
-                // Retention may have moved the start on meanwhile.
-                let cursor = cursor.max(ts.start);
+                // Retention may have moved the start on meanwhile (the record before it is then
+                // gone: no remembered time).
+                let (cursor, cursor_ms) = match cursor < ts.start {
+                    true => (ts.start, 0),
+                    false => (cursor, cursor_ms),
+                };
                 let ts = inner.topics.get_mut(topic).expect("checked");
                 ts.groups.insert(
                     group.to_owned(),
@@ -2092,29 +2110,33 @@ impl Backend for EmbeddedBackend {
         };
         let mut pre = Prefetch::default();
         let mut allow_io = false;
+        // Set when a pass took nothing and left many changed rows uncommitted: the next pass
+        // waits for that commit first (nothing is taken yet, so dropping this future loses
+        // nothing). Reading past delayed messages makes rows faster than commits write them.
+        let mut catch_up = None;
         loop {
+            if let Some(ticket) = catch_up.take() {
+                self.shared.durable_synced(ticket).await?;
+            }
             let notified = ready.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             let now = Timestamp::now();
-            let ((out, missed, next_due, rows_dirty), ticket) =
-                self.shared.group_ops(sub, |ops| {
-                    let (out, missed) =
-                        ops.take_ready(&sub.consumer, max, now, &mut pre, allow_io)?;
-                    let g = ops.g();
-                    let next_due = match (g.due.first().map(|(d, _)| *d), g.spill_min) {
-                        (Some(a), Some(b)) => Some(a.min(b)),
-                        (a, b) => a.or(b),
-                    };
-                    Ok((out, missed, next_due, ops.dirty.rows.len()))
-                })?;
+            let ((taken, next_due, rows_dirty), ticket) = self.shared.group_ops(sub, |ops| {
+                let taken = ops.take_ready(&sub.consumer, max, now, &mut pre, allow_io)?;
+                let g = ops.g();
+                let next_due = match (g.due.first().map(|(d, _)| *d), g.spill_min) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                Ok((taken, next_due, ops.dirty.rows.len()))
+            })?;
+            let Taken { out, missed, more } = taken;
             if !out.is_empty() || rows_dirty > 0 {
                 self.shared.request_commit();
             }
-            if rows_dirty > MAX_DIRTY_ROWS {
-                // Reading past delayed messages makes rows faster than commits write them: wait
-                // for the commit, so memory holds a bounded number of them before they spill.
-                self.shared.durable_synced(ticket).await?;
+            if out.is_empty() && rows_dirty > MAX_DIRTY_ROWS {
+                catch_up = Some(ticket);
             }
             if out.is_empty() && missed {
                 // The records are on disk: read them without the engine lock, then try again.
@@ -2125,6 +2147,9 @@ impl Backend for EmbeddedBackend {
                 // lock, so the loop cannot spin.
                 pre = self.prefetch(sub, max, now).await?;
                 allow_io = pre.new.is_empty() && pre.rows.is_empty();
+                continue;
+            }
+            if out.is_empty() && more {
                 continue;
             }
             pre = Prefetch::default();
@@ -2535,8 +2560,20 @@ impl Shared {
     }
 }
 
-/// Rows changed and not yet committed beyond which a read waits for the commit.
+/// Rows changed and not yet committed (in every group) beyond which a read that found nothing
+/// to deliver waits for a synced commit before it goes on.
 const MAX_DIRTY_ROWS: usize = 1 << 16;
+/// Delayed or stopped messages one pass of a read sets aside under the engine lock.
+const SET_ASIDE_MAX: usize = 4096;
+
+/// What one pass of a read took.
+struct Taken {
+    out: Vec<Delivery>,
+    /// Records it needs are only on disk.
+    missed: bool,
+    /// It stopped after setting aside [`SET_ASIDE_MAX`] messages; there may be more to read.
+    more: bool,
+}
 
 /// Runs `f` (reads of segment files) on tokio's blocking pool.
 async fn blocking<T: Send + 'static>(

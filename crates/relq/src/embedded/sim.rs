@@ -568,7 +568,8 @@ impl fmt::Debug for SimRedbFile {
 impl SimRedbFile {
     /// On a full disk the database file cannot grow.
     fn refuse_growth(&self, len: u64) -> io::Result<()> {
-        if self.file.fs.lock().disk_full && len > StorageFile::len(&self.file)? {
+        let full = self.file.fs.lock().disk_full;
+        if full && len > StorageFile::len(&self.file)? {
             return Err(io::Error::new(
                 io::ErrorKind::StorageFull,
                 "no space left on device (simulated)",
