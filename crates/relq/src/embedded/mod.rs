@@ -52,7 +52,7 @@ use self::codec::Record;
 use self::fs::{RealFs, Storage, StorageFile};
 use self::group::{GroupState, Pending};
 use self::log::{LogConfig, ReadHint, TopicLog};
-use self::state::{Batch, DeadKey, Row, RowKey, TopicRecord};
+use self::state::{Batch, DeadKey, Row, RowKey, SpillRange, TopicRecord};
 use crate::backend::{
     replay_message, Backend, CleanupReport, ConsumerInfo, Delivery, GroupInfo, Retention,
     Settlement, Subscription, TopicInfo,
@@ -227,6 +227,8 @@ struct Counters {
     records: AtomicU64,
     state_commits: AtomicU64,
     sync_micros: AtomicU64,
+    rows_spilled: AtomicU64,
+    rows_unspilled: AtomicU64,
 }
 
 /// What the engine has done since it was opened.
@@ -344,8 +346,8 @@ struct Dirty {
     topics: BTreeSet<String>,
     groups: BTreeSet<(String, String)>,
     rows: BTreeSet<RowKey>,
-    /// Spilled rows retention trimmed: (topic, group, offsets below).
-    trim_spill: Vec<RowKey>,
+    /// Spilled rows to remove by offset range.
+    trim_spill: Vec<SpillRange>,
     stopped: BTreeSet<(String, u64)>,
     dead: Vec<(DeadKey, Option<Vec<u8>>)>,
 }
@@ -362,9 +364,6 @@ struct Inner {
     poison: Option<String>,
     /// Rows due later than now plus this many milliseconds are spilled.
     window_ms: u64,
-    /// Rows spilled and taken back so far ([`EngineStats`]).
-    rows_spilled: u64,
-    rows_unspilled: u64,
 }
 
 impl Inner {
@@ -439,19 +438,15 @@ impl Inner {
     }
 
     /// Bookkeeping once `batch` is committed: spilled rows that did not change since leave
-    /// memory; removed spill entries stop being skipped.
-    fn after_commit(&mut self, batch: &Batch, trimmed: &[u64]) {
+    /// memory; removed spill entries stop being skipped. Returns how many rows left memory.
+    fn after_commit(&mut self, batch: &Batch, trimmed: &[u64]) -> u64 {
         for (key, v) in &batch.dead {
             if v.is_none() {
                 self.dead_deleting.remove(key);
             }
         }
-        let Inner {
-            topics,
-            dirty,
-            rows_spilled,
-            ..
-        } = self;
+        let Inner { topics, dirty, .. } = self;
+        let mut evicted = 0;
         fn group<'a>(
             topics: &'a mut HashMap<String, TopicState>,
             t: &str,
@@ -464,7 +459,7 @@ impl Inner {
                 gs.unspilling.remove(o);
             }
         }
-        for ((t, g, _), n) in batch.trim_spill.iter().zip(trimmed) {
+        for ((t, g, _, _), n) in batch.trim_spill.iter().zip(trimmed) {
             if let Some(gs) = group(topics, t, g) {
                 gs.spilled = gs.spilled.saturating_sub(*n);
             }
@@ -481,9 +476,10 @@ impl Inner {
                 gs.remove_row(*o);
                 gs.spill_at.remove(o);
                 gs.spilled_out(*d);
-                *rows_spilled += 1;
+                evicted += 1;
             }
         }
+        evicted
     }
 }
 
@@ -623,8 +619,6 @@ impl EmbeddedBackend {
                 .as_millis()
                 .try_into()
                 .unwrap_or(u64::MAX),
-            rows_spilled: 0,
-            rows_unspilled: 0,
         };
         for (name, rec) in &loaded.topics {
             let Some(log) = logs.remove(name) else {
@@ -684,7 +678,7 @@ impl EmbeddedBackend {
         let mut dirty_groups = Vec::new();
         let mut dirty_stopped = Vec::new();
         // Spilled rows beyond the log's end (state ahead of the log after a power loss in
-        // periodic mode): (topic, group, from, to).
+        // periodic mode).
         let mut trim_spill = Vec::new();
         for (t, ts) in &mut inner.topics {
             let start = ts.start;
@@ -752,27 +746,21 @@ impl EmbeddedBackend {
         inner.dirty.rows.extend(dirty_rows);
         inner.dirty.stopped.extend(dirty_stopped);
         inner.dirty.groups.extend(dirty_groups);
+        inner.dirty.trim_spill.extend(trim_spill);
         let (batch, _) = inner.snapshot();
-        if !batch.is_empty() || !trim_spill.is_empty() {
+        let counters = Counters::default();
+        if !batch.is_empty() {
             let tx = db.begin_write().map_err(db_error)?;
-            let mut dropped = Vec::new();
-            for (t, g, from, to) in &trim_spill {
-                dropped.push(((t, g), state::drop_spilled(&tx, t, g, *from, *to)?));
-            }
             let trimmed = state::apply(&tx, &batch)?;
             tx.commit().map_err(db_error)?;
-            inner.after_commit(&batch, &trimmed);
-            for ((t, g), n) in dropped {
-                if let Some(gs) = inner.topics.get_mut(t).and_then(|ts| ts.groups.get_mut(g)) {
-                    gs.spilled = gs.spilled.saturating_sub(n);
-                }
-            }
+            let evicted = inner.after_commit(&batch, &trimmed);
+            counters.rows_spilled.store(evicted, Ordering::Relaxed);
         }
         let (progress, _) = watch::channel(Progress::default());
         let shared = Arc::new(Shared {
             queue_space: Arc::new(Semaphore::new(config.max_queued)),
             queued_rounds: std::sync::atomic::AtomicUsize::new(0),
-            counters: Counters::default(),
+            counters,
             config,
             root: root.to_owned(),
             storage,
@@ -800,13 +788,9 @@ impl EmbeddedBackend {
     /// Counters of the commit cycles so far.
     pub fn stats(&self) -> EngineStats {
         let c = &self.shared.counters;
-        let (rows_spilled, rows_unspilled) = {
-            let inner = lock(&self.shared.inner);
-            (inner.rows_spilled, inner.rows_unspilled)
-        };
         EngineStats {
-            rows_spilled,
-            rows_unspilled,
+            rows_spilled: c.rows_spilled.load(Ordering::Relaxed),
+            rows_unspilled: c.rows_unspilled.load(Ordering::Relaxed),
             cycles: c.cycles.load(Ordering::Relaxed),
             syncs: c.syncs.load(Ordering::Relaxed),
             records: c.records.load(Ordering::Relaxed),
@@ -1213,7 +1197,10 @@ impl Shared {
         let trimmed = state::apply(&tx, batch)?;
         tx.commit().map_err(db_error)?;
         self.counters.state_commits.fetch_add(1, Ordering::Relaxed);
-        lock(&self.inner).after_commit(batch, &trimmed);
+        let evicted = lock(&self.inner).after_commit(batch, &trimmed);
+        self.counters
+            .rows_spilled
+            .fetch_add(evicted, Ordering::Relaxed);
         Ok(())
     }
 
@@ -1344,7 +1331,7 @@ impl Shared {
                     Some(ts) => {
                         // Dead letters settled but not yet written belong to the old topic.
                         inner.dirty.dead.retain(|((t, _, _), _)| *t != topic);
-                        inner.dirty.trim_spill.retain(|(t, _, _)| *t != topic);
+                        inner.dirty.trim_spill.retain(|(t, _, _, _)| *t != topic);
                         inner.dirty.drop_topics.push(topic.clone());
                         inner.dirty.topics.remove(&topic);
                         inner.touch();
@@ -1507,7 +1494,7 @@ struct GroupOps<'a> {
     ts: &'a mut TopicState,
     dirty: &'a mut Dirty,
     db: &'a redb::Database,
-    unspilled: &'a mut u64,
+    counters: &'a Counters,
 }
 
 impl GroupOps<'_> {
@@ -1743,7 +1730,9 @@ impl GroupOps<'_> {
                 o < start || g.spill_at.contains_key(&o) || g.unspilling.contains(&o)
             })?;
         g.spill_min = next;
-        *self.unspilled += found.len() as u64;
+        self.counters
+            .rows_unspilled
+            .fetch_add(found.len() as u64, Ordering::Relaxed);
         for (o, row) in found {
             g.spilled = g.spilled.saturating_sub(1);
             g.spill_at.insert(o, row.due);
@@ -1903,12 +1892,7 @@ impl Shared {
         f: impl FnOnce(&mut GroupOps<'_>) -> Result<T, BackendError>,
     ) -> Result<(T, u64), BackendError> {
         self.with_group(sub, |inner| {
-            let Inner {
-                topics,
-                dirty,
-                rows_unspilled,
-                ..
-            } = inner;
+            let Inner { topics, dirty, .. } = inner;
             let ts = topics.get_mut(&sub.topic).expect("checked");
             let mut ops = GroupOps {
                 topic: &sub.topic,
@@ -1916,7 +1900,7 @@ impl Shared {
                 ts,
                 dirty,
                 db: &self.db,
-                unspilled: rows_unspilled,
+                counters: &self.counters,
             };
             let out = f(&mut ops)?;
             let ticket = inner.touch();
@@ -2195,12 +2179,7 @@ impl Backend for EmbeddedBackend {
         s.check()?;
         let ticket = {
             let mut inner = lock(&s.inner);
-            let Inner {
-                topics,
-                dirty,
-                rows_unspilled,
-                ..
-            } = &mut *inner;
+            let Inner { topics, dirty, .. } = &mut *inner;
             let Some(ts) = topics.get_mut(topic) else {
                 return Ok(false);
             };
@@ -2219,7 +2198,7 @@ impl Backend for EmbeddedBackend {
                 if spilled {
                     if let Some(row) = state::spilled_row(&s.db, topic, g, o)? {
                         gs.spilled = gs.spilled.saturating_sub(1);
-                        *rows_unspilled += 1;
+                        s.counters.rows_unspilled.fetch_add(1, Ordering::Relaxed);
                         gs.spill_at.insert(o, row.due);
                         gs.put_row(o, row, false);
                     }
@@ -2343,7 +2322,9 @@ impl Backend for EmbeddedBackend {
                             dirty.rows.insert((topic.to_owned(), g.clone(), o));
                         }
                         gs.pending.retain(|o, _| *o >= start);
-                        dirty.trim_spill.push((topic.to_owned(), g.clone(), start));
+                        dirty
+                            .trim_spill
+                            .push((topic.to_owned(), g.clone(), 0, start));
                         if gs.cursor < start {
                             gs.cursor = start;
                         }

@@ -363,7 +363,7 @@ pub(crate) fn spilled_min_offset(
 }
 
 /// Removes `t`/`g`'s spilled rows at offsets in `from..to`; returns how many there were.
-pub(crate) fn drop_spilled(
+fn drop_spilled(
     tx: &redb::WriteTransaction,
     t: &str,
     g: &str,
@@ -400,6 +400,8 @@ pub(crate) fn drop_spilled(
 
 /// Key of a redelivery row: (topic, group, offset).
 pub(crate) type RowKey = (String, String, u64);
+/// Spilled rows of a group at offsets `from..to`: (topic, group, from, to).
+pub(crate) type SpillRange = (String, String, u64, u64);
 /// Key of a dead letter: (topic, id ms, id seq).
 pub(crate) type DeadKey = (String, u64, u64);
 
@@ -417,8 +419,9 @@ pub(crate) struct Batch {
     /// Rows to spill (written to `spill`, removed from `rows`): key, due time, the row encoded
     /// by [`encode_spilled`].
     pub(crate) spill: Vec<(RowKey, u64, Vec<u8>)>,
-    /// Spilled rows below an offset that retention trimmed: (topic, group, offset).
-    pub(crate) trim_spill: Vec<RowKey>,
+    /// Spilled rows to remove by offset range: retention's trim below the new start, and rows
+    /// past the log's end after a power loss in periodic mode.
+    pub(crate) trim_spill: Vec<SpillRange>,
     pub(crate) stopped: Vec<((String, u64), Option<u64>)>,
     pub(crate) dead: Vec<(DeadKey, Option<Vec<u8>>)>,
 }
@@ -490,8 +493,8 @@ pub(crate) fn apply(tx: &redb::WriteTransaction, batch: &Batch) -> Result<Vec<u6
         }
     }
     let mut trimmed = Vec::with_capacity(batch.trim_spill.len());
-    for (t, g, below) in &batch.trim_spill {
-        trimmed.push(drop_spilled(tx, t, g, 0, *below)?);
+    for (t, g, from, to) in &batch.trim_spill {
+        trimmed.push(drop_spilled(tx, t, g, *from, *to)?);
     }
     let mut topics = tx.open_table(TOPICS).map_err(db_error)?;
     let mut groups = tx.open_table(GROUPS).map_err(db_error)?;
