@@ -220,44 +220,39 @@ async fn embedded(args: EmbeddedArgs, json_out: bool) -> anyhow::Result<()> {
     );
     }
 
-    // Backlog: memory while filling, then recovery after kill -9.
-    if want("backlog") {
-        let scratch = Scratch::new(&base, "backlog");
-        let (rss, recovery) = fill_and_reopen(&scratch.0, args.backlog, false).await?;
-        say(
-        json_out,
-        format!(
-            "backlog of {} messages: filler RSS {} MiB at 10% / {} MiB at 100%; reopen after kill -9 + first read: {:.0} ms",
-            args.backlog,
-            rss.0 >> 20,
-            rss.1 >> 20,
-            recovery.as_secs_f64() * 1e3
-        ),
-    );
-        report.insert(
-        "backlog".into(),
-        json!({"messages": args.backlog, "rss_bytes_at_10_percent": rss.0, "rss_bytes_at_end": rss.1,
-               "recovery_ms": recovery.as_secs_f64() * 1e3}),
-    );
-    }
-    // Scheduled backlog: what delayed messages cost once their group has read past them (each a
-    // scheduled row, spilled to the state database beyond the resident window), and the reopen.
-    if want("delayed") {
-        let scratch = Scratch::new(&base, "delayed");
-        let (rss, recovery) = fill_and_reopen(&scratch.0, args.delayed, true).await?;
+    // Backlog: memory while filling, then recovery after kill -9. Scheduled backlog: what
+    // delayed messages cost once their group has read past them (each a scheduled row, spilled
+    // to the state database beyond the resident window), and the reopen.
+    for (name, n, delayed) in [
+        ("backlog", args.backlog, false),
+        ("delayed", args.delayed, true),
+    ] {
+        if !want(name) {
+            continue;
+        }
+        let scratch = Scratch::new(&base, name);
+        let (rss, recovery) = fill_and_reopen(&scratch.0, n, delayed).await?;
+        let (first, last) = match delayed {
+            false => (format!("backlog of {n} messages: filler RSS {} MiB at 10%", rss.0 >> 20), "at 100%"),
+            true => (
+                format!(
+                    "scheduled backlog of {n} delayed messages (due in 1 h): filler RSS {} MiB once the group read past 10% of them",
+                    rss.0 >> 20
+                ),
+                "past all",
+            ),
+        };
         say(
             json_out,
             format!(
-                "scheduled backlog of {} delayed messages (due in 1 h): filler RSS {} MiB once the group read past 10% of them / {} MiB past all; reopen after kill -9 + first read: {:.0} ms",
-                args.delayed,
-                rss.0 >> 20,
+                "{first} / {} MiB {last}; reopen after kill -9 + first read: {:.0} ms",
                 rss.1 >> 20,
                 recovery.as_secs_f64() * 1e3
             ),
         );
         report.insert(
-            "delayed".into(),
-            json!({"messages": args.delayed, "rss_bytes_at_10_percent": rss.0, "rss_bytes_at_end": rss.1,
+            name.into(),
+            json!({"messages": n, "rss_bytes_at_10_percent": rss.0, "rss_bytes_at_end": rss.1,
                    "recovery_ms": recovery.as_secs_f64() * 1e3}),
         );
     }
