@@ -1,9 +1,11 @@
 //! `relq`: run the demo, publish, consume, inspect topics and operate dead letters.
 //!
-//! Exit codes: 0 success, 1 operation failed, 2 bad usage or input (clap's convention), 3 not found.
+//! Exit codes (see [`Exit`]): 0 success, 1 operation failed, 2 bad usage or input (clap's
+//! convention), 3 not found, 4 the topic was terminated.
 
 mod bench;
 mod bench_redis;
+mod consume;
 mod crash;
 mod demo;
 
@@ -11,11 +13,9 @@ use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
-use relq::{
-    Broker, DeadLetter, DeadLetterQuery, FailureKind, Message, MessageId, NewMessage, StartPosition,
-};
+use relq::{Broker, DeadLetter, DeadLetterQuery, FailureKind, Message, MessageId, NewMessage};
 use serde_json::json;
 
 /// The backend of every command but the demo when no `--url` is given.
@@ -50,32 +50,21 @@ enum Command {
         topic: String,
         /// Message type.
         kind: String,
-        /// Payload (UTF-8).
-        payload: String,
+        /// Payload (UTF-8 text); `-` reads it from stdin.
+        #[arg(required_unless_present = "file", conflicts_with = "file")]
+        payload: Option<String>,
+        /// Read the payload from this file (any bytes).
+        #[arg(long)]
+        file: Option<std::path::PathBuf>,
         /// Header as name=value (repeatable).
-        #[arg(short = 'H', long = "header")]
-        headers: Vec<String>,
+        #[arg(short = 'H', long = "header", value_parser = parse_header)]
+        headers: Vec<(String, String)>,
         /// Deliver after this delay (e.g. 5s, 2m).
         #[arg(long, value_parser = humantime::parse_duration)]
         delay: Option<Duration>,
     },
-    /// Consume and print messages (acknowledging them).
-    Consume {
-        /// Topic.
-        topic: String,
-        /// Consumer group.
-        #[arg(long, default_value = "relq-cli")]
-        group: String,
-        /// Where a new group starts: earliest, latest or a message id.
-        #[arg(long, default_value = "earliest")]
-        from: String,
-        /// Stop after this many messages.
-        #[arg(long)]
-        count: Option<u64>,
-        /// Stop when no message arrived for this long.
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
-        idle: Duration,
-    },
+    /// Consume and print messages, acknowledging each only after it was written to stdout.
+    Consume(consume::ConsumeArgs),
     /// Show topics, groups, pending, lag and dead letters.
     Info {
         /// One topic (default: all).
@@ -122,12 +111,20 @@ enum DlqCommand {
     /// Replay dead letters to their topic (by id, or --all).
     Replay {
         topic: String,
+        /// Dead-letter ids.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
         ids: Vec<MessageId>,
+        /// Every dead letter of the topic.
         #[arg(long)]
         all: bool,
     },
     /// Delete dead letters.
-    Delete { topic: String, ids: Vec<MessageId> },
+    Delete {
+        topic: String,
+        /// Dead-letter ids.
+        #[arg(required = true)]
+        ids: Vec<MessageId>,
+    },
     /// Delete dead letters older than an age (default 30 days).
     Purge {
         topic: String,
@@ -138,32 +135,172 @@ enum DlqCommand {
     Stats { topic: String },
 }
 
+/// The exit codes of `relq`; documented in the README.
+pub(crate) struct Exit;
+
+impl Exit {
+    /// The operation failed (backend error, damaged data, I/O).
+    pub(crate) const FAILED: u8 = 1;
+    /// Bad usage or input: an unknown flag, an invalid name, id, header or URL.
+    pub(crate) const USAGE: u8 = 2;
+    /// What was asked for does not exist.
+    pub(crate) const NOT_FOUND: u8 = 3;
+    /// The topic was terminated (while `relq consume` ran, or before an operation on it).
+    pub(crate) const TERMINATED: u8 = 4;
+}
+
+/// An error that carries its exit code.
+#[derive(Debug)]
+pub(crate) struct ExitError {
+    code: u8,
+    message: String,
+}
+
+impl std::fmt::Display for ExitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ExitError {}
+
+pub(crate) fn exit(code: u8, message: impl Into<String>) -> anyhow::Error {
+    ExitError {
+        code,
+        message: message.into(),
+    }
+    .into()
+}
+
+fn exit_code(e: &anyhow::Error) -> u8 {
+    if let Some(x) = e.downcast_ref::<ExitError>() {
+        return x.code;
+    }
+    match e.downcast_ref::<relq::Error>() {
+        Some(relq::Error::NotFound(_)) => Exit::NOT_FOUND,
+        Some(relq::Error::Terminated(_)) => Exit::TERMINATED,
+        Some(relq::Error::Backend(b)) if b.kind == relq::BackendErrorKind::Terminated => {
+            Exit::TERMINATED
+        }
+        Some(
+            relq::Error::Name(_)
+            | relq::Error::Config(_)
+            | relq::Error::InvalidId(_)
+            | relq::Error::UnsupportedUrl { .. }
+            | relq::Error::PayloadTooLarge { .. }
+            | relq::Error::ReservedHeader(_)
+            | relq::Error::InvalidHeader { .. },
+        ) => Exit::USAGE,
+        _ => Exit::FAILED,
+    }
+}
+
+/// The error and its causes on one line, each cause once: a cause whose text the line already
+/// holds (errors that print their source themselves) is not repeated.
+fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+/// Resolves on the first SIGINT or SIGTERM with the signal's name. The handlers are installed
+/// when this is called (not when the future is first polled), so a signal that arrives after it
+/// cannot kill the process. Long-running commands select on it and shut down gracefully; a
+/// second signal ends the process at once (exit 130).
+pub(crate) fn shutdown_signal() -> impl std::future::Future<Output = &'static str> {
+    let first = Signals::install();
+    async move {
+        let name = first.recv().await;
+        let second = Signals::install();
+        tokio::spawn(async move {
+            second.recv().await;
+            eprintln!("second signal: exiting now; unfinished messages stay pending");
+            std::process::exit(130);
+        });
+        name
+    }
+}
+
+struct Signals {
+    #[cfg(unix)]
+    streams: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+impl Signals {
+    fn install() -> Signals {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let streams = match (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            ) {
+                (Ok(int), Ok(term)) => Some((int, term)),
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::warn!(error = %e, "cannot handle SIGINT/SIGTERM; they end the process at once");
+                    None
+                }
+            };
+            Signals { streams }
+        }
+        #[cfg(not(unix))]
+        Signals {}
+    }
+
+    async fn recv(self) -> &'static str {
+        #[cfg(unix)]
+        {
+            match self.streams {
+                Some((mut int, mut term)) => tokio::select! {
+                    _ = int.recv() => "SIGINT",
+                    _ = term.recv() => "SIGTERM",
+                },
+                None => std::future::pending().await,
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            "Ctrl-C"
+        }
+    }
+}
+
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err("expected name=value".to_owned()),
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
+    use std::io::IsTerminal;
+    // Warnings and errors reach the operator by default (a warning such as "Redis lost this
+    // topic's group" means messages may be gone); colour only on a terminal.
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("RELQ_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
-            match e.downcast_ref::<relq::Error>() {
-                Some(relq::Error::NotFound(_)) => ExitCode::from(3),
-                Some(
-                    relq::Error::Name(_)
-                    | relq::Error::Config(_)
-                    | relq::Error::InvalidId(_)
-                    | relq::Error::UnsupportedUrl { .. }
-                    | relq::Error::PayloadTooLarge { .. }
-                    | relq::Error::ReservedHeader(_),
-                ) => ExitCode::from(2),
-                _ => ExitCode::from(1),
-            }
+            eprintln!("error: {}", error_line(&e));
+            ExitCode::from(exit_code(&e))
         }
     }
 }
@@ -185,14 +322,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             topic,
             kind,
             payload,
+            file,
             headers,
             delay,
         } => {
-            let mut m = NewMessage::new(kind, payload);
-            for h in headers {
-                let (k, v) = h
-                    .split_once('=')
-                    .with_context(|| format!("header {h:?} is not name=value"))?;
+            let body: Vec<u8> = match (payload, file) {
+                (_, Some(path)) => std::fs::read(&path)
+                    .with_context(|| format!("reading the payload from {}", path.display()))?,
+                (Some(p), None) if p == "-" => {
+                    let mut buf = Vec::new();
+                    std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)
+                        .context("reading the payload from stdin")?;
+                    buf
+                }
+                (Some(p), None) => p.into_bytes(),
+                (None, None) => unreachable!("clap requires a payload or --file"),
+            };
+            let mut m = NewMessage::new(kind, body);
+            for (k, v) in headers {
                 m = m.header(k, v);
             }
             if let Some(d) = delay {
@@ -201,86 +348,78 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let id = broker.publish(&topic, m).await?;
             print_out(cli.json, json!({ "id": id }), || id.to_string());
         }
-        Command::Consume {
-            topic,
-            group,
-            from,
-            count,
-            idle,
-        } => {
-            let start: StartPosition = from.parse()?;
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Message>();
-            let consumer = broker
-                .consumer(&topic, &group)
-                .start(start)
-                .fallback(move |m: Message| {
-                    let tx = tx.clone();
-                    async move {
-                        tx.send(m)
-                            .map_err(|_| relq::HandlerError::retryable("printer stopped"))
-                    }
-                })
-                .build()?
-                .start()
-                .await?;
-            let mut n = 0;
-            while let Ok(Some(m)) = tokio::time::timeout(idle, rx.recv()).await {
-                print_out(cli.json, message_json(&m), || {
-                    format!(
-                        "{} {} attempt={} {}",
-                        m.id,
-                        m.kind,
-                        m.attempt,
-                        String::from_utf8_lossy(&m.payload)
-                    )
-                });
-                n += 1;
-                if count.is_some_and(|c| n >= c) {
-                    break;
-                }
-            }
-            consumer.shutdown(Duration::from_secs(5)).await;
-        }
-        Command::Info { topic } => {
-            let topics = match topic {
-                Some(t) => vec![t],
-                None => broker.topics().await?,
-            };
-            let mut infos = Vec::new();
-            for t in &topics {
-                infos.push(broker.topic_info(t).await?);
-            }
-            print_out(cli.json, serde_json::to_value(&infos)?, || {
-                if infos.is_empty() {
-                    return "no topics".to_owned();
-                }
-                let mut out = String::new();
-                for i in &infos {
-                    out += &format!(
-                        "topic {}: {} messages, {} dead letters, {} stopped\n",
-                        i.name,
-                        i.length,
-                        i.dead_letters,
-                        i.stopped.len()
-                    );
-                    for g in &i.groups {
-                        out += &format!(
-                            "  group {}: pending {} lag {} scheduled {} parked {} consumers {}\n",
-                            g.name,
-                            g.pending,
-                            g.lag,
-                            g.scheduled,
-                            g.parked,
-                            g.consumers.len()
-                        );
-                    }
-                }
-                out.trim_end().to_owned()
-            });
-        }
+        Command::Consume(args) => consume::run(&broker, args, cli.json).await?,
+        Command::Info { topic } => info(&broker, topic, cli.json).await?,
         Command::Dlq { command } => dlq(&broker, command, cli.json).await?,
     }
     Ok(())
+}
+
+/// Every topic's info; a topic that fails (a damaged segment, say) is reported with its error
+/// and the others are still shown. Exits non-zero when any failed.
+async fn info(broker: &Broker, topic: Option<String>, json_out: bool) -> anyhow::Result<()> {
+    let one = topic.is_some();
+    let topics = match topic {
+        Some(t) => vec![t],
+        None => broker.topics().await?,
+    };
+    let mut rows = Vec::new();
+    let mut failed = Vec::new();
+    for t in &topics {
+        match broker.topic_info(t).await {
+            Ok(i) => rows.push(serde_json::to_value(&i)?),
+            Err(e) if one => return Err(e.into()),
+            Err(e) => {
+                let e = anyhow::Error::from(e);
+                rows.push(json!({ "name": t, "error": error_line(&e) }));
+                failed.push(t.clone());
+            }
+        }
+    }
+    print_out(json_out, json!(rows), || {
+        if rows.is_empty() {
+            return "no topics".to_owned();
+        }
+        let mut out = String::new();
+        for i in &rows {
+            let name = i["name"].as_str().unwrap_or("?");
+            if let Some(e) = i["error"].as_str() {
+                out += &format!("topic {name}: ERROR {e}\n");
+                continue;
+            }
+            out += &format!(
+                "topic {name}: {} messages, {} dead letters, {} stopped\n",
+                i["length"],
+                i["dead_letters"],
+                i["stopped"].as_array().map_or(0, Vec::len)
+            );
+            for g in i["groups"].as_array().into_iter().flatten() {
+                out += &format!(
+                    "  group {}: pending {} lag {} scheduled {} parked {} consumers {}\n",
+                    g["name"].as_str().unwrap_or("?"),
+                    g["pending"],
+                    g["lag"],
+                    g["scheduled"],
+                    g["parked"],
+                    g["consumers"].as_array().map_or(0, Vec::len)
+                );
+            }
+        }
+        out.trim_end().to_owned()
+    });
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(exit(
+            Exit::FAILED,
+            format!(
+                "{} of {} topics could not be read: {}",
+                failed.len(),
+                topics.len(),
+                failed.join(", ")
+            ),
+        ))
+    }
 }
 
 async fn dlq(broker: &Broker, command: DlqCommand, json_out: bool) -> anyhow::Result<()> {
@@ -349,10 +488,10 @@ async fn dlq(broker: &Broker, command: DlqCommand, json_out: bool) -> anyhow::Re
         }
         DlqCommand::Replay { topic, ids, all } => {
             let dls = broker.dead_letters(&topic);
-            let done = match (all, ids.is_empty()) {
-                (true, true) => dls.replay_matching(&DeadLetterQuery::all()).await?,
-                (false, false) => dls.replay(&ids).await?,
-                _ => bail!("give dead-letter ids or --all (not both)"),
+            let done = if all {
+                dls.replay_matching(&DeadLetterQuery::all()).await?
+            } else {
+                dls.replay(&ids).await?
             };
             let map: BTreeMap<String, String> = done
                 .iter()
@@ -404,7 +543,7 @@ fn payload_json(p: &[u8]) -> serde_json::Value {
     }
 }
 
-fn message_json(m: &Message) -> serde_json::Value {
+pub(crate) fn message_json(m: &Message) -> serde_json::Value {
     json!({
         "id": m.id, "type": m.kind, "payload": payload_json(&m.payload), "headers": m.headers,
         "published_at": m.published_at.to_string(), "attempt": m.attempt,

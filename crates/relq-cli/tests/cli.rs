@@ -195,3 +195,354 @@ fn commands_work_against_redis() {
     assert_eq!(stats["total"].as_u64(), Some(n("dead_lettered")), "{stats}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn ok(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Publishes `n` messages `m-0`.. to `topic` through the library (one process, fast).
+fn publish_many(dir: &std::path::Path, topic: &str, n: usize) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let broker = relq::Broker::open(dir.join("relq-data")).unwrap();
+        let batch = (0..n)
+            .map(|i| relq::NewMessage::new("job", format!("m-{i}")))
+            .collect();
+        broker.publish_batch(topic, batch).await.unwrap();
+    });
+}
+
+/// The payloads printed by `relq --json consume`.
+fn payloads(stdout: &str) -> Vec<String> {
+    stdout
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+            v["payload"].as_str().unwrap().to_owned()
+        })
+        .collect()
+}
+
+/// `--count N` prints and acknowledges exactly N: the next run of the group gets the rest, none
+/// lost and none twice.
+#[test]
+fn consume_acknowledges_exactly_what_it_printed() {
+    let dir = fresh_dir();
+    publish_many(&dir, "orders", 40);
+    let mut seen = Vec::new();
+    for count in ["1", "15"] {
+        let out = relq_in(
+            &dir,
+            &[
+                "--json", "consume", "orders", "--group", "g", "--count", count,
+            ],
+        );
+        let got = payloads(&ok(&out));
+        assert_eq!(got.len().to_string(), count, "{got:?}");
+        seen.extend(got);
+    }
+    let out = relq_in(
+        &dir,
+        &[
+            "--json", "consume", "orders", "--group", "g", "--idle", "1s",
+        ],
+    );
+    seen.extend(payloads(&ok(&out)));
+    let expected: Vec<String> = (0..40).map(|i| format!("m-{i}")).collect();
+    assert_eq!(seen, expected, "every message printed once, in order");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A `relq consume` killed with SIGKILL after printing one message loses nothing: every message
+/// it did not print is printed by the next run (same consumer name, so its pending messages come
+/// back at once).
+#[test]
+fn consume_killed_with_sigkill_loses_nothing() {
+    use std::io::{BufRead, BufReader};
+    let dir = fresh_dir();
+    publish_many(&dir, "orders", 200);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_relq"))
+        .args([
+            "--json", "consume", "orders", "--group", "g", "--name", "w1", "--idle", "60s",
+        ])
+        .current_dir(&dir)
+        .env_remove("RELQ_URL")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().expect("a line").unwrap();
+    child.kill().unwrap();
+    let _ = child.wait();
+    // What the killed run managed to print before it died.
+    let mut seen = payloads(&first);
+    seen.extend(lines.map_while(Result::ok).flat_map(|l| payloads(&l)));
+    let out = relq_in(
+        &dir,
+        &[
+            "--json", "consume", "orders", "--group", "g", "--name", "w1", "--idle", "1s",
+        ],
+    );
+    seen.extend(payloads(&ok(&out)));
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 200, "every message printed at least once");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// SIGTERM and SIGINT stop `relq consume` gracefully: it exits by itself with code 0 (not
+/// killed by the signal) and says why on stderr.
+#[test]
+fn consume_shuts_down_gracefully_on_sigterm_and_sigint() {
+    use std::io::{BufRead, BufReader, Read};
+    let dir = fresh_dir();
+    publish_many(&dir, "orders", 2);
+    for signal in ["TERM", "INT"] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_relq"))
+            .args(["--json", "consume", "orders", "--idle", "60s"])
+            .args(["--group", signal])
+            .current_dir(&dir)
+            .env_remove("RELQ_URL")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        for _ in 0..2 {
+            lines.next().expect("a printed message").unwrap();
+        }
+        let kill = Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        let status = child.wait().unwrap();
+        let mut stderr = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        assert_eq!(status.code(), Some(0), "SIG{signal}: {status:?} {stderr}");
+        assert!(stderr.contains(&format!("SIG{signal}")), "{stderr}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn fails_with(out: &std::process::Output, code: i32, stderr_has: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "stdout {} stderr {stderr}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        stderr.contains(stderr_has),
+        "{stderr:?} lacks {stderr_has:?}"
+    );
+}
+
+/// Usage mistakes exit 2, a topic that does not exist 3, and an invalid name is a usage error
+/// (never "no dead letters") whose message does not echo a huge input back.
+#[test]
+fn usage_errors_and_names_are_checked_everywhere() {
+    let dir = fresh_dir();
+    fails_with(
+        &relq_in(&dir, &["publish", "t", "job", "x", "-H", "novalue"]),
+        2,
+        "name=value",
+    );
+    fails_with(&relq_in(&dir, &["dlq", "replay", "t"]), 2, "<IDS>");
+    fails_with(
+        &relq_in(&dir, &["dlq", "replay", "t", "1-0", "--all"]),
+        2,
+        "cannot be used",
+    );
+    fails_with(&relq_in(&dir, &["publish", "t", "job"]), 2, "<PAYLOAD>");
+    for bad in [" ", "*", &"x".repeat(10_000)] {
+        let out = relq_in(&dir, &["dlq", "list", bad]);
+        fails_with(&out, 2, "invalid topic name");
+        assert!(
+            out.stderr.len() < 500,
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    ok(&relq_in(&dir, &["publish", "orders", "job", "x"]));
+    fails_with(
+        &relq_in(&dir, &["dlq", "stats", "nothere"]),
+        3,
+        "topic \"nothere\" not found",
+    );
+    fails_with(&relq_in(&dir, &["dlq", "list", "nothere"]), 3, "not found");
+    let stats = ok(&relq_in(&dir, &["--json", "dlq", "stats", "orders"]));
+    assert!(stats.contains("\"total\":0"), "{stats}");
+    // An oversize header is refused with the limit named, and nothing is published.
+    let huge = format!("{}=v", "k".repeat(70_000));
+    fails_with(
+        &relq_in(&dir, &["publish", "orders", "job", "x", "-H", &huge]),
+        2,
+        "over the limit",
+    );
+    let info = ok(&relq_in(&dir, &["--json", "info", "orders"]));
+    assert!(info.contains("\"length\":1"), "{info}");
+    // A data directory that is a file names the path.
+    std::fs::write(dir.join("afile"), b"x").unwrap();
+    fails_with(
+        &relq_in(&dir, &["--url", "file://afile/sub", "info"]),
+        1,
+        "afile",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Payloads too big for an argument come from a file or stdin, byte for byte.
+#[test]
+fn publish_reads_the_payload_from_a_file_or_stdin() {
+    use std::io::Write;
+    let dir = fresh_dir();
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(dir.join("payload.bin"), &big).unwrap();
+    ok(&relq_in(
+        &dir,
+        &["publish", "blobs", "blob", "--file", "payload.bin"],
+    ));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_relq"))
+        .args(["publish", "blobs", "text", "-"])
+        .current_dir(&dir)
+        .env_remove("RELQ_URL")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"from stdin")
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let out = ok(&relq_in(
+        &dir,
+        &["--json", "consume", "blobs", "--count", "2"],
+    ));
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let hex: String = big.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(lines[0]["payload"]["hex"].as_str(), Some(hex.as_str()));
+    assert_eq!(lines[1]["payload"].as_str(), Some("from stdin"));
+    fails_with(
+        &relq_in(&dir, &["publish", "blobs", "blob", "--file", "missing.bin"]),
+        1,
+        "missing.bin",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A topic whose sealed segment is damaged: `relq info` shows the other topics and that topic's
+/// error and exits 1; `relq consume` of it exits non-zero and says why.
+#[test]
+fn a_damaged_topic_is_reported_and_does_not_hide_the_others() {
+    let dir = fresh_dir();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let config = relq::EmbeddedConfig::default().segment_size(4096);
+        let backend = relq::EmbeddedBackend::open_with(dir.join("relq-data"), config).unwrap();
+        let broker = relq::Broker::new(backend);
+        // One message per publish: segments roll between commits, so the first is sealed.
+        for topic in ["good", "bad"] {
+            for i in 0..100 {
+                let m = relq::NewMessage::new("job", format!("{topic}-{i:0>60}"));
+                broker.publish(topic, m).await.unwrap();
+            }
+        }
+    });
+    let topics = dir.join("relq-data").join("topics");
+    let bad = std::fs::read_dir(&topics)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("bad@"))
+        .unwrap();
+    let first = bad.join("00000000000000000000.seg");
+    let mut bytes = std::fs::read(&first).unwrap();
+    for b in &mut bytes[1000..1010] {
+        *b ^= 0xff;
+    }
+    std::fs::write(&first, bytes).unwrap();
+
+    let out = relq_in(&dir, &["--json", "info"]);
+    fails_with(&out, 1, "1 of 2 topics could not be read: bad");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = v.as_array().unwrap();
+    let good = rows.iter().find(|r| r["name"] == "good").unwrap();
+    assert_eq!(good["length"], 100, "{v}");
+    let bad = rows.iter().find(|r| r["name"] == "bad").unwrap();
+    assert!(bad["error"].as_str().unwrap().contains("corrupt"), "{v}");
+
+    let out = relq_in(&dir, &["consume", "bad", "--idle", "30s"]);
+    fails_with(&out, 1, "the consumer stopped");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A topic terminated while `relq consume` runs (Redis: another process terminates it) ends the
+/// command with exit code 4 and a message.
+#[test]
+fn consume_exits_4_when_its_topic_is_terminated() {
+    use std::io::{BufRead, BufReader, Read};
+    let Some(server) = relq_conformance::redis_server::RedisServer::start() else {
+        return;
+    };
+    let url = server.url();
+    let dir = fresh_dir();
+    ok(&relq_in(
+        &dir,
+        &["--url", &url, "publish", "doomed", "job", "x"],
+    ));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_relq"))
+        .args(["--url", &url, "consume", "doomed", "--idle", "60s"])
+        .current_dir(&dir)
+        .env_remove("RELQ_URL")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    lines.next().expect("the message").unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let broker = relq::Broker::connect(&url).await.unwrap();
+        assert!(broker.terminate("doomed").await.unwrap());
+    });
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert_eq!(status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("terminated"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

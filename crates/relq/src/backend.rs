@@ -97,9 +97,14 @@ impl std::str::FromStr for FailureKind {
             "no_handler" => FailureKind::NoHandler,
             "delivery_limit" => FailureKind::DeliveryLimit,
             other => {
-                return Err(crate::Error::NotFound(format!(
-                    "failure kind {other:?} (expected retryable, permanent, panic, timeout, no_handler or delivery_limit)"
-                )))
+                return Err(crate::error::ConfigError::new(
+                    "failure kind",
+                    format!(
+                        "{:?} is none of retryable, permanent, panic, timeout, no_handler, delivery_limit",
+                        crate::model::shorten(other)
+                    ),
+                )
+                .into())
             }
         })
     }

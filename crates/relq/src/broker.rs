@@ -7,10 +7,10 @@ use crate::backend::{Backend, CleanupReport, Retention, TopicInfo};
 use crate::consumer::ConsumerBuilder;
 use crate::dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
 use crate::embedded::EmbeddedBackend;
-use crate::error::{BackendError, BackendErrorKind, Error, Result};
+use crate::error::{BackendError, BackendErrorKind, Error, NotFound, Result};
 use crate::memory::MemoryBackend;
 use crate::model::{
-    validate_kind, validate_name, MessageId, NewMessage, Outgoing, Timestamp,
+    validate_headers, validate_kind, validate_name, MessageId, NewMessage, Outgoing, Timestamp,
     RESERVED_HEADER_PREFIX,
 };
 
@@ -125,8 +125,9 @@ impl Broker {
             .keys()
             .find(|h| h.starts_with(RESERVED_HEADER_PREFIX))
         {
-            return Err(Error::ReservedHeader(h.clone()));
+            return Err(Error::ReservedHeader(crate::model::shorten(h)));
         }
+        validate_headers(&m.headers)?;
         let deliver_at = match (m.deliver_at, m.delay) {
             (Some(at), _) => Some(at),
             (None, Some(d)) => Some(Timestamp::now().plus(d)),
@@ -201,7 +202,7 @@ impl Broker {
         if self.backend.stop_message(topic, id).await? {
             Ok(())
         } else {
-            Err(Error::NotFound(format!("topic {topic:?}")))
+            Err(Error::NotFound(NotFound::Topic(topic.to_owned())))
         }
     }
 
@@ -284,7 +285,7 @@ impl Broker {
         self.backend
             .topic_info(topic)
             .await?
-            .ok_or_else(|| Error::NotFound(format!("topic {topic:?}")))
+            .ok_or_else(|| Error::NotFound(NotFound::Topic(topic.to_owned())))
     }
 
     /// The dead letters of `topic`.
@@ -320,7 +321,20 @@ impl DeadLetters {
     /// # Errors
     /// The backend failed.
     pub async fn list(&self, query: &DeadLetterQuery) -> Result<Vec<DeadLetter>> {
-        Ok(self.backend.dead_letters(&self.topic, query).await?)
+        validate_name("topic", &self.topic)?;
+        let page = self.backend.dead_letters(&self.topic, query).await?;
+        if page.is_empty() {
+            self.exists().await?;
+        }
+        Ok(page)
+    }
+
+    /// An empty answer for a topic that does not exist is "not found", not "none".
+    async fn exists(&self) -> Result<()> {
+        match self.backend.topic_info(&self.topic).await? {
+            Some(_) => Ok(()),
+            None => Err(Error::NotFound(NotFound::Topic(self.topic.clone()))),
+        }
     }
 
     /// One dead letter.
@@ -328,10 +342,16 @@ impl DeadLetters {
     /// # Errors
     /// It does not exist, or the backend failed.
     pub async fn get(&self, id: DeadLetterId) -> Result<DeadLetter> {
+        validate_name("topic", &self.topic)?;
         self.backend
             .dead_letter(&self.topic, id)
             .await?
-            .ok_or_else(|| Error::NotFound(format!("dead letter {id} in topic {:?}", self.topic)))
+            .ok_or_else(|| {
+                Error::NotFound(NotFound::DeadLetter {
+                    topic: self.topic.clone(),
+                    id,
+                })
+            })
     }
 
     /// How many dead letters match `query`'s filters.
@@ -350,6 +370,7 @@ impl DeadLetters {
         query: &DeadLetterQuery,
         mut f: impl FnMut(&[DeadLetter]),
     ) -> Result<()> {
+        validate_name("topic", &self.topic)?;
         let mut q = query.clone().limit(500);
         loop {
             let page = self.backend.dead_letters(&self.topic, &q).await?;
@@ -368,6 +389,7 @@ impl DeadLetters {
     /// # Errors
     /// The backend failed.
     pub async fn replay(&self, ids: &[DeadLetterId]) -> Result<Vec<(DeadLetterId, MessageId)>> {
+        validate_name("topic", &self.topic)?;
         Ok(self.backend.replay_dead_letters(&self.topic, ids).await?)
     }
 
@@ -394,6 +416,7 @@ impl DeadLetters {
     /// # Errors
     /// The backend failed.
     pub async fn delete(&self, ids: &[DeadLetterId]) -> Result<u64> {
+        validate_name("topic", &self.topic)?;
         Ok(self.backend.delete_dead_letters(&self.topic, ids).await?)
     }
 
@@ -402,6 +425,7 @@ impl DeadLetters {
     /// # Errors
     /// The backend failed.
     pub async fn purge_older_than(&self, age: Duration) -> Result<u64> {
+        validate_name("topic", &self.topic)?;
         Ok(self
             .backend
             .purge_dead_letters(&self.topic, Timestamp::now().minus(age))
@@ -421,6 +445,11 @@ impl DeadLetters {
     /// # Errors
     /// The backend failed.
     pub async fn stats(&self) -> Result<DeadLetterStats> {
-        Ok(self.backend.dead_letter_stats(&self.topic).await?)
+        validate_name("topic", &self.topic)?;
+        let stats = self.backend.dead_letter_stats(&self.topic).await?;
+        if stats.total == 0 {
+            self.exists().await?;
+        }
+        Ok(stats)
     }
 }

@@ -2,7 +2,7 @@
 
 /// A name (topic, group, consumer, message type) was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid {what} name {name:?}: {reason}")]
+#[error("invalid {what} name {:?}: {reason}", crate::model::shorten(name))]
 pub struct NameError {
     pub(crate) what: &'static str,
     pub(crate) name: String,
@@ -120,9 +120,19 @@ pub enum Error {
     /// The topic was terminated.
     #[error("topic {0:?} was terminated")]
     Terminated(String),
+    /// A header is invalid or over a limit (see [`MAX_HEADERS`](crate::MAX_HEADERS)); nothing
+    /// was published.
+    #[error("invalid header {name:?}: {reason}; nothing was published")]
+    InvalidHeader {
+        /// The header's name (shortened when long; empty when the headers as a whole are over
+        /// a limit).
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// No such item.
     #[error("{0} not found")]
-    NotFound(String),
+    NotFound(NotFound),
     /// The URL names no backend this build supports.
     #[error("unsupported backend URL {url:?}: {reason}")]
     UnsupportedUrl {
@@ -139,6 +149,36 @@ pub enum Error {
 impl From<BackendError> for Error {
     fn from(e: BackendError) -> Self {
         Error::Backend(e)
+    }
+}
+
+/// What [`Error::NotFound`] did not find.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NotFound {
+    /// The topic does not exist (never published to, or terminated).
+    Topic(String),
+    /// No dead letter with this id in the topic.
+    DeadLetter {
+        /// The topic.
+        topic: String,
+        /// The dead letter's id.
+        id: crate::DeadLetterId,
+    },
+}
+
+impl std::fmt::Display for NotFound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotFound::Topic(t) => write!(f, "topic {:?}", crate::model::shorten(t)),
+            NotFound::DeadLetter { topic, id } => {
+                write!(
+                    f,
+                    "dead letter {id} in topic {:?}",
+                    crate::model::shorten(topic)
+                )
+            }
+        }
     }
 }
 

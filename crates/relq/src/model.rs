@@ -213,6 +213,70 @@ pub(crate) fn validate_kind(kind: &str) -> Result<(), NameError> {
     Ok(())
 }
 
+/// Most headers on one message.
+pub const MAX_HEADERS: usize = 64;
+/// Longest header name.
+pub const MAX_HEADER_NAME_LEN: usize = 256;
+/// Longest header value.
+pub const MAX_HEADER_VALUE_LEN: usize = 16 * 1024;
+
+/// Checks a message's headers against the limits every backend stores: at most [`MAX_HEADERS`],
+/// names of 1 to [`MAX_HEADER_NAME_LEN`] bytes without control characters, values of at most
+/// [`MAX_HEADER_VALUE_LEN`] bytes.
+pub(crate) fn validate_headers(headers: &BTreeMap<String, String>) -> Result<(), Error> {
+    let err = |name: &str, reason: String| Error::InvalidHeader {
+        name: shorten(name),
+        reason,
+    };
+    if headers.len() > MAX_HEADERS {
+        return Err(err(
+            "",
+            format!(
+                "{} headers exceed the limit of {MAX_HEADERS}",
+                headers.len()
+            ),
+        ));
+    }
+    for (k, v) in headers {
+        if k.is_empty() {
+            return Err(err(k, "a header name must not be empty".into()));
+        }
+        if k.len() > MAX_HEADER_NAME_LEN {
+            return Err(err(
+                k,
+                format!(
+                    "the name is {} bytes, over the limit of {MAX_HEADER_NAME_LEN}",
+                    k.len()
+                ),
+            ));
+        }
+        if k.chars().any(char::is_control) {
+            return Err(err(k, "the name contains control characters".into()));
+        }
+        if v.len() > MAX_HEADER_VALUE_LEN {
+            return Err(err(
+                k,
+                format!(
+                    "the value is {} bytes, over the limit of {MAX_HEADER_VALUE_LEN}",
+                    v.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A name as shown in an error: at most 64 characters, so a hostile 10 KB input is not echoed
+/// back whole.
+pub(crate) fn shorten(s: &str) -> String {
+    const SHOWN: usize = 64;
+    if s.chars().count() <= SHOWN {
+        return s.to_owned();
+    }
+    let head: String = s.chars().take(SHOWN).collect();
+    format!("{head}... ({} bytes)", s.len())
+}
+
 /// Header names starting with this prefix are reserved for relq.
 pub const RESERVED_HEADER_PREFIX: &str = "relq-";
 /// Header set on a replayed dead letter: the id of the dead letter it came from.

@@ -536,9 +536,14 @@ impl EmbeddedBackend {
             .list(root)
             .map(|names| names.iter().any(|n| n == "state.redb"))
             .unwrap_or(false);
-        storage
-            .create_dir_all(&topics_dir)
-            .map_err(io_error("creating the data directory"))?;
+        storage.create_dir_all(&topics_dir).map_err(|e| {
+            BackendError::new(
+                NAME,
+                BackendErrorKind::Fatal,
+                format!("creating the data directory {}: {e}", root.display()),
+            )
+            .with_source(e)
+        })?;
         let lock_guard = match storage
             .lock_dir(root)
             .map_err(io_error("locking the data directory"))?

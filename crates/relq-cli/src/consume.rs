@@ -1,0 +1,248 @@
+//! `relq consume`: print messages of a group and acknowledge each only after it was written.
+//!
+//! The handler itself writes the message to stdout and flushes before it returns `Ok`, so the
+//! runtime acknowledges only what reached stdout. With `--count N` exactly N handlers print; a
+//! message delivered beyond the count waits in its handler without printing until the shutdown
+//! cancels it, which leaves it pending (delivered again later) instead of acknowledging it
+//! unseen. A write that fails (stdout closed) leaves its message pending too and stops the
+//! command.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use relq::{Backoff, Broker, HandlerError, Message, StartPosition, StopReason};
+use tokio::sync::Notify;
+
+use crate::{exit, message_json, shutdown_signal, Exit};
+
+#[derive(Args)]
+pub(crate) struct ConsumeArgs {
+    /// Topic.
+    topic: String,
+    /// Consumer group.
+    #[arg(long, default_value = "relq-cli")]
+    group: String,
+    /// Consumer name within the group. Give the same name after a crash to take back the
+    /// messages the killed run left pending at once (another name waits --claim-after).
+    /// Default: a random name.
+    #[arg(long)]
+    name: Option<String>,
+    /// Where a new group starts: earliest, latest or a message id.
+    #[arg(long, default_value = "earliest")]
+    from: String,
+    /// Stop after printing (and acknowledging) exactly this many messages.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Stop when no message arrived for this long.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    idle: Duration,
+    /// Messages another consumer of the group has held this long are taken over.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    claim_after: Duration,
+    /// Deliveries of one message before it is dead-lettered (a message whose consumers keep
+    /// crashing while holding it).
+    #[arg(long, default_value_t = 5)]
+    max_attempts: u32,
+    /// On SIGINT or SIGTERM, wait this long for messages being printed before leaving the rest
+    /// pending.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    shutdown_timeout: Duration,
+}
+
+/// State shared by the printing handlers and the command.
+struct Printer {
+    json: bool,
+    count: Option<u64>,
+    /// Slots taken by handlers (at most `count` print).
+    taken: AtomicU64,
+    /// Messages written and flushed.
+    printed: AtomicU64,
+    /// A write to stdout failed; the command stops with this error.
+    failed: Mutex<Option<String>>,
+    progress: Notify,
+}
+
+impl Printer {
+    async fn handle(&self, m: Message) -> Result<(), HandlerError> {
+        let slot = self.taken.fetch_add(1, Ordering::SeqCst);
+        if self.count.is_some_and(|c| slot >= c) || self.has_failed() {
+            // Over the count (or stdout is gone): never print, never acknowledge. The shutdown
+            // cancels this wait and the message stays pending.
+            std::future::pending::<()>().await;
+        }
+        let line = if self.json {
+            message_json(&m).to_string()
+        } else {
+            format!(
+                "{} {} attempt={} {}",
+                m.id,
+                m.kind,
+                m.attempt,
+                String::from_utf8_lossy(&m.payload)
+            )
+        };
+        let written = {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{line}").and_then(|()| out.flush())
+        };
+        match written {
+            Ok(()) => {
+                self.printed.fetch_add(1, Ordering::SeqCst);
+                self.progress.notify_one();
+                Ok(())
+            }
+            Err(e) => {
+                if let Ok(mut f) = self.failed.lock() {
+                    f.get_or_insert_with(|| format!("writing to stdout failed: {e}"));
+                }
+                self.progress.notify_one();
+                std::future::pending::<()>().await;
+                Ok(())
+            }
+        }
+    }
+
+    fn has_failed(&self) -> bool {
+        self.failed.lock().map(|f| f.is_some()).unwrap_or(true)
+    }
+
+    fn printed(&self) -> u64 {
+        self.printed.load(Ordering::SeqCst)
+    }
+}
+
+/// Why the command stopped waiting for messages.
+enum End {
+    Done,
+    Signal(&'static str),
+    Stopped(StopReason),
+}
+
+pub(crate) async fn run(broker: &Broker, args: ConsumeArgs, json: bool) -> anyhow::Result<()> {
+    let start: StartPosition = args.from.parse()?;
+    let printer = Arc::new(Printer {
+        json,
+        count: args.count,
+        taken: AtomicU64::new(0),
+        printed: AtomicU64::new(0),
+        failed: Mutex::new(None),
+        progress: Notify::new(),
+    });
+    if args.count == Some(0) {
+        return Ok(());
+    }
+    let handler_timeout = (args.claim_after / 2).min(Duration::from_secs(30));
+    let mut builder = broker
+        .consumer(&args.topic, &args.group)
+        .start(start)
+        .concurrency(1)
+        .read_batch(1)
+        .claim_after(args.claim_after)
+        .handler_timeout(handler_timeout.max(Duration::from_millis(1)))
+        .retry(Backoff::default().max_attempts(args.max_attempts));
+    if let Some(n) = &args.name {
+        builder = builder.name(n);
+    }
+    // Installed before the consumer starts: a signal from now on is a graceful stop.
+    let signal = shutdown_signal();
+    let p = printer.clone();
+    let consumer = builder
+        .fallback(move |m: Message| {
+            let p = p.clone();
+            async move { p.handle(m).await }
+        })
+        .build()?
+        .start()
+        .await?;
+
+    let end = {
+        tokio::pin!(signal);
+        let mut seen = 0;
+        loop {
+            let wait = printer.progress.notified();
+            tokio::pin!(wait);
+            wait.as_mut().enable();
+            if printer.has_failed() {
+                break End::Done;
+            }
+            let printed = printer.printed();
+            if args.count.is_some_and(|c| printed >= c) {
+                break End::Done;
+            }
+            tokio::select! {
+                () = &mut wait => {}
+                name = &mut signal => break End::Signal(name),
+                reason = consumer.done() => break End::Stopped(reason),
+                () = tokio::time::sleep(args.idle) => {
+                    if printer.printed() == seen {
+                        break End::Done;
+                    }
+                }
+            }
+            seen = printer.printed();
+        }
+    };
+    // Every printed message's acknowledgement is queued once `processed` counts it; the
+    // shutdown flushes queued acknowledgements whatever its deadline, and cancels the handlers
+    // still waiting (their messages stay pending).
+    let deadline = match end {
+        End::Signal(name) => {
+            eprintln!(
+                "{name}: stopping; messages being printed get {:?}, the rest stay pending",
+                args.shutdown_timeout
+            );
+            args.shutdown_timeout
+        }
+        _ => {
+            // Bounded: a print slower than the handler timeout was counted as a timeout (and
+            // is retried), never as processed.
+            let printed = printer.printed();
+            let settled = async {
+                while consumer.stats().processed < printed && !consumer.is_stopped() {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(5), settled).await;
+            Duration::ZERO
+        }
+    };
+    let stopped_by_itself = consumer.is_stopped();
+    let reason = if stopped_by_itself {
+        Some(consumer.done().await)
+    } else {
+        None
+    };
+    let report = consumer.shutdown(deadline).await;
+    if report.abandoned > 0 && matches!(end, End::Signal(_)) {
+        eprintln!(
+            "{} messages were still being printed at the deadline; they stay pending",
+            report.abandoned
+        );
+    }
+    if let Some(e) = printer.failed.lock().ok().and_then(|f| f.clone()) {
+        return Err(anyhow::anyhow!(e)).context("the message stays pending");
+    }
+    match (end, reason) {
+        (End::Stopped(r), _) | (_, Some(r)) => stop_error(&args.topic, r),
+        _ => Ok(()),
+    }
+}
+
+fn stop_error(topic: &str, reason: StopReason) -> anyhow::Result<()> {
+    match reason {
+        StopReason::Shutdown => Ok(()),
+        StopReason::TopicTerminated => Err(exit(
+            Exit::TERMINATED,
+            format!("topic {topic:?} was terminated while consuming"),
+        )),
+        StopReason::Failed(e) => Err(exit(Exit::FAILED, format!("the consumer stopped: {e}"))),
+        other => Err(exit(
+            Exit::FAILED,
+            format!("the consumer stopped: {other:?}"),
+        )),
+    }
+}
