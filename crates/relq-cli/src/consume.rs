@@ -239,10 +239,6 @@ fn stop_error(topic: &str, reason: StopReason) -> anyhow::Result<()> {
             Exit::TERMINATED,
             format!("topic {topic:?} was terminated while consuming"),
         )),
-        StopReason::Failed(e) => Err(exit(Exit::FAILED, format!("the consumer stopped: {e}"))),
-        other => Err(exit(
-            Exit::FAILED,
-            format!("the consumer stopped: {other:?}"),
-        )),
+        other => Err(exit(Exit::FAILED, format!("the consumer stopped: {other}"))),
     }
 }

@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use clap::Args;
 use relq::{
-    AttemptFailure, Backend, DeadLetter, EmbeddedBackend, EmbeddedConfig, FailureKind, MessageId,
-    Outgoing, Settlement, StartPosition, Timestamp,
+    AttemptFailure, Backend, DeadLetter, EmbeddedBackend, EmbeddedConfig, FailureKind, Outgoing,
+    Settlement, StartPosition, Timestamp,
 };
 
 #[derive(Args)]
@@ -145,21 +145,15 @@ pub(crate) async fn run(args: CrashArgs) -> anyhow::Result<()> {
 }
 
 fn dead_letter(consumer: &str, d: &relq::Delivery) -> DeadLetter {
-    let now = Timestamp::now();
-    DeadLetter {
-        id: MessageId::ZERO,
-        message: d.message.clone(),
-        topic: "t".into(),
-        group: "g".into(),
+    let last = AttemptFailure {
+        attempt: d.message.attempt,
+        at: Timestamp::now(),
         consumer: consumer.to_owned(),
-        handler: "job".into(),
-        reason: FailureKind::Permanent,
-        category: Some("crash-test".into()),
-        error_chain: vec!["rejected by the crash test".into()],
-        backtrace: None,
-        attempts: d.message.attempt,
-        first_failed_at: now,
-        last_failed_at: now,
-        failures: Vec::new(),
-    }
+        kind: FailureKind::Permanent,
+        error: "rejected by the crash test".into(),
+    };
+    let mut dl = DeadLetter::new(d.message.clone(), "t", "g", last);
+    dl.category = Some("crash-test".into());
+    dl.failures = Vec::new();
+    dl
 }

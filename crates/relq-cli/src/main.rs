@@ -1,10 +1,11 @@
 //! `relq`: run the demo, publish, consume, inspect topics and operate dead letters.
 //!
 //! Exit codes (see [`Exit`]): 0 success, 1 operation failed, 2 bad usage or input (clap's
-//! convention), 3 not found, 4 the topic was terminated.
+//! convention), 3 not found, 4 the topic was terminated, 5 `relq check` found damage.
 
 mod bench;
 mod bench_redis;
+mod check;
 mod consume;
 mod crash;
 mod demo;
@@ -78,6 +79,18 @@ enum Command {
     /// The workload of the kill -9 crash test (see crates/relq-cli/tests/crash.rs).
     #[command(hide = true)]
     CrashChild(crash::CrashArgs),
+    /// Verify a data directory (the embedded engine): every segment's checksums and the state
+    /// database's consistency with the logs. Changes nothing; works while another process holds
+    /// the directory. Exit 0 when nothing needs the operator, 5 when damage was found.
+    Check {
+        /// The data directory (default: the --url's directory, or ./relq-data).
+        dir: Option<std::path::PathBuf>,
+        /// After reporting, cut damaged records (and every record after them in that segment)
+        /// out of active segments, so the directory opens again. Records cut are lost: restore
+        /// from a backup instead if you can. Needs the directory not to be in use.
+        #[arg(long)]
+        repair: bool,
+    },
     /// Inspect and operate dead letters.
     Dlq {
         #[command(subcommand)]
@@ -147,6 +160,8 @@ impl Exit {
     pub(crate) const NOT_FOUND: u8 = 3;
     /// The topic was terminated (while `relq consume` ran, or before an operation on it).
     pub(crate) const TERMINATED: u8 = 4;
+    /// `relq check` found damage that needs the operator.
+    pub(crate) const DAMAGED: u8 = 5;
 }
 
 /// An error that carries its exit code.
@@ -310,12 +325,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => return demo::run(args, cli.url.as_deref(), cli.json).await,
         Command::CrashChild(args) => return crash::run(args).await,
         Command::Bench { command } => return bench::run(command, cli.json).await,
+        Command::Check { dir, repair } => {
+            let dir = match (dir, cli.url.as_deref()) {
+                (Some(d), _) => d,
+                (None, Some(url)) => match url.split_once("://") {
+                    Some(("file", path)) if !path.is_empty() => path.into(),
+                    _ => return Err(exit(
+                        Exit::USAGE,
+                        format!(
+                            "relq check verifies a data directory; {url:?} is not a file:// URL"
+                        ),
+                    )),
+                },
+                (None, None) => DEFAULT_URL.trim_start_matches("file://").into(),
+            };
+            return check::run(&dir, repair, cli.json);
+        }
         other => other,
     };
     let url = cli.url.as_deref().unwrap_or(DEFAULT_URL);
     let broker = Broker::connect(url).await?;
     match command {
-        Command::Demo(_) | Command::CrashChild(_) | Command::Bench { .. } => {
+        Command::Demo(_)
+        | Command::CrashChild(_)
+        | Command::Bench { .. }
+        | Command::Check { .. } => {
             unreachable!("handled above")
         }
         Command::Publish {
@@ -527,7 +561,7 @@ async fn dlq(broker: &Broker, command: DlqCommand, json_out: bool) -> anyhow::Re
     Ok(())
 }
 
-fn print_out(json_out: bool, value: serde_json::Value, human: impl FnOnce() -> String) {
+pub(crate) fn print_out(json_out: bool, value: serde_json::Value, human: impl FnOnce() -> String) {
     if json_out {
         println!("{value}");
     } else {

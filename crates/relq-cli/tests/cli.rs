@@ -546,3 +546,85 @@ fn consume_exits_4_when_its_topic_is_terminated() {
     assert!(stderr.contains("terminated"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The topic directory of `topic` in the default data directory under `dir`.
+fn topic_dir(dir: &std::path::Path, topic: &str) -> std::path::PathBuf {
+    std::fs::read_dir(dir.join("relq-data").join("topics"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(&format!("{topic}@"))
+        })
+        .unwrap()
+}
+
+/// Damage inside record 2 of 5 acknowledged messages in the active segment: `relq info` refuses
+/// loudly (never a silent cut), `relq check` reports the corruption with its offsets and exits 5
+/// without changing anything, `relq check --repair` is the operator's decision to cut, and a new
+/// publish afterwards gets an id no group has passed.
+#[test]
+fn damage_in_the_active_segment_is_reported_and_repaired_only_on_request() {
+    let dir = fresh_dir();
+    for i in 0..5 {
+        ok(&relq_in(
+            &dir,
+            &["publish", "orders", "job", &format!("order-{i}")],
+        ));
+    }
+    let out = ok(&relq_in(
+        &dir,
+        &[
+            "--json", "consume", "orders", "--group", "g", "--count", "5",
+        ],
+    ));
+    assert_eq!(payloads(&out).len(), 5);
+    let seg = topic_dir(&dir, "orders").join("00000000000000000000.seg");
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let first_len = u32::from_le_bytes(bytes[0..4].try_into().unwrap()) as usize + 8;
+    for b in &mut bytes[first_len + 12..first_len + 16] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&seg, &bytes).unwrap();
+
+    let out = relq_in(&dir, &["info", "orders"]);
+    fails_with(&out, 1, "relq check");
+    let out = relq_in(&dir, &["--json", "check"]);
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let damage = &report["topics"][0]["damage"][0];
+    assert_eq!(damage["kind"], "corruption", "{report}");
+    assert_eq!(damage["records_after"], 3, "{report}");
+    assert_eq!(std::fs::read(&seg).unwrap(), bytes, "check changed nothing");
+
+    let out = relq_in(&dir, &["check", "--repair"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ok(&relq_in(&dir, &["check"]));
+    ok(&relq_in(
+        &dir,
+        &["publish", "orders", "job", "after-repair"],
+    ));
+    let out = ok(&relq_in(
+        &dir,
+        &[
+            "--json", "consume", "orders", "--group", "g", "--idle", "1s",
+        ],
+    ));
+    assert_eq!(
+        payloads(&out),
+        ["after-repair"],
+        "group g gets the new message"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -84,6 +84,7 @@ macro_rules! __conformance_tests {
             delayed_publish_is_not_delivered_early,
             message_without_handler_is_dead_lettered,
             bad_input_is_rejected_and_nothing_is_published,
+            headers_at_their_limits_round_trip,
             model_based_random_operations_lose_nothing,
         );
     };

@@ -1175,6 +1175,49 @@ pub async fn message_without_handler_is_dead_lettered(b: Broker) {
 }
 
 /// Bad names, payloads, headers and configuration are clear errors; nothing is published.
+/// A message at every header limit (the most headers, the longest names and values) is stored
+/// and delivered byte for byte.
+pub async fn headers_at_their_limits_round_trip(b: Broker) {
+    let topic = unique("hdr");
+    let mut m = NewMessage::new("job", "x");
+    let mut want = BTreeMap::new();
+    for i in 0..relq::MAX_HEADERS {
+        let name = format!("{i:03}{}", "n".repeat(relq::MAX_HEADER_NAME_LEN - 3));
+        let prefix = format!("{i}é");
+        let value = format!(
+            "{prefix}{}",
+            "v".repeat(relq::MAX_HEADER_VALUE_LEN - prefix.len())
+        );
+        m = m.header(name.clone(), value.clone());
+        want.insert(name, value);
+    }
+    b.publish(&topic, m).await.unwrap();
+    let got: Arc<Mutex<Vec<Message>>> = Arc::default();
+    let g = got.clone();
+    let c = b
+        .consumer(&topic, "g")
+        .start(StartPosition::Earliest)
+        .handler("job", move |m: Message| {
+            let g = g.clone();
+            async move {
+                g.lock().unwrap().push(m);
+                Ok(())
+            }
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    wait_until("delivered", LONG, || async {
+        !got.lock().unwrap().is_empty()
+    })
+    .await;
+    c.shutdown(LONG).await;
+    let m = got.lock().unwrap()[0].clone();
+    assert_eq!(m.headers, want);
+}
+
 pub async fn bad_input_is_rejected_and_nothing_is_published(b: Broker) {
     let topic = unique("bad");
     let b = b.with_max_payload(1024);
@@ -1199,6 +1242,26 @@ pub async fn bad_input_is_rejected_and_nothing_is_published(b: Broker) {
         b.publish(&topic, reserved).await,
         Err(Error::ReservedHeader(_))
     ));
+    // Every header limit: count, empty, long or control-character names, long values.
+    let many = (0..=relq::MAX_HEADERS).fold(NewMessage::new("job", "x"), |m, i| {
+        m.header(format!("h{i}"), "v")
+    });
+    let oversize = [
+        many,
+        NewMessage::new("job", "x").header("", "v"),
+        NewMessage::new("job", "x").header("k".repeat(relq::MAX_HEADER_NAME_LEN + 1), "v"),
+        NewMessage::new("job", "x").header("k".repeat(70_000), "v"),
+        NewMessage::new("job", "x").header("a\nb", "v"),
+        NewMessage::new("job", "x").header("k", "v".repeat(relq::MAX_HEADER_VALUE_LEN + 1)),
+    ];
+    for m in oversize {
+        match b.publish(&topic, m).await {
+            Err(Error::InvalidHeader { name, reason }) => {
+                assert!(name.len() < 200 && !reason.is_empty(), "{name} {reason}");
+            }
+            other => panic!("expected an invalid-header error, got {other:?}"),
+        }
+    }
     // A batch with one bad message publishes nothing.
     let batch = vec![
         NewMessage::new("job", "ok"),
@@ -1409,31 +1472,18 @@ pub async fn model_based_random_operations_lose_nothing(b: Broker) {
                             )
                         }
                         _ => {
-                            let msg = Message {
+                            let msg = Message::new(
                                 id,
-                                kind: "job".into(),
-                                payload: Default::default(),
-                                headers: Default::default(),
-                                published_at: now,
-                                deliver_at: None,
+                                relq::Outgoing {
+                                    kind: "job".into(),
+                                    payload: Default::default(),
+                                    headers: Default::default(),
+                                    deliver_at: None,
+                                },
+                                now,
                                 attempt,
-                            };
-                            let dl = relq::DeadLetter {
-                                id: MessageId::ZERO,
-                                message: msg,
-                                topic: topic.clone(),
-                                group: "g".into(),
-                                consumer: failure.consumer.clone(),
-                                handler: "job".into(),
-                                reason: FailureKind::Retryable,
-                                category: None,
-                                error_chain: vec!["e".into()],
-                                backtrace: None,
-                                attempts: attempt,
-                                first_failed_at: now,
-                                last_failed_at: now,
-                                failures: vec![failure],
-                            };
+                            );
+                            let dl = relq::DeadLetter::new(msg, topic.clone(), "g", failure);
                             (Settlement::DeadLetter(Box::new(dl)), State::Dead)
                         }
                     };

@@ -545,3 +545,19 @@ async fn acl_user_with_password_works_and_a_wrong_password_is_refused() {
         "a wrong password is not retried for the whole retry window"
     );
 }
+
+/// A topic another program created by the documented format, before any relq process touched
+/// it, is listed and described like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_written_by_other_programs_are_listed() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    server.cli(&["XADD", "relq:{outside}:s", "*", "type", "job", "data", "x"]);
+    // Keys that only look similar are not topics.
+    server.cli(&["XADD", "relq:{bad name}:s", "*", "type", "job", "data", "x"]);
+    server.cli(&["SET", "relq:{notastream}:s", "x"]);
+    let broker = Broker::connect(&server.url()).await.unwrap();
+    assert_eq!(broker.topics().await.unwrap(), vec!["outside".to_owned()]);
+    assert_eq!(broker.topic_info("outside").await.unwrap().length, 1);
+}

@@ -112,6 +112,7 @@ impl std::str::FromStr for FailureKind {
 
 /// A delivered message with the failures of its earlier attempts.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Delivery {
     /// The message; `message.attempt` is the delivery count including this one.
     pub message: Message,
@@ -119,8 +120,16 @@ pub struct Delivery {
     pub failures: Vec<AttemptFailure>,
 }
 
+impl Delivery {
+    /// A delivery of `message` after the earlier attempts' `failures` (oldest first).
+    pub fn new(message: Message, failures: Vec<AttemptFailure>) -> Delivery {
+        Delivery { message, failures }
+    }
+}
+
 /// How a delivered message ends this delivery. Applied by [`Backend::settle`].
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub enum Settlement {
     /// Processed: remove from pending.
     Ack(MessageId),
@@ -192,6 +201,7 @@ impl Retention {
 
 /// What a cleanup removed.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct CleanupReport {
     /// Messages removed because every group had acknowledged them.
     pub removed: u64,
@@ -201,6 +211,7 @@ pub struct CleanupReport {
 
 /// One consumer of a group.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct ConsumerInfo {
     /// Its name.
     pub name: String,
@@ -212,6 +223,7 @@ pub struct ConsumerInfo {
 
 /// One group of a topic.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct GroupInfo {
     /// Its name.
     pub name: String,
@@ -231,6 +243,7 @@ pub struct GroupInfo {
 
 /// A topic's state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct TopicInfo {
     /// Its name.
     pub name: String,
@@ -246,6 +259,47 @@ pub struct TopicInfo {
     pub stopped: Vec<MessageId>,
     /// Dead letters stored.
     pub dead_letters: u64,
+}
+
+impl TopicInfo {
+    /// An empty topic named `name`; a backend fills in the rest.
+    pub fn new(name: impl Into<String>) -> TopicInfo {
+        TopicInfo {
+            name: name.into(),
+            length: 0,
+            first_id: None,
+            last_id: None,
+            groups: Vec::new(),
+            stopped: Vec::new(),
+            dead_letters: 0,
+        }
+    }
+}
+
+impl GroupInfo {
+    /// A group named `name` whose cursor is at `cursor`; a backend fills in the rest.
+    pub fn new(name: impl Into<String>, cursor: MessageId) -> GroupInfo {
+        GroupInfo {
+            name: name.into(),
+            cursor,
+            pending: 0,
+            lag: 0,
+            scheduled: 0,
+            parked: 0,
+            consumers: Vec::new(),
+        }
+    }
+}
+
+impl ConsumerInfo {
+    /// A consumer holding `pending` messages, idle for `idle_ms`.
+    pub fn new(name: impl Into<String>, pending: u64, idle_ms: u64) -> ConsumerInfo {
+        ConsumerInfo {
+            name: name.into(),
+            pending,
+            idle_ms,
+        }
+    }
 }
 
 /// A storage system relq runs on.

@@ -179,6 +179,7 @@ impl Broker {
             .map_err(|e| match e.kind {
                 BackendErrorKind::Full => Error::Full {
                     topic: topic.to_owned(),
+                    limit: e.limit(),
                     detail: e.message,
                 },
                 _ => Error::Backend(e),
@@ -247,7 +248,8 @@ impl Broker {
         let broker = self.clone();
         let topic = topic.to_owned();
         let task = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
+            // A zero period would panic in tokio; an interval below a millisecond is a busy loop.
+            let mut tick = tokio::time::interval(interval.max(Duration::from_millis(1)));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
@@ -299,6 +301,7 @@ impl Broker {
 
 /// A periodic cleanup started by [`Broker::spawn_cleanup`]; dropping it stops it.
 #[derive(Debug)]
+#[must_use = "dropping the task stops the cleanup"]
 pub struct CleanupTask(tokio::task::JoinHandle<()>);
 
 impl Drop for CleanupTask {
@@ -312,6 +315,15 @@ impl Drop for CleanupTask {
 pub struct DeadLetters {
     backend: Arc<dyn Backend>,
     topic: String,
+}
+
+impl std::fmt::Debug for DeadLetters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeadLetters")
+            .field("backend", &self.backend.name())
+            .field("topic", &self.topic)
+            .finish()
+    }
 }
 
 impl DeadLetters {

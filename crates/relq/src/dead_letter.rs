@@ -13,6 +13,7 @@ pub type DeadLetterId = MessageId;
 /// The failure record of a message that was given up on. It holds a copy of the message, so topic
 /// retention never loses it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct DeadLetter {
     /// Its id; assigned by the backend when stored.
     pub id: DeadLetterId,
@@ -42,6 +43,36 @@ pub struct DeadLetter {
     pub last_failed_at: Timestamp,
     /// Every failed attempt, oldest first.
     pub failures: Vec<AttemptFailure>,
+}
+
+impl DeadLetter {
+    /// The dead letter of `message` in `topic`, given up on by `group` after `last` failed: the
+    /// consumer, reason, error and attempt count come from `last`; the handler is the message's
+    /// type. The id is assigned by the backend when it is stored. Set the other fields (category,
+    /// error chain, the earlier failures) as needed.
+    pub fn new(
+        message: Message,
+        topic: impl Into<String>,
+        group: impl Into<String>,
+        last: AttemptFailure,
+    ) -> DeadLetter {
+        DeadLetter {
+            id: DeadLetterId::ZERO,
+            handler: message.kind.clone(),
+            topic: topic.into(),
+            group: group.into(),
+            consumer: last.consumer.clone(),
+            reason: last.kind,
+            category: None,
+            error_chain: vec![last.error.clone()],
+            backtrace: None,
+            attempts: last.attempt,
+            first_failed_at: last.at,
+            last_failed_at: last.at,
+            failures: vec![last],
+            message,
+        }
+    }
 }
 
 /// A filter and page for listing dead letters.

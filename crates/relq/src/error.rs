@@ -45,6 +45,29 @@ pub enum BackendErrorKind {
     Fatal,
 }
 
+/// Which limit a full backend reached ([`BackendErrorKind::Full`], [`Error::Full`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Limit {
+    /// The disk under the data directory has no room (the embedded engine).
+    Disk,
+    /// The backend's configured message capacity (the in-memory backend's `capacity`).
+    Capacity,
+    /// The server's memory limit (Redis `maxmemory`).
+    Memory,
+}
+
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Limit::Disk => "disk space",
+            Limit::Capacity => "message capacity",
+            Limit::Memory => "server memory",
+        })
+    }
+}
+
 /// An error reported by a backend.
 #[derive(Debug, thiserror::Error)]
 #[error("{backend} backend: {message}")]
@@ -55,6 +78,7 @@ pub struct BackendError {
     pub backend: &'static str,
     /// What happened, for a human.
     pub message: String,
+    limit: Option<Limit>,
     #[source]
     source: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
@@ -66,8 +90,22 @@ impl BackendError {
             kind,
             backend,
             message: message.into(),
+            limit: None,
             source: None,
         }
+    }
+
+    /// A [`Full`](BackendErrorKind::Full) error: `limit` was reached.
+    pub fn full(backend: &'static str, limit: Limit, message: impl Into<String>) -> Self {
+        BackendError {
+            limit: Some(limit),
+            ..BackendError::new(backend, BackendErrorKind::Full, message)
+        }
+    }
+
+    /// For a [`Full`](BackendErrorKind::Full) error, which limit was reached.
+    pub fn limit(&self) -> Option<Limit> {
+        self.limit
     }
 
     /// Attaches the underlying cause.
@@ -109,11 +147,14 @@ pub enum Error {
         /// The configured limit.
         max: usize,
     },
-    /// The backend stayed full for the whole publish timeout; nothing was published.
-    #[error("topic {topic:?} is full ({detail}); nothing was published: consume or clean up the topic, or raise its capacity")]
+    /// The backend reached a limit (and, where it waits for room, stayed full for the whole
+    /// publish timeout); nothing was published.
+    #[error("topic {topic:?} is full ({detail}); nothing was published: consume or clean up the topic, or raise the limit")]
     Full {
         /// The topic.
         topic: String,
+        /// Which limit, when the backend says.
+        limit: Option<Limit>,
         /// The backend's account of the limit and how long it waited.
         detail: String,
     },

@@ -1,4 +1,4 @@
-#![warn(missing_docs)]
+#![warn(missing_docs, missing_debug_implementations)]
 //! relq: reliable, at-least-once message processing.
 //!
 //! Publish messages to topics; consume them in consumer groups. Every group receives every
@@ -71,8 +71,13 @@ pub use consumer::{
     Consumer, ConsumerBuilder, ConsumerHandle, ConsumerStats, ShutdownReport, StopReason,
 };
 pub use dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
-pub use embedded::{Durability, EmbeddedBackend, EmbeddedConfig, EngineStats};
-pub use error::{BackendError, BackendErrorKind, ConfigError, Error, NameError, NotFound, Result};
+pub use embedded::{
+    CheckReport, DamageKind, Durability, EmbeddedBackend, EmbeddedConfig, EngineStats, Recovery,
+    SegmentDamage, TopicCheck,
+};
+pub use error::{
+    BackendError, BackendErrorKind, ConfigError, Error, Limit, NameError, NotFound, Result,
+};
 pub use handler::{BatchConfig, BatchHandler, Handler, HandlerError};
 pub use memory::{MemoryBackend, MemoryConfig};
 pub use model::{

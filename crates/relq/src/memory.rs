@@ -25,8 +25,8 @@ use crate::backend::{
     Retention, Settlement, Subscription, TopicInfo,
 };
 use crate::dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
-use crate::error::{BackendError, BackendErrorKind, ConfigError};
-use crate::model::{Message, MessageId, Outgoing, StartPosition, Timestamp};
+use crate::error::{BackendError, BackendErrorKind, ConfigError, Limit};
+use crate::model::{instant_after, Message, MessageId, Outgoing, StartPosition, Timestamp};
 
 const NAME: &str = "memory";
 
@@ -479,7 +479,7 @@ impl Backend for MemoryBackend {
                 ),
             ));
         }
-        let deadline = tokio::time::Instant::now() + self.config.publish_timeout;
+        let deadline = instant_after(tokio::time::Instant::now(), self.config.publish_timeout);
         loop {
             let space = self.space.notified();
             tokio::pin!(space);
@@ -503,9 +503,9 @@ impl Backend for MemoryBackend {
                 }
             }
             if tokio::time::timeout_at(deadline, space).await.is_err() {
-                return Err(BackendError::new(
+                return Err(BackendError::full(
                     NAME,
-                    BackendErrorKind::Full,
+                    Limit::Capacity,
                     format!(
                         "it holds its capacity of {} messages and no space was freed within {:?}",
                         self.config.capacity, self.config.publish_timeout
@@ -576,7 +576,7 @@ impl Backend for MemoryBackend {
         max: usize,
         wait: Duration,
     ) -> Result<Vec<Delivery>, BackendError> {
-        let deadline = tokio::time::Instant::now() + wait;
+        let deadline = instant_after(tokio::time::Instant::now(), wait);
         loop {
             let ready = self.ready.notified();
             tokio::pin!(ready);
@@ -908,7 +908,10 @@ mod tests {
         let broker = Broker::new(b);
         assert!(matches!(
             broker.publish("t", NewMessage::new("job", "y")).await,
-            Err(Error::Full { .. })
+            Err(Error::Full {
+                limit: Some(crate::Limit::Capacity),
+                ..
+            })
         ));
     }
 

@@ -50,14 +50,20 @@ impl Timestamp {
         Timestamp(u64::try_from(wall0 + shift + tokio_ms).unwrap_or(0))
     }
 
-    /// This timestamp plus `d`, saturating.
+    /// The latest time relq computes: 9999-12-31T23:59:59.999Z, the last instant RFC 3339 can
+    /// write. A delay of [`Duration::MAX`] means "this far", not an overflow.
+    pub const MAX: Timestamp = Timestamp(253_402_300_799_999);
+
+    /// This timestamp plus `d`, saturating at [`Timestamp::MAX`].
     pub fn plus(self, d: Duration) -> Timestamp {
-        Timestamp(self.0.saturating_add(d.as_millis() as u64))
+        let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        Timestamp(self.0.saturating_add(ms).min(Timestamp::MAX.0.max(self.0)))
     }
 
     /// This timestamp minus `d`, saturating at the epoch.
     pub fn minus(self, d: Duration) -> Timestamp {
-        Timestamp(self.0.saturating_sub(d.as_millis() as u64))
+        let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        Timestamp(self.0.saturating_sub(ms))
     }
 
     /// How long after `earlier` this timestamp is (zero if it is not after it).
@@ -90,12 +96,23 @@ fn restep(wall0: i64, real_elapsed: i64, wall: i64, shift: i64) -> Option<i64> {
 
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if *self > Timestamp::MAX {
+            // Only from stored data relq did not write; RFC 3339 has no year past 9999.
+            return write!(f, "{} ms after the Unix epoch", self.0);
+        }
         write!(
             f,
             "{}",
             humantime::format_rfc3339_millis(self.to_system_time())
         )
     }
+}
+
+/// `from + d`, or a point ~30 years after `from` when `d` is too large to add (a deadline of
+/// [`Duration::MAX`] means "never", not a panic).
+pub(crate) fn instant_after(from: tokio::time::Instant, d: Duration) -> tokio::time::Instant {
+    const FAR: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
+    from.checked_add(d.min(FAR)).unwrap_or(from)
 }
 
 /// A message id, ordered within a topic: `<milliseconds>-<sequence>`, the form Redis Streams uses,
@@ -289,6 +306,7 @@ pub const HEADER_REPLAY_GROUP: &str = "relq-replay-group";
 
 /// A message to publish.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[must_use = "a message does nothing until it is published"]
 pub struct NewMessage {
     pub(crate) kind: String,
     pub(crate) payload: Bytes,
@@ -358,6 +376,7 @@ pub struct Outgoing {
 
 /// A message as stored in a topic and handed to handlers.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Message {
     /// The id the backend assigned.
     pub id: MessageId,
@@ -377,6 +396,25 @@ pub struct Message {
 }
 
 impl Message {
+    /// The message a backend stored as `id` from `outgoing`, published at `published_at`, in its
+    /// delivery number `attempt` (1 for the first).
+    pub fn new(
+        id: MessageId,
+        outgoing: Outgoing,
+        published_at: Timestamp,
+        attempt: u32,
+    ) -> Message {
+        Message {
+            id,
+            kind: outgoing.kind,
+            payload: outgoing.payload,
+            headers: outgoing.headers,
+            published_at,
+            deliver_at: outgoing.deliver_at,
+            attempt,
+        }
+    }
+
     /// The value of header `name`.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).map(String::as_str)

@@ -22,6 +22,7 @@ pub struct Failure<'a> {
 
 /// What to do after a failed attempt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RetryDecision {
     /// Deliver again after this delay. The retry is scheduled in the backend; no task sleeps.
     RetryAfter(Duration),
@@ -221,7 +222,9 @@ impl Backoff {
                 } else {
                     1.0
                 };
-                Duration::from_secs_f64((base * jitter).min(max.as_secs_f64()).max(0.0))
+                // Saturating: `max` may be Duration::MAX, beyond what f64 seconds convert back.
+                Duration::try_from_secs_f64((base * jitter).min(max.as_secs_f64()).max(0.0))
+                    .map_or(max, |d| d.min(max))
             }
         }
     }

@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use relq::{
-    Backend, BackendErrorKind, Broker, EmbeddedBackend, EmbeddedConfig, NewMessage, Retention,
-    Settlement, StartPosition,
+    Backend, BackendErrorKind, Broker, DamageKind, EmbeddedBackend, EmbeddedConfig, NewMessage,
+    Recovery, Retention, Settlement, StartPosition,
 };
 
 struct TempDir(PathBuf);
@@ -542,4 +542,272 @@ async fn retention_keeps_the_segments_of_spilled_messages() {
     let b = EmbeddedBackend::open_with(dir.path(), small()).unwrap();
     let info = b.topic_info("t").await.unwrap().unwrap();
     assert_eq!((info.length, info.groups[0].scheduled), (0, 0));
+}
+
+/// The start position of each record in a segment file (until the first zero length).
+fn record_starts(seg: &Path) -> Vec<u64> {
+    let data = std::fs::read(seg).unwrap();
+    let mut out = Vec::new();
+    let mut pos = 0usize;
+    while pos + 8 <= data.len() {
+        let len = u32::from_le_bytes(data[pos..pos + 4].try_into().unwrap()) as usize;
+        if len == 0 {
+            break;
+        }
+        out.push(pos as u64);
+        pos += 8 + len;
+    }
+    out
+}
+
+/// Publishes `n` messages one by one, has group `g` read and acknowledge them, and closes.
+async fn published_and_acked(dir: &TempDir, n: usize) -> Vec<relq::MessageId> {
+    let b = open(dir);
+    let sub = b
+        .join("t", "g", "c", StartPosition::Earliest)
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for i in 0..n {
+        ids.extend(publish(&b, "t", 1, 10 + i).await);
+    }
+    let got = b.read(&sub, 100, Duration::ZERO).await.unwrap();
+    assert_eq!(got.len(), n);
+    let acks: Vec<Settlement> = got.iter().map(|d| Settlement::Ack(d.message.id)).collect();
+    b.settle(&sub, &acks).await.unwrap();
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_record_followed_by_valid_ones_is_corruption_not_a_torn_tail() {
+    let dir = TempDir::new("active-corrupt");
+    let ids = published_and_acked(&dir, 5).await;
+    let seg = segments(&dir).pop().unwrap();
+    let starts = record_starts(&seg);
+    assert_eq!(starts.len(), 5);
+    // Four bytes inside record 2 (offset 1), in its body.
+    let before = std::fs::read(&seg).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+        f.write_all_at(&[0xde, 0xad, 0xbe, 0xef], starts[1] + 20)
+            .unwrap();
+    }
+    let damaged = std::fs::read(&seg).unwrap();
+    assert_ne!(before, damaged);
+    let e = EmbeddedBackend::open_with(dir.path(), small()).unwrap_err();
+    assert_eq!(e.kind, BackendErrorKind::Corrupt, "{e}");
+    let msg = e.to_string();
+    let name = seg.file_name().unwrap().to_str().unwrap();
+    for want in [
+        "\"t\"",
+        name,
+        &format!("position {}", starts[1]),
+        "offset 0",
+        "offset 2",
+        "3 valid records",
+        "relq check",
+    ] {
+        assert!(msg.contains(want), "{want:?} missing from: {msg}");
+    }
+    // Nothing was cut: the segment is as the damage left it.
+    assert_eq!(std::fs::read(&seg).unwrap(), damaged);
+
+    // `relq check` sees the same, and changes nothing either.
+    let report = EmbeddedBackend::check(dir.path()).unwrap();
+    assert!(!report.is_ok());
+    let t = &report.topics[0];
+    assert_eq!(t.damage.len(), 1, "{report:#?}");
+    let d = &t.damage[0];
+    assert_eq!(d.kind, DamageKind::Corruption);
+    assert_eq!(d.position, starts[1]);
+    assert_eq!(d.last_good_offset, Some(0));
+    assert_eq!(
+        (d.records_after, d.first_offset_after, d.last_offset_after),
+        (3, Some(2), Some(4))
+    );
+    assert!(
+        t.state_problems.iter().any(|p| p.contains("\"g\"")),
+        "group g read past the damage: {report:#?}"
+    );
+    assert_eq!(std::fs::read(&seg).unwrap(), damaged);
+
+    // The operator's decision: cut the damaged tail.
+    let b = EmbeddedBackend::open_with(dir.path(), small().recovery(Recovery::CutDamagedTail))
+        .expect("open with repair");
+    let info = b.topic_info("t").await.unwrap().unwrap();
+    assert_eq!(info.length, 1, "record 0 is kept");
+    assert_eq!(info.last_id, Some(ids[0]));
+    let new = publish(&b, "t", 1, 10).await;
+    assert!(
+        ids.iter().all(|id| new[0].seq > id.seq),
+        "offset {} handed out again",
+        new[0].seq
+    );
+    // Group g had passed the old offsets: it still receives the new message.
+    let sub = b
+        .join("t", "g", "c", StartPosition::Earliest)
+        .await
+        .unwrap();
+    let got = b.read(&sub, 100, Duration::ZERO).await.unwrap();
+    let seqs: Vec<u64> = got.iter().map(|d| d.message.id.seq).collect();
+    assert_eq!(seqs, [new[0].seq]);
+    drop(b);
+    // Repaired for good: a plain open works, and a new group reads what is stored.
+    let b = open(&dir);
+    let sub = b
+        .join("t", "fresh", "c", StartPosition::Earliest)
+        .await
+        .unwrap();
+    let got = b.read(&sub, 100, Duration::ZERO).await.unwrap();
+    let seqs: Vec<u64> = got.iter().map(|d| d.message.id.seq).collect();
+    assert_eq!(seqs, [0, new[0].seq]);
+    drop(b);
+    let report = EmbeddedBackend::check(dir.path()).unwrap();
+    assert!(report.is_ok(), "{report:#?}");
+    assert_eq!(report.topics[0].skipped_offsets, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segment_truncated_mid_record_is_cut_and_its_offsets_are_not_reused() {
+    let dir = TempDir::new("truncated");
+    let ids = published_and_acked(&dir, 5).await;
+    let seg = segments(&dir).pop().unwrap();
+    let starts = record_starts(&seg);
+    // Mid-record 3 (offset 2): nothing valid follows, a torn tail by definition.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .set_len(starts[2] + 10)
+        .unwrap();
+    let b = open(&dir);
+    let info = b.topic_info("t").await.unwrap().unwrap();
+    assert_eq!(info.length, 2, "records 0 and 1 are kept");
+    assert_eq!(info.last_id, Some(ids[1]));
+    // Group g had read and acknowledged offsets up to 4: a new message must come after them,
+    // or g would never receive it.
+    let new = publish(&b, "t", 1, 10).await;
+    assert!(
+        new[0].seq > ids[4].seq,
+        "offset {} handed out again (the group passed {})",
+        new[0].seq,
+        ids[4].seq
+    );
+    let sub = b
+        .join("t", "g", "c", StartPosition::Earliest)
+        .await
+        .unwrap();
+    let got = b.read(&sub, 100, Duration::ZERO).await.unwrap();
+    let seqs: Vec<u64> = got.iter().map(|d| d.message.id.seq).collect();
+    assert_eq!(seqs, [new[0].seq], "group g receives the new message");
+    drop(b);
+    // The skip survives a reopen: a new group reads what is stored, in order.
+    let b = open(&dir);
+    let sub = b
+        .join("t", "fresh", "c", StartPosition::Earliest)
+        .await
+        .unwrap();
+    let got = b.read(&sub, 100, Duration::ZERO).await.unwrap();
+    let seqs: Vec<u64> = got.iter().map(|d| d.message.id.seq).collect();
+    assert_eq!(seqs, [0, 1, new[0].seq]);
+    assert_eq!(b.topic_info("t").await.unwrap().unwrap().length, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_bytes_over_the_state_database_are_a_corrupt_error_not_a_panic() {
+    let dir = TempDir::new("state-corrupt");
+    {
+        let b = open(&dir);
+        for t in ["a", "b", "c"] {
+            let sub = b.join(t, "g", "c", StartPosition::Earliest).await.unwrap();
+            publish(&b, t, 50, 10).await;
+            let got = b.read(&sub, 20, Duration::ZERO).await.unwrap();
+            let acks: Vec<Settlement> = got.iter().map(|d| Settlement::Ack(d.message.id)).collect();
+            b.settle(&sub, &acks).await.unwrap();
+        }
+    }
+    let path = dir.path().join("state.redb");
+    let pristine = std::fs::read(&path).unwrap();
+    // 4 KiB of pseudo-random bytes over each 4 KiB page of the file in turn (the middle of a
+    // small database may be a free page; others hold the B-trees).
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let junk: Vec<u8> = (0..4096)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let mut corrupt = 0;
+    for page in 0..pristine.len() / 4096 {
+        let mut data = pristine.clone();
+        data[page * 4096..(page + 1) * 4096].copy_from_slice(&junk);
+        std::fs::write(&path, &data).unwrap();
+        let opened = std::panic::catch_unwind(|| EmbeddedBackend::open_with(dir.path(), small()));
+        match opened {
+            Err(_) => panic!("opening a state database damaged at page {page} panicked"),
+            Ok(Err(e)) => {
+                assert_eq!(e.kind, BackendErrorKind::Corrupt, "page {page}: {e}");
+                let msg = e.to_string();
+                assert!(msg.contains("state.redb"), "{msg}");
+                assert!(msg.contains("relq check"), "{msg}");
+                corrupt += 1;
+            }
+            // A free page: nothing read it.
+            Ok(Ok(b)) => drop(b),
+        }
+    }
+    assert!(corrupt > 0, "some damage must be found");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reads_a_directory_in_use_and_changes_nothing() {
+    let dir = TempDir::new("check");
+    let b = open(&dir);
+    let sub = b
+        .join("t", "g", "c", StartPosition::Earliest)
+        .await
+        .unwrap();
+    publish(&b, "t", 300, 100).await;
+    let got = b.read(&sub, 50, Duration::ZERO).await.unwrap();
+    let acks: Vec<Settlement> = got.iter().map(|d| Settlement::Ack(d.message.id)).collect();
+    b.settle(&sub, &acks).await.unwrap();
+    let files = |dir: &TempDir| -> Vec<(PathBuf, Vec<u8>)> {
+        let mut out: Vec<(PathBuf, Vec<u8>)> = segments(dir)
+            .into_iter()
+            .map(|p| {
+                let data = std::fs::read(&p).unwrap();
+                (p, data)
+            })
+            .collect();
+        let db = dir.path().join("state.redb");
+        out.push((db.clone(), std::fs::read(&db).unwrap()));
+        out
+    };
+    let before = files(&dir);
+    // While `b` holds the directory.
+    let report = EmbeddedBackend::check(dir.path()).unwrap();
+    assert!(report.is_ok(), "{report:#?}");
+    let t = &report.topics[0];
+    assert_eq!((t.topic.as_str(), t.records, t.end_offset), ("t", 300, 300));
+    assert!(t.segments > 2);
+    assert_eq!(files(&dir), before, "the check changed nothing");
+    let json = serde_json::to_string(&report).unwrap();
+    assert!(json.contains("\"records\":300"), "{json}");
+    drop(b);
+
+    // Damage in a sealed segment is found too, and stays as it is.
+    let sealed = segments(&dir)[0].clone();
+    let mut data = std::fs::read(&sealed).unwrap();
+    data[200] ^= 0x40;
+    std::fs::write(&sealed, &data).unwrap();
+    let report = EmbeddedBackend::check(dir.path()).unwrap();
+    assert!(!report.is_ok());
+    let d = &report.topics[0].damage[0];
+    assert_eq!(d.kind, DamageKind::Corruption);
+    assert_eq!(d.segment, sealed);
+    assert_eq!(std::fs::read(&sealed).unwrap(), data);
+    assert!(EmbeddedBackend::check(dir.path().join("nope")).is_err());
 }

@@ -242,7 +242,7 @@ async fn a_panicking_settler_stops_the_consumer() {
         .await
         .expect("the consumer must stop when its settler is gone");
     assert!(
-        matches!(&reason, relq::StopReason::Failed(why) if why.contains("settler panicked")),
+        matches!(&reason, relq::StopReason::Failed(why) if why.message.contains("settler panicked")),
         "{reason:?}"
     );
     // The message was handled but never settled: it stays pending.

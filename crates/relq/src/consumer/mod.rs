@@ -10,21 +10,61 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::broker::Broker;
-use crate::error::{ConfigError, Error};
+use crate::error::{BackendError, BackendErrorKind, ConfigError, Error};
 use crate::handler::{BatchConfig, BatchHandler, Handler};
 use crate::model::{validate_kind, validate_name, StartPosition};
 use crate::retry::{Backoff, RetryPolicy};
 
 /// Why a consumer stopped.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 #[non_exhaustive]
 pub enum StopReason {
     /// [`ConsumerHandle::shutdown`] was called.
     Shutdown,
     /// The topic was terminated; the consumer stopped by itself.
     TopicTerminated,
-    /// The backend failed in a way the consumer cannot recover from.
-    Failed(String),
+    /// The backend failed in a way the consumer cannot recover from (corrupt data, a poisoned
+    /// engine, a refused request), or the runtime itself failed (kind
+    /// [`Fatal`](crate::BackendErrorKind::Fatal)). The error says which; its messages stay
+    /// pending and are delivered again once the cause is fixed.
+    Failed(Arc<BackendError>),
+}
+
+impl StopReason {
+    /// A failure of the consumer runtime itself (not of the backend).
+    pub(crate) fn runtime_failure(message: &str) -> StopReason {
+        StopReason::Failed(Arc::new(BackendError::new(
+            "consumer runtime",
+            BackendErrorKind::Fatal,
+            message,
+        )))
+    }
+}
+
+/// Two failures are equal when their kind and message are.
+impl PartialEq for StopReason {
+    fn eq(&self, other: &StopReason) -> bool {
+        match (self, other) {
+            (StopReason::Shutdown, StopReason::Shutdown)
+            | (StopReason::TopicTerminated, StopReason::TopicTerminated) => true,
+            (StopReason::Failed(a), StopReason::Failed(b)) => {
+                a.kind == b.kind && a.backend == b.backend && a.message == b.message
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Eq for StopReason {}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StopReason::Shutdown => f.write_str("shut down"),
+            StopReason::TopicTerminated => f.write_str("the topic was terminated"),
+            StopReason::Failed(e) => write!(f, "failed: {e}"),
+        }
+    }
 }
 
 /// Counters of one running consumer.
@@ -66,6 +106,7 @@ impl Counters {
 
 /// What a graceful shutdown did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ShutdownReport {
     /// Handlers still running at the deadline, cancelled; their messages stay pending and are
     /// delivered again (to this consumer name on restart, or claimed by another consumer).
@@ -90,6 +131,7 @@ pub(crate) struct Config {
 }
 
 /// Builds a [`Consumer`]; from [`Broker::consumer`].
+#[must_use = "a consumer builder does nothing until built and started"]
 pub struct ConsumerBuilder {
     broker: Broker,
     topic: String,
@@ -107,6 +149,27 @@ pub struct ConsumerBuilder {
     batch_handlers: HashMap<String, (BatchConfig, Arc<dyn BatchHandler>)>,
     fallback: Option<Arc<dyn Handler>>,
     include_stack_trace: bool,
+}
+
+impl std::fmt::Debug for ConsumerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsumerBuilder")
+            .field("topic", &self.topic)
+            .field("group", &self.group)
+            .field("consumer", &self.consumer)
+            .field("start", &self.start)
+            .field("concurrency", &self.concurrency)
+            .field("read_batch", &self.read_batch)
+            .field("claim_after", &self.claim_after)
+            .field("handler_timeout", &self.handler_timeout)
+            .field("handlers", &self.handlers.keys().collect::<Vec<_>>())
+            .field(
+                "batch_handlers",
+                &self.batch_handlers.keys().collect::<Vec<_>>(),
+            )
+            .field("fallback", &self.fallback.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl ConsumerBuilder {
@@ -284,13 +347,14 @@ impl ConsumerBuilder {
             .map(|(c, _)| c.max_wait)
             .max()
             .unwrap_or_default();
-        if !self.batch_handlers.is_empty() && self.claim_after <= self.handler_timeout + batch_wait
+        if !self.batch_handlers.is_empty()
+            && self.claim_after <= self.handler_timeout.saturating_add(batch_wait)
         {
             return Err(ConfigError::new(
                 "claim_after",
                 format!(
                     "must exceed handler_timeout plus the longest batch max_wait ({:?}), or a message waiting in a batch is claimed while it is still held",
-                    self.handler_timeout + batch_wait
+                    self.handler_timeout.saturating_add(batch_wait)
                 ),
             )
             .into());
@@ -333,9 +397,20 @@ impl ConsumerBuilder {
 }
 
 /// A configured consumer; [`Consumer::start`] runs it.
+#[must_use = "a consumer does nothing until started"]
 pub struct Consumer {
     broker: Broker,
     config: Arc<Config>,
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("topic", &self.config.topic)
+            .field("group", &self.config.group)
+            .field("consumer", &self.config.consumer)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Consumer {
@@ -388,6 +463,16 @@ pub struct ConsumerHandle {
     report: watch::Receiver<Option<ShutdownReport>>,
 }
 
+impl std::fmt::Debug for ConsumerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsumerHandle")
+            .field("name", &self.name)
+            .field("stats", &self.stats())
+            .field("stopped", &*self.done.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
 impl ConsumerHandle {
     /// The consumer's name.
     pub fn name(&self) -> &str {
@@ -417,7 +502,7 @@ impl ConsumerHandle {
                 return rx
                     .borrow()
                     .clone()
-                    .unwrap_or_else(|| StopReason::Failed("consumer task ended".into()));
+                    .unwrap_or_else(|| StopReason::runtime_failure("the consumer task ended"));
             }
         }
     }

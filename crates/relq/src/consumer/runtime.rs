@@ -26,7 +26,7 @@ use crate::backend::{AttemptFailure, Backend, Delivery, FailureKind, Settlement,
 use crate::dead_letter::DeadLetter;
 use crate::error::{BackendError, BackendErrorKind};
 use crate::handler::{BatchConfig, BatchHandler, Handler, HandlerError, CAPTURE_BACKTRACE};
-use crate::model::{MessageId, Timestamp, HEADER_REPLAY_GROUP};
+use crate::model::{instant_after, MessageId, Timestamp, HEADER_REPLAY_GROUP};
 use crate::retry::{Failure, RetryDecision};
 
 /// Settlements flushed per backend call.
@@ -237,7 +237,7 @@ pub(crate) async fn run(
         (StopReason::Shutdown, Some(d)) => d,
         _ => Duration::ZERO,
     };
-    let deadline_at = Instant::now() + deadline;
+    let deadline_at = instant_after(Instant::now(), deadline);
     let all = config.concurrency as u32;
     let mut abandoned = 0;
     if tokio::time::timeout_at(deadline_at, permits.acquire_many(all))
@@ -294,7 +294,7 @@ async fn fetch_loop(
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => match p {
                 Ok(p) => p,
-                Err(_) => return StopReason::Failed("permit semaphore closed".into()),
+                Err(_) => return StopReason::runtime_failure("permit semaphore closed"),
             },
             _ = changed(stop) => continue,
             _ = changed(fatal) => continue,
@@ -338,7 +338,7 @@ async fn fetch_loop(
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                     continue;
                 }
-                _ => return StopReason::Failed(e.to_string()),
+                _ => return StopReason::Failed(Arc::new(e)),
             },
         };
         if recovering {
@@ -350,7 +350,10 @@ async fn fetch_loop(
             }
         }
         if claiming && deliveries.len() < max {
-            next_claim = Instant::now() + (c.claim_after / 2).max(Duration::from_millis(10));
+            next_claim = instant_after(
+                Instant::now(),
+                (c.claim_after / 2).max(Duration::from_millis(10)),
+            );
         }
         let mut permit = Some(permit);
         for d in deliveries {
@@ -358,7 +361,7 @@ async fn fetch_loop(
                 Some(p) => p,
                 None => match permits.clone().acquire_owned().await {
                     Ok(p) => p,
-                    Err(_) => return StopReason::Failed("permit semaphore closed".into()),
+                    Err(_) => return StopReason::runtime_failure("permit semaphore closed"),
                 },
             };
             dispatch(ctx, batchers, d, p).await;
@@ -499,7 +502,8 @@ async fn batcher(
         let started = Instant::now();
         let mut batch = vec![first];
         while batch.len() < cfg.size {
-            let until = (Instant::now() + cfg.timeout).min(started + cfg.max_wait);
+            let until = instant_after(Instant::now(), cfg.timeout)
+                .min(instant_after(started, cfg.max_wait));
             match tokio::time::timeout_at(until, rx.recv()).await {
                 Ok(Some(x)) => batch.push(x),
                 Ok(None) | Err(_) => break,
@@ -672,8 +676,8 @@ async fn settler(
     impl Drop for StopOnPanic<'_> {
         fn drop(&mut self) {
             if std::thread::panicking() {
-                let _ = self.0.send(Some(StopReason::Failed(
-                    "the settler panicked; unsettled messages stay pending".into(),
+                let _ = self.0.send(Some(StopReason::runtime_failure(
+                    "the settler panicked; unsettled messages stay pending",
                 )));
             }
         }
@@ -731,7 +735,9 @@ fn handle_settle_error(
     }
     tracing::error!(error = %e, "settling failed; the messages stay pending and will be delivered again");
     if !e.is_transient() {
-        let _ = fatal.send(Some(StopReason::Failed(e.to_string())));
+        // The error is kept (kind, backend, message) for whoever reads the stop reason.
+        let kept = BackendError::new(e.backend, e.kind, e.message.clone());
+        let _ = fatal.send(Some(StopReason::Failed(Arc::new(kept))));
     }
     false
 }

@@ -262,6 +262,32 @@ mod tests {
         }
     }
 
+    proptest! {
+        /// Any bytes at all decode to a record, the end, "incomplete" or "invalid": never a panic.
+        #[test]
+        fn arbitrary_bytes_never_panic(buf in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = decode(&buf);
+        }
+
+        /// Arbitrary bodies behind a valid length and checksum reach the body parser, which
+        /// rejects or accepts them without panicking.
+        #[test]
+        fn arbitrary_bodies_with_a_valid_checksum_never_panic(
+            body in proptest::collection::vec(any::<u8>(), 1..600)
+        ) {
+            let len = (body.len() as u32).to_le_bytes();
+            let crc = crc32c::crc32c_append(crc32c::crc32c(&len), &body);
+            let mut buf = len.to_vec();
+            buf.extend_from_slice(&crc.to_le_bytes());
+            buf.extend_from_slice(&body);
+            match decode(&buf) {
+                Decoded::Record(_, n) => prop_assert_eq!(n, buf.len()),
+                Decoded::Invalid(_) => {}
+                other => prop_assert!(false, "a whole record decoded as {:?}", other),
+            }
+        }
+    }
+
     #[test]
     fn zeros_are_the_end() {
         assert_eq!(decode(&[0; 64]), Decoded::End);

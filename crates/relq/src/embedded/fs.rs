@@ -154,3 +154,140 @@ impl StorageFile for RealFile {
         }
     }
 }
+
+/// The operating system's file system, read-only: files open for reading only, and everything
+/// that would change the disk fails. `relq check` reads a data directory through it, so it
+/// cannot modify what it inspects (and needs no lock or write access).
+#[derive(Debug, Default)]
+pub(crate) struct ReadOnlyFs;
+
+struct ReadOnlyFile(File);
+
+fn read_only() -> io::Error {
+    io::Error::new(io::ErrorKind::PermissionDenied, "opened read-only")
+}
+
+impl Storage for ReadOnlyFs {
+    fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn StorageFile>> {
+        if create {
+            return Err(read_only());
+        }
+        Ok(Arc::new(ReadOnlyFile(File::open(path)?)))
+    }
+
+    fn create_dir_all(&self, _path: &Path) -> io::Result<()> {
+        Err(read_only())
+    }
+
+    fn list(&self, path: &Path) -> io::Result<Vec<String>> {
+        RealFs.list(path)
+    }
+
+    fn remove_file(&self, _path: &Path) -> io::Result<()> {
+        Err(read_only())
+    }
+
+    fn remove_dir(&self, _path: &Path) -> io::Result<()> {
+        Err(read_only())
+    }
+
+    fn sync_dir(&self, _path: &Path) -> io::Result<()> {
+        Err(read_only())
+    }
+
+    fn open_db(&self, path: &Path) -> Result<redb::Database, BackendError> {
+        Err(super::io_error("opening the state database")(
+            io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("{} is opened read-only", path.display()),
+            ),
+        ))
+    }
+
+    fn lock_dir(&self, _root: &Path) -> io::Result<Option<Box<dyn Any + Send + Sync>>> {
+        Err(read_only())
+    }
+}
+
+impl StorageFile for ReadOnlyFile {
+    fn read_at(&self, buf: &mut [u8], pos: u64) -> io::Result<usize> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.0.read_at(&mut buf[done..], pos + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done)
+    }
+
+    fn write_at(&self, _buf: &[u8], _pos: u64) -> io::Result<()> {
+        Err(read_only())
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        Err(read_only())
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.0.metadata()?.len())
+    }
+
+    fn allocate(&self, _len: u64) -> io::Result<()> {
+        Err(read_only())
+    }
+}
+
+/// A copy of a redb file held in memory: the check opens (and, if redb must, repairs) the
+/// copy, never the file.
+#[derive(Debug)]
+pub(crate) struct MemoryCopy(std::sync::RwLock<Vec<u8>>);
+
+impl MemoryCopy {
+    pub(crate) fn new(bytes: Vec<u8>) -> MemoryCopy {
+        MemoryCopy(std::sync::RwLock::new(bytes))
+    }
+}
+
+impl redb::StorageBackend for MemoryCopy {
+    fn len(&self) -> Result<u64, io::Error> {
+        Ok(self.0.read().unwrap_or_else(|e| e.into_inner()).len() as u64)
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), io::Error> {
+        let data = self.0.read().unwrap_or_else(|e| e.into_inner());
+        let start = usize::try_from(offset).map_err(|_| past_end())?;
+        let end = start.checked_add(out.len()).ok_or_else(past_end)?;
+        out.copy_from_slice(data.get(start..end).ok_or_else(past_end)?);
+        Ok(())
+    }
+
+    fn set_len(&self, len: u64) -> Result<(), io::Error> {
+        let len = usize::try_from(len).map_err(|_| past_end())?;
+        self.0
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .resize(len, 0);
+        Ok(())
+    }
+
+    fn sync_data(&self) -> Result<(), io::Error> {
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), io::Error> {
+        let mut buf = self.0.write().unwrap_or_else(|e| e.into_inner());
+        let start = usize::try_from(offset).map_err(|_| past_end())?;
+        let end = start.checked_add(data.len()).ok_or_else(past_end)?;
+        buf.get_mut(start..end)
+            .ok_or_else(past_end)?
+            .copy_from_slice(data);
+        Ok(())
+    }
+}
+
+fn past_end() -> io::Error {
+    io::Error::new(io::ErrorKind::UnexpectedEof, "past the end of the database")
+}

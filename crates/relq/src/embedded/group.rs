@@ -104,6 +104,33 @@ impl GroupState {
         }
     }
 
+    /// Marks every offset of `from..to` done (offsets that hold no message any more), merging
+    /// with the floor and the ranges it touches.
+    pub(crate) fn mark_range_done(&mut self, from: u64, to: u64) {
+        let from = from.max(self.floor);
+        if from >= to {
+            return;
+        }
+        let (mut start, mut end) = (from, to);
+        let touching: Vec<u64> = self
+            .done
+            .range(..=to)
+            .filter(|(_, e)| **e >= from)
+            .map(|(s, _)| *s)
+            .collect();
+        for s in touching {
+            if let Some(e) = self.done.remove(&s) {
+                start = start.min(s);
+                end = end.max(e);
+            }
+        }
+        if start <= self.floor {
+            self.floor = end;
+        } else {
+            self.done.insert(start, end);
+        }
+    }
+
     /// Moves the floor up to `to`, forgetting done ranges below it.
     pub(crate) fn raise_floor(&mut self, to: u64) {
         if to <= self.floor {
@@ -216,6 +243,31 @@ mod tests {
             }
             let lost = g.lost_in_flight();
             prop_assert_eq!(lost, (0..64).filter(|o| !plain.contains(o)).collect::<Vec<_>>());
+        }
+    }
+
+    proptest! {
+        /// Marking a range done is marking each of its offsets done.
+        #[test]
+        fn a_range_marked_done_is_its_offsets_marked_done(
+            order in proptest::collection::vec(0u64..64, 0..40),
+            from in 0u64..70,
+            len in 0u64..20,
+        ) {
+            let mut a = GroupState { cursor: 64, ..GroupState::default() };
+            for o in &order {
+                a.mark_done(*o);
+            }
+            let mut b = GroupState { cursor: 64, ..GroupState::default() };
+            for o in &order {
+                b.mark_done(*o);
+            }
+            a.mark_range_done(from, from + len);
+            for o in from..from + len {
+                b.mark_done(o);
+            }
+            prop_assert_eq!(a.floor, b.floor);
+            prop_assert_eq!(a.done, b.done);
         }
     }
 

@@ -6,11 +6,48 @@
 //! whose commit cycle completed.
 //!
 //! # Recovery
-//! Opening scans only the newest segment and cuts a torn tail at the first record that is short,
-//! fails its checksum, has the wrong offset or an older `gen`. A segment is sealed only after it was
-//! synced, so every older segment is complete; a bad record inside one is reported as corruption
-//! when read, never cut off. Every segment is fsynced at open, because a killed process can leave
-//! written but unsynced data in the page cache that later reads would otherwise trust.
+//! Opening scans the newest (active) segment. A segment is sealed only after it was synced, so
+//! every older segment is complete; a bad record inside one is reported as corruption when read,
+//! never cut off. Every segment is fsynced at open, because a killed process can leave written
+//! but unsynced data in the page cache that later reads would otherwise trust.
+//!
+//! The scan of the active segment stops at the first record that is short, fails its checksum,
+//! has the wrong offset or an older `gen`, or at a zero length (the end of the data). Then it looks
+//! at every byte after that point for a *later valid record*: a frame with a good checksum, an
+//! offset at or above the one expected next and a `gen` no older than the last good record's.
+//! (Frames with older offsets or `gen`s are leftovers from before an earlier cut: ignored.)
+//!
+//! - Nothing valid after the stop: a **torn tail**, the unsynced end of the log. It is cut: the
+//!   bytes from the stop to the last non-zero byte are zeroed and synced, and the cut is logged
+//!   at warn level with the topic, segment, position and bytes cut.
+//! - Valid records after the stop: **corruption**, unless they can be the torn, unsynced writes
+//!   of the session that crashed. A power loss can tear a write in any order of its sectors (the
+//!   crash simulator does), so a sector in the middle of a batch may be lost while a later one,
+//!   holding whole records with the right offsets and `gen`, lands. That is told apart by what
+//!   the state database recorded about the last session ([`LastSession`]):
+//!   - it closed cleanly: everything it wrote was synced, so no torn write exists: corruption;
+//!   - it did not close: the later records are torn unsynced writes only if every one of them
+//!     carries that session's `gen` (older data was synced by that session's open) and, in sync
+//!     mode, no committed state refers to an offset at or past the damage (sync mode commits
+//!     state only about synced records). Otherwise: corruption;
+//!   - not recorded (a directory from an older build): treated as possibly torn.
+//!
+//!   Corruption fails the open with [`BackendErrorKind::Corrupt`](crate::BackendErrorKind),
+//!   naming the topic, segment, position and offsets, and changes nothing, unless the operator
+//!   chose [`Recovery::CutDamagedTail`](super::Recovery): then the damaged record and everything
+//!   after it in the segment is cut, logged at error level with what was dropped.
+//!
+//! Every cut zeroes all non-zero bytes after the new end, so after an open the active segment
+//! holds its records followed by zeros only; the next open can trust that anything valid it finds
+//! past a stop was written after that open.
+//!
+//! # Offsets are never reused
+//! The log's next offset after open is at least every offset the committed state refers to
+//! (group cursors, done ranges, redelivery rows), and above every record a cut dropped. When that
+//! is past the log's end, the active segment is sealed and a new one starts at that offset; an
+//! empty marker file `<from>-<to>.gap` (created, and its directory synced, before the new
+//! segment) records that offsets `from..to` were never stored, so reads and the sealed-segment
+//! checks step over exactly that gap and nothing else.
 //!
 //! # Index
 //! Each segment has a sparse in-memory index (offset, position) every [`INDEX_EVERY`] bytes, built
@@ -18,12 +55,12 @@
 //! first use. It is derived from the log and never overrides it: a read checks every record's
 //! offset.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use super::codec::{decode, Decoded, Record, HEADER};
+use super::codec::{decode, Decoded, Record, HEADER, MAX_BODY};
 use super::fs::{Storage, StorageFile};
 use super::{corrupt, io_error};
 use crate::error::BackendError;
@@ -97,6 +134,9 @@ pub(crate) struct TopicLog {
     writer: Mutex<Writer>,
     visible: AtomicU64,
     tail: Mutex<Tail>,
+    /// Offset ranges `[from, to)` never stored (see "Offsets are never reused"): between a
+    /// segment ending at `from` and the next one starting at `to`. Only open adds to it.
+    gaps: BTreeSet<(u64, u64)>,
 }
 
 /// How the log is laid out.
@@ -122,6 +162,8 @@ struct Scan {
     /// Offset the next record would have.
     next_offset: u64,
     last_ms: u64,
+    /// The `gen` of the last good record (0 when there is none).
+    last_gen: u32,
     entries: Vec<(u64, u64)>,
     how: ScanEnd,
 }
@@ -133,10 +175,10 @@ fn scan(file: &dyn StorageFile, base: u64) -> Result<Scan, BackendError> {
         end: 0,
         next_offset: base,
         last_ms: 0,
+        last_gen: 0,
         entries: Vec::new(),
         how: ScanEnd::Clean,
     };
-    let mut last_gen = 0u32;
     let mut last_index_pos = 0u64;
     let mut buf = vec![0u8; CHUNK];
     let mut buf_pos = 0u64; // file position of buf[0]
@@ -156,11 +198,11 @@ fn scan(file: &dyn StorageFile, base: u64) -> Result<Scan, BackendError> {
                     ));
                     return Ok(s);
                 }
-                if r.gen < last_gen {
+                if r.gen < s.last_gen {
                     s.how = ScanEnd::Bad(format!("stale record at position {pos}"));
                     return Ok(s);
                 }
-                last_gen = r.gen;
+                s.last_gen = r.gen;
                 if s.entries.is_empty() || pos - last_index_pos >= INDEX_EVERY {
                     s.entries.push((r.offset, pos));
                     last_index_pos = pos;
@@ -199,6 +241,398 @@ fn scan(file: &dyn StorageFile, base: u64) -> Result<Scan, BackendError> {
     }
 }
 
+/// The smallest encoded record: header, offset, ms, gen, flags, kind and header counts, payload
+/// length.
+const MIN_RECORD: u64 = HEADER as u64 + 8 + 8 + 4 + 1 + 2 + 2 + 4;
+
+/// What lies past the point where a scan stopped.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct Beyond {
+    /// Valid records found past the stop (see [`look_past`]).
+    pub(crate) records: u64,
+    /// The first one: (position, offset).
+    pub(crate) first: Option<(u64, u64)>,
+    /// The highest offset among them.
+    pub(crate) max_offset: u64,
+    /// The lowest and highest `gen` among them.
+    pub(crate) gens: Option<(u32, u32)>,
+    /// Position after the last non-zero byte at or past the stop (the stop itself when there is
+    /// none).
+    pub(crate) dirty_end: u64,
+}
+
+/// Looks at every position of `file` from `from` on for valid records that a writer could have
+/// put there after the stop: a good checksum, an offset of at least `expect` (and no more than
+/// the records that fit before it allow) and a `gen` of at least `min_gen`. After a valid record
+/// the search continues after it, so `records` counts a run of records, not overlapping frames.
+/// Cheap field checks come before the checksum, so garbage costs a few comparisons a byte.
+pub(crate) fn look_past(
+    file: &dyn StorageFile,
+    base: u64,
+    from: u64,
+    expect: u64,
+    min_gen: u32,
+) -> Result<Beyond, BackendError> {
+    let len = file.len().map_err(io_error("reading a segment's length"))?;
+    let mut out = Beyond {
+        dirty_end: from,
+        ..Beyond::default()
+    };
+    let mut buf = vec![0u8; CHUNK];
+    let mut buf_pos = from;
+    let mut filled = 0usize;
+    let mut q = from;
+    // Enough bytes to read a header and the body's offset and gen.
+    const PEEK: usize = HEADER + 8 + 8 + 4;
+    while q < len {
+        if q + PEEK as u64 > buf_pos + filled as u64 && buf_pos + (filled as u64) < len {
+            // Refill from q.
+            buf_pos = q;
+            let want = buf.len().min((len - q) as usize);
+            filled = file
+                .read_at(&mut buf[..want], q)
+                .map_err(io_error("reading a segment"))?;
+            if filled == 0 {
+                break;
+            }
+        }
+        // Within the buffer by the refill above (q < len <= buf_pos + filled, or refilled at q).
+        let window = match usize::try_from(q - buf_pos)
+            .ok()
+            .and_then(|at| buf.get(at..filled))
+        {
+            Some(w) if !w.is_empty() => w,
+            _ => break,
+        };
+        if window[0] == 0 {
+            // Skip a run of zeros in one step: a record's length has a non-zero byte among its
+            // four, so no record starts more than 3 bytes before the next non-zero byte. (One
+            // may start right here: a length whose low byte is zero.)
+            let z = first_nonzero(window).unwrap_or(window.len());
+            if z > 3 {
+                q += (z - 3) as u64;
+                continue;
+            }
+        } else {
+            out.dirty_end = out.dirty_end.max(q + 1);
+        }
+        if window.len() < PEEK {
+            q += 1;
+            continue;
+        }
+        let word = |i: usize, n: usize| -> u64 {
+            window[i..i + n]
+                .iter()
+                .rev()
+                .fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
+        };
+        let body = word(0, 4);
+        let offset = word(HEADER, 8);
+        let gen = word(HEADER + 16, 4);
+        let plausible = body + HEADER as u64 >= MIN_RECORD
+            && body <= MAX_BODY as u64
+            && q + HEADER as u64 + body <= len
+            && offset >= expect
+            && offset <= base.saturating_add(q / MIN_RECORD)
+            && gen >= u64::from(min_gen);
+        if !plausible {
+            q += 1;
+            continue;
+        }
+        let n = HEADER + body as usize;
+        let owned;
+        let frame: &[u8] = if window.len() >= n {
+            &window[..n]
+        } else {
+            let mut v = vec![0u8; n];
+            let got = file
+                .read_at(&mut v, q)
+                .map_err(io_error("reading a segment"))?;
+            v.truncate(got);
+            owned = v;
+            &owned
+        };
+        match decode(frame) {
+            Decoded::Record(r, n) => {
+                out.records += 1;
+                if out.first.is_none() {
+                    out.first = Some((q, r.offset));
+                }
+                out.max_offset = out.max_offset.max(r.offset);
+                out.gens = Some(match out.gens {
+                    Some((lo, hi)) => (lo.min(r.gen), hi.max(r.gen)),
+                    None => (r.gen, r.gen),
+                });
+                q += n as u64;
+                out.dirty_end = out.dirty_end.max(q);
+            }
+            Decoded::End | Decoded::Incomplete { .. } | Decoded::Invalid(_) => q += 1,
+        }
+    }
+    Ok(out)
+}
+
+/// How the session that last opened the data directory for writing ended, as the state database
+/// recorded it (see the module docs on recovery).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum LastSession {
+    /// It closed after its final sync: nothing it wrote can be torn.
+    Clean,
+    /// It did not close (killed, crashed, power loss): its unsynced writes may be torn.
+    Crashed {
+        /// Its `gen`: the records it wrote carry it.
+        gen: u32,
+        /// It ran in sync mode: committed state referred only to synced records.
+        sync: bool,
+    },
+    /// Not recorded (a data directory written by an older build).
+    Unknown,
+}
+
+/// What open knows beyond the segment files.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct OpenContext<'a> {
+    /// The topic, for messages.
+    pub(crate) topic: &'a str,
+    /// How the last session ended.
+    pub(crate) last: LastSession,
+    /// Offsets below this were handed out: committed state refers to them.
+    pub(crate) referenced: u64,
+    /// The operator chose to cut a damaged tail ([`Recovery::CutDamagedTail`](super::Recovery)).
+    pub(crate) repair: bool,
+}
+
+/// An opened log and what open found.
+pub(crate) struct Opened {
+    pub(crate) log: TopicLog,
+    /// The end of the stored records (after any cut), before skipping offsets handed out.
+    pub(crate) found_end: u64,
+}
+
+/// What recovery concluded about the active segment's end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum TailVerdict {
+    /// Records, then zeros.
+    Clean,
+    /// Bytes to cut that hold no valid record (a torn write, or garbage past the end).
+    Torn,
+    /// Valid records after the damage that can be the crashed session's unsynced writes.
+    TornUnsynced,
+    /// Valid records after the damage that were synced: corruption.
+    Corrupt,
+}
+
+/// Judges the active segment's end (see the module docs on recovery).
+fn verdict(s: &Scan, beyond: &Beyond, last: LastSession, referenced: u64) -> TailVerdict {
+    let bad = matches!(s.how, ScanEnd::Bad(_));
+    if beyond.records == 0 {
+        return if bad || beyond.dirty_end > s.end {
+            TailVerdict::Torn
+        } else {
+            TailVerdict::Clean
+        };
+    }
+    let torn_possible = match last {
+        LastSession::Clean => false,
+        LastSession::Unknown => true,
+        LastSession::Crashed { gen, sync } => {
+            beyond.gens == Some((gen, gen)) && !(sync && referenced > s.next_offset)
+        }
+    };
+    if torn_possible {
+        TailVerdict::TornUnsynced
+    } else {
+        TailVerdict::Corrupt
+    }
+}
+
+/// The position of the first non-zero byte of `buf`. Whole blocks are compared with a block of
+/// zeros (a `memcmp`), so the zeros after a segment's data cost little to pass over.
+fn first_nonzero(buf: &[u8]) -> Option<usize> {
+    const BLOCK: usize = 4096;
+    static ZEROS: [u8; BLOCK] = [0; BLOCK];
+    let mut at = 0;
+    for block in buf.chunks(BLOCK) {
+        if block != &ZEROS[..block.len()] {
+            return block.iter().position(|b| *b != 0).map(|i| at + i);
+        }
+        at += block.len();
+    }
+    None
+}
+
+/// How many tails each recovery verdict judged on this thread (an open runs on its caller's),
+/// for tests that must see a path taken.
+#[cfg(test)]
+pub(crate) mod test_counts {
+    use std::cell::Cell;
+
+    use super::TailVerdict;
+
+    thread_local! {
+        /// Torn tails and torn unsynced writes cut.
+        pub(crate) static TORN: Cell<u64> = const { Cell::new(0) };
+    }
+
+    pub(crate) fn count(v: &TailVerdict) {
+        if matches!(v, TailVerdict::Torn | TailVerdict::TornUnsynced) {
+            TORN.with(|c| c.set(c.get() + 1));
+        }
+    }
+}
+
+/// Writes zeros over `from..to` of `file`.
+fn zero(file: &dyn StorageFile, from: u64, to: u64) -> Result<(), BackendError> {
+    let zeros = vec![0u8; CHUNK];
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(CHUNK as u64) as usize;
+        file.write_at(&zeros[..n], at)
+            .map_err(io_error("cutting a segment's damaged tail"))?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// Parses a gap marker's name: `<from>-<to>.gap`.
+fn parse_gap(name: &str) -> Option<(u64, u64)> {
+    let (a, b) = name.strip_suffix(".gap")?.split_once('-')?;
+    let (a, b) = (a.parse().ok()?, b.parse().ok()?);
+    (a < b).then_some((a, b))
+}
+
+/// What a read-only look at a topic directory found (see [`inspect`]).
+#[derive(Debug, Default)]
+pub(crate) struct Inspection {
+    /// Segment files and their base offsets, in order.
+    pub(crate) segments: Vec<(PathBuf, u64)>,
+    pub(crate) gaps: BTreeSet<(u64, u64)>,
+    pub(crate) records: u64,
+    pub(crate) bytes: u64,
+    /// The offset after the last stored record.
+    pub(crate) end: u64,
+    /// Damage found: (segment, position, last good offset, what, what lies beyond, verdict).
+    pub(crate) damage: Vec<InspectedDamage>,
+}
+
+/// One damaged place in a segment.
+#[derive(Debug)]
+pub(crate) struct InspectedDamage {
+    pub(crate) segment: PathBuf,
+    pub(crate) position: u64,
+    pub(crate) last_good: Option<u64>,
+    pub(crate) what: String,
+    pub(crate) beyond: Beyond,
+    pub(crate) verdict: TailVerdict,
+}
+
+/// Reads every segment of a topic directory and reports damage, changing nothing (the files are
+/// opened through `storage`, which for `relq check` opens them read-only).
+pub(crate) fn inspect(
+    storage: &dyn Storage,
+    dir: &Path,
+    last: LastSession,
+    referenced: u64,
+) -> Result<Inspection, BackendError> {
+    let mut out = Inspection::default();
+    for name in storage
+        .list(dir)
+        .map_err(io_error("listing a topic directory"))?
+    {
+        if let Some(g) = parse_gap(&name) {
+            out.gaps.insert(g);
+        } else if let Some(base) = name
+            .strip_suffix(".seg")
+            .and_then(|b| b.parse::<u64>().ok())
+        {
+            out.segments.push((dir.join(&name), base));
+        }
+    }
+    out.segments.sort_by_key(|(_, b)| *b);
+    let n = out.segments.len();
+    for (i, (path, base)) in out.segments.iter().enumerate() {
+        let file = storage
+            .open(path, false)
+            .map_err(io_error("opening a segment"))?;
+        let s = scan(&*file, *base)?;
+        out.records += s.next_offset - base;
+        out.bytes += s.end;
+        out.end = s.next_offset;
+        let active = i + 1 == n;
+        let beyond = look_past(&*file, *base, s.end, s.next_offset, s.last_gen)?;
+        let v = if active {
+            verdict(&s, &beyond, last, referenced)
+        } else if matches!(s.how, ScanEnd::Bad(_)) || beyond.records > 0 {
+            // A sealed segment was synced whole: anything wrong in it is corruption.
+            TailVerdict::Corrupt
+        } else {
+            TailVerdict::Clean
+        };
+        let what = match &s.how {
+            ScanEnd::Bad(why) => why.clone(),
+            ScanEnd::Clean if beyond.records > 0 => format!(
+                "a zero length at position {} where a record should be",
+                s.end
+            ),
+            ScanEnd::Clean => format!("non-zero bytes after the end at position {}", s.end),
+        };
+        if v != TailVerdict::Clean {
+            out.damage.push(InspectedDamage {
+                segment: path.clone(),
+                position: s.end,
+                last_good: s.next_offset.checked_sub(1).filter(|o| *o >= *base),
+                what,
+                beyond,
+                verdict: v,
+            });
+        }
+        if let Some((_, next)) = out.segments.get(i + 1) {
+            if *next != s.next_offset && !out.gaps.contains(&(s.next_offset, *next)) {
+                out.damage.push(InspectedDamage {
+                    segment: path.clone(),
+                    position: s.end,
+                    last_good: s.next_offset.checked_sub(1),
+                    what: format!(
+                        "the segment ends at offset {} but the next one starts at {next}",
+                        s.next_offset
+                    ),
+                    beyond: Beyond::default(),
+                    verdict: TailVerdict::Corrupt,
+                });
+            }
+        }
+    }
+    if let Some((_, base)) = out.segments.last() {
+        out.end = out.end.max(*base);
+    }
+    Ok(out)
+}
+
+/// Describes damage followed by valid records, for the error and the log.
+fn damage_detail(
+    ctx: &OpenContext<'_>,
+    path: &Path,
+    s: &Scan,
+    beyond: &Beyond,
+    why: &str,
+) -> String {
+    let last_good = match s.next_offset.checked_sub(1) {
+        Some(o) if s.end > 0 => format!("the last good record before it is offset {o}"),
+        _ => "no good record precedes it in this segment".to_owned(),
+    };
+    let (first_pos, first_offset) = beyond.first.unwrap_or((s.end, s.next_offset));
+    format!(
+        "topic {:?}: the active segment {} is damaged at position {} ({why}); {last_good}, \
+         and {} valid records follow the damage, from offset {first_offset} (position \
+         {first_pos}) to offset {}",
+        ctx.topic,
+        path.display(),
+        s.end,
+        beyond.records,
+        beyond.max_offset
+    )
+}
+
 impl TopicLog {
     fn new(
         storage: Arc<dyn Storage>,
@@ -221,6 +655,7 @@ impl TopicLog {
                 records: VecDeque::new(),
                 bytes: 0,
             }),
+            gaps: BTreeSet::new(),
         }
     }
 
@@ -253,17 +688,28 @@ impl TopicLog {
         Ok(TopicLog::new(storage, dir, config, segments, writer))
     }
 
-    /// Opens an existing topic directory: recovers the newest segment and syncs every segment.
+    /// Opens an existing topic directory: recovers the newest segment (see the module docs),
+    /// syncs every segment, and starts the next offset after every offset handed out.
+    ///
+    /// # Errors
+    /// [`Corrupt`](crate::BackendErrorKind::Corrupt) when valid records follow damage in the
+    /// active segment (and `ctx.repair` is not set), or the directory has no segment; I/O errors.
     pub(crate) fn open(
         storage: Arc<dyn Storage>,
         dir: PathBuf,
         config: LogConfig,
-    ) -> Result<TopicLog, BackendError> {
+        ctx: &OpenContext<'_>,
+    ) -> Result<Opened, BackendError> {
         let names = storage
             .list(&dir)
             .map_err(io_error("listing a topic directory"))?;
         let mut segments = BTreeMap::new();
+        let mut gaps = BTreeSet::new();
         for name in names {
+            if let Some(g) = parse_gap(&name) {
+                gaps.insert(g);
+                continue;
+            }
             let Some(base) = name
                 .strip_suffix(".seg")
                 .and_then(|b| b.parse::<u64>().ok())
@@ -293,16 +739,70 @@ impl TopicLog {
         };
         let newest = newest.clone();
         let s = scan(&*newest.file, newest.base)?;
-        if let ScanEnd::Bad(why) = &s.how {
-            tracing::warn!(
-                segment = %newest.path.display(),
-                end = s.end,
-                "cutting a torn tail left by a crash: {why}"
-            );
-            newest
-                .file
-                .write_at(&[0; HEADER], s.end)
-                .map_err(io_error("cutting a torn tail"))?;
+        let beyond = look_past(&*newest.file, newest.base, s.end, s.next_offset, s.last_gen)?;
+        let why = match &s.how {
+            ScanEnd::Bad(why) => why.clone(),
+            ScanEnd::Clean => format!("a zero length at position {}", s.end),
+        };
+        let cut_bytes = beyond.dirty_end.saturating_sub(s.end);
+        let segment = newest.path.display();
+        let topic = ctx.topic;
+        let v = verdict(&s, &beyond, ctx.last, ctx.referenced);
+        #[cfg(test)]
+        test_counts::count(&v);
+        match v {
+            TailVerdict::Clean => {}
+            TailVerdict::Torn => tracing::warn!(
+                topic,
+                segment = %segment,
+                position = s.end,
+                bytes = cut_bytes,
+                next_offset = s.next_offset,
+                "cutting a torn tail (no valid record after it): {why}"
+            ),
+            TailVerdict::TornUnsynced => tracing::warn!(
+                topic,
+                segment = %segment,
+                position = s.end,
+                bytes = cut_bytes,
+                dropped_records = beyond.records,
+                dropped_up_to_offset = beyond.max_offset,
+                "cutting a torn tail: {why}; {} records after it are unsynced writes of the session \
+                 that crashed (never acknowledged in sync mode); their offsets are not reused",
+                beyond.records
+            ),
+            TailVerdict::Corrupt => {
+                let detail = damage_detail(ctx, &newest.path, &s, &beyond, &why);
+                if !ctx.repair {
+                    let root = dir
+                        .parent()
+                        .and_then(Path::parent)
+                        .map_or_else(|| dir.display().to_string(), |r| r.display().to_string());
+                    return Err(corrupt(format!(
+                        "{detail}. This is corruption, not a torn write: relq changed nothing and \
+                         will not drop those records on its own. Run `relq check {root}` to see \
+                         all damage; restore the data directory from a backup; or, to drop the \
+                         damaged record and everything after it in this segment knowingly, open \
+                         with `EmbeddedConfig::recovery(Recovery::CutDamagedTail)`"
+                    )));
+                }
+                tracing::error!(
+                    topic,
+                    segment = %segment,
+                    position = s.end,
+                    bytes = cut_bytes,
+                    dropped_records = beyond.records,
+                    "{detail}; cutting it as the operator chose (Recovery::CutDamagedTail): the \
+                     damaged record and the {} valid records after it are dropped",
+                    beyond.records
+                );
+            }
+        }
+        if matches!(s.how, ScanEnd::Bad(_)) || cut_bytes > 0 {
+            // Zeros from the new end to the last non-zero byte: nothing stale stays behind for a
+            // later open to mistake for records written after it.
+            let to = beyond.dirty_end.max(s.end + HEADER as u64);
+            zero(&*newest.file, s.end, to)?;
             newest
                 .file
                 .sync_data()
@@ -317,6 +817,16 @@ impl TopicLog {
             idx.entries = s.entries;
             idx.built = true;
         }
+        let found_end = s.next_offset;
+        // Offsets handed out: referred to by committed state, dropped by the cut, or skipped by
+        // an earlier open (whose new segment a crash may have kept from being made).
+        let dropped = if beyond.records > 0 {
+            beyond.max_offset.saturating_add(1)
+        } else {
+            0
+        };
+        let skipped = gaps.iter().map(|(_, to)| *to).max().unwrap_or(0);
+        let next = found_end.max(ctx.referenced).max(dropped).max(skipped);
         let writer = Writer {
             capacity,
             active: newest,
@@ -327,7 +837,64 @@ impl TopicLog {
             dirty: false,
             buf: Vec::new(),
         };
-        Ok(TopicLog::new(storage, dir, config, segments, writer))
+        let mut log = TopicLog::new(storage, dir, config, segments, writer);
+        log.gaps = gaps;
+        if next > found_end {
+            log.skip_to(next)?;
+        }
+        Ok(Opened { log, found_end })
+    }
+
+    /// Seals the active segment and starts the next one at `to`, recording the gap first (open
+    /// only, before anyone reads).
+    fn skip_to(&mut self, to: u64) -> Result<(), BackendError> {
+        let from = lock(&self.writer).next_offset;
+        let marker = self.dir.join(format!("{from:020}-{to:020}.gap"));
+        self.storage
+            .open(&marker, true)
+            .map_err(io_error("creating a gap marker"))?;
+        self.storage
+            .sync_dir(&self.dir)
+            .map_err(io_error("syncing a topic directory"))?;
+        self.gaps.insert((from, to));
+        let mut w = lock(&self.writer);
+        w.next_offset = to;
+        self.roll(&mut w, HEADER as u64)?;
+        drop(w);
+        self.visible.store(to, Ordering::Release);
+        Ok(())
+    }
+
+    /// The first stored offset at or after `offset`'s gap, if it falls into one.
+    fn past_gaps(&self, mut offset: u64) -> u64 {
+        while let Some((_, to)) = self
+            .gaps
+            .range(..=(offset, u64::MAX))
+            .rev()
+            .find(|(from, to)| *from <= offset && offset < *to)
+        {
+            offset = *to;
+        }
+        offset
+    }
+
+    /// The highest offset below `offset` that is not in a gap.
+    pub(crate) fn stored_before(&self, offset: u64) -> Option<u64> {
+        let mut o = offset.checked_sub(1)?;
+        while let Some((from, _)) = self.gaps.iter().find(|(from, to)| *from <= o && o < *to) {
+            o = from.checked_sub(1)?;
+        }
+        Some(o)
+    }
+
+    /// How many offsets in `from..to` can hold a record (those not in a gap).
+    pub(crate) fn stored_between(&self, from: u64, to: u64) -> u64 {
+        let skipped: u64 = self
+            .gaps
+            .iter()
+            .map(|(a, b)| (*b).min(to).saturating_sub((*a).max(from)))
+            .sum();
+        to.saturating_sub(from).saturating_sub(skipped)
     }
 
     /// The first offset not yet readable (the number of records ever appended and committed).
@@ -514,7 +1081,7 @@ impl TopicLog {
         }
         let visible = self.visible();
         let mut out = Vec::new();
-        let mut offset = from.max(self.first_offset());
+        let mut offset = self.past_gaps(from.max(self.first_offset()));
         while out.len() < max && offset < visible {
             let seg = {
                 let segs = self.segments.read().unwrap_or_else(|e| e.into_inner());
@@ -536,10 +1103,11 @@ impl TopicLog {
             if out.len() >= max || next >= visible {
                 break;
             }
-            // The segment ended: the next one must start where it stopped.
+            // The segment ended: the next one must start where it stopped, or after a gap
+            // recorded as starting there.
             let following = self.base_after(seg.base);
             match following {
-                Some(base) if base == next => offset = next,
+                Some(base) if base == next || self.gaps.contains(&(next, base)) => offset = base,
                 Some(base) => {
                     return Err(corrupt(format!(
                         "segment {} ends at offset {next} but the next segment starts at {base}",
@@ -585,7 +1153,9 @@ impl TopicLog {
                         seg.path.display()
                     )))
                 }
-                (ScanEnd::Clean, Some(next)) if next != s.next_offset => {
+                (ScanEnd::Clean, Some(next))
+                    if next != s.next_offset && !self.gaps.contains(&(s.next_offset, next)) =>
+                {
                     return Err(corrupt(format!(
                         "sealed segment {} ends at offset {} but the next segment starts at {next}",
                         seg.path.display(),
@@ -756,9 +1326,9 @@ fn new_segment(
             drop(file);
             let _ = storage.remove_file(&path);
             let _ = storage.sync_dir(dir);
-            return Err(BackendError::new(
+            return Err(BackendError::full(
                 super::NAME,
-                crate::error::BackendErrorKind::Full,
+                crate::error::Limit::Disk,
                 format!(
                     "the disk is full: no room for a new {size}-byte log segment in {}",
                     dir.display()
@@ -822,13 +1392,39 @@ mod tests {
             .expect("a segment")
     }
 
+    /// A context for tests: the topic `t`, nothing referenced.
+    fn ctx(last: LastSession, repair: bool) -> OpenContext<'static> {
+        OpenContext {
+            topic: "t",
+            last,
+            referenced: 0,
+            repair,
+        }
+    }
+
+    fn reopen(
+        storage: &Arc<dyn Storage>,
+        dir: &Path,
+        gen: u32,
+        c: &OpenContext<'_>,
+    ) -> Result<TopicLog, BackendError> {
+        TopicLog::open(storage.clone(), dir.to_owned(), config(gen), c).map(|o| o.log)
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
 
-        /// Whatever a crash leaves in the newest segment (garbage or zeros, written at any
-        /// position of the preallocated file: over its records, right after them, or further on
-        /// past a run of zeros), recovery keeps exactly the records before the first damaged
-        /// byte, byte for byte, and appending goes on from there.
+        /// Whatever damage the newest segment takes (garbage or zeros, written at any position
+        /// of the preallocated file: over its records, right after them, or further on past a
+        /// run of zeros):
+        /// - when no intact record follows the damage, it is a torn tail: recovery keeps exactly
+        ///   the records before the first damaged byte, byte for byte, and appending goes on
+        ///   from there;
+        /// - when an intact record follows it and the last session closed cleanly, it is
+        ///   corruption: open fails and changes nothing; with the operator's repair it cuts the
+        ///   damaged tail and appending goes on after the highest offset dropped;
+        /// - when the last session crashed and the records after it carry its `gen`, they can
+        ///   be its torn unsynced writes: cut, and appending goes on after them.
         #[test]
         fn recovery_keeps_exactly_the_records_before_the_damage(
             sizes in proptest::collection::vec(0usize..700, 1..40),
@@ -836,6 +1432,7 @@ mod tests {
             junk in proptest::collection::vec(any::<u8>(), 1..64),
             zeros in any::<bool>(),
             anywhere in any::<bool>(),
+            crashed in any::<bool>(),
         ) {
             static N: AtomicUsize = AtomicUsize::new(0);
             let root = Removed(std::env::temp_dir().join(format!(
@@ -843,7 +1440,7 @@ mod tests {
                 std::process::id(),
                 N.fetch_add(1, Ordering::Relaxed)
             )));
-            let dir = root.0.join("t@1");
+            let dir = root.0.join("topics").join("t@1");
             let storage: Arc<dyn Storage> = Arc::new(RealFs);
             let log = TopicLog::create(storage.clone(), dir.clone(), config(1)).unwrap();
             let mut written = Vec::new();
@@ -876,31 +1473,67 @@ mod tests {
                 f.write_all_at(&bytes, p as u64).unwrap();
             }
             let after = std::fs::read(&path).unwrap();
-            // The first byte the damage changed; records ending at or before it are intact.
-            let changed = (0..before.len().max(after.len()))
-                .find(|i| before.get(*i) != after.get(*i))
-                .unwrap_or(usize::MAX);
-            let kept = base + ends.iter().filter(|e| **e <= changed).count() as u64;
+            // The records of the newest segment, as (start, end) positions, and which of them
+            // the damage changed.
+            let changed: Vec<usize> = (0..before.len())
+                .filter(|i| before[*i] != after[*i])
+                .collect();
+            let spans: Vec<(usize, usize)> = std::iter::once(0)
+                .chain(ends.iter().copied())
+                .zip(ends.iter().copied())
+                .collect();
+            let damaged: Vec<bool> = spans
+                .iter()
+                .map(|(a, b)| changed.iter().any(|c| a <= c && c < b))
+                .collect();
+            let k = damaged.iter().position(|d| *d).unwrap_or(spans.len());
+            let kept = base + k as u64;
+            // The last intact record after the first damaged one, if any.
+            let intact_after = (k + 1..spans.len()).rev().find(|j| !damaged[*j]);
+            // Appending resumes after every record the cut dropped.
+            let resume = intact_after.map_or(kept, |j| base + j as u64 + 1);
 
-            let log = TopicLog::open(storage.clone(), dir.clone(), config(2)).unwrap();
-            prop_assert_eq!(log.visible(), kept);
+            if intact_after.is_some() && !crashed {
+                let e = reopen(&storage, &dir, 2, &ctx(LastSession::Clean, false)).err();
+                prop_assert!(e.is_some(), "valid records after the damage were cut silently");
+                let e = e.unwrap();
+                prop_assert_eq!(e.kind, crate::BackendErrorKind::Corrupt);
+                prop_assert!(e.message.contains("valid records follow"), "{}", e.message);
+                prop_assert_eq!(std::fs::read(&path).unwrap(), after, "nothing changed");
+            }
+            let last_session = if crashed {
+                LastSession::Crashed { gen: 1, sync: true }
+            } else {
+                LastSession::Clean
+            };
+            let log = reopen(&storage, &dir, 2, &ctx(last_session, !crashed)).unwrap();
+            prop_assert_eq!(log.visible(), resume);
             let back = log.read(log.first_offset(), usize::MAX, &mut None).unwrap();
             let want: Vec<&Record> = written
                 .iter()
                 .map(|r| &**r)
                 .filter(|r| r.offset >= log.first_offset() && r.offset < kept)
                 .collect();
-            prop_assert_eq!(back.iter().map(|r| &**r).collect::<Vec<_>>(), want);
-            // Appending resumes at the cut, and survives another reopen.
+            prop_assert_eq!(back.iter().map(|r| &**r).collect::<Vec<_>>(), want.clone());
+            // Appending resumes after the cut (and what it dropped), and survives another
+            // reopen; reads step over the skipped offsets.
             let mut more = Vec::new();
             log.append(vec![message(99, 10)], 5000, &mut more).unwrap();
             log.sync_now().unwrap();
-            prop_assert_eq!(more[0].offset, kept);
+            prop_assert_eq!(more[0].offset, resume);
             drop(log);
-            let log = TopicLog::open(storage, dir, config(3)).unwrap();
-            prop_assert_eq!(log.visible(), kept + 1);
-            let again = log.get(kept).unwrap();
+            let log = reopen(&storage, &dir, 3, &ctx(LastSession::Clean, false)).unwrap();
+            prop_assert_eq!(log.visible(), resume + 1);
+            let again = log.get(resume).unwrap();
             prop_assert_eq!(again.as_deref(), Some(&*more[0]));
+            let back = log.read(log.first_offset(), usize::MAX, &mut None).unwrap();
+            let mut want = want;
+            want.push(&*more[0]);
+            prop_assert_eq!(back.iter().map(|r| &**r).collect::<Vec<_>>(), want);
+            prop_assert_eq!(
+                log.stored_between(log.first_offset(), log.visible()),
+                resume + 1 - log.first_offset() - (resume - kept)
+            );
         }
     }
 

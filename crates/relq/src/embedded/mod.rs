@@ -5,7 +5,16 @@
 //!   LOCK                      held (flock) while a process has the directory open
 //!   state.redb                topics, groups, redelivery rows, stop markers, dead letters
 //!   topics/<topic>@<epoch>/   the topic's log: 00000000000000000000.seg, ...
+//!                             (and <from>-<to>.gap: offsets skipped after damage, see [`log`])
 //! ```
+//!
+//! # Damage
+//! Open recovers each topic's active segment (a torn tail is cut; a damaged record followed by
+//! valid ones is corruption, refused unless [`Recovery::CutDamagedTail`]), never hands out an
+//! offset the state database refers to again, and reports a damaged state database as
+//! [`BackendErrorKind::Corrupt`] (a panic inside redb included). The session record in the
+//! state database (`session_gen`, `session_end`) tells recovery whether the last session closed
+//! cleanly. [`EmbeddedBackend::check`] inspects a directory without changing it.
 //!
 //! Messages live in a per-topic segmented log ([`log`]); what changes as messages are read and
 //! settled lives in a small redb database ([`state`]). A message id is `<ms>-<offset>`: the
@@ -29,6 +38,7 @@
 //! See [`Durability`]. In-flight deliveries are kept in memory only: after a crash, a message
 //! that was delivered and not settled is delivered again (its delivery count is raised by one).
 
+mod check;
 mod codec;
 mod fs;
 mod group;
@@ -48,6 +58,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use tokio::sync::{oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
+pub use self::check::{CheckReport, DamageKind, SegmentDamage, TopicCheck};
 use self::codec::Record;
 use self::fs::{RealFs, Storage, StorageFile};
 use self::group::{GroupState, Pending};
@@ -73,12 +84,57 @@ pub(crate) fn corrupt(message: String) -> BackendError {
 
 pub(crate) fn db_error(e: impl Into<redb::Error>) -> BackendError {
     let e: redb::Error = e.into();
-    BackendError::new(
-        NAME,
-        BackendErrorKind::Fatal,
-        format!("state database: {e}"),
-    )
-    .with_source(e)
+    // redb reports damage it detects as `Corrupted`, and a file that is not a database at all
+    // as an I/O error of kind `InvalidData`.
+    let kind = match &e {
+        redb::Error::Corrupted(_) => BackendErrorKind::Corrupt,
+        redb::Error::Io(io) if io.kind() == std::io::ErrorKind::InvalidData => {
+            BackendErrorKind::Corrupt
+        }
+        _ => BackendErrorKind::Fatal,
+    };
+    BackendError::new(NAME, kind, format!("state database: {e}")).with_source(e)
+}
+
+/// The message of a caught panic.
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".to_owned())
+}
+
+/// Runs `f`, which reads the state database, turning a panic inside redb (which may panic on a
+/// file damaged outside it rather than report it) into a `Corrupt` error.
+fn catch_db<T>(f: impl FnOnce() -> Result<T, BackendError>) -> Result<T, BackendError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        Err(corrupt(format!(
+            "state database: reading it panicked ({})",
+            panic_message(&*p)
+        )))
+    })
+}
+
+/// As [`catch_db`], and a `Corrupt` error also says which file is damaged and what to do.
+fn guard_db<T>(
+    path: &Path,
+    root: &Path,
+    f: impl FnOnce() -> Result<T, BackendError>,
+) -> Result<T, BackendError> {
+    catch_db(f).map_err(|mut e| {
+        if e.kind == BackendErrorKind::Corrupt {
+            e.message = format!(
+                "the state database {} is damaged ({}). Run `relq check {}` to see what is \
+                 damaged, and restore the data directory (state.redb together \
+                 with its topics directory) from a backup: the topic logs alone cannot rebuild \
+                 the groups' positions, retries and dead letters",
+                path.display(),
+                e.message,
+                root.display()
+            );
+        }
+        e
+    })
 }
 
 fn terminated(topic: &str) -> BackendError {
@@ -106,6 +162,23 @@ pub enum Durability {
     Periodic(Duration),
 }
 
+/// What open does with damage in a topic's active (newest) log segment that is not a torn write:
+/// a damaged record followed by valid ones. (A torn tail, with nothing valid after it, is always
+/// cut and logged; see `docs/design.md`, failure model.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Recovery {
+    /// Refuse to open: the error ([`BackendErrorKind::Corrupt`]) names the topic, segment,
+    /// position and offsets, and nothing on disk changes. The default.
+    #[default]
+    Refuse,
+    /// The operator's decision: cut the damaged record and every record after it in that
+    /// segment, logging at error level exactly what was dropped. Offsets of dropped records are
+    /// never handed out again. Use it after `relq check` showed the damage and a restore from a
+    /// backup is not possible.
+    CutDamagedTail,
+}
+
 /// Configuration of an [`EmbeddedBackend`].
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -125,6 +198,9 @@ pub struct EmbeddedConfig {
     /// them back in due order when their time comes. So millions of far-future messages cost
     /// disk, not memory or reopen time. Default 30 s.
     pub resident_window: Duration,
+    /// What open does with a damaged record followed by valid ones in an active segment.
+    /// Default [`Recovery::Refuse`].
+    pub recovery: Recovery,
 }
 
 impl Default for EmbeddedConfig {
@@ -135,6 +211,7 @@ impl Default for EmbeddedConfig {
             tail_cache: 16 << 20,
             max_queued: 65_536,
             resident_window: Duration::from_secs(30),
+            recovery: Recovery::Refuse,
         }
     }
 }
@@ -163,6 +240,11 @@ impl EmbeddedConfig {
     /// Sets the window of scheduled messages held in memory.
     pub fn resident_window(mut self, window: Duration) -> Self {
         self.resident_window = window;
+        self
+    }
+    /// Sets what open does with damage followed by valid records (see [`Recovery`]).
+    pub fn recovery(mut self, recovery: Recovery) -> Self {
+        self.recovery = recovery;
         self
     }
 
@@ -487,6 +569,35 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Per topic, the offset after the highest one the committed state refers to: group cursors,
+/// floors and done ranges, redelivery rows (resident and spilled), the retention start. Those
+/// offsets were handed out. (A dead letter's message was read by a group, so its cursor covers
+/// it; stop markers are not counted, as a stop may name any id.)
+fn referenced_offsets(
+    db: &redb::Database,
+    loaded: &state::Loaded,
+) -> Result<HashMap<String, u64>, BackendError> {
+    let mut out: HashMap<String, u64> = HashMap::new();
+    let mut raise = |t: &str, o: u64| {
+        let e = out.entry(t.to_owned()).or_default();
+        *e = (*e).max(o);
+    };
+    for (t, rec) in &loaded.topics {
+        raise(t, rec.start);
+    }
+    for ((t, g), rec) in &loaded.groups {
+        let done = rec.done.iter().map(|(_, b)| *b).max().unwrap_or(0);
+        raise(t, rec.cursor.max(rec.floor).max(done));
+        if let Some(o) = state::spilled_max_offset(db, t, g)? {
+            raise(t, o.saturating_add(1));
+        }
+    }
+    for (t, _, o) in loaded.rows.keys() {
+        raise(t, o.saturating_add(1));
+    }
+    Ok(out)
+}
+
 fn topic_dir(root: &Path, topic: &str, epoch: u64) -> PathBuf {
     root.join("topics").join(format!("{topic}@{epoch}"))
 }
@@ -570,7 +681,8 @@ impl EmbeddedBackend {
                 root.display()
             )));
         }
-        let db = storage.open_db(&root.join("state.redb"))?;
+        let db_path = root.join("state.redb");
+        let db = guard_db(&db_path, root, || storage.open_db(&db_path))?;
         // The new entries (topics/, state.redb) must survive a power loss too.
         storage
             .sync_dir(root)
@@ -578,7 +690,13 @@ impl EmbeddedBackend {
         if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
             let _ = storage.sync_dir(parent);
         }
-        let loaded = state::load(&db)?;
+        // Every offset the committed state refers to, per topic: the log must not hand any of
+        // them out again (see `log`, "Offsets are never reused").
+        let (loaded, referenced) = guard_db(&db_path, root, || {
+            let loaded = state::load(&db)?;
+            let referenced = referenced_offsets(&db, &loaded)?;
+            Ok((loaded, referenced))
+        })?;
         let log_config = |gen| LogConfig {
             segment_size: config.segment_size,
             tail_bytes: config.tail_cache,
@@ -602,8 +720,15 @@ impl EmbeddedBackend {
             let dir = topics_dir.join(&name);
             match known {
                 Some(t) => {
-                    let log = TopicLog::open(storage.clone(), dir, log_config(loaded.gen))?;
-                    logs.insert(t, Arc::new(log));
+                    let ctx = log::OpenContext {
+                        topic: &t,
+                        last: loaded.last_session,
+                        referenced: referenced.get(&t).copied().unwrap_or(0),
+                        repair: config.recovery == Recovery::CutDamagedTail,
+                    };
+                    let opened =
+                        TopicLog::open(storage.clone(), dir, log_config(loaded.gen), &ctx)?;
+                    logs.insert(t, (Arc::new(opened.log), opened.found_end));
                 }
                 None => {
                     tracing::info!(dir = %dir.display(), "removing a topic directory the state does not know");
@@ -625,13 +750,16 @@ impl EmbeddedBackend {
                 .try_into()
                 .unwrap_or(u64::MAX),
         };
+        // Where each log's stored records ended before open skipped past offsets handed out.
+        let mut found_ends = HashMap::new();
         for (name, rec) in &loaded.topics {
-            let Some(log) = logs.remove(name) else {
+            let Some((log, found_end)) = logs.remove(name) else {
                 return Err(corrupt(format!(
                     "topic {name:?} (generation {}) has no log directory",
                     rec.epoch
                 )));
             };
+            found_ends.insert(name.clone(), found_end);
             inner.topics.insert(
                 name.clone(),
                 TopicState {
@@ -682,41 +810,43 @@ impl EmbeddedBackend {
         let mut recovered = 0usize;
         let mut dirty_groups = Vec::new();
         let mut dirty_stopped = Vec::new();
-        // Spilled rows beyond the log's end (state ahead of the log after a power loss in
-        // periodic mode).
+        // Spilled rows of messages the log no longer has.
         let mut trim_spill = Vec::new();
         for (t, ts) in &mut inner.topics {
             let start = ts.start;
             let end = ts.log.visible();
-            let ahead: Vec<u64> = ts.stopped.range(end..).map(|(o, _)| *o).collect();
+            // Offsets `found..end` were handed out but are not stored (lost with damage, or
+            // with a power loss in periodic mode) or were never used: nothing refers to them
+            // any more, and the log never hands them out again.
+            let found = found_ends.get(t).copied().unwrap_or(end).min(end);
+            let ahead: Vec<u64> = ts.stopped.range(found..).map(|(o, _)| *o).collect();
             for o in ahead {
                 ts.stopped.remove(&o);
                 dirty_stopped.push((t.clone(), o));
             }
+            let read_past = ts.groups.values().filter(|g| g.cursor > found).count();
+            let mut rows_lost = 0usize;
             for (g, gs) in &mut ts.groups {
                 let before = gs.record();
                 if gs.cursor < start {
                     gs.cursor = start;
                 }
-                if gs.cursor > end || gs.floor > end {
-                    // Periodic mode after a power loss: the state got ahead of the log. Forget
-                    // what refers to offsets the log no longer has; they will be reassigned.
-                    tracing::warn!(topic = %t, group = %g, end, "state ahead of the log after a crash; cutting it back");
-                    gs.cursor = gs.cursor.min(end);
-                    gs.floor = gs.floor.min(end);
-                    gs.done = std::mem::take(&mut gs.done)
-                        .into_iter()
-                        .filter(|(a, _)| *a < end)
-                        .map(|(a, b)| (a, b.min(end)))
-                        .collect();
-                }
-                let ahead: Vec<u64> = gs.rows.keys().filter(|o| **o >= end).copied().collect();
-                for o in ahead {
+                let lost: Vec<u64> = gs
+                    .rows
+                    .keys()
+                    .filter(|o| (found..end).contains(*o))
+                    .copied()
+                    .collect();
+                rows_lost += lost.len();
+                for o in lost {
                     gs.remove_row(o);
                     dirty_rows.push((t.clone(), g.clone(), o));
                 }
-                if gs.spilled > 0 {
-                    trim_spill.push((t.clone(), g.clone(), end, u64::MAX));
+                if found < end {
+                    if gs.spilled > 0 {
+                        trim_spill.push((t.clone(), g.clone(), found, end));
+                    }
+                    gs.mark_range_done(found, end);
                 }
                 gs.raise_floor(start.min(gs.cursor));
                 for o in gs.lost_in_flight() {
@@ -741,6 +871,23 @@ impl EmbeddedBackend {
                     dirty_groups.push((t.clone(), g.clone()));
                 }
             }
+            let known = referenced.get(t).copied().unwrap_or(0);
+            if known > found {
+                // Committed state refers to records the log no longer has. In sync mode that
+                // takes damage to synced data; in periodic mode a power loss can do it.
+                let periodic = matches!(
+                    loaded.last_session,
+                    log::LastSession::Crashed { sync: false, .. } | log::LastSession::Unknown
+                );
+                let lost = known - found;
+                if periodic {
+                    tracing::warn!(topic = %t, log_end = found, state_refers_up_to = known, lost, groups_past_the_end = read_past, rows_dropped = rows_lost,
+                        "the state database is ahead of the log (a power loss in periodic mode): {lost} messages that were read are gone; their offsets are not reused");
+                } else {
+                    tracing::error!(topic = %t, log_end = found, state_refers_up_to = known, lost, groups_past_the_end = read_past, rows_dropped = rows_lost,
+                        "the state database is ahead of the log: {lost} committed messages (offsets {found} to {}) are gone from the log, which takes damage to synced data; their offsets are not reused, new messages start at {end}", known - 1);
+                }
+            }
         }
         if recovered > 0 {
             tracing::warn!(
@@ -752,15 +899,24 @@ impl EmbeddedBackend {
         inner.dirty.stopped.extend(dirty_stopped);
         inner.dirty.groups.extend(dirty_groups);
         inner.dirty.trim_spill.extend(trim_spill);
-        let (batch, _) = inner.snapshot();
+        let (mut batch, _) = inner.snapshot();
+        // This session starts writing: until it closes cleanly, a later open must allow for
+        // torn writes of its `gen` (see `log`, "Recovery"). Recorded only now, after every log
+        // was recovered, so a failed open leaves the last writer's record in place.
+        let running = match config.durability {
+            Durability::Sync => state::SESSION_RUNNING_SYNC,
+            Durability::Periodic(_) => state::SESSION_RUNNING_PERIODIC,
+        };
+        batch.session = Some((u64::from(loaded.gen), running));
         let counters = Counters::default();
-        if !batch.is_empty() {
+        let trimmed = guard_db(&db_path, root, || {
             let tx = db.begin_write().map_err(db_error)?;
             let trimmed = state::apply(&tx, &batch)?;
             tx.commit().map_err(db_error)?;
-            let evicted = inner.after_commit(&batch, &trimmed);
-            counters.rows_spilled.store(evicted, Ordering::Relaxed);
-        }
+            Ok(trimmed)
+        })?;
+        let evicted = inner.after_commit(&batch, &trimmed);
+        counters.rows_spilled.store(evicted, Ordering::Relaxed);
         let (progress, _) = watch::channel(Progress::default());
         let shared = Arc::new(Shared {
             queue_space: Arc::new(Semaphore::new(config.max_queued)),
@@ -808,6 +964,21 @@ impl EmbeddedBackend {
     pub fn path(&self) -> &Path {
         &self.shared.root
     }
+
+    /// Checks the data directory `path` without changing anything: every segment's records and
+    /// checksums (and the bytes after each segment's end, as recovery reads them), the state
+    /// database (an in-memory copy, integrity-checked), and the state's consistency with the
+    /// logs. Files are opened read-only and the directory lock is not taken, so it works while
+    /// another process has the directory open, and on a read-only directory.
+    ///
+    /// Damage is reported in the [`CheckReport`], not as an error; see
+    /// [`CheckReport::is_ok`].
+    ///
+    /// # Errors
+    /// `path` is not a readable directory, or a file cannot be read.
+    pub fn check(path: impl AsRef<Path>) -> Result<CheckReport, BackendError> {
+        check::check(path.as_ref())
+    }
 }
 
 impl Drop for EmbeddedBackend {
@@ -815,7 +986,14 @@ impl Drop for EmbeddedBackend {
         lock(&self.shared.queue).shutdown = true;
         self.shared.wake.notify_all();
         if let Some(t) = lock(&self.committer).take() {
-            let _ = t.join();
+            let joined = t.join().is_ok();
+            // The committer's last round synced everything written: record a clean close, so
+            // the next open knows no write of this session can be torn. Not after a failure.
+            if joined && lock(&self.shared.inner).poison.is_none() {
+                if let Err(e) = state::mark_closed(&self.shared.db, self.shared.gen) {
+                    tracing::warn!(error = %e, "could not record the clean close of the data directory");
+                }
+            }
         }
     }
 }
@@ -1871,11 +2049,12 @@ fn start_offset(log: &TopicLog, begin: u64, start: StartPosition) -> Result<u64,
         StartPosition::Latest => end,
         StartPosition::Earliest => begin,
         StartPosition::From(id) => {
-            // The first record whose id is >= `id`; ids grow with offsets.
+            // The first record whose id is >= `id`; ids grow with offsets. An offset that holds
+            // no record (skipped after damage) stands for the next record stored.
             let (mut lo, mut hi) = (begin, end);
             while lo < hi {
                 let mid = lo + (hi - lo) / 2;
-                let below = match log.get(mid)? {
+                let below = match log.read(mid, 1, &mut None)?.first() {
                     Some(r) => MessageId::new(r.ms, r.offset) < id,
                     None => true,
                 };
@@ -2089,7 +2268,7 @@ impl Backend for EmbeddedBackend {
         max: usize,
         wait: Duration,
     ) -> Result<Vec<Delivery>, BackendError> {
-        let deadline = tokio::time::Instant::now() + wait;
+        let deadline = crate::model::instant_after(tokio::time::Instant::now(), wait);
         let ready = {
             let inner = lock(&self.shared.inner);
             match inner.topics.get(&sub.topic) {
@@ -2303,7 +2482,8 @@ impl Backend for EmbeddedBackend {
                 let (mut lo, mut hi) = (start, needed);
                 while lo < hi {
                     let mid = lo + (hi - lo) / 2;
-                    match ts.log.get(mid)? {
+                    // An offset skipped after damage stands for the next record stored.
+                    match ts.log.read(mid, 1, &mut None)?.first() {
                         Some(r) if r.ms > cutoff.0 => hi = mid,
                         _ => lo = mid + 1,
                     }
@@ -2383,7 +2563,7 @@ impl Backend for EmbeddedBackend {
                     name: name.clone(),
                     cursor: MessageId::ZERO,
                     pending: g.pending.len() as u64,
-                    lag: end.saturating_sub(g.cursor),
+                    lag: t.log.stored_between(g.cursor, end),
                     scheduled: g.scheduled(),
                     parked: g.parked as u64,
                     consumers: g
@@ -2399,7 +2579,7 @@ impl Backend for EmbeddedBackend {
                 .collect();
             let info = TopicInfo {
                 name: topic.to_owned(),
-                length: end.saturating_sub(t.start),
+                length: t.log.stored_between(t.start, end),
                 first_id: None,
                 last_id: None,
                 groups,
@@ -2424,7 +2604,7 @@ impl Backend for EmbeddedBackend {
             } else {
                 None
             };
-            let last = match end.checked_sub(1) {
+            let last = match log.stored_before(end) {
                 Some(o) => id_of(o)?,
                 None => None,
             };

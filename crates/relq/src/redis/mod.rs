@@ -35,7 +35,7 @@
 mod conn;
 mod scripts;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -49,8 +49,10 @@ use crate::backend::{
     Settlement, Subscription, TopicInfo,
 };
 use crate::dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
-use crate::error::{BackendError, BackendErrorKind, ConfigError};
-use crate::model::{Message, MessageId, Outgoing, StartPosition, Timestamp};
+use crate::error::{BackendError, BackendErrorKind, ConfigError, Limit};
+use crate::model::{
+    instant_after, validate_name, Message, MessageId, Outgoing, StartPosition, Timestamp,
+};
 use conn::{BlockingPool, Conn, Target};
 
 const NAME: &str = "redis";
@@ -222,6 +224,29 @@ impl History {
     }
 }
 
+/// A `SCAN MATCH` pattern for every topic's stream key (braces are literal in Redis globs).
+const STREAM_KEY_PATTERN: &str = "relq:{*}:s";
+
+/// The `host:port` of every primary in a `CLUSTER NODES` reply (flags include `master`, not
+/// `fail`).
+fn cluster_primaries(nodes: &str) -> Vec<(String, u16)> {
+    nodes
+        .lines()
+        .filter_map(|line| {
+            let mut f = line.split_whitespace();
+            let (_id, addr, flags) = (f.next()?, f.next()?, f.next()?);
+            let flags: Vec<&str> = flags.split(',').collect();
+            if !flags.contains(&"master") || flags.iter().any(|f| f.starts_with("fail")) {
+                return None;
+            }
+            // host:port@cport[,hostname]
+            let hostport = addr.split(['@', ',']).next()?;
+            let (host, port) = hostport.rsplit_once(':')?;
+            Some((host.trim_matches(['[', ']']).to_owned(), port.parse().ok()?))
+        })
+        .collect()
+}
+
 fn stream_key(topic: &str) -> String {
     format!("relq:{{{topic}}}:s")
 }
@@ -248,9 +273,21 @@ fn transient(e: &RedisError) -> bool {
     )
 }
 
+/// The error code scripts reply with when the topic was terminated (`redis.error_reply`).
+const TERMINATED_CODE: &str = "RELQ_TERMINATED";
+
+/// The Redis error code behind a mapped error, if it came from a server reply.
+fn redis_code(e: &BackendError) -> Option<&str> {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<RedisError>())
+        .and_then(RedisError::code)
+}
+
 fn map_err(e: RedisError) -> BackendError {
     let text = e.to_string();
-    if text.contains("RELQ_TERMINATED") {
+    // The scripts' own error code; matched as the code, never searched for in the text, which
+    // can hold key names (a topic may be called RELQ_TERMINATED).
+    if e.code() == Some(TERMINATED_CODE) {
         return err(BackendErrorKind::Terminated, "the topic was terminated");
     }
     // A MULTI/EXEC aborted by an error inside reports EXECABORT; then look at the cause in the
@@ -280,12 +317,11 @@ fn map_err(e: RedisError) -> BackendError {
     } else {
         BackendErrorKind::Unavailable
     };
-    let message = if kind == BackendErrorKind::Full {
-        format!("Redis is out of memory (maxmemory reached): {text}")
-    } else {
-        text.clone()
-    };
-    err(kind, message).with_source(e)
+    if kind == BackendErrorKind::Full {
+        let message = format!("Redis is out of memory (maxmemory reached): {text}");
+        return BackendError::full(NAME, Limit::Memory, message).with_source(e);
+    }
+    err(kind, text).with_source(e)
 }
 
 // ---- reply parsing -------------------------------------------------------------------------
@@ -542,7 +578,7 @@ impl RedisBackend {
             .await
         {
             Ok(v) => v,
-            Err(e) if e.message.to_ascii_lowercase().contains("noperm") => {
+            Err(e) if redis_code(&e) == Some("NOPERM") => {
                 tracing::warn!(error = %e, "could not read the server version (INFO denied); relq needs Redis 7.0 or newer");
                 Value::Nil
             }
@@ -609,14 +645,14 @@ impl RedisBackend {
         F: FnMut(Conn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        let deadline = tokio::time::Instant::now() + self.config.retry_for;
+        let deadline = instant_after(tokio::time::Instant::now(), self.config.retry_for);
         let mut delay = Duration::from_millis(20);
         loop {
             match f(self.conn.clone()).await.map_err(map_err) {
                 Ok(v) => return Ok(v),
                 Err(e)
                     if e.kind == BackendErrorKind::Unavailable
-                        && tokio::time::Instant::now() + delay < deadline =>
+                        && instant_after(tokio::time::Instant::now(), delay) < deadline =>
                 {
                     tracing::debug!(error = %e, ?delay, "redis call failed; retrying");
                     tokio::time::sleep(delay).await;
@@ -764,12 +800,12 @@ impl RedisBackend {
                 .arg("COUNT")
                 .arg(max);
             if !block.is_zero() {
-                cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
+                cmd.arg("BLOCK").arg(redis_millis(block).max(1));
             }
             cmd.arg("STREAMS").arg(&key).arg(">");
             cmd
         };
-        let limit = block + self.config.response_timeout;
+        let limit = block.saturating_add(self.config.response_timeout);
         let reply = match tokio::time::timeout(limit, cmd.query_async::<Value>(&mut conn)).await {
             Ok(Ok(v)) => {
                 self.blocking.give_back(conn);
@@ -880,7 +916,7 @@ impl RedisBackend {
                     .arg(max)
                     .arg(mode)
                     .arg(&arg)
-                    .arg(self.config.consumer_expiry.as_millis() as u64);
+                    .arg(redis_millis(self.config.consumer_expiry));
                 async move { inv.invoke_async(&mut c).await }
             })
             .await?;
@@ -891,6 +927,64 @@ impl RedisBackend {
         self.warn_lost(sub, int(&lost) == Some(1));
         let out = deliveries(out)?;
         self.note_history(&out);
+        Ok(out)
+    }
+
+    /// Topic names of every stream key relq's format names (`relq:{<topic>}:s`), found with
+    /// `SCAN ... TYPE stream` on the server, or on every primary of a cluster. O(keys) on the
+    /// server, in pages; for listing topics, never on a message path.
+    async fn scan_streams(&self) -> Result<Vec<String>, BackendError> {
+        let nodes: Vec<Option<(String, u16)>> = match &self.conn {
+            Conn::Cluster(_) => {
+                let mut cmd = ::redis::cmd("CLUSTER");
+                cmd.arg("NODES");
+                let nodes = text(&self.query(cmd).await?).unwrap_or_default();
+                cluster_primaries(&nodes).into_iter().map(Some).collect()
+            }
+            _ => vec![None],
+        };
+        let mut out = Vec::new();
+        for node in nodes {
+            let mut cursor = "0".to_owned();
+            loop {
+                let mut cmd = ::redis::cmd("SCAN");
+                cmd.arg(&cursor)
+                    .arg("MATCH")
+                    .arg(STREAM_KEY_PATTERN)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .arg("TYPE")
+                    .arg("stream");
+                let reply = match (&self.conn, &node) {
+                    (Conn::Cluster(c), Some((host, port))) => {
+                        let route = ::redis::cluster_routing::RoutingInfo::SingleNode(
+                            ::redis::cluster_routing::SingleNodeRoutingInfo::ByAddress {
+                                host: host.clone(),
+                                port: *port,
+                            },
+                        );
+                        c.clone().route_command(cmd, route).await.map_err(map_err)?
+                    }
+                    _ => self.query(cmd).await?,
+                };
+                let mut parts = items(reply).into_iter();
+                let next = parts.next().as_ref().and_then(text).unwrap_or_default();
+                for key in parts.next().map(items).unwrap_or_default() {
+                    let topic = text(&key).and_then(|k| {
+                        k.strip_prefix("relq:{")?
+                            .strip_suffix("}:s")
+                            .map(str::to_owned)
+                    });
+                    if let Some(t) = topic.filter(|t| validate_name("topic", t).is_ok()) {
+                        out.push(t);
+                    }
+                }
+                if next.is_empty() || next == "0" {
+                    break;
+                }
+                cursor = next;
+            }
+        }
         Ok(out)
     }
 
@@ -1123,7 +1217,7 @@ impl Backend for RedisBackend {
         min_idle: Duration,
         max: usize,
     ) -> Result<Vec<Delivery>, BackendError> {
-        self.redeliver(sub, max, "claim", min_idle.as_millis().to_string())
+        self.redeliver(sub, max, "claim", redis_millis(min_idle).to_string())
             .await
     }
 
@@ -1145,7 +1239,7 @@ impl Backend for RedisBackend {
                 "part of the previous read failed after it handed out messages; recover this consumer's pending messages",
             ));
         }
-        let deadline = tokio::time::Instant::now() + wait;
+        let deadline = instant_after(tokio::time::Instant::now(), wait);
         loop {
             let (mut out, next_due, stopped) = self.promote(sub, max).await?;
             if !out.is_empty() {
@@ -1339,8 +1433,22 @@ impl Backend for RedisBackend {
     async fn topics(&self) -> Result<Vec<String>, BackendError> {
         let mut cmd = ::redis::cmd("SMEMBERS");
         cmd.arg(REGISTRY);
+        let mut names: BTreeSet<String> = items(self.query(cmd).await?)
+            .iter()
+            .filter_map(text)
+            .collect();
+        // Streams another program created by the documented format (`XADD relq:{t}:s ...`)
+        // before any relq process registered the topic.
+        match self.scan_streams().await {
+            Ok(found) => names.extend(found),
+            // An ACL user without SCAN (or CLUSTER NODES) still lists the registered topics.
+            Err(e) if redis_code(&e) == Some("NOPERM") => {
+                tracing::warn!(error = %e, "cannot scan for topics other programs created; listing registered topics only");
+            }
+            Err(e) => return Err(e),
+        }
         let mut out = Vec::new();
-        for name in items(self.query(cmd).await?).iter().filter_map(text) {
+        for name in names {
             let mut cmd = ::redis::cmd("EXISTS");
             cmd.arg(format!("{}meta", prefix(&name)))
                 .arg(stream_key(&name));
@@ -1572,6 +1680,12 @@ impl Backend for RedisBackend {
     }
 }
 
+/// A duration as the whole milliseconds Redis takes (a signed 64-bit count), saturating: a
+/// caller's `Duration::MAX` is "forever", not an overflow or a rejected command.
+fn redis_millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).map_or(i64::MAX as u64, |ms| ms.min(i64::MAX as u64))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1593,6 +1707,88 @@ mod tests {
         let mut left: Vec<_> = h.ids.keys().copied().collect();
         left.sort();
         assert_eq!(left, [MessageId::new(2, 0), MessageId::new(3, 0)]);
+    }
+
+    /// Any reply shape, nested: what a damaged key, another client or a hostile server can send.
+    fn any_value() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Nil),
+            any::<i64>().prop_map(Value::Int),
+            proptest::collection::vec(any::<u8>(), 0..40).prop_map(Value::BulkString),
+            // Field names and ids relq looks for, so decoding gets past the first checks.
+            prop_oneof![
+                Just("type"),
+                Just("data"),
+                Just("headers"),
+                Just("deliver_at"),
+                Just("record"),
+                Just("1-0"),
+                Just("{}"),
+                Just("[]"),
+                Just("job"),
+                Just("18446744073709551615-18446744073709551615"),
+                Just("{\"id\":\"1-0\",\"attempts\":1}"),
+            ]
+            .prop_map(|s| Value::BulkString(s.as_bytes().to_vec())),
+            ".{0,20}".prop_map(Value::SimpleString),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                proptest::collection::vec((inner.clone(), inner), 0..4).prop_map(Value::Map),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        /// Stored entries and replies of any shape decode to a value or an error, never a panic.
+        #[test]
+        fn decoders_never_panic(v in any_value(), id in proptest::prelude::any::<(u64, u64)>(), n in proptest::prelude::any::<u32>()) {
+            let _ = deliveries(v.clone());
+            let _ = dead_letter_of(v.clone());
+            let _ = fields_map(v.clone());
+            let _ = id_of(&v);
+            let m = message_of(MessageId::new(id.0, id.1), v, n);
+            let _ = m.published_at.to_string();
+        }
+
+        /// A dead-letter record of arbitrary JSON is an error or a dead letter, never a panic.
+        #[test]
+        fn dead_letter_records_never_panic(record in ".{0,200}") {
+            let entry = Value::Array(vec![
+                Value::BulkString(b"5-1".to_vec()),
+                Value::Array(vec![
+                    Value::BulkString(b"record".to_vec()),
+                    Value::BulkString(record.into_bytes()),
+                ]),
+            ]);
+            if let Ok(dl) = dead_letter_of(entry) {
+                let _ = (dl.first_failed_at.to_string(), dl.message.published_at.to_string());
+            }
+        }
+    }
+
+    #[test]
+    fn errors_are_classified_by_their_code_not_their_text() {
+        let terminated = ::redis::make_extension_error(
+            TERMINATED_CODE.into(),
+            Some("the topic was terminated".into()),
+        );
+        assert_eq!(map_err(terminated).kind, BackendErrorKind::Terminated);
+        // A key name in the text (a topic called RELQ_TERMINATED or OOM) says nothing.
+        let nogroup = ::redis::make_extension_error(
+            "NOGROUP".into(),
+            Some("No such key 'relq:{RELQ_TERMINATED}:s' or consumer group 'OOM'".into()),
+        );
+        let e = map_err(nogroup);
+        assert_eq!(e.kind, BackendErrorKind::Invalid);
+        assert_eq!(redis_code(&e), Some("NOGROUP"));
+        let noperm = ::redis::make_extension_error(
+            "NOPERM".into(),
+            Some("User x has no permissions to run the 'info' command".into()),
+        );
+        assert_eq!(redis_code(&map_err(noperm)), Some("NOPERM"));
     }
 
     #[test]
