@@ -96,6 +96,10 @@ impl Drop for DemoDir {
 }
 
 pub(crate) async fn run(args: DemoArgs, url: Option<&str>, json_out: bool) -> anyhow::Result<()> {
+    // SIGINT/SIGTERM from here on: the consumers shut down gracefully (what they hold stays
+    // pending) and the demo says how far it got.
+    let signal = crate::shutdown_signal();
+    tokio::pin!(signal);
     // The durable embedded engine in a fresh directory, unless the operator chose a backend.
     let mut _dir = None;
     let (broker, backend) = match url {
@@ -203,7 +207,26 @@ pub(crate) async fn run(args: DemoArgs, url: Option<&str>, json_out: bool) -> an
         if let Some(c) = consumers.iter().find(|c| c.is_stopped()) {
             anyhow::bail!("consumer {} stopped: {:?}", c.name(), c.done().await);
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            name = &mut signal => {
+                bar.abandon();
+                for p in &producers {
+                    p.abort();
+                }
+                let mut abandoned = 0;
+                for c in consumers {
+                    abandoned += c.shutdown(Duration::from_secs(5)).await.abandoned;
+                }
+                return Err(crate::exit(
+                    crate::Exit::INTERRUPTED,
+                    format!(
+                        "{name}: demo stopped after {done} of {} messages settled ({abandoned} handlers cancelled at the deadline)",
+                        args.messages
+                    ),
+                ));
+            }
+        }
     }
     for p in producers {
         p.await??;

@@ -1,7 +1,8 @@
 //! `relq`: run the demo, publish, consume, inspect topics and operate dead letters.
 //!
 //! Exit codes (see [`Exit`]): 0 success, 1 operation failed, 2 bad usage or input (clap's
-//! convention), 3 not found, 4 the topic was terminated, 5 `relq check` found damage.
+//! convention), 3 not found, 4 the topic was terminated, 5 `relq check` found damage, 130
+//! interrupted.
 
 mod bench;
 mod bench_redis;
@@ -162,6 +163,9 @@ impl Exit {
     pub(crate) const TERMINATED: u8 = 4;
     /// `relq check` found damage that needs the operator.
     pub(crate) const DAMAGED: u8 = 5;
+    /// Interrupted by SIGINT/SIGTERM before a command that runs to completion (demo, bench)
+    /// finished, or a second signal during a graceful stop.
+    pub(crate) const INTERRUPTED: u8 = 130;
 }
 
 /// An error that carries its exit code.
@@ -239,7 +243,7 @@ pub(crate) fn shutdown_signal() -> impl std::future::Future<Output = &'static st
         tokio::spawn(async move {
             second.recv().await;
             eprintln!("second signal: exiting now; unfinished messages stay pending");
-            std::process::exit(130);
+            std::process::exit(i32::from(Exit::INTERRUPTED));
         });
         name
     }
@@ -324,18 +328,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let command = match cli.command {
         Command::Demo(args) => return demo::run(args, cli.url.as_deref(), cli.json).await,
         Command::CrashChild(args) => return crash::run(args).await,
-        Command::Bench { command } => return bench::run(command, cli.json).await,
+        Command::Bench { command } => {
+            // A benchmark has nothing to drain: on a signal it stops where it is (its temporary
+            // directories are removed as its futures are dropped).
+            let signal = shutdown_signal();
+            return tokio::select! {
+                r = bench::run(command, cli.json) => r,
+                name = signal => Err(exit(Exit::INTERRUPTED, format!("{name}: benchmark interrupted"))),
+            };
+        }
         Command::Check { dir, repair } => {
             let dir = match (dir, cli.url.as_deref()) {
                 (Some(d), _) => d,
                 (None, Some(url)) => match url.split_once("://") {
                     Some(("file", path)) if !path.is_empty() => path.into(),
-                    _ => return Err(exit(
-                        Exit::USAGE,
-                        format!(
+                    _ => {
+                        return Err(exit(
+                            Exit::USAGE,
+                            format!(
                             "relq check verifies a data directory; {url:?} is not a file:// URL"
                         ),
-                    )),
+                        ))
+                    }
                 },
                 (None, None) => DEFAULT_URL.trim_start_matches("file://").into(),
             };

@@ -628,3 +628,76 @@ fn damage_in_the_active_segment_is_reported_and_repaired_only_on_request() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Warnings reach the operator by default, as plain text when stderr is not a terminal: a torn
+/// tail cut at open is logged without `RELQ_LOG` set.
+#[test]
+fn warnings_are_shown_by_default_without_colour_codes() {
+    let dir = fresh_dir();
+    for i in 0..5 {
+        ok(&relq_in(
+            &dir,
+            &["publish", "orders", "job", &format!("order-{i}")],
+        ));
+    }
+    let seg = topic_dir(&dir, "orders").join("00000000000000000000.seg");
+    let mut bytes = std::fs::read(&seg).unwrap();
+    // Cut inside the last record: the torn end of a log, which an open cuts and logs.
+    let mut at = 0;
+    for _ in 0..4 {
+        at += u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize + 8;
+    }
+    for b in &mut bytes[at + 10..] {
+        *b = 0;
+    }
+    std::fs::write(&seg, &bytes).unwrap();
+    let out = relq_in(&dir, &["info", "orders"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("WARN"), "{stderr}");
+    assert!(!stderr.contains('\u{1b}'), "colour codes in {stderr:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// SIGINT stops `relq demo` gracefully: its consumers shut down, it says how far it got, exits
+/// 130, and removes its temporary data directory.
+#[test]
+fn demo_stops_gracefully_on_sigint() {
+    use std::io::Read;
+    let dir = fresh_dir();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_relq"))
+        .args(["--json", "demo", "--messages", "10000000"])
+        .current_dir(&dir)
+        .env_remove("RELQ_URL")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The demo installs its signal handling before it creates its data directory.
+    let data = std::env::temp_dir().join(format!("relq-demo-{}", child.id()));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !data.join("state.redb").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the demo never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("SIGINT: demo stopped after"), "{stderr}");
+    assert!(!data.exists(), "the demo's data directory was removed");
+    let _ = std::fs::remove_dir_all(&dir);
+}

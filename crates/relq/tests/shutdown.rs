@@ -1,7 +1,9 @@
 //! The runtime while the backend refuses calls: shutdown keeps its deadline even when the backend
 //! refuses settlements (the messages stay pending and are delivered again), and a message whose
 //! ack is still queued when the consumer recovers its pending messages after an outage is not
-//! run a second time; a settler that panics stops the consumer.
+//! run a second time; a settler that panics stops the consumer. And the runtime never fetches
+//! more messages than it has free handler slots for (each fetch is a delivery the backend
+//! counts against the attempt limit).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
@@ -22,6 +24,22 @@ struct Flaky {
     fail_next_read: Arc<AtomicBool>,
     /// `settle` panics (a backend bug).
     panic_settle: bool,
+    /// Handlers running now (kept by the test's handler) and the consumer's concurrency: a
+    /// fetch asking for more than the free slots is counted in `over_fetched`.
+    running: Arc<AtomicU32>,
+    concurrency: u32,
+    over_fetched: Arc<AtomicU32>,
+}
+
+impl Flaky {
+    fn fetching(&self, max: usize) {
+        let free = self
+            .concurrency
+            .saturating_sub(self.running.load(Ordering::SeqCst));
+        if max as u32 > free {
+            self.over_fetched.fetch_add(1, Ordering::SeqCst);
+        }
+    }
 }
 
 fn unavailable() -> BackendError {
@@ -55,6 +73,7 @@ impl Backend for Flaky {
         a: MessageId,
         m: usize,
     ) -> Result<Vec<Delivery>, BackendError> {
+        self.fetching(m);
         self.inner.recover(s, a, m).await
     }
     async fn claim(
@@ -63,6 +82,7 @@ impl Backend for Flaky {
         i: Duration,
         m: usize,
     ) -> Result<Vec<Delivery>, BackendError> {
+        self.fetching(m);
         self.inner.claim(s, i, m).await
     }
     async fn read(
@@ -74,6 +94,7 @@ impl Backend for Flaky {
         if self.fail_next_read.swap(false, Ordering::Relaxed) {
             return Err(unavailable());
         }
+        self.fetching(m);
         self.inner.read(s, m, w).await
     }
     async fn settle(&self, s: &Subscription, b: &[Settlement]) -> Result<(), BackendError> {
@@ -155,6 +176,9 @@ async fn setup(panic_settle: bool, refuse_settle: bool) -> Setup {
         refuse_settle: refuse.clone(),
         fail_next_read: fail_read.clone(),
         panic_settle,
+        running: Arc::default(),
+        concurrency: 16,
+        over_fetched: Arc::default(),
     });
     let runs = Arc::new(AtomicU32::new(0));
     let r = runs.clone();
@@ -248,4 +272,59 @@ async fn a_panicking_settler_stops_the_consumer() {
     // The message was handled but never settled: it stays pending.
     assert_eq!(s.runs.load(Ordering::Relaxed), 1);
     assert_eq!(pending(&s.broker).await, 1);
+}
+
+/// With every handler slot but one busy, the runtime fetches one message, never a full read
+/// batch: a message fetched beyond the free slots would wait unstarted while the backend counts
+/// it as delivered (and a crash meanwhile would burn one of its attempts).
+#[tokio::test(start_paused = true)]
+async fn the_runtime_never_fetches_more_than_it_can_start() {
+    let running = Arc::new(AtomicU32::new(0));
+    let over = Arc::new(AtomicU32::new(0));
+    let broker = Broker::new(Flaky {
+        inner: MemoryBackend::new(),
+        refuse_settle: Arc::default(),
+        fail_next_read: Arc::default(),
+        panic_settle: false,
+        running: running.clone(),
+        concurrency: 4,
+        over_fetched: over.clone(),
+    });
+    let batch = (0..60)
+        .map(|i| NewMessage::new("job", format!("m{i}")))
+        .collect();
+    broker.publish_batch("t", batch).await.unwrap();
+    let done = Arc::new(AtomicU32::new(0));
+    let (r, d) = (running.clone(), done.clone());
+    let consumer = broker
+        .consumer("t", "g")
+        .start(StartPosition::Earliest)
+        .concurrency(4)
+        .read_batch(64)
+        .handler("job", move |m: Message| {
+            let (r, d) = (r.clone(), d.clone());
+            async move {
+                r.fetch_add(1, Ordering::SeqCst);
+                // Uneven handler times, so slots free up one at a time.
+                let n: u64 = m.payload[1..].iter().map(|b| u64::from(*b)).sum();
+                tokio::time::sleep(Duration::from_millis(1 + n % 7)).await;
+                r.fetch_sub(1, Ordering::SeqCst);
+                d.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    while done.load(Ordering::SeqCst) < 60 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    consumer.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(
+        over.load(Ordering::SeqCst),
+        0,
+        "fetches asked for more than the free slots"
+    );
 }
