@@ -701,3 +701,13 @@ fn demo_stops_gracefully_on_sigint() {
     assert!(!data.exists(), "the demo's data directory was removed");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An unreachable backend is named in the error, each cause said once, credentials hidden.
+#[test]
+fn an_unreachable_backend_is_named_once() {
+    let out = relq(&["--url", "redis://user:secret@127.0.0.1:1", "info"]);
+    fails_with(&out, 1, "connecting to redis://user:***@127.0.0.1:1");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.matches("refused").count(), 1, "{stderr}");
+    assert!(!stderr.contains("secret"), "{stderr}");
+}

@@ -561,3 +561,46 @@ async fn streams_written_by_other_programs_are_listed() {
     assert_eq!(broker.topics().await.unwrap(), vec!["outside".to_owned()]);
     assert_eq!(broker.topic_info("outside").await.unwrap().length, 1);
 }
+
+/// The Redis backend's own durations at their extremes (`Duration::MAX` response timeout, retry
+/// window and consumer expiry; a consumer whose claim time and poll wait are `Duration::MAX`)
+/// work like any others: no overflow, no command Redis refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extreme_durations_work_on_redis() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let config = RedisConfig::default()
+        .response_timeout(Duration::MAX)
+        .retry_for(Duration::MAX)
+        .consumer_expiry(Duration::MAX);
+    let broker = Broker::new(
+        RedisBackend::connect_with(&server.url(), config)
+            .await
+            .unwrap(),
+    );
+    let seen = Seen::default();
+    let consumer = broker
+        .consumer("far", "g")
+        .start(StartPosition::Earliest)
+        .claim_after(Duration::MAX)
+        .poll_wait(Duration::MAX)
+        .handler("job", seen.handler())
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    broker
+        .publish("far", NewMessage::new("job", "x"))
+        .await
+        .unwrap();
+    broker
+        .publish("far", NewMessage::new("job", "later").delay(Duration::MAX))
+        .await
+        .unwrap();
+    wait_until("handled", LONG, || async { seen.len() == 1 }).await;
+    assert_eq!(consumer.shutdown(Duration::MAX).await.abandoned, 0);
+    let info = broker.topic_info("far").await.unwrap();
+    assert_eq!(info.groups[0].scheduled, 1, "{info:?}");
+}

@@ -552,7 +552,11 @@ impl RedisBackend {
         let conn = target
             .main(config.response_timeout)
             .await
-            .map_err(|e| crate::Error::Backend(map_err(e)))?;
+            .map_err(|e| {
+                let mut e = map_err(e);
+                e.message = format!("connecting to {}: {}", redact(url), e.message);
+                crate::Error::Backend(e)
+            })?;
         let backend = RedisBackend {
             config,
             target,
@@ -563,7 +567,10 @@ impl RedisBackend {
             with_history: Mutex::new(History::default()),
             needs_recovery: Mutex::new(HashSet::new()),
         };
-        backend.check_server().await?;
+        backend.check_server().await.map_err(|mut e| {
+            e.message = format!("{}: {}", redact(url), e.message);
+            e
+        })?;
         Ok(backend)
     }
 
