@@ -10,14 +10,14 @@ mod check;
 mod consume;
 mod crash;
 mod demo;
+mod dlq;
 
-use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use relq::{Broker, DeadLetter, DeadLetterQuery, FailureKind, Message, MessageId, NewMessage};
+use relq::{Broker, DeadLetter, Message, NewMessage};
 use serde_json::json;
 
 /// The backend of every command but the demo when no `--url` is given.
@@ -72,6 +72,36 @@ enum Command {
         /// One topic (default: all).
         topic: Option<String>,
     },
+    /// List topic names.
+    Topics,
+    /// Terminate a topic: remove its messages, groups, pending and scheduled state and dead
+    /// letters; its consumers stop. Asks to type the topic's name unless --yes.
+    Terminate {
+        topic: String,
+        /// Do not ask.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Remove messages every group acknowledged (older than --min-age), and apply --max-len.
+    Cleanup {
+        topic: String,
+        /// Keep acknowledged messages younger than this.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+        min_age: Duration,
+        /// Keep at most this many messages, removing the oldest even if a group has not
+        /// acknowledged them (they are counted as trimmed).
+        #[arg(long)]
+        max_len: Option<u64>,
+    },
+    /// Stop one message for every group: held back, neither processed nor lost, until resumed.
+    Stop { topic: String, id: relq::MessageId },
+    /// Resume a stopped message.
+    Resume { topic: String, id: relq::MessageId },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Benchmarks; every figure in the docs comes from here.
     Bench {
         #[command(subcommand)]
@@ -95,58 +125,8 @@ enum Command {
     /// Inspect and operate dead letters.
     Dlq {
         #[command(subcommand)]
-        command: DlqCommand,
+        command: dlq::DlqCommand,
     },
-}
-
-#[derive(Subcommand)]
-enum DlqCommand {
-    /// List dead letters (oldest first).
-    List {
-        topic: String,
-        /// Page size.
-        #[arg(long, default_value_t = 20)]
-        limit: usize,
-        /// Continue after this dead-letter id.
-        #[arg(long)]
-        after: Option<MessageId>,
-        /// Only this message type.
-        #[arg(long = "type")]
-        kind: Option<String>,
-        /// Only this reason (retryable, permanent, panic, timeout, no_handler, delivery_limit).
-        #[arg(long)]
-        reason: Option<FailureKind>,
-        /// Only this error category.
-        #[arg(long)]
-        category: Option<String>,
-    },
-    /// Show one dead letter in full.
-    Show { topic: String, id: MessageId },
-    /// Replay dead letters to their topic (by id, or --all).
-    Replay {
-        topic: String,
-        /// Dead-letter ids.
-        #[arg(required_unless_present = "all", conflicts_with = "all")]
-        ids: Vec<MessageId>,
-        /// Every dead letter of the topic.
-        #[arg(long)]
-        all: bool,
-    },
-    /// Delete dead letters.
-    Delete {
-        topic: String,
-        /// Dead-letter ids.
-        #[arg(required = true)]
-        ids: Vec<MessageId>,
-    },
-    /// Delete dead letters older than an age (default 30 days).
-    Purge {
-        topic: String,
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "30d")]
-        older_than: Duration,
-    },
-    /// Counts by reason, type and category.
-    Stats { topic: String },
 }
 
 /// The exit codes of `relq`; documented in the README.
@@ -327,6 +307,11 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let command = match cli.command {
         Command::Demo(args) => return demo::run(args, cli.url.as_deref(), cli.json).await,
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "relq", &mut std::io::stdout());
+            return Ok(());
+        }
         Command::CrashChild(args) => return crash::run(args).await,
         Command::Bench { command } => {
             // A benchmark has nothing to drain: on a signal it stops where it is (its temporary
@@ -398,7 +383,85 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Consume(args) => consume::run(&broker, args, cli.json).await?,
         Command::Info { topic } => info(&broker, topic, cli.json).await?,
-        Command::Dlq { command } => dlq(&broker, command, cli.json).await?,
+        Command::Topics => {
+            let topics = broker.topics().await?;
+            print_out(cli.json, json!(topics), || {
+                if topics.is_empty() {
+                    "no topics".to_owned()
+                } else {
+                    topics.join("\n")
+                }
+            });
+        }
+        Command::Terminate { topic, yes } => {
+            relq::validate_name("topic", &topic)?;
+            if !yes {
+                confirm(&topic)?;
+            }
+            let existed = broker.terminate(&topic).await?;
+            if !existed {
+                return Err(relq::Error::NotFound(relq::NotFound::Topic(topic)).into());
+            }
+            print_out(cli.json, json!({ "terminated": topic }), || {
+                format!("terminated topic {topic}")
+            });
+        }
+        Command::Cleanup {
+            topic,
+            min_age,
+            max_len,
+        } => {
+            let mut retention = relq::Retention::default().min_age(min_age);
+            if let Some(n) = max_len {
+                retention = retention.max_len(n);
+            }
+            broker.topic_info(&topic).await?;
+            let r = broker.cleanup(&topic, &retention).await?;
+            print_out(cli.json, serde_json::to_value(&r)?, || {
+                format!(
+                    "removed {} acknowledged messages, trimmed {} unacknowledged",
+                    r.removed, r.trimmed_unacknowledged
+                )
+            });
+        }
+        Command::Stop { topic, id } => {
+            broker.stop_message(&topic, id).await?;
+            print_out(cli.json, json!({ "stopped": id }), || {
+                format!("stopped {id} in topic {topic}")
+            });
+        }
+        Command::Resume { topic, id } => {
+            let was = broker.resume_message(&topic, id).await?;
+            if !was {
+                return Err(exit(
+                    Exit::NOT_FOUND,
+                    format!("message {id} of topic {topic:?} was not stopped"),
+                ));
+            }
+            print_out(cli.json, json!({ "resumed": id }), || {
+                format!("resumed {id} in topic {topic}")
+            });
+        }
+        Command::Completions { .. } => unreachable!("handled above"),
+        Command::Dlq { command } => dlq::run(&broker, command, cli.json).await?,
+    }
+    Ok(())
+}
+
+/// Asks the operator to type the topic's name; refuses when stdin is not a terminal.
+fn confirm(topic: &str) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    if !std::io::stdin().is_terminal() {
+        return Err(exit(
+            Exit::USAGE,
+            format!("terminating {topic:?} deletes all its messages and dead letters: pass --yes to confirm (stdin is not a terminal to ask)"),
+        ));
+    }
+    eprint!("Terminating {topic:?} deletes all its messages, groups and dead letters. Type the topic name to confirm: ");
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    if line.trim() != topic {
+        return Err(exit(Exit::USAGE, "not confirmed; nothing changed"));
     }
     Ok(())
 }
@@ -468,111 +531,6 @@ async fn info(broker: &Broker, topic: Option<String>, json_out: bool) -> anyhow:
             ),
         ))
     }
-}
-
-async fn dlq(broker: &Broker, command: DlqCommand, json_out: bool) -> anyhow::Result<()> {
-    match command {
-        DlqCommand::List {
-            topic,
-            limit,
-            after,
-            kind,
-            reason,
-            category,
-        } => {
-            let mut q = DeadLetterQuery::all().limit(limit);
-            if let Some(a) = after {
-                q = q.after(a);
-            }
-            if let Some(k) = kind {
-                q = q.kind(k);
-            }
-            if let Some(r) = reason {
-                q = q.reason(r);
-            }
-            if let Some(c) = category {
-                q = q.category(c);
-            }
-            let page = broker.dead_letters(&topic).list(&q).await?;
-            let next = (page.len() == limit)
-                .then(|| page.last().map(|d| d.id))
-                .flatten();
-            print_out(
-                json_out,
-                json!({ "items": page.iter().map(dead_letter_json).collect::<Vec<_>>(), "next": next }),
-                || {
-                    let mut out: Vec<String> = page
-                        .iter()
-                        .map(|d| {
-                            format!(
-                                "{} msg={} type={} reason={} category={} attempts={} error={}",
-                                d.id,
-                                d.message.id,
-                                d.message.kind,
-                                d.reason.as_str(),
-                                d.category.as_deref().unwrap_or("-"),
-                                d.attempts,
-                                d.error_chain.join(": ")
-                            )
-                        })
-                        .collect();
-                    if let Some(n) = next {
-                        out.push(format!("(more: --after {n})"));
-                    }
-                    if out.is_empty() {
-                        "no dead letters".to_owned()
-                    } else {
-                        out.join("\n")
-                    }
-                },
-            );
-        }
-        DlqCommand::Show { topic, id } => {
-            let d = broker.dead_letters(&topic).get(id).await?;
-            let v = dead_letter_json(&d);
-            print_out(json_out, v.clone(), || {
-                serde_json::to_string_pretty(&v).unwrap_or_default()
-            });
-        }
-        DlqCommand::Replay { topic, ids, all } => {
-            let dls = broker.dead_letters(&topic);
-            let done = if all {
-                dls.replay_matching(&DeadLetterQuery::all()).await?
-            } else {
-                dls.replay(&ids).await?
-            };
-            let map: BTreeMap<String, String> = done
-                .iter()
-                .map(|(d, m)| (d.to_string(), m.to_string()))
-                .collect();
-            print_out(json_out, json!({ "replayed": map }), || {
-                format!("replayed {} dead letters", done.len())
-            });
-        }
-        DlqCommand::Delete { topic, ids } => {
-            let n = broker.dead_letters(&topic).delete(&ids).await?;
-            print_out(json_out, json!({ "deleted": n }), || {
-                format!("deleted {n} dead letters")
-            });
-        }
-        DlqCommand::Purge { topic, older_than } => {
-            let n = broker
-                .dead_letters(&topic)
-                .purge_older_than(older_than)
-                .await?;
-            print_out(json_out, json!({ "purged": n }), || {
-                format!("purged {n} dead letters")
-            });
-        }
-        DlqCommand::Stats { topic } => {
-            let s = broker.dead_letters(&topic).stats().await?;
-            let v = serde_json::to_value(&s)?;
-            print_out(json_out, v.clone(), || {
-                serde_json::to_string_pretty(&v).unwrap_or_default()
-            });
-        }
-    }
-    Ok(())
 }
 
 pub(crate) fn print_out(json_out: bool, value: serde_json::Value, human: impl FnOnce() -> String) {

@@ -365,7 +365,11 @@ fn usage_errors_and_names_are_checked_everywhere() {
         2,
         "name=value",
     );
-    fails_with(&relq_in(&dir, &["dlq", "replay", "t"]), 2, "<IDS>");
+    fails_with(
+        &relq_in(&dir, &["dlq", "replay", "t"]),
+        2,
+        "give dead-letter ids",
+    );
     fails_with(
         &relq_in(&dir, &["dlq", "replay", "t", "1-0", "--all"]),
         2,
@@ -710,4 +714,151 @@ fn an_unreachable_backend_is_named_once() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.matches("refused").count(), 1, "{stderr}");
     assert!(!stderr.contains("secret"), "{stderr}");
+}
+
+/// `n` dead letters in `topic` of the default data directory under `dir`: messages of type
+/// `bad` (payload `b-<i>`, category `validation`) and `worse` (category `database`), alternating,
+/// each failing permanently.
+fn dead_letters(dir: &std::path::Path, topic: &str, n: usize) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let broker = relq::Broker::open(dir.join("relq-data")).unwrap();
+        let batch = (0..n)
+            .map(|i| {
+                relq::NewMessage::new(if i % 2 == 0 { "bad" } else { "worse" }, format!("b-{i}"))
+            })
+            .collect();
+        broker.publish_batch(topic, batch).await.unwrap();
+        let consumer = broker
+            .consumer(topic, "g")
+            .start(relq::StartPosition::Earliest)
+            .fallback(|m: relq::Message| async move {
+                let category = if m.kind == "bad" {
+                    "validation"
+                } else {
+                    "database"
+                };
+                Err(relq::HandlerError::permanent("rejected by the test").category(category))
+            })
+            .build()
+            .unwrap()
+            .start()
+            .await
+            .unwrap();
+        let dls = broker.dead_letters(topic);
+        while dls.count(&relq::DeadLetterQuery::all()).await.unwrap() < n as u64 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        consumer.shutdown(std::time::Duration::from_secs(5)).await;
+    });
+}
+
+/// Dead letters are exported as JSON lines and CSV, filtered; a replay by filter with --dry-run
+/// changes nothing, and with --rate replays exactly the matching ones.
+#[test]
+fn dead_letters_export_and_replay_by_filter() {
+    let dir = fresh_dir();
+    dead_letters(&dir, "orders", 10);
+    let out = ok(&relq_in(
+        &dir,
+        &["dlq", "export", "orders", "--category", "validation"],
+    ));
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 5);
+    assert!(rows
+        .iter()
+        .all(|r| r["category"] == "validation" && r["message"]["type"] == "bad"));
+    ok(&relq_in(
+        &dir,
+        &[
+            "dlq", "export", "orders", "--format", "csv", "-o", "out.csv",
+        ],
+    ));
+    let csv = std::fs::read_to_string(dir.join("out.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 11, "{csv}");
+    assert!(csv
+        .lines()
+        .next()
+        .unwrap()
+        .starts_with("id,message_id,type"));
+
+    let out = ok(&relq_in(
+        &dir,
+        &[
+            "--json",
+            "dlq",
+            "replay",
+            "orders",
+            "--type",
+            "worse",
+            "--dry-run",
+        ],
+    ));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["would_replay"], 5, "{v}");
+    let stats = ok(&relq_in(&dir, &["--json", "dlq", "stats", "orders"]));
+    assert!(
+        stats.contains("\"total\":10"),
+        "the dry run changed nothing: {stats}"
+    );
+
+    let out = ok(&relq_in(
+        &dir,
+        &[
+            "--json", "dlq", "replay", "orders", "--type", "worse", "--rate", "50",
+        ],
+    ));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["replayed"].as_object().unwrap().len(), 5, "{v}");
+    let left = ok(&relq_in(&dir, &["dlq", "export", "orders"]));
+    assert_eq!(left.lines().count(), 5);
+    assert!(!left.contains("\"worse\""), "{left}");
+    // The replayed messages are back in the topic for group g.
+    let info = ok(&relq_in(&dir, &["--json", "info", "orders"]));
+    assert!(info.contains("\"lag\":5"), "{info}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Topic and message operations: list, stop/resume, cleanup, terminate (which needs --yes when
+/// nobody can be asked), completions.
+#[test]
+fn topic_and_message_operations() {
+    let dir = fresh_dir();
+    let id = ok(&relq_in(&dir, &["publish", "orders", "job", "x"]))
+        .trim()
+        .to_owned();
+    ok(&relq_in(&dir, &["publish", "other", "job", "y"]));
+    let topics = ok(&relq_in(&dir, &["--json", "topics"]));
+    assert_eq!(topics.trim(), r#"["orders","other"]"#);
+    ok(&relq_in(&dir, &["stop", "orders", &id]));
+    let info = ok(&relq_in(&dir, &["--json", "info", "orders"]));
+    assert!(info.contains(&id), "{info}");
+    ok(&relq_in(&dir, &["resume", "orders", &id]));
+    fails_with(
+        &relq_in(&dir, &["resume", "orders", &id]),
+        3,
+        "was not stopped",
+    );
+    let out = ok(&relq_in(&dir, &["--json", "cleanup", "orders"]));
+    assert!(
+        out.contains("\"removed\":0"),
+        "nothing acknowledged yet: {out}"
+    );
+    fails_with(&relq_in(&dir, &["terminate", "orders"]), 2, "--yes");
+    ok(&relq_in(&dir, &["terminate", "orders", "--yes"]));
+    fails_with(&relq_in(&dir, &["info", "orders"]), 3, "not found");
+    fails_with(
+        &relq_in(&dir, &["terminate", "orders", "--yes"]),
+        3,
+        "not found",
+    );
+    let bash = ok(&relq_in(&dir, &["completions", "bash"]));
+    assert!(bash.contains("relq") && bash.contains("consume"), "{bash}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
