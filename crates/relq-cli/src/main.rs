@@ -46,15 +46,25 @@ struct Cli {
 enum Command {
     /// Run the system end to end: producers, consumers with failures, retries and dead letters.
     Demo(demo::DemoArgs),
-    /// Publish one message.
+    /// Publish one message, or (--jsonl) many from JSON lines on stdin.
     Publish {
         /// Topic.
         topic: String,
         /// Message type.
-        kind: String,
+        #[arg(required_unless_present = "jsonl")]
+        kind: Option<String>,
         /// Payload (UTF-8 text); `-` reads it from stdin.
-        #[arg(required_unless_present = "file", conflicts_with = "file")]
+        #[arg(required_unless_present_any = ["file", "jsonl"], conflicts_with = "file")]
         payload: Option<String>,
+        /// Read messages from stdin, one JSON object per line:
+        /// {"type": "...", "payload": "text" or any JSON value (published as its JSON text),
+        /// "payload_hex": "00ff..", "headers": {"k": "v"}, "delay": "5s"}; published in batches
+        /// with a progress bar. A bad line stops it: the lines before it are published.
+        #[arg(long, conflicts_with_all = ["kind", "payload", "file", "headers", "delay"])]
+        jsonl: bool,
+        /// Messages per batch with --jsonl.
+        #[arg(long, default_value_t = 500, requires = "jsonl")]
+        batch: usize,
         /// Read the payload from this file (any bytes).
         #[arg(long)]
         file: Option<std::path::PathBuf>,
@@ -353,12 +363,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Publish {
             topic,
+            jsonl,
+            batch,
+            ..
+        } if jsonl => {
+            publish_lines(&broker, &topic, batch, cli.json).await?;
+        }
+        Command::Publish {
+            topic,
             kind,
             payload,
             file,
             headers,
             delay,
+            ..
         } => {
+            let kind = kind.unwrap_or_default();
             let body: Vec<u8> = match (payload, file) {
                 (_, Some(path)) => std::fs::read(&path)
                     .with_context(|| format!("reading the payload from {}", path.display()))?,
@@ -446,6 +466,130 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dlq { command } => dlq::run(&broker, command, cli.json).await?,
     }
     Ok(())
+}
+
+/// One line of `relq publish --jsonl`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Line {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    payload: Option<serde_json::Value>,
+    #[serde(default)]
+    payload_hex: Option<String>,
+    #[serde(default)]
+    headers: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    delay: Option<String>,
+}
+
+fn parse_line(text: &str) -> anyhow::Result<NewMessage> {
+    let line: Line = serde_json::from_str(text)?;
+    let payload: Vec<u8> = match (line.payload, line.payload_hex) {
+        (Some(_), Some(_)) => anyhow::bail!("give payload or payload_hex, not both"),
+        (Some(serde_json::Value::String(s)), None) => s.into_bytes(),
+        (Some(v), None) => v.to_string().into_bytes(),
+        (None, Some(h)) => {
+            if h.len() % 2 != 0 {
+                anyhow::bail!("payload_hex has an odd number of digits");
+            }
+            (0..h.len())
+                .step_by(2)
+                .map(|i| {
+                    h.get(i..i + 2)
+                        .and_then(|b| u8::from_str_radix(b, 16).ok())
+                        .ok_or_else(|| anyhow::anyhow!("payload_hex is not hex"))
+                })
+                .collect::<anyhow::Result<_>>()?
+        }
+        (None, None) => Vec::new(),
+    };
+    let mut m = NewMessage::new(line.kind, payload);
+    for (k, v) in line.headers {
+        m = m.header(k, v);
+    }
+    if let Some(d) = line.delay {
+        m = m.delay(humantime::parse_duration(&d).map_err(|e| anyhow::anyhow!("delay: {e}"))?);
+    }
+    Ok(m)
+}
+
+/// `relq publish --jsonl`: batches of lines from stdin; a bad line stops it after publishing
+/// the lines before it.
+async fn publish_lines(
+    broker: &Broker,
+    topic: &str,
+    batch: usize,
+    json_out: bool,
+) -> anyhow::Result<()> {
+    use std::io::BufRead;
+    relq::validate_name("topic", topic)?;
+    let batch = batch.max(1);
+    let bar = if json_out {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new_spinner()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {pos} published {per_sec}",
+        )
+        .map_err(|e| anyhow::anyhow!("progress template: {e}"))?,
+    );
+    let (mut first, mut last, mut published) = (None, None, 0u64);
+    let mut pending = Vec::with_capacity(batch);
+    let mut failure = None;
+    let stdin = std::io::stdin().lock();
+    for (n, line) in stdin.lines().enumerate() {
+        let line = line.context("reading stdin")?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        match parse_line(&line) {
+            Ok(m) => pending.push(m),
+            Err(e) => {
+                failure = Some(format!("line {}: {e:#}", n + 1));
+                break;
+            }
+        }
+        if pending.len() == batch {
+            let ids = broker
+                .publish_batch(topic, std::mem::take(&mut pending))
+                .await
+                .with_context(|| {
+                    format!("the batch ending at line {} was not published ({published} messages before it were)", n + 1)
+                })?;
+            first = first.or(ids.first().copied());
+            last = ids.last().copied().or(last);
+            published += ids.len() as u64;
+            bar.set_position(published);
+        }
+    }
+    if !pending.is_empty() {
+        let ids = broker
+            .publish_batch(topic, pending)
+            .await
+            .with_context(|| {
+                format!("the last batch was not published ({published} messages before it were)")
+            })?;
+        first = first.or(ids.first().copied());
+        last = ids.last().copied().or(last);
+        published += ids.len() as u64;
+    }
+    bar.finish_and_clear();
+    print_out(
+        json_out,
+        json!({ "published": published, "first_id": first, "last_id": last }),
+        || format!("published {published} messages"),
+    );
+    match failure {
+        Some(f) => Err(exit(
+            Exit::USAGE,
+            format!("{f}; the {published} messages before it were published"),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Asks the operator to type the topic's name; refuses when stdin is not a terminal.

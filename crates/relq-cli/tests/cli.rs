@@ -862,3 +862,61 @@ fn topic_and_message_operations() {
     assert!(bash.contains("relq") && bash.contains("consume"), "{bash}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `relq publish --jsonl` publishes JSON lines from stdin in batches; a bad line stops it with
+/// its line number after publishing the lines before it.
+#[test]
+fn publish_reads_json_lines() {
+    use std::io::Write;
+    let dir = fresh_dir();
+    let run = |input: String| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_relq"))
+            .args(["--json", "publish", "jobs", "--jsonl", "--batch", "7"])
+            .current_dir(&dir)
+            .env_remove("RELQ_URL")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let mut input: String = (0..20)
+        .map(|i| {
+            format!("{{\"type\":\"job\",\"payload\":\"p{i}\",\"headers\":{{\"n\":\"{i}\"}}}}\n")
+        })
+        .collect();
+    input += "{\"type\":\"job\",\"payload\":{\"json\":true}}\n";
+    input += "{\"type\":\"blob\",\"payload_hex\":\"00ff\",\"delay\":\"1h\"}\n";
+    let out = run(input);
+    let v: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+    assert_eq!(v["published"], 22, "{v}");
+    let got = ok(&relq_in(
+        &dir,
+        &["--json", "consume", "jobs", "--count", "21"],
+    ));
+    let got = payloads(&got);
+    assert_eq!(got[0], "p0");
+    assert_eq!(got[20], r#"{"json":true}"#);
+    let info = ok(&relq_in(&dir, &["--json", "info", "jobs"]));
+    assert!(
+        info.contains("\"scheduled\":1"),
+        "the delayed one waits: {info}"
+    );
+
+    let out = run(
+        "{\"type\":\"job\",\"payload\":\"a\"}\n{\"type\":\"job\",\"payload\":\"b\"}\nnot json\n"
+            .into(),
+    );
+    fails_with(&out, 2, "line 3");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("the 2 messages before it were published")
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
