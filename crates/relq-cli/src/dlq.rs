@@ -26,8 +26,16 @@ pub(crate) enum DlqCommand {
         #[command(flatten)]
         filter: Filter,
     },
-    /// Show one dead letter in full.
+    /// Show one dead letter in full, with the suggestion for its failure category.
     Show { topic: String, id: MessageId },
+    /// Group matching dead letters by error fingerprint (the error text with numbers, ids,
+    /// hex, UUIDs and quoted values normalised): counts, first and last seen, types, handlers,
+    /// sample ids, and what to check. Start here during an incident.
+    Groups {
+        topic: String,
+        #[command(flatten)]
+        filter: Filter,
+    },
     /// Write every matching dead letter as JSON lines or CSV (to stdout or --output).
     Export {
         topic: String,
@@ -258,10 +266,61 @@ pub(crate) async fn run(
             );
         }
         DlqCommand::Show { topic, id } => {
-            let d = broker.dead_letters(&topic).get(id).await?;
-            let v = dead_letter_json(&d);
+            let dls = broker.dead_letters(&topic);
+            let d = dls.get(id).await?;
+            let mut v = dead_letter_json(&d);
+            v["suggestion"] = serde_json::to_value(dls.suggestion(&d))?;
             print_out(json_out, v.clone(), || {
                 serde_json::to_string_pretty(&v).unwrap_or_default()
+            });
+        }
+        DlqCommand::Groups { topic, filter } => {
+            let groups = broker
+                .dead_letters(&topic)
+                .failure_groups(&filter.query())
+                .await?;
+            print_out(json_out, serde_json::to_value(&groups)?, || {
+                if groups.is_empty() {
+                    return "no dead letters".to_owned();
+                }
+                let mut out = String::new();
+                for g in &groups {
+                    let counts = |m: &BTreeMap<String, u64>| {
+                        m.iter()
+                            .map(|(k, n)| format!("{k} {n}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    };
+                    out += &format!(
+                        "{} x {}\n  first {}  last {}\n  types: {}\n  handlers: {}\n  groups: {}\n  categories: {}\n  e.g. {}\n",
+                        g.count,
+                        g.fingerprint,
+                        g.first_seen,
+                        g.last_seen,
+                        counts(&g.types),
+                        counts(&g.handlers),
+                        counts(&g.groups),
+                        counts(&g.categories),
+                        g.sample_ids
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                    );
+                    if let Some(s) = &g.suggestion {
+                        let outlook = match s.replay {
+                            relq::ReplayOutlook::Likely => {
+                                "replay likely to succeed once the cause is over"
+                            }
+                            relq::ReplayOutlook::AfterFix => "replay after a fix",
+                            relq::ReplayOutlook::Unlikely => "replay unlikely to help",
+                            _ => "",
+                        };
+                        out += &format!("  suggestion: {} ({outlook})\n", s.check);
+                    }
+                    out.push('\n');
+                }
+                out.trim_end().to_owned()
             });
         }
         DlqCommand::Export {

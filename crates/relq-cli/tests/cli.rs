@@ -920,3 +920,49 @@ fn publish_reads_json_lines() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `relq dlq groups` groups dead letters by error fingerprint with suggestions; `dlq show`
+/// carries the suggestion for the dead letter's category.
+#[test]
+fn dead_letters_are_grouped_by_fingerprint_with_suggestions() {
+    let dir = fresh_dir();
+    dead_letters(&dir, "orders", 6);
+    let out = ok(&relq_in(&dir, &["--json", "dlq", "groups", "orders"]));
+    let groups: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let groups = groups.as_array().unwrap();
+    // One error text, two categories: one group of 6.
+    assert_eq!(groups.len(), 1, "{groups:?}");
+    assert_eq!(groups[0]["count"], 6);
+    assert_eq!(groups[0]["categories"]["validation"], 3);
+    assert_eq!(groups[0]["types"]["worse"], 3);
+    assert!(groups[0]["suggestion"]["check"].is_string(), "{groups:?}");
+    let out = ok(&relq_in(
+        &dir,
+        &[
+            "--json",
+            "dlq",
+            "groups",
+            "orders",
+            "--category",
+            "database",
+        ],
+    ));
+    let g: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(g[0]["count"], 3);
+    assert_eq!(g[0]["suggestion"]["replay"], "likely", "{g}");
+    let id = g[0]["sample_ids"][0].as_str().unwrap().to_owned();
+    let show: serde_json::Value = serde_json::from_str(&ok(&relq_in(
+        &dir,
+        &["--json", "dlq", "show", "orders", &id],
+    )))
+    .unwrap();
+    assert_eq!(show["suggestion"]["replay"], "likely", "{show}");
+    let human = ok(&relq_in(&dir, &["dlq", "groups", "orders"]));
+    assert!(human.contains("6 x rejected by the test"), "{human}");
+    fails_with(
+        &relq_in(&dir, &["dlq", "groups", "nothere"]),
+        3,
+        "not found",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

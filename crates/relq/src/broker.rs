@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::analysis::{self, FailureGroup, SharedSuggestions, Suggestion, Suggestions};
 use crate::backend::{Backend, CleanupReport, Retention, TopicInfo};
 use crate::consumer::ConsumerBuilder;
 use crate::dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
@@ -25,6 +26,7 @@ pub const DEFAULT_DEAD_LETTER_RETENTION: Duration = Duration::from_secs(30 * 24 
 pub struct Broker {
     backend: Arc<dyn Backend>,
     max_payload: usize,
+    suggestions: SharedSuggestions,
 }
 
 impl std::fmt::Debug for Broker {
@@ -38,10 +40,7 @@ impl std::fmt::Debug for Broker {
 impl Broker {
     /// A broker on `backend`.
     pub fn new(backend: impl Backend) -> Broker {
-        Broker {
-            backend: Arc::new(backend),
-            max_payload: DEFAULT_MAX_PAYLOAD,
-        }
+        Broker::from_arc(Arc::new(backend))
     }
 
     /// A broker on a backend that is shared with other code (to read backend-specific statistics,
@@ -50,6 +49,7 @@ impl Broker {
         Broker {
             backend,
             max_payload: DEFAULT_MAX_PAYLOAD,
+            suggestions: Arc::new(Suggestions::default()),
         }
     }
 
@@ -104,6 +104,14 @@ impl Broker {
     /// Sets the largest payload [`publish`](Self::publish) accepts.
     pub fn with_max_payload(mut self, bytes: usize) -> Broker {
         self.max_payload = bytes;
+        self
+    }
+
+    /// Sets the suggestions [`DeadLetters::failure_groups`] and
+    /// [`DeadLetters::suggestion`] give per failure category: the built-in ones plus what
+    /// `suggestions` registers.
+    pub fn with_suggestions(mut self, suggestions: Suggestions) -> Broker {
+        self.suggestions = Arc::new(suggestions);
         self
     }
 
@@ -295,6 +303,7 @@ impl Broker {
         DeadLetters {
             backend: self.backend.clone(),
             topic: topic.to_owned(),
+            suggestions: self.suggestions.clone(),
         }
     }
 }
@@ -315,6 +324,7 @@ impl Drop for CleanupTask {
 pub struct DeadLetters {
     backend: Arc<dyn Backend>,
     topic: String,
+    suggestions: SharedSuggestions,
 }
 
 impl std::fmt::Debug for DeadLetters {
@@ -450,6 +460,29 @@ impl DeadLetters {
     /// The backend failed.
     pub async fn purge_expired(&self) -> Result<u64> {
         self.purge_older_than(DEFAULT_DEAD_LETTER_RETENTION).await
+    }
+
+    /// The matching dead letters grouped by error fingerprint (see [`fingerprint`](crate::fingerprint)), most
+    /// frequent first, each with its counts by type, handler, group and category, first and
+    /// last seen, sample ids, and the suggestion for its most common category. Reads every
+    /// matching dead letter (in pages): narrow `query` on a topic with millions.
+    ///
+    /// # Errors
+    /// The topic does not exist, or the backend failed.
+    pub async fn failure_groups(&self, query: &DeadLetterQuery) -> Result<Vec<FailureGroup>> {
+        let mut all = Vec::new();
+        self.for_each_page(query, |page| all.extend_from_slice(page))
+            .await?;
+        if all.is_empty() {
+            self.exists().await?;
+        }
+        Ok(analysis::group(&all, &self.suggestions))
+    }
+
+    /// What to check for this dead letter's failure category (or its reason), and whether a
+    /// replay is likely to succeed.
+    pub fn suggestion(&self, dead_letter: &DeadLetter) -> Option<Suggestion> {
+        self.suggestions.for_dead_letter(dead_letter).cloned()
     }
 
     /// Counts by reason, message type and error category.

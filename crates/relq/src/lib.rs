@@ -47,6 +47,7 @@
 //! # }
 //! ```
 
+mod analysis;
 mod backend;
 mod broker;
 mod consumer;
@@ -60,6 +61,7 @@ mod model;
 mod redis;
 mod retry;
 
+pub use analysis::{fingerprint, FailureGroup, ReplayOutlook, Suggestion, Suggestions};
 pub use backend::{
     replay_headers, AttemptFailure, Backend, CleanupReport, ConsumerInfo, Delivery, FailureKind,
     GroupInfo, Retention, Settlement, Subscription, TopicInfo,
