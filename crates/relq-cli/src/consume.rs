@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use relq::{Backoff, Broker, HandlerError, Message, StartPosition, StopReason};
+use relq::{Broker, HandlerError, Message, StartPosition, StopReason};
 use tokio::sync::Notify;
 
 use crate::{exit, message_json, shutdown_signal, Exit};
@@ -40,13 +40,14 @@ pub(crate) struct ConsumeArgs {
     /// Stop when no message arrived for this long.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
     idle: Duration,
-    /// Messages another consumer of the group has held this long are taken over.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
-    claim_after: Duration,
+    /// Messages another consumer of the group has held this long are taken over (default:
+    /// consumer.claim_after of the configuration, 60 s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    claim_after: Option<Duration>,
     /// Deliveries of one message before it is dead-lettered (a message whose consumers keep
-    /// crashing while holding it).
-    #[arg(long, default_value_t = 5)]
-    max_attempts: u32,
+    /// crashing while holding it). Default: retry.max_attempts of the configuration, 5.
+    #[arg(long)]
+    max_attempts: Option<u32>,
     /// On SIGINT or SIGTERM, wait this long for messages being printed before leaving the rest
     /// pending.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
@@ -122,7 +123,12 @@ enum End {
     Stopped(StopReason),
 }
 
-pub(crate) async fn run(broker: &Broker, args: ConsumeArgs, json: bool) -> anyhow::Result<()> {
+pub(crate) async fn run(
+    broker: &Broker,
+    config: &relq::Config,
+    args: ConsumeArgs,
+    json: bool,
+) -> anyhow::Result<()> {
     let start: StartPosition = args.from.parse()?;
     let printer = Arc::new(Printer {
         json,
@@ -135,15 +141,17 @@ pub(crate) async fn run(broker: &Broker, args: ConsumeArgs, json: bool) -> anyho
     if args.count == Some(0) {
         return Ok(());
     }
-    let handler_timeout = (args.claim_after / 2).min(Duration::from_secs(30));
+    let claim_after = args.claim_after.unwrap_or(config.consumer.claim_after);
+    let max_attempts = args.max_attempts.unwrap_or(config.retry.max_attempts);
+    let handler_timeout = (claim_after / 2).min(Duration::from_secs(30));
     let mut builder = broker
         .consumer(&args.topic, &args.group)
         .start(start)
         .concurrency(1)
         .read_batch(1)
-        .claim_after(args.claim_after)
+        .claim_after(claim_after)
         .handler_timeout(handler_timeout.max(Duration::from_millis(1)))
-        .retry(Backoff::default().max_attempts(args.max_attempts));
+        .retry(config.retry.backoff().max_attempts(max_attempts));
     if let Some(n) = &args.name {
         builder = builder.name(n);
     }

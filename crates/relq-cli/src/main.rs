@@ -31,10 +31,15 @@ const DEFAULT_URL: &str = "file://relq-data";
 )]
 struct Cli {
     /// Backend URL: file:///path (the embedded engine; default file://relq-data, a directory
-    /// in the working directory) or memory:// (a fresh in-process store, lost at exit). The demo
-    /// uses a fresh temporary data directory unless this is given.
-    #[arg(long, global = true, env = "RELQ_URL")]
+    /// in the working directory), memory:// (a fresh in-process store, lost at exit),
+    /// redis://host:port or redis+cluster://host:port,host:port. Also RELQ_URL, or
+    /// backend.url in the configuration file. The demo uses a fresh temporary data directory
+    /// unless one of these is given.
+    #[arg(long, global = true)]
     url: Option<String>,
+    /// Configuration file (TOML, or YAML for .yaml/.yml): see `relq config show`.
+    #[arg(long, global = true, env = "RELQ_CONFIG")]
+    config: Option<std::path::PathBuf>,
     /// Print machine-readable JSON.
     #[arg(long, global = true)]
     json: bool,
@@ -107,6 +112,12 @@ enum Command {
     Stop { topic: String, id: relq::MessageId },
     /// Resume a stopped message.
     Resume { topic: String, id: relq::MessageId },
+    /// Validate a configuration file, or show the effective configuration and where each value
+    /// comes from (flags > RELQ_* environment > file > defaults).
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         #[arg(value_enum)]
@@ -137,6 +148,28 @@ enum Command {
         #[command(subcommand)]
         command: dlq::DlqCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a file: exit 0 when it is valid, 2 with the line and key of the first mistake.
+    Check { file: std::path::PathBuf },
+    /// Print every key's effective value and its origin.
+    Show,
+}
+
+/// The configuration: defaults, then --config (or RELQ_CONFIG), then RELQ_* variables, then
+/// flags.
+fn resolve_config(cli: &Cli) -> anyhow::Result<relq::Resolved> {
+    let mut layers = relq::Layers::new();
+    if let Some(path) = &cli.config {
+        layers = layers.file(path)?;
+    }
+    layers = layers.env(std::env::vars())?;
+    if let Some(url) = &cli.url {
+        layers = layers.flag("backend.url", url, "--url")?;
+    }
+    Ok(layers.resolve()?)
 }
 
 /// The exit codes of `relq`; documented in the README.
@@ -315,8 +348,49 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Config {
+        command: ConfigCommand::Check { file },
+    } = &cli.command
+    {
+        relq::Layers::new().file(file)?.resolve()?;
+        print_out(cli.json, json!({ "valid": true, "file": file }), || {
+            format!("{}: valid", file.display())
+        });
+        return Ok(());
+    }
+    let resolved = resolve_config(&cli)?;
+    let config = &resolved.config;
+    // The URL chosen by a flag, the environment or a file (not the default).
+    let chosen_url = (resolved.origins.get("backend.url") != Some(&relq::Origin::Default))
+        .then(|| config.backend.url.clone());
     let command = match cli.command {
-        Command::Demo(args) => return demo::run(args, cli.url.as_deref(), cli.json).await,
+        Command::Config { .. } => {
+            let flat = flatten(&serde_json::to_value(config)?);
+            print_out(
+                cli.json,
+                json!(flat
+                    .iter()
+                    .map(|(k, v)| (
+                        k.clone(),
+                        json!({ "value": v, "origin": resolved.origins.get(k) })
+                    ))
+                    .collect::<serde_json::Map<_, _>>()),
+                || {
+                    flat.iter()
+                        .map(|(k, v)| {
+                            let origin = resolved
+                                .origins
+                                .get(k)
+                                .map_or_else(|| "default".to_owned(), ToString::to_string);
+                            format!("{k} = {v}    # {origin}")
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                },
+            );
+            return Ok(());
+        }
+        Command::Demo(args) => return demo::run(args, chosen_url.as_deref(), cli.json).await,
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "relq", &mut std::io::stdout());
@@ -333,7 +407,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
         }
         Command::Check { dir, repair } => {
-            let dir = match (dir, cli.url.as_deref()) {
+            let dir = match (dir, chosen_url.as_deref()) {
                 (Some(d), _) => d,
                 (None, Some(url)) => match url.split_once("://") {
                     Some(("file", path)) if !path.is_empty() => path.into(),
@@ -352,13 +426,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         other => other,
     };
-    let url = cli.url.as_deref().unwrap_or(DEFAULT_URL);
-    let broker = Broker::connect(url).await?;
+    let broker = Broker::from_config(config).await?;
     match command {
         Command::Demo(_)
         | Command::CrashChild(_)
         | Command::Bench { .. }
-        | Command::Check { .. } => {
+        | Command::Check { .. }
+        | Command::Config { .. } => {
             unreachable!("handled above")
         }
         Command::Publish {
@@ -401,7 +475,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let id = broker.publish(&topic, m).await?;
             print_out(cli.json, json!({ "id": id }), || id.to_string());
         }
-        Command::Consume(args) => consume::run(&broker, args, cli.json).await?,
+        Command::Consume(args) => consume::run(&broker, config, args, cli.json).await?,
         Command::Info { topic } => info(&broker, topic, cli.json).await?,
         Command::Topics => {
             let topics = broker.topics().await?;
@@ -466,6 +540,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dlq { command } => dlq::run(&broker, command, cli.json).await?,
     }
     Ok(())
+}
+
+/// Every leaf of a JSON tree as (dotted key, value), in key order.
+fn flatten(v: &serde_json::Value) -> Vec<(String, serde_json::Value)> {
+    fn walk(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, serde_json::Value)>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(&key, v, out);
+                }
+            }
+            other => out.push((prefix.to_owned(), other.clone())),
+        }
+    }
+    let mut out = Vec::new();
+    walk("", v, &mut out);
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
 }
 
 /// One line of `relq publish --jsonl`.

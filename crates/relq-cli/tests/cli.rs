@@ -966,3 +966,76 @@ fn dead_letters_are_grouped_by_fingerprint_with_suggestions() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `relq config check` validates a file (exit 2 naming the line and key of a mistake); `relq
+/// config show` prints every effective value with its origin, flags over the environment over
+/// the file; commands use the file's backend.
+#[test]
+fn configuration_files_environment_and_flags() {
+    let dir = fresh_dir();
+    std::fs::write(
+        dir.join("relq.toml"),
+        "[backend]\nurl = \"file://from-file\"\n\n[consumer]\nconcurrency = 4\nread_batch = 8\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("bad.toml"),
+        "[consumer]\nconcurrency = 4\nconcurency = 5\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("bad.yaml"), "retry:\n  kind: sometimes\n").unwrap();
+    let out = ok(&relq_in(&dir, &["config", "check", "relq.toml"]));
+    assert!(out.contains("valid"), "{out}");
+    let out = relq_in(&dir, &["config", "check", "bad.toml"]);
+    fails_with(&out, 2, "line 3");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("concurency"));
+    fails_with(
+        &relq_in(&dir, &["config", "check", "bad.yaml"]),
+        2,
+        "exponential",
+    );
+
+    let show = |extra: &[(&str, &str)], args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_relq"))
+            .args(["--json", "--config", "relq.toml"])
+            .args(args)
+            .args(["config", "show"])
+            .current_dir(&dir)
+            .env_remove("RELQ_URL")
+            .envs(extra.iter().copied())
+            .output()
+            .unwrap();
+        serde_json::from_str::<serde_json::Value>(&ok(&out)).unwrap()
+    };
+    let v = show(
+        &[("RELQ_CONSUMER_READ_BATCH", "32")],
+        &["--url", "memory://"],
+    );
+    assert_eq!(v["consumer.concurrency"]["value"], 4);
+    assert_eq!(v["consumer.concurrency"]["origin"]["kind"], "file");
+    assert_eq!(v["consumer.read_batch"]["value"], 32);
+    assert_eq!(
+        v["consumer.read_batch"]["origin"]["name"],
+        "RELQ_CONSUMER_READ_BATCH"
+    );
+    assert_eq!(v["backend.url"]["value"], "memory://");
+    assert_eq!(v["backend.url"]["origin"]["kind"], "flag");
+    assert_eq!(v["retry.max_attempts"]["origin"]["kind"], "default");
+    let v = show(&[("RELQ_URL", "file://from-env")], &[]);
+    assert_eq!(v["backend.url"]["value"], "file://from-env");
+    // A typo in a section's variable is an error, not ignored.
+    let out = Command::new(env!("CARGO_BIN_EXE_relq"))
+        .args(["config", "show"])
+        .current_dir(&dir)
+        .env("RELQ_CONSUMER_CONCURENCY", "3")
+        .output()
+        .unwrap();
+    fails_with(&out, 2, "RELQ_CONSUMER_CONCURENCY");
+    // Commands open the file's backend.
+    ok(&relq_in(
+        &dir,
+        &["--config", "relq.toml", "publish", "t", "job", "x"],
+    ));
+    assert!(dir.join("from-file").join("state.redb").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}

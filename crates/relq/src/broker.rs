@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::analysis::{self, FailureGroup, SharedSuggestions, Suggestion, Suggestions};
 use crate::backend::{Backend, CleanupReport, Retention, TopicInfo};
-use crate::consumer::ConsumerBuilder;
+use crate::consumer::{ConsumerBuilder, ConsumerDefaults};
 use crate::dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
 use crate::embedded::EmbeddedBackend;
 use crate::error::{BackendError, BackendErrorKind, Error, NotFound, Result};
@@ -27,6 +27,7 @@ pub struct Broker {
     backend: Arc<dyn Backend>,
     max_payload: usize,
     suggestions: SharedSuggestions,
+    defaults: Arc<ConsumerDefaults>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -50,6 +51,7 @@ impl Broker {
             backend,
             max_payload: DEFAULT_MAX_PAYLOAD,
             suggestions: Arc::new(Suggestions::default()),
+            defaults: Arc::new(ConsumerDefaults::default()),
         }
     }
 
@@ -99,6 +101,43 @@ impl Broker {
                 reason: "expected file:///path, memory://, redis://host:port or redis+cluster://host:port,host:port".into(),
             }),
         }
+    }
+
+    /// A broker as `config` describes: its backend URL with the backend's options, and its
+    /// consumer defaults (`[consumer]`, `[retry]`, `[dead_letters]`) for every
+    /// [`consumer`](Self::consumer) it builds.
+    ///
+    /// # Errors
+    /// An invalid configuration, an unsupported URL, or the backend failed to open.
+    #[cfg(feature = "config")]
+    pub async fn from_config(config: &crate::config::Config) -> Result<Broker> {
+        config.validate()?;
+        let url = config.backend.url.as_str();
+        let mut broker = match url.split_once("://") {
+            Some(("file", path)) if !path.is_empty() => {
+                Broker::new(EmbeddedBackend::open_with(path, config.embedded())?)
+            }
+            #[cfg(feature = "redis")]
+            Some(("redis" | "rediss" | "redis+cluster" | "rediss+cluster", _)) => {
+                Broker::new(crate::redis::RedisBackend::connect_with(url, config.redis()?).await?)
+            }
+            _ => Broker::connect(url).await?,
+        };
+        let c = &config.consumer;
+        broker.defaults = Arc::new(ConsumerDefaults {
+            concurrency: c.concurrency,
+            read_batch: c.read_batch,
+            claim_after: c.claim_after,
+            handler_timeout: c.handler_timeout,
+            poll_wait: c.poll_wait,
+            backoff: Some(config.retry.backoff()),
+            include_stack_trace: config.dead_letters.include_stack_trace,
+        });
+        Ok(broker)
+    }
+
+    pub(crate) fn consumer_defaults(&self) -> &ConsumerDefaults {
+        &self.defaults
     }
 
     /// Sets the largest payload [`publish`](Self::publish) accepts.

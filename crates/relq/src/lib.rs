@@ -50,6 +50,8 @@
 mod analysis;
 mod backend;
 mod broker;
+#[cfg(feature = "config")]
+mod config;
 mod consumer;
 mod dead_letter;
 mod embedded;
@@ -68,6 +70,11 @@ pub use backend::{
 };
 pub use broker::{
     Broker, CleanupTask, DeadLetters, DEFAULT_DEAD_LETTER_RETENTION, DEFAULT_MAX_PAYLOAD,
+};
+#[cfg(feature = "config")]
+pub use config::{
+    BackendSection, Config, ConsumerSection, DeadLetterSection, DurabilityKind, EmbeddedSection,
+    Layers, Origin, RedisSection, Resolved, RetryKind, RetrySection,
 };
 pub use consumer::{
     Consumer, ConsumerBuilder, ConsumerHandle, ConsumerStats, ShutdownReport, StopReason,

@@ -130,6 +130,33 @@ pub(crate) struct Config {
     pub(crate) include_stack_trace: bool,
 }
 
+/// What a new [`ConsumerBuilder`] starts from: the built-in defaults, or a configuration's
+/// `[consumer]`, `[retry]` and `[dead_letters]` sections.
+#[derive(Clone, Debug)]
+pub(crate) struct ConsumerDefaults {
+    pub(crate) concurrency: usize,
+    pub(crate) read_batch: usize,
+    pub(crate) claim_after: Duration,
+    pub(crate) handler_timeout: Duration,
+    pub(crate) poll_wait: Duration,
+    pub(crate) backoff: Option<Backoff>,
+    pub(crate) include_stack_trace: bool,
+}
+
+impl Default for ConsumerDefaults {
+    fn default() -> Self {
+        ConsumerDefaults {
+            concurrency: 16,
+            read_batch: 64,
+            claim_after: Duration::from_secs(60),
+            handler_timeout: Duration::from_secs(30),
+            poll_wait: Duration::from_secs(1),
+            backoff: None,
+            include_stack_trace: false,
+        }
+    }
+}
+
 /// Builds a [`Consumer`]; from [`Broker::consumer`].
 #[must_use = "a consumer builder does nothing until built and started"]
 pub struct ConsumerBuilder {
@@ -174,23 +201,24 @@ impl std::fmt::Debug for ConsumerBuilder {
 
 impl ConsumerBuilder {
     pub(crate) fn new(broker: Broker, topic: &str, group: &str) -> ConsumerBuilder {
+        let d = broker.consumer_defaults().clone();
         ConsumerBuilder {
             broker,
             topic: topic.to_owned(),
             group: group.to_owned(),
             consumer: None,
             start: StartPosition::Latest,
-            concurrency: 16,
-            read_batch: 64,
-            claim_after: Duration::from_secs(60),
-            handler_timeout: Duration::from_secs(30),
-            poll_wait: Duration::from_secs(1),
+            concurrency: d.concurrency,
+            read_batch: d.read_batch,
+            claim_after: d.claim_after,
+            handler_timeout: d.handler_timeout,
+            poll_wait: d.poll_wait,
             retry: None,
-            backoff: None,
+            backoff: d.backoff,
             handlers: HashMap::new(),
             batch_handlers: HashMap::new(),
             fallback: None,
-            include_stack_trace: false,
+            include_stack_trace: d.include_stack_trace,
         }
     }
 

@@ -1,0 +1,891 @@
+//! Configuration from a file (TOML or YAML), `RELQ_*` environment variables and flags, with the
+//! precedence flags > environment > file > defaults.
+//!
+//! ```toml
+//! [backend]
+//! url = "file:///var/lib/relq"
+//!
+//! [backend.embedded]
+//! durability = "sync"          # or "periodic"
+//! sync_interval = "100ms"      # with periodic
+//!
+//! [consumer]
+//! concurrency = 16
+//! claim_after = "60s"
+//!
+//! [retry]
+//! kind = "exponential"         # fixed | linear
+//! initial = "1s"
+//! max = "60s"
+//! max_attempts = 5
+//! ```
+//!
+//! Every key has a default. An unknown key, a value of the wrong type or out of range is an
+//! error naming the file, line, key and what is allowed; nothing is silently ignored. The
+//! environment variable of a key is `RELQ_` and its path in upper case joined by `_`
+//! (`RELQ_CONSUMER_CONCURRENCY`, `RELQ_BACKEND_REDIS_RETRY_FOR`); `RELQ_URL` sets
+//! `backend.url` too.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::Value;
+
+use crate::embedded::{Durability, EmbeddedConfig};
+use crate::error::{ConfigError, Error};
+use crate::retry::Backoff;
+
+/// Durations in configuration: `"30s"`, `"5m"`, `"1h 30m"`, `"250ms"`.
+mod duration {
+    use super::*;
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*d))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "{text:?} is not a duration ({e}); write e.g. \"250ms\", \"30s\", \"5m\", \"1h\""
+            ))
+        })
+    }
+}
+
+/// The whole configuration. Every field has a default; see the module documentation.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct Config {
+    /// Which backend, and its options.
+    pub backend: BackendSection,
+    /// Defaults of every consumer built from the broker (a builder call still overrides them).
+    pub consumer: ConsumerSection,
+    /// The default retry policy of consumers.
+    pub retry: RetrySection,
+    /// Dead letters.
+    pub dead_letters: DeadLetterSection,
+}
+
+/// `[backend]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct BackendSection {
+    /// `file:///path` (the embedded engine), `memory://`, `redis://host:port`,
+    /// `redis+cluster://host:port,host:port`. Default `file://relq-data`.
+    pub url: String,
+    /// Options of the embedded engine.
+    pub embedded: EmbeddedSection,
+    /// Options of the Redis backend.
+    pub redis: RedisSection,
+}
+
+impl Default for BackendSection {
+    fn default() -> Self {
+        BackendSection {
+            url: "file://relq-data".into(),
+            embedded: EmbeddedSection::default(),
+            redis: RedisSection::default(),
+        }
+    }
+}
+
+/// Durability of the embedded engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum DurabilityKind {
+    /// Fsynced before every call returns (survives power loss).
+    Sync,
+    /// Synced every `sync_interval` (survives a process crash).
+    Periodic,
+}
+
+/// `[backend.embedded]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct EmbeddedSection {
+    /// `sync` (default) or `periodic`.
+    pub durability: DurabilityKind,
+    /// With `periodic`: how often. Default 100 ms.
+    #[serde(with = "duration")]
+    pub sync_interval: Duration,
+    /// Size of a log segment file, bytes. Default 64 MiB.
+    pub segment_size: u64,
+    /// Scheduled messages due within this window stay in memory. Default 30 s.
+    #[serde(with = "duration")]
+    pub resident_window: Duration,
+}
+
+impl Default for EmbeddedSection {
+    fn default() -> Self {
+        let e = EmbeddedConfig::default();
+        EmbeddedSection {
+            durability: DurabilityKind::Sync,
+            sync_interval: Duration::from_millis(100),
+            segment_size: e.segment_size,
+            resident_window: e.resident_window,
+        }
+    }
+}
+
+/// `[backend.redis]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct RedisSection {
+    /// How long one command may take. Default 5 s.
+    #[serde(with = "duration")]
+    pub response_timeout: Duration,
+    /// How long failing calls are retried. Default 30 s.
+    #[serde(with = "duration")]
+    pub retry_for: Duration,
+    /// Connect even when `maxmemory-policy` can evict queue data. Default false.
+    pub allow_eviction: bool,
+    /// A PEM file of root certificates to trust for `rediss://`.
+    pub tls_root_cert: Option<std::path::PathBuf>,
+    /// Idle consumers holding nothing are removed after this long. Default 1 h.
+    #[serde(with = "duration")]
+    pub consumer_expiry: Duration,
+}
+
+impl Default for RedisSection {
+    fn default() -> Self {
+        RedisSection {
+            response_timeout: Duration::from_secs(5),
+            retry_for: Duration::from_secs(30),
+            allow_eviction: false,
+            tls_root_cert: None,
+            consumer_expiry: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// `[consumer]`: defaults of consumers built from the broker.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct ConsumerSection {
+    /// Messages handled at once. Default 16.
+    pub concurrency: usize,
+    /// Most messages per backend read. Default 64.
+    pub read_batch: usize,
+    /// Messages another consumer held this long are claimed. Default 60 s.
+    #[serde(with = "duration")]
+    pub claim_after: Duration,
+    /// A handler running longer is cancelled. Default 30 s.
+    #[serde(with = "duration")]
+    pub handler_timeout: Duration,
+    /// How long one read waits for new messages. Default 1 s.
+    #[serde(with = "duration")]
+    pub poll_wait: Duration,
+}
+
+impl Default for ConsumerSection {
+    fn default() -> Self {
+        ConsumerSection {
+            concurrency: 16,
+            read_batch: 64,
+            claim_after: Duration::from_secs(60),
+            handler_timeout: Duration::from_secs(30),
+            poll_wait: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The shape of retry delays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum RetryKind {
+    /// `initial * multiplier^(n-1)`, capped at `max`, randomized by `jitter`.
+    Exponential,
+    /// Always `initial`.
+    Fixed,
+    /// `initial + (n-1) * increment`, capped at `max`.
+    Linear,
+}
+
+/// `[retry]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct RetrySection {
+    /// `exponential` (default), `fixed` or `linear`.
+    pub kind: RetryKind,
+    /// The first delay. Default 1 s.
+    #[serde(with = "duration")]
+    pub initial: Duration,
+    /// The longest delay. Default 60 s.
+    #[serde(with = "duration")]
+    pub max: Duration,
+    /// With `linear`: added per attempt. Default 1 s.
+    #[serde(with = "duration")]
+    pub increment: Duration,
+    /// With `exponential`: the growth factor, >= 1. Default 2.
+    pub multiplier: f64,
+    /// With `exponential`: each delay is randomized by +/- this fraction, 0 to 1. Default 0.1.
+    pub jitter: f64,
+    /// Deliveries before a message is dead-lettered, >= 1. Default 5.
+    pub max_attempts: u32,
+}
+
+impl Default for RetrySection {
+    fn default() -> Self {
+        RetrySection {
+            kind: RetryKind::Exponential,
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(60),
+            increment: Duration::from_secs(1),
+            multiplier: 2.0,
+            jitter: 0.1,
+            max_attempts: 5,
+        }
+    }
+}
+
+impl RetrySection {
+    /// The policy these settings describe.
+    pub fn backoff(&self) -> Backoff {
+        let b = match self.kind {
+            RetryKind::Exponential => Backoff::exponential(self.initial, self.max)
+                .multiplier(self.multiplier)
+                .randomization(self.jitter),
+            RetryKind::Fixed => Backoff::fixed(self.initial),
+            RetryKind::Linear => Backoff::linear(self.initial, self.increment, self.max),
+        };
+        b.max_attempts(self.max_attempts)
+    }
+}
+
+/// `[dead_letters]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct DeadLetterSection {
+    /// Dead letters older than this are purged by periodic cleanup. Default 30 days.
+    #[serde(with = "duration")]
+    pub retention: Duration,
+    /// Capture a backtrace where a handler creates an error, into the dead letter. Default
+    /// false.
+    pub include_stack_trace: bool,
+}
+
+impl Default for DeadLetterSection {
+    fn default() -> Self {
+        DeadLetterSection {
+            retention: crate::broker::DEFAULT_DEAD_LETTER_RETENTION,
+            include_stack_trace: false,
+        }
+    }
+}
+
+/// Where an effective value came from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "name")]
+#[non_exhaustive]
+pub enum Origin {
+    /// The built-in default.
+    Default,
+    /// The configuration file (its path).
+    File(String),
+    /// An environment variable (its name).
+    Env(String),
+    /// A command-line flag (its name).
+    Flag(String),
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::Default => f.write_str("default"),
+            Origin::File(p) => write!(f, "file {p}"),
+            Origin::Env(v) => write!(f, "environment {v}"),
+            Origin::Flag(n) => write!(f, "flag {n}"),
+        }
+    }
+}
+
+/// A configuration with the origin of every value: built with [`Layers`].
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Resolved {
+    /// The effective configuration.
+    pub config: Config,
+    /// Each key (`consumer.concurrency`) and where its value came from.
+    pub origins: BTreeMap<String, Origin>,
+}
+
+/// Builds a [`Config`] from layers: defaults, then a file, then the environment, then flags.
+#[derive(Debug)]
+pub struct Layers {
+    value: Value,
+    origins: BTreeMap<String, Origin>,
+}
+
+fn config_error(field: &'static str, reason: impl Into<String>) -> Error {
+    ConfigError::new(field, reason).into()
+}
+
+/// Every leaf of `v` as (dotted path, value).
+fn leaves(prefix: &str, v: &Value, out: &mut Vec<(String, Value)>) {
+    match v {
+        Value::Object(m) => {
+            for (k, v) in m {
+                let path = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                leaves(&path, v, out);
+            }
+        }
+        other => out.push((prefix.to_owned(), other.clone())),
+    }
+}
+
+fn set(root: &mut Value, path: &str, v: Value) {
+    let mut cur = root;
+    let parts: Vec<&str> = path.split('.').collect();
+    for (i, p) in parts.iter().enumerate() {
+        if i + 1 == parts.len() {
+            if let Value::Object(m) = cur {
+                m.insert((*p).to_owned(), v);
+            }
+            return;
+        }
+        let Value::Object(m) = cur else { return };
+        cur = m
+            .entry((*p).to_owned())
+            .or_insert_with(|| Value::Object(Default::default()));
+    }
+}
+
+impl Default for Layers {
+    fn default() -> Self {
+        Layers::new()
+    }
+}
+
+impl Layers {
+    /// The defaults.
+    pub fn new() -> Layers {
+        let value = serde_json::to_value(Config::default()).unwrap_or(Value::Null);
+        let mut all = Vec::new();
+        leaves("", &value, &mut all);
+        Layers {
+            origins: all.into_iter().map(|(k, _)| (k, Origin::Default)).collect(),
+            value,
+        }
+    }
+
+    fn apply(&mut self, layer: &Value, origin: &Origin) {
+        let mut all = Vec::new();
+        leaves("", layer, &mut all);
+        for (path, v) in all {
+            set(&mut self.value, &path, v);
+            self.origins.insert(path, origin.clone());
+        }
+    }
+
+    /// Applies a configuration file: TOML, or YAML for `.yaml`/`.yml`.
+    ///
+    /// # Errors
+    /// The file cannot be read, or holds an unknown key or an invalid value: the error names
+    /// the file, the line and the key.
+    pub fn file(mut self, path: impl AsRef<Path>) -> Result<Layers, Error> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            config_error(
+                "config file",
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })?;
+        let yaml = matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml")
+        );
+        let value = parse(&text, yaml)
+            .map_err(|e| config_error("config file", format!("{}: {e}", path.display())))?;
+        self.apply(&value, &Origin::File(path.display().to_string()));
+        Ok(self)
+    }
+
+    /// Applies `RELQ_*` variables from `vars` (pass `std::env::vars()`): each key's variable is
+    /// `RELQ_` and its path in upper case joined by `_`; `RELQ_URL` sets `backend.url`. A
+    /// variable that starts with a section's prefix (`RELQ_CONSUMER_`, `RELQ_RETRY_`,
+    /// `RELQ_BACKEND_`, `RELQ_DEAD_LETTERS_`) but names no key is an error (a typo would
+    /// otherwise be ignored).
+    ///
+    /// # Errors
+    /// An unknown variable in a section, or a value of the wrong type.
+    pub fn env(
+        mut self,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Layers, Error> {
+        let by_var: BTreeMap<String, String> = self
+            .origins
+            .keys()
+            .map(|k| {
+                (
+                    format!("RELQ_{}", k.replace('.', "_").to_uppercase()),
+                    k.clone(),
+                )
+            })
+            .collect();
+        let sections = [
+            "RELQ_CONSUMER_",
+            "RELQ_RETRY_",
+            "RELQ_BACKEND_",
+            "RELQ_DEAD_LETTERS_",
+        ];
+        let mut vars: Vec<(String, String)> = vars.into_iter().collect();
+        vars.sort();
+        for (var, raw) in vars {
+            let key = match by_var.get(&var) {
+                Some(k) => k.clone(),
+                None if var == "RELQ_URL" => "backend.url".to_owned(),
+                None if sections.iter().any(|s| var.starts_with(s)) => {
+                    return Err(config_error(
+                        "environment",
+                        format!("{var} names no configuration key; `relq config show` lists them"),
+                    ));
+                }
+                None => continue,
+            };
+            self.set_text(&key, &raw, Origin::Env(var))?;
+        }
+        Ok(self)
+    }
+
+    /// Sets `key` (`consumer.concurrency`) from a flag's text.
+    ///
+    /// # Errors
+    /// An unknown key or a value of the wrong type.
+    pub fn flag(mut self, key: &str, text: &str, flag: &str) -> Result<Layers, Error> {
+        self.set_text(key, text, Origin::Flag(flag.to_owned()))?;
+        Ok(self)
+    }
+
+    fn set_text(&mut self, key: &str, raw: &str, origin: Origin) -> Result<(), Error> {
+        if !self.origins.contains_key(key) {
+            return Err(config_error(
+                "config",
+                format!(
+                    "{origin}: {key:?} is not a configuration key; `relq config show` lists them"
+                ),
+            ));
+        }
+        let mut all = Vec::new();
+        leaves("", &self.value, &mut all);
+        let current = all
+            .into_iter()
+            .find(|(k, _)| k == key)
+            .map_or(Value::Null, |(_, v)| v);
+        let v = match current {
+            Value::Number(_) | Value::Bool(_) => {
+                serde_json::from_str(raw.trim()).map_err(|_| {
+                    let what = if current.is_boolean() {
+                        "boolean (true or false)"
+                    } else {
+                        "number"
+                    };
+                    config_error(
+                        "config",
+                        format!("{origin}: {key} = {raw:?} is not a {what}"),
+                    )
+                })?
+            }
+            _ => Value::String(raw.to_owned()),
+        };
+        set(&mut self.value, key, v);
+        self.origins.insert(key.to_owned(), origin);
+        Ok(())
+    }
+
+    /// The first value set by a file, the environment or a flag that does not deserialize on
+    /// its own, with its key and origin: for an error that says which key is wrong.
+    fn blame(&self) -> Option<String> {
+        let defaults = serde_json::to_value(Config::default()).ok()?;
+        let mut all = Vec::new();
+        leaves("", &self.value, &mut all);
+        for (key, v) in all {
+            let origin = self.origins.get(&key)?;
+            if *origin == Origin::Default {
+                continue;
+            }
+            let mut one = defaults.clone();
+            set(&mut one, &key, v.clone());
+            if let Err(e) = serde_json::from_value::<Config>(one) {
+                return Some(format!("{key} = {v} (from {origin}): {e}"));
+            }
+        }
+        None
+    }
+
+    /// The effective configuration, validated.
+    ///
+    /// # Errors
+    /// A value of the wrong type or out of range, naming the key and where it came from.
+    pub fn resolve(self) -> Result<Resolved, Error> {
+        let config: Config = serde_json::from_value(self.value.clone()).map_err(|e| {
+            let why = self
+                .blame()
+                .unwrap_or_else(|| format!("{e} (sources: {})", self.describe_sources()));
+            config_error("config", why)
+        })?;
+        config.validate().map_err(|e| match e {
+            Error::Config(c) => {
+                let origin = self
+                    .origins
+                    .get(c.field)
+                    .map_or_else(String::new, |o| format!(" (from {o})"));
+                config_error(c.field, format!("{}{origin}", c.reason))
+            }
+            other => other,
+        })?;
+        Ok(Resolved {
+            config,
+            origins: self.origins,
+        })
+    }
+
+    fn describe_sources(&self) -> String {
+        let mut s: Vec<String> = self
+            .origins
+            .values()
+            .filter(|o| **o != Origin::Default)
+            .map(ToString::to_string)
+            .collect();
+        s.sort();
+        s.dedup();
+        if s.is_empty() {
+            "defaults".into()
+        } else {
+            s.join(", ")
+        }
+    }
+}
+
+/// Parses a file's text and checks it against [`Config`] (unknown keys, types), keeping the
+/// parser's line numbers in errors. Returns the file's own keys as a value tree.
+fn parse(text: &str, yaml: bool) -> Result<Value, String> {
+    if yaml {
+        let _: Config = yaml_serde::from_str(text).map_err(|e| e.to_string())?;
+        let v: Value = yaml_serde::from_str(text).map_err(|e| e.to_string())?;
+        // An empty YAML document is null: no keys.
+        Ok(if v.is_null() {
+            Value::Object(Default::default())
+        } else {
+            v
+        })
+    } else {
+        let _: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        let v: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+        serde_json::to_value(v).map_err(|e| e.to_string())
+    }
+}
+
+impl Config {
+    /// Loads `path` (TOML, or YAML for `.yaml`/`.yml`) over the defaults, then the `RELQ_*`
+    /// environment.
+    ///
+    /// # Errors
+    /// See [`Layers::file`], [`Layers::env`] and [`Layers::resolve`].
+    pub fn load(path: Option<&Path>) -> Result<Config, Error> {
+        let mut layers = Layers::new();
+        if let Some(p) = path {
+            layers = layers.file(p)?;
+        }
+        Ok(layers.env(std::env::vars())?.resolve()?.config)
+    }
+
+    /// Checks ranges and combinations.
+    ///
+    /// # Errors
+    /// The first value out of range, as a [`ConfigError`] naming its key.
+    pub fn validate(&self) -> Result<(), Error> {
+        let c = &self.consumer;
+        if c.concurrency == 0 {
+            return Err(config_error("consumer.concurrency", "must be at least 1"));
+        }
+        if c.read_batch == 0 {
+            return Err(config_error("consumer.read_batch", "must be at least 1"));
+        }
+        if c.handler_timeout.is_zero() {
+            return Err(config_error(
+                "consumer.handler_timeout",
+                "must be above zero",
+            ));
+        }
+        if c.claim_after <= c.handler_timeout {
+            return Err(config_error(
+                "consumer.claim_after",
+                format!(
+                    "must exceed consumer.handler_timeout ({}), or a slow handler's message is claimed while it still runs",
+                    humantime::format_duration(c.handler_timeout)
+                ),
+            ));
+        }
+        self.retry.backoff().validate().map_err(|e| {
+            let field = match e.field {
+                "retry.randomization" => "retry.jitter",
+                "retry.initial_delay" => "retry.initial",
+                other => other,
+            };
+            config_error(field, e.reason)
+        })?;
+        if self.backend.embedded.segment_size < 4096 {
+            return Err(config_error(
+                "backend.embedded.segment_size",
+                "must be at least 4096 bytes",
+            ));
+        }
+        if self.backend.embedded.durability == DurabilityKind::Periodic
+            && self.backend.embedded.sync_interval.is_zero()
+        {
+            return Err(config_error(
+                "backend.embedded.sync_interval",
+                "must be above zero with durability = \"periodic\"",
+            ));
+        }
+        if self.backend.redis.response_timeout.is_zero() {
+            return Err(config_error(
+                "backend.redis.response_timeout",
+                "must be above zero",
+            ));
+        }
+        if !self.backend.url.contains("://") {
+            return Err(config_error(
+                "backend.url",
+                format!(
+                    "{:?} is not a URL: expected file:///path, memory://, redis://host:port or redis+cluster://host:port,host:port",
+                    self.backend.url
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The embedded engine's configuration.
+    pub fn embedded(&self) -> EmbeddedConfig {
+        let e = &self.backend.embedded;
+        let durability = match e.durability {
+            DurabilityKind::Sync => Durability::Sync,
+            DurabilityKind::Periodic => Durability::Periodic(e.sync_interval),
+        };
+        EmbeddedConfig::default()
+            .durability(durability)
+            .segment_size(e.segment_size)
+            .resident_window(e.resident_window)
+    }
+
+    /// The Redis backend's configuration.
+    ///
+    /// # Errors
+    /// The TLS root certificate file cannot be read.
+    #[cfg(feature = "redis")]
+    pub fn redis(&self) -> Result<crate::redis::RedisConfig, Error> {
+        let r = &self.backend.redis;
+        let mut c = crate::redis::RedisConfig::default()
+            .response_timeout(r.response_timeout)
+            .retry_for(r.retry_for)
+            .allow_eviction(r.allow_eviction)
+            .consumer_expiry(r.consumer_expiry);
+        if let Some(p) = &r.tls_root_cert {
+            let pem = std::fs::read(p).map_err(|e| {
+                config_error(
+                    "backend.redis.tls_root_cert",
+                    format!("cannot read {}: {e}", p.display()),
+                )
+            })?;
+            c = c.tls_root_cert(pem);
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(name: &str, text: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "relq-config-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn precedence_is_flags_then_env_then_file_then_defaults() {
+        let p = write(
+            "relq.toml",
+            "[consumer]\nconcurrency = 4\nread_batch = 8\n[retry]\nmax_attempts = 9\n",
+        );
+        let env = [
+            ("RELQ_CONSUMER_READ_BATCH".to_owned(), "32".to_owned()),
+            ("RELQ_RETRY_MAX_ATTEMPTS".to_owned(), "7".to_owned()),
+            ("RELQ_LOG".to_owned(), "debug".to_owned()),
+        ];
+        let r = Layers::new()
+            .file(&p)
+            .unwrap()
+            .env(env)
+            .unwrap()
+            .flag("retry.max_attempts", "3", "--max-attempts")
+            .unwrap()
+            .resolve()
+            .unwrap();
+        assert_eq!(r.config.consumer.concurrency, 4);
+        assert_eq!(r.config.consumer.read_batch, 32);
+        assert_eq!(r.config.retry.max_attempts, 3);
+        assert_eq!(r.config.consumer.claim_after, Duration::from_secs(60));
+        assert_eq!(
+            r.origins["consumer.concurrency"],
+            Origin::File(p.display().to_string())
+        );
+        assert_eq!(
+            r.origins["consumer.read_batch"],
+            Origin::Env("RELQ_CONSUMER_READ_BATCH".into())
+        );
+        assert_eq!(
+            r.origins["retry.max_attempts"],
+            Origin::Flag("--max-attempts".into())
+        );
+        assert_eq!(r.origins["consumer.poll_wait"], Origin::Default);
+    }
+
+    #[test]
+    fn yaml_files_work_like_toml() {
+        let p = write(
+            "relq.yaml",
+            "backend:\n  url: memory://\n  embedded:\n    durability: periodic\n    sync_interval: 50ms\nretry:\n  kind: fixed\n  initial: 2s\n",
+        );
+        let c = Layers::new().file(&p).unwrap().resolve().unwrap().config;
+        assert_eq!(c.backend.url, "memory://");
+        assert_eq!(c.backend.embedded.durability, DurabilityKind::Periodic);
+        assert_eq!(c.retry.kind, RetryKind::Fixed);
+        assert_eq!(c.retry.backoff().delay(3), Duration::from_secs(2));
+    }
+
+    #[test]
+    fn mistakes_name_the_file_line_and_key() {
+        let cases = [
+            (
+                "a.toml",
+                "[consumer]\nconcurrency = 4\nconcurency = 5\n",
+                &["a.toml", "line 3", "concurency"][..],
+            ),
+            (
+                "b.toml",
+                "[consumer]\nclaim_after = \"soon\"\n",
+                &["line 2", "not a duration"],
+            ),
+            (
+                "c.toml",
+                "[retry]\nkind = \"random\"\n",
+                &["line 2", "exponential"],
+            ),
+            (
+                "d.yaml",
+                "consumer:\n  concurrency: many\n",
+                &["d.yaml", "line 2"],
+            ),
+            (
+                "e.toml",
+                "[consumer]\nconcurrency = 0\n",
+                &["consumer.concurrency", "at least 1", "e.toml"],
+            ),
+            (
+                "f.toml",
+                "[consumer]\nhandler_timeout = \"2m\"\n",
+                &["consumer.claim_after", "must exceed"],
+            ),
+            (
+                "g.toml",
+                "[retry]\njitter = 3.0\n",
+                &["retry.jitter", "between 0 and 1"],
+            ),
+            ("h.toml", "nonsense", &["h.toml"]),
+        ];
+        for (name, text, want) in cases {
+            let p = write(name, text);
+            let e = Layers::new()
+                .file(&p)
+                .and_then(Layers::resolve)
+                .expect_err(name)
+                .to_string();
+            for w in want {
+                assert!(e.contains(w), "{name}: {e:?} lacks {w:?}");
+            }
+        }
+        let e = Layers::new()
+            .env([("RELQ_CONSUMER_CONCURENCY".to_owned(), "3".to_owned())])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("RELQ_CONSUMER_CONCURENCY"), "{e}");
+        let e = Layers::new()
+            .env([("RELQ_CONSUMER_CONCURRENCY".to_owned(), "lots".to_owned())])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a number"), "{e}");
+    }
+
+    proptest::proptest! {
+        /// Any text, as TOML or YAML: a configuration or an error, never a panic.
+        #[test]
+        fn the_parsers_never_panic(text in "\\PC{0,200}", yaml in proptest::prelude::any::<bool>()) {
+            if let Ok(v) = parse(&text, yaml) {
+                let mut l = Layers::new();
+                l.apply(&v, &Origin::Default);
+                let _ = l.resolve();
+            }
+        }
+
+        /// Key-shaped text in TOML, including near misses of real keys.
+        #[test]
+        fn key_value_lines_never_panic(
+            section in "(consumer|retry|backend|backend\\.redis|backend\\.embedded|dead_letters|x)",
+            key in "[a-z_]{1,20}",
+            value in "(\"[a-z0-9 ]{0,10}\"|-?[0-9]{1,25}|true|[0-9]\\.[0-9]+e[0-9]{1,4}|\\[\\])",
+        ) {
+            let text = format!("[{section}]\n{key} = {value}\n");
+            if let Ok(v) = parse(&text, false) {
+                let mut l = Layers::new();
+                l.apply(&v, &Origin::Default);
+                let _ = l.resolve();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod doc_tests {
+    /// docs/operations.md documents every configuration key.
+    #[test]
+    fn operations_md_lists_every_configuration_key() {
+        let doc = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/operations.md"),
+        )
+        .unwrap();
+        let value = serde_json::to_value(super::Config::default()).unwrap();
+        let mut keys = Vec::new();
+        super::leaves("", &value, &mut keys);
+        for (key, _) in keys {
+            assert!(
+                doc.contains(&format!("| `{key}` |")),
+                "docs/operations.md lacks a row for {key}"
+            );
+        }
+    }
+}
