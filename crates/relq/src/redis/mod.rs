@@ -549,14 +549,11 @@ impl RedisBackend {
             root_cert: config.tls_root_cert.clone(),
         };
         let target = conn::target(url, config.response_timeout, &tls).map_err(bad_url)?;
-        let conn = target
-            .main(config.response_timeout)
-            .await
-            .map_err(|e| {
-                let mut e = map_err(e);
-                e.message = format!("connecting to {}: {}", redact(url), e.message);
-                crate::Error::Backend(e)
-            })?;
+        let conn = target.main(config.response_timeout).await.map_err(|e| {
+            let mut e = map_err(e);
+            e.message = format!("connecting to {}: {}", redact(url), e.message);
+            crate::Error::Backend(e)
+        })?;
         let backend = RedisBackend {
             config,
             target,
