@@ -34,7 +34,7 @@ pub(crate) struct RedisArgs {
 }
 
 pub(crate) async fn run(args: RedisArgs, json_out: bool) -> anyhow::Result<()> {
-    let Some(server) = relq_conformance::redis_server::RedisServer::start() else {
+    let Some(server) = relq_redis_server::RedisServer::start() else {
         anyhow::bail!("redis-server is not installed (apt-get install -y redis-server)");
     };
     let url = server.url();

@@ -14,7 +14,8 @@
 //! takes an `Option<Broker>` and skips the test on `None` (a server that is not installed, which
 //! [`redis_server`] reports loudly, and which CI turns into a failure).
 
-pub mod redis_server;
+/// Real `redis-server` processes for the tests (the `relq-redis-server` crate).
+pub use relq_redis_server as redis_server;
 pub mod tests;
 
 use std::future::Future;
