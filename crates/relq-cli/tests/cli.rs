@@ -904,11 +904,16 @@ fn publish_reads_json_lines() {
     let got = payloads(&got);
     assert_eq!(got[0], "p0");
     assert_eq!(got[20], r#"{"json":true}"#);
+    // The delayed one waits: not yet read (lag) or read past and scheduled, never delivered.
     let info = ok(&relq_in(&dir, &["--json", "info", "jobs"]));
-    assert!(
-        info.contains("\"scheduled\":1"),
-        "the delayed one waits: {info}"
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    let g = &info[0]["groups"][0];
+    assert_eq!(
+        g["lag"].as_u64().unwrap() + g["scheduled"].as_u64().unwrap(),
+        1,
+        "{info}"
     );
+    assert_eq!(g["pending"], 0, "{info}");
 
     let out = run(
         "{\"type\":\"job\",\"payload\":\"a\"}\n{\"type\":\"job\",\"payload\":\"b\"}\nnot json\n"
