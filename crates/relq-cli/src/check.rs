@@ -9,6 +9,8 @@ use crate::{exit, print_out, Exit};
 /// Damage an open does not handle by itself: corruption in a segment, a state database that
 /// does not read back, or state that refers to records the logs lack. A torn tail (the unsynced
 /// end of the log after a crash) is reported but is not this: an open cuts it and logs it.
+/// (A database that kept changing while it was read is inconclusive, not damaged; state ahead
+/// of the log after a periodic-mode crash is expected: an open handles both.)
 fn needs_operator(r: &CheckReport) -> bool {
     !r.state_db.is_empty()
         || r.topics.iter().any(|t| {
@@ -29,6 +31,9 @@ fn human(r: &CheckReport) -> String {
     if r.state_db_changed {
         out +=
             "  note: the state database changed while it was read (in use); run the check again\n";
+    }
+    if let Some(why) = &r.state_db_inconclusive {
+        out += &format!("  state database: INCONCLUSIVE: {why}; run the check again\n");
     }
     for t in &r.topics {
         let status = if t.damage.is_empty() && t.state_problems.is_empty() {
@@ -76,6 +81,11 @@ fn human(r: &CheckReport) -> String {
         for p in &t.state_problems {
             out += &format!("    state: {p}\n");
         }
+        for p in &t.expected_state_ahead {
+            out += &format!(
+                "    note (expected after a periodic-mode crash; an open handles it): {p}\n"
+            );
+        }
     }
     for d in &r.unknown_dirs {
         out += &format!(
@@ -102,6 +112,12 @@ pub(crate) fn run(dir: &Path, repair: bool, json: bool) -> anyhow::Result<()> {
     let report = EmbeddedBackend::check(dir)?;
     let damaged = needs_operator(&report);
     print_out(json, serde_json::to_value(&report)?, || human(&report));
+    if let (Some(why), false) = (&report.state_db_inconclusive, damaged) {
+        return Err(exit(
+            Exit::FAILED,
+            format!("the check was inconclusive ({why}): run it again"),
+        ));
+    }
     if !repair {
         return if damaged {
             Err(exit(

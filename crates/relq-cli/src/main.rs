@@ -426,7 +426,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         other => other,
     };
-    let broker = Broker::from_config(config).await?;
+    let broker = open(config, read_only(&command)).await?;
     match command {
         Command::Demo(_)
         | Command::CrashChild(_)
@@ -540,6 +540,46 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dlq { command } => dlq::run(&broker, command, cli.json).await?,
     }
     Ok(())
+}
+
+/// Whether a command only reads: it may then inspect a data directory another process holds,
+/// or one it may not write.
+fn read_only(command: &Command) -> bool {
+    use dlq::DlqCommand as D;
+    match command {
+        Command::Info { .. } | Command::Topics => true,
+        Command::Dlq { command } => matches!(
+            command,
+            D::List { .. } | D::Show { .. } | D::Groups { .. } | D::Export { .. } | D::Stats { .. }
+        ),
+        _ => false,
+    }
+}
+
+/// The broker of the configuration. For a read-only command on a data directory that another
+/// process holds (or that this user may not write), the directory is opened read-only instead:
+/// what is on disk is shown, nothing is written, and stderr says so.
+async fn open(config: &relq::Config, read_only: bool) -> anyhow::Result<Broker> {
+    let err = match Broker::from_config(config).await {
+        Ok(b) => return Ok(b),
+        Err(e) => e,
+    };
+    let fallback = matches!(
+        &err,
+        relq::Error::Backend(b) if b.backend == "embedded"
+            && matches!(b.kind, relq::BackendErrorKind::Unavailable | relq::BackendErrorKind::Fatal)
+    );
+    let dir = match config.backend.url.split_once("://") {
+        Some(("file", path)) if read_only && fallback => path,
+        _ => return Err(err.into()),
+    };
+    match relq::EmbeddedBackend::open_read_only(dir) {
+        Ok(b) => {
+            eprintln!("note: {err}; showing what is on disk, read-only");
+            Ok(Broker::new(b))
+        }
+        Err(_) => Err(err.into()),
+    }
 }
 
 /// Every leaf of a JSON tree as (dotted key, value), in key order.

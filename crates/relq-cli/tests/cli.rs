@@ -254,7 +254,7 @@ fn consume_acknowledges_exactly_what_it_printed() {
     let out = relq_in(
         &dir,
         &[
-            "--json", "consume", "orders", "--group", "g", "--idle", "1s",
+            "--json", "consume", "orders", "--group", "g", "--idle", "5s",
         ],
     );
     seen.extend(payloads(&ok(&out)));
@@ -291,7 +291,7 @@ fn consume_killed_with_sigkill_loses_nothing() {
     let out = relq_in(
         &dir,
         &[
-            "--json", "consume", "orders", "--group", "g", "--name", "w1", "--idle", "1s",
+            "--json", "consume", "orders", "--group", "g", "--name", "w1", "--idle", "5s",
         ],
     );
     seen.extend(payloads(&ok(&out)));
@@ -622,7 +622,7 @@ fn damage_in_the_active_segment_is_reported_and_repaired_only_on_request() {
     let out = ok(&relq_in(
         &dir,
         &[
-            "--json", "consume", "orders", "--group", "g", "--idle", "1s",
+            "--json", "consume", "orders", "--group", "g", "--idle", "5s",
         ],
     ));
     assert_eq!(
@@ -633,8 +633,9 @@ fn damage_in_the_active_segment_is_reported_and_repaired_only_on_request() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Warnings reach the operator by default, as plain text when stderr is not a terminal: a torn
-/// tail cut at open is logged without `RELQ_LOG` set.
+/// Errors and warnings reach the operator by default, as plain text when stderr is not a
+/// terminal: the records `relq check --repair` cuts are logged at error level without
+/// `RELQ_LOG` set.
 #[test]
 fn warnings_are_shown_by_default_without_colour_codes() {
     let dir = fresh_dir();
@@ -646,7 +647,7 @@ fn warnings_are_shown_by_default_without_colour_codes() {
     }
     let seg = topic_dir(&dir, "orders").join("00000000000000000000.seg");
     let mut bytes = std::fs::read(&seg).unwrap();
-    // Cut inside the last record: the torn end of a log, which an open cuts and logs.
+    // Zero the end of the last record: after a clean close that is damage, not a torn write.
     let mut at = 0;
     for _ in 0..4 {
         at += u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize + 8;
@@ -655,10 +656,11 @@ fn warnings_are_shown_by_default_without_colour_codes() {
         *b = 0;
     }
     std::fs::write(&seg, &bytes).unwrap();
-    let out = relq_in(&dir, &["info", "orders"]);
+    fails_with(&relq_in(&dir, &["info", "orders"]), 1, "relq check");
+    let out = relq_in(&dir, &["check", "--repair"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains("WARN"), "{stderr}");
+    assert!(stderr.contains("ERROR"), "{stderr}");
     assert!(!stderr.contains('\u{1b}'), "colour codes in {stderr:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -1042,5 +1044,48 @@ fn configuration_files_environment_and_flags() {
         &["--config", "relq.toml", "publish", "t", "job", "x"],
     ));
     assert!(dir.join("from-file").join("state.redb").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// While `relq consume` holds the data directory, the inspection commands still work (they
+/// open it read-only and say so); a command that writes is refused with the reason.
+#[test]
+fn inspection_works_on_a_data_directory_another_process_holds() {
+    use std::io::{BufRead, BufReader};
+    let dir = fresh_dir();
+    publish_many(&dir, "orders", 3);
+    dead_letters(&dir, "failing", 2);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_relq"))
+        .args([
+            "--json", "consume", "orders", "--group", "g", "--idle", "60s",
+        ])
+        .current_dir(&dir)
+        .env_remove("RELQ_URL")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    lines.next().expect("the consumer runs").unwrap();
+    let out = relq_in(&dir, &["--json", "info", "orders"]);
+    let info = ok(&out);
+    assert!(info.contains("\"length\":3"), "{info}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("read-only"));
+    let list = ok(&relq_in(&dir, &["--json", "dlq", "list", "failing"]));
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&list).unwrap()["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    ok(&relq_in(&dir, &["--json", "dlq", "groups", "failing"]));
+    fails_with(
+        &relq_in(&dir, &["publish", "orders", "job", "x"]),
+        1,
+        "in use",
+    );
+    child.kill().unwrap();
+    let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }

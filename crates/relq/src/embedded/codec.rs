@@ -8,6 +8,9 @@
 //!           payload_len:u32le payload
 //! ```
 //!
+//! A message that does not fit these fields (see [`check`]) is refused before anything is
+//! written; encoding never panics.
+//!
 //! Segment files are preallocated with zeros, so a zero length marks the end of the data. `gen`
 //! is the engine's open count: records of one segment never go back to an older `gen`, which lets
 //! a scan reject stale bytes a crash left beyond the end of the data.
@@ -56,10 +59,15 @@ impl Record {
 
     /// Appends the encoded record to `out`.
     ///
-    /// # Panics
-    /// A kind or header key longer than 65535 bytes, or more than 65535 headers (the broker
-    /// rejects these before they reach the engine).
-    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
+    /// # Errors
+    /// The record does not fit the format (see [`check`]); nothing is appended then.
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) -> Result<(), String> {
+        check(
+            &self.kind,
+            &self.headers,
+            self.payload.len(),
+            self.deliver_at.is_some(),
+        )?;
         let start = out.len();
         out.extend_from_slice(&[0; HEADER]);
         out.extend_from_slice(&self.offset.to_le_bytes());
@@ -75,25 +83,76 @@ impl Record {
         for (k, v) in &self.headers {
             put_u16(out, k.len());
             out.extend_from_slice(k.as_bytes());
-            out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+            put_u32(out, v.len());
             out.extend_from_slice(v.as_bytes());
         }
-        out.extend_from_slice(&(self.payload.len() as u32).to_le_bytes());
+        put_u32(out, self.payload.len());
         out.extend_from_slice(&self.payload);
-        let len = (out.len() - start - HEADER) as u32;
+        let len = u32::try_from(out.len() - start - HEADER).unwrap_or(u32::MAX);
         let len_bytes = len.to_le_bytes();
         let crc = crc32c::crc32c_append(crc32c::crc32c(&len_bytes), &out[start + HEADER..]);
         out[start..start + 4].copy_from_slice(&len_bytes);
         out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+        Ok(())
     }
 }
 
+/// Checks that a message with this type, these headers and a payload of `payload` bytes fits the
+/// record format: lengths and counts in their fields (`u16`, `u32`), and a body of at most
+/// [`MAX_BODY`] bytes (a larger one would be written but read back as corruption). The error says
+/// which limit, without echoing the input.
+pub(crate) fn check(
+    kind: &str,
+    headers: &BTreeMap<String, String>,
+    payload: usize,
+    delayed: bool,
+) -> Result<(), String> {
+    const U16: usize = u16::MAX as usize;
+    if kind.len() > U16 {
+        return Err(format!(
+            "the message type is {} bytes, over the record format's limit of {U16}",
+            kind.len()
+        ));
+    }
+    if headers.len() > U16 {
+        return Err(format!(
+            "{} headers exceed the record format's limit of {U16}",
+            headers.len()
+        ));
+    }
+    // offset, ms, gen, flags, [deliver_at], kind, header count, payload length.
+    let fixed = 8 + 8 + 4 + 1 + if delayed { 8 } else { 0 };
+    let mut body = fixed + 2 + kind.len() + 2 + 4;
+    for (k, v) in headers {
+        if k.len() > U16 {
+            return Err(format!(
+                "a header name is {} bytes, over the record format's limit of {U16}",
+                k.len()
+            ));
+        }
+        body = body.saturating_add(2 + k.len() + 4).saturating_add(v.len());
+    }
+    body = body.saturating_add(payload);
+    if body > MAX_BODY {
+        return Err(format!(
+            "the message is {body} bytes stored, over the record format's limit of {MAX_BODY} \
+             bytes (a payload of {payload} bytes)"
+        ));
+    }
+    Ok(())
+}
+
+/// Appends `n` as a `u16`. [`check`] keeps every length written here in range; were one not,
+/// the field saturates (the record then fails to decode) rather than panic the writer.
 fn put_u16(out: &mut Vec<u8>, n: usize) {
-    out.extend_from_slice(
-        &u16::try_from(n)
-            .expect("checked by the broker")
-            .to_le_bytes(),
-    );
+    debug_assert!(n <= usize::from(u16::MAX), "checked by `check`");
+    out.extend_from_slice(&u16::try_from(n).unwrap_or(u16::MAX).to_le_bytes());
+}
+
+/// Appends `n` as a `u32`; see [`put_u16`].
+fn put_u32(out: &mut Vec<u8>, n: usize) {
+    debug_assert!(u32::try_from(n).is_ok(), "checked by `check`");
+    out.extend_from_slice(&u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes());
 }
 
 /// What [`decode`] found at the start of a buffer.
@@ -235,7 +294,7 @@ mod tests {
         #[test]
         fn encode_then_decode_is_identity(r in record()) {
             let mut buf = Vec::new();
-            r.encode(&mut buf);
+            r.encode(&mut buf).unwrap();
             prop_assert_eq!(buf.len(), r.encoded_len());
             prop_assert_eq!(decode(&buf), Decoded::Record(r, buf.len()));
         }
@@ -243,7 +302,7 @@ mod tests {
         #[test]
         fn every_strict_prefix_is_incomplete(r in record(), cut in any::<prop::sample::Index>()) {
             let mut buf = Vec::new();
-            r.encode(&mut buf);
+            r.encode(&mut buf).unwrap();
             let cut = cut.index(buf.len());
             let incomplete = matches!(decode(&buf[..cut]), Decoded::Incomplete { .. });
             prop_assert!(incomplete);
@@ -252,7 +311,7 @@ mod tests {
         #[test]
         fn any_flipped_bit_is_detected(r in record(), at in any::<prop::sample::Index>(), bit in 0u8..8) {
             let mut buf = Vec::new();
-            r.encode(&mut buf);
+            r.encode(&mut buf).unwrap();
             let at = at.index(buf.len());
             buf[at] ^= 1 << bit;
             match decode(&buf) {
@@ -286,6 +345,49 @@ mod tests {
                 other => prop_assert!(false, "a whole record decoded as {:?}", other),
             }
         }
+    }
+
+    /// Lengths the format cannot hold are an error, and nothing is written: never a panic.
+    #[test]
+    fn a_record_over_the_format_limits_is_an_error_not_a_panic() {
+        let base = Record {
+            offset: 0,
+            ms: 0,
+            gen: 1,
+            deliver_at: None,
+            kind: "job".into(),
+            headers: BTreeMap::new(),
+            payload: Bytes::new(),
+        };
+        let long_name = Record {
+            headers: BTreeMap::from([("k".repeat(70_000), "v".into())]),
+            ..base.clone()
+        };
+        let many = Record {
+            headers: (0..70_000)
+                .map(|i| (i.to_string(), String::new()))
+                .collect(),
+            ..base.clone()
+        };
+        let long_kind = Record {
+            kind: "k".repeat(70_000),
+            ..base.clone()
+        };
+        for (r, word) in [
+            (long_name, "header"),
+            (many, "headers"),
+            (long_kind, "type"),
+        ] {
+            let mut out = vec![7];
+            let e = r.encode(&mut out).unwrap_err();
+            assert!(e.contains(word) && e.len() < 200, "{e}");
+            assert_eq!(out, [7], "nothing written");
+        }
+        let e = check("job", &BTreeMap::new(), MAX_BODY, false).unwrap_err();
+        assert!(e.contains("limit"), "{e}");
+        let mut out = Vec::new();
+        base.encode(&mut out).unwrap();
+        assert_eq!(out.len(), base.encoded_len());
     }
 
     #[test]

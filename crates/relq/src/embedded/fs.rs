@@ -37,6 +37,29 @@ pub(crate) trait Storage: Send + Sync + 'static {
     /// Takes the data directory's exclusive lock, held while the guard lives; `None` when
     /// another holder has it.
     fn lock_dir(&self, root: &Path) -> io::Result<Option<Box<dyn Any + Send + Sync>>>;
+    /// The running machine's boot id: it changes at every boot, so a session recorded with the
+    /// same one ended without a power loss (a process kill leaves the page cache, and every
+    /// write in it, intact). `None` when unknown.
+    fn boot_id(&self) -> Option<u64> {
+        system_boot_id()
+    }
+}
+
+/// The kernel's boot id (`/proc/sys/kernel/random/boot_id`, a random UUID per boot) as a number:
+/// its first 64 bits. `None` where there is none (not Linux) or it cannot be read.
+pub(crate) fn system_boot_id() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    parse_boot_id(&text)
+}
+
+/// The first 64 bits of a boot id's hex digits; `None` for anything that is not one.
+fn parse_boot_id(text: &str) -> Option<u64> {
+    let hex: String = text.trim().chars().filter(|c| *c != '-').collect();
+    if hex.len() < 16 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    // Never 0: the state database stores 0 for "unknown".
+    u64::from_str_radix(&hex[..16], 16).ok().filter(|v| *v != 0)
 }
 
 /// One open file.
@@ -237,6 +260,68 @@ impl StorageFile for ReadOnlyFile {
 
     fn allocate(&self, _len: u64) -> io::Result<()> {
         Err(read_only())
+    }
+}
+
+/// Opens an in-memory copy of the state database at `path` (an empty database when `exists` is
+/// false), for a read-only open: the file is only read, so neither redb's lock nor its recovery
+/// of a database that was not closed (a running writer's) touches it. The file is read until
+/// two reads agree, so a commit a running writer makes meanwhile is not seen half-done.
+pub(crate) fn open_db_copy(
+    storage: &dyn Storage,
+    path: &Path,
+    exists: bool,
+) -> Result<redb::Database, BackendError> {
+    let read = || -> io::Result<Vec<u8>> {
+        let f = storage.open(path, false)?;
+        let len = usize::try_from(f.len()?)
+            .map_err(|_| io::Error::new(io::ErrorKind::OutOfMemory, "too large to copy"))?;
+        let mut buf = vec![0; len];
+        let n = f.read_at(&mut buf, 0)?;
+        buf.truncate(n);
+        Ok(buf)
+    };
+    let bytes = if exists {
+        let copy = || -> io::Result<Vec<u8>> {
+            let mut last = read()?;
+            for _ in 0..3 {
+                let again = read()?;
+                if again == last {
+                    break;
+                }
+                last = again;
+            }
+            Ok(last)
+        };
+        copy().map_err(|e| {
+            BackendError::new(
+                super::NAME,
+                crate::error::BackendErrorKind::Unavailable,
+                format!("reading the state database {}: {e}", path.display()),
+            )
+            .with_source(e)
+        })?
+    } else {
+        Vec::new()
+    };
+    redb::Database::builder()
+        .set_cache_size(STATE_CACHE)
+        .create_with_backend(MemoryCopy::new(bytes))
+        .map_err(db_error)
+}
+
+#[cfg(test)]
+mod boot_tests {
+    #[test]
+    fn boot_ids_parse_and_garbage_does_not() {
+        assert_eq!(
+            super::parse_boot_id("0123abcd-0000-4000-8000-00000000ffff\n"),
+            Some(0x0123_abcd_0000_4000)
+        );
+        assert_eq!(super::parse_boot_id(""), None);
+        assert_eq!(super::parse_boot_id("not-a-uuid"), None);
+        #[cfg(target_os = "linux")]
+        assert!(super::system_boot_id().is_some(), "Linux has a boot id");
     }
 }
 

@@ -17,20 +17,30 @@
 //! offset at or above the one expected next and a `gen` no older than the last good record's.
 //! (Frames with older offsets or `gen`s are leftovers from before an earlier cut: ignored.)
 //!
-//! - Nothing valid after the stop: a **torn tail**, the unsynced end of the log. It is cut: the
-//!   bytes from the stop to the last non-zero byte are zeroed and synced, and the cut is logged
-//!   at warn level with the topic, segment, position and bytes cut.
+//! - Nothing past the records (zeros only): clean.
+//! - Damage and nothing valid after it: a **torn tail**, the unsynced end of the log, if the
+//!   last session ([`LastSession`]) can have torn a write: after a power loss (its boot id is
+//!   not this boot's, or unknown), any write may be torn; after a kill in this boot the page
+//!   cache kept every write whole, except one a fatal signal stopped between two pages, so only
+//!   damage of that shape ([`kill_tear_shape`]) is a torn tail; after a clean close nothing is.
+//!   Otherwise it is corruption. A torn tail is cut: the bytes from the stop to the last non-zero
+//!   byte are zeroed and synced, and the cut is logged at warn level with the topic, segment,
+//!   position and bytes cut.
 //! - Valid records after the stop: **corruption**, unless they can be the torn, unsynced writes
-//!   of the session that crashed. A power loss can tear a write in any order of its sectors (the
-//!   crash simulator does), so a sector in the middle of a batch may be lost while a later one,
-//!   holding whole records with the right offsets and `gen`, lands. That is told apart by what
-//!   the state database recorded about the last session ([`LastSession`]):
+//!   of the session that crashed in a power loss. A power loss can tear a write in any order of
+//!   its sectors (the crash simulator does), so a sector in the middle of a batch may be lost
+//!   while a later one, holding whole records with the right offsets and `gen`, lands. That is
+//!   told apart by what the state database recorded about the last session:
 //!   - it closed cleanly: everything it wrote was synced, so no torn write exists: corruption;
-//!   - it did not close: the later records are torn unsynced writes only if every one of them
-//!     carries that session's `gen` (older data was synced by that session's open) and, in sync
-//!     mode, no committed state refers to an offset at or past the damage (sync mode commits
-//!     state only about synced records). Otherwise: corruption;
+//!   - it was killed in this boot: nothing lands out of order without a power loss: corruption;
+//!   - it did not close, in another boot: the later records are torn unsynced writes only if
+//!     every one of them carries that session's `gen` (older data was synced by that session's
+//!     open) and, in sync mode, no committed state refers to an offset at or past the damage
+//!     (sync mode commits state only about synced records). Otherwise: corruption;
 //!   - not recorded (a directory from an older build): treated as possibly torn.
+//!
+//! A session that closes cleanly records where each topic's records end (`high_water`); the
+//! next open reads nothing past that point when the records end exactly there.
 //!
 //!   Corruption fails the open with [`BackendErrorKind::Corrupt`](crate::BackendErrorKind),
 //!   naming the topic, segment, position and offsets, and changes nothing, unless the operator
@@ -43,7 +53,10 @@
 //!
 //! # Offsets are never reused
 //! The log's next offset after open is at least every offset the committed state refers to
-//! (group cursors, done ranges, redelivery rows), and above every record a cut dropped. When that
+//! (group cursors, done ranges, redelivery rows), above every record a cut dropped, and above
+//! every record the cut bytes could have held (a periodic-mode publish is answered before its
+//! sync, so a torn record's offset may have been handed out). Offsets beyond [`MAX_OFFSET`]
+//! (a damaged name, marker or record) are refused as corruption. When that
 //! is past the log's end, the active segment is sealed and a new one starts at that offset; an
 //! empty marker file `<from>-<to>.gap` (created, and its directory synced, before the new
 //! segment) records that offsets `from..to` were never stored, so reads and the sealed-segment
@@ -60,10 +73,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use super::codec::{decode, Decoded, Record, HEADER, MAX_BODY};
+use super::codec::{self, decode, Decoded, Record, HEADER, MAX_BODY};
 use super::fs::{Storage, StorageFile};
-use super::{corrupt, io_error};
-use crate::error::BackendError;
+use super::{corrupt, io_error, NAME};
+use crate::error::{BackendError, BackendErrorKind};
 use crate::model::Outgoing;
 
 /// Bytes between two sparse index entries.
@@ -166,6 +179,9 @@ struct Scan {
     last_gen: u32,
     entries: Vec<(u64, u64)>,
     how: ScanEnd,
+    /// It stopped at a frame that does not decode (a checksum, a length, a short frame), not
+    /// at an intact frame with the wrong offset or `gen`.
+    torn_frame: bool,
 }
 
 /// Reads every record of `file` from the start, checking offsets (from `base`) and `gen` order.
@@ -178,6 +194,7 @@ fn scan(file: &dyn StorageFile, base: u64) -> Result<Scan, BackendError> {
         last_gen: 0,
         entries: Vec::new(),
         how: ScanEnd::Clean,
+        torn_frame: false,
     };
     let mut last_index_pos = 0u64;
     let mut buf = vec![0u8; CHUNK];
@@ -215,11 +232,13 @@ fn scan(file: &dyn StorageFile, base: u64) -> Result<Scan, BackendError> {
             Decoded::End => return Ok(s),
             Decoded::Invalid(why) => {
                 s.how = ScanEnd::Bad(format!("{why} at position {pos}"));
+                s.torn_frame = true;
                 return Ok(s);
             }
             Decoded::Incomplete { need } => {
                 if pos + need as u64 > len {
                     s.how = ScanEnd::Bad(format!("record at position {pos} runs past the file"));
+                    s.torn_frame = true;
                     return Ok(s);
                 }
                 // Refill from `pos`, with room for the whole record.
@@ -234,6 +253,7 @@ fn scan(file: &dyn StorageFile, base: u64) -> Result<Scan, BackendError> {
                     .map_err(io_error("reading a segment"))?;
                 if filled < need {
                     s.how = ScanEnd::Bad(format!("short read at position {pos}"));
+                    s.torn_frame = true;
                     return Ok(s);
                 }
             }
@@ -384,6 +404,11 @@ pub(crate) enum LastSession {
         gen: u32,
         /// It ran in sync mode: committed state referred only to synced records.
         sync: bool,
+        /// Whether it ran in this boot of the machine (its boot id is this one's): then it
+        /// ended without a power loss (a kill, a crash of the process), the page cache kept
+        /// every write it made, and the only damage that can explain is a write cut short at a
+        /// page boundary by the kill. `None` when a boot id is unknown.
+        same_boot: Option<bool>,
     },
     /// Not recorded (a data directory written by an older build).
     Unknown,
@@ -400,6 +425,16 @@ pub(crate) struct OpenContext<'a> {
     pub(crate) referenced: u64,
     /// The operator chose to cut a damaged tail ([`Recovery::CutDamagedTail`](super::Recovery)).
     pub(crate) repair: bool,
+    /// Opened for inspection only
+    /// ([`EmbeddedBackend::open_read_only`](super::EmbeddedBackend::open_read_only)): nothing is
+    /// synced, cut or created. A torn tail is where the records served end (it may be a running
+    /// writer's write in progress); corruption fails as it does for a writer; offsets past the
+    /// end are not skipped (nothing is handed out).
+    pub(crate) read_only: bool,
+    /// Where the last session, which closed cleanly, left this topic's active segment: (its
+    /// base offset, the position after its last record). When the newest segment's records end
+    /// exactly there, nothing past it is read.
+    pub(crate) high_water: Option<(u64, u64)>,
 }
 
 /// An opened log and what open found.
@@ -422,20 +457,53 @@ pub(crate) enum TailVerdict {
     Corrupt,
 }
 
-/// Judges the active segment's end (see the module docs on recovery).
-fn verdict(s: &Scan, beyond: &Beyond, last: LastSession, referenced: u64) -> TailVerdict {
+/// Judges the active segment's end (see the module docs on recovery). `kill_tear` says whether
+/// the damage has the shape a process kill can leave (see [`kill_tear_shape`]); `live` that a
+/// writer may be running (a read-only open), so a damaged end may be a write in progress.
+fn verdict(
+    s: &Scan,
+    beyond: &Beyond,
+    last: LastSession,
+    referenced: u64,
+    kill_tear: bool,
+    live: bool,
+) -> TailVerdict {
     let bad = matches!(s.how, ScanEnd::Bad(_));
     if beyond.records == 0 {
-        return if bad || beyond.dirty_end > s.end {
+        if !bad && beyond.dirty_end <= s.end {
+            return TailVerdict::Clean;
+        }
+        // Bytes past the last good record and nothing valid after them: a torn write, if the
+        // last session could have left one.
+        let torn_possible = live
+            || match last {
+                // Everything it wrote was synced before it closed: nothing can be torn.
+                LastSession::Clean => false,
+                // Killed in this boot: the page cache kept its writes whole, except one a
+                // fatal signal cut short at a page boundary.
+                LastSession::Crashed {
+                    same_boot: Some(true),
+                    ..
+                } => kill_tear,
+                // A power loss (or no way to tell): any unsynced write may be torn.
+                LastSession::Crashed { .. } | LastSession::Unknown => true,
+            };
+        return if torn_possible {
             TailVerdict::Torn
         } else {
-            TailVerdict::Clean
+            TailVerdict::Corrupt
         };
     }
     let torn_possible = match last {
         LastSession::Clean => false,
         LastSession::Unknown => true,
-        LastSession::Crashed { gen, sync } => {
+        // Without a power loss nothing lands out of order: a kill keeps every write before
+        // the last whole.
+        LastSession::Crashed {
+            same_boot: Some(true),
+            ..
+        } => false,
+        LastSession::Crashed { gen, sync, .. } => {
             beyond.gens == Some((gen, gen)) && !(sync && referenced > s.next_offset)
         }
     };
@@ -444,6 +512,34 @@ fn verdict(s: &Scan, beyond: &Beyond, last: LastSession, referenced: u64) -> Tai
     } else {
         TailVerdict::Corrupt
     }
+}
+
+/// The page size a write is cut at when a fatal signal interrupts it (a multiple of every page
+/// size Linux uses is a multiple of this).
+const PAGE: u64 = 4096;
+
+/// Whether the damage at the end of a scan has the shape a process killed in the middle of a
+/// write can leave: Linux copies a write into the page cache page by page and stops between
+/// pages when a fatal signal is pending, so the write's bytes are kept up to a page boundary
+/// and the rest of the (preallocated, zeroed) space stays zero. So: the scan stopped at a frame
+/// that does not decode (not an intact frame with a wrong offset or `gen`), and its non-zero
+/// bytes end before a page boundary that lies inside the frame its length announces.
+fn kill_tear_shape(
+    file: &dyn StorageFile,
+    s: &Scan,
+    beyond: &Beyond,
+) -> Result<bool, BackendError> {
+    if !s.torn_frame {
+        return Ok(false);
+    }
+    let mut len = [0u8; 4];
+    let got = file
+        .read_at(&mut len, s.end)
+        .map_err(io_error("reading a segment"))?;
+    len[got.min(4)..].fill(0);
+    let announced = s.end + HEADER as u64 + u64::from(u32::from_le_bytes(len));
+    let boundary = beyond.dirty_end.div_ceil(PAGE).saturating_mul(PAGE);
+    Ok(beyond.dirty_end > s.end && boundary < announced)
 }
 
 /// The position of the first non-zero byte of `buf`. Whole blocks are compared with a block of
@@ -481,15 +577,18 @@ pub(crate) mod test_counts {
     }
 }
 
-/// Writes zeros over `from..to` of `file`.
+/// Writes zeros over `from..to` of `file`, from the end backwards, one page (or less) at a
+/// time, each within one page. A kill can stop a write only between pages, so a kill during a
+/// cut leaves the damaged bytes' beginning as it was, followed by zeros: the same shape (a
+/// write cut at a page boundary) the next open accepts as a torn tail again.
 fn zero(file: &dyn StorageFile, from: u64, to: u64) -> Result<(), BackendError> {
-    let zeros = vec![0u8; CHUNK];
-    let mut at = from;
-    while at < to {
-        let n = (to - at).min(CHUNK as u64) as usize;
-        file.write_at(&zeros[..n], at)
+    let zeros = vec![0u8; PAGE as usize];
+    let mut end = to;
+    while end > from {
+        let start = ((end - 1) / PAGE * PAGE).max(from);
+        file.write_at(&zeros[..(end - start) as usize], start)
             .map_err(io_error("cutting a segment's damaged tail"))?;
-        at += n as u64;
+        end = start;
     }
     Ok(())
 }
@@ -549,19 +648,46 @@ pub(crate) fn inspect(
         }
     }
     out.segments.sort_by_key(|(_, b)| *b);
+    // A segment retention removes between the listing and its opening (the directory may be in
+    // use) is no damage: it is left out.
+    let mut files = Vec::with_capacity(out.segments.len());
+    for (path, base) in std::mem::take(&mut out.segments) {
+        match storage.open(&path, false) {
+            Ok(f) => files.push((path, base, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_error("opening a segment")(e)),
+        }
+    }
+    out.segments = files.iter().map(|(p, b, _)| (p.clone(), *b)).collect();
+    // Gap markers wholly below the oldest segment are leftovers of retention: not counted.
+    if let Some((_, first)) = out.segments.first() {
+        out.gaps.retain(|(_, to)| to > first);
+    }
     let n = out.segments.len();
-    for (i, (path, base)) in out.segments.iter().enumerate() {
-        let file = storage
-            .open(path, false)
-            .map_err(io_error("opening a segment"))?;
-        let s = scan(&*file, *base)?;
+    for (i, (path, base, file)) in files.iter().enumerate() {
+        if *base > MAX_OFFSET || out.gaps.iter().any(|(_, to)| *to > MAX_OFFSET) {
+            out.damage.push(InspectedDamage {
+                segment: path.clone(),
+                position: 0,
+                last_good: None,
+                what: format!(
+                    "the segment's name or a gap marker names an offset beyond {MAX_OFFSET}, \
+                     which no log reaches: an open refuses the topic"
+                ),
+                beyond: Beyond::default(),
+                verdict: TailVerdict::Corrupt,
+            });
+            break;
+        }
+        let s = scan(&**file, *base)?;
         out.records += s.next_offset - base;
         out.bytes += s.end;
         out.end = s.next_offset;
         let active = i + 1 == n;
-        let beyond = look_past(&*file, *base, s.end, s.next_offset, s.last_gen)?;
+        let beyond = look_past(&**file, *base, s.end, s.next_offset, s.last_gen)?;
         let v = if active {
-            verdict(&s, &beyond, last, referenced)
+            let kill_tear = kill_tear_shape(&**file, &s, &beyond)?;
+            verdict(&s, &beyond, last, referenced, kill_tear, false)
         } else if matches!(s.how, ScanEnd::Bad(_)) || beyond.records > 0 {
             // A sealed segment was synced whole: anything wrong in it is corruption.
             TailVerdict::Corrupt
@@ -631,6 +757,47 @@ fn damage_detail(
         beyond.records,
         beyond.max_offset
     )
+}
+
+/// Describes damage at the active segment's end with nothing valid after it, when the last
+/// session cannot have torn it (it closed cleanly, or was killed in this boot and the damage
+/// is not a write cut at a page boundary).
+fn tail_detail(ctx: &OpenContext<'_>, path: &Path, s: &Scan, beyond: &Beyond, why: &str) -> String {
+    let last_good = match s.next_offset.checked_sub(1) {
+        Some(o) if s.end > 0 => format!("the last good record before it is offset {o}"),
+        _ => "no good record precedes it in this segment".to_owned(),
+    };
+    let session = match ctx.last {
+        LastSession::Clean => "the last session closed cleanly (everything it wrote was synced)",
+        _ => {
+            "the last session ended in this boot of the machine (a kill or crash of the process \
+             keeps every write whole, except one cut at a page boundary, which this is not)"
+        }
+    };
+    format!(
+        "topic {:?}: the active segment {} is damaged at position {} ({why}), {} bytes up to \
+         position {}; {last_good}. No write can have been torn there: {session}",
+        ctx.topic,
+        path.display(),
+        s.end,
+        beyond.dirty_end.saturating_sub(s.end),
+        beyond.dirty_end,
+    )
+}
+
+/// Offsets above this are refused as damage: at a million records a second, 2^62 lasts over
+/// 146,000 years, so a value past it comes from a damaged file, and the arithmetic on offsets
+/// stays far from overflowing.
+pub(crate) const MAX_OFFSET: u64 = 1 << 62;
+
+/// The error for offsets too large to be real (a damaged gap marker, segment name or record).
+fn implausible(ctx: &OpenContext<'_>) -> BackendError {
+    corrupt(format!(
+        "topic {:?}: its log or the state database refers to offsets beyond {MAX_OFFSET}, which \
+         no log reaches: a damaged segment name, gap marker, record or group record. Run `relq \
+         check` on the data directory",
+        ctx.topic
+    ))
 }
 
 impl TopicLog {
@@ -705,8 +872,14 @@ impl TopicLog {
             .map_err(io_error("listing a topic directory"))?;
         let mut segments = BTreeMap::new();
         let mut gaps = BTreeSet::new();
+        if ctx.referenced > MAX_OFFSET {
+            return Err(implausible(ctx));
+        }
         for name in names {
             if let Some(g) = parse_gap(&name) {
+                if g.1 > MAX_OFFSET {
+                    return Err(implausible(ctx));
+                }
                 gaps.insert(g);
                 continue;
             }
@@ -716,11 +889,16 @@ impl TopicLog {
             else {
                 continue;
             };
+            if base > MAX_OFFSET {
+                return Err(implausible(ctx));
+            }
             let path = dir.join(&name);
             let file = storage
                 .open(&path, false)
                 .map_err(io_error("opening a segment"))?;
-            file.sync_data().map_err(io_error("syncing a segment"))?;
+            if !ctx.read_only {
+                file.sync_data().map_err(io_error("syncing a segment"))?;
+            }
             segments.insert(
                 base,
                 Arc::new(Segment {
@@ -739,7 +917,19 @@ impl TopicLog {
         };
         let newest = newest.clone();
         let s = scan(&*newest.file, newest.base)?;
-        let beyond = look_past(&*newest.file, newest.base, s.end, s.next_offset, s.last_gen)?;
+        // A session that closed cleanly recorded where its records end: when they end exactly
+        // there, the rest of the preallocated segment was never written (an earlier open's cut
+        // zeroed what lay past the end before), so it is not read.
+        let closed_at_end =
+            matches!(s.how, ScanEnd::Clean) && ctx.high_water == Some((newest.base, s.end));
+        let beyond = if closed_at_end {
+            Beyond {
+                dirty_end: s.end,
+                ..Beyond::default()
+            }
+        } else {
+            look_past(&*newest.file, newest.base, s.end, s.next_offset, s.last_gen)?
+        };
         let why = match &s.how {
             ScanEnd::Bad(why) => why.clone(),
             ScanEnd::Clean => format!("a zero length at position {}", s.end),
@@ -747,18 +937,42 @@ impl TopicLog {
         let cut_bytes = beyond.dirty_end.saturating_sub(s.end);
         let segment = newest.path.display();
         let topic = ctx.topic;
-        let v = verdict(&s, &beyond, ctx.last, ctx.referenced);
+        let kill_tear = kill_tear_shape(&*newest.file, &s, &beyond)?;
+        let v = verdict(
+            &s,
+            &beyond,
+            ctx.last,
+            ctx.referenced,
+            kill_tear,
+            ctx.read_only,
+        );
         #[cfg(test)]
         test_counts::count(&v);
         match v {
             TailVerdict::Clean => {}
+            // Read-only, a torn tail (or a running writer's write in progress) is where the
+            // records served end; nothing is cut.
+            TailVerdict::Torn | TailVerdict::TornUnsynced if ctx.read_only => tracing::debug!(
+                topic,
+                segment = %segment,
+                position = s.end,
+                next_offset = s.next_offset,
+                "opened read-only: serving the records up to a torn tail ({why}), cutting nothing"
+            ),
             TailVerdict::Torn => tracing::warn!(
                 topic,
                 segment = %segment,
                 position = s.end,
                 bytes = cut_bytes,
                 next_offset = s.next_offset,
-                "cutting a torn tail (no valid record after it): {why}"
+                "cutting a torn tail (no valid record after it) left by {}: {why}; the offsets                  its bytes could have held are not reused",
+                match ctx.last {
+                    LastSession::Crashed {
+                        same_boot: Some(true),
+                        ..
+                    } => "a write the killed process did not finish",
+                    _ => "a power loss",
+                }
             ),
             TailVerdict::TornUnsynced => tracing::warn!(
                 topic,
@@ -772,16 +986,20 @@ impl TopicLog {
                 beyond.records
             ),
             TailVerdict::Corrupt => {
-                let detail = damage_detail(ctx, &newest.path, &s, &beyond, &why);
-                if !ctx.repair {
+                let detail = if beyond.records > 0 {
+                    damage_detail(ctx, &newest.path, &s, &beyond, &why)
+                } else {
+                    tail_detail(ctx, &newest.path, &s, &beyond, &why)
+                };
+                if !ctx.repair || ctx.read_only {
                     let root = dir
                         .parent()
                         .and_then(Path::parent)
                         .map_or_else(|| dir.display().to_string(), |r| r.display().to_string());
                     return Err(corrupt(format!(
                         "{detail}. This is corruption, not a torn write: relq changed nothing and \
-                         will not drop those records on its own. Run `relq check {root}` to see \
-                         all damage; restore the data directory from a backup; or, to drop the \
+                         will not drop anything on its own. Run `relq check {root}` to see all \
+                         damage; restore the data directory from a backup; or, to drop the \
                          damaged record and everything after it in this segment knowingly, open \
                          with `EmbeddedConfig::recovery(Recovery::CutDamagedTail)`"
                     )));
@@ -793,12 +1011,13 @@ impl TopicLog {
                     bytes = cut_bytes,
                     dropped_records = beyond.records,
                     "{detail}; cutting it as the operator chose (Recovery::CutDamagedTail): the \
-                     damaged record and the {} valid records after it are dropped",
+                     damaged record and the {} valid records after it are dropped; their offsets \
+                     are not reused",
                     beyond.records
                 );
             }
         }
-        if matches!(s.how, ScanEnd::Bad(_)) || cut_bytes > 0 {
+        if (matches!(s.how, ScanEnd::Bad(_)) || cut_bytes > 0) && !ctx.read_only {
             // Zeros from the new end to the last non-zero byte: nothing stale stays behind for a
             // later open to mistake for records written after it.
             let to = beyond.dirty_end.max(s.end + HEADER as u64);
@@ -821,12 +1040,32 @@ impl TopicLog {
         // Offsets handed out: referred to by committed state, dropped by the cut, or skipped by
         // an earlier open (whose new segment a crash may have kept from being made).
         let dropped = if beyond.records > 0 {
-            beyond.max_offset.saturating_add(1)
+            beyond
+                .max_offset
+                .checked_add(1)
+                .ok_or_else(|| implausible(ctx))?
+        } else {
+            0
+        };
+        // The cut bytes held records whose offsets may have been handed out (a periodic-mode
+        // publish is answered before its sync): none of them is reused, however many the
+        // damaged bytes could have held.
+        let torn = if matches!(s.how, ScanEnd::Bad(_)) || cut_bytes > 0 {
+            s.next_offset
+                .checked_add(cut_bytes.div_ceil(MIN_RECORD).max(1))
+                .ok_or_else(|| implausible(ctx))?
         } else {
             0
         };
         let skipped = gaps.iter().map(|(_, to)| *to).max().unwrap_or(0);
-        let next = found_end.max(ctx.referenced).max(dropped).max(skipped);
+        let next = found_end
+            .max(ctx.referenced)
+            .max(dropped)
+            .max(torn)
+            .max(skipped);
+        if next > MAX_OFFSET {
+            return Err(implausible(ctx));
+        }
         let writer = Writer {
             capacity,
             active: newest,
@@ -839,7 +1078,7 @@ impl TopicLog {
         };
         let mut log = TopicLog::new(storage, dir, config, segments, writer);
         log.gaps = gaps;
-        if next > found_end {
+        if next > found_end && !ctx.read_only {
             log.skip_to(next)?;
         }
         Ok(Opened { log, found_end })
@@ -866,7 +1105,7 @@ impl TopicLog {
     }
 
     /// The first stored offset at or after `offset`'s gap, if it falls into one.
-    fn past_gaps(&self, mut offset: u64) -> u64 {
+    pub(crate) fn past_gaps(&self, mut offset: u64) -> u64 {
         while let Some((_, to)) = self
             .gaps
             .range(..=(offset, u64::MAX))
@@ -887,6 +1126,26 @@ impl TopicLog {
         Some(o)
     }
 
+    /// The highest offset `t <= end` with at most `n` stored records in `t..end`, counting
+    /// across gaps (so `max_len` retention keeps `n` records, not `n` offsets).
+    pub(crate) fn keeping(&self, end: u64, n: u64) -> u64 {
+        let mut t = end;
+        let mut left = n;
+        for (a, b) in self.gaps.iter().rev() {
+            let b = (*b).min(t);
+            if b <= *a {
+                continue;
+            }
+            let stored = t - b;
+            if left <= stored {
+                return t - left;
+            }
+            left -= stored;
+            t = *a;
+        }
+        t.saturating_sub(left)
+    }
+
     /// How many offsets in `from..to` can hold a record (those not in a gap).
     pub(crate) fn stored_between(&self, from: u64, to: u64) -> u64 {
         let skipped: u64 = self
@@ -895,6 +1154,13 @@ impl TopicLog {
             .map(|(a, b)| (*b).min(to).saturating_sub((*a).max(from)))
             .sum();
         to.saturating_sub(from).saturating_sub(skipped)
+    }
+
+    /// The active segment's base offset and the position after its last record written (the
+    /// committer's; at close, where the records end).
+    pub(crate) fn high_water(&self) -> (u64, u64) {
+        let w = lock(&self.writer);
+        (w.active.base, w.pos)
     }
 
     /// The first offset not yet readable (the number of records ever appended and committed).
@@ -921,6 +1187,13 @@ impl TopicLog {
         now_ms: u64,
         out: &mut Vec<Arc<Record>>,
     ) -> Result<(), BackendError> {
+        // Nothing of a batch is written unless every message fits the record format (the engine's
+        // publish refused such messages already; this keeps a bad one from reaching a file by any
+        // other path, e.g. a replayed dead letter).
+        for (i, m) in batch.iter().enumerate() {
+            codec::check(&m.kind, &m.headers, m.payload.len(), m.deliver_at.is_some())
+                .map_err(|why| not_storable(i, batch.len(), &why))?;
+        }
         let mut w = lock(&self.writer);
         let w = &mut *w;
         w.buf.clear();
@@ -953,11 +1226,13 @@ impl TopicLog {
                 buf_start = w.pos;
             }
             let pos = buf_start + w.buf.len() as u64;
+            // Checked above, so this cannot fail (and it writes nothing when it does).
+            rec.encode(&mut w.buf)
+                .map_err(|why| not_storable(0, 1, &why))?;
             if pos == 0 || pos - w.last_index_pos >= INDEX_EVERY {
                 lock(&w.active.index).entries.push((rec.offset, pos));
                 w.last_index_pos = pos;
             }
-            rec.encode(&mut w.buf);
             w.next_offset += 1;
             w.last_ms = rec.ms;
             out.push(Arc::new(rec));
@@ -1135,7 +1410,7 @@ impl TopicLog {
         self.segments
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .range(base + 1..)
+            .range((std::ops::Bound::Excluded(base), std::ops::Bound::Unbounded))
             .next()
             .map(|(b, _)| *b)
     }
@@ -1245,8 +1520,9 @@ impl TopicLog {
         }
     }
 
-    /// Deletes segments whose every record is below `start`, except the active one; syncs the
-    /// directory. Returns how many files were removed.
+    /// Deletes segments whose every record is below `start`, except the active one, and gap
+    /// markers wholly below the oldest segment kept; syncs the directory. Returns how many
+    /// segment files were removed.
     pub(crate) fn remove_below(&self, start: u64) -> Result<usize, BackendError> {
         let doomed: Vec<Arc<Segment>> = {
             let segs = self.segments.read().unwrap_or_else(|e| e.into_inner());
@@ -1260,16 +1536,27 @@ impl TopicLog {
         if doomed.is_empty() {
             return Ok(0);
         }
-        {
+        let first_kept = {
             let mut segs = self.segments.write().unwrap_or_else(|e| e.into_inner());
             for s in &doomed {
                 segs.remove(&s.base);
             }
-        }
+            segs.keys().next().copied().unwrap_or(0)
+        };
         for s in &doomed {
             self.storage
                 .remove_file(&s.path)
                 .map_err(io_error("removing a segment"))?;
+        }
+        // A gap ending at or below the oldest segment kept separates nothing any more. (The
+        // in-memory set keeps it: reads never go below the oldest segment.)
+        for (from, to) in self.gaps.iter().filter(|(_, to)| *to <= first_kept) {
+            let marker = self.dir.join(format!("{from:020}-{to:020}.gap"));
+            match self.storage.remove_file(&marker) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_error("removing a gap marker")(e)),
+            }
         }
         self.storage
             .sync_dir(&self.dir)
@@ -1302,6 +1589,19 @@ pub(crate) fn destroy_dir(storage: &dyn Storage, dir: &Path) -> Result<(), Backe
             .map_err(io_error("syncing the topics directory"))?;
     }
     Ok(())
+}
+
+/// The error for message `i` of a batch of `n` that does not fit the record format.
+fn not_storable(i: usize, n: usize, why: &str) -> BackendError {
+    let which = match n {
+        1 => "the message".to_owned(),
+        _ => format!("message {} of the batch of {n}", i + 1),
+    };
+    BackendError::new(
+        NAME,
+        BackendErrorKind::Invalid,
+        format!("{which} cannot be stored: {why}; nothing was published"),
+    )
 }
 
 /// The record at `offset`, if `recs` (read from it) starts with it.
@@ -1399,6 +1699,8 @@ mod tests {
             last,
             referenced: 0,
             repair,
+            read_only: false,
+            high_water: None,
         }
     }
 
@@ -1416,15 +1718,19 @@ mod tests {
 
         /// Whatever damage the newest segment takes (garbage or zeros, written at any position
         /// of the preallocated file: over its records, right after them, or further on past a
-        /// run of zeros):
-        /// - when no intact record follows the damage, it is a torn tail: recovery keeps exactly
-        ///   the records before the first damaged byte, byte for byte, and appending goes on
-        ///   from there;
-        /// - when an intact record follows it and the last session closed cleanly, it is
-        ///   corruption: open fails and changes nothing; with the operator's repair it cuts the
-        ///   damaged tail and appending goes on after the highest offset dropped;
-        /// - when the last session crashed and the records after it carry its `gen`, they can
-        ///   be its torn unsynced writes: cut, and appending goes on after them.
+        /// run of zeros), after a session that closed cleanly, crashed in a power loss, or was
+        /// killed in this boot:
+        /// - when the damage leaves nothing past the records before it, nothing is cut;
+        /// - after a clean close any damage is corruption: open fails and changes nothing; with
+        ///   the operator's repair it cuts the damaged tail;
+        /// - after a power loss, damage with nothing intact after it is a torn tail, and intact
+        ///   records after it carrying the crashed session's `gen` are its torn unsynced writes:
+        ///   both cut;
+        /// - after a kill in this boot, intact records after damage are corruption (a kill
+        ///   tears nothing out of order);
+        /// - whatever is cut, recovery keeps exactly the records before the first damaged byte,
+        ///   byte for byte, appending resumes after every offset the cut bytes could have held
+        ///   (never reusing one), and survives another reopen.
         #[test]
         fn recovery_keeps_exactly_the_records_before_the_damage(
             sizes in proptest::collection::vec(0usize..700, 1..40),
@@ -1432,7 +1738,7 @@ mod tests {
             junk in proptest::collection::vec(any::<u8>(), 1..64),
             zeros in any::<bool>(),
             anywhere in any::<bool>(),
-            crashed in any::<bool>(),
+            how in 0u8..3,
         ) {
             static N: AtomicUsize = AtomicUsize::new(0);
             let root = Removed(std::env::temp_dir().join(format!(
@@ -1488,26 +1794,43 @@ mod tests {
                 .collect();
             let k = damaged.iter().position(|d| *d).unwrap_or(spans.len());
             let kept = base + k as u64;
+            let kept_end = spans.get(k).map_or(used, |(a, _)| *a);
+            // Anything but zeros past the records kept: something to cut.
+            let dirty = after[kept_end..].iter().any(|b| *b != 0);
             // The last intact record after the first damaged one, if any.
             let intact_after = (k + 1..spans.len()).rev().find(|j| !damaged[*j]);
-            // Appending resumes after every record the cut dropped.
-            let resume = intact_after.map_or(kept, |j| base + j as u64 + 1);
-
-            if intact_after.is_some() && !crashed {
-                let e = reopen(&storage, &dir, 2, &ctx(LastSession::Clean, false)).err();
-                prop_assert!(e.is_some(), "valid records after the damage were cut silently");
-                let e = e.unwrap();
-                prop_assert_eq!(e.kind, crate::BackendErrorKind::Corrupt);
-                prop_assert!(e.message.contains("valid records follow"), "{}", e.message);
-                prop_assert_eq!(std::fs::read(&path).unwrap(), after, "nothing changed");
-            }
-            let last_session = if crashed {
-                LastSession::Crashed { gen: 1, sync: true }
-            } else {
-                LastSession::Clean
+            // Appending resumes after every record the cut dropped, and past the offset of the
+            // damaged record at least.
+            let resume_min = match (dirty, intact_after) {
+                (false, _) => kept,
+                (true, None) => kept + 1,
+                (true, Some(j)) => base + j as u64 + 1,
             };
-            let log = reopen(&storage, &dir, 2, &ctx(last_session, !crashed)).unwrap();
-            prop_assert_eq!(log.visible(), resume);
+            let last_session = match how {
+                0 => LastSession::Clean,
+                1 => LastSession::Crashed { gen: 1, sync: true, same_boot: Some(false) },
+                _ => LastSession::Crashed { gen: 1, sync: true, same_boot: Some(true) },
+            };
+            let must_refuse = dirty && (how == 0 || (how == 2 && intact_after.is_some()));
+            let first = reopen(&storage, &dir, 2, &ctx(last_session, false));
+            if must_refuse || (how == 2 && first.is_err()) {
+                prop_assert!(first.is_err(), "damage after a clean close or kill was cut silently");
+                let e = first.err().unwrap();
+                prop_assert_eq!(e.kind, crate::BackendErrorKind::Corrupt);
+                prop_assert!(e.message.contains("This is corruption"), "{}", e.message);
+                prop_assert_eq!(std::fs::read(&path).unwrap(), after, "nothing changed");
+            } else {
+                prop_assert!(first.is_ok(), "{:?}", first.err());
+                drop(first);
+            }
+            // (Opened again when the first open succeeded: it cut already, so this one finds
+            // a clean end, and the offsets it skipped are in a gap marker.)
+            let log = reopen(&storage, &dir, 3, &ctx(last_session, true)).unwrap();
+            let resume = log.visible();
+            prop_assert!(resume >= resume_min, "offset {resume} < {resume_min} reused");
+            if !dirty {
+                prop_assert_eq!(resume, kept);
+            }
             let back = log.read(log.first_offset(), usize::MAX, &mut None).unwrap();
             let want: Vec<&Record> = written
                 .iter()
@@ -1522,7 +1845,7 @@ mod tests {
             log.sync_now().unwrap();
             prop_assert_eq!(more[0].offset, resume);
             drop(log);
-            let log = reopen(&storage, &dir, 3, &ctx(LastSession::Clean, false)).unwrap();
+            let log = reopen(&storage, &dir, 4, &ctx(LastSession::Clean, false)).unwrap();
             prop_assert_eq!(log.visible(), resume + 1);
             let again = log.get(resume).unwrap();
             prop_assert_eq!(again.as_deref(), Some(&*more[0]));
@@ -1532,7 +1855,7 @@ mod tests {
             prop_assert_eq!(back.iter().map(|r| &**r).collect::<Vec<_>>(), want);
             prop_assert_eq!(
                 log.stored_between(log.first_offset(), log.visible()),
-                resume + 1 - log.first_offset() - (resume - kept)
+                kept + 1 - log.first_offset()
             );
         }
     }

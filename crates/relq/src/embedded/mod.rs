@@ -14,7 +14,9 @@
 //! offset the state database refers to again, and reports a damaged state database as
 //! [`BackendErrorKind::Corrupt`] (a panic inside redb included). The session record in the
 //! state database (`session_gen`, `session_end`) tells recovery whether the last session closed
-//! cleanly. [`EmbeddedBackend::check`] inspects a directory without changing it.
+//! cleanly. [`EmbeddedBackend::check`] inspects a directory without changing it, and
+//! [`EmbeddedBackend::open_read_only`] serves its topics and dead letters without changing it
+//! (no lock, no recovery, no writes), even while another process has it open.
 //!
 //! Messages live in a per-topic segmented log ([`log`]); what changes as messages are read and
 //! settled lives in a small redb database ([`state`]). A message id is `<ms>-<offset>`: the
@@ -33,6 +35,19 @@
 //! sync: group commit. No lock a caller needs is held during a sync. A failed write or sync
 //! poisons the engine: every call fails with [`BackendErrorKind::Fatal`] until the directory is
 //! reopened, because after a failed fsync the kernel may have dropped the data.
+//!
+//! # Panics
+//! A panic in engine code poisons the engine the same way, with an error that names where it
+//! happened and its message: on the committer or syncer thread (caught around each batch's
+//! staging and each round's commit, and around each thread as a whole), in engine code a
+//! caller's task runs under the engine lock or against the state database (redb may panic on a
+//! damaged page rather than report it), and in log reads on tokio's blocking pool. Every waiter
+//! is answered at once: a caller whose reply the panicking thread dropped waits for the poison
+//! to be recorded and gets it; reads waiting for messages, callers waiting for a commit or for
+//! room in the queue are woken; once the committer has ended, operations are failed as they
+//! are queued. The engine lock is never left poisoned (in std's sense) for a caller to panic
+//! on: [`lock`] takes it as it is. Nothing acknowledged is lost: a reopen recovers as after a
+//! crash.
 //!
 //! # What is durable when
 //! See [`Durability`]. In-flight deliveries are kept in memory only: after a crash, a message
@@ -94,6 +109,51 @@ pub(crate) fn db_error(e: impl Into<redb::Error>) -> BackendError {
         _ => BackendErrorKind::Fatal,
     };
     BackendError::new(NAME, kind, format!("state database: {e}")).with_source(e)
+}
+
+/// The name of the writer thread (see "Commit cycle").
+const COMMITTER: &str = "relq-committer";
+/// The name of the thread that syncs and commits written batches.
+const SYNCER: &str = "relq-syncer";
+
+fn fatal(message: impl Into<String>) -> BackendError {
+    BackendError::new(NAME, BackendErrorKind::Fatal, message)
+}
+
+fn invalid(message: impl Into<String>) -> BackendError {
+    BackendError::new(NAME, BackendErrorKind::Invalid, message)
+}
+
+/// The error for a panic caught in engine code: `place` panicked, and why. The engine is
+/// poisoned with it (see [`Shared::poison`]).
+fn panicked(place: &str, p: &(dyn std::any::Any + Send)) -> BackendError {
+    fatal(format!("{place} panicked: {}", panic_message(p)))
+}
+
+/// The error for a panic caught on the current engine thread (it names the thread).
+fn panicked_here(p: &(dyn std::any::Any + Send)) -> BackendError {
+    let name = std::thread::current().name().map_or_else(
+        || "an engine thread".to_owned(),
+        |n| format!("the {n} thread"),
+    );
+    panicked(&name, p)
+}
+
+/// Checks a message the way the broker does (type, headers) and against the record format
+/// (which a caller of [`Backend::publish`] could otherwise exceed, bypassing the broker):
+/// message `i` of a batch of `n`.
+fn validate_outgoing(i: usize, n: usize, m: &Outgoing) -> Result<(), BackendError> {
+    let which = || match n {
+        1 => String::new(),
+        _ => format!("message {} of the batch of {n}: ", i + 1),
+    };
+    crate::model::validate_kind(&m.kind)
+        .map_err(|e| invalid(format!("{}{e}; nothing was published", which())).with_source(e))?;
+    // Its message already ends with "nothing was published".
+    crate::model::validate_headers(&m.headers)
+        .map_err(|e| invalid(format!("{}{e}", which())).with_source(e))?;
+    codec::check(&m.kind, &m.headers, m.payload.len(), m.deliver_at.is_some())
+        .map_err(|why| invalid(format!("{}{why}; nothing was published", which())))
 }
 
 /// The message of a caught panic.
@@ -289,7 +349,7 @@ struct Shared {
     config: EmbeddedConfig,
     root: PathBuf,
     storage: Arc<dyn Storage>,
-    db: redb::Database,
+    db: StateDb,
     gen: u32,
     inner: Mutex<Inner>,
     queue: Mutex<Queue>,
@@ -300,6 +360,44 @@ struct Shared {
     queued_rounds: std::sync::atomic::AtomicUsize,
     counters: Counters,
     _lock: Box<dyn std::any::Any + Send + Sync>,
+    /// Opened with [`EmbeddedBackend::open_read_only`]: no committer runs, and every call that
+    /// would change anything is refused (see [`Shared::writable`]).
+    read_only: bool,
+    /// Read-only only: topics whose log an open would refuse (corruption), with the error their
+    /// info answers. A normal open fails as a whole instead.
+    damaged: BTreeMap<String, String>,
+}
+
+/// The state database. It is closed under `catch_unwind`: redb left broken by a panic inside it
+/// (its internal locks poisoned, see [`Shared::poison`]) panics when closed, and that panic must
+/// not reach whoever drops the engine last. (The unwinding still closes the rest: the file and
+/// its lock, so the directory can be reopened.)
+struct StateDb(Option<redb::Database>);
+
+impl std::ops::Deref for StateDb {
+    type Target = redb::Database;
+
+    fn deref(&self) -> &redb::Database {
+        match &self.0 {
+            Some(db) => db,
+            // Taken only by `drop`, after which nothing can borrow it.
+            None => unreachable!("the state database is taken only when dropped"),
+        }
+    }
+}
+
+impl Drop for StateDb {
+    fn drop(&mut self) {
+        if let Some(db) = self.0.take() {
+            let closed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(db)));
+            if closed.is_err() {
+                tracing::warn!(
+                    "closing the state database panicked after an earlier failure; the next \
+                     open recovers it"
+                );
+            }
+        }
+    }
 }
 
 #[derive(Default)]
@@ -338,6 +436,8 @@ struct Progress {
     /// State changes up to this sequence number are durable.
     durable: u64,
     poisoned: bool,
+    /// The committer thread ended (closed, or a panic): nothing more becomes durable.
+    stopped: bool,
 }
 
 #[derive(Default)]
@@ -347,6 +447,10 @@ struct Queue {
     /// A caller needs a sync round even in periodic mode.
     force_sync: bool,
     shutdown: bool,
+    /// The committer thread ended: an operation queued now would never be taken, so it is
+    /// failed at once. Set, and the queue drained, under this lock, so no operation slips in
+    /// between.
+    closed: bool,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, BackendError>>;
@@ -569,6 +673,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+fn no_state(root: &Path) -> BackendError {
+    corrupt(format!(
+        "{} holds topic logs but no state.redb; refusing to guess their state (restore \
+         state.redb or remove the topics directory)",
+        root.display()
+    ))
+}
+
 /// Per topic, the offset after the highest one the committed state refers to: group cursors,
 /// floors and done ranges, redelivery rows (resident and spilled), the retention start. Those
 /// offsets were handed out. (A dead letter's message was read by a group, so its cursor covers
@@ -637,63 +749,137 @@ impl EmbeddedBackend {
         Self::open_on(Arc::new(RealFs), path.as_ref(), config)
     }
 
+    /// Opens the data directory `path` for inspection only: the topics, their info and the dead
+    /// letters as they are on disk, without taking the directory's lock and without writing
+    /// anything. So it works while another process has the directory open (a running service),
+    /// and on a directory the user may read but not write.
+    ///
+    /// - Nothing on disk changes: no lock file, no recovery (a torn tail at a log's end is
+    ///   simply where what is served ends, not cut), no syncs, no state commits, unknown topic
+    ///   directories left alone. Segment files are opened read-only; the state database is read
+    ///   into memory and opened there, so redb's own recovery of a database that was not closed
+    ///   (the running writer's) happens on the copy. Its memory is the size of `state.redb`.
+    /// - It is a snapshot: what a running writer commits afterwards is not seen. Deliveries in
+    ///   flight in the writer show as scheduled (as a reopen after a crash would have them).
+    /// - [`topics`](Backend::topics), [`topic_info`](Backend::topic_info),
+    ///   [`dead_letters`](Backend::dead_letters), [`dead_letter`](Backend::dead_letter) and
+    ///   [`dead_letter_stats`](Backend::dead_letter_stats) work; every other call (publish, join,
+    ///   read, settle, stop and resume, terminate, cleanup, replay, delete, purge) fails at once
+    ///   with [`BackendErrorKind::Invalid`], saying the directory was opened read-only.
+    /// - A topic whose active segment an open would refuse (a damaged record followed by valid
+    ///   ones) is listed, and its `topic_info` is that [`Corrupt`](BackendErrorKind::Corrupt)
+    ///   error; the other topics are served. [`check`](Self::check) tells more.
+    ///
+    /// # Errors
+    /// `path` is not a readable directory, a file cannot be read, or the state database is
+    /// damaged ([`Corrupt`](BackendErrorKind::Corrupt)).
+    pub fn open_read_only(path: impl AsRef<Path>) -> Result<EmbeddedBackend, BackendError> {
+        Self::open_mode(
+            Arc::new(fs::ReadOnlyFs),
+            path.as_ref(),
+            EmbeddedConfig::default(),
+            true,
+        )
+    }
+
     fn open_on(
         storage: Arc<dyn Storage>,
         root: &Path,
         config: EmbeddedConfig,
     ) -> Result<EmbeddedBackend, BackendError> {
+        Self::open_mode(storage, root, config, false)
+    }
+
+    /// Opens the data directory, for writing or (`read_only`) for inspection. Every step that
+    /// would change the disk is skipped read-only; what recovery decides is applied in memory
+    /// only.
+    fn open_mode(
+        storage: Arc<dyn Storage>,
+        root: &Path,
+        config: EmbeddedConfig,
+        read_only: bool,
+    ) -> Result<EmbeddedBackend, BackendError> {
         let topics_dir = root.join("topics");
-        let had_state = storage
-            .list(root)
-            .map(|names| names.iter().any(|n| n == "state.redb"))
-            .unwrap_or(false);
-        storage.create_dir_all(&topics_dir).map_err(|e| {
-            BackendError::new(
-                NAME,
-                BackendErrorKind::Fatal,
-                format!("creating the data directory {}: {e}", root.display()),
-            )
-            .with_source(e)
-        })?;
-        let lock_guard = match storage
-            .lock_dir(root)
-            .map_err(io_error("locking the data directory"))?
-        {
-            Some(g) => g,
-            None => {
-                return Err(BackendError::new(
-                    NAME,
-                    BackendErrorKind::Unavailable,
-                    format!(
-                        "data directory {} is in use by another process (or another backend in this one)",
-                        root.display()
-                    ),
-                ))
-            }
-        };
-        let logs_present = !storage
-            .list(&topics_dir)
-            .map_err(io_error("listing topics"))?
-            .is_empty();
-        if !had_state && logs_present {
-            return Err(corrupt(format!(
-                "{} holds topic logs but no state.redb; refusing to guess their state (restore state.redb or remove the topics directory)",
-                root.display()
-            )));
-        }
         let db_path = root.join("state.redb");
-        let db = guard_db(&db_path, root, || storage.open_db(&db_path))?;
-        // The new entries (topics/, state.redb) must survive a power loss too.
-        storage
-            .sync_dir(root)
-            .map_err(io_error("syncing the data directory"))?;
-        if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
-            let _ = storage.sync_dir(parent);
-        }
+        let (db, lock_guard, logs_present): (_, Box<dyn std::any::Any + Send + Sync>, _) =
+            if read_only {
+                let names = storage.list(root).map_err(|e| {
+                    BackendError::new(
+                        NAME,
+                        BackendErrorKind::Unavailable,
+                        format!("reading the data directory {}: {e}", root.display()),
+                    )
+                    .with_source(e)
+                })?;
+                let had_state = names.iter().any(|n| n == "state.redb");
+                let logs_present = match storage.list(&topics_dir) {
+                    Ok(names) => !names.is_empty(),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+                    Err(e) => return Err(io_error("listing topics")(e)),
+                };
+                if !had_state && logs_present {
+                    return Err(no_state(root));
+                }
+                // Without a state database there is nothing yet: an empty one, in memory.
+                let db = guard_db(&db_path, root, || {
+                    fs::open_db_copy(&*storage, &db_path, had_state)
+                })?;
+                (db, Box::new(()), logs_present)
+            } else {
+                let had_state = storage
+                    .list(root)
+                    .map(|names| names.iter().any(|n| n == "state.redb"))
+                    .unwrap_or(false);
+                storage.create_dir_all(&topics_dir).map_err(|e| {
+                    BackendError::new(
+                        NAME,
+                        BackendErrorKind::Fatal,
+                        format!("creating the data directory {}: {e}", root.display()),
+                    )
+                    .with_source(e)
+                })?;
+                let lock_guard = match storage
+                    .lock_dir(root)
+                    .map_err(io_error("locking the data directory"))?
+                {
+                    Some(g) => g,
+                    None => {
+                        return Err(BackendError::new(
+                            NAME,
+                            BackendErrorKind::Unavailable,
+                            format!(
+                                "data directory {} is in use by another process (or another \
+                                 backend in this one); `EmbeddedBackend::open_read_only` can \
+                                 inspect it meanwhile",
+                                root.display()
+                            ),
+                        ))
+                    }
+                };
+                let logs_present = !storage
+                    .list(&topics_dir)
+                    .map_err(io_error("listing topics"))?
+                    .is_empty();
+                if !had_state && logs_present {
+                    return Err(no_state(root));
+                }
+                let db = guard_db(&db_path, root, || storage.open_db(&db_path))?;
+                // The new entries (topics/, state.redb) must survive a power loss too.
+                storage
+                    .sync_dir(root)
+                    .map_err(io_error("syncing the data directory"))?;
+                if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    let _ = storage.sync_dir(parent);
+                }
+                (db, lock_guard, logs_present)
+            };
+        // This boot of the machine: a last session that crashed in the same one was killed, not
+        // cut off by a power loss (see `log`, "Recovery").
+        let boot = storage.boot_id();
         // Every offset the committed state refers to, per topic: the log must not hand any of
         // them out again (see `log`, "Offsets are never reused").
         let (loaded, referenced) = guard_db(&db_path, root, || {
-            let loaded = state::load(&db)?;
+            let loaded = state::load(&db, boot)?;
             let referenced = referenced_offsets(&db, &loaded)?;
             Ok((loaded, referenced))
         })?;
@@ -705,10 +891,14 @@ impl EmbeddedBackend {
         // Topic directories: open those the state knows, remove the rest (a crash between a
         // terminate's commit and the removal, or a creation that never committed).
         let mut logs = HashMap::new();
-        for name in storage
-            .list(&topics_dir)
-            .map_err(io_error("listing topics"))?
-        {
+        let mut damaged = BTreeMap::new();
+        let dirs = match logs_present {
+            true => storage
+                .list(&topics_dir)
+                .map_err(io_error("listing topics"))?,
+            false => Vec::new(),
+        };
+        for name in dirs {
             let known = name.rsplit_once('@').and_then(|(t, e)| {
                 let e: u64 = e.parse().ok()?;
                 loaded
@@ -725,10 +915,21 @@ impl EmbeddedBackend {
                         last: loaded.last_session,
                         referenced: referenced.get(&t).copied().unwrap_or(0),
                         repair: config.recovery == Recovery::CutDamagedTail,
+                        read_only,
+                        high_water: loaded.high_water.get(&name).copied(),
                     };
-                    let opened =
-                        TopicLog::open(storage.clone(), dir, log_config(loaded.gen), &ctx)?;
-                    logs.insert(t, (Arc::new(opened.log), opened.found_end));
+                    match TopicLog::open(storage.clone(), dir, log_config(loaded.gen), &ctx) {
+                        Ok(opened) => {
+                            logs.insert(t, (Arc::new(opened.log), opened.found_end));
+                        }
+                        Err(e) if read_only && e.kind == BackendErrorKind::Corrupt => {
+                            damaged.insert(t, e.message);
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                None if read_only => {
+                    tracing::debug!(dir = %dir.display(), "a topic directory the state does not know (left as it is: opened read-only)");
                 }
                 None => {
                     tracing::info!(dir = %dir.display(), "removing a topic directory the state does not know");
@@ -753,11 +954,20 @@ impl EmbeddedBackend {
         // Where each log's stored records ended before open skipped past offsets handed out.
         let mut found_ends = HashMap::new();
         for (name, rec) in &loaded.topics {
+            if damaged.contains_key(name) {
+                continue;
+            }
             let Some((log, found_end)) = logs.remove(name) else {
-                return Err(corrupt(format!(
+                let why = format!(
                     "topic {name:?} (generation {}) has no log directory",
                     rec.epoch
-                )));
+                );
+                // Read-only, that topic's info is the error; the others are served.
+                if read_only {
+                    damaged.insert(name.clone(), why);
+                    continue;
+                }
+                return Err(corrupt(why));
             };
             found_ends.insert(name.clone(), found_end);
             inner.topics.insert(
@@ -872,7 +1082,8 @@ impl EmbeddedBackend {
                 }
             }
             let known = referenced.get(t).copied().unwrap_or(0);
-            if known > found {
+            // Read-only, a running writer may be ahead of the snapshot: nothing to report.
+            if known > found && !read_only {
                 // Committed state refers to records the log no longer has. In sync mode that
                 // takes damage to synced data; in periodic mode a power loss can do it.
                 let periodic = matches!(
@@ -889,7 +1100,7 @@ impl EmbeddedBackend {
                 }
             }
         }
-        if recovered > 0 {
+        if recovered > 0 && !read_only {
             tracing::warn!(
                 messages = recovered,
                 "deliveries in flight at the last crash will be delivered again"
@@ -899,25 +1110,40 @@ impl EmbeddedBackend {
         inner.dirty.stopped.extend(dirty_stopped);
         inner.dirty.groups.extend(dirty_groups);
         inner.dirty.trim_spill.extend(trim_spill);
-        let (mut batch, _) = inner.snapshot();
-        // This session starts writing: until it closes cleanly, a later open must allow for
-        // torn writes of its `gen` (see `log`, "Recovery"). Recorded only now, after every log
-        // was recovered, so a failed open leaves the last writer's record in place.
-        let running = match config.durability {
-            Durability::Sync => state::SESSION_RUNNING_SYNC,
-            Durability::Periodic(_) => state::SESSION_RUNNING_PERIODIC,
-        };
-        batch.session = Some((u64::from(loaded.gen), running));
         let counters = Counters::default();
-        let trimmed = guard_db(&db_path, root, || {
-            let tx = db.begin_write().map_err(db_error)?;
-            let trimmed = state::apply(&tx, &batch)?;
-            tx.commit().map_err(db_error)?;
-            Ok(trimmed)
-        })?;
-        let evicted = inner.after_commit(&batch, &trimmed);
-        counters.rows_spilled.store(evicted, Ordering::Relaxed);
-        let (progress, _) = watch::channel(Progress::default());
+        if read_only {
+            // What recovery decided stays in memory: nothing is written.
+            inner.dirty = Dirty::default();
+        } else {
+            let (mut batch, _) = inner.snapshot();
+            // This session starts writing: until it closes cleanly, a later open must allow
+            // for torn writes of its `gen` (see `log`, "Recovery"). Recorded only now, after
+            // every log was recovered, so a failed open leaves the last writer's record in
+            // place.
+            let running = match config.durability {
+                Durability::Sync => state::SESSION_RUNNING_SYNC,
+                Durability::Periodic(_) => state::SESSION_RUNNING_PERIODIC,
+            };
+            batch.session = Some((u64::from(loaded.gen), running, boot.unwrap_or(0)));
+            let trimmed = guard_db(&db_path, root, || {
+                let tx = db.begin_write().map_err(db_error)?;
+                let trimmed = state::apply(&tx, &batch)?;
+                tx.commit().map_err(db_error)?;
+                Ok(trimmed)
+            })?;
+            let evicted = inner.after_commit(&batch, &trimmed);
+            counters.rows_spilled.store(evicted, Ordering::Relaxed);
+        }
+        // Read-only, nothing will ever be committed: anything queued by mistake fails at once,
+        // and nobody waits for a commit.
+        let (progress, _) = watch::channel(Progress {
+            stopped: read_only,
+            ..Progress::default()
+        });
+        let queue = Queue {
+            closed: read_only,
+            ..Queue::default()
+        };
         let shared = Arc::new(Shared {
             queue_space: Arc::new(Semaphore::new(config.max_queued)),
             queued_rounds: std::sync::atomic::AtomicUsize::new(0),
@@ -925,19 +1151,37 @@ impl EmbeddedBackend {
             config,
             root: root.to_owned(),
             storage,
-            db,
+            db: StateDb(Some(db)),
             gen: loaded.gen,
             inner: Mutex::new(inner),
-            queue: Mutex::new(Queue::default()),
+            queue: Mutex::new(queue),
             wake: Condvar::new(),
             progress,
             _lock: lock_guard,
+            read_only,
+            damaged,
         });
+        if read_only {
+            return Ok(EmbeddedBackend {
+                shared,
+                committer: Mutex::new(None),
+            });
+        }
         let committer = {
             let shared = shared.clone();
             std::thread::Builder::new()
-                .name("relq-committer".into())
-                .spawn(move || shared.run())
+                .name(COMMITTER.into())
+                .spawn(move || {
+                    // A panic anywhere in the writer poisons the engine; then (or on a normal
+                    // close) whatever is still queued is answered and nobody waits any more.
+                    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        shared.clone().run()
+                    }));
+                    if let Err(p) = run {
+                        shared.poison(&panicked_here(&*p));
+                    }
+                    shared.writer_stopped();
+                })
                 .map_err(io_error("starting the committer thread"))?
         };
         Ok(EmbeddedBackend {
@@ -990,7 +1234,15 @@ impl Drop for EmbeddedBackend {
             // The committer's last round synced everything written: record a clean close, so
             // the next open knows no write of this session can be torn. Not after a failure.
             if joined && lock(&self.shared.inner).poison.is_none() {
-                if let Err(e) = state::mark_closed(&self.shared.db, self.shared.gen) {
+                // Where each topic's records end, so the next open reads no further.
+                let high_water: Vec<(String, (u64, u64))> = lock(&self.shared.inner)
+                    .topics
+                    .iter()
+                    .map(|(t, ts)| (format!("{t}@{}", ts.epoch), ts.log.high_water()))
+                    .collect();
+                let closed =
+                    catch_db(|| state::mark_closed(&self.shared.db, self.shared.gen, &high_water));
+                if let Err(e) = closed {
                     tracing::warn!(error = %e, "could not record the clean close of the data directory");
                 }
             }
@@ -1077,15 +1329,94 @@ impl Shared {
         }
     }
 
+    /// The first check of every call that changes anything: fails at once when the directory
+    /// was opened read-only, or the engine is poisoned.
+    fn writable(&self) -> Result<(), BackendError> {
+        if self.read_only {
+            return Err(invalid(format!(
+                "the data directory {} was opened read-only (for inspection): publishing, \
+                 consuming, settling and every other change need `EmbeddedBackend::open`",
+                self.root.display()
+            )));
+        }
+        self.check()
+    }
+
     fn sync_mode(&self) -> bool {
         self.config.durability == Durability::Sync
     }
 
     fn submit(&self, op: Op) {
         let mut q = lock(&self.queue);
+        if q.closed {
+            drop(q);
+            op.fail(&self.closed_error());
+            return;
+        }
         q.ops.push(op);
         drop(q);
         self.wake.notify_one();
+    }
+
+    /// Why the engine no longer answers: its poison, or that it was closed.
+    fn closed_error(&self) -> BackendError {
+        self.check()
+            .err()
+            .unwrap_or_else(|| fatal("the engine was closed"))
+    }
+
+    /// The answer for a caller whose reply was dropped unanswered. That happens only when the
+    /// thread holding it panicked (or failed) before answering, and the poison is recorded only
+    /// once that thread has unwound: so wait for it (or for the committer's end) and answer with
+    /// it.
+    async fn lost_reply(&self) -> BackendError {
+        let mut rx = self.progress.subscribe();
+        let _ = rx.wait_for(|p| p.poisoned || p.stopped).await;
+        self.closed_error()
+    }
+
+    /// The committer thread ended: fails every operation still queued (and, through `closed`,
+    /// every one queued later), and tells the waiters that nothing more becomes durable.
+    fn writer_stopped(&self) {
+        let ops = {
+            let mut q = lock(&self.queue);
+            q.closed = true;
+            std::mem::take(&mut q.ops)
+        };
+        let e = self.closed_error();
+        for op in ops {
+            op.fail(&e);
+        }
+        self.progress.send_modify(|p| p.stopped = true);
+    }
+
+    /// Runs `f` (engine code in a caller's task), turning a panic in it into the poison of the
+    /// engine: the caller gets that error instead of the panic, and every later call fails with
+    /// it. (Were it to unwind into the caller, any state `f` changed halfway would stay behind
+    /// for the others.) Never call it with the engine lock held: poisoning takes it.
+    fn guarded<T>(&self, f: impl FnOnce() -> Result<T, BackendError>) -> Result<T, BackendError> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+            let e = panicked("engine code in a caller's task", &*p);
+            self.poison(&e);
+            Err(e)
+        })
+    }
+
+    /// Runs `f` under the engine lock, failing at once if the engine is poisoned; a panic in
+    /// `f` poisons it (see [`guarded`](Self::guarded)). The lock is released before poisoning,
+    /// and a lock left poisoned (in std's sense) by a panic is taken as it is (see [`lock`]),
+    /// so no later caller panics on it.
+    fn locked<T>(
+        &self,
+        f: impl FnOnce(&mut Inner) -> Result<T, BackendError>,
+    ) -> Result<T, BackendError> {
+        self.guarded(|| {
+            let mut inner = lock(&self.inner);
+            if let Some(p) = &inner.poison {
+                return Err(poisoned(p));
+            }
+            f(&mut inner)
+        })
     }
 
     /// Waits until the state change numbered `ticket` is durable (or at once in periodic mode).
@@ -1110,14 +1441,12 @@ impl Shared {
         }
         self.wake.notify_one();
         let mut rx = self.progress.subscribe();
-        let p = rx
-            .wait_for(|p| p.durable >= ticket || p.poisoned)
+        let p = *rx
+            .wait_for(|p| p.durable >= ticket || p.poisoned || p.stopped)
             .await
-            .map_err(|_| {
-                BackendError::new(NAME, BackendErrorKind::Fatal, "the engine was closed")
-            })?;
-        if p.poisoned && p.durable < ticket {
-            return Err(self.check().err().unwrap_or_else(|| poisoned("unknown")));
+            .map_err(|_| fatal("the engine was closed"))?;
+        if p.durable < ticket {
+            return Err(self.closed_error());
         }
         Ok(())
     }
@@ -1129,9 +1458,10 @@ impl Shared {
     ) -> Result<T, BackendError> {
         self.check()?;
         self.submit(op);
-        rx.await.map_err(|_| {
-            BackendError::new(NAME, BackendErrorKind::Fatal, "the engine was closed")
-        })?
+        match rx.await {
+            Ok(r) => r,
+            Err(_) => Err(self.lost_reply().await),
+        }
     }
 
     /// The writer thread: takes queued operations and appends them to the logs (page cache),
@@ -1146,8 +1476,17 @@ impl Shared {
         let syncer = {
             let shared = self.clone();
             std::thread::Builder::new()
-                .name("relq-syncer".into())
-                .spawn(move || shared.sync_loop(rounds))
+                .name(SYNCER.into())
+                .spawn(move || {
+                    // The batches in hand when it panics are dropped unanswered; their callers
+                    // wait for this poison (see `lost_reply`).
+                    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        shared.sync_loop(rounds)
+                    }));
+                    if let Err(p) = run {
+                        shared.poison(&panicked_here(&*p));
+                    }
+                })
         };
         let syncer = match syncer {
             Ok(t) => t,
@@ -1203,7 +1542,12 @@ impl Shared {
             let mut ops = ops.into_iter();
             let staged = match poison {
                 Some(p) => Err(poisoned(&p)),
-                None => ops.by_ref().try_for_each(|op| self.stage(op, &mut w)),
+                // A panic while staging fails the batch and poisons like an error (the op being
+                // staged is lost with its reply: its caller waits for the poison).
+                None => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    ops.by_ref().try_for_each(|op| self.stage(op, &mut w))
+                }))
+                .unwrap_or_else(|p| Err(panicked_here(&*p))),
             };
             match staged {
                 Ok(()) if interval.is_none() && self.queued_rounds.load(Ordering::Acquire) == 0 => {
@@ -1213,8 +1557,15 @@ impl Shared {
                 }
                 Ok(()) => {
                     self.queued_rounds.fetch_add(1, Ordering::AcqRel);
-                    if to_syncer.send(w).is_err() {
-                        return; // the syncer stopped: the engine is poisoned
+                    if let Err(std::sync::mpsc::SendError(w)) = to_syncer.send(w) {
+                        // The syncer ended (it panicked): once it has recorded why, fail this
+                        // batch with that and stop; the queue is failed as the thread ends.
+                        let _ = syncer.join();
+                        if lock(&self.inner).poison.is_none() {
+                            self.poison(&fatal("the relq-syncer thread stopped"));
+                        }
+                        w.fail(&self.closed_error());
+                        return;
                     }
                 }
                 Err(e) => {
@@ -1225,7 +1576,11 @@ impl Shared {
             }
             if shutdown {
                 drop(to_syncer);
-                let _ = syncer.join();
+                // The syncer catches its own panics and poisons; should one escape anyway, the
+                // last rounds may not have synced: poison, so no clean close is recorded.
+                if syncer.join().is_err() && lock(&self.inner).poison.is_none() {
+                    self.poison(&fatal("the relq-syncer thread stopped"));
+                }
                 return;
             }
         }
@@ -1244,16 +1599,20 @@ impl Shared {
     }
 
     /// Marks the engine failed: every later call errs until the directory is reopened.
+    /// Marks the engine failed: every later call errs until the directory is reopened. Every
+    /// waiter is woken to see it: reads waiting for messages, callers waiting for a commit or
+    /// for room in the queue.
     fn poison(&self, e: &BackendError) {
         tracing::error!(error = %e, "the embedded engine failed and is poisoned; reopen the data directory");
         let mut inner = lock(&self.inner);
         if inner.poison.is_none() {
-            inner.poison = Some(e.to_string());
+            inner.poison = Some(e.message.clone());
         }
         for t in inner.topics.values() {
             t.ready.notify_waiters();
         }
         drop(inner);
+        self.queue_space.close();
         self.progress.send_modify(|p| p.poisoned = true);
     }
 
@@ -1281,7 +1640,11 @@ impl Shared {
         let poison = lock(&self.inner).poison.clone();
         let result = match poison {
             Some(p) => Err(poisoned(&p)),
-            None => self.commit(&mut works, sync),
+            // A panic (in redb's commit, say) fails the round and poisons like an error.
+            None => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.commit(&mut works, sync)
+            }))
+            .unwrap_or_else(|p| Err(panicked_here(&*p))),
         };
         match result {
             Ok(()) => {
@@ -1324,12 +1687,14 @@ impl Shared {
         // there the log goes first.
         let replay = works.iter().any(|w| !w.replays.is_empty());
         // A new topic's record must be durable before its first publishes are acknowledged
-        // (open removes directories the state does not know).
+        // (open removes directories the state does not know), in periodic mode too: redb
+        // forgets a non-durable commit at a crash (or after a failed commit), and with it every
+        // publish to the topic. Likewise a terminate, whose directory goes once it committed.
         let structural = batch.next_epoch.is_some() || !batch.drop_topics.is_empty();
         let started = Instant::now();
         if batch.is_empty() || files.is_empty() || replay || structural {
             sync_all(&files)?;
-            self.commit_state(&batch, sync)?;
+            self.commit_state(&batch, sync || structural)?;
             self.check()?;
         } else {
             std::thread::scope(|s| {
@@ -1346,13 +1711,9 @@ impl Shared {
                     Ok(())
                 });
                 let state = self.commit_state(&batch, sync);
-                let logs = logs.join().unwrap_or_else(|_| {
-                    Err(BackendError::new(
-                        NAME,
-                        BackendErrorKind::Fatal,
-                        "a sync thread panicked",
-                    ))
-                });
+                let logs = logs
+                    .join()
+                    .unwrap_or_else(|p| Err(panicked("a log sync thread", &*p)));
                 logs.and(state)
             })?;
         }
@@ -1482,8 +1843,11 @@ impl Shared {
                 let n = msgs.len();
                 match log.append(msgs, Timestamp::now().0, &mut records) {
                     Ok(()) => {}
-                    // A full disk refuses this publish; the engine stays healthy.
-                    Err(e) if e.kind == BackendErrorKind::Full => {
+                    // A full disk, or a message the record format cannot hold, refuses this
+                    // publish before anything is written; the engine stays healthy.
+                    Err(e)
+                        if matches!(e.kind, BackendErrorKind::Full | BackendErrorKind::Invalid) =>
+                    {
                         let _ = reply.send(Err(e));
                         return Ok(());
                     }
@@ -1547,6 +1911,20 @@ impl Shared {
                     }
                 }
                 let msgs: Vec<Outgoing> = found.iter().map(|(_, dl)| replay_message(dl)).collect();
+                // A dead letter settled through the backend trait was never checked: one whose
+                // message the log cannot hold refuses the replay (nothing is written, the dead
+                // letters stay).
+                let unfit = found.iter().zip(&msgs).find_map(|((_, dl), m)| {
+                    codec::check(&m.kind, &m.headers, m.payload.len(), m.deliver_at.is_some())
+                        .err()
+                        .map(|why| (dl.id, why))
+                });
+                if let Some((id, why)) = unfit {
+                    let _ = reply.send(Err(invalid(format!(
+                        "dead letter {id} cannot be replayed: {why}; nothing was replayed"
+                    ))));
+                    return Ok(());
+                }
                 let mut records = Vec::with_capacity(msgs.len());
                 log.append(msgs, Timestamp::now().0, &mut records)?;
                 // The copies are durable before the dead letters' removal can commit, so a
@@ -1629,23 +2007,17 @@ impl Shared {
         sub: &Subscription,
         f: impl FnOnce(&mut Inner) -> Result<T, BackendError>,
     ) -> Result<T, BackendError> {
-        let mut inner = lock(&self.inner);
-        if let Some(p) = &inner.poison {
-            return Err(poisoned(p));
-        }
-        match inner.topics.get(&sub.topic) {
-            Some(t) if t.epoch == sub.epoch && t.groups.contains_key(&sub.group) => f(&mut inner),
+        self.locked(|inner| match inner.topics.get(&sub.topic) {
+            Some(t) if t.epoch == sub.epoch && t.groups.contains_key(&sub.group) => f(inner),
             _ => Err(terminated(&sub.topic)),
-        }
+        })
     }
 }
 
 fn poisoned(p: &str) -> BackendError {
-    BackendError::new(
-        NAME,
-        BackendErrorKind::Fatal,
-        format!("the engine stopped after a storage failure and must be reopened: {p}"),
-    )
+    fatal(format!(
+        "the engine stopped after a failure and must be reopened: {p}"
+    ))
 }
 
 /// fdatasyncs the files, in parallel when there are several.
@@ -1660,9 +2032,7 @@ fn sync_all(files: &[Arc<dyn StorageFile>]) -> Result<(), BackendError> {
                 .collect();
             for h in handles {
                 h.join()
-                    .map_err(|_| {
-                        BackendError::new(NAME, BackendErrorKind::Fatal, "a sync thread panicked")
-                    })?
+                    .map_err(|p| panicked("a log sync thread", &*p))?
                     .map_err(io_error("syncing a segment"))?;
             }
             Ok(())
@@ -1805,6 +2175,16 @@ impl GroupOps<'_> {
             if g.cursor < start {
                 g.cursor = start;
                 g.raise_floor(start);
+                moved = true;
+            }
+            // A cursor at or in a gap (offsets skipped after damage, never stored) moves past
+            // it: a read from there returns the records after the gap, which must be taken as
+            // the records at the cursor (a prefetch would never match it otherwise).
+            let past = log.past_gaps(g.cursor);
+            if past > g.cursor {
+                let from = g.cursor;
+                g.mark_range_done(from, past);
+                g.cursor = past;
                 moved = true;
             }
             let cursor = g.cursor;
@@ -2076,7 +2456,7 @@ impl Shared {
         f: impl FnOnce(&mut GroupOps<'_>) -> Result<T, BackendError>,
     ) -> Result<(T, u64), BackendError> {
         self.with_group(sub, |inner| {
-            let Inner { topics, dirty, .. } = inner;
+            let Inner { topics, dirty, .. } = &mut *inner;
             let ts = topics.get_mut(&sub.topic).expect("checked");
             let mut ops = GroupOps {
                 topic: &sub.topic,
@@ -2104,20 +2484,21 @@ impl Backend for EmbeddedBackend {
         topic: &str,
         batch: Vec<Outgoing>,
     ) -> Result<Vec<MessageId>, BackendError> {
+        let s = &self.shared;
+        s.writable()?;
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let s = &self.shared;
-        s.check()?;
+        // The trait is public: what reaches the committer must be storable, whoever calls.
+        for (i, m) in batch.iter().enumerate() {
+            validate_outgoing(i, batch.len(), m)?;
+        }
         let n = u32::try_from(batch.len().min(s.config.max_queued)).unwrap_or(u32::MAX);
-        let permit = s
-            .queue_space
-            .clone()
-            .acquire_many_owned(n)
-            .await
-            .map_err(|_| {
-                BackendError::new(NAME, BackendErrorKind::Fatal, "the engine was closed")
-            })?;
+        // Closed when the engine is poisoned: a publisher waiting for room hears it at once.
+        let permit = match s.queue_space.clone().acquire_many_owned(n).await {
+            Ok(p) => p,
+            Err(_) => return Err(s.closed_error()),
+        };
         let (reply, rx) = oneshot::channel();
         s.call(
             Op::Publish {
@@ -2139,7 +2520,7 @@ impl Backend for EmbeddedBackend {
         start: StartPosition,
     ) -> Result<Subscription, BackendError> {
         let s = &self.shared;
-        s.check()?;
+        s.writable()?;
         let exists = lock(&s.inner).topics.contains_key(topic);
         if !exists {
             let (reply, rx) = oneshot::channel();
@@ -2169,7 +2550,7 @@ impl Backend for EmbeddedBackend {
                 }
             };
             if let Some((epoch, log, begin)) = new_group {
-                let (cursor, cursor_ms) = blocking(move || {
+                let (cursor, cursor_ms) = blocking(s, move || {
                     let cursor = start_offset(&log, begin, start)?;
                     let cursor_ms = match cursor.checked_sub(1) {
                         Some(prev) => log.get(prev)?.map_or(0, |r| r.ms),
@@ -2243,10 +2624,11 @@ impl Backend for EmbeddedBackend {
         after: MessageId,
         max: usize,
     ) -> Result<Vec<Delivery>, BackendError> {
+        self.shared.writable()?;
         let min = if after == MessageId::ZERO {
             0
         } else {
-            after.seq + 1
+            after.seq.saturating_add(1)
         };
         self.redeliver(sub, max, |o, p, _| o >= min && p.consumer == sub.consumer)
             .await
@@ -2258,6 +2640,7 @@ impl Backend for EmbeddedBackend {
         min_idle: Duration,
         max: usize,
     ) -> Result<Vec<Delivery>, BackendError> {
+        self.shared.writable()?;
         self.redeliver(sub, max, |_, p, now| now.since(p.delivered_at) >= min_idle)
             .await
     }
@@ -2268,14 +2651,14 @@ impl Backend for EmbeddedBackend {
         max: usize,
         wait: Duration,
     ) -> Result<Vec<Delivery>, BackendError> {
+        self.shared.writable()?;
         let deadline = crate::model::instant_after(tokio::time::Instant::now(), wait);
-        let ready = {
-            let inner = lock(&self.shared.inner);
-            match inner.topics.get(&sub.topic) {
-                Some(t) if t.epoch == sub.epoch => t.ready.clone(),
-                _ => return Err(terminated(&sub.topic)),
-            }
-        };
+        let ready = self
+            .shared
+            .locked(|inner| match inner.topics.get(&sub.topic) {
+                Some(t) if t.epoch == sub.epoch => Ok(t.ready.clone()),
+                _ => Err(terminated(&sub.topic)),
+            })?;
         let mut pre = Prefetch::default();
         let mut allow_io = false;
         // Set when a pass took nothing and left many changed rows uncommitted: the next pass
@@ -2337,6 +2720,7 @@ impl Backend for EmbeddedBackend {
     }
 
     async fn settle(&self, sub: &Subscription, batch: &[Settlement]) -> Result<(), BackendError> {
+        self.shared.writable()?;
         let now = Timestamp::now();
         let (retried, ticket) = self.shared.group_ops(sub, |ops| {
             let mut retried = false;
@@ -2360,12 +2744,12 @@ impl Backend for EmbeddedBackend {
 
     async fn stop_message(&self, topic: &str, id: MessageId) -> Result<bool, BackendError> {
         let s = &self.shared;
-        s.check()?;
-        let ticket = {
-            let mut inner = lock(&s.inner);
+        s.writable()?;
+        // Reads the state database under the lock (a spilled row): see `locked`.
+        let ticket = s.locked(|inner| {
             let Inner { topics, dirty, .. } = &mut *inner;
             let Some(ts) = topics.get_mut(topic) else {
-                return Ok(false);
+                return Ok(None);
             };
             let o = id.seq;
             ts.stopped.insert(o, id.ms);
@@ -2397,7 +2781,10 @@ impl Backend for EmbeddedBackend {
                     dirty.rows.insert((topic.to_owned(), g.clone(), o));
                 }
             }
-            inner.touch()
+            Ok(Some(inner.touch()))
+        })?;
+        let Some(ticket) = ticket else {
+            return Ok(false);
         };
         s.durable(ticket).await?;
         Ok(true)
@@ -2405,7 +2792,7 @@ impl Backend for EmbeddedBackend {
 
     async fn resume_message(&self, topic: &str, id: MessageId) -> Result<bool, BackendError> {
         let s = &self.shared;
-        s.check()?;
+        s.writable()?;
         let (was, ticket) = {
             let mut inner = lock(&s.inner);
             let Inner { topics, dirty, .. } = &mut *inner;
@@ -2433,6 +2820,7 @@ impl Backend for EmbeddedBackend {
     }
 
     async fn terminate(&self, topic: &str) -> Result<bool, BackendError> {
+        self.shared.writable()?;
         let (reply, rx) = oneshot::channel();
         self.shared
             .call(
@@ -2451,14 +2839,15 @@ impl Backend for EmbeddedBackend {
         retention: &Retention,
     ) -> Result<CleanupReport, BackendError> {
         let s = &self.shared;
-        s.check()?;
+        s.writable()?;
         let mut report = CleanupReport::default();
         let cutoff = Timestamp::now().minus(retention.min_age);
-        let (log, new_start, ticket) = {
-            let mut inner = lock(&s.inner);
+        // Reads the log and the state database under the lock: `locked` keeps a panic there
+        // from reaching this task with the engine half-changed.
+        let moved = s.locked(|inner| {
             let Inner { topics, dirty, .. } = &mut *inner;
             let Some(ts) = topics.get_mut(topic) else {
-                return Ok(report);
+                return Ok(None);
             };
             let end = ts.log.visible();
             let old = ts.start;
@@ -2490,14 +2879,18 @@ impl Backend for EmbeddedBackend {
                 }
                 start = lo;
             }
-            report.removed = start - old;
+            // A start in a gap (offsets skipped after damage) is the first stored offset after
+            // it; counts are of stored records, never of skipped offsets.
+            start = ts.log.past_gaps(start).min(end).max(old);
+            report.removed = ts.log.stored_between(old, start);
             if let Some(max_len) = retention.max_len {
-                let trim_to = end.saturating_sub(max_len);
+                // The offset from which `max_len` stored records remain (gaps hold none).
+                let trim_to = ts.log.past_gaps(ts.log.keeping(end, max_len)).min(end);
                 if trim_to > start {
                     let needed = needed.unwrap_or(end);
                     let acked_end = needed.clamp(start, trim_to);
-                    report.removed += acked_end - start;
-                    report.trimmed_unacknowledged += trim_to - acked_end;
+                    report.removed += ts.log.stored_between(start, acked_end);
+                    report.trimmed_unacknowledged += ts.log.stored_between(acked_end, trim_to);
                     start = trim_to;
                     for (g, gs) in ts.groups.iter_mut() {
                         let doomed: Vec<u64> =
@@ -2519,12 +2912,15 @@ impl Backend for EmbeddedBackend {
                 }
             }
             if start == old {
-                return Ok(report);
+                return Ok(None);
             }
             ts.start = start;
             dirty.topics.insert(topic.to_owned());
             let log = ts.log.clone();
-            (log, start, inner.touch())
+            Ok(Some((log, start, inner.touch())))
+        })?;
+        let Some((log, new_start, ticket)) = moved else {
+            return Ok(report);
         };
         s.durable_synced(ticket).await?;
         // The new start is durable: whole segments below it can go.
@@ -2533,18 +2929,24 @@ impl Backend for EmbeddedBackend {
     }
 
     async fn topics(&self) -> Result<Vec<String>, BackendError> {
-        self.shared.check()?;
-        let mut names: Vec<String> = lock(&self.shared.inner).topics.keys().cloned().collect();
+        let s = &self.shared;
+        let mut names: Vec<String> =
+            s.locked(|inner| Ok(inner.topics.keys().cloned().collect()))?;
+        // Read-only: topics whose log could not be opened are listed too (their info is the
+        // error).
+        names.extend(s.damaged.keys().cloned());
         names.sort();
         Ok(names)
     }
 
     async fn topic_info(&self, topic: &str) -> Result<Option<TopicInfo>, BackendError> {
-        self.shared.check()?;
+        if let Some(why) = self.shared.damaged.get(topic) {
+            self.shared.check()?;
+            return Err(corrupt(why.clone()));
+        }
         // Counts under the engine lock; the ids that need a record are looked up after it is
         // released (they may be on disk, and a metrics scrape must not stall the engine).
-        let (mut info, log, start, end, cursors) = {
-            let inner = lock(&self.shared.inner);
+        let counted = self.shared.locked(|inner| {
             let Some(t) = inner.topics.get(topic) else {
                 return Ok(None);
             };
@@ -2590,9 +2992,12 @@ impl Backend for EmbeddedBackend {
                     .collect(),
                 dead_letters: t.dead_count,
             };
-            (info, t.log.clone(), t.start, end, cursors)
+            Ok(Some((info, t.log.clone(), t.start, end, cursors)))
+        })?;
+        let Some((mut info, log, start, end, cursors)) = counted else {
+            return Ok(None);
         };
-        let (first, last, cursors) = blocking(move || {
+        let (first, last, cursors) = blocking(&self.shared, move || {
             let id_of = |o: u64| -> Result<Option<MessageId>, BackendError> {
                 Ok(log.get(o)?.map(|r| MessageId::new(r.ms, r.offset)))
             };
@@ -2632,14 +3037,19 @@ impl Backend for EmbeddedBackend {
         topic: &str,
         query: &DeadLetterQuery,
     ) -> Result<Vec<DeadLetter>, BackendError> {
-        self.shared.check()?;
+        let s = &self.shared;
+        s.check()?;
         let mut out = Vec::new();
         let limit = query.page_size();
-        state::scan_dead(&self.shared.db, topic, query.after, |dl| {
-            if query.matches(&dl) {
-                out.push(dl);
-            }
-            out.len() < limit
+        // redb may panic on a damaged page rather than report it: that poisons, never reaches
+        // the caller as a panic.
+        s.guarded(|| {
+            state::scan_dead(&s.db, topic, query.after, |dl| {
+                if query.matches(&dl) {
+                    out.push(dl);
+                }
+                out.len() < limit
+            })
         })?;
         Ok(out)
     }
@@ -2649,8 +3059,9 @@ impl Backend for EmbeddedBackend {
         topic: &str,
         id: DeadLetterId,
     ) -> Result<Option<DeadLetter>, BackendError> {
-        self.shared.check()?;
-        state::get_dead(&self.shared.db, topic, id)
+        let s = &self.shared;
+        s.check()?;
+        s.guarded(|| state::get_dead(&s.db, topic, id))
     }
 
     async fn replay_dead_letters(
@@ -2658,6 +3069,7 @@ impl Backend for EmbeddedBackend {
         topic: &str,
         ids: &[DeadLetterId],
     ) -> Result<Vec<(DeadLetterId, MessageId)>, BackendError> {
+        self.shared.writable()?;
         let (reply, rx) = oneshot::channel();
         self.shared
             .call(
@@ -2676,6 +3088,7 @@ impl Backend for EmbeddedBackend {
         topic: &str,
         ids: &[DeadLetterId],
     ) -> Result<u64, BackendError> {
+        self.shared.writable()?;
         let (reply, rx) = oneshot::channel();
         self.shared
             .call(
@@ -2694,6 +3107,7 @@ impl Backend for EmbeddedBackend {
         topic: &str,
         before: Timestamp,
     ) -> Result<u64, BackendError> {
+        self.shared.writable()?;
         let (reply, rx) = oneshot::channel();
         self.shared
             .call(
@@ -2708,11 +3122,14 @@ impl Backend for EmbeddedBackend {
     }
 
     async fn dead_letter_stats(&self, topic: &str) -> Result<DeadLetterStats, BackendError> {
-        self.shared.check()?;
+        let s = &self.shared;
+        s.check()?;
         let mut stats = DeadLetterStats::default();
-        state::scan_dead(&self.shared.db, topic, None, |dl| {
-            stats.add(&dl);
-            true
+        s.guarded(|| {
+            state::scan_dead(&s.db, topic, None, |dl| {
+                stats.add(&dl);
+                true
+            })
         })?;
         Ok(stats)
     }
@@ -2742,16 +3159,20 @@ struct Taken {
 }
 
 /// Runs `f` (reads of segment files) on tokio's blocking pool.
+/// A panic there poisons the engine like one on its own threads.
 async fn blocking<T: Send + 'static>(
+    shared: &Shared,
     f: impl FnOnce() -> Result<T, BackendError> + Send + 'static,
 ) -> Result<T, BackendError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| {
-        BackendError::new(
-            NAME,
-            BackendErrorKind::Fatal,
-            format!("reading the log failed: {e}"),
-        )
-    })?
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r,
+        Err(e) if e.is_panic() => {
+            let e = panicked("a read of the log (on the blocking pool)", &*e.into_panic());
+            shared.poison(&e);
+            Err(e)
+        }
+        Err(e) => Err(fatal(format!("reading the log failed: {e}"))),
+    }
 }
 
 /// Records a read needs that are not in memory, read from the segment files without holding the
@@ -2791,7 +3212,7 @@ impl EmbeddedBackend {
                 .collect();
             Ok((ts.log.clone(), g.cursor.max(ts.start), g.hint, due))
         })?;
-        blocking(move || {
+        blocking(&self.shared, move || {
             let mut pre = Prefetch::default();
             for o in due {
                 pre.rows.insert(o, log.get(o)?);
@@ -2831,7 +3252,7 @@ impl EmbeddedBackend {
         })?;
         let mut pre = HashMap::new();
         if !on_disk.is_empty() {
-            pre = blocking(move || {
+            pre = blocking(&self.shared, move || {
                 on_disk
                     .into_iter()
                     .map(|o| Ok((o, log.get(o)?)))

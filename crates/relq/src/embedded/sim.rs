@@ -14,7 +14,8 @@
 //! - A removed file stays readable through handles already open, until the next crash.
 //! - A failed sync (see [`SimFs::fail_next_sync`]) leaves the writes pending: a crash may still
 //!   drop them, a later successful sync makes them durable.
-//! - The switches ([`SimFs::set_sync_disabled`], [`SimFs::fail_next_sync`]) outlive a crash.
+//! - The switches ([`SimFs::set_sync_disabled`], [`SimFs::fail_next_sync`],
+//!   [`SimFs::panic_next`]) outlive a crash.
 #![allow(dead_code)] // a test utility: not every test uses every helper
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -29,6 +30,22 @@ use super::fs::{Storage, StorageFile};
 const SECTOR: usize = 512;
 /// The root directory's id.
 const ROOT: u64 = 0;
+
+/// A storage call [`SimFs::panic_next`] can make panic: of a log file, of the state database's
+/// file (`Db*`), or a directory sync.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PanicAt {
+    Write,
+    Sync,
+    Read,
+    DbWrite,
+    DbSync,
+    DbRead,
+    SyncDir,
+}
+
+/// The message of an injected panic.
+pub(crate) const INJECTED_PANIC: &str = "injected panic (simulated)";
 
 /// An unsynced change to a file.
 #[derive(Clone, Debug)]
@@ -71,6 +88,16 @@ struct State {
     fail_next_sync: bool,
     /// When set, preallocating a file fails with "no space left" (a full disk).
     disk_full: bool,
+    /// The next call of this kind panics.
+    panic_next: Option<PanicAt>,
+    /// When set, `sync_data` of files other than the state database succeeds without making
+    /// anything durable (the state database and directories still sync).
+    log_sync_disabled: bool,
+    /// The simulated machine's boot: a power loss ([`SimFs::crash`]) reboots it, a process kill
+    /// ([`SimFs::kill`]) does not.
+    boot: u64,
+    /// The last write to a log file (not the state database): its inode and length.
+    last_log_write: Option<(u64, usize)>,
 }
 
 impl State {
@@ -224,6 +251,10 @@ impl SimFs {
             sync_disabled: false,
             fail_next_sync: false,
             disk_full: false,
+            panic_next: None,
+            log_sync_disabled: false,
+            boot: 1,
+            last_log_write: None,
         };
         SimFs {
             state: Arc::new(Mutex::new(state)),
@@ -241,6 +272,13 @@ impl SimFs {
         self.lock().sync_disabled = disabled;
     }
 
+    /// When set, `sync_data` of the log segments succeeds without making anything durable, while
+    /// the state database and directories still sync: a crash can then lose acknowledged records
+    /// the (intact) state database refers to.
+    pub(crate) fn set_log_sync_disabled(&self, disabled: bool) {
+        self.lock().log_sync_disabled = disabled;
+    }
+
     /// Makes the next `sync_data` on any file (log segment or database) fail.
     pub(crate) fn fail_next_sync(&self) {
         self.lock().fail_next_sync = true;
@@ -251,6 +289,28 @@ impl SimFs {
         let (m, cv) = &*self.reads_paused;
         *m.lock().unwrap_or_else(|e| e.into_inner()) = paused;
         cv.notify_all();
+    }
+
+    /// Makes the next storage call of kind `at` panic (a bug, or a library that panics on what
+    /// it reads), on whichever thread makes it.
+    pub(crate) fn panic_next(&self, at: PanicAt) {
+        self.lock().panic_next = Some(at);
+    }
+
+    /// Panics if the next call of kind `at` was asked to (the state lock is released first, so
+    /// the file system stays usable).
+    fn maybe_panic(&self, at: PanicAt) {
+        let armed = {
+            let mut st = self.lock();
+            let armed = st.panic_next == Some(at);
+            if armed {
+                st.panic_next = None;
+            }
+            armed
+        };
+        if armed {
+            panic!("{INJECTED_PANIC}: {at:?}");
+        }
     }
 
     /// Makes every later preallocation fail as on a full disk (until set back).
@@ -278,8 +338,10 @@ impl SimFs {
 
     /// Opens (creating it, empty, when missing) `path` as a redb storage backend.
     pub(crate) fn redb_file(&self, path: &Path) -> io::Result<SimRedbFile> {
+        let mut file = self.open_file(path, true)?;
+        file.db = true;
         Ok(SimRedbFile {
-            file: self.open_file(path, true)?,
+            file,
             path: path.to_path_buf(),
         })
     }
@@ -334,6 +396,90 @@ impl SimFs {
         st.dirs.retain(|id, _| live_dirs.contains(id));
         st.files.retain(|id, _| live_files.contains(id));
         st.epoch += 1;
+        st.boot += 1;
+    }
+
+    /// The process is killed (kill -9), the machine stays up: the page cache survives, so every
+    /// write and directory change made so far stays, synced or not; open handles go stale (the
+    /// engine must reopen); the boot id does not change. With `mid_write`, the last write to a
+    /// log file was still being copied when the kill landed (Linux stops a write between pages
+    /// when a fatal signal is pending): only its part up to a 4 KiB page boundary of the file
+    /// is kept (the first boundary after its start; all of it when it does not cross one, less
+    /// its last byte).
+    pub(crate) fn kill(&self, mid_write: bool) {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let last = mid_write
+            .then_some(st.last_log_write)
+            .flatten()
+            .filter(|(ino, _)| st.files.contains_key(ino));
+        if let Some((ino, n)) = last {
+            let f = st.files.get_mut(&ino).expect("checked");
+            // The last write of this file: cut it at the first page boundary after its start.
+            if let Some(Op::Write { pos, data }) = f
+                .pending
+                .iter_mut()
+                .rev()
+                .find(|op| matches!(op, Op::Write { .. }))
+            {
+                if data.len() == n {
+                    let keep = ((*pos / 4096 + 1) * 4096 - *pos) as usize;
+                    data.truncate(keep.min(n.saturating_sub(1)));
+                }
+            }
+            let durable = f.durable.clone();
+            let pending = std::mem::take(&mut f.pending);
+            let mut out = durable;
+            for op in &pending {
+                match op {
+                    Op::Write { pos, data } => apply_write(&mut out, *pos, data),
+                    Op::SetLen(len) => out.resize(*len as usize, 0),
+                }
+            }
+            f.visible.clone_from(&out);
+            f.durable = out;
+        }
+        // Everything else the page cache holds survives as it is (it reaches the disk later).
+        for f in st.files.values_mut() {
+            if !f.pending.is_empty() {
+                f.durable.clone_from(&f.visible);
+                f.pending.clear();
+            }
+        }
+        for d in st.dirs.values_mut() {
+            d.durable.clone_from(&d.visible);
+        }
+        st.last_log_write = None;
+        st.epoch += 1;
+    }
+
+    /// Overwrites bytes of the file at `path` on the disk itself (a bad sector, a stray write):
+    /// durable at once, whatever was pending there stays pending.
+    pub(crate) fn damage(&self, path: &Path, pos: u64, bytes: &[u8]) -> io::Result<()> {
+        let mut st = self.lock();
+        let (parent, name) = st.parent_of(path)?;
+        let Some(Entry::File(ino)) = st.dir(parent).visible.get(&name).copied() else {
+            return Err(error(io::ErrorKind::NotFound, path, "no such file"));
+        };
+        let f = st.files.get_mut(&ino).expect("a linked file exists");
+        apply_write(&mut f.durable, pos, bytes);
+        apply_write(&mut f.visible, pos, bytes);
+        Ok(())
+    }
+
+    /// The content of the file at `path` as the engine reads it now.
+    pub(crate) fn read_file(&self, path: &Path) -> io::Result<Vec<u8>> {
+        let st = self.lock();
+        let (parent, name) = st.parent_of(path)?;
+        let Some(Entry::File(ino)) = st.dir(parent).visible.get(&name).copied() else {
+            return Err(error(io::ErrorKind::NotFound, path, "no such file"));
+        };
+        Ok(st.files[&ino].visible.clone())
+    }
+
+    /// The simulated machine's boot id (changed by every power loss).
+    pub(crate) fn boot(&self) -> u64 {
+        self.lock().boot
     }
 
     fn open_file(&self, path: &Path, create: bool) -> io::Result<SimFile> {
@@ -357,6 +503,7 @@ impl SimFs {
             fs: self.clone(),
             ino,
             epoch: st.epoch,
+            db: false,
         })
     }
 
@@ -429,6 +576,7 @@ impl Storage for SimFs {
     }
 
     fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        self.maybe_panic(PanicAt::SyncDir);
         let mut st = self.lock();
         let id = st.find_dir(path, &components(path)?)?;
         if st.sync_disabled {
@@ -452,6 +600,10 @@ impl Storage for SimFs {
         // One simulated machine, one engine at a time: the tests hold it by construction.
         Ok(Some(Box::new(())))
     }
+
+    fn boot_id(&self) -> Option<u64> {
+        Some(self.boot())
+    }
 }
 
 /// An open file of a [`SimFs`]; stale once the file system crashes.
@@ -459,9 +611,16 @@ struct SimFile {
     fs: SimFs,
     ino: u64,
     epoch: u64,
+    /// The state database's file (for [`PanicAt`]).
+    db: bool,
 }
 
 impl SimFile {
+    /// Panics if the next call of this kind, on this kind of file, was asked to.
+    fn maybe_panic(&self, log: PanicAt, db: PanicAt) {
+        self.fs.maybe_panic(if self.db { db } else { log });
+    }
+
     fn inode<'a>(&self, st: &'a mut State) -> io::Result<&'a mut Inode> {
         if st.epoch != self.epoch {
             return Err(stale());
@@ -484,6 +643,7 @@ impl SimFile {
 
 impl StorageFile for SimFile {
     fn read_at(&self, buf: &mut [u8], pos: u64) -> io::Result<usize> {
+        self.maybe_panic(PanicAt::Read, PanicAt::DbRead);
         {
             let (m, cv) = &*self.fs.reads_paused;
             let mut paused = m.lock().unwrap_or_else(|e| e.into_inner());
@@ -504,6 +664,7 @@ impl StorageFile for SimFile {
     }
 
     fn write_at(&self, buf: &[u8], pos: u64) -> io::Result<()> {
+        self.maybe_panic(PanicAt::Write, PanicAt::DbWrite);
         let mut st = self.fs.lock();
         let f = self.inode(&mut st)?;
         if !buf.is_empty() {
@@ -512,11 +673,15 @@ impl StorageFile for SimFile {
                 pos,
                 data: buf.to_vec(),
             });
+            if !self.db {
+                st.last_log_write = Some((self.ino, buf.len()));
+            }
         }
         Ok(())
     }
 
     fn sync_data(&self) -> io::Result<()> {
+        self.maybe_panic(PanicAt::Sync, PanicAt::DbSync);
         let mut st = self.fs.lock();
         if st.epoch != self.epoch {
             return Err(stale());
@@ -525,7 +690,7 @@ impl StorageFile for SimFile {
             st.fail_next_sync = false;
             return Err(io::Error::other("injected sync failure (simulated)"));
         }
-        if st.sync_disabled {
+        if st.sync_disabled || (st.log_sync_disabled && !self.db) {
             return Ok(());
         }
         let f = self.inode(&mut st)?;

@@ -4,7 +4,8 @@
 //!
 //! | table | key | value |
 //! |---|---|---|
-//! | `meta` | name | u64 (`next_epoch`, `gen`, `format`, `session_gen`, `session_end`) |
+//! | `meta` | name | u64 (`next_epoch`, `gen`, `format`, `session_gen`, `session_end`, `session_boot`) |
+//! | `high_water` | topic directory name (`<topic>@<epoch>`) | (active segment's base, end of its records), written at a clean close |
 //! | `topics` | topic | [`TopicRecord`] (JSON) |
 //! | `groups` | (topic, group) | [`GroupRecord`] (binary: cursor, floor, done ranges) |
 //! | `rows` | (topic, group, offset) | [`Row`] (JSON: due, deliveries, failures, parked) |
@@ -53,6 +54,14 @@ pub(crate) const SESSION_RUNNING_SYNC: u64 = 0;
 pub(crate) const SESSION_RUNNING_PERIODIC: u64 = 1;
 /// It closed after its final sync.
 pub(crate) const SESSION_CLOSED: u64 = 2;
+/// `meta` key: the boot id (see [`Storage::boot_id`](super::fs::Storage::boot_id)) of the machine
+/// that session ran on; 0 or absent when unknown.
+pub(crate) const SESSION_BOOT: &str = "session_boot";
+/// Per topic directory, where a session that closed cleanly left its active segment: (its base
+/// offset, the position after its last record). Open scans that segment only up to there (see
+/// `log`, "Recovery"). Replaced at every clean close; trusted only when the last session closed.
+pub(crate) const HIGH_WATER: TableDefinition<'_, &str, (u64, u64)> =
+    TableDefinition::new("high_water");
 
 /// Sorts after every valid name (names use `[A-Za-z0-9_.-]`).
 pub(crate) const NAME_MAX: &str = "~";
@@ -184,6 +193,9 @@ pub(crate) struct Loaded {
     pub(crate) gen: u32,
     /// How the last session that wrote ended (recorded by this build; `Unknown` before).
     pub(crate) last_session: LastSession,
+    /// Where the last session left each topic's active segment, when it closed cleanly:
+    /// directory name -> (segment base, end of its records).
+    pub(crate) high_water: BTreeMap<String, (u64, u64)>,
     pub(crate) topics: BTreeMap<String, TopicRecord>,
     pub(crate) groups: BTreeMap<(String, String), GroupRecord>,
     pub(crate) rows: BTreeMap<(String, String, u64), Row>,
@@ -196,13 +208,16 @@ pub(crate) struct Loaded {
 /// rows all live in `rows`, which this build reads as well.
 const FORMAT: u64 = 2;
 
-/// Creates missing tables, checks the format, bumps `gen` and loads the state.
-pub(crate) fn load(db: &redb::Database) -> Result<Loaded, BackendError> {
+/// Creates missing tables, checks the format, bumps `gen` and loads the state. `boot` is this
+/// machine's boot id (see [`Storage::boot_id`](super::fs::Storage::boot_id)), to tell whether
+/// the last session ended by a power loss.
+pub(crate) fn load(db: &redb::Database, boot: Option<u64>) -> Result<Loaded, BackendError> {
     let tx = db.begin_write().map_err(db_error)?;
     let mut out = Loaded {
         next_epoch: 0,
         gen: 0,
         last_session: LastSession::Unknown,
+        high_water: BTreeMap::new(),
         topics: BTreeMap::new(),
         groups: BTreeMap::new(),
         rows: BTreeMap::new(),
@@ -237,14 +252,30 @@ pub(crate) fn load(db: &redb::Database) -> Result<Loaded, BackendError> {
         // open that fails halfway leaves the verdict on the last writer's data unchanged.
         let session_gen = meta.get(SESSION_GEN).map_err(db_error)?.map(|v| v.value());
         let session_end = meta.get(SESSION_END).map_err(db_error)?.map(|v| v.value());
+        let session_boot = meta
+            .get(SESSION_BOOT)
+            .map_err(db_error)?
+            .map(|v| v.value())
+            .filter(|b| *b != 0);
         out.last_session = match (session_gen, session_end) {
             (Some(_), Some(SESSION_CLOSED)) => LastSession::Clean,
             (Some(g), Some(end)) => LastSession::Crashed {
                 gen: u32::try_from(g).map_err(|_| corrupt(format!("session gen {g}")))?,
                 sync: end == SESSION_RUNNING_SYNC,
+                same_boot: match (session_boot, boot) {
+                    (Some(a), Some(b)) => Some(a == b),
+                    _ => None,
+                },
             },
             _ => LastSession::Unknown,
         };
+        if out.last_session == LastSession::Clean {
+            let hw = tx.open_table(HIGH_WATER).map_err(db_error)?;
+            for e in hw.iter().map_err(db_error)? {
+                let (k, v) = e.map_err(db_error)?;
+                out.high_water.insert(k.value().to_owned(), v.value());
+            }
+        }
         let topics = tx.open_table(TOPICS).map_err(db_error)?;
         for e in topics.iter().map_err(db_error)? {
             let (k, v) = e.map_err(db_error)?;
@@ -481,8 +512,8 @@ pub(crate) struct Batch {
     pub(crate) trim_spill: Vec<SpillRange>,
     pub(crate) stopped: Vec<((String, u64), Option<u64>)>,
     pub(crate) dead: Vec<(DeadKey, Option<Vec<u8>>)>,
-    /// This session's `gen` and `SESSION_*` state, recorded by open.
-    pub(crate) session: Option<(u64, u64)>,
+    /// This session's `gen`, `SESSION_*` state and boot id (0: unknown), recorded by open.
+    pub(crate) session: Option<(u64, u64, u64)>,
 }
 
 impl Batch {
@@ -579,10 +610,11 @@ pub(crate) fn apply(tx: &redb::WriteTransaction, batch: &Batch) -> Result<Vec<u6
         let mut meta = tx.open_table(META).map_err(db_error)?;
         meta.insert("next_epoch", n).map_err(db_error)?;
     }
-    if let Some((gen, end)) = batch.session {
+    if let Some((gen, end, boot)) = batch.session {
         let mut meta = tx.open_table(META).map_err(db_error)?;
         meta.insert(SESSION_GEN, gen).map_err(db_error)?;
         meta.insert(SESSION_END, end).map_err(db_error)?;
+        meta.insert(SESSION_BOOT, boot).map_err(db_error)?;
     }
     for (k, v) in &batch.topics {
         match v {
@@ -678,14 +710,25 @@ pub(crate) fn verify_unloaded(db: &redb::Database) -> Result<Vec<String>, Backen
     Ok(out)
 }
 
-/// Records that the session of `gen` closed after its final sync: nothing it wrote is torn.
-pub(crate) fn mark_closed(db: &redb::Database, gen: u32) -> Result<(), BackendError> {
+/// Records that the session of `gen` closed after its final sync: nothing it wrote is torn;
+/// and where it left each topic's active segment (`high_water`: directory name -> (segment
+/// base, end of its records)), in the same transaction.
+pub(crate) fn mark_closed(
+    db: &redb::Database,
+    gen: u32,
+    high_water: &[(String, (u64, u64))],
+) -> Result<(), BackendError> {
     let tx = db.begin_write().map_err(db_error)?;
     {
         let mut meta = tx.open_table(META).map_err(db_error)?;
         // Only this session's own record (one process holds the directory at a time).
         if meta.get(SESSION_GEN).map_err(db_error)?.map(|v| v.value()) == Some(u64::from(gen)) {
             meta.insert(SESSION_END, SESSION_CLOSED).map_err(db_error)?;
+            let mut hw = tx.open_table(HIGH_WATER).map_err(db_error)?;
+            hw.retain(|_, _| false).map_err(db_error)?;
+            for (dir, at) in high_water {
+                hw.insert(dir.as_str(), *at).map_err(db_error)?;
+            }
         }
     }
     tx.commit().map_err(db_error)
@@ -847,7 +890,7 @@ mod db_tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let db = redb::Database::create(dir.join("s.redb")).unwrap();
-        load(&db).unwrap();
+        load(&db, None).unwrap();
         let now = crate::Timestamp(1000);
         let dl = DeadLetter {
             id: MessageId::new(5, 0),
