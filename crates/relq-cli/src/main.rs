@@ -337,6 +337,23 @@ async fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
+    // A panic (say, inside the state database's library on a damaged file) is usually caught
+    // and reported as an error that carries its message; the default hook would also print a
+    // backtrace meant for developers. One line on stderr instead, the details at debug level.
+    std::panic::set_hook(Box::new(|info| {
+        let location = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".to_owned());
+        eprintln!("relq: internal panic{location}: {message}");
+        tracing::debug!(backtrace = %std::backtrace::Backtrace::force_capture(), "panic");
+    }));
     let cli = Cli::parse();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
