@@ -24,13 +24,15 @@ fn fresh_dir() -> std::path::PathBuf {
     dir
 }
 
+/// The `relq` binary with `args`, run in `dir` without a `RELQ_URL` from the environment.
+fn relq_cmd(dir: &std::path::Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_relq"));
+    cmd.args(args).current_dir(dir).env_remove("RELQ_URL");
+    cmd
+}
+
 fn relq_in(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_relq"))
-        .args(args)
-        .current_dir(dir)
-        .env_remove("RELQ_URL")
-        .output()
-        .expect("run relq")
+    relq_cmd(dir, args).output().expect("run relq")
 }
 
 #[test]
@@ -271,16 +273,16 @@ fn consume_killed_with_sigkill_loses_nothing() {
     use std::io::{BufRead, BufReader};
     let dir = fresh_dir();
     publish_many(&dir, "orders", 200);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_relq"))
-        .args([
+    let mut child = relq_cmd(
+        &dir,
+        &[
             "--json", "consume", "orders", "--group", "g", "--name", "w1", "--idle", "60s",
-        ])
-        .current_dir(&dir)
-        .env_remove("RELQ_URL")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .unwrap();
+        ],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::inherit())
+    .spawn()
+    .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let first = lines.next().expect("a line").unwrap();
     child.kill().unwrap();
@@ -309,15 +311,16 @@ fn consume_shuts_down_gracefully_on_sigterm_and_sigint() {
     let dir = fresh_dir();
     publish_many(&dir, "orders", 2);
     for signal in ["TERM", "INT"] {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_relq"))
-            .args(["--json", "consume", "orders", "--idle", "60s"])
-            .args(["--group", signal])
-            .current_dir(&dir)
-            .env_remove("RELQ_URL")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = relq_cmd(
+            &dir,
+            &[
+                "--json", "consume", "orders", "--idle", "60s", "--group", signal,
+            ],
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         for _ in 0..2 {
             lines.next().expect("a printed message").unwrap();
@@ -424,10 +427,7 @@ fn publish_reads_the_payload_from_a_file_or_stdin() {
         &dir,
         &["publish", "blobs", "blob", "--file", "payload.bin"],
     ));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_relq"))
-        .args(["publish", "blobs", "text", "-"])
-        .current_dir(&dir)
-        .env_remove("RELQ_URL")
+    let mut child = relq_cmd(&dir, &["publish", "blobs", "text", "-"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -520,10 +520,7 @@ fn consume_exits_4_when_its_topic_is_terminated() {
         &dir,
         &["--url", &url, "publish", "doomed", "job", "x"],
     ));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_relq"))
-        .args(["--url", &url, "consume", "doomed", "--idle", "60s"])
-        .current_dir(&dir)
-        .env_remove("RELQ_URL")
+    let mut child = relq_cmd(&dir, &["--url", &url, "consume", "doomed", "--idle", "60s"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -671,10 +668,7 @@ fn warnings_are_shown_by_default_without_colour_codes() {
 fn demo_stops_gracefully_on_sigint() {
     use std::io::Read;
     let dir = fresh_dir();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_relq"))
-        .args(["--json", "demo", "--messages", "10000000"])
-        .current_dir(&dir)
-        .env_remove("RELQ_URL")
+    let mut child = relq_cmd(&dir, &["--json", "demo", "--messages", "10000000"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -872,15 +866,15 @@ fn publish_reads_json_lines() {
     use std::io::Write;
     let dir = fresh_dir();
     let run = |input: String| {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_relq"))
-            .args(["--json", "publish", "jobs", "--jsonl", "--batch", "7"])
-            .current_dir(&dir)
-            .env_remove("RELQ_URL")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = relq_cmd(
+            &dir,
+            &["--json", "publish", "jobs", "--jsonl", "--batch", "7"],
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
         child
             .stdin
             .take()
@@ -1003,12 +997,9 @@ fn configuration_files_environment_and_flags() {
     );
 
     let show = |extra: &[(&str, &str)], args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_relq"))
-            .args(["--json", "--config", "relq.toml"])
+        let out = relq_cmd(&dir, &["--json", "--config", "relq.toml"])
             .args(args)
             .args(["config", "show"])
-            .current_dir(&dir)
-            .env_remove("RELQ_URL")
             .envs(extra.iter().copied())
             .output()
             .unwrap();
@@ -1055,16 +1046,16 @@ fn inspection_works_on_a_data_directory_another_process_holds() {
     let dir = fresh_dir();
     publish_many(&dir, "orders", 3);
     dead_letters(&dir, "failing", 2);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_relq"))
-        .args([
+    let mut child = relq_cmd(
+        &dir,
+        &[
             "--json", "consume", "orders", "--group", "g", "--idle", "60s",
-        ])
-        .current_dir(&dir)
-        .env_remove("RELQ_URL")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+        ],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     lines.next().expect("the consumer runs").unwrap();
     let out = relq_in(&dir, &["--json", "info", "orders"]);
