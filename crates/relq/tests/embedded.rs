@@ -1238,3 +1238,26 @@ async fn max_len_retention_counts_stored_records_across_a_gap() {
     assert_eq!((r.removed, r.trimmed_unacknowledged), (0, 100), "{r:?}");
     assert_eq!(b.topic_info("t").await.unwrap().unwrap().length, len - 100);
 }
+
+/// A gap marker or a segment file naming an offset near `u64::MAX` (damage, or a file someone
+/// put there) is refused as corruption at open, never trusted: offsets would otherwise wrap
+/// and be handed out again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn implausible_offsets_in_file_names_are_refused_as_corruption() {
+    for name in [
+        format!("{:020}-{:020}.gap", 0, u64::MAX),
+        format!("{:020}.seg", u64::MAX),
+    ] {
+        let dir = TempDir::new("huge-offset");
+        {
+            let b = open(&dir);
+            publish(&b, "t", 3, 8).await;
+        }
+        let topic = segments(&dir)[0].parent().unwrap().to_path_buf();
+        std::fs::write(topic.join(&name), b"").unwrap();
+        match EmbeddedBackend::open_with(dir.path(), small()) {
+            Err(e) => assert_eq!(e.kind, relq::BackendErrorKind::Corrupt, "{name}: {e}"),
+            Ok(_) => panic!("{name}: an implausible offset was accepted"),
+        }
+    }
+}
