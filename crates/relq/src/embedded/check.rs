@@ -196,7 +196,7 @@ fn read_state(
         let referenced = referenced_offsets(&db, &loaded)?;
         let mut spill_max = BTreeMap::new();
         for (t, g) in loaded.groups.keys() {
-            if let Some(o) = state::spilled_max_offset(&db, t, g)? {
+            if let Some(o) = state::spilled_offset(&db, t, g, true)? {
                 spill_max.insert((t.clone(), g.clone()), o);
             }
         }

@@ -139,18 +139,23 @@ impl Storage for RealFs {
     }
 }
 
+/// Reads into `buf` from `pos` until it is full or the file ends; returns the bytes read.
+fn read_full(file: &std::fs::File, buf: &mut [u8], pos: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], pos + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
 impl StorageFile for RealFile {
     fn read_at(&self, buf: &mut [u8], pos: u64) -> io::Result<usize> {
-        let mut done = 0;
-        while done < buf.len() {
-            match self.0.read_at(&mut buf[done..], pos + done as u64) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(done)
+        read_full(&self.0, buf, pos)
     }
 
     fn write_at(&self, buf: &[u8], pos: u64) -> io::Result<()> {
@@ -234,16 +239,7 @@ impl Storage for ReadOnlyFs {
 
 impl StorageFile for ReadOnlyFile {
     fn read_at(&self, buf: &mut [u8], pos: u64) -> io::Result<usize> {
-        let mut done = 0;
-        while done < buf.len() {
-            match self.0.read_at(&mut buf[done..], pos + done as u64) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(done)
+        read_full(&self.0, buf, pos)
     }
 
     fn write_at(&self, _buf: &[u8], _pos: u64) -> io::Result<()> {

@@ -700,7 +700,7 @@ fn referenced_offsets(
     for ((t, g), rec) in &loaded.groups {
         let done = rec.done.iter().map(|(_, b)| *b).max().unwrap_or(0);
         raise(t, rec.cursor.max(rec.floor).max(done));
-        if let Some(o) = state::spilled_max_offset(db, t, g)? {
+        if let Some(o) = state::spilled_offset(db, t, g, true)? {
             raise(t, o.saturating_add(1));
         }
     }
@@ -2856,7 +2856,7 @@ impl Backend for EmbeddedBackend {
             for (g, gs) in &ts.groups {
                 // Spilled rows still in memory (their spill not yet committed) are among `rows`;
                 // the committed ones are looked up (one lookup, not trusting the count).
-                let spilled = state::spilled_min_offset(&s.db, topic, g)?;
+                let spilled = state::spilled_offset(&s.db, topic, g, false)?;
                 needs.push(gs.needs_from(spilled));
             }
             let needed = needs

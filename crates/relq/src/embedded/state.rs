@@ -420,31 +420,22 @@ pub(crate) fn spilled_row(
     }
 }
 
-/// The highest offset among `t`/`g`'s spilled rows.
-pub(crate) fn spilled_max_offset(
+/// The highest (or, with `highest` false, the lowest) offset among `t`/`g`'s spilled rows.
+pub(crate) fn spilled_offset(
     db: &redb::Database,
     t: &str,
     g: &str,
+    highest: bool,
 ) -> Result<Option<u64>, BackendError> {
     let tx = db.begin_read().map_err(db_error)?;
     let at = tx.open_table(SPILL_AT).map_err(db_error)?;
     let mut range = at.range((t, g, 0)..=(t, g, u64::MAX)).map_err(db_error)?;
-    match range.next_back() {
-        Some(e) => Ok(Some(e.map_err(db_error)?.0.value().2)),
-        None => Ok(None),
-    }
-}
-
-/// The lowest offset among `t`/`g`'s spilled rows.
-pub(crate) fn spilled_min_offset(
-    db: &redb::Database,
-    t: &str,
-    g: &str,
-) -> Result<Option<u64>, BackendError> {
-    let tx = db.begin_read().map_err(db_error)?;
-    let at = tx.open_table(SPILL_AT).map_err(db_error)?;
-    let mut range = at.range((t, g, 0)..=(t, g, u64::MAX)).map_err(db_error)?;
-    match range.next() {
+    let edge = if highest {
+        range.next_back()
+    } else {
+        range.next()
+    };
+    match edge {
         Some(e) => Ok(Some(e.map_err(db_error)?.0.value().2)),
         None => Ok(None),
     }
