@@ -5,8 +5,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use relq::{
-    Backoff, BatchConfig, Broker, DeadLetterQuery, Delivery, Error, FailureKind, HandlerError,
-    Message, MessageId, NewMessage, Retention, Settlement, StartPosition, StopReason, Timestamp,
+    Backoff, BatchConfig, Broker, Browse, DeadLetterQuery, Delivery, Error, FailureKind,
+    HandlerError, Message, MessageId, NewMessage, Retention, Settlement, StartPosition, StopReason,
+    Timestamp,
 };
 
 use crate::wait_until;
@@ -647,6 +648,106 @@ pub async fn stopped_message_is_held_then_resumed(b: Broker) {
         Err(Error::NotFound(_))
     ));
     c.shutdown(LONG).await;
+}
+
+/// Browsing pages through a topic's stored messages in both directions without creating a group
+/// or changing anything; a message is found by id; a group reports its oldest pending and oldest
+/// unread ids.
+pub async fn browse_pages_without_a_group_and_groups_report_their_oldest(b: Broker) {
+    let topic = unique("browse");
+    let ids = publish_n(&b, &topic, 25).await;
+    let page_ids = |page: &[Message]| page.iter().map(|m| m.id).collect::<Vec<_>>();
+
+    // Oldest first, in pages of 10.
+    let mut seen = Vec::new();
+    let mut q = Browse::oldest().limit(10);
+    loop {
+        let page = b.browse(&topic, &q).await.unwrap();
+        assert!(page.len() <= 10);
+        let Some(last) = page.last() else { break };
+        q = q.after(last.id);
+        seen.extend(page_ids(&page));
+    }
+    assert_eq!(seen, ids, "every message once, in id order");
+    // Newest first, in pages of 7.
+    let mut seen = Vec::new();
+    let mut q = Browse::newest().limit(7);
+    loop {
+        let page = b.browse(&topic, &q).await.unwrap();
+        let Some(last) = page.last() else { break };
+        q = q.before(last.id);
+        seen.extend(page_ids(&page));
+    }
+    let mut reversed = ids.clone();
+    reversed.reverse();
+    assert_eq!(seen, reversed, "every message once, newest first");
+    // A window between two ids, both ends exclusive, from either end.
+    let window = Browse::oldest().after(ids[4]).before(ids[9]);
+    assert_eq!(
+        page_ids(&b.browse(&topic, &window).await.unwrap()),
+        ids[5..9]
+    );
+    let newest = Browse::newest().after(ids[4]).before(ids[9]).limit(2);
+    assert_eq!(
+        page_ids(&b.browse(&topic, &newest).await.unwrap()),
+        vec![ids[8], ids[7]]
+    );
+    let empty = Browse::oldest().after(ids[9]).before(ids[4]);
+    assert!(b.browse(&topic, &empty).await.unwrap().is_empty());
+    let m = &b.browse(&topic, &Browse::oldest().limit(1)).await.unwrap()[0];
+    assert_eq!(
+        (m.kind.as_str(), &m.payload[..], m.attempt),
+        ("job", &b"m0"[..], 0)
+    );
+
+    // By id.
+    for i in [0, 13, 24] {
+        let m = b.message(&topic, ids[i]).await.unwrap();
+        assert_eq!(
+            (m.id, m.payload.clone()),
+            (ids[i], bytes::Bytes::from(format!("m{i}")))
+        );
+    }
+    let missing = MessageId::new(ids[24].ms + 1, 0);
+    assert!(matches!(
+        b.message(&topic, missing).await,
+        Err(Error::NotFound(relq::NotFound::Message { .. }))
+    ));
+    assert!(matches!(
+        b.browse("no-such-topic", &Browse::oldest()).await,
+        Err(Error::NotFound(relq::NotFound::Topic(_)))
+    ));
+    let info = b.topic_info(&topic).await.unwrap();
+    assert!(info.groups.is_empty(), "browsing creates no group");
+
+    // A group that read 3 of 25: the oldest pending is the first, the oldest unread the fourth.
+    let sub = b
+        .backend()
+        .join(&topic, "g", "c1", StartPosition::Earliest)
+        .await
+        .unwrap();
+    let got = b.backend().read(&sub, 3, ms(100)).await.unwrap();
+    assert_eq!(got.len(), 3);
+    let g = &b.topic_info(&topic).await.unwrap().groups[0];
+    assert_eq!(
+        (g.oldest_pending, g.oldest_unread),
+        (Some(ids[0]), Some(ids[3]))
+    );
+    b.backend()
+        .settle(&sub, &[Settlement::Ack(ids[0])])
+        .await
+        .unwrap();
+    let g = &b.topic_info(&topic).await.unwrap().groups[0];
+    assert_eq!(g.oldest_pending, Some(ids[1]));
+    let mut rest = Vec::new();
+    while rest.len() < 22 {
+        rest.extend(b.backend().read(&sub, 22, ms(100)).await.unwrap());
+    }
+    let mut acks: Vec<Settlement> = rest.iter().map(|d| Settlement::Ack(d.message.id)).collect();
+    acks.extend([Settlement::Ack(ids[1]), Settlement::Ack(ids[2])]);
+    b.backend().settle(&sub, &acks).await.unwrap();
+    let g = &b.topic_info(&topic).await.unwrap().groups[0];
+    assert_eq!((g.oldest_pending, g.oldest_unread), (None, None));
 }
 
 /// Terminate removes everything, running consumers stop by themselves with the reason, and the

@@ -209,6 +209,64 @@ pub struct CleanupReport {
     pub trimmed_unacknowledged: u64,
 }
 
+/// Which stored messages [`Backend::browse`] returns: a page of a topic's messages read without
+/// a group (nothing is delivered or changed), in id order.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Browse {
+    /// Only ids greater than this.
+    pub after: Option<MessageId>,
+    /// Only ids smaller than this.
+    pub before: Option<MessageId>,
+    /// Page size; 0 means 100, and at most [`Browse::MAX_LIMIT`].
+    pub limit: usize,
+    /// Newest first (down from `before`) instead of oldest first (up from `after`).
+    pub newest_first: bool,
+}
+
+impl Browse {
+    /// The largest page.
+    pub const MAX_LIMIT: usize = 1000;
+
+    /// The oldest messages first.
+    pub fn oldest() -> Browse {
+        Browse::default()
+    }
+    /// The newest messages first.
+    pub fn newest() -> Browse {
+        Browse {
+            newest_first: true,
+            ..Browse::default()
+        }
+    }
+    /// Only ids greater than `id`.
+    pub fn after(mut self, id: MessageId) -> Browse {
+        self.after = Some(id);
+        self
+    }
+    /// Only ids smaller than `id`.
+    pub fn before(mut self, id: MessageId) -> Browse {
+        self.before = Some(id);
+        self
+    }
+    /// Sets the page size.
+    pub fn limit(mut self, limit: usize) -> Browse {
+        self.limit = limit;
+        self
+    }
+    /// The page size to use: `limit`, 100 when 0, capped at [`Browse::MAX_LIMIT`].
+    pub fn page_size(&self) -> usize {
+        match self.limit {
+            0 => 100,
+            n => n.min(Self::MAX_LIMIT),
+        }
+    }
+    /// Whether `id` is inside the bounds.
+    pub fn contains(&self, id: MessageId) -> bool {
+        self.after.is_none_or(|a| id > a) && self.before.is_none_or(|b| id < b)
+    }
+}
+
 /// One consumer of a group.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
@@ -239,6 +297,10 @@ pub struct GroupInfo {
     pub parked: u64,
     /// Its consumers.
     pub consumers: Vec<ConsumerInfo>,
+    /// The smallest id delivered and not settled (its `ms` is when it was published).
+    pub oldest_pending: Option<MessageId>,
+    /// The first id the group has not read yet, when there is one.
+    pub oldest_unread: Option<MessageId>,
 }
 
 /// A topic's state.
@@ -287,6 +349,8 @@ impl GroupInfo {
             scheduled: 0,
             parked: 0,
             consumers: Vec::new(),
+            oldest_pending: None,
+            oldest_unread: None,
         }
     }
 }
@@ -393,6 +457,14 @@ pub trait Backend: Send + Sync + 'static {
         topic: &str,
         retention: &Retention,
     ) -> Result<CleanupReport, BackendError>;
+
+    /// A page of `topic`'s stored messages, read without a group (see [`Browse`]); `None` if the
+    /// topic does not exist. Each message's `attempt` is 0.
+    async fn browse(
+        &self,
+        topic: &str,
+        query: &Browse,
+    ) -> Result<Option<Vec<Message>>, BackendError>;
 
     /// The names of all topics.
     async fn topics(&self) -> Result<Vec<String>, BackendError>;

@@ -4,15 +4,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::analysis::{self, FailureGroup, SharedSuggestions, Suggestion, Suggestions};
-use crate::backend::{Backend, CleanupReport, Retention, TopicInfo};
+use crate::backend::{Backend, Browse, CleanupReport, Retention, TopicInfo};
 use crate::consumer::{ConsumerBuilder, ConsumerDefaults};
 use crate::dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
 use crate::embedded::EmbeddedBackend;
 use crate::error::{BackendError, BackendErrorKind, Error, NotFound, Result};
 use crate::memory::MemoryBackend;
 use crate::model::{
-    validate_headers, validate_kind, validate_name, MessageId, NewMessage, Outgoing, Timestamp,
-    RESERVED_HEADER_PREFIX,
+    validate_headers, validate_kind, validate_name, Message, MessageId, NewMessage, Outgoing,
+    Timestamp, RESERVED_HEADER_PREFIX,
 };
 
 /// Largest payload accepted by default: 1 MiB.
@@ -335,6 +335,40 @@ impl Broker {
             .topic_info(topic)
             .await?
             .ok_or_else(|| Error::NotFound(NotFound::Topic(topic.to_owned())))
+    }
+
+    /// A page of `topic`'s stored messages, read without joining a group: nothing is delivered
+    /// or changed. Page on with `query.after(last.id)` (or `before` when newest first).
+    ///
+    /// # Errors
+    /// The topic does not exist, or the backend failed.
+    pub async fn browse(&self, topic: &str, query: &Browse) -> Result<Vec<Message>> {
+        validate_name("topic", topic)?;
+        self.backend
+            .browse(topic, query)
+            .await?
+            .ok_or_else(|| Error::NotFound(NotFound::Topic(topic.to_owned())))
+    }
+
+    /// One stored message of `topic` by id.
+    ///
+    /// # Errors
+    /// The topic or the message does not exist (any more), or the backend failed.
+    pub async fn message(&self, topic: &str, id: MessageId) -> Result<Message> {
+        // The newest message below the id just above it (ids order by (ms, seq) everywhere; the
+        // embedded engine reads only `seq`, its offset).
+        let above = match id.seq.checked_add(1) {
+            Some(seq) => MessageId::new(id.ms, seq),
+            None => MessageId::new(id.ms.saturating_add(1), 0),
+        };
+        let query = Browse::newest().before(above).limit(1);
+        match self.browse(topic, &query).await?.into_iter().next() {
+            Some(m) if m.id == id => Ok(m),
+            _ => Err(Error::NotFound(NotFound::Message {
+                topic: topic.to_owned(),
+                id,
+            })),
+        }
     }
 
     /// The dead letters of `topic`.

@@ -206,6 +206,13 @@ pub enum NotFound {
         /// The dead letter's id.
         id: crate::DeadLetterId,
     },
+    /// No stored message with this id in the topic (never published, or removed by retention).
+    Message {
+        /// The topic.
+        topic: String,
+        /// The message id.
+        id: crate::MessageId,
+    },
 }
 
 impl std::fmt::Display for NotFound {
@@ -216,6 +223,13 @@ impl std::fmt::Display for NotFound {
                 write!(
                     f,
                     "dead letter {id} in topic {:?}",
+                    crate::model::shorten(topic)
+                )
+            }
+            NotFound::Message { topic, id } => {
+                write!(
+                    f,
+                    "message {id} in topic {:?}",
                     crate::model::shorten(topic)
                 )
             }

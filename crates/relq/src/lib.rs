@@ -65,8 +65,8 @@ mod retry;
 
 pub use analysis::{fingerprint, FailureGroup, ReplayOutlook, Suggestion, Suggestions};
 pub use backend::{
-    replay_headers, AttemptFailure, Backend, CleanupReport, ConsumerInfo, Delivery, FailureKind,
-    GroupInfo, Retention, Settlement, Subscription, TopicInfo,
+    replay_headers, AttemptFailure, Backend, Browse, CleanupReport, ConsumerInfo, Delivery,
+    FailureKind, GroupInfo, Retention, Settlement, Subscription, TopicInfo,
 };
 pub use broker::{
     Broker, CleanupTask, DeadLetters, DEFAULT_DEAD_LETTER_RETENTION, DEFAULT_MAX_PAYLOAD,

@@ -21,8 +21,8 @@ use async_trait::async_trait;
 use tokio::sync::Notify;
 
 use crate::backend::{
-    replay_message, AttemptFailure, Backend, CleanupReport, ConsumerInfo, Delivery, GroupInfo,
-    Retention, Settlement, Subscription, TopicInfo,
+    replay_message, AttemptFailure, Backend, Browse, CleanupReport, ConsumerInfo, Delivery,
+    GroupInfo, Retention, Settlement, Subscription, TopicInfo,
 };
 use crate::dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
 use crate::error::{BackendError, BackendErrorKind, ConfigError, Limit};
@@ -745,6 +745,15 @@ impl Backend for MemoryBackend {
                     scheduled: g.scheduled.len() as u64,
                     parked: g.parked.len() as u64,
                     consumers,
+                    oldest_pending: g.pending.keys().next().copied(),
+                    oldest_unread: t
+                        .messages
+                        .range((
+                            std::ops::Bound::Excluded(g.cursor),
+                            std::ops::Bound::Unbounded,
+                        ))
+                        .next()
+                        .map(|(id, _)| *id),
                 }
             })
             .collect();
@@ -757,6 +766,37 @@ impl Backend for MemoryBackend {
             stopped: t.stopped.iter().copied().collect(),
             dead_letters: t.dead.len() as u64,
         }))
+    }
+
+    async fn browse(
+        &self,
+        topic: &str,
+        query: &Browse,
+    ) -> Result<Option<Vec<Message>>, BackendError> {
+        let state = self.lock();
+        let Some(t) = state.topics.get(topic) else {
+            return Ok(None);
+        };
+        let lo = query
+            .after
+            .map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
+        let hi = query
+            .before
+            .map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
+        if query.after.is_some() && query.before.is_some() && query.after >= query.before {
+            return Ok(Some(Vec::new()));
+        }
+        let range = t.messages.range((lo, hi)).map(|(id, _)| *id);
+        let ids: Vec<MessageId> = if query.newest_first {
+            range.rev().take(query.page_size()).collect()
+        } else {
+            range.take(query.page_size()).collect()
+        };
+        Ok(Some(
+            ids.into_iter()
+                .filter_map(|id| message_of(&t.messages, id, 0))
+                .collect(),
+        ))
     }
 
     async fn dead_letters(

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use relq::{
-    Backend, BackendError, BackendErrorKind, Broker, CleanupReport, DeadLetter, DeadLetterId,
-    DeadLetterQuery, DeadLetterStats, Delivery, MemoryBackend, Message, MessageId, NewMessage,
-    Outgoing, Retention, Settlement, StartPosition, Subscription, Timestamp, TopicInfo,
+    Backend, BackendError, BackendErrorKind, Broker, Browse, CleanupReport, DeadLetter,
+    DeadLetterId, DeadLetterQuery, DeadLetterStats, Delivery, MemoryBackend, Message, MessageId,
+    NewMessage, Outgoing, Retention, Settlement, StartPosition, Subscription, Timestamp, TopicInfo,
 };
 
 /// The in-memory backend, whose `settle` can be switched to fail as unavailable, and whose next
@@ -115,6 +115,9 @@ impl Backend for Flaky {
     }
     async fn cleanup(&self, t: &str, r: &Retention) -> Result<CleanupReport, BackendError> {
         self.inner.cleanup(t, r).await
+    }
+    async fn browse(&self, t: &str, q: &Browse) -> Result<Option<Vec<Message>>, BackendError> {
+        self.inner.browse(t, q).await
     }
     async fn topics(&self) -> Result<Vec<String>, BackendError> {
         self.inner.topics().await

@@ -80,7 +80,7 @@ use self::group::{GroupState, Pending};
 use self::log::{LogConfig, ReadHint, TopicLog};
 use self::state::{Batch, DeadKey, Row, RowKey, SpillRange, TopicRecord};
 use crate::backend::{
-    replay_message, Backend, CleanupReport, ConsumerInfo, Delivery, GroupInfo, Retention,
+    replay_message, Backend, Browse, CleanupReport, ConsumerInfo, Delivery, GroupInfo, Retention,
     Settlement, Subscription, TopicInfo,
 };
 use crate::dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
@@ -2928,6 +2928,64 @@ impl Backend for EmbeddedBackend {
         Ok(report)
     }
 
+    async fn browse(
+        &self,
+        topic: &str,
+        query: &Browse,
+    ) -> Result<Option<Vec<Message>>, BackendError> {
+        if let Some(why) = self.shared.damaged.get(topic) {
+            self.shared.check()?;
+            return Err(corrupt(why.clone()));
+        }
+        let found = self.shared.locked(|inner| {
+            Ok(inner
+                .topics
+                .get(topic)
+                .map(|t| (t.log.clone(), t.start, t.log.visible())))
+        })?;
+        let Some((log, start, end)) = found else {
+            return Ok(None);
+        };
+        // Message ids carry their offset in `seq`.
+        let lo = query
+            .after
+            .map_or(start, |a| a.seq.saturating_add(1).max(start));
+        let hi = query.before.map_or(end, |b| b.seq.min(end));
+        let max = query.page_size();
+        let newest_first = query.newest_first;
+        let records = blocking(&self.shared, move || {
+            let mut out: Vec<Arc<Record>> = Vec::new();
+            if lo >= hi {
+                return Ok(out);
+            }
+            if !newest_first {
+                out = log.read(lo, max, &mut None)?;
+                out.retain(|r| r.offset >= lo && r.offset < hi);
+                return Ok(out);
+            }
+            // Newest first: windows read forward, from the top down, skipping gaps.
+            let mut top = hi;
+            while out.len() < max {
+                let Some(below) = log.stored_before(top) else {
+                    break;
+                };
+                if below < lo {
+                    break;
+                }
+                let want = (max - out.len()) as u64;
+                let from = (below + 1).saturating_sub(want).max(lo);
+                let mut window = log.read(from, (below + 1 - from) as usize, &mut None)?;
+                window.retain(|r| r.offset >= from && r.offset <= below);
+                out.extend(window.into_iter().rev());
+                top = from;
+            }
+            out.truncate(max);
+            Ok(out)
+        })
+        .await?;
+        Ok(Some(records.iter().map(|r| message_of(r, 0)).collect()))
+    }
+
     async fn topics(&self) -> Result<Vec<String>, BackendError> {
         let s = &self.shared;
         let mut names: Vec<String> =
@@ -2958,6 +3016,18 @@ impl Backend for EmbeddedBackend {
                 .values()
                 .map(|g| g.cursor.checked_sub(1).map(|o| (o, g.cursor_ms)))
                 .collect();
+            // Per group: its oldest pending offset, and where its unread records start.
+            let edges: Vec<(Option<u64>, Option<u64>)> = t
+                .groups
+                .values()
+                .map(|g| {
+                    let unread = g.cursor.max(t.start);
+                    (
+                        g.pending.keys().next().copied(),
+                        (unread < end).then_some(unread),
+                    )
+                })
+                .collect();
             let groups = t
                 .groups
                 .iter()
@@ -2968,6 +3038,8 @@ impl Backend for EmbeddedBackend {
                     lag: t.log.stored_between(g.cursor, end),
                     scheduled: g.scheduled(),
                     parked: g.parked as u64,
+                    oldest_pending: None,
+                    oldest_unread: None,
                     consumers: g
                         .consumers
                         .iter()
@@ -2992,12 +3064,12 @@ impl Backend for EmbeddedBackend {
                     .collect(),
                 dead_letters: t.dead_count,
             };
-            Ok(Some((info, t.log.clone(), t.start, end, cursors)))
+            Ok(Some((info, t.log.clone(), t.start, end, cursors, edges)))
         })?;
-        let Some((mut info, log, start, end, cursors)) = counted else {
+        let Some((mut info, log, start, end, cursors, edges)) = counted else {
             return Ok(None);
         };
-        let (first, last, cursors) = blocking(&self.shared, move || {
+        let (first, last, cursors, edges) = blocking(&self.shared, move || {
             let id_of = |o: u64| -> Result<Option<MessageId>, BackendError> {
                 Ok(log.get(o)?.map(|r| MessageId::new(r.ms, r.offset)))
             };
@@ -3021,13 +3093,32 @@ impl Backend for EmbeddedBackend {
                     None => Ok(MessageId::ZERO),
                 })
                 .collect::<Result<Vec<_>, BackendError>>()?;
-            Ok((first, last, cursors))
+            let edges = edges
+                .into_iter()
+                .map(|(pending, unread)| {
+                    let pending = match pending {
+                        Some(o) => id_of(o)?,
+                        None => None,
+                    };
+                    let unread = match unread {
+                        Some(o) => log
+                            .read(o, 1, &mut None)?
+                            .first()
+                            .map(|r| MessageId::new(r.ms, r.offset)),
+                        None => None,
+                    };
+                    Ok((pending, unread))
+                })
+                .collect::<Result<Vec<_>, BackendError>>()?;
+            Ok((first, last, cursors, edges))
         })
         .await?;
         info.first_id = first;
         info.last_id = last;
-        for (g, c) in info.groups.iter_mut().zip(cursors) {
+        for ((g, c), (pending, unread)) in info.groups.iter_mut().zip(cursors).zip(edges) {
             g.cursor = c;
+            g.oldest_pending = pending;
+            g.oldest_unread = unread;
         }
         Ok(Some(info))
     }

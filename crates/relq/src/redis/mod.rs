@@ -45,7 +45,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::backend::{
-    replay_message, Backend, CleanupReport, ConsumerInfo, Delivery, GroupInfo, Retention,
+    replay_message, Backend, Browse, CleanupReport, ConsumerInfo, Delivery, GroupInfo, Retention,
     Settlement, Subscription, TopicInfo,
 };
 use crate::dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
@@ -469,6 +469,20 @@ fn deliveries(v: Value) -> Result<Vec<Delivery>, BackendError> {
                 message: message_of(id, fields, attempt),
                 failures,
             })
+        })
+        .collect()
+}
+
+/// Decodes `[id, fields]` stream entries (XRANGE) as messages with attempt 0.
+fn stream_messages(v: Value) -> Result<Vec<Message>, BackendError> {
+    items(v)
+        .into_iter()
+        .map(|e| {
+            let mut parts = items(e).into_iter();
+            let (Some(id), Some(fields)) = (parts.next(), parts.next()) else {
+                return Err(corrupt("a stream entry without id and fields"));
+            };
+            Ok(message_of(id_of(&id)?, fields, 0))
         })
         .collect()
 }
@@ -1529,14 +1543,39 @@ impl Backend for RedisBackend {
                         }
                     })
                     .collect();
+                let pending = g.get("pending").and_then(int).unwrap_or(0) as u64;
+                let oldest_pending = if pending > 0 {
+                    let mut cmd = ::redis::cmd("XPENDING");
+                    cmd.arg(&key).arg(&name);
+                    items(self.query(cmd).await?)
+                        .get(1)
+                        .and_then(|v| id_of(v).ok())
+                } else {
+                    None
+                };
+                let oldest_unread = if lag > 0 {
+                    let mut cmd = ::redis::cmd("XRANGE");
+                    cmd.arg(&key)
+                        .arg(format!("({cursor}"))
+                        .arg("+")
+                        .arg("COUNT")
+                        .arg(1);
+                    stream_messages(self.query(cmd).await?)?
+                        .first()
+                        .map(|m| m.id)
+                } else {
+                    None
+                };
                 info.groups.push(GroupInfo {
                     name,
                     cursor,
-                    pending: g.get("pending").and_then(int).unwrap_or(0) as u64,
+                    pending,
                     lag,
                     scheduled,
                     parked,
                     consumers,
+                    oldest_pending,
+                    oldest_unread,
                 });
             }
         }
@@ -1551,6 +1590,41 @@ impl Backend for RedisBackend {
         cmd.arg(format!("{pre}dl"));
         info.dead_letters = int(&self.query(cmd).await?).unwrap_or(0) as u64;
         Ok(Some(info))
+    }
+
+    async fn browse(
+        &self,
+        topic: &str,
+        query: &Browse,
+    ) -> Result<Option<Vec<Message>>, BackendError> {
+        let key = stream_key(topic);
+        let mut cmd = ::redis::cmd("EXISTS");
+        cmd.arg(format!("{}meta", prefix(topic))).arg(&key);
+        if int(&self.query(cmd).await?).unwrap_or(0) == 0 {
+            return Ok(None);
+        }
+        let max = MessageId::new(u64::MAX, u64::MAX);
+        // Exclusive bounds Redis cannot express (past the largest id, below the smallest) and
+        // empty intervals select nothing.
+        let empty = query.after == Some(max)
+            || query.before == Some(MessageId::ZERO)
+            || matches!((query.after, query.before), (Some(a), Some(b)) if a >= b);
+        if empty {
+            return Ok(Some(Vec::new()));
+        }
+        let low = query.after.map_or("-".to_owned(), |a| format!("({a}"));
+        let high = query.before.map_or("+".to_owned(), |b| format!("({b}"));
+        let mut cmd = if query.newest_first {
+            let mut c = ::redis::cmd("XREVRANGE");
+            c.arg(&key).arg(high).arg(low);
+            c
+        } else {
+            let mut c = ::redis::cmd("XRANGE");
+            c.arg(&key).arg(low).arg(high);
+            c
+        };
+        cmd.arg("COUNT").arg(query.page_size());
+        Ok(Some(stream_messages(self.query(cmd).await?)?))
     }
 
     async fn dead_letters(
