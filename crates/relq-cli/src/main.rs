@@ -11,6 +11,8 @@ mod consume;
 mod crash;
 mod demo;
 mod dlq;
+mod serve;
+mod tail;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -51,6 +53,8 @@ struct Cli {
 enum Command {
     /// Run the system end to end: producers, consumers with failures, retries and dead letters.
     Demo(demo::DemoArgs),
+    /// Serve the HTTP admin API, Prometheus metrics and health checks.
+    Serve(serve::ServeArgs),
     /// Publish one message, or (--jsonl) many from JSON lines on stdin.
     Publish {
         /// Topic.
@@ -89,6 +93,8 @@ enum Command {
     },
     /// List topic names.
     Topics,
+    /// Follow new messages of a topic live, without joining a group (nothing changes).
+    Tail(tail::TailArgs),
     /// Terminate a topic: remove its messages, groups, pending and scheduled state and dead
     /// letters; its consumers stop. Asks to type the topic's name unless --yes.
     Terminate {
@@ -382,7 +388,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .then(|| config.backend.url.clone());
     let command = match cli.command {
         Command::Config { .. } => {
-            let flat = flatten(&serde_json::to_value(config)?);
+            let mut value = serde_json::to_value(config)?;
+            // Token secrets are never printed.
+            if let Some(tokens) = value["server"]["tokens"].as_array_mut() {
+                for t in tokens {
+                    t["token"] = json!("<redacted>");
+                }
+            }
+            let flat = flatten(&value);
             print_out(
                 cli.json,
                 json!(flat
@@ -414,6 +427,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             return Ok(());
         }
         Command::CrashChild(args) => return crash::run(args).await,
+        Command::Serve(args) if serve::wants_openapi(&args) => {
+            println!("{}", relq_admin::openapi());
+            return Ok(());
+        }
         Command::Bench { command } => {
             // A benchmark has nothing to drain: on a signal it stops where it is (its temporary
             // directories are removed as its futures are dropped).
@@ -493,7 +510,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print_out(cli.json, json!({ "id": id }), || id.to_string());
         }
         Command::Consume(args) => consume::run(&broker, config, args, cli.json).await?,
+        Command::Serve(args) => serve::run(broker, config, args, cli.json).await?,
         Command::Info { topic } => info(&broker, topic, cli.json).await?,
+        Command::Tail(args) => tail::run(&broker, args, cli.json).await?,
         Command::Topics => {
             let topics = broker.topics().await?;
             print_out(cli.json, json!(topics), || {

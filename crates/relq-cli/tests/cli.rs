@@ -1080,3 +1080,189 @@ fn inspection_works_on_a_data_directory_another_process_holds() {
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `curl` against `relq serve` over a real socket; panics loudly when curl is missing.
+fn curl(args: &[&str]) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-s", "-o", "-", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .expect("curl is needed by this test (apt-get install -y curl)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').expect("curl printed a status");
+    (code.trim().parse().unwrap(), body.to_owned())
+}
+
+#[test]
+fn serve_answers_curl_over_a_real_socket_with_tokens_and_an_audit_log() {
+    use std::io::{BufRead, BufReader};
+    let dir = fresh_dir();
+    publish_many(&dir, "orders", 3);
+    std::fs::write(
+        dir.join("relq.toml"),
+        r#"
+[[server.tokens]]
+name = "ops"
+token = "admin-secret-0123456789"
+role = "admin"
+
+[[server.tokens]]
+name = "grafana"
+token = "reader-secret-0123456789"
+role = "read"
+"#,
+    )
+    .unwrap();
+    // Refused: a public address without tokens.
+    let open = relq_in(&dir, &["serve", "--bind", "0.0.0.0:0"]);
+    fails_with(&open, 2, "without authentication");
+    let mut child = relq_cmd(
+        &dir,
+        &[
+            "--json",
+            "--config",
+            "relq.toml",
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+        ],
+    )
+    .stdout(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first: serde_json::Value =
+        serde_json::from_str(&lines.next().expect("the listening line").unwrap()).unwrap();
+    let base = first["listening"].as_str().unwrap().to_owned();
+    let admin = "Authorization: Bearer admin-secret-0123456789";
+    let reader = "Authorization: Bearer reader-secret-0123456789";
+
+    let (code, body) = curl(&[&format!("{base}/api/topics")]);
+    assert_eq!(code, 401, "{body}");
+    let (code, body) = curl(&["-H", reader, &format!("{base}/api/topics")]);
+    assert_eq!(code, 200, "{body}");
+    let topics: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(topics[0]["name"], "orders");
+    assert_eq!(topics[0]["length"], 3);
+    let (code, body) = curl(&[
+        "-H",
+        reader,
+        "-X",
+        "POST",
+        "-H",
+        "content-type: application/json",
+        "-d",
+        r#"{"type":"t","payload":"x"}"#,
+        &format!("{base}/api/topics/orders/messages"),
+    ]);
+    assert_eq!(code, 403, "{body}");
+    let (code, body) = curl(&[
+        "-H",
+        admin,
+        "-X",
+        "POST",
+        "-H",
+        "content-type: application/json",
+        "-d",
+        r#"{"type":"t","payload":"from curl"}"#,
+        &format!("{base}/api/topics/orders/messages"),
+    ]);
+    assert_eq!(code, 200, "{body}");
+    let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (code, body) = curl(&[
+        "-H",
+        admin,
+        "-X",
+        "POST",
+        &format!("{base}/api/topics/orders/messages/{id}/stop"),
+    ]);
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = curl(&["-H", reader, &format!("{base}/api/audit")]);
+    assert_eq!(code, 200, "{body}");
+    let audit: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(audit["items"][0]["action"], "stop");
+    assert_eq!(audit["items"][1]["action"], "publish");
+    assert_eq!(audit["items"][1]["actor"], "ops");
+    let (code, body) = curl(&["-H", reader, &format!("{base}/metrics")]);
+    assert_eq!(code, 200);
+    assert!(
+        body.contains("relq_topic_messages{topic=\"orders\"} 4"),
+        "{body}"
+    );
+    let (code, body) = curl(&[&format!("{base}/readyz")]);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"disk\""), "{body}");
+
+    // SIGTERM: a graceful stop, exit 0; the audit log is stored in the data directory.
+    assert!(Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    let out = relq_in(&dir, &["--json", "topics"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("_relq-audit"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn tail_follows_new_messages_without_joining_a_group() {
+    use std::io::{BufRead, BufReader};
+    let Some(server) = relq_conformance::redis_server::RedisServer::start() else {
+        return;
+    };
+    let url = server.url();
+    let dir = fresh_dir();
+    for p in ["a", "b", "c"] {
+        ok(&relq_in(
+            &dir,
+            &["--url", &url, "publish", "orders", "job", p],
+        ));
+    }
+    let mut child = relq_cmd(
+        &dir,
+        &[
+            "--url",
+            &url,
+            "--json",
+            "tail",
+            "orders",
+            "--last",
+            "2",
+            "--count",
+            "4",
+            "--interval",
+            "20ms",
+        ],
+    )
+    .stdout(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut payload = || -> String {
+        let l = lines.next().expect("a line").unwrap();
+        let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+        v["payload"].as_str().unwrap().to_owned()
+    };
+    // The last two stored ones first, then what is published while it runs.
+    assert_eq!((payload(), payload()), ("b".to_owned(), "c".to_owned()));
+    ok(&relq_in(
+        &dir,
+        &["--url", &url, "publish", "orders", "job", "d"],
+    ));
+    assert_eq!(payload(), "d");
+    ok(&relq_in(
+        &dir,
+        &["--url", &url, "publish", "orders", "job", "e"],
+    ));
+    assert_eq!(payload(), "e");
+    assert_eq!(child.wait().unwrap().code(), Some(0), "--count 4 ends it");
+    // No group was created.
+    let info = relq_in(&dir, &["--url", &url, "--json", "info", "orders"]);
+    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(v[0]["groups"].as_array().map(Vec::len), Some(0), "{v}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

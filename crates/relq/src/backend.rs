@@ -267,6 +267,59 @@ impl Browse {
     }
 }
 
+/// One check of a backend's [`Health`].
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct HealthCheck {
+    /// What was checked (`backend`, `engine`, `disk`, `eviction_policy`, ...).
+    pub name: String,
+    /// Whether it passed.
+    pub ok: bool,
+    /// What was found, for a human.
+    pub detail: String,
+}
+
+impl HealthCheck {
+    /// A check result.
+    pub fn new(name: impl Into<String>, ok: bool, detail: impl Into<String>) -> HealthCheck {
+        HealthCheck {
+            name: name.into(),
+            ok,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// Whether a backend can do its work now: reachable, not poisoned, with room (seed 003's
+/// `Health()`), from [`Backend::health`] or [`Broker::health`](crate::Broker::health).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct Health {
+    /// The backend's name.
+    pub backend: String,
+    /// Every check made.
+    pub checks: Vec<HealthCheck>,
+    /// How full a bounded backend is, 0 to 1 (the disk under the embedded engine's directory,
+    /// Redis `used_memory / maxmemory`), when known.
+    pub usage_ratio: Option<f64>,
+}
+
+impl Health {
+    /// A report of `checks`.
+    pub fn new(backend: impl Into<String>, checks: Vec<HealthCheck>) -> Health {
+        Health {
+            backend: backend.into(),
+            checks,
+            usage_ratio: None,
+        }
+    }
+
+    /// Whether every check passed.
+    pub fn ready(&self) -> bool {
+        self.checks.iter().all(|c| c.ok)
+    }
+}
+
 /// One consumer of a group.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
@@ -465,6 +518,15 @@ pub trait Backend: Send + Sync + 'static {
         topic: &str,
         query: &Browse,
     ) -> Result<Option<Vec<Message>>, BackendError>;
+
+    /// Whether the backend can do its work now. The default lists the topics: reachable or not.
+    async fn health(&self) -> Health {
+        let check = match self.topics().await {
+            Ok(t) => HealthCheck::new("backend", true, format!("reachable; {} topics", t.len())),
+            Err(e) => HealthCheck::new("backend", false, e.to_string()),
+        };
+        Health::new(self.name(), vec![check])
+    }
 
     /// The names of all topics.
     async fn topics(&self) -> Result<Vec<String>, BackendError>;

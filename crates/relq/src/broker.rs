@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::analysis::{self, FailureGroup, SharedSuggestions, Suggestion, Suggestions};
-use crate::backend::{Backend, Browse, CleanupReport, Retention, TopicInfo};
+use crate::backend::{Backend, Browse, CleanupReport, Health, Retention, TopicInfo};
 use crate::consumer::{ConsumerBuilder, ConsumerDefaults};
 use crate::dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
 use crate::embedded::EmbeddedBackend;
@@ -371,6 +371,12 @@ impl Broker {
         }
     }
 
+    /// Whether the backend can do its work now (reachable, not poisoned, with room); never
+    /// fails: a failed check is part of the report.
+    pub async fn health(&self) -> Health {
+        self.backend.health().await
+    }
+
     /// The dead letters of `topic`.
     pub fn dead_letters(&self, topic: &str) -> DeadLetters {
         DeadLetters {
@@ -485,7 +491,10 @@ impl DeadLetters {
     /// The backend failed.
     pub async fn replay(&self, ids: &[DeadLetterId]) -> Result<Vec<(DeadLetterId, MessageId)>> {
         validate_name("topic", &self.topic)?;
-        Ok(self.backend.replay_dead_letters(&self.topic, ids).await?)
+        let done = self.backend.replay_dead_letters(&self.topic, ids).await?;
+        metrics::counter!("relq_replayed_total", "topic" => self.topic.clone())
+            .increment(done.len() as u64);
+        Ok(done)
     }
 
     /// Replays every dead letter matching `query`'s filters.

@@ -68,6 +68,8 @@ pub struct Config {
     pub retry: RetrySection,
     /// Dead letters.
     pub dead_letters: DeadLetterSection,
+    /// `relq serve`: the HTTP admin API and metrics.
+    pub server: ServerSection,
 }
 
 /// `[backend]`.
@@ -285,6 +287,69 @@ impl Default for DeadLetterSection {
     }
 }
 
+/// `[server]`: `relq serve`, the HTTP admin API, console and metrics endpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct ServerSection {
+    /// The address to listen on. Default `127.0.0.1:8080` (loopback). A non-loopback address
+    /// needs at least one token.
+    pub bind: String,
+    /// Bearer tokens and their roles (`[[server.tokens]]`). None: the API is unauthenticated
+    /// (loopback only). `RELQ_ADMIN_TOKEN` adds one admin token named `env`.
+    pub tokens: Vec<TokenEntry>,
+    /// Origins allowed to call the API from a browser on another origin. Default none (no CORS).
+    pub cors_origins: Vec<String>,
+    /// The largest request body accepted, in bytes. Default 4 MiB.
+    pub max_body_bytes: u64,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            bind: "127.0.0.1:8080".into(),
+            tokens: Vec::new(),
+            cors_origins: Vec::new(),
+            max_body_bytes: 4 << 20,
+        }
+    }
+}
+
+/// One bearer token of `relq serve`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct TokenEntry {
+    /// Who holds it: recorded in the audit log with every action taken with it.
+    pub name: String,
+    /// The secret (at least 16 characters).
+    pub token: String,
+    /// What it may do.
+    pub role: TokenRole,
+}
+
+impl TokenEntry {
+    /// A token.
+    pub fn new(name: impl Into<String>, token: impl Into<String>, role: TokenRole) -> TokenEntry {
+        TokenEntry {
+            name: name.into(),
+            token: token.into(),
+            role,
+        }
+    }
+}
+
+/// What a token may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum TokenRole {
+    /// Read everything; change nothing.
+    Read,
+    /// Read and operate: replay, delete, stop, resume, terminate, cleanup, publish.
+    Admin,
+}
+
 /// Where an effective value came from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case", tag = "kind", content = "name")]
@@ -443,6 +508,7 @@ impl Layers {
             "RELQ_RETRY_",
             "RELQ_BACKEND_",
             "RELQ_DEAD_LETTERS_",
+            "RELQ_SERVER_",
         ];
         let mut vars: Vec<(String, String)> = vars.into_iter().collect();
         vars.sort();
@@ -658,6 +724,35 @@ impl Config {
             return Err(config_error(
                 "backend.redis.response_timeout",
                 "must be above zero",
+            ));
+        }
+        for (i, t) in self.server.tokens.iter().enumerate() {
+            if t.name.is_empty() {
+                return Err(config_error(
+                    "server.tokens",
+                    format!("token {} has an empty name", i + 1),
+                ));
+            }
+            if t.token.len() < 16 {
+                return Err(config_error(
+                    "server.tokens",
+                    format!("the token of {:?} is shorter than 16 characters", t.name),
+                ));
+            }
+            if self.server.tokens[..i]
+                .iter()
+                .any(|o| o.token == t.token || o.name == t.name)
+            {
+                return Err(config_error(
+                    "server.tokens",
+                    format!("{:?} repeats another token's name or secret", t.name),
+                ));
+            }
+        }
+        if self.server.max_body_bytes < 1024 {
+            return Err(config_error(
+                "server.max_body_bytes",
+                "must be at least 1024",
             ));
         }
         if !self.backend.url.contains("://") {

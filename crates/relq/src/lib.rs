@@ -66,7 +66,7 @@ mod retry;
 pub use analysis::{fingerprint, FailureGroup, ReplayOutlook, Suggestion, Suggestions};
 pub use backend::{
     replay_headers, AttemptFailure, Backend, Browse, CleanupReport, ConsumerInfo, Delivery,
-    FailureKind, GroupInfo, Retention, Settlement, Subscription, TopicInfo,
+    FailureKind, GroupInfo, Health, HealthCheck, Retention, Settlement, Subscription, TopicInfo,
 };
 pub use broker::{
     Broker, CleanupTask, DeadLetters, DEFAULT_DEAD_LETTER_RETENTION, DEFAULT_MAX_PAYLOAD,
@@ -74,7 +74,8 @@ pub use broker::{
 #[cfg(feature = "config")]
 pub use config::{
     BackendSection, Config, ConsumerSection, DeadLetterSection, DurabilityKind, EmbeddedSection,
-    Layers, Origin, RedisSection, Resolved, RetryKind, RetrySection,
+    Layers, Origin, RedisSection, Resolved, RetryKind, RetrySection, ServerSection, TokenEntry,
+    TokenRole,
 };
 pub use consumer::{
     Consumer, ConsumerBuilder, ConsumerHandle, ConsumerStats, ShutdownReport, StopReason,

@@ -55,7 +55,6 @@ struct Meters {
     handler_seconds: metrics::Histogram,
     acked: metrics::Counter,
     publish_to_handled: metrics::Histogram,
-    failed: metrics::Counter,
     retried: metrics::Counter,
     dead_lettered: metrics::Counter,
 }
@@ -69,7 +68,6 @@ impl Meters {
             handler_seconds: metrics::histogram!("relq_handler_seconds", &labels),
             acked: metrics::counter!("relq_acked_total", &labels),
             publish_to_handled: metrics::histogram!("relq_publish_to_handled_seconds", &labels),
-            failed: metrics::counter!("relq_failed_total", &labels),
             retried: metrics::counter!("relq_retried_total", &labels),
             dead_lettered: metrics::counter!("relq_dead_lettered_total", &labels),
         }
@@ -580,7 +578,15 @@ async fn finish(ctx: &Ctx, d: Delivery, handler: &str, outcome: Outcome) {
             backtrace,
         } => {
             counters.failed.fetch_add(1, Ordering::Relaxed);
-            ctx.meters.failed.increment(1);
+            // Looked up per failure (not registered once): the reason and the handler's
+            // category are labels. Categories are the application's own small set.
+            metrics::counter!("relq_failed_total",
+                "topic" => ctx.sub.topic.clone(),
+                "group" => ctx.sub.group.clone(),
+                "reason" => kind.as_str(),
+                "category" => category.clone().unwrap_or_else(|| "none".to_owned()),
+            )
+            .increment(1);
             let now = Timestamp::now();
             let attempt = d.message.attempt;
             let error = chain.first().cloned().unwrap_or_default();

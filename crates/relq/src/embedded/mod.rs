@@ -80,8 +80,8 @@ use self::group::{GroupState, Pending};
 use self::log::{LogConfig, ReadHint, TopicLog};
 use self::state::{Batch, DeadKey, Row, RowKey, SpillRange, TopicRecord};
 use crate::backend::{
-    replay_message, Backend, Browse, CleanupReport, ConsumerInfo, Delivery, GroupInfo, Retention,
-    Settlement, Subscription, TopicInfo,
+    replay_message, Backend, Browse, CleanupReport, ConsumerInfo, Delivery, GroupInfo, Health,
+    HealthCheck, Retention, Settlement, Subscription, TopicInfo,
 };
 use crate::dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
 use crate::error::{BackendError, BackendErrorKind, ConfigError};
@@ -709,6 +709,9 @@ fn referenced_offsets(
     }
     Ok(out)
 }
+
+/// Below this much free disk space the engine reports itself not ready.
+const MIN_FREE_DISK: u64 = 256 << 20;
 
 fn topic_dir(root: &Path, topic: &str, epoch: u64) -> PathBuf {
     root.join("topics").join(format!("{topic}@{epoch}"))
@@ -2984,6 +2987,48 @@ impl Backend for EmbeddedBackend {
         })
         .await?;
         Ok(Some(records.iter().map(|r| message_of(r, 0)).collect()))
+    }
+
+    async fn health(&self) -> Health {
+        let mut checks = Vec::new();
+        checks.push(match self.shared.check() {
+            Ok(()) => HealthCheck::new("engine", true, "running"),
+            Err(e) => HealthCheck::new("engine", false, e.to_string()),
+        });
+        let mut usage = None;
+        match rustix::fs::statvfs(&self.shared.root) {
+            Ok(st) => {
+                let total = st.f_blocks.saturating_mul(st.f_frsize);
+                let free = st.f_bavail.saturating_mul(st.f_frsize);
+                if total > 0 {
+                    usage = Some(1.0 - free as f64 / total as f64);
+                }
+                let ok = free >= MIN_FREE_DISK;
+                checks.push(HealthCheck::new(
+                    "disk",
+                    ok,
+                    format!(
+                        "{} MiB free of {} MiB under {}{}",
+                        free >> 20,
+                        total >> 20,
+                        self.shared.root.display(),
+                        if ok {
+                            ""
+                        } else {
+                            " (below 256 MiB: publishes may soon fail)"
+                        }
+                    ),
+                ));
+            }
+            Err(e) => checks.push(HealthCheck::new(
+                "disk",
+                false,
+                format!("statvfs {}: {e}", self.shared.root.display()),
+            )),
+        }
+        let mut h = Health::new(NAME, checks);
+        h.usage_ratio = usage;
+        h
     }
 
     async fn topics(&self) -> Result<Vec<String>, BackendError> {

@@ -45,8 +45,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::backend::{
-    replay_message, Backend, Browse, CleanupReport, ConsumerInfo, Delivery, GroupInfo, Retention,
-    Settlement, Subscription, TopicInfo,
+    replay_message, Backend, Browse, CleanupReport, ConsumerInfo, Delivery, GroupInfo, Health,
+    HealthCheck, Retention, Settlement, Subscription, TopicInfo,
 };
 use crate::dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
 use crate::error::{BackendError, BackendErrorKind, ConfigError, Limit};
@@ -1446,6 +1446,63 @@ impl Backend for RedisBackend {
             }
             tokio::task::yield_now().await;
         }
+    }
+
+    async fn health(&self) -> Health {
+        let mut checks = Vec::new();
+        match self.query(::redis::cmd("PING")).await {
+            Ok(_) => checks.push(HealthCheck::new("backend", true, "PING answered")),
+            Err(e) => {
+                checks.push(HealthCheck::new("backend", false, e.to_string()));
+                return Health::new(NAME, checks);
+            }
+        }
+        let mut cmd = ::redis::cmd("CONFIG");
+        cmd.arg("GET").arg("maxmemory-policy");
+        match self.query(cmd).await {
+            Ok(v) => {
+                let mut out = Vec::new();
+                flatten_text(v, &mut out);
+                out.retain(|t| t != "maxmemory-policy");
+                let evicting: Vec<&String> = out.iter().filter(|p| *p != "noeviction").collect();
+                checks.push(if evicting.is_empty() || self.config.allow_eviction {
+                    HealthCheck::new("eviction_policy", true, format!("maxmemory-policy {out:?}"))
+                } else {
+                    HealthCheck::new(
+                        "eviction_policy",
+                        false,
+                        format!(
+                            "maxmemory-policy {evicting:?} may evict queue data; set noeviction"
+                        ),
+                    )
+                });
+            }
+            Err(e) => checks.push(HealthCheck::new(
+                "eviction_policy",
+                true,
+                format!("not readable ({e}); make sure it is noeviction"),
+            )),
+        }
+        let mut h = Health::new(NAME, checks);
+        let mut cmd = ::redis::cmd("INFO");
+        cmd.arg("memory");
+        if let Ok(v) = self.query(cmd).await {
+            let mut texts = Vec::new();
+            flatten_text(v, &mut texts);
+            let field = |name: &str| -> Option<f64> {
+                texts.iter().flat_map(|t| t.lines()).find_map(|l| {
+                    l.strip_prefix(name)
+                        .and_then(|v| v.strip_prefix(':'))
+                        .and_then(|v| v.trim().parse().ok())
+                })
+            };
+            if let (Some(used), Some(max)) = (field("used_memory"), field("maxmemory")) {
+                if max > 0.0 {
+                    h.usage_ratio = Some((used / max).min(1.0));
+                }
+            }
+        }
+        h
     }
 
     async fn topics(&self) -> Result<Vec<String>, BackendError> {

@@ -1,0 +1,924 @@
+//! The `/api` endpoints: every operation of the library over HTTP, JSON in and out.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::{Extension, Json};
+use relq::{Browse, DeadLetterQuery, FailureKind, MessageId, NewMessage, Retention, Timestamp};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::audit::{self, AuditEntry, AUDIT_TOPIC};
+use crate::auth::Caller;
+use crate::extract::{Body, Path, Query};
+use crate::problem::{ApiResult, Problem};
+use crate::views::{
+    decode_payload, DeadLetterView, Encoding, FailureGroupView, MessageView, Page, TopicView,
+};
+use crate::Shared;
+
+type St = State<Arc<Shared>>;
+
+/// The largest page any list returns.
+const MAX_PAGE: usize = 1000;
+/// A rate-limited replay may take at most this long in one request.
+const MAX_REPLAY_SECONDS: u64 = 300;
+
+fn id(text: &str) -> ApiResult<MessageId> {
+    MessageId::from_str(text).map_err(|e| Problem::bad_request(e.to_string()))
+}
+
+fn page_size(limit: Option<usize>) -> ApiResult<usize> {
+    match limit {
+        None => Ok(100),
+        Some(n @ 1..=MAX_PAGE) => Ok(n),
+        Some(n) => Err(Problem::bad_request(format!(
+            "limit {n} is out of range: 1 to {MAX_PAGE}"
+        ))),
+    }
+}
+
+fn parse_time(field: &str, s: &str) -> ApiResult<Timestamp> {
+    let t = humantime::parse_rfc3339_weak(s).map_err(|e| {
+        Problem::bad_request(format!(
+            "{field} = {s:?}: {e} (expected RFC 3339, e.g. 2026-12-01T00:00:00Z)"
+        ))
+    })?;
+    let ms = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| Problem::bad_request(format!("{field} = {s:?} is before 1970")))?
+        .as_millis();
+    Ok(Timestamp(u64::try_from(ms).unwrap_or(u64::MAX)))
+}
+
+fn parse_duration(field: &str, s: &str) -> ApiResult<Duration> {
+    humantime::parse_duration(s).map_err(|e| {
+        Problem::bad_request(format!(
+            "{field} = {s:?}: {e} (write e.g. \"30s\", \"5m\", \"7d\")"
+        ))
+    })
+}
+
+fn writable_topic(topic: &str) -> ApiResult<()> {
+    if topic == AUDIT_TOPIC {
+        return Err(Problem::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "the audit log cannot be changed through the API",
+        ));
+    }
+    relq::validate_name("topic", topic).map_err(|e| Problem::from(relq::Error::from(e)))
+}
+
+/// Records an operator action in the audit log, with its result, and passes the result on.
+async fn audited<T>(
+    s: &Shared,
+    caller: &Caller,
+    action: &str,
+    topic: &str,
+    params: serde_json::Value,
+    result: ApiResult<T>,
+    summary: impl FnOnce(&T) -> String,
+) -> ApiResult<T> {
+    let (status, outcome) = match &result {
+        Ok(v) => (200, summary(v)),
+        Err(p) => (p.status, p.detail.clone()),
+    };
+    let entry = AuditEntry {
+        id: String::new(),
+        at: Timestamp::now().to_string(),
+        actor: caller.name.clone(),
+        action: action.to_owned(),
+        topic: topic.to_owned(),
+        params,
+        status,
+        outcome,
+    };
+    audit::record(&s.broker, &entry).await;
+    result
+}
+
+// ---------------------------------------------------------------------------------------------
+// Topics
+
+/// Every topic with its groups.
+#[utoipa::path(get, path = "/api/topics", tag = "topics",
+    responses((status = 200, body = Vec<TopicView>), (status = "default", body = Problem, content_type = "application/problem+json")))]
+pub(crate) async fn list_topics(State(s): St) -> ApiResult<Json<Vec<TopicView>>> {
+    let now = Timestamp::now();
+    let mut out = Vec::new();
+    for t in s.broker.topics().await? {
+        if t == AUDIT_TOPIC {
+            continue;
+        }
+        match s.broker.topic_info(&t).await {
+            Ok(info) => out.push(TopicView::new(info, now)),
+            Err(relq::Error::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(Json(out))
+}
+
+/// One topic with its groups and consumers.
+#[utoipa::path(get, path = "/api/topics/{topic}", tag = "topics",
+    params(("topic" = String, Path, description = "The topic")),
+    responses((status = 200, body = TopicView), (status = "default", body = Problem, content_type = "application/problem+json")))]
+pub(crate) async fn get_topic(
+    State(s): St,
+    Path(topic): Path<String>,
+) -> ApiResult<Json<TopicView>> {
+    let info = s.broker.topic_info(&topic).await?;
+    Ok(Json(TopicView::new(info, Timestamp::now())))
+}
+
+/// Confirmation of a terminate: the topic's name typed again.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct TerminateParams {
+    /// Must equal the topic's name.
+    confirm: Option<String>,
+}
+
+/// The result of a terminate.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Terminated {
+    /// The topic.
+    pub(crate) topic: String,
+    /// Whether it existed.
+    pub(crate) existed: bool,
+}
+
+/// Terminates a topic: removes its messages, groups and dead letters; running consumers stop.
+#[utoipa::path(delete, path = "/api/topics/{topic}", tag = "topics",
+    params(("topic" = String, Path, description = "The topic"), TerminateParams),
+    responses((status = 200, body = Terminated), (status = "default", body = Problem, content_type = "application/problem+json")))]
+pub(crate) async fn terminate(
+    State(s): St,
+    Extension(caller): Extension<Caller>,
+    Path(topic): Path<String>,
+    Query(p): Query<TerminateParams>,
+) -> ApiResult<Json<Terminated>> {
+    writable_topic(&topic)?;
+    if p.confirm.as_deref() != Some(topic.as_str()) {
+        return Err(Problem::bad_request(format!(
+            "terminating deletes every message of {topic:?}: repeat its name as ?confirm={topic}"
+        )));
+    }
+    let r = s.broker.terminate(&topic).await.map_err(Problem::from);
+    let r = r.map(|existed| Terminated {
+        topic: topic.clone(),
+        existed,
+    });
+    audited(
+        &s,
+        &caller,
+        "terminate",
+        &topic,
+        audit::params([]),
+        r,
+        |t| format!("terminated (existed: {})", t.existed),
+    )
+    .await
+    .map(Json)
+}
+
+/// A cleanup's policy.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CleanupRequest {
+    /// Remove acknowledged messages older than this (`"1h"`, `"7d"`).
+    pub(crate) min_age: Option<String>,
+    /// Keep at most this many messages (trims unacknowledged ones too).
+    pub(crate) max_len: Option<u64>,
+}
+
+/// What a cleanup removed.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct CleanupView {
+    /// Messages removed that every group had acknowledged.
+    pub(crate) removed: u64,
+    /// Messages removed by `max_len` that some group had not acknowledged.
+    pub(crate) trimmed_unacknowledged: u64,
+}
+
+/// Removes acknowledged messages (and, with `max_len`, the oldest beyond it).
+#[utoipa::path(post, path = "/api/topics/{topic}/cleanup", tag = "topics",
+    params(("topic" = String, Path, description = "The topic")), request_body = CleanupRequest,
+    responses((status = 200, body = CleanupView), (status = "default", body = Problem, content_type = "application/problem+json")))]
+pub(crate) async fn cleanup(
+    State(s): St,
+    Extension(caller): Extension<Caller>,
+    Path(topic): Path<String>,
+    Body(req): Body<CleanupRequest>,
+) -> ApiResult<Json<CleanupView>> {
+    writable_topic(&topic)?;
+    let mut retention = Retention::default();
+    if let Some(a) = &req.min_age {
+        retention = retention.min_age(parse_duration("min_age", a)?);
+    }
+    if let Some(n) = req.max_len {
+        retention = retention.max_len(n);
+    }
+    let params = audit::params([
+        ("min_age", serde_json::json!(req.min_age)),
+        ("max_len", serde_json::json!(req.max_len)),
+    ]);
+    let r = s
+        .broker
+        .cleanup(&topic, &retention)
+        .await
+        .map_err(Problem::from);
+    let r = r.map(|c| CleanupView {
+        removed: c.removed,
+        trimmed_unacknowledged: c.trimmed_unacknowledged,
+    });
+    audited(&s, &caller, "cleanup", &topic, params, r, |c| {
+        format!(
+            "removed {} ({} unacknowledged)",
+            c.removed, c.trimmed_unacknowledged
+        )
+    })
+    .await
+    .map(Json)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Messages
+
+/// A message to publish.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PublishRequest {
+    /// Its type.
+    #[serde(rename = "type")]
+    pub(crate) kind: String,
+    /// The payload, as `payload_encoding` says.
+    pub(crate) payload: String,
+    /// `utf8` (default) or `hex`.
+    #[serde(default)]
+    pub(crate) payload_encoding: Encoding,
+    /// Headers.
+    #[serde(default)]
+    pub(crate) headers: BTreeMap<String, String>,
+    /// Deliver no earlier than this from now (`"30s"`).
+    pub(crate) delay: Option<String>,
+}
+
+/// The id a publish got.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Published {
+    /// The new message's id.
+    pub(crate) id: String,
+}
+
+/// Publishes one message.
+#[utoipa::path(post, path = "/api/topics/{topic}/messages", tag = "messages",
+    params(("topic" = String, Path, description = "The topic")), request_body = PublishRequest,
+    responses((status = 200, body = Published), (status = "default", body = Problem, content_type = "application/problem+json")))]
+pub(crate) async fn publish(
+    State(s): St,
+    Extension(caller): Extension<Caller>,
+    Path(topic): Path<String>,
+    Body(req): Body<PublishRequest>,
+) -> ApiResult<Json<Published>> {
+    writable_topic(&topic)?;
+    let payload =
+        decode_payload(&req.payload, req.payload_encoding).map_err(Problem::bad_request)?;
+    let mut m = NewMessage::new(req.kind.clone(), payload);
+    for (k, v) in &req.headers {
+        m = m.header(k.clone(), v.clone());
+    }
+    if let Some(d) = &req.delay {
+        m = m.delay(parse_duration("delay", d)?);
+    }
+    let params = audit::params([
+        ("type", serde_json::json!(req.kind)),
+        ("bytes", serde_json::json!(req.payload.len())),
+        ("delay", serde_json::json!(req.delay)),
+    ]);
+    let r = s.broker.publish(&topic, m).await.map_err(Problem::from);
+    let r = r.map(|id| Published { id: id.to_string() });
+    audited(&s, &caller, "publish", &topic, params, r, |p| {
+        format!("published {}", p.id)
+    })
+    .await
+    .map(Json)
+}
+
+/// Which page of messages.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct BrowseParams {
+    /// Only ids greater than this.
+    after: Option<String>,
+    /// Only ids smaller than this.
+    before: Option<String>,
+    /// Page size, 1 to 1000 (default 100).
+    limit: Option<usize>,
+    /// `oldest` (default) or `newest` first.
+    order: Option<String>,
+}
+
+/// A page of the topic's stored messages, read without a group (nothing changes).
+#[utoipa::path(get, path = "/api/topics/{topic}/messages", tag = "messages",
+    params(("topic" = String, Path, description = "The topic"), BrowseParams),
+    responses((status = 200, body = Page<MessageView>), (status = "default", body = Problem, content_type = "application/problem+json")))]
+pub(crate) async fn browse(
+    State(s): St,
+    Path(topic): Path<String>,
+    Query(p): Query<BrowseParams>,
+) -> ApiResult<Json<Page<MessageView>>> {
+    let mut q = match p.order.as_deref() {
+        None | Some("oldest") => Browse::oldest(),
+        Some("newest") => Browse::newest(),
+        Some(o) => {
+            return Err(Problem::bad_request(format!(
+                "order = {o:?}: expected oldest or newest"
+            )))
+        }
+    };
+    q = q.limit(page_size(p.limit)?);
+    if let Some(a) = &p.after {
+        q = q.after(id(a)?);
+    }
+    if let Some(b) = &p.before {
+        q = q.before(id(b)?);
+    }
+    let page = s.broker.browse(&topic, &q).await?;
+    let next = (page.len() == q.page_size())
+        .then(|| page.last().map(|m| m.id.to_string()))
+        .flatten();
+    Ok(Json(Page {
+        items: page.iter().map(MessageView::from).collect(),
+        next,
+    }))
+}
+
+/// One stored message.
+#[utoipa::path(get, path = "/api/topics/{topic}/messages/{id}", tag = "messages",
+    params(("topic" = String, Path, description = "The topic"), ("id" = String, Path, description = "The message id")),
+    responses((status = 200, body = MessageView), (status = "default", body = Problem, content_type = "application/problem+json")))]
+pub(crate) async fn get_message(
+    State(s): St,
+    Path((topic, mid)): Path<(String, String)>,
+) -> ApiResult<Json<MessageView>> {
+    let m = s.broker.message(&topic, id(&mid)?).await?;
+    Ok(Json(MessageView::from(&m)))
+}
+
+/// The result of a stop or resume.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct StopView {
+    /// The message.
+    pub(crate) id: String,
+    /// Stopped now (after a stop) or resumed now (false: it was not stopped).
+    pub(crate) changed: bool,
+}
+
+/// Stops a message: no group delivers it again until it is resumed.
+#[utoipa::path(post, path = "/api/topics/{topic}/messages/{id}/stop", tag = "messages",
+    params(("topic" = String, Path, description = "The topic"), ("id" = String, Path, description = "The message id")),
+    responses((status = 200, body = StopView), (status = "default", body = Problem, content_type = "application/problem+json")))]
+pub(crate) async fn stop(
+    State(s): St,
+    Extension(caller): Extension<Caller>,
+    Path((topic, mid)): Path<(String, String)>,
+) -> ApiResult<Json<StopView>> {
+    writable_topic(&topic)?;
+    let m = id(&mid)?;
+    let r = s
+        .broker
+        .stop_message(&topic, m)
+        .await
+        .map_err(Problem::from);
+    let r = r.map(|()| StopView {
+        id: m.to_string(),
+        changed: true,
+    });
+    audited(
+        &s,
+        &caller,
+        "stop",
+        &topic,
+        audit::params([("id", serde_json::json!(mid))]),
+        r,
+        |_| "stopped".into(),
+    )
+    .await
+    .map(Json)
+}
+
+/// Resumes a stopped message.
+#[utoipa::path(post, path = "/api/topics/{topic}/messages/{id}/resume", tag = "messages",
+    params(("topic" = String, Path, description = "The topic"), ("id" = String, Path, description = "The message id")),
+    responses((status = 200, body = StopView), (status = "default", body = Problem, content_type = "application/problem+json")))]
+pub(crate) async fn resume(
+    State(s): St,
+    Extension(caller): Extension<Caller>,
+    Path((topic, mid)): Path<(String, String)>,
+) -> ApiResult<Json<StopView>> {
+    writable_topic(&topic)?;
+    let m = id(&mid)?;
+    let r = s
+        .broker
+        .resume_message(&topic, m)
+        .await
+        .map_err(Problem::from);
+    let r = r.map(|changed| StopView {
+        id: m.to_string(),
+        changed,
+    });
+    audited(
+        &s,
+        &caller,
+        "resume",
+        &topic,
+        audit::params([("id", serde_json::json!(mid))]),
+        r,
+        |v| {
+            if v.changed {
+                "resumed".into()
+            } else {
+                "was not stopped".into()
+            }
+        },
+    )
+    .await
+    .map(Json)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dead letters
+
+/// Which dead letters.
+#[derive(Debug, Default, Deserialize, IntoParams, ToSchema)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DeadLetterFilter {
+    /// Only this message type.
+    #[serde(rename = "type")]
+    #[param(rename = "type")]
+    pub(crate) kind: Option<String>,
+    /// Only this reason (`retryable`, `permanent`, `panic`, `timeout`, `no_handler`,
+    /// `delivery_limit`).
+    pub(crate) reason: Option<String>,
+    /// Only this error category.
+    pub(crate) category: Option<String>,
+    /// Only dead letters of this group.
+    pub(crate) group: Option<String>,
+    /// Only those whose last failure is at or after this time (RFC 3339).
+    pub(crate) since: Option<String>,
+    /// Only those whose last failure is before this time (RFC 3339).
+    pub(crate) until: Option<String>,
+}
+
+impl DeadLetterFilter {
+    fn is_empty(&self) -> bool {
+        self.kind.is_none()
+            && self.reason.is_none()
+            && self.category.is_none()
+            && self.group.is_none()
+            && self.since.is_none()
+            && self.until.is_none()
+    }
+
+    fn query(&self) -> ApiResult<DeadLetterQuery> {
+        let mut q = DeadLetterQuery::all();
+        if let Some(k) = &self.kind {
+            q = q.kind(k);
+        }
+        if let Some(r) = &self.reason {
+            q = q
+                .reason(FailureKind::from_str(r).map_err(|e| Problem::bad_request(e.to_string()))?);
+        }
+        if let Some(c) = &self.category {
+            q = q.category(c);
+        }
+        if let Some(g) = &self.group {
+            q = q.group(g);
+        }
+        let since = self
+            .since
+            .as_deref()
+            .map(|t| parse_time("since", t))
+            .transpose()?;
+        let until = self
+            .until
+            .as_deref()
+            .map(|t| parse_time("until", t))
+            .transpose()?;
+        if since.is_some() || until.is_some() {
+            q = q.between(since, until);
+        }
+        Ok(q)
+    }
+}
+
+/// Which page of dead letters.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct DeadLetterPage {
+    /// Continue after this dead-letter id (the previous page's `next`).
+    after: Option<String>,
+    /// Page size, 1 to 1000 (default 100).
+    limit: Option<usize>,
+    #[serde(rename = "type")]
+    #[param(rename = "type")]
+    kind: Option<String>,
+    reason: Option<String>,
+    category: Option<String>,
+    group: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+}
+
+impl DeadLetterPage {
+    fn filter(&self) -> DeadLetterFilter {
+        DeadLetterFilter {
+            kind: self.kind.clone(),
+            reason: self.reason.clone(),
+            category: self.category.clone(),
+            group: self.group.clone(),
+            since: self.since.clone(),
+            until: self.until.clone(),
+        }
+    }
+}
+
+/// A page of dead letters, oldest first, filtered.
+#[utoipa::path(get, path = "/api/topics/{topic}/dead-letters", tag = "dead letters",
+    params(("topic" = String, Path, description = "The topic"), DeadLetterPage),
+    responses((status = 200, body = Page<DeadLetterView>), (status = "default", body = Problem, content_type = "application/problem+json")))]
+pub(crate) async fn list_dead_letters(
+    State(s): St,
+    Path(topic): Path<String>,
+    Query(p): Query<DeadLetterPage>,
+) -> ApiResult<Json<Page<DeadLetterView>>> {
+    let mut q = p.filter().query()?.limit(page_size(p.limit)?);
+    if let Some(a) = &p.after {
+        q = q.after(id(a)?);
+    }
+    let dls = s.broker.dead_letters(&topic);
+    let page = dls.list(&q).await?;
+    let next = (page.len() == q.page_size())
+        .then(|| page.last().map(|d| d.id.to_string()))
+        .flatten();
+    Ok(Json(Page {
+        items: page
+            .iter()
+            .map(|d| DeadLetterView::new(d, dls.suggestion(d)))
+            .collect(),
+        next,
+    }))
+}
+
+/// The matching dead letters grouped by error fingerprint, most frequent first, with the
+/// suggestion for each group's most common category.
+#[utoipa::path(get, path = "/api/topics/{topic}/dead-letters/groups", tag = "dead letters",
+    params(("topic" = String, Path, description = "The topic"), DeadLetterFilter),
+    responses((status = 200, body = Vec<FailureGroupView>), (status = "default", body = Problem, content_type = "application/problem+json")))]
+pub(crate) async fn failure_groups(
+    State(s): St,
+    Path(topic): Path<String>,
+    Query(f): Query<DeadLetterFilter>,
+) -> ApiResult<Json<Vec<FailureGroupView>>> {
+    let groups = s
+        .broker
+        .dead_letters(&topic)
+        .failure_groups(&f.query()?)
+        .await?;
+    Ok(Json(
+        groups.into_iter().map(FailureGroupView::from).collect(),
+    ))
+}
+
+/// Dead-letter counts.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct DeadLetterStatsView {
+    /// All dead letters of the topic.
+    pub(crate) total: u64,
+    /// By reason.
+    pub(crate) by_reason: BTreeMap<String, u64>,
+    /// By message type.
+    pub(crate) by_type: BTreeMap<String, u64>,
+    /// By error category (`none` when the handler set none).
+    pub(crate) by_category: BTreeMap<String, u64>,
+    /// The oldest last failure.
+    pub(crate) oldest: Option<String>,
+}
+
+/// Counts by reason, type and category.
+#[utoipa::path(get, path = "/api/topics/{topic}/dead-letters/stats", tag = "dead letters",
+    params(("topic" = String, Path, description = "The topic")),
+    responses((status = 200, body = DeadLetterStatsView), (status = "default", body = Problem, content_type = "application/problem+json")))]
+pub(crate) async fn dead_letter_stats(
+    State(s): St,
+    Path(topic): Path<String>,
+) -> ApiResult<Json<DeadLetterStatsView>> {
+    let st = s.broker.dead_letters(&topic).stats().await?;
+    Ok(Json(DeadLetterStatsView {
+        total: st.total,
+        by_reason: st.by_reason,
+        by_type: st.by_kind,
+        by_category: st.by_category,
+        oldest: st.oldest.map(|t| t.to_string()),
+    }))
+}
+
+/// One dead letter with its suggestion.
+#[utoipa::path(get, path = "/api/topics/{topic}/dead-letters/{id}", tag = "dead letters",
+    params(("topic" = String, Path, description = "The topic"), ("id" = String, Path, description = "The dead letter id")),
+    responses((status = 200, body = DeadLetterView), (status = "default", body = Problem, content_type = "application/problem+json")))]
+pub(crate) async fn get_dead_letter(
+    State(s): St,
+    Path((topic, did)): Path<(String, String)>,
+) -> ApiResult<Json<DeadLetterView>> {
+    let dls = s.broker.dead_letters(&topic);
+    let d = dls.get(id(&did)?).await?;
+    Ok(Json(DeadLetterView::new(&d, dls.suggestion(&d))))
+}
+
+/// What to replay: ids, or every dead letter matching a filter (`all` for no filter).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ReplayRequest {
+    /// These dead letters.
+    #[serde(default)]
+    pub(crate) ids: Vec<String>,
+    /// Or every dead letter matching this filter.
+    pub(crate) filter: Option<DeadLetterFilter>,
+    /// Or every dead letter of the topic.
+    #[serde(default)]
+    pub(crate) all: bool,
+    /// Only show what would be replayed.
+    #[serde(default)]
+    pub(crate) dry_run: bool,
+    /// At most this many per second.
+    pub(crate) rate: Option<u32>,
+}
+
+/// One replayed dead letter.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ReplayedView {
+    /// The dead letter.
+    pub(crate) dead_letter: String,
+    /// The new message.
+    pub(crate) message: String,
+}
+
+/// The result of a replay (or of its dry run).
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ReplayResult {
+    /// Nothing changed.
+    pub(crate) dry_run: bool,
+    /// How many dead letters were chosen.
+    pub(crate) matched: u64,
+    /// The chosen dead-letter ids (a dry run).
+    pub(crate) would_replay: Vec<String>,
+    /// What was replayed.
+    pub(crate) replayed: Vec<ReplayedView>,
+}
+
+/// Replays dead letters: each becomes a new message for the group that gave up on it.
+#[utoipa::path(post, path = "/api/topics/{topic}/dead-letters/replay", tag = "dead letters",
+    params(("topic" = String, Path, description = "The topic")), request_body = ReplayRequest,
+    responses((status = 200, body = ReplayResult), (status = "default", body = Problem, content_type = "application/problem+json")))]
+pub(crate) async fn replay(
+    State(s): St,
+    Extension(caller): Extension<Caller>,
+    Path(topic): Path<String>,
+    Body(req): Body<ReplayRequest>,
+) -> ApiResult<Json<ReplayResult>> {
+    writable_topic(&topic)?;
+    let filter = req.filter.as_ref().filter(|f| !f.is_empty());
+    let ways =
+        usize::from(!req.ids.is_empty()) + usize::from(filter.is_some()) + usize::from(req.all);
+    if ways != 1 {
+        return Err(Problem::bad_request(
+            "give exactly one of: ids, a non-empty filter, or all = true",
+        ));
+    }
+    if req.rate == Some(0) {
+        return Err(Problem::bad_request("rate must be at least 1 per second"));
+    }
+    let dls = s.broker.dead_letters(&topic);
+    let chosen: Vec<MessageId> = if req.ids.is_empty() {
+        let q = match filter {
+            Some(f) => f.query()?,
+            None => DeadLetterQuery::all(),
+        };
+        let mut ids = Vec::new();
+        let mut q = q.limit(500);
+        loop {
+            let page = dls.list(&q).await?;
+            ids.extend(page.iter().map(|d| d.id));
+            match page.last() {
+                Some(last) if page.len() == 500 => q = q.after(last.id),
+                _ => break,
+            }
+        }
+        ids
+    } else {
+        let ids = req
+            .ids
+            .iter()
+            .map(|i| id(i))
+            .collect::<ApiResult<Vec<_>>>()?;
+        for i in &ids {
+            dls.get(*i).await?;
+        }
+        ids
+    };
+    if let Some(r) = req.rate {
+        if chosen.len() as u64 > u64::from(r) * MAX_REPLAY_SECONDS {
+            return Err(Problem::bad_request(format!(
+                "{} dead letters at {r}/s would take longer than {MAX_REPLAY_SECONDS}s: raise the rate or narrow the filter",
+                chosen.len()
+            )));
+        }
+    }
+    if req.dry_run {
+        return Ok(Json(ReplayResult {
+            dry_run: true,
+            matched: chosen.len() as u64,
+            would_replay: chosen.iter().map(ToString::to_string).collect(),
+            replayed: Vec::new(),
+        }));
+    }
+    let params = audit::params([
+        ("ids", serde_json::json!(req.ids)),
+        (
+            "filter",
+            serde_json::json!(filter.map(|f| serde_json::json!({
+            "type": f.kind, "reason": f.reason, "category": f.category, "group": f.group,
+            "since": f.since, "until": f.until}))),
+        ),
+        ("all", serde_json::json!(req.all)),
+        ("rate", serde_json::json!(req.rate)),
+        ("matched", serde_json::json!(chosen.len())),
+    ]);
+    let chunk = req.rate.map_or(100, |r| (r as usize / 10).clamp(1, 100));
+    let started = tokio::time::Instant::now();
+    let mut replayed = Vec::new();
+    let mut failure = None;
+    for batch in chosen.chunks(chunk) {
+        if let Some(r) = req.rate {
+            let due = started + Duration::from_secs_f64(replayed.len() as f64 / f64::from(r));
+            tokio::time::sleep_until(due).await;
+        }
+        match dls.replay(batch).await {
+            Ok(done) => replayed.extend(done.into_iter().map(|(d, m)| ReplayedView {
+                dead_letter: d.to_string(),
+                message: m.to_string(),
+            })),
+            Err(e) => {
+                failure = Some(Problem::from(e));
+                break;
+            }
+        }
+    }
+    let n = replayed.len();
+    let r = match failure {
+        Some(mut p) => {
+            p.detail = format!(
+                "{} (replayed {n} of {} before the failure)",
+                p.detail,
+                chosen.len()
+            );
+            Err(p)
+        }
+        None => Ok(ReplayResult {
+            dry_run: false,
+            matched: chosen.len() as u64,
+            would_replay: Vec::new(),
+            replayed,
+        }),
+    };
+    audited(&s, &caller, "replay", &topic, params, r, |r| {
+        format!("replayed {} of {}", r.replayed.len(), r.matched)
+    })
+    .await
+    .map(Json)
+}
+
+/// Dead letters to delete.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DeleteRequest {
+    /// Their ids.
+    pub(crate) ids: Vec<String>,
+}
+
+/// How many were removed.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Removed {
+    /// The count.
+    pub(crate) removed: u64,
+}
+
+/// Deletes dead letters by id.
+#[utoipa::path(post, path = "/api/topics/{topic}/dead-letters/delete", tag = "dead letters",
+    params(("topic" = String, Path, description = "The topic")), request_body = DeleteRequest,
+    responses((status = 200, body = Removed), (status = "default", body = Problem, content_type = "application/problem+json")))]
+pub(crate) async fn delete_dead_letters(
+    State(s): St,
+    Extension(caller): Extension<Caller>,
+    Path(topic): Path<String>,
+    Body(req): Body<DeleteRequest>,
+) -> ApiResult<Json<Removed>> {
+    writable_topic(&topic)?;
+    if req.ids.is_empty() || req.ids.len() > MAX_PAGE {
+        return Err(Problem::bad_request(format!("give 1 to {MAX_PAGE} ids")));
+    }
+    let ids = req
+        .ids
+        .iter()
+        .map(|i| id(i))
+        .collect::<ApiResult<Vec<_>>>()?;
+    let r = s
+        .broker
+        .dead_letters(&topic)
+        .delete(&ids)
+        .await
+        .map_err(Problem::from);
+    let r = r.map(|removed| Removed { removed });
+    audited(
+        &s,
+        &caller,
+        "delete",
+        &topic,
+        audit::params([("ids", serde_json::json!(req.ids))]),
+        r,
+        |r| format!("deleted {}", r.removed),
+    )
+    .await
+    .map(Json)
+}
+
+/// Which dead letters to purge.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PurgeRequest {
+    /// Those whose last failure is older than this (`"7d"`; `"0s"` for all).
+    pub(crate) older_than: String,
+}
+
+/// Deletes dead letters older than an age.
+#[utoipa::path(post, path = "/api/topics/{topic}/dead-letters/purge", tag = "dead letters",
+    params(("topic" = String, Path, description = "The topic")), request_body = PurgeRequest,
+    responses((status = 200, body = Removed), (status = "default", body = Problem, content_type = "application/problem+json")))]
+pub(crate) async fn purge_dead_letters(
+    State(s): St,
+    Extension(caller): Extension<Caller>,
+    Path(topic): Path<String>,
+    Body(req): Body<PurgeRequest>,
+) -> ApiResult<Json<Removed>> {
+    writable_topic(&topic)?;
+    let age = parse_duration("older_than", &req.older_than)?;
+    let r = s
+        .broker
+        .dead_letters(&topic)
+        .purge_older_than(age)
+        .await
+        .map_err(Problem::from);
+    let r = r.map(|removed| Removed { removed });
+    let params = audit::params([("older_than", serde_json::json!(req.older_than))]);
+    audited(&s, &caller, "purge", &topic, params, r, |r| {
+        format!("purged {}", r.removed)
+    })
+    .await
+    .map(Json)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Audit
+
+/// Which page of the audit log.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct AuditParams {
+    /// Entries before this id (the previous page's `next`).
+    before: Option<String>,
+    /// Page size, 1 to 1000 (default 100).
+    limit: Option<usize>,
+}
+
+/// The audit log, newest first.
+#[utoipa::path(get, path = "/api/audit", tag = "audit", params(AuditParams),
+    responses((status = 200, body = Page<AuditEntry>), (status = "default", body = Problem, content_type = "application/problem+json")))]
+pub(crate) async fn audit_log(
+    State(s): St,
+    Query(p): Query<AuditParams>,
+) -> ApiResult<Json<Page<AuditEntry>>> {
+    let before = p.before.as_deref().map(id).transpose()?;
+    let (items, next) = audit::list(&s.broker, before, page_size(p.limit)?).await?;
+    Ok(Json(Page {
+        items,
+        next: next.map(|n| n.to_string()),
+    }))
+}

@@ -1,0 +1,727 @@
+//! The admin router without a socket (`oneshot`): every endpoint, authentication and roles,
+//! bad input answered as problem details, and the audit log.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{header, Method, Request, StatusCode};
+use axum::Router;
+use http_body_util::BodyExt;
+use relq::{
+    Backoff, Broker, HandlerError, Message, NewMessage, StartPosition, TokenEntry, TokenRole,
+};
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+const ADMIN: &str = "admin-secret-0123456789";
+const READER: &str = "reader-secret-0123456789";
+
+fn tokens() -> Vec<TokenEntry> {
+    vec![
+        TokenEntry::new("ops", ADMIN, TokenRole::Admin),
+        TokenEntry::new("grafana", READER, TokenRole::Read),
+    ]
+}
+
+struct Reply {
+    status: StatusCode,
+    content_type: String,
+    body: Value,
+    text: String,
+}
+
+async fn call(
+    app: &Router,
+    method: Method,
+    uri: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> Reply {
+    let mut req = Request::builder().method(method).uri(uri);
+    if let Some(t) = token {
+        req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let req = match body {
+        Some(b) => req
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(b.to_string())),
+        None => req.body(Body::empty()),
+    }
+    .unwrap();
+    raw(app, req).await
+}
+
+async fn raw(app: &Router, req: Request<Body>) -> Reply {
+    let res = app.clone().oneshot(req).await.unwrap();
+    let status = res.status();
+    let content_type = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let bytes = res.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    Reply {
+        status,
+        content_type,
+        body,
+        text,
+    }
+}
+
+/// A problem answer: the status, problem+json, and its detail.
+fn problem(r: &Reply, status: StatusCode) -> String {
+    assert_eq!(r.status, status, "{}", r.text);
+    assert_eq!(r.content_type, "application/problem+json", "{}", r.text);
+    assert_eq!(r.body["status"], status.as_u16());
+    assert!(r.body["type"]
+        .as_str()
+        .unwrap()
+        .starts_with("https://relq.dev/problems/"));
+    r.body["detail"].as_str().unwrap().to_owned()
+}
+
+/// A broker with topic `orders`: 5 messages of which 3 are dead letters (two categories).
+async fn broker_with_failures() -> Broker {
+    let b = Broker::memory();
+    let c = b
+        .consumer("orders", "billing")
+        .start(StartPosition::Earliest)
+        .retry(Backoff::fixed(Duration::from_millis(1)).max_attempts(1))
+        .handler("order", |m: Message| async move {
+            match &m.payload[..] {
+                b"bad-1" | b"bad-2" => Err(HandlerError::permanent(std::io::Error::other(
+                    format!("amount {} is negative", m.id.seq),
+                ))
+                .category("validation")),
+                b"slow" => Err(HandlerError::retryable(std::io::Error::other("db timeout"))
+                    .category("database")),
+                _ => Ok(()),
+            }
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    for p in ["ok-1", "bad-1", "bad-2", "slow", "ok-2"] {
+        b.publish("orders", NewMessage::new("order", p))
+            .await
+            .unwrap();
+    }
+    for _ in 0..2000 {
+        let n = b.topic_info("orders").await.unwrap().dead_letters;
+        let g = &b.topic_info("orders").await.unwrap().groups[0];
+        if n == 3 && g.pending == 0 && g.lag == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    c.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(b.topic_info("orders").await.unwrap().dead_letters, 3);
+    b
+}
+
+fn app(b: &Broker) -> Router {
+    relq_admin::Admin::new(b.clone()).tokens(tokens()).router()
+}
+
+#[tokio::test]
+async fn tokens_and_roles_are_enforced() {
+    let b = broker_with_failures().await;
+    let app = app(&b);
+    let r = call(&app, Method::GET, "/api/topics", None, None).await;
+    problem(&r, StatusCode::UNAUTHORIZED);
+    let r = call(
+        &app,
+        Method::GET,
+        "/api/topics",
+        Some("wrong-secret-0123456789"),
+        None,
+    )
+    .await;
+    problem(&r, StatusCode::UNAUTHORIZED);
+    let r = call(&app, Method::GET, "/metrics", None, None).await;
+    problem(&r, StatusCode::UNAUTHORIZED);
+    // Read-only: reads, never changes.
+    let r = call(&app, Method::GET, "/api/topics", Some(READER), None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    for (method, uri, body) in [
+        (
+            Method::POST,
+            "/api/topics/orders/messages",
+            json!({"type": "t", "payload": "x"}),
+        ),
+        (
+            Method::POST,
+            "/api/topics/orders/dead-letters/replay",
+            json!({"all": true}),
+        ),
+        (
+            Method::POST,
+            "/api/topics/orders/dead-letters/purge",
+            json!({"older_than": "0s"}),
+        ),
+        (
+            Method::DELETE,
+            "/api/topics/orders?confirm=orders",
+            json!(null),
+        ),
+    ] {
+        let r = call(&app, method, uri, Some(READER), Some(body)).await;
+        let d = problem(&r, StatusCode::FORBIDDEN);
+        assert!(d.contains("read-only"), "{d}");
+    }
+    let info = b.topic_info("orders").await.unwrap();
+    assert_eq!((info.length, info.dead_letters), (5, 3), "nothing changed");
+    // Health and the document need no token.
+    for uri in ["/healthz", "/readyz", "/openapi.json"] {
+        assert_eq!(
+            call(&app, Method::GET, uri, None, None).await.status,
+            StatusCode::OK,
+            "{uri}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn topics_messages_stop_resume_and_terminate() {
+    let b = broker_with_failures().await;
+    let app = app(&b);
+    let r = call(&app, Method::GET, "/api/topics", Some(READER), None).await;
+    let topics = r.body.as_array().unwrap();
+    assert_eq!(topics.len(), 1, "the audit topic is not listed: {}", r.text);
+    assert_eq!(topics[0]["name"], "orders");
+    assert_eq!(topics[0]["dead_letters"], 3);
+    assert_eq!(topics[0]["groups"][0]["name"], "billing");
+
+    // Publish with headers and a hex payload; browse both ways; get one.
+    let r = call(&app, Method::POST, "/api/topics/orders/messages", Some(ADMIN),
+        Some(json!({"type": "order", "payload": "00ff", "payload_encoding": "hex", "headers": {"tenant": "acme"}}))).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let id = r.body["id"].as_str().unwrap().to_owned();
+    let r = call(
+        &app,
+        Method::GET,
+        "/api/topics/orders/messages?limit=2",
+        Some(READER),
+        None,
+    )
+    .await;
+    let items = r.body["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2);
+    assert_eq!(items[0]["payload"], "ok-1");
+    let next = r.body["next"].as_str().unwrap();
+    let r = call(
+        &app,
+        Method::GET,
+        &format!("/api/topics/orders/messages?after={next}&limit=1000"),
+        Some(READER),
+        None,
+    )
+    .await;
+    assert_eq!(r.body["items"].as_array().unwrap().len(), 4);
+    assert!(r.body["next"].is_null());
+    let r = call(
+        &app,
+        Method::GET,
+        "/api/topics/orders/messages?order=newest&limit=1",
+        Some(READER),
+        None,
+    )
+    .await;
+    assert_eq!(r.body["items"][0]["id"], id.as_str());
+    let r = call(
+        &app,
+        Method::GET,
+        &format!("/api/topics/orders/messages/{id}"),
+        Some(READER),
+        None,
+    )
+    .await;
+    assert_eq!(r.body["payload"], "00ff");
+    assert_eq!(r.body["payload_encoding"], "hex");
+    assert_eq!(r.body["headers"]["tenant"], "acme");
+
+    // Stop and resume.
+    let r = call(
+        &app,
+        Method::POST,
+        &format!("/api/topics/orders/messages/{id}/stop"),
+        Some(ADMIN),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let info = b.topic_info("orders").await.unwrap();
+    assert_eq!(
+        info.stopped
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        vec![id.clone()]
+    );
+    let r = call(
+        &app,
+        Method::POST,
+        &format!("/api/topics/orders/messages/{id}/resume"),
+        Some(ADMIN),
+        None,
+    )
+    .await;
+    assert_eq!(r.body["changed"], true);
+    assert!(b.topic_info("orders").await.unwrap().stopped.is_empty());
+
+    // Cleanup keeps what the group has not acknowledged.
+    let r = call(
+        &app,
+        Method::POST,
+        "/api/topics/orders/cleanup",
+        Some(ADMIN),
+        Some(json!({"min_age": "0s"})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["trimmed_unacknowledged"], 0);
+
+    // Terminate needs the name typed again.
+    let r = call(
+        &app,
+        Method::DELETE,
+        "/api/topics/orders",
+        Some(ADMIN),
+        None,
+    )
+    .await;
+    assert!(problem(&r, StatusCode::BAD_REQUEST).contains("confirm=orders"));
+    let r = call(
+        &app,
+        Method::DELETE,
+        "/api/topics/orders?confirm=order",
+        Some(ADMIN),
+        None,
+    )
+    .await;
+    problem(&r, StatusCode::BAD_REQUEST);
+    assert!(b.topic_info("orders").await.is_ok());
+    let r = call(
+        &app,
+        Method::DELETE,
+        "/api/topics/orders?confirm=orders",
+        Some(ADMIN),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.body["existed"].clone()),
+        (StatusCode::OK, json!(true))
+    );
+    let r = call(&app, Method::GET, "/api/topics/orders", Some(READER), None).await;
+    problem(&r, StatusCode::NOT_FOUND);
+    // The audit log cannot be terminated through the API.
+    let r = call(
+        &app,
+        Method::DELETE,
+        "/api/topics/_relq-audit?confirm=_relq-audit",
+        Some(ADMIN),
+        None,
+    )
+    .await;
+    problem(&r, StatusCode::FORBIDDEN);
+
+    // Every change is in the audit log, newest first, by token name.
+    let r = call(&app, Method::GET, "/api/audit", Some(READER), None).await;
+    let actions: Vec<(String, String, u64)> = r.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap().to_owned(),
+                e["actor"].as_str().unwrap().to_owned(),
+                e["status"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let want = [
+        ("terminate", "ops", 200),
+        ("cleanup", "ops", 200),
+        ("resume", "ops", 200),
+        ("stop", "ops", 200),
+        ("publish", "ops", 200),
+    ]
+    .map(|(a, b, c)| (a.to_owned(), b.to_owned(), c));
+    assert_eq!(actions, want, "{}", r.text);
+}
+
+#[tokio::test]
+async fn dead_letters_list_group_replay_delete_and_purge() {
+    let b = broker_with_failures().await;
+    let app = app(&b);
+    let r = call(
+        &app,
+        Method::GET,
+        "/api/topics/orders/dead-letters?category=validation",
+        Some(READER),
+        None,
+    )
+    .await;
+    let items = r.body["items"].as_array().unwrap().clone();
+    assert_eq!(items.len(), 2, "{}", r.text);
+    assert_eq!(items[0]["reason"], "permanent");
+    assert!(
+        items[0]["suggestion"]["check"].as_str().is_some(),
+        "{}",
+        r.text
+    );
+    let r = call(
+        &app,
+        Method::GET,
+        "/api/topics/orders/dead-letters?limit=1",
+        Some(READER),
+        None,
+    )
+    .await;
+    assert_eq!(r.body["items"].as_array().unwrap().len(), 1);
+    assert!(r.body["next"].is_string());
+
+    // Two fingerprints: "amount <n> is negative" (2) and "db timeout" (1).
+    let r = call(
+        &app,
+        Method::GET,
+        "/api/topics/orders/dead-letters/groups",
+        Some(READER),
+        None,
+    )
+    .await;
+    let groups = r.body.as_array().unwrap();
+    assert_eq!(groups.len(), 2, "{}", r.text);
+    assert_eq!(groups[0]["count"], 2);
+    assert_eq!(groups[0]["categories"]["validation"], 2);
+    let r = call(
+        &app,
+        Method::GET,
+        "/api/topics/orders/dead-letters/stats",
+        Some(READER),
+        None,
+    )
+    .await;
+    assert_eq!(r.body["total"], 3);
+    assert_eq!(r.body["by_category"]["database"], 1);
+
+    let one = items[0]["id"].as_str().unwrap();
+    let r = call(
+        &app,
+        Method::GET,
+        &format!("/api/topics/orders/dead-letters/{one}"),
+        Some(READER),
+        None,
+    )
+    .await;
+    assert_eq!(r.body["message"]["payload"], "bad-1");
+    assert_eq!(r.body["failures"].as_array().unwrap().len(), 1);
+
+    // A dry run changes nothing; then the filtered set is replayed at a rate.
+    let r = call(
+        &app,
+        Method::POST,
+        "/api/topics/orders/dead-letters/replay",
+        Some(ADMIN),
+        Some(json!({"filter": {"category": "validation"}, "dry_run": true})),
+    )
+    .await;
+    assert_eq!(
+        (r.body["dry_run"].clone(), r.body["matched"].clone()),
+        (json!(true), json!(2)),
+        "{}",
+        r.text
+    );
+    assert_eq!(b.topic_info("orders").await.unwrap().dead_letters, 3);
+    let r = call(
+        &app,
+        Method::POST,
+        "/api/topics/orders/dead-letters/replay",
+        Some(ADMIN),
+        Some(json!({"filter": {"category": "validation"}, "rate": 50})),
+    )
+    .await;
+    assert_eq!(
+        r.body["replayed"].as_array().unwrap().len(),
+        2,
+        "{}",
+        r.text
+    );
+    let info = b.topic_info("orders").await.unwrap();
+    assert_eq!((info.dead_letters, info.length), (1, 7));
+    // Replay needs exactly one way of choosing.
+    for body in [
+        json!({}),
+        json!({"all": true, "ids": ["1-0"]}),
+        json!({"filter": {}}),
+    ] {
+        let r = call(
+            &app,
+            Method::POST,
+            "/api/topics/orders/dead-letters/replay",
+            Some(ADMIN),
+            Some(body),
+        )
+        .await;
+        problem(&r, StatusCode::BAD_REQUEST);
+    }
+    // Delete by id, then purge the rest.
+    let left = call(
+        &app,
+        Method::GET,
+        "/api/topics/orders/dead-letters",
+        Some(READER),
+        None,
+    )
+    .await;
+    let last = left.body["items"][0]["id"].as_str().unwrap().to_owned();
+    let r = call(
+        &app,
+        Method::POST,
+        "/api/topics/orders/dead-letters/delete",
+        Some(ADMIN),
+        Some(json!({"ids": [last]})),
+    )
+    .await;
+    assert_eq!(r.body["removed"], 1);
+    let r = call(
+        &app,
+        Method::POST,
+        "/api/topics/orders/dead-letters/purge",
+        Some(ADMIN),
+        Some(json!({"older_than": "0s"})),
+    )
+    .await;
+    assert_eq!(r.body["removed"], 0);
+    let r = call(&app, Method::GET, "/api/audit?limit=2", Some(READER), None).await;
+    let e = &r.body["items"];
+    assert_eq!(
+        (e[0]["action"].as_str(), e[1]["action"].as_str()),
+        (Some("purge"), Some("delete"))
+    );
+    assert_eq!(e[1]["params"]["ids"][0], last.as_str());
+    assert!(r.body["next"].is_string());
+}
+
+#[tokio::test]
+async fn bad_input_is_a_problem_never_a_server_error() {
+    let b = broker_with_failures().await;
+    let app = app(&b);
+    let cases: Vec<(Method, &str, Option<Value>, StatusCode)> = vec![
+        (
+            Method::GET,
+            "/api/topics/bad%20name",
+            None,
+            StatusCode::BAD_REQUEST,
+        ),
+        (Method::GET, "/api/topics/nope", None, StatusCode::NOT_FOUND),
+        (
+            Method::GET,
+            "/api/topics/orders/messages/not-an-id",
+            None,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::GET,
+            "/api/topics/orders/messages/1-0",
+            None,
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::GET,
+            "/api/topics/orders/messages?limit=0",
+            None,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::GET,
+            "/api/topics/orders/messages?limit=abc",
+            None,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::GET,
+            "/api/topics/orders/messages?order=sideways",
+            None,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::GET,
+            "/api/topics/orders/dead-letters?reason=bored",
+            None,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::GET,
+            "/api/topics/orders/dead-letters?since=yesterday",
+            None,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::GET,
+            "/api/topics/orders/dead-letters/99-0",
+            None,
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::GET,
+            "/api/nothing-here",
+            None,
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::PUT,
+            "/api/topics",
+            None,
+            StatusCode::METHOD_NOT_ALLOWED,
+        ),
+        (
+            Method::POST,
+            "/api/topics/orders/messages",
+            Some(json!({"type": "t"})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            Method::POST,
+            "/api/topics/orders/messages",
+            Some(json!({"type": "t", "payload": "x", "extra": 1})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            Method::POST,
+            "/api/topics/orders/messages",
+            Some(json!({"type": "t", "payload": "0g", "payload_encoding": "hex"})),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::POST,
+            "/api/topics/orders/messages",
+            Some(json!({"type": "t", "payload": "x", "headers": {"relq-x": "1"}})),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::POST,
+            "/api/topics/orders/messages",
+            Some(json!({"type": "t", "payload": "x", "delay": "soon"})),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::POST,
+            "/api/topics/orders/messages",
+            Some(json!({"type": "t", "payload": "x", "delay": "99999999999999999d"})),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::POST,
+            "/api/topics/orders/dead-letters/replay",
+            Some(json!({"all": true, "rate": 0})),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::POST,
+            "/api/topics/orders/dead-letters/delete",
+            Some(json!({"ids": []})),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::POST,
+            "/api/topics/orders/dead-letters/purge",
+            Some(json!({"older_than": "forever"})),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::POST,
+            "/api/topics/orders/messages/1-0/stop",
+            None,
+            StatusCode::OK,
+        ),
+    ];
+    for (method, uri, body, want) in cases {
+        let r = call(&app, method.clone(), uri, Some(ADMIN), body).await;
+        if want == StatusCode::OK {
+            assert_eq!(r.status, want, "{method} {uri}: {}", r.text);
+        } else {
+            problem(&r, want);
+        }
+    }
+    // Not JSON, and too large.
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri("/api/topics/orders/messages")
+        .header(header::AUTHORIZATION, format!("Bearer {ADMIN}"))
+        .body(Body::from("type=t"))
+        .unwrap();
+    problem(&raw(&app, req).await, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let big = relq_admin::Admin::new(b.clone()).configure(&{
+        let mut s = relq::ServerSection::default();
+        s.max_body_bytes = 2048;
+        s
+    });
+    let big = big.router();
+    let payload = "x".repeat(4096);
+    let r = call(
+        &big,
+        Method::POST,
+        "/api/topics/orders/messages",
+        None,
+        Some(json!({"type": "t", "payload": payload})),
+    )
+    .await;
+    problem(&r, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        b.topic_info("orders").await.unwrap().length,
+        5,
+        "nothing was published"
+    );
+}
+
+#[tokio::test]
+async fn metrics_health_and_the_openapi_document() {
+    let b = broker_with_failures().await;
+    let app = relq_admin::Admin::new(b.clone()).router();
+    let r = call(&app, Method::GET, "/metrics", None, None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(
+        r.content_type.starts_with("text/plain"),
+        "{}",
+        r.content_type
+    );
+    for line in [
+        "relq_up 1",
+        "relq_ready 1",
+        "relq_topic_messages{topic=\"orders\"} 5",
+        "relq_topic_dead_letters{topic=\"orders\"} 3",
+        "relq_group_lag{topic=\"orders\",group=\"billing\"} 0",
+        "relq_group_pending{topic=\"orders\",group=\"billing\"} 0",
+        "relq_group_consumers{topic=\"orders\",group=\"billing\"} 1",
+        "relq_group_oldest_unread_age_seconds{topic=\"orders\",group=\"billing\"} 0",
+    ] {
+        assert!(
+            r.text.lines().any(|l| l == line),
+            "missing {line:?} in\n{}",
+            r.text
+        );
+    }
+    let r = call(&app, Method::GET, "/readyz", None, None).await;
+    assert_eq!(
+        (r.status, r.body["status"].as_str()),
+        (StatusCode::OK, Some("ok"))
+    );
+    assert_eq!(r.body["backend"], "memory");
+    let r = call(&app, Method::GET, "/openapi.json", None, None).await;
+    assert_eq!(r.body["openapi"], "3.1.0");
+    assert!(r.body["paths"]["/api/topics/{topic}/dead-letters/replay"]["post"].is_object());
+    let committed = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/openapi.json"),
+    )
+    .unwrap_or_default();
+    assert!(
+        committed.trim_end() == relq_admin::openapi().trim_end(),
+        "docs/openapi.json is not what the code generates: run `cargo run --bin relq -- serve --print-openapi > docs/openapi.json`"
+    );
+}
