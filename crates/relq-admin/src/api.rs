@@ -15,6 +15,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::audit::{self, AuditEntry, AUDIT_TOPIC};
 use crate::auth::Caller;
 use crate::extract::{Body, Path, Query};
+use crate::jobs::JobView;
 use crate::problem::{ApiResult, Problem};
 use crate::views::{
     decode_payload, DeadLetterView, Encoding, FailureGroupView, MessageView, Page, TopicView,
@@ -23,12 +24,24 @@ use crate::Shared;
 
 type St = State<Arc<Shared>>;
 
+/// The largest `max_len` of a cleanup (no log reaches 2^62 offsets).
+const MAX_LEN: u64 = 1 << 62;
 /// The largest page any list returns.
 const MAX_PAGE: usize = 1000;
-/// A rate-limited replay may take at most this long in one request.
-const MAX_REPLAY_SECONDS: u64 = 300;
 
+/// A message or dead-letter id in its full form, `<milliseconds>-<sequence>` (the library also
+/// takes Redis's short form `<milliseconds>`; the API does not, so its schema is exact).
 fn id(text: &str) -> ApiResult<MessageId> {
+    let full = text.split_once('-').is_some_and(|(ms, seq)| {
+        !ms.is_empty()
+            && !seq.is_empty()
+            && ms.bytes().chain(seq.bytes()).all(|b| b.is_ascii_digit())
+    });
+    if !full {
+        return Err(Problem::bad_request(format!(
+            "invalid id {text:?}: expected <milliseconds>-<sequence>, e.g. 1700000000000-0"
+        )));
+    }
     MessageId::from_str(text).map_err(|e| Problem::bad_request(e.to_string()))
 }
 
@@ -102,6 +115,29 @@ async fn audited<T>(
     result
 }
 
+/// The topic of a request (documentation of the path only).
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+pub(crate) struct TopicPath {
+    /// The topic.
+    #[param(pattern = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$")]
+    topic: String,
+}
+
+/// The topic and id of a request (documentation of the path only).
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+pub(crate) struct TopicIdPath {
+    /// The topic.
+    #[param(pattern = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$")]
+    topic: String,
+    /// The message or dead-letter id.
+    #[param(pattern = r"^[0-9]{1,20}-[0-9]{1,20}$")]
+    id: String,
+}
+
 // ---------------------------------------------------------------------------------------------
 // Topics
 
@@ -126,7 +162,7 @@ pub(crate) async fn list_topics(State(s): St) -> ApiResult<Json<Vec<TopicView>>>
 
 /// One topic with its groups and consumers.
 #[utoipa::path(get, path = "/api/topics/{topic}", tag = "topics",
-    params(("topic" = String, Path, description = "The topic")),
+    params(TopicPath),
     responses((status = 200, body = TopicView), (status = "default", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn get_topic(
     State(s): St,
@@ -141,6 +177,7 @@ pub(crate) async fn get_topic(
 #[into_params(parameter_in = Query)]
 pub(crate) struct TerminateParams {
     /// Must equal the topic's name.
+    #[param(pattern = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$")]
     confirm: Option<String>,
 }
 
@@ -155,7 +192,7 @@ pub(crate) struct Terminated {
 
 /// Terminates a topic: removes its messages, groups and dead letters; running consumers stop.
 #[utoipa::path(delete, path = "/api/topics/{topic}", tag = "topics",
-    params(("topic" = String, Path, description = "The topic"), TerminateParams),
+    params(TopicPath, TerminateParams),
     responses((status = 200, body = Terminated), (status = "default", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn terminate(
     State(s): St,
@@ -194,6 +231,7 @@ pub(crate) struct CleanupRequest {
     /// Remove acknowledged messages older than this (`"1h"`, `"7d"`).
     pub(crate) min_age: Option<String>,
     /// Keep at most this many messages (trims unacknowledged ones too).
+    #[schema(maximum = 4611686018427387904_u64)]
     pub(crate) max_len: Option<u64>,
 }
 
@@ -208,7 +246,7 @@ pub(crate) struct CleanupView {
 
 /// Removes acknowledged messages (and, with `max_len`, the oldest beyond it).
 #[utoipa::path(post, path = "/api/topics/{topic}/cleanup", tag = "topics",
-    params(("topic" = String, Path, description = "The topic")), request_body = CleanupRequest,
+    params(TopicPath), request_body = CleanupRequest,
     responses((status = 200, body = CleanupView), (status = "default", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn cleanup(
     State(s): St,
@@ -222,6 +260,11 @@ pub(crate) async fn cleanup(
         retention = retention.min_age(parse_duration("min_age", a)?);
     }
     if let Some(n) = req.max_len {
+        if n > MAX_LEN {
+            return Err(Problem::bad_request(format!(
+                "max_len {n} is above {MAX_LEN}"
+            )));
+        }
         retention = retention.max_len(n);
     }
     let params = audit::params([
@@ -256,6 +299,7 @@ pub(crate) async fn cleanup(
 pub(crate) struct PublishRequest {
     /// Its type.
     #[serde(rename = "type")]
+    #[schema(min_length = 1, max_length = 256)]
     pub(crate) kind: String,
     /// The payload, as `payload_encoding` says.
     pub(crate) payload: String,
@@ -278,7 +322,7 @@ pub(crate) struct Published {
 
 /// Publishes one message.
 #[utoipa::path(post, path = "/api/topics/{topic}/messages", tag = "messages",
-    params(("topic" = String, Path, description = "The topic")), request_body = PublishRequest,
+    params(TopicPath), request_body = PublishRequest,
     responses((status = 200, body = Published), (status = "default", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn publish(
     State(s): St,
@@ -315,18 +359,22 @@ pub(crate) async fn publish(
 #[into_params(parameter_in = Query)]
 pub(crate) struct BrowseParams {
     /// Only ids greater than this.
+    #[param(pattern = r"^[0-9]{1,20}-[0-9]{1,20}$")]
     after: Option<String>,
     /// Only ids smaller than this.
+    #[param(pattern = r"^[0-9]{1,20}-[0-9]{1,20}$")]
     before: Option<String>,
     /// Page size, 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
     /// `oldest` (default) or `newest` first.
+    #[param(pattern = r"^(oldest|newest)$")]
     order: Option<String>,
 }
 
 /// A page of the topic's stored messages, read without a group (nothing changes).
 #[utoipa::path(get, path = "/api/topics/{topic}/messages", tag = "messages",
-    params(("topic" = String, Path, description = "The topic"), BrowseParams),
+    params(TopicPath, BrowseParams),
     responses((status = 200, body = Page<MessageView>), (status = "default", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn browse(
     State(s): St,
@@ -361,7 +409,7 @@ pub(crate) async fn browse(
 
 /// One stored message.
 #[utoipa::path(get, path = "/api/topics/{topic}/messages/{id}", tag = "messages",
-    params(("topic" = String, Path, description = "The topic"), ("id" = String, Path, description = "The message id")),
+    params(TopicIdPath),
     responses((status = 200, body = MessageView), (status = "default", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn get_message(
     State(s): St,
@@ -382,7 +430,7 @@ pub(crate) struct StopView {
 
 /// Stops a message: no group delivers it again until it is resumed.
 #[utoipa::path(post, path = "/api/topics/{topic}/messages/{id}/stop", tag = "messages",
-    params(("topic" = String, Path, description = "The topic"), ("id" = String, Path, description = "The message id")),
+    params(TopicIdPath),
     responses((status = 200, body = StopView), (status = "default", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn stop(
     State(s): St,
@@ -415,7 +463,7 @@ pub(crate) async fn stop(
 
 /// Resumes a stopped message.
 #[utoipa::path(post, path = "/api/topics/{topic}/messages/{id}/resume", tag = "messages",
-    params(("topic" = String, Path, description = "The topic"), ("id" = String, Path, description = "The message id")),
+    params(TopicIdPath),
     responses((status = 200, body = StopView), (status = "default", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn resume(
     State(s): St,
@@ -466,14 +514,20 @@ pub(crate) struct DeadLetterFilter {
     pub(crate) kind: Option<String>,
     /// Only this reason (`retryable`, `permanent`, `panic`, `timeout`, `no_handler`,
     /// `delivery_limit`).
+    #[param(pattern = r"^(retryable|permanent|panic|timeout|no_handler|delivery_limit)$")]
+    #[schema(pattern = r"^(retryable|permanent|panic|timeout|no_handler|delivery_limit)$")]
     pub(crate) reason: Option<String>,
     /// Only this error category.
     pub(crate) category: Option<String>,
     /// Only dead letters of this group.
     pub(crate) group: Option<String>,
-    /// Only those whose last failure is at or after this time (RFC 3339).
+    /// Only those whose last failure is at or after this time (RFC 3339, UTC).
+    #[param(pattern = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?Z$")]
+    #[schema(pattern = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?Z$")]
     pub(crate) since: Option<String>,
-    /// Only those whose last failure is before this time (RFC 3339).
+    /// Only those whose last failure is before this time (RFC 3339, UTC).
+    #[param(pattern = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?Z$")]
+    #[schema(pattern = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?Z$")]
     pub(crate) until: Option<String>,
 }
 
@@ -524,16 +578,27 @@ impl DeadLetterFilter {
 #[into_params(parameter_in = Query)]
 pub(crate) struct DeadLetterPage {
     /// Continue after this dead-letter id (the previous page's `next`).
+    #[param(pattern = r"^[0-9]{1,20}-[0-9]{1,20}$")]
     after: Option<String>,
     /// Page size, 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
+    /// Only this message type.
     #[serde(rename = "type")]
     #[param(rename = "type")]
     kind: Option<String>,
+    /// Only this reason.
+    #[param(pattern = r"^(retryable|permanent|panic|timeout|no_handler|delivery_limit)$")]
     reason: Option<String>,
+    /// Only this error category.
     category: Option<String>,
+    /// Only dead letters of this group.
     group: Option<String>,
+    /// Only those whose last failure is at or after this time (RFC 3339, UTC).
+    #[param(pattern = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?Z$")]
     since: Option<String>,
+    /// Only those whose last failure is before this time (RFC 3339, UTC).
+    #[param(pattern = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?Z$")]
     until: Option<String>,
 }
 
@@ -552,7 +617,7 @@ impl DeadLetterPage {
 
 /// A page of dead letters, oldest first, filtered.
 #[utoipa::path(get, path = "/api/topics/{topic}/dead-letters", tag = "dead letters",
-    params(("topic" = String, Path, description = "The topic"), DeadLetterPage),
+    params(TopicPath, DeadLetterPage),
     responses((status = 200, body = Page<DeadLetterView>), (status = "default", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn list_dead_letters(
     State(s): St,
@@ -580,7 +645,7 @@ pub(crate) async fn list_dead_letters(
 /// The matching dead letters grouped by error fingerprint, most frequent first, with the
 /// suggestion for each group's most common category.
 #[utoipa::path(get, path = "/api/topics/{topic}/dead-letters/groups", tag = "dead letters",
-    params(("topic" = String, Path, description = "The topic"), DeadLetterFilter),
+    params(TopicPath, DeadLetterFilter),
     responses((status = 200, body = Vec<FailureGroupView>), (status = "default", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn failure_groups(
     State(s): St,
@@ -614,7 +679,7 @@ pub(crate) struct DeadLetterStatsView {
 
 /// Counts by reason, type and category.
 #[utoipa::path(get, path = "/api/topics/{topic}/dead-letters/stats", tag = "dead letters",
-    params(("topic" = String, Path, description = "The topic")),
+    params(TopicPath),
     responses((status = 200, body = DeadLetterStatsView), (status = "default", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn dead_letter_stats(
     State(s): St,
@@ -632,7 +697,7 @@ pub(crate) async fn dead_letter_stats(
 
 /// One dead letter with its suggestion.
 #[utoipa::path(get, path = "/api/topics/{topic}/dead-letters/{id}", tag = "dead letters",
-    params(("topic" = String, Path, description = "The topic"), ("id" = String, Path, description = "The dead letter id")),
+    params(TopicIdPath),
     responses((status = 200, body = DeadLetterView), (status = "default", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn get_dead_letter(
     State(s): St,
@@ -649,6 +714,7 @@ pub(crate) async fn get_dead_letter(
 pub(crate) struct ReplayRequest {
     /// These dead letters.
     #[serde(default)]
+    #[schema(max_items = 10000)]
     pub(crate) ids: Vec<String>,
     /// Or every dead letter matching this filter.
     pub(crate) filter: Option<DeadLetterFilter>,
@@ -659,7 +725,12 @@ pub(crate) struct ReplayRequest {
     #[serde(default)]
     pub(crate) dry_run: bool,
     /// At most this many per second.
+    #[schema(minimum = 1)]
     pub(crate) rate: Option<u32>,
+    /// Run as a background job: the answer (202) is the job, followed at `/api/jobs/{id}`.
+    /// Needed when a rate makes the replay take longer than 5 seconds.
+    #[serde(default)]
+    pub(crate) background: bool,
 }
 
 /// One replayed dead letter.
@@ -684,16 +755,60 @@ pub(crate) struct ReplayResult {
     pub(crate) replayed: Vec<ReplayedView>,
 }
 
+/// How long a replay may run inside one request; longer ones run as a background job.
+const MAX_INLINE_SECONDS: u64 = 5;
+
+/// Replays `chosen` in batches at most `rate` per second, calling `each` with every batch done;
+/// stops between batches when `job` is cancelled. Returns the error that stopped it, if any.
+async fn run_replay(
+    dls: &relq::DeadLetters,
+    chosen: &[MessageId],
+    rate: Option<u32>,
+    job: Option<&crate::jobs::Job>,
+    mut each: impl FnMut(Vec<(MessageId, MessageId)>),
+) -> Option<relq::Error> {
+    // Batches of at most a tenth of a second's worth at the rate: the rate holds over any
+    // second, and a cancel takes effect within one batch.
+    let chunk = rate.map_or(100, |r| (r as usize / 10).clamp(1, 100));
+    let started = tokio::time::Instant::now();
+    let mut done = 0usize;
+    for batch in chosen.chunks(chunk) {
+        if let Some(r) = rate {
+            let due = started + Duration::from_secs_f64(done as f64 / f64::from(r));
+            match job {
+                Some(j) => tokio::select! {
+                    () = tokio::time::sleep_until(due) => {}
+                    () = j.cancelled() => return None,
+                },
+                None => tokio::time::sleep_until(due).await,
+            }
+        }
+        if job.is_some_and(|j| j.is_cancelled()) {
+            return None;
+        }
+        match dls.replay(batch).await {
+            Ok(r) => {
+                done += batch.len();
+                each(r);
+            }
+            Err(e) => return Some(e),
+        }
+    }
+    None
+}
+
 /// Replays dead letters: each becomes a new message for the group that gave up on it.
 #[utoipa::path(post, path = "/api/topics/{topic}/dead-letters/replay", tag = "dead letters",
-    params(("topic" = String, Path, description = "The topic")), request_body = ReplayRequest,
-    responses((status = 200, body = ReplayResult), (status = "default", body = Problem, content_type = "application/problem+json")))]
+    params(TopicPath), request_body = ReplayRequest,
+    responses((status = 200, body = ReplayResult), (status = 202, description = "Started as a background job", body = JobView),
+        (status = "default", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn replay(
     State(s): St,
     Extension(caller): Extension<Caller>,
     Path(topic): Path<String>,
     Body(req): Body<ReplayRequest>,
-) -> ApiResult<Json<ReplayResult>> {
+) -> ApiResult<axum::response::Response> {
+    use axum::response::IntoResponse;
     writable_topic(&topic)?;
     let filter = req.filter.as_ref().filter(|f| !f.is_empty());
     let ways =
@@ -734,21 +849,22 @@ pub(crate) async fn replay(
         }
         ids
     };
-    if let Some(r) = req.rate {
-        if chosen.len() as u64 > u64::from(r) * MAX_REPLAY_SECONDS {
-            return Err(Problem::bad_request(format!(
-                "{} dead letters at {r}/s would take longer than {MAX_REPLAY_SECONDS}s: raise the rate or narrow the filter",
-                chosen.len()
-            )));
-        }
-    }
     if req.dry_run {
         return Ok(Json(ReplayResult {
             dry_run: true,
             matched: chosen.len() as u64,
             would_replay: chosen.iter().map(ToString::to_string).collect(),
             replayed: Vec::new(),
-        }));
+        })
+        .into_response());
+    }
+    if let (Some(r), false) = (req.rate, req.background) {
+        if chosen.len() as u64 > u64::from(r) * MAX_INLINE_SECONDS {
+            return Err(Problem::bad_request(format!(
+                "{} dead letters at {r}/s take longer than {MAX_INLINE_SECONDS}s: pass \"background\": true and follow the job at /api/jobs/{{id}}",
+                chosen.len()
+            )));
+        }
     }
     let params = audit::params([
         ("ids", serde_json::json!(req.ids)),
@@ -760,31 +876,54 @@ pub(crate) async fn replay(
         ),
         ("all", serde_json::json!(req.all)),
         ("rate", serde_json::json!(req.rate)),
+        ("background", serde_json::json!(req.background)),
         ("matched", serde_json::json!(chosen.len())),
     ]);
-    let chunk = req.rate.map_or(100, |r| (r as usize / 10).clamp(1, 100));
-    let started = tokio::time::Instant::now();
-    let mut replayed = Vec::new();
-    let mut failure = None;
-    for batch in chosen.chunks(chunk) {
-        if let Some(r) = req.rate {
-            let due = started + Duration::from_secs_f64(replayed.len() as f64 / f64::from(r));
-            tokio::time::sleep_until(due).await;
-        }
-        match dls.replay(batch).await {
-            Ok(done) => replayed.extend(done.into_iter().map(|(d, m)| ReplayedView {
-                dead_letter: d.to_string(),
-                message: m.to_string(),
-            })),
-            Err(e) => {
-                failure = Some(Problem::from(e));
-                break;
-            }
-        }
+    if req.background {
+        let job = s.jobs.start(
+            "replay",
+            &topic,
+            &caller.name,
+            chosen.len() as u64,
+            req.rate,
+        );
+        let view = job.view();
+        let shared = s.clone();
+        tokio::spawn(async move {
+            let failure = run_replay(&dls, &chosen, req.rate, Some(&job), |r| {
+                job.progress(r.len() as u64);
+            })
+            .await;
+            job.end(failure.as_ref().map(ToString::to_string));
+            let v = job.view();
+            let mut params = params;
+            params["job"] = serde_json::json!(v.id);
+            let r: ApiResult<JobView> = match failure {
+                Some(e) => Err(Problem::from(e)),
+                None => Ok(v),
+            };
+            let _ = audited(&shared, &caller, "replay", &topic, params, r, |v| {
+                format!(
+                    "job {} {}: replayed {} of {}",
+                    v.id, v.state, v.done, v.total
+                )
+            })
+            .await;
+        });
+        return Ok((StatusCode::ACCEPTED, Json(view)).into_response());
     }
+    let mut replayed = Vec::new();
+    let failure = run_replay(&dls, &chosen, req.rate, None, |r| {
+        replayed.extend(r.into_iter().map(|(d, m)| ReplayedView {
+            dead_letter: d.to_string(),
+            message: m.to_string(),
+        }));
+    })
+    .await;
     let n = replayed.len();
     let r = match failure {
-        Some(mut p) => {
+        Some(e) => {
+            let mut p = Problem::from(e);
             p.detail = format!(
                 "{} (replayed {n} of {} before the failure)",
                 p.detail,
@@ -803,6 +942,77 @@ pub(crate) async fn replay(
         format!("replayed {} of {}", r.replayed.len(), r.matched)
     })
     .await
+    .map(|r| Json(r).into_response())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Jobs
+
+/// The id of a job (documentation of the path only).
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+pub(crate) struct JobPath {
+    /// The job's id.
+    #[param(pattern = r"^[0-9]{1,19}$")]
+    id: String,
+}
+
+fn job_id(text: &str) -> ApiResult<u64> {
+    text.parse::<u64>()
+        .map_err(|_| Problem::bad_request(format!("invalid job id {text:?}: expected a number")))
+}
+
+/// Background jobs (the last 100 finished, and every running one), newest first.
+#[utoipa::path(get, path = "/api/jobs", tag = "jobs",
+    responses((status = 200, body = Vec<JobView>), (status = "default", body = Problem, content_type = "application/problem+json")))]
+pub(crate) async fn list_jobs(State(s): St) -> Json<Vec<JobView>> {
+    Json(s.jobs.list())
+}
+
+/// One job's progress.
+#[utoipa::path(get, path = "/api/jobs/{id}", tag = "jobs", params(JobPath),
+    responses((status = 200, body = JobView), (status = "default", body = Problem, content_type = "application/problem+json")))]
+pub(crate) async fn get_job(State(s): St, Path(jid): Path<String>) -> ApiResult<Json<JobView>> {
+    let job = s.jobs.get(job_id(&jid)?).ok_or_else(|| {
+        Problem::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            format!("job {jid} not found"),
+        )
+    })?;
+    Ok(Json(job.view()))
+}
+
+/// Cancels a running job after its current batch (what it did stays done).
+#[utoipa::path(delete, path = "/api/jobs/{id}", tag = "jobs", params(JobPath),
+    responses((status = 200, body = JobView), (status = "default", body = Problem, content_type = "application/problem+json")))]
+pub(crate) async fn cancel_job(
+    State(s): St,
+    Extension(caller): Extension<Caller>,
+    Path(jid): Path<String>,
+) -> ApiResult<Json<JobView>> {
+    let job = s.jobs.get(job_id(&jid)?).ok_or_else(|| {
+        Problem::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            format!("job {jid} not found"),
+        )
+    })?;
+    s.jobs.cancel(&job);
+    let v = job.view();
+    let r: ApiResult<JobView> = Ok(v);
+    let topic = job.view().topic;
+    audited(
+        &s,
+        &caller,
+        "cancel",
+        &topic,
+        audit::params([("job", serde_json::json!(jid))]),
+        r,
+        |v| format!("asked job {} to stop at {} of {}", v.id, v.done, v.total),
+    )
+    .await
     .map(Json)
 }
 
@@ -811,6 +1021,7 @@ pub(crate) async fn replay(
 #[serde(deny_unknown_fields)]
 pub(crate) struct DeleteRequest {
     /// Their ids.
+    #[schema(min_items = 1, max_items = 1000)]
     pub(crate) ids: Vec<String>,
 }
 
@@ -823,7 +1034,7 @@ pub(crate) struct Removed {
 
 /// Deletes dead letters by id.
 #[utoipa::path(post, path = "/api/topics/{topic}/dead-letters/delete", tag = "dead letters",
-    params(("topic" = String, Path, description = "The topic")), request_body = DeleteRequest,
+    params(TopicPath), request_body = DeleteRequest,
     responses((status = 200, body = Removed), (status = "default", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn delete_dead_letters(
     State(s): St,
@@ -870,7 +1081,7 @@ pub(crate) struct PurgeRequest {
 
 /// Deletes dead letters older than an age.
 #[utoipa::path(post, path = "/api/topics/{topic}/dead-letters/purge", tag = "dead letters",
-    params(("topic" = String, Path, description = "The topic")), request_body = PurgeRequest,
+    params(TopicPath), request_body = PurgeRequest,
     responses((status = 200, body = Removed), (status = "default", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn purge_dead_letters(
     State(s): St,
@@ -903,8 +1114,10 @@ pub(crate) async fn purge_dead_letters(
 #[into_params(parameter_in = Query)]
 pub(crate) struct AuditParams {
     /// Entries before this id (the previous page's `next`).
+    #[param(pattern = r"^[0-9]{1,20}-[0-9]{1,20}$")]
     before: Option<String>,
     /// Page size, 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
 }
 

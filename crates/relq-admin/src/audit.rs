@@ -61,6 +61,50 @@ pub(crate) async fn record(broker: &Broker, entry: &AuditEntry) {
     }
 }
 
+/// Records an action taken outside the HTTP API (the `relq` command line, a service's own
+/// tooling) in the audit log: `actor` did `action` on `topic` with `params`, with this outcome
+/// (a summary, or the error, whose HTTP-equivalent status is recorded).
+pub async fn record_action(
+    broker: &Broker,
+    actor: &str,
+    action: &str,
+    topic: &str,
+    params: serde_json::Value,
+    outcome: Result<String, &relq::Error>,
+) {
+    let (status, outcome) = match outcome {
+        Ok(summary) => (200, summary),
+        Err(e) => {
+            let p = crate::problem::status_of(e);
+            (p.as_u16(), e.to_string())
+        }
+    };
+    let entry = AuditEntry {
+        id: String::new(),
+        at: relq::Timestamp::now().to_string(),
+        actor: actor.to_owned(),
+        action: action.to_owned(),
+        topic: topic.to_owned(),
+        params,
+        status,
+        outcome,
+    };
+    record(broker, &entry).await;
+}
+
+/// A page of the audit log, newest first, before `before` (the `next` of the previous page),
+/// and the `next` of this one.
+///
+/// # Errors
+/// The backend failed.
+pub async fn audit_entries(
+    broker: &Broker,
+    before: Option<MessageId>,
+    limit: usize,
+) -> relq::Result<(Vec<AuditEntry>, Option<MessageId>)> {
+    list(broker, before, limit).await
+}
+
 /// A page of the audit log, newest first, before `before`.
 pub(crate) async fn list(
     broker: &Broker,

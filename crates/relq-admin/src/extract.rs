@@ -27,8 +27,19 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
     type Rejection = Problem;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Problem> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(Body(v)),
+        // Read as a JSON value first: a body must be an object (serde would otherwise fill a
+        // struct from an array).
+        match axum::Json::<serde_json::Value>::from_request(req, state).await {
+            Ok(axum::Json(v)) if !v.is_object() => Err(rejected(
+                axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                "the request body must be a JSON object".into(),
+            )),
+            Ok(axum::Json(v)) => T::deserialize(v).map(Body).map_err(|e| {
+                rejected(
+                    axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("the request body does not match the expected shape: {e}"),
+                )
+            }),
             Err(r @ JsonRejection::MissingJsonContentType(_)) => Err(rejected(
                 axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 r.body_text(),

@@ -21,6 +21,7 @@ mod audit;
 mod auth;
 mod exporter;
 mod extract;
+mod jobs;
 mod problem;
 mod views;
 
@@ -35,7 +36,7 @@ use relq::{Broker, TokenEntry};
 use serde::Serialize;
 use utoipa::OpenApi;
 
-pub use audit::{AuditEntry, AUDIT_TOPIC};
+pub use audit::{audit_entries, record_action, AuditEntry, AUDIT_TOPIC};
 pub use exporter::{install_recorder, render};
 pub use metrics_exporter_prometheus::PrometheusHandle;
 pub use problem::Problem;
@@ -45,6 +46,7 @@ pub(crate) struct Shared {
     pub(crate) broker: Broker,
     pub(crate) tokens: auth::Tokens,
     pub(crate) metrics: Option<PrometheusHandle>,
+    pub(crate) jobs: jobs::Jobs,
 }
 
 /// The admin server's router, built from a broker and options.
@@ -96,6 +98,7 @@ impl Admin {
             broker: self.broker,
             tokens: auth::Tokens::new(self.tokens),
             metrics: self.metrics,
+            jobs: jobs::Jobs::default(),
         });
         let api = Router::new()
             .route("/api/topics", get(api::list_topics))
@@ -140,6 +143,8 @@ impl Admin {
                 get(api::get_dead_letter),
             )
             .route("/api/audit", get(api::audit_log))
+            .route("/api/jobs", get(api::list_jobs))
+            .route("/api/jobs/{id}", get(api::get_job).delete(api::cancel_job))
             .route("/metrics", get(metrics))
             .route_layer(axum::middleware::from_fn_with_state(
                 shared.clone(),
@@ -178,6 +183,7 @@ pub fn metrics_router(broker: Broker, handle: Option<PrometheusHandle>) -> Route
         broker,
         tokens: auth::Tokens::default(),
         metrics: handle,
+        jobs: jobs::Jobs::default(),
     });
     Router::new()
         .route("/metrics", get(metrics))
@@ -200,6 +206,7 @@ pub fn openapi() -> String {
         api::publish, api::browse, api::get_message, api::stop, api::resume,
         api::list_dead_letters, api::failure_groups, api::dead_letter_stats, api::get_dead_letter,
         api::replay, api::delete_dead_letters, api::purge_dead_letters, api::audit_log,
+        api::list_jobs, api::get_job, api::cancel_job,
         healthz, readyz, metrics,
     ),
     components(schemas(Problem, HealthView)),

@@ -43,32 +43,41 @@ impl Problem {
     }
 }
 
+/// The HTTP status an error answers with.
+pub(crate) fn status_of(e: &Error) -> StatusCode {
+    classify(e).0
+}
+
+fn classify(e: &Error) -> (StatusCode, &'static str) {
+    match e {
+        Error::Name(_)
+        | Error::Config(_)
+        | Error::InvalidId(_)
+        | Error::ReservedHeader(_)
+        | Error::InvalidHeader { .. }
+        | Error::UnsupportedUrl { .. } => (StatusCode::BAD_REQUEST, "bad-request"),
+        Error::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large"),
+        Error::NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
+        Error::Terminated(_) => (StatusCode::CONFLICT, "terminated"),
+        Error::Full { .. } => (StatusCode::SERVICE_UNAVAILABLE, "backend-full"),
+        Error::Backend(b) => match b.kind {
+            BackendErrorKind::Unavailable => {
+                (StatusCode::SERVICE_UNAVAILABLE, "backend-unavailable")
+            }
+            BackendErrorKind::Full => (StatusCode::SERVICE_UNAVAILABLE, "backend-full"),
+            BackendErrorKind::Terminated => (StatusCode::CONFLICT, "terminated"),
+            BackendErrorKind::Invalid => (StatusCode::BAD_REQUEST, "bad-request"),
+            BackendErrorKind::Corrupt => (StatusCode::INTERNAL_SERVER_ERROR, "backend-corrupt"),
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, "backend-failed"),
+        },
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+    }
+}
+
 impl From<Error> for Problem {
     fn from(e: Error) -> Problem {
         let detail = e.to_string();
-        let (status, kind) = match &e {
-            Error::Name(_)
-            | Error::Config(_)
-            | Error::InvalidId(_)
-            | Error::ReservedHeader(_)
-            | Error::InvalidHeader { .. }
-            | Error::UnsupportedUrl { .. } => (StatusCode::BAD_REQUEST, "bad-request"),
-            Error::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large"),
-            Error::NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
-            Error::Terminated(_) => (StatusCode::CONFLICT, "terminated"),
-            Error::Full { .. } => (StatusCode::SERVICE_UNAVAILABLE, "backend-full"),
-            Error::Backend(b) => match b.kind {
-                BackendErrorKind::Unavailable => {
-                    (StatusCode::SERVICE_UNAVAILABLE, "backend-unavailable")
-                }
-                BackendErrorKind::Full => (StatusCode::SERVICE_UNAVAILABLE, "backend-full"),
-                BackendErrorKind::Terminated => (StatusCode::CONFLICT, "terminated"),
-                BackendErrorKind::Invalid => (StatusCode::BAD_REQUEST, "bad-request"),
-                BackendErrorKind::Corrupt => (StatusCode::INTERNAL_SERVER_ERROR, "backend-corrupt"),
-                _ => (StatusCode::INTERNAL_SERVER_ERROR, "backend-failed"),
-            },
-            _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
-        };
+        let (status, kind) = classify(&e);
         if status.is_server_error() {
             tracing::warn!(error = %detail, "admin request failed");
         }

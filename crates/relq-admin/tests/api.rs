@@ -725,3 +725,148 @@ async fn metrics_health_and_the_openapi_document() {
         "docs/openapi.json is not what the code generates: run `cargo run --bin relq -- serve --print-openapi > docs/openapi.json`"
     );
 }
+
+#[tokio::test]
+async fn long_replays_run_as_jobs_that_report_progress_and_can_be_cancelled() {
+    let b = broker_with_failures().await;
+    let app = app(&b);
+    let url = "/api/topics/orders/dead-letters/replay";
+    let first = b
+        .dead_letters("orders")
+        .list(&relq::DeadLetterQuery::all())
+        .await
+        .unwrap()[0]
+        .id
+        .to_string();
+    // Six at 1/s take longer than a request may: refused unless in the background.
+    let six = json!({"ids": [first.clone(), first.clone(), first.clone(), first.clone(), first.clone(), first.clone()], "rate": 1});
+    let r = call(&app, Method::POST, url, Some(ADMIN), Some(six)).await;
+    assert!(problem(&r, StatusCode::BAD_REQUEST).contains("background"));
+
+    // At 1/s the job replays one, then waits: cancelled there, it stops with one done.
+    let r = call(
+        &app,
+        Method::POST,
+        url,
+        Some(ADMIN),
+        Some(json!({"all": true, "rate": 1, "background": true})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    let job = r.body["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        (r.body["state"].as_str(), r.body["total"].as_u64()),
+        (Some("running"), Some(3))
+    );
+    let poll = |job: String| {
+        let app = app.clone();
+        async move {
+            for _ in 0..2000 {
+                let r = call(
+                    &app,
+                    Method::GET,
+                    &format!("/api/jobs/{job}"),
+                    Some(READER),
+                    None,
+                )
+                .await;
+                if r.body["done"].as_u64() >= Some(1) {
+                    return r.body;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            panic!("job {job} made no progress");
+        }
+    };
+    poll(job.clone()).await;
+    let r = call(
+        &app,
+        Method::DELETE,
+        &format!("/api/jobs/{job}"),
+        Some(READER),
+        None,
+    )
+    .await;
+    problem(&r, StatusCode::FORBIDDEN);
+    let r = call(
+        &app,
+        Method::DELETE,
+        &format!("/api/jobs/{job}"),
+        Some(ADMIN),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let mut state = String::new();
+    let mut done = 0;
+    for _ in 0..2000 {
+        let r = call(
+            &app,
+            Method::GET,
+            &format!("/api/jobs/{job}"),
+            Some(READER),
+            None,
+        )
+        .await;
+        state = r.body["state"].as_str().unwrap().to_owned();
+        done = r.body["done"].as_u64().unwrap();
+        if state != "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Cancelled a second before its next batch was due (two, on a machine that stalled).
+    assert_eq!(state, "cancelled");
+    assert!(done == 1 || done == 2, "{done}");
+    assert_eq!(b.topic_info("orders").await.unwrap().dead_letters, 3 - done);
+
+    // Without a rate it runs to the end.
+    let r = call(
+        &app,
+        Method::POST,
+        url,
+        Some(ADMIN),
+        Some(json!({"all": true, "background": true})),
+    )
+    .await;
+    let job2 = r.body["id"].as_str().unwrap().to_owned();
+    let mut body = Value::Null;
+    for _ in 0..2000 {
+        body = call(
+            &app,
+            Method::GET,
+            &format!("/api/jobs/{job2}"),
+            Some(READER),
+            None,
+        )
+        .await
+        .body;
+        if body["state"] != "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        (
+            body["state"].as_str(),
+            body["done"].as_u64(),
+            body["total"].as_u64()
+        ),
+        (Some("finished"), Some(3 - done), Some(3 - done)),
+        "{body}"
+    );
+    assert_eq!(b.topic_info("orders").await.unwrap().dead_letters, 0);
+    let r = call(&app, Method::GET, "/api/jobs", Some(READER), None).await;
+    assert_eq!(r.body.as_array().unwrap().len(), 2);
+    let r = call(&app, Method::GET, "/api/jobs/99", Some(READER), None).await;
+    problem(&r, StatusCode::NOT_FOUND);
+    // The audit log has the cancel and both jobs' ends.
+    let r = call(&app, Method::GET, "/api/audit", Some(READER), None).await;
+    let actions: Vec<&str> = r.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["replay", "replay", "cancel"], "{}", r.text);
+}

@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use relq::{Broker, DeadLetter, DeadLetterQuery, FailureKind, MessageId, Timestamp};
 use serde_json::json;
 
-use crate::{dead_letter_json, exit, print_out, shutdown_signal, Exit};
+use crate::{audit, dead_letter_json, exit, print_out, shutdown_signal, Exit};
 
 #[derive(Subcommand)]
 pub(crate) enum DlqCommand {
@@ -370,16 +370,29 @@ pub(crate) async fn run(
             rate,
         } => replay(broker, &topic, ids, all, filter, dry_run, rate, json_out).await?,
         DlqCommand::Delete { topic, ids } => {
-            let n = broker.dead_letters(&topic).delete(&ids).await?;
+            let r = broker.dead_letters(&topic).delete(&ids).await;
+            let params = json!({ "ids": ids.iter().map(ToString::to_string).collect::<Vec<_>>() });
+            audit(broker, "delete", &topic, params, &r, |n| {
+                format!("deleted {n}")
+            })
+            .await;
+            let n = r?;
             print_out(json_out, json!({ "deleted": n }), || {
                 format!("deleted {n} dead letters")
             });
         }
         DlqCommand::Purge { topic, older_than } => {
-            let n = broker
+            let r = broker
                 .dead_letters(&topic)
                 .purge_older_than(older_than)
-                .await?;
+                .await;
+            let params =
+                json!({ "older_than": humantime::format_duration(older_than).to_string() });
+            audit(broker, "purge", &topic, params, &r, |n| {
+                format!("purged {n}")
+            })
+            .await;
+            let n = r?;
             print_out(json_out, json!({ "purged": n }), || {
                 format!("purged {n} dead letters")
             });
@@ -483,12 +496,37 @@ async fn replay(
             break;
         }
         let ids: Vec<MessageId> = batch.iter().map(|d| d.id).collect();
-        let replayed = dls.replay(&ids).await?;
+        let replayed = match dls.replay(&ids).await {
+            Ok(r) => r,
+            Err(e) => {
+                let r: relq::Result<()> = Err(e);
+                audit(
+                    broker,
+                    "replay",
+                    topic,
+                    json!({ "chosen": chosen.len(), "replayed": done.len() }),
+                    &r,
+                    |()| String::new(),
+                )
+                .await;
+                return Err(r.unwrap_err().into());
+            }
+        };
         bar.inc(batch.len() as u64);
         done.extend(replayed.iter().map(|(d, m)| (d.to_string(), m.to_string())));
     }
     bar.finish_and_clear();
     let skipped = chosen.len() - done.len();
+    let r: relq::Result<()> = Ok(());
+    audit(
+        broker,
+        "replay",
+        topic,
+        json!({ "chosen": chosen.len(), "rate": rate, "interrupted": interrupted.is_some() }),
+        &r,
+        |()| format!("replayed {} of {}", done.len(), chosen.len()),
+    )
+    .await;
     print_out(
         json_out,
         json!({ "replayed": done, "remaining": skipped, "interrupted": interrupted.is_some() }),

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use relq::{Broker, DeadLetter, Message, NewMessage};
+use relq::{Broker, DeadLetter, Message, MessageId, NewMessage};
 use serde_json::json;
 
 /// The backend of every command but the demo when no `--url` is given.
@@ -95,6 +95,16 @@ enum Command {
     Topics,
     /// Follow new messages of a topic live, without joining a group (nothing changes).
     Tail(tail::TailArgs),
+    /// The audit log: every operator action that changed state (API and command line), newest
+    /// first.
+    Audit {
+        /// Entries before this id (the `next` of the previous page).
+        #[arg(long)]
+        before: Option<MessageId>,
+        /// How many entries.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
     /// Terminate a topic: remove its messages, groups, pending and scheduled state and dead
     /// letters; its consumers stop. Asks to type the topic's name unless --yes.
     Terminate {
@@ -513,6 +523,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve::run(broker, config, args, cli.json).await?,
         Command::Info { topic } => info(&broker, topic, cli.json).await?,
         Command::Tail(args) => tail::run(&broker, args, cli.json).await?,
+        Command::Audit { before, limit } => {
+            if !(1..=1000).contains(&limit) {
+                return Err(exit(Exit::USAGE, "--limit must be 1 to 1000"));
+            }
+            let (entries, next) = relq_admin::audit_entries(&broker, before, limit).await?;
+            print_out(
+                cli.json,
+                json!({ "items": entries, "next": next.map(|n| n.to_string()) }),
+                || {
+                    let mut out: Vec<String> = entries
+                        .iter()
+                        .map(|e| {
+                            format!(
+                                "{} {} {} {} {} -> {} {}",
+                                e.id, e.at, e.actor, e.action, e.topic, e.status, e.outcome
+                            )
+                        })
+                        .collect();
+                    if out.is_empty() {
+                        out.push("no audit entries".into());
+                    }
+                    if let Some(n) = next {
+                        out.push(format!("more: relq audit --before {n}"));
+                    }
+                    out.join("\n")
+                },
+            );
+        }
         Command::Topics => {
             let topics = broker.topics().await?;
             print_out(cli.json, json!(topics), || {
@@ -528,7 +566,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if !yes {
                 confirm(&topic)?;
             }
-            let existed = broker.terminate(&topic).await?;
+            let r = broker.terminate(&topic).await;
+            audit(&broker, "terminate", &topic, json!({}), &r, |e| {
+                format!("terminated (existed: {e})")
+            })
+            .await;
+            let existed = r?;
             if !existed {
                 return Err(relq::Error::NotFound(relq::NotFound::Topic(topic)).into());
             }
@@ -546,7 +589,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 retention = retention.max_len(n);
             }
             broker.topic_info(&topic).await?;
-            let r = broker.cleanup(&topic, &retention).await?;
+            let r = broker.cleanup(&topic, &retention).await;
+            let params = json!({ "min_age": humantime::format_duration(min_age).to_string(), "max_len": max_len });
+            audit(&broker, "cleanup", &topic, params, &r, |c| {
+                format!(
+                    "removed {} ({} unacknowledged)",
+                    c.removed, c.trimmed_unacknowledged
+                )
+            })
+            .await;
+            let r = r?;
             print_out(cli.json, serde_json::to_value(&r)?, || {
                 format!(
                     "removed {} acknowledged messages, trimmed {} unacknowledged",
@@ -555,13 +607,39 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             });
         }
         Command::Stop { topic, id } => {
-            broker.stop_message(&topic, id).await?;
+            let r = broker.stop_message(&topic, id).await;
+            audit(
+                &broker,
+                "stop",
+                &topic,
+                json!({ "id": id.to_string() }),
+                &r,
+                |()| "stopped".into(),
+            )
+            .await;
+            r?;
             print_out(cli.json, json!({ "stopped": id }), || {
                 format!("stopped {id} in topic {topic}")
             });
         }
         Command::Resume { topic, id } => {
-            let was = broker.resume_message(&topic, id).await?;
+            let r = broker.resume_message(&topic, id).await;
+            audit(
+                &broker,
+                "resume",
+                &topic,
+                json!({ "id": id.to_string() }),
+                &r,
+                |was| {
+                    if *was {
+                        "resumed".into()
+                    } else {
+                        "was not stopped".into()
+                    }
+                },
+            )
+            .await;
+            let was = r?;
             if !was {
                 return Err(exit(
                     Exit::NOT_FOUND,
@@ -583,7 +661,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 fn read_only(command: &Command) -> bool {
     use dlq::DlqCommand as D;
     match command {
-        Command::Info { .. } | Command::Topics => true,
+        Command::Info { .. } | Command::Topics | Command::Audit { .. } => true,
         Command::Dlq { command } => matches!(
             command,
             D::List { .. } | D::Show { .. } | D::Groups { .. } | D::Export { .. } | D::Stats { .. }
@@ -848,6 +926,30 @@ async fn info(broker: &Broker, topic: Option<String>, json_out: bool) -> anyhow:
             ),
         ))
     }
+}
+
+/// Records an action of this command line in the audit log (actor `cli:$USER`).
+pub(crate) async fn audit<T>(
+    broker: &Broker,
+    action: &str,
+    topic: &str,
+    params: serde_json::Value,
+    result: &relq::Result<T>,
+    summary: impl FnOnce(&T) -> String,
+) {
+    let actor = format!(
+        "cli:{}",
+        std::env::var("USER").unwrap_or_else(|_| "unknown".into())
+    );
+    relq_admin::record_action(
+        broker,
+        &actor,
+        action,
+        topic,
+        params,
+        result.as_ref().map(summary),
+    )
+    .await;
 }
 
 pub(crate) fn print_out(json_out: bool, value: serde_json::Value, human: impl FnOnce() -> String) {

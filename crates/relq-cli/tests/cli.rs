@@ -1266,3 +1266,43 @@ fn tail_follows_new_messages_without_joining_a_group() {
     assert_eq!(v[0]["groups"].as_array().map(Vec::len), Some(0), "{v}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn operator_actions_of_the_command_line_are_in_the_audit_log() {
+    let dir = fresh_dir();
+    publish_many(&dir, "orders", 2);
+    let id = {
+        let out = ok(&relq_in(&dir, &["--json", "publish", "orders", "job", "x"]));
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    ok(&relq_in(&dir, &["stop", "orders", &id]));
+    ok(&relq_in(&dir, &["resume", "orders", &id]));
+    ok(&relq_in(
+        &dir,
+        &["dlq", "purge", "orders", "--older-than", "0s"],
+    ));
+    let out = ok(&relq_in(&dir, &["--json", "audit"]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let items = v["items"].as_array().unwrap();
+    let actions: Vec<&str> = items
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["purge", "resume", "stop"], "{v}");
+    assert!(
+        items
+            .iter()
+            .all(|e| e["actor"].as_str().unwrap().starts_with("cli:")),
+        "{v}"
+    );
+    assert_eq!(items[2]["params"]["id"], id.as_str());
+    let human = ok(&relq_in(&dir, &["audit", "--limit", "1"]));
+    assert!(
+        human.contains("purge orders -> 200") && human.contains("more: relq audit --before"),
+        "{human}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
