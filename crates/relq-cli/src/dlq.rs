@@ -496,22 +496,12 @@ async fn replay(
             break;
         }
         let ids: Vec<MessageId> = batch.iter().map(|d| d.id).collect();
-        let replayed = match dls.replay(&ids).await {
-            Ok(r) => r,
-            Err(e) => {
-                let r: relq::Result<()> = Err(e);
-                audit(
-                    broker,
-                    "replay",
-                    topic,
-                    json!({ "chosen": chosen.len(), "replayed": done.len() }),
-                    &r,
-                    |()| String::new(),
-                )
-                .await;
-                return Err(r.unwrap_err().into());
-            }
-        };
+        let r = dls.replay(&ids).await;
+        if r.is_err() {
+            let params = json!({ "chosen": chosen.len(), "replayed": done.len() });
+            audit(broker, "replay", topic, params, &r, |_| String::new()).await;
+        }
+        let replayed = r?;
         bar.inc(batch.len() as u64);
         done.extend(replayed.iter().map(|(d, m)| (d.to_string(), m.to_string())));
     }
