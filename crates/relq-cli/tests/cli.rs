@@ -1306,3 +1306,121 @@ fn operator_actions_of_the_command_line_are_in_the_audit_log() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A real Prometheus server (Debian's `prometheus`) scrapes `relq serve` with a read-only token,
+/// loads the alert rules, and answers queries for relq's series. Without the binary the test
+/// says so loudly and, with `RELQ_REQUIRE_PROMETHEUS=1` (set by CI), fails.
+#[test]
+fn a_real_prometheus_scrapes_relq_serve() {
+    use std::io::{BufRead, BufReader};
+    let Some(prometheus) = ["/usr/bin/prometheus", "/usr/local/bin/prometheus"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+    else {
+        eprintln!("!!! prometheus is not installed (apt-get install -y prometheus): the Prometheus end-to-end test did not run");
+        assert!(
+            std::env::var_os("RELQ_REQUIRE_PROMETHEUS").is_none(),
+            "RELQ_REQUIRE_PROMETHEUS is set and prometheus is missing"
+        );
+        return;
+    };
+    let dir = fresh_dir();
+    publish_many(&dir, "orders", 3);
+    std::fs::write(
+        dir.join("relq.toml"),
+        "[[server.tokens]]\nname = \"prometheus\"\ntoken = \"reader-secret-0123456789\"\nrole = \"read\"\n",
+    )
+    .unwrap();
+    let mut serve = relq_cmd(
+        &dir,
+        &[
+            "--json",
+            "--config",
+            "relq.toml",
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+        ],
+    )
+    .stdout(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut lines = BufReader::new(serve.stdout.take().unwrap()).lines();
+    let first: serde_json::Value =
+        serde_json::from_str(&lines.next().expect("the listening line").unwrap()).unwrap();
+    let target = first["listening"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("http://")
+        .to_owned();
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../deploy/prometheus/relq-alerts.yml")
+        .canonicalize()
+        .unwrap();
+    std::fs::write(
+        dir.join("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: relq\n    authorization:\n      credentials: reader-secret-0123456789\n    static_configs:\n      - targets: [\"{target}\"]\n",
+            rules.display()
+        ),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut prom = Command::new(prometheus)
+        .arg(format!(
+            "--config.file={}",
+            dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("prom-data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let query = |q: &str| -> serde_json::Value {
+        let (code, body) = curl(&[
+            "--get",
+            "--data-urlencode",
+            &format!("query={q}"),
+            &format!("http://127.0.0.1:{port}/api/v1/query"),
+        ]);
+        if code != 200 {
+            return serde_json::Value::Null;
+        }
+        serde_json::from_str(&body).unwrap_or(serde_json::Value::Null)
+    };
+    // Scrapes every second; polled for up to 60 s (a slow machine, Prometheus starting up).
+    let mut series = serde_json::Value::Null;
+    for _ in 0..600 {
+        series = query("relq_topic_messages");
+        if series["data"]["result"]
+            .as_array()
+            .is_some_and(|r| !r.is_empty())
+        {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let up = query("up{job=\"relq\"}");
+    let (_, rules_body) = curl(&[&format!("http://127.0.0.1:{port}/api/v1/rules")]);
+    let _ = prom.kill();
+    let _ = prom.wait();
+    let _ = serve.kill();
+    let _ = serve.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    let result = &series["data"]["result"][0];
+    assert_eq!(result["metric"]["topic"], "orders", "{series}");
+    assert_eq!(result["value"][1], "3", "{series}");
+    assert_eq!(up["data"]["result"][0]["value"][1], "1", "{up}");
+    let rules: serde_json::Value = serde_json::from_str(&rules_body).unwrap();
+    let group = &rules["data"]["groups"][0];
+    assert_eq!(group["name"], "relq", "{rules}");
+    assert!(group["rules"].as_array().unwrap().len() >= 10, "{rules}");
+}
