@@ -650,6 +650,65 @@ pub async fn stopped_message_is_held_then_resumed(b: Broker) {
     c.shutdown(LONG).await;
 }
 
+/// A consumer that forwards dead letters publishes each one's failure record on
+/// `<topic><suffix>` after storing the dead letter, which stays.
+pub async fn dead_letters_are_forwarded_to_the_failure_topic(b: Broker) {
+    let topic = unique("fwd");
+    let failures = format!("{topic}_failed_channel");
+    let bad = b
+        .consumer(&topic, "billing")
+        .handler("order", ok_handler(&Log::default()))
+        .forward_dead_letters("/no")
+        .build();
+    assert!(matches!(bad, Err(Error::Name(_))), "{bad:?}");
+    let c = b
+        .consumer(&topic, "billing")
+        .start(StartPosition::Earliest)
+        .forward_dead_letters("_failed_channel")
+        .forward_retry(2, ms(10))
+        .handler("order", |_m: Message| async move {
+            Err(HandlerError::permanent(std::io::Error::other("card declined")).category("payment"))
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let id = b
+        .publish(
+            &topic,
+            NewMessage::new("order", "{\"n\":1}").header("tenant", "acme"),
+        )
+        .await
+        .unwrap();
+    wait_until("forwarded", LONG, || async {
+        b.browse(&failures, &Browse::oldest())
+            .await
+            .is_ok_and(|p| !p.is_empty())
+    })
+    .await;
+    c.shutdown(LONG).await;
+    let fwd = b.browse(&failures, &Browse::oldest()).await.unwrap();
+    assert_eq!(fwd.len(), 1);
+    let m = &fwd[0];
+    assert_eq!(m.kind, "relq.dead_letter");
+    assert_eq!(
+        m.header(relq::HEADER_ORIGINAL_ID),
+        Some(id.to_string().as_str())
+    );
+    let record: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+    assert_eq!(record["version"], 1);
+    assert_eq!(record["topic"], topic.as_str());
+    assert_eq!(record["group"], "billing");
+    assert_eq!(record["reason"], "permanent");
+    assert_eq!(record["category"], "payment");
+    assert_eq!(record["error_chain"][0], "card declined");
+    assert_eq!(record["message"]["id"], id.to_string().as_str());
+    assert_eq!(record["message"]["payload"], "{\"n\":1}");
+    assert_eq!(record["message"]["headers"]["tenant"], "acme");
+    assert_eq!(dead_count(&b, &topic).await, 1, "the dead letter stays");
+}
+
 /// Browsing pages through a topic's stored messages in both directions without creating a group
 /// or changing anything; a message is found by id; a group reports its oldest pending and oldest
 /// unread ids.

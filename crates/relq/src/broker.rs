@@ -132,6 +132,14 @@ impl Broker {
             poll_wait: c.poll_wait,
             backoff: Some(config.retry.backoff()),
             include_stack_trace: config.dead_letters.include_stack_trace,
+            forward: config
+                .dead_letters
+                .forward
+                .then(|| crate::consumer::Forwarding {
+                    suffix: config.dead_letters.topic_suffix.clone(),
+                    attempts: config.dead_letters.forward_attempts,
+                    delay: config.dead_letters.forward_retry_delay,
+                }),
         });
         Ok(broker)
     }

@@ -276,6 +276,16 @@ pub struct DeadLetterSection {
     /// Capture a backtrace where a handler creates an error, into the dead letter. Default
     /// false.
     pub include_stack_trace: bool,
+    /// Also publish every dead letter as a JSON failure record on `<topic><topic_suffix>`
+    /// (seed 000's `failed_message.enabled`). Default false.
+    pub forward: bool,
+    /// The failure topic's suffix. Default `_failed_channel`.
+    pub topic_suffix: String,
+    /// How often a forward is tried (seed 000's `max_retry_attempts`). Default 3.
+    pub forward_attempts: u32,
+    /// How long apart (seed 000's `retry_delay`). Default 1 s.
+    #[serde(with = "duration")]
+    pub forward_retry_delay: Duration,
 }
 
 impl Default for DeadLetterSection {
@@ -283,6 +293,10 @@ impl Default for DeadLetterSection {
         DeadLetterSection {
             retention: crate::broker::DEFAULT_DEAD_LETTER_RETENTION,
             include_stack_trace: false,
+            forward: false,
+            topic_suffix: "_failed_channel".into(),
+            forward_attempts: 3,
+            forward_retry_delay: Duration::from_secs(1),
         }
     }
 }
@@ -748,6 +762,29 @@ impl Config {
                     format!("{:?} repeats another token's name or secret", t.name),
                 ));
             }
+        }
+        if self.dead_letters.forward_attempts == 0 {
+            return Err(config_error(
+                "dead_letters.forward_attempts",
+                "must be at least 1",
+            ));
+        }
+        if self.dead_letters.forward && self.dead_letters.topic_suffix.is_empty() {
+            return Err(config_error(
+                "dead_letters.topic_suffix",
+                "must not be empty when dead_letters.forward is on",
+            ));
+        }
+        if !self
+            .dead_letters
+            .topic_suffix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        {
+            return Err(config_error(
+                "dead_letters.topic_suffix",
+                "only letters, digits, '_', '-' and '.' are allowed (it becomes part of a topic name)",
+            ));
         }
         if self.server.max_body_bytes < 1024 {
             return Err(config_error(

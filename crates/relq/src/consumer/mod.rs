@@ -128,6 +128,26 @@ pub(crate) struct Config {
     pub(crate) batch_handlers: HashMap<String, (BatchConfig, Arc<dyn BatchHandler>)>,
     pub(crate) fallback: Option<Arc<dyn Handler>>,
     pub(crate) include_stack_trace: bool,
+    pub(crate) forward: Option<Forwarding>,
+}
+
+/// Where dead letters are also published (seed 000's failure topic): `<topic><suffix>`, each
+/// publish tried `attempts` times, `delay` apart.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Forwarding {
+    pub(crate) suffix: String,
+    pub(crate) attempts: u32,
+    pub(crate) delay: Duration,
+}
+
+impl Forwarding {
+    pub(crate) fn new(suffix: String) -> Forwarding {
+        Forwarding {
+            suffix,
+            attempts: 3,
+            delay: Duration::from_secs(1),
+        }
+    }
 }
 
 /// What a new [`ConsumerBuilder`] starts from: the built-in defaults, or a configuration's
@@ -141,6 +161,7 @@ pub(crate) struct ConsumerDefaults {
     pub(crate) poll_wait: Duration,
     pub(crate) backoff: Option<Backoff>,
     pub(crate) include_stack_trace: bool,
+    pub(crate) forward: Option<Forwarding>,
 }
 
 impl Default for ConsumerDefaults {
@@ -153,6 +174,7 @@ impl Default for ConsumerDefaults {
             poll_wait: Duration::from_secs(1),
             backoff: None,
             include_stack_trace: false,
+            forward: None,
         }
     }
 }
@@ -176,6 +198,7 @@ pub struct ConsumerBuilder {
     batch_handlers: HashMap<String, (BatchConfig, Arc<dyn BatchHandler>)>,
     fallback: Option<Arc<dyn Handler>>,
     include_stack_trace: bool,
+    forward: Option<Forwarding>,
 }
 
 impl std::fmt::Debug for ConsumerBuilder {
@@ -219,6 +242,7 @@ impl ConsumerBuilder {
             batch_handlers: HashMap::new(),
             fallback: None,
             include_stack_trace: d.include_stack_trace,
+            forward: d.forward,
         }
     }
 
@@ -312,6 +336,37 @@ impl ConsumerBuilder {
         self
     }
 
+    /// Also publishes every dead letter of this consumer as a JSON failure record (type
+    /// `relq.dead_letter`, header `relq-original-id`) on the topic `<topic><suffix>`, so other
+    /// services can subscribe to failures (seed 000's `_failed_channel`). The dead letter is
+    /// stored first; the publish happens after, off the handler path, and is tried 3 times 1 s
+    /// apart (see [`forward_retry`](Self::forward_retry)); a failed forward is logged and
+    /// counted, never loses the dead letter. A process that dies between the two loses the
+    /// forward (the dead letter stays): see docs/design.md.
+    pub fn forward_dead_letters(mut self, suffix: impl Into<String>) -> Self {
+        let (attempts, delay) = self
+            .forward
+            .as_ref()
+            .map_or((3, Duration::from_secs(1)), |f| (f.attempts, f.delay));
+        self.forward = Some(Forwarding {
+            suffix: suffix.into(),
+            attempts,
+            delay,
+        });
+        self
+    }
+
+    /// How often a dead letter's forward is tried and how long apart (seed 000's
+    /// `max_retry_attempts` and `retry_delay`). Default 3 times, 1 s apart.
+    pub fn forward_retry(mut self, attempts: u32, delay: Duration) -> Self {
+        let f = self
+            .forward
+            .get_or_insert_with(|| Forwarding::new(String::new()));
+        f.attempts = attempts;
+        f.delay = delay;
+        self
+    }
+
     /// Validates the configuration.
     ///
     /// # Errors
@@ -387,6 +442,21 @@ impl ConsumerBuilder {
             )
             .into());
         }
+        if let Some(f) = &self.forward {
+            if f.suffix.is_empty() {
+                return Err(ConfigError::new(
+                    "forward_dead_letters",
+                    "the failure topic's suffix is empty (forward_retry needs forward_dead_letters)",
+                )
+                .into());
+            }
+            validate_name("topic", &format!("{}{}", self.topic, f.suffix))?;
+            if f.attempts == 0 {
+                return Err(
+                    ConfigError::new("forward_retry", "attempts must be at least 1").into(),
+                );
+            }
+        }
         if self.handlers.is_empty() && self.batch_handlers.is_empty() && self.fallback.is_none() {
             return Err(ConfigError::new(
                 "handlers",
@@ -419,6 +489,7 @@ impl ConsumerBuilder {
                 batch_handlers: self.batch_handlers,
                 fallback: self.fallback,
                 include_stack_trace: self.include_stack_trace,
+                forward: self.forward,
             }),
         })
     }

@@ -26,7 +26,7 @@ use crate::backend::{AttemptFailure, Backend, Delivery, FailureKind, Settlement,
 use crate::dead_letter::DeadLetter;
 use crate::error::{BackendError, BackendErrorKind};
 use crate::handler::{BatchConfig, BatchHandler, Handler, HandlerError, CAPTURE_BACKTRACE};
-use crate::model::{instant_after, MessageId, Timestamp, HEADER_REPLAY_GROUP};
+use crate::model::{instant_after, MessageId, Outgoing, Timestamp, HEADER_REPLAY_GROUP};
 use crate::retry::{Failure, RetryDecision};
 
 /// Settlements flushed per backend call.
@@ -197,6 +197,7 @@ pub(crate) async fn run(
     let settler = tokio::spawn(settler(
         backend.clone(),
         sub.clone(),
+        config.forward.clone(),
         settle_rx,
         fatal_tx,
         abort_rx.clone(),
@@ -671,6 +672,7 @@ async fn send_settlement(ctx: &Ctx, s: Settlement) -> bool {
 async fn settler(
     backend: Arc<dyn Backend>,
     sub: Subscription,
+    forward: Option<super::Forwarding>,
     mut rx: mpsc::Receiver<Settlement>,
     fatal: watch::Sender<Option<StopReason>>,
     mut abort: watch::Receiver<bool>,
@@ -694,7 +696,20 @@ async fn settler(
         let mut delay = Duration::from_millis(50);
         for attempt in 1..=SETTLE_ATTEMPTS {
             match backend.settle(&sub, &buf).await {
-                Ok(()) => break,
+                Ok(()) => {
+                    if let Some(f) = &forward {
+                        for s in &buf {
+                            if let Settlement::DeadLetter(d) = s {
+                                tokio::spawn(forward_dead_letter(
+                                    backend.clone(),
+                                    f.clone(),
+                                    d.clone(),
+                                ));
+                            }
+                        }
+                    }
+                    break;
+                }
                 Err(e) => {
                     if !handle_settle_error(&e, attempt, &fatal) {
                         break;
@@ -722,6 +737,82 @@ async fn settler(
         }
         drop(h);
         buf.clear();
+    }
+}
+
+/// The failure record a forwarded dead letter carries as its payload (documented in
+/// docs/design.md, "Dead-letter forwarding").
+pub(crate) fn failure_record(d: &DeadLetter) -> serde_json::Value {
+    let (payload, encoding) = match std::str::from_utf8(&d.message.payload) {
+        Ok(t) => (t.to_owned(), "utf8"),
+        Err(_) => (
+            d.message
+                .payload
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+            "hex",
+        ),
+    };
+    serde_json::json!({
+        "version": 1,
+        "topic": d.topic,
+        "group": d.group,
+        "consumer": d.consumer,
+        "handler": d.handler,
+        "reason": d.reason.as_str(),
+        "category": d.category,
+        "error_chain": d.error_chain,
+        "backtrace": d.backtrace,
+        "attempts": d.attempts,
+        "first_failed_at": d.first_failed_at.to_string(),
+        "last_failed_at": d.last_failed_at.to_string(),
+        "message": {
+            "id": d.message.id.to_string(),
+            "type": d.message.kind,
+            "payload": payload,
+            "payload_encoding": encoding,
+            "headers": d.message.headers,
+            "published_at": d.message.published_at.to_string(),
+        },
+    })
+}
+
+/// Publishes a stored dead letter's failure record on `<topic><suffix>`, trying `attempts`
+/// times; a failure is logged and counted (the dead letter itself is stored already).
+async fn forward_dead_letter(backend: Arc<dyn Backend>, f: super::Forwarding, d: Box<DeadLetter>) {
+    let target = format!("{}{}", d.topic, f.suffix);
+    let mut headers = std::collections::BTreeMap::new();
+    headers.insert(
+        crate::model::HEADER_ORIGINAL_ID.to_owned(),
+        d.message.id.to_string(),
+    );
+    let out = Outgoing {
+        kind: "relq.dead_letter".to_owned(),
+        payload: bytes::Bytes::from(failure_record(&d).to_string()),
+        headers,
+        deliver_at: None,
+    };
+    let mut last = None;
+    for attempt in 1..=f.attempts {
+        match backend.publish(&target, vec![out.clone()]).await {
+            Ok(_) => {
+                metrics::counter!("relq_forwarded_total", "topic" => d.topic.clone()).increment(1);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, attempt, topic = %target, id = %d.message.id, "forwarding a dead letter failed");
+                last = Some(e);
+            }
+        }
+        if attempt < f.attempts {
+            tokio::time::sleep(f.delay).await;
+        }
+    }
+    metrics::counter!("relq_forward_failed_total", "topic" => d.topic.clone()).increment(1);
+    if let Some(e) = last {
+        tracing::error!(error = %e, topic = %target, id = %d.message.id, attempts = f.attempts,
+            "dead letter not forwarded; it stays in the dead letters");
     }
 }
 
