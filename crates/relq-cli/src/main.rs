@@ -471,6 +471,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         other => other,
     };
     let broker = open(config, read_only(&command)).await?;
+    // Other processes may reach the directory through this one meanwhile: their requests are
+    // answered before it exits (the same on an error).
+    let outcome: anyhow::Result<()> = async {
     match command {
         Command::Demo(_)
         | Command::CrashChild(_)
@@ -519,8 +522,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let id = broker.publish(&topic, m).await?;
             print_out(cli.json, json!({ "id": id }), || id.to_string());
         }
-        Command::Consume(args) => consume::run(&broker, config, args, cli.json).await?,
-        Command::Serve(args) => serve::run(broker, config, args, cli.json).await?,
+        Command::Consume(args) => {
+            let r = consume::run(&broker, config, args, cli.json).await;
+            // Answers what other processes asked through this one before exiting (a terminate
+            // that stopped this consumer included).
+            broker.close().await;
+            r?
+        }
+        Command::Serve(args) => {
+            let r = serve::run(broker.clone(), config, args, cli.json).await;
+            broker.close().await;
+            r?
+        }
         Command::Info { topic } => info(&broker, topic, cli.json).await?,
         Command::Tail(args) => tail::run(&broker, args, cli.json).await?,
         Command::Audit { before, limit } => {
@@ -654,6 +667,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dlq { command } => dlq::run(&broker, command, cli.json).await?,
     }
     Ok(())
+    }
+    .await;
+    broker.close().await;
+    outcome
 }
 
 /// Whether a command only reads: it may then inspect a data directory another process holds,
@@ -674,9 +691,22 @@ fn read_only(command: &Command) -> bool {
 /// process holds (or that this user may not write), the directory is opened read-only instead:
 /// what is on disk is shown, nothing is written, and stderr says so.
 async fn open(config: &relq::Config, read_only: bool) -> anyhow::Result<Broker> {
-    let err = match Broker::from_config(config).await {
-        Ok(b) => return Ok(b),
-        Err(e) => e,
+    // A directory held by a process that does not share it (or not yet: it is opening, or just
+    // closing, like another short `relq publish`) is tried again for a few seconds.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut pause = std::time::Duration::from_millis(5);
+    let err = loop {
+        let e = match Broker::from_config(config).await {
+            Ok(b) => return Ok(b),
+            Err(e) => e,
+        };
+        let held = matches!(&e, relq::Error::Backend(b) if b.backend == "embedded"
+            && b.kind == relq::BackendErrorKind::Unavailable && b.message.contains("in use"));
+        if !held || read_only || tokio::time::Instant::now() >= deadline {
+            break e;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(std::time::Duration::from_millis(200));
     };
     let fallback = matches!(
         &err,

@@ -1038,10 +1038,11 @@ fn configuration_files_environment_and_flags() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// While `relq consume` holds the data directory, the inspection commands still work (they
-/// open it read-only and say so); a command that writes is refused with the reason.
+/// While a process holds the data directory and cannot be reached (its admin socket's record
+/// is gone), the inspection commands still work (they open it read-only and say so); a command
+/// that writes is refused with the reason.
 #[test]
-fn inspection_works_on_a_data_directory_another_process_holds() {
+fn inspection_works_on_a_data_directory_another_process_holds_without_a_socket() {
     use std::io::{BufRead, BufReader};
     let dir = fresh_dir();
     publish_many(&dir, "orders", 3);
@@ -1058,6 +1059,7 @@ fn inspection_works_on_a_data_directory_another_process_holds() {
     .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     lines.next().expect("the consumer runs").unwrap();
+    std::fs::remove_file(dir.join("relq-data").join("ADMIN")).unwrap();
     let out = relq_in(&dir, &["--json", "info", "orders"]);
     let info = ok(&out);
     assert!(info.contains("\"length\":3"), "{info}");
@@ -1423,4 +1425,119 @@ fn a_real_prometheus_scrapes_relq_serve() {
     let group = &rules["data"]["groups"][0];
     assert_eq!(group["name"], "relq", "{rules}");
     assert!(group["rules"].as_array().unwrap().len() >= 10, "{rules}");
+}
+
+/// Reads the payload of the next message `relq --json consume` printed.
+fn next_payload(lines: &mut impl Iterator<Item = std::io::Result<String>>) -> String {
+    let l = lines.next().expect("a printed message").unwrap();
+    let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+    v["payload"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn commands_work_on_a_data_directory_a_running_consumer_holds() {
+    use std::io::{BufRead, BufReader};
+    let dir = fresh_dir();
+    publish_many(&dir, "orders", 2);
+    let mut holder = relq_cmd(
+        &dir,
+        &[
+            "--json", "consume", "orders", "--group", "g", "--idle", "60s",
+        ],
+    )
+    .stdout(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut lines = BufReader::new(holder.stdout.take().unwrap()).lines();
+    assert_eq!(
+        (next_payload(&mut lines), next_payload(&mut lines)),
+        ("m-0".into(), "m-1".into())
+    );
+
+    // Reads, publishes and dead-letter commands go through the holder.
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(&relq_in(&dir, &["--json", "info", "orders"]))).unwrap();
+    assert_eq!(info[0]["groups"][0]["name"], "g", "{info}");
+    for i in 0..4 {
+        ok(&relq_in(
+            &dir,
+            &["publish", "orders", "job", &format!("outside-{i}")],
+        ));
+    }
+    for i in 0..4 {
+        assert_eq!(next_payload(&mut lines), format!("outside-{i}"));
+    }
+    ok(&relq_in(&dir, &["dlq", "list", "orders"]));
+    let topics = ok(&relq_in(&dir, &["--json", "topics"]));
+    assert!(topics.contains("orders"), "{topics}");
+    // Terminate through the holder: its consumer stops with "terminated" (exit 4).
+    ok(&relq_in(&dir, &["terminate", "orders", "--yes"]));
+    assert_eq!(holder.wait().unwrap().code(), Some(4));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_holder_killed_with_sigkill_leaves_a_record_that_is_not_trusted() {
+    use std::io::{BufRead, BufReader};
+    let dir = fresh_dir();
+    publish_many(&dir, "orders", 1);
+    let mut holder = relq_cmd(
+        &dir,
+        &[
+            "--json", "consume", "orders", "--group", "g", "--idle", "60s",
+        ],
+    )
+    .stdout(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut lines = BufReader::new(holder.stdout.take().unwrap()).lines();
+    assert_eq!(next_payload(&mut lines), "m-0");
+    let record = dir.join("relq-data").join("ADMIN");
+    assert!(record.exists(), "the holder records its socket");
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    assert!(record.exists(), "SIGKILL leaves the record behind");
+    // The lock went with the process: the next command opens the directory itself.
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(&relq_in(&dir, &["--json", "info", "orders"]))).unwrap();
+    assert_eq!(info[0]["length"], 1, "{info}");
+    ok(&relq_in(
+        &dir,
+        &["publish", "orders", "job", "after-the-kill"],
+    ));
+    let out = ok(&relq_in(
+        &dir,
+        &[
+            "--json", "consume", "orders", "--group", "g2", "--count", "2",
+        ],
+    ));
+    assert!(out.contains("after-the-kill"), "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn concurrent_publishers_on_one_data_directory_all_succeed() {
+    let dir = fresh_dir();
+    let loops: Vec<_> = (0..4)
+        .map(|p| {
+            let dir = dir.clone();
+            std::thread::spawn(move || {
+                (0..10)
+                    .map(|i| relq_in(&dir, &["publish", "orders", "job", &format!("p{p}-{i}")]))
+                    .filter(|o| !o.status.success())
+                    .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let failures: Vec<String> = loops.into_iter().flat_map(|l| l.join().unwrap()).collect();
+    assert!(
+        failures.is_empty(),
+        "{} of 40 publishes failed: {failures:?}",
+        failures.len()
+    );
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(&relq_in(&dir, &["--json", "info", "orders"]))).unwrap();
+    assert_eq!(info[0]["length"], 40, "{info}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -23,7 +23,7 @@ use crate::error::BackendError;
 use crate::model::{Message, MessageId, Outgoing, StartPosition, Timestamp};
 
 /// A consumer's membership in a group, returned by [`Backend::join`].
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Subscription {
     /// The topic.
     pub topic: String,
@@ -111,7 +111,7 @@ impl std::str::FromStr for FailureKind {
 }
 
 /// A delivered message with the failures of its earlier attempts.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct Delivery {
     /// The message; `message.attempt` is the delivery count including this one.
@@ -128,7 +128,7 @@ impl Delivery {
 }
 
 /// How a delivered message ends this delivery. Applied by [`Backend::settle`].
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum Settlement {
     /// Processed: remove from pending.
@@ -158,7 +158,7 @@ impl Settlement {
 }
 
 /// Retention policy for [`Backend::cleanup`].
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct Retention {
     /// Messages younger than this are kept even when every group acknowledged them.
@@ -200,7 +200,7 @@ impl Retention {
 }
 
 /// What a cleanup removed.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct CleanupReport {
     /// Messages removed because every group had acknowledged them.
@@ -211,7 +211,7 @@ pub struct CleanupReport {
 
 /// Which stored messages [`Backend::browse`] returns: a page of a topic's messages read without
 /// a group (nothing is delivered or changed), in id order.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct Browse {
     /// Only ids greater than this.
@@ -268,7 +268,7 @@ impl Browse {
 }
 
 /// One check of a backend's [`Health`].
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct HealthCheck {
     /// What was checked (`backend`, `engine`, `disk`, `eviction_policy`, ...).
@@ -292,7 +292,7 @@ impl HealthCheck {
 
 /// Whether a backend can do its work now: reachable, not poisoned, with room (seed 003's
 /// `Health()`), from [`Backend::health`] or [`Broker::health`](crate::Broker::health).
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct Health {
     /// The backend's name.
@@ -321,7 +321,7 @@ impl Health {
 }
 
 /// One consumer of a group.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct ConsumerInfo {
     /// Its name.
@@ -333,7 +333,7 @@ pub struct ConsumerInfo {
 }
 
 /// One group of a topic.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct GroupInfo {
     /// Its name.
@@ -357,7 +357,7 @@ pub struct GroupInfo {
 }
 
 /// A topic's state.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct TopicInfo {
     /// Its name.
@@ -527,6 +527,11 @@ pub trait Backend: Send + Sync + 'static {
         };
         Health::new(self.name(), vec![check])
     }
+
+    /// Lets go of what the backend shares with other processes, after answering their requests
+    /// in flight (the embedded engine's admin socket). The default does nothing. Call it (through
+    /// [`Broker::close`](crate::Broker::close)) before a process exits.
+    async fn close(&self) {}
 
     /// The names of all topics.
     async fn topics(&self) -> Result<Vec<String>, BackendError>;

@@ -66,7 +66,7 @@ impl Broker {
     /// # Errors
     /// The directory is in use by another process, cannot be created, or holds corrupt data.
     pub fn open(path: impl AsRef<std::path::Path>) -> Result<Broker> {
-        Ok(Broker::new(EmbeddedBackend::open(path)?))
+        open_embedded(path.as_ref(), crate::embedded::EmbeddedConfig::default())
     }
 
     /// A broker for a backend URL: `file:///path/to/data` (or `file://relative/path`) for the
@@ -115,7 +115,7 @@ impl Broker {
         let url = config.backend.url.as_str();
         let mut broker = match url.split_once("://") {
             Some(("file", path)) if !path.is_empty() => {
-                Broker::new(EmbeddedBackend::open_with(path, config.embedded())?)
+                open_embedded(std::path::Path::new(path), config.embedded())?
             }
             #[cfg(feature = "redis")]
             Some(("redis" | "rediss" | "redis+cluster" | "rediss+cluster", _)) => {
@@ -379,6 +379,13 @@ impl Broker {
         }
     }
 
+    /// Stops sharing the backend with other processes after answering their requests in flight
+    /// (the embedded engine's admin socket: other processes reach a directory this one holds
+    /// through it). Call it before the process exits; the broker keeps working in this process.
+    pub async fn close(&self) {
+        self.backend.close().await;
+    }
+
     /// Whether the backend can do its work now (reachable, not poisoned, with room); never
     /// fails: a failed check is part of the report.
     pub async fn health(&self) -> Health {
@@ -392,6 +399,25 @@ impl Broker {
             topic: topic.to_owned(),
             suggestions: self.suggestions.clone(),
         }
+    }
+}
+
+/// The embedded engine in `path`, shared with other processes through its admin socket; or, when
+/// another process holds the directory, that process (through its socket).
+fn open_embedded(
+    path: &std::path::Path,
+    config: crate::embedded::EmbeddedConfig,
+) -> Result<Broker> {
+    match EmbeddedBackend::open_with(path, config.clone()) {
+        Ok(e) => Ok(Broker::from_arc(Arc::new(e).share())),
+        #[cfg(unix)]
+        Err(e) if e.kind == BackendErrorKind::Unavailable => {
+            match crate::local::LocalClient::connect(path, config) {
+                Some(holder) => Ok(Broker::new(holder)),
+                None => Err(e.into()),
+            }
+        }
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -76,7 +76,7 @@ impl DeadLetter {
 }
 
 /// A filter and page for listing dead letters.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct DeadLetterQuery {
     /// Start after this dead-letter id (the `next` of the previous page).
@@ -163,7 +163,7 @@ impl DeadLetterQuery {
 }
 
 /// Dead-letter counts by category.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeadLetterStats {
     /// All dead letters of the topic.
     pub total: u64,

@@ -57,6 +57,8 @@ mod dead_letter;
 mod embedded;
 mod error;
 mod handler;
+#[cfg(unix)]
+mod local;
 mod memory;
 mod model;
 #[cfg(feature = "redis")]

@@ -423,7 +423,7 @@ impl Message {
 
 /// Where a new consumer group starts reading a topic. Applied only when the group is created;
 /// an existing group keeps its position.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum StartPosition {
     /// Only messages published after the group was created (the default).

@@ -335,6 +335,9 @@ impl EmbeddedConfig {
 pub struct EmbeddedBackend {
     shared: Arc<Shared>,
     committer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The admin socket other processes reach the directory through (see `crate::local`).
+    #[cfg(unix)]
+    local: Mutex<Option<crate::local::LocalServer>>,
 }
 
 impl std::fmt::Debug for EmbeddedBackend {
@@ -1168,6 +1171,8 @@ impl EmbeddedBackend {
             return Ok(EmbeddedBackend {
                 shared,
                 committer: Mutex::new(None),
+                #[cfg(unix)]
+                local: Mutex::new(None),
             });
         }
         let committer = {
@@ -1190,7 +1195,28 @@ impl EmbeddedBackend {
         Ok(EmbeddedBackend {
             shared,
             committer: Mutex::new(Some(committer)),
+            #[cfg(unix)]
+            local: Mutex::new(None),
         })
+    }
+
+    /// Shares the directory: other processes that open it (and find it locked) reach it through
+    /// this one, on its admin socket (see docs/design.md, "A held data directory"). Needs a
+    /// tokio runtime; without one, or if the socket cannot be created, the directory is simply
+    /// not shared (logged at debug level).
+    pub(crate) fn share(self: Arc<Self>) -> Arc<dyn Backend> {
+        #[cfg(unix)]
+        if !self.shared.read_only {
+            let weak = Arc::downgrade(&self);
+            let weak: std::sync::Weak<dyn Backend> = weak;
+            match crate::local::serve(&self.shared.root, weak) {
+                Ok(server) => *lock(&self.local) = Some(server),
+                Err(e) => {
+                    tracing::debug!(error = %e, "the data directory is not shared with other processes")
+                }
+            }
+        }
+        self
     }
 
     /// Counters of the commit cycles so far.
@@ -1230,6 +1256,9 @@ impl EmbeddedBackend {
 
 impl Drop for EmbeddedBackend {
     fn drop(&mut self) {
+        // Other processes stop reaching the directory through this one first.
+        #[cfg(unix)]
+        drop(lock(&self.local).take());
         lock(&self.shared.queue).shutdown = true;
         self.shared.wake.notify_all();
         if let Some(t) = lock(&self.committer).take() {
@@ -2987,6 +3016,16 @@ impl Backend for EmbeddedBackend {
         })
         .await?;
         Ok(Some(records.iter().map(|r| message_of(r, 0)).collect()))
+    }
+
+    async fn close(&self) {
+        #[cfg(unix)]
+        {
+            let server = lock(&self.local).take();
+            if let Some(server) = server {
+                server.drain().await;
+            }
+        }
     }
 
     async fn health(&self) -> Health {
