@@ -70,17 +70,56 @@ pub(crate) async fn run(
         .tokens(tokens)
         .metrics(relq_admin::install_recorder())
         .router();
+    let tls = match (&server.tls_cert, &server.tls_key) {
+        (Some(cert), Some(key)) => {
+            // ring, as the Redis backend's TLS uses; a provider installed already stays.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            Some(
+                axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
+                    .await
+                    .map_err(|e| {
+                        exit(
+                            Exit::USAGE,
+                            format!(
+                                "server.tls_cert {} / server.tls_key {}: {e}",
+                                cert.display(),
+                                key.display()
+                            ),
+                        )
+                    })?,
+            )
+        }
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     if json_out {
-        println!("{}", json!({ "listening": format!("http://{local}") }));
+        println!("{}", json!({ "listening": format!("{scheme}://{local}") }));
     } else {
-        println!("relq serve: listening on http://{local} (API /api, metrics /metrics, health /readyz, document /openapi.json)");
+        println!("relq serve: listening on {scheme}://{local} (API /api, metrics /metrics, health /readyz, document /openapi.json)");
     }
     let signal = shutdown_signal();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let name = signal.await;
-            tracing::info!(signal = %name, "shutting down");
-        })
-        .await?;
+    match tls {
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let name = signal.await;
+                    tracing::info!(signal = %name, "shutting down");
+                })
+                .await?;
+        }
+        Some(tls) => {
+            let handle = axum_server::Handle::new();
+            let stopper = handle.clone();
+            tokio::spawn(async move {
+                let name = signal.await;
+                tracing::info!(signal = %name, "shutting down");
+                stopper.graceful_shutdown(Some(std::time::Duration::from_secs(10)));
+            });
+            axum_server::from_tcp_rustls(listener.into_std()?, tls)
+                .handle(handle)
+                .serve(app.into_make_service())
+                .await?;
+        }
+    }
     Ok(())
 }

@@ -1541,3 +1541,83 @@ fn concurrent_publishers_on_one_data_directory_all_succeed() {
     assert_eq!(info[0]["length"], 40, "{info}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn serve_speaks_https_with_the_configured_certificate() {
+    use std::io::{BufRead, BufReader};
+    let dir = fresh_dir();
+    let gen = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "cert.pem",
+        ])
+        .current_dir(&dir)
+        .output()
+        .expect("openssl is needed by this test (apt-get install -y openssl)");
+    assert!(
+        gen.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gen.stderr)
+    );
+    std::fs::write(
+        dir.join("relq.toml"),
+        "[server]\ntls_cert = \"cert.pem\"\ntls_key = \"key.pem\"\n",
+    )
+    .unwrap();
+    // Half a TLS configuration is refused before anything starts.
+    std::fs::write(dir.join("half.toml"), "[server]\ntls_cert = \"cert.pem\"\n").unwrap();
+    fails_with(
+        &relq_in(&dir, &["--config", "half.toml", "serve"]),
+        2,
+        "tls_key",
+    );
+    let mut child = relq_cmd(
+        &dir,
+        &[
+            "--json",
+            "--config",
+            "relq.toml",
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+        ],
+    )
+    .stdout(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first: serde_json::Value =
+        serde_json::from_str(&lines.next().expect("the listening line").unwrap()).unwrap();
+    let base = first["listening"].as_str().unwrap().to_owned();
+    assert!(base.starts_with("https://"), "{base}");
+    let cert = dir.join("cert.pem");
+    let (code, body) = curl(&[
+        "--cacert",
+        cert.to_str().unwrap(),
+        &format!("{base}/readyz"),
+    ]);
+    assert_eq!(code, 200, "{body}");
+    // Plain HTTP to the TLS port gets no answer from the API.
+    let (code, _) = curl(&[&format!("{}/readyz", base.replace("https://", "http://"))]);
+    assert_ne!(code, 200);
+    assert!(Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -312,6 +312,10 @@ pub struct ServerSection {
     /// Bearer tokens and their roles (`[[server.tokens]]`). None: the API is unauthenticated
     /// (loopback only). `RELQ_ADMIN_TOKEN` adds one admin token named `env`.
     pub tokens: Vec<TokenEntry>,
+    /// PEM certificate chain for HTTPS (with `tls_key`). Default none: plain HTTP.
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key for HTTPS.
+    pub tls_key: Option<std::path::PathBuf>,
     /// Origins allowed to call the API from a browser on another origin. Default none (no CORS).
     pub cors_origins: Vec<String>,
     /// The largest request body accepted, in bytes. Default 4 MiB.
@@ -323,6 +327,8 @@ impl Default for ServerSection {
         ServerSection {
             bind: "127.0.0.1:8080".into(),
             tokens: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
             cors_origins: Vec::new(),
             max_body_bytes: 4 << 20,
         }
@@ -784,6 +790,12 @@ impl Config {
             return Err(config_error(
                 "dead_letters.topic_suffix",
                 "only letters, digits, '_', '-' and '.' are allowed (it becomes part of a topic name)",
+            ));
+        }
+        if self.server.tls_cert.is_some() != self.server.tls_key.is_some() {
+            return Err(config_error(
+                "server.tls_cert",
+                "HTTPS needs both server.tls_cert and server.tls_key",
             ));
         }
         if self.server.max_body_bytes < 1024 {
