@@ -1621,3 +1621,34 @@ fn serve_speaks_https_with_the_configured_certificate() {
     assert_eq!(child.wait().unwrap().code(), Some(0));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn config_show_never_prints_token_secrets() {
+    let dir = fresh_dir();
+    std::fs::write(
+        dir.join("relq.toml"),
+        "[[server.tokens]]\nname = \"ops\"\ntoken = \"very-secret-token-0123\"\nrole = \"admin\"\n",
+    )
+    .unwrap();
+    for json in [false, true] {
+        let mut args = vec!["--config", "relq.toml", "config", "show"];
+        if json {
+            args.insert(0, "--json");
+        }
+        let out = ok(&relq_in(&dir, &args));
+        assert!(!out.contains("very-secret-token"), "{out}");
+        assert!(out.contains("redacted") && out.contains("ops"), "{out}");
+    }
+    // A short token is a configuration error naming the key.
+    std::fs::write(
+        dir.join("short.toml"),
+        "[[server.tokens]]\nname = \"ops\"\ntoken = \"short\"\nrole = \"admin\"\n",
+    )
+    .unwrap();
+    fails_with(
+        &relq_in(&dir, &["--config", "short.toml", "config", "show"]),
+        2,
+        "server.tokens",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
