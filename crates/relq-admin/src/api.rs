@@ -419,6 +419,60 @@ pub(crate) async fn get_message(
     Ok(Json(MessageView::from(&m)))
 }
 
+/// Where a message stands in one group.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct PlacementView {
+    /// The group.
+    pub(crate) group: String,
+    /// `unread`, `pending`, `scheduled`, `stopped` or `done`.
+    pub(crate) state: String,
+    /// The consumer holding it (pending).
+    pub(crate) consumer: Option<String>,
+    /// Deliveries so far (pending, scheduled).
+    pub(crate) deliveries: Option<u32>,
+    /// When it is delivered again (scheduled; RFC 3339).
+    pub(crate) due: Option<String>,
+}
+
+/// Where the message stands in each group of the topic.
+#[utoipa::path(get, path = "/api/topics/{topic}/messages/{id}/groups", tag = "messages",
+    params(TopicIdPath),
+    responses((status = 200, body = Vec<PlacementView>), (status = "default", body = Problem, content_type = "application/problem+json")))]
+pub(crate) async fn locate(
+    State(s): St,
+    Path((topic, mid)): Path<(String, String)>,
+) -> ApiResult<Json<Vec<PlacementView>>> {
+    use relq::Placement as P;
+    let placements = s.broker.locate(&topic, id(&mid)?).await?;
+    Ok(Json(
+        placements
+            .into_iter()
+            .map(|p| {
+                let (state, consumer, deliveries, due) = match p.placement {
+                    P::Unread => ("unread", None, None, None),
+                    P::Pending {
+                        consumer,
+                        deliveries,
+                    } => ("pending", Some(consumer), Some(deliveries), None),
+                    P::Scheduled { due, deliveries } => {
+                        ("scheduled", None, Some(deliveries), Some(due.to_string()))
+                    }
+                    P::Stopped => ("stopped", None, None, None),
+                    P::Done => ("done", None, None, None),
+                    _ => ("unknown", None, None, None),
+                };
+                PlacementView {
+                    group: p.group,
+                    state: state.into(),
+                    consumer,
+                    deliveries,
+                    due,
+                }
+            })
+            .collect(),
+    ))
+}
+
 /// The result of a stop or resume.
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct StopView {

@@ -112,6 +112,7 @@ impl Admin {
                 get(api::browse).post(api::publish),
             )
             .route("/api/topics/{topic}/messages/{id}", get(api::get_message))
+            .route("/api/topics/{topic}/messages/{id}/groups", get(api::locate))
             .route("/api/topics/{topic}/messages/{id}/stop", post(api::stop))
             .route(
                 "/api/topics/{topic}/messages/{id}/resume",
@@ -203,7 +204,7 @@ pub fn openapi() -> String {
     info(title = "relq admin API", description = "Operate relq: topics, messages, dead letters, the audit log. Every request but /healthz, /readyz and /openapi.json needs `Authorization: Bearer <token>` when the server has tokens; a read-only token may only GET."),
     paths(
         api::list_topics, api::get_topic, api::terminate, api::cleanup,
-        api::publish, api::browse, api::get_message, api::stop, api::resume,
+        api::publish, api::browse, api::get_message, api::locate, api::stop, api::resume,
         api::list_dead_letters, api::failure_groups, api::dead_letter_stats, api::get_dead_letter,
         api::replay, api::delete_dead_letters, api::purge_dead_letters, api::audit_log,
         api::list_jobs, api::get_job, api::cancel_job,

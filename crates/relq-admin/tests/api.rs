@@ -244,6 +244,31 @@ async fn topics_messages_stop_resume_and_terminate() {
     assert_eq!(r.body["payload_encoding"], "hex");
     assert_eq!(r.body["headers"]["tenant"], "acme");
 
+    let r = call(
+        &app,
+        Method::GET,
+        &format!("/api/topics/orders/messages/{id}/groups"),
+        Some(READER),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (r.body[0]["group"].as_str(), r.body[0]["state"].as_str()),
+        (Some("billing"), Some("unread")),
+        "{}",
+        r.text
+    );
+    let first = items[0]["id"].as_str().unwrap();
+    let r = call(
+        &app,
+        Method::GET,
+        &format!("/api/topics/orders/messages/{first}/groups"),
+        Some(READER),
+        None,
+    )
+    .await;
+    assert_eq!(r.body[0]["state"], "done", "{}", r.text);
+
     // Stop and resume.
     let r = call(
         &app,

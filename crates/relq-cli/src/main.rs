@@ -95,6 +95,15 @@ enum Command {
     Topics,
     /// Follow new messages of a topic live, without joining a group (nothing changes).
     Tail(tail::TailArgs),
+    /// Show one message: its payload and headers, and where it stands in each group (unread,
+    /// pending with its consumer and delivery count, scheduled with its due time, stopped,
+    /// done) and its dead letters.
+    Message {
+        /// Topic.
+        topic: String,
+        /// Message id.
+        id: MessageId,
+    },
     /// The audit log: every operator action that changed state (API and command line), newest
     /// first.
     Audit {
@@ -536,6 +545,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Info { topic } => info(&broker, topic, cli.json).await?,
         Command::Tail(args) => tail::run(&broker, args, cli.json).await?,
+        Command::Message { topic, id } => show_message(&broker, &topic, id, cli.json).await?,
         Command::Audit { before, limit } => {
             if !(1..=1000).contains(&limit) {
                 return Err(exit(Exit::USAGE, "--limit must be 1 to 1000"));
@@ -678,7 +688,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 fn read_only(command: &Command) -> bool {
     use dlq::DlqCommand as D;
     match command {
-        Command::Info { .. } | Command::Topics | Command::Audit { .. } => true,
+        Command::Info { .. }
+        | Command::Topics
+        | Command::Audit { .. }
+        | Command::Message { .. } => true,
         Command::Dlq { command } => matches!(
             command,
             D::List { .. } | D::Show { .. } | D::Groups { .. } | D::Export { .. } | D::Stats { .. }
@@ -956,6 +969,96 @@ async fn info(broker: &Broker, topic: Option<String>, json_out: bool) -> anyhow:
             ),
         ))
     }
+}
+
+/// `relq message TOPIC ID`.
+async fn show_message(
+    broker: &Broker,
+    topic: &str,
+    id: MessageId,
+    json_out: bool,
+) -> anyhow::Result<()> {
+    let m = broker.message(topic, id).await?;
+    let placements = broker.locate(topic, id).await?;
+    let stopped = broker.topic_info(topic).await?.stopped.contains(&id);
+    // Its dead letters (a replay makes a new message, so usually at most one per group).
+    let mut dead = Vec::new();
+    let dls = broker.dead_letters(topic);
+    let mut q = relq::DeadLetterQuery::all().limit(500);
+    loop {
+        let page = dls.list(&q).await?;
+        dead.extend(
+            page.iter()
+                .filter(|d| d.message.id == id)
+                .map(|d| (d.id, d.group.clone())),
+        );
+        match page.last() {
+            Some(last) if page.len() == 500 => q = q.after(last.id),
+            _ => break,
+        }
+    }
+    let groups: Vec<serde_json::Value> = placements
+        .iter()
+        .map(|p| {
+            let mut v = serde_json::to_value(&p.placement).unwrap_or_default();
+            v["group"] = json!(p.group);
+            if let relq::Placement::Scheduled { due, .. } = &p.placement {
+                v["due"] = json!(due.to_string());
+            }
+            v
+        })
+        .collect();
+    print_out(
+        json_out,
+        json!({
+            "message": message_json(&m),
+            "stopped": stopped,
+            "groups": groups,
+            "dead_letters": dead.iter().map(|(d, g)| json!({ "id": d.to_string(), "group": g })).collect::<Vec<_>>(),
+        }),
+        || {
+            let mut out = vec![
+                format!("id:        {}", m.id),
+                format!("type:      {}", m.kind),
+                format!("published: {}", m.published_at),
+            ];
+            for (k, v) in &m.headers {
+                out.push(format!("header:    {k}: {v}"));
+            }
+            out.push(format!(
+                "payload:   {}",
+                String::from_utf8_lossy(&m.payload)
+            ));
+            if stopped {
+                out.push("stopped:   yes (relq resume to release it)".into());
+            }
+            for p in &placements {
+                let state = match &p.placement {
+                    relq::Placement::Unread => "unread".to_owned(),
+                    relq::Placement::Pending {
+                        consumer,
+                        deliveries,
+                    } => {
+                        format!("pending, held by {consumer}, delivery {deliveries}")
+                    }
+                    relq::Placement::Scheduled { due, deliveries } => {
+                        format!("scheduled for {due}, after {deliveries} deliveries")
+                    }
+                    relq::Placement::Stopped => "stopped".to_owned(),
+                    relq::Placement::Done => "done".to_owned(),
+                    _ => "unknown".to_owned(),
+                };
+                out.push(format!("group {}: {state}", p.group));
+            }
+            for (d, g) in &dead {
+                out.push(format!(
+                    "dead letter {d} (group {g}): relq dlq show {topic} {d}"
+                ));
+            }
+            out.join("\n")
+        },
+    );
+    Ok(())
 }
 
 /// Records an action of this command line in the audit log (actor `cli:$USER`).

@@ -1652,3 +1652,59 @@ fn config_show_never_prints_token_secrets() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn message_shows_payload_and_where_it_stands_in_each_group() {
+    let dir = fresh_dir();
+    dead_letters(&dir, "orders", 1);
+    let later = ok(&relq_in(
+        &dir,
+        &[
+            "--json",
+            "publish",
+            "orders",
+            "job",
+            "{\"n\":2}",
+            "-H",
+            "tenant=acme",
+        ],
+    ));
+    let later = serde_json::from_str::<serde_json::Value>(&later).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let first = serde_json::from_str::<serde_json::Value>(&ok(&relq_in(
+        &dir,
+        &["--json", "dlq", "list", "orders"],
+    )))
+    .unwrap()["items"][0]["message"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let v: serde_json::Value = serde_json::from_str(&ok(&relq_in(
+        &dir,
+        &["--json", "message", "orders", &first],
+    )))
+    .unwrap();
+    assert_eq!(v["groups"][0]["group"], "g", "{v}");
+    assert_eq!(v["groups"][0]["state"], "done", "{v}");
+    assert_eq!(v["dead_letters"].as_array().unwrap().len(), 1, "{v}");
+    let v: serde_json::Value = serde_json::from_str(&ok(&relq_in(
+        &dir,
+        &["--json", "message", "orders", &later],
+    )))
+    .unwrap();
+    assert_eq!(v["groups"][0]["state"], "unread", "{v}");
+    assert_eq!(v["message"]["headers"]["tenant"], "acme");
+    let human = ok(&relq_in(&dir, &["message", "orders", &later]));
+    assert!(
+        human.contains("group g: unread") && human.contains("tenant: acme"),
+        "{human}"
+    );
+    fails_with(
+        &relq_in(&dir, &["message", "orders", "1-0"]),
+        3,
+        "not found",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

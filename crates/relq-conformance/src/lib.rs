@@ -77,6 +77,7 @@ macro_rules! __conformance_tests {
             stopped_message_is_held_then_resumed,
             browse_pages_without_a_group_and_groups_report_their_oldest,
             dead_letters_are_forwarded_to_the_failure_topic,
+            locate_tells_where_a_message_stands_in_each_group,
             terminate_stops_consumers_and_topic_can_return,
             start_positions_apply_when_the_group_is_created,
             cleanup_never_removes_unacknowledged_messages,

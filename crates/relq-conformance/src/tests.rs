@@ -650,6 +650,84 @@ pub async fn stopped_message_is_held_then_resumed(b: Broker) {
     c.shutdown(LONG).await;
 }
 
+/// `locate` tells where a message stands in each group: unread, pending with its consumer and
+/// count, scheduled with its due time, stopped, done.
+pub async fn locate_tells_where_a_message_stands_in_each_group(b: Broker) {
+    use relq::Placement;
+    let topic = unique("locate");
+    let ids = publish_n(&b, &topic, 3).await;
+    let placement = |group: &str, id: MessageId| {
+        let b = b.clone();
+        let topic = topic.clone();
+        let group = group.to_owned();
+        async move {
+            b.locate(&topic, id)
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|p| p.group == group)
+                .map(|p| p.placement)
+        }
+    };
+    assert_eq!(placement("g", ids[0]).await, None, "no group yet");
+    let backend = b.backend().clone();
+    let sub = backend
+        .join(&topic, "g", "c1", StartPosition::Earliest)
+        .await
+        .unwrap();
+    assert_eq!(placement("g", ids[0]).await, Some(Placement::Unread));
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        got.extend(backend.read(&sub, 2 - got.len(), ms(100)).await.unwrap());
+    }
+    assert_eq!(
+        placement("g", ids[1]).await,
+        Some(Placement::Pending {
+            consumer: "c1".into(),
+            deliveries: 1
+        })
+    );
+    assert_eq!(placement("g", ids[2]).await, Some(Placement::Unread));
+    backend
+        .settle(&sub, &[Settlement::Ack(ids[0])])
+        .await
+        .unwrap();
+    assert_eq!(placement("g", ids[0]).await, Some(Placement::Done));
+    let due = Timestamp::now().plus(Duration::from_secs(3600));
+    let failure = relq::AttemptFailure {
+        attempt: 1,
+        at: Timestamp::now(),
+        consumer: "c1".into(),
+        kind: FailureKind::Retryable,
+        error: "later".into(),
+    };
+    backend
+        .settle(
+            &sub,
+            &[Settlement::Retry {
+                id: ids[1],
+                at: due,
+                failure,
+            }],
+        )
+        .await
+        .unwrap();
+    match placement("g", ids[1]).await {
+        // Redis keeps due times in milliseconds, as given.
+        Some(Placement::Scheduled {
+            due: d,
+            deliveries: 1,
+        }) => assert_eq!(d, due),
+        other => panic!("expected scheduled, got {other:?}"),
+    }
+    b.stop_message(&topic, ids[1]).await.unwrap();
+    assert_eq!(placement("g", ids[1]).await, Some(Placement::Stopped));
+    assert!(matches!(
+        b.locate("no-such-topic", ids[0]).await,
+        Err(Error::NotFound(relq::NotFound::Topic(_)))
+    ));
+}
+
 /// A consumer that forwards dead letters publishes each one's failure record on
 /// `<topic><suffix>` after storing the dead letter, which stays.
 pub async fn dead_letters_are_forwarded_to_the_failure_topic(b: Broker) {

@@ -267,6 +267,53 @@ impl Browse {
     }
 }
 
+/// Where a message stands in one group, from [`Backend::locate`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Placement {
+    /// The group has not read it yet.
+    Unread,
+    /// Delivered and not settled.
+    Pending {
+        /// The consumer holding it.
+        consumer: String,
+        /// Deliveries so far, this one included.
+        deliveries: u32,
+    },
+    /// Waiting for its time: a retry, or a delayed message.
+    Scheduled {
+        /// When it is delivered again.
+        due: Timestamp,
+        /// Deliveries so far.
+        deliveries: u32,
+    },
+    /// Held back by a stop until it is resumed.
+    Stopped,
+    /// Settled: acknowledged, or given up on (then it is among the dead letters).
+    Done,
+}
+
+/// A message's [`Placement`] in one group.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct GroupPlacement {
+    /// The group.
+    pub group: String,
+    /// Where the message stands in it.
+    pub placement: Placement,
+}
+
+impl GroupPlacement {
+    /// `placement` in `group`.
+    pub fn new(group: impl Into<String>, placement: Placement) -> GroupPlacement {
+        GroupPlacement {
+            group: group.into(),
+            placement,
+        }
+    }
+}
+
 /// One check of a backend's [`Health`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -518,6 +565,13 @@ pub trait Backend: Send + Sync + 'static {
         topic: &str,
         query: &Browse,
     ) -> Result<Option<Vec<Message>>, BackendError>;
+
+    /// Where message `id` stands in each group of `topic`; `None` if the topic does not exist.
+    async fn locate(
+        &self,
+        topic: &str,
+        id: MessageId,
+    ) -> Result<Option<Vec<GroupPlacement>>, BackendError>;
 
     /// Whether the backend can do its work now. The default lists the topics: reachable or not.
     async fn health(&self) -> Health {

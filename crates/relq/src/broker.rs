@@ -4,7 +4,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::analysis::{self, FailureGroup, SharedSuggestions, Suggestion, Suggestions};
-use crate::backend::{Backend, Browse, CleanupReport, Health, Retention, TopicInfo};
+use crate::backend::{
+    Backend, Browse, CleanupReport, GroupPlacement, Health, Retention, TopicInfo,
+};
 use crate::consumer::{ConsumerBuilder, ConsumerDefaults};
 use crate::dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
 use crate::embedded::EmbeddedBackend;
@@ -390,6 +392,19 @@ impl Broker {
     /// fails: a failed check is part of the report.
     pub async fn health(&self) -> Health {
         self.backend.health().await
+    }
+
+    /// Where message `id` stands in each group of `topic`: unread, pending (with its consumer and
+    /// delivery count), scheduled (with its due time), stopped, or done.
+    ///
+    /// # Errors
+    /// The topic does not exist, or the backend failed.
+    pub async fn locate(&self, topic: &str, id: MessageId) -> Result<Vec<GroupPlacement>> {
+        validate_name("topic", topic)?;
+        self.backend
+            .locate(topic, id)
+            .await?
+            .ok_or_else(|| Error::NotFound(NotFound::Topic(topic.to_owned())))
     }
 
     /// The dead letters of `topic`.

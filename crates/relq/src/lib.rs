@@ -68,7 +68,8 @@ mod retry;
 pub use analysis::{fingerprint, FailureGroup, ReplayOutlook, Suggestion, Suggestions};
 pub use backend::{
     replay_headers, AttemptFailure, Backend, Browse, CleanupReport, ConsumerInfo, Delivery,
-    FailureKind, GroupInfo, Health, HealthCheck, Retention, Settlement, Subscription, TopicInfo,
+    FailureKind, GroupInfo, GroupPlacement, Health, HealthCheck, Placement, Retention, Settlement,
+    Subscription, TopicInfo,
 };
 pub use broker::{
     Broker, CleanupTask, DeadLetters, DEFAULT_DEAD_LETTER_RETENTION, DEFAULT_MAX_PAYLOAD,

@@ -26,8 +26,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::backend::{
-    Backend, Browse, CleanupReport, Delivery, Health, Retention, Settlement, Subscription,
-    TopicInfo,
+    Backend, Browse, CleanupReport, Delivery, GroupPlacement, Health, Retention, Settlement,
+    Subscription, TopicInfo,
 };
 use crate::dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
 use crate::embedded::{EmbeddedBackend, EmbeddedConfig};
@@ -92,6 +92,10 @@ enum Request {
     Browse {
         topic: String,
         query: Browse,
+    },
+    Locate {
+        topic: String,
+        id: MessageId,
     },
     Health,
     Topics,
@@ -402,6 +406,7 @@ async fn dispatch(b: &dyn Backend, req: Request) -> Answer {
         R::Terminate { topic } => ok(b.terminate(&topic).await),
         R::Cleanup { topic, retention } => ok(b.cleanup(&topic, &retention).await),
         R::Browse { topic, query } => ok(b.browse(&topic, &query).await),
+        R::Locate { topic, id } => ok(b.locate(&topic, id).await),
         R::Health => ok(Ok::<_, BackendError>(b.health().await)),
         R::Topics => ok(b.topics().await),
         R::TopicInfo { topic } => ok(b.topic_info(&topic).await),
@@ -715,6 +720,20 @@ impl Backend for LocalClient {
         };
         self.run(req, move |b| {
             Box::pin(async move { b.browse(topic, query).await })
+        })
+        .await
+    }
+    async fn locate(
+        &self,
+        topic: &str,
+        id: MessageId,
+    ) -> Result<Option<Vec<GroupPlacement>>, BackendError> {
+        let req = Request::Locate {
+            topic: topic.into(),
+            id,
+        };
+        self.run(req, move |b| {
+            Box::pin(async move { b.locate(topic, id).await })
         })
         .await
     }

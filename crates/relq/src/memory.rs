@@ -22,7 +22,7 @@ use tokio::sync::Notify;
 
 use crate::backend::{
     replay_message, AttemptFailure, Backend, Browse, CleanupReport, ConsumerInfo, Delivery,
-    GroupInfo, Retention, Settlement, Subscription, TopicInfo,
+    GroupInfo, GroupPlacement, Placement, Retention, Settlement, Subscription, TopicInfo,
 };
 use crate::dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
 use crate::error::{BackendError, BackendErrorKind, ConfigError, Limit};
@@ -766,6 +766,42 @@ impl Backend for MemoryBackend {
             stopped: t.stopped.iter().copied().collect(),
             dead_letters: t.dead.len() as u64,
         }))
+    }
+
+    async fn locate(
+        &self,
+        topic: &str,
+        id: MessageId,
+    ) -> Result<Option<Vec<GroupPlacement>>, BackendError> {
+        let state = self.lock();
+        let Some(t) = state.topics.get(topic) else {
+            return Ok(None);
+        };
+        Ok(Some(
+            t.groups
+                .iter()
+                .map(|(name, g)| {
+                    let placement = if let Some(p) = g.pending.get(&id) {
+                        Placement::Pending {
+                            consumer: p.consumer.clone(),
+                            deliveries: p.meta.deliveries,
+                        }
+                    } else if let Some((due, meta)) = g.scheduled_meta.get(&id) {
+                        Placement::Scheduled {
+                            due: *due,
+                            deliveries: meta.deliveries,
+                        }
+                    } else if g.parked.contains_key(&id) {
+                        Placement::Stopped
+                    } else if id > g.cursor {
+                        Placement::Unread
+                    } else {
+                        Placement::Done
+                    };
+                    GroupPlacement::new(name.clone(), placement)
+                })
+                .collect(),
+        ))
     }
 
     async fn browse(

@@ -119,6 +119,13 @@ impl Backend for Flaky {
     async fn browse(&self, t: &str, q: &Browse) -> Result<Option<Vec<Message>>, BackendError> {
         self.inner.browse(t, q).await
     }
+    async fn locate(
+        &self,
+        t: &str,
+        id: MessageId,
+    ) -> Result<Option<Vec<relq::GroupPlacement>>, BackendError> {
+        self.inner.locate(t, id).await
+    }
     async fn topics(&self) -> Result<Vec<String>, BackendError> {
         self.inner.topics().await
     }

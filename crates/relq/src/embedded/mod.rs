@@ -80,8 +80,8 @@ use self::group::{GroupState, Pending};
 use self::log::{LogConfig, ReadHint, TopicLog};
 use self::state::{Batch, DeadKey, Row, RowKey, SpillRange, TopicRecord};
 use crate::backend::{
-    replay_message, Backend, Browse, CleanupReport, ConsumerInfo, Delivery, GroupInfo, Health,
-    HealthCheck, Retention, Settlement, Subscription, TopicInfo,
+    replay_message, Backend, Browse, CleanupReport, ConsumerInfo, Delivery, GroupInfo,
+    GroupPlacement, Health, HealthCheck, Placement, Retention, Settlement, Subscription, TopicInfo,
 };
 use crate::dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
 use crate::error::{BackendError, BackendErrorKind, ConfigError};
@@ -3016,6 +3016,54 @@ impl Backend for EmbeddedBackend {
         })
         .await?;
         Ok(Some(records.iter().map(|r| message_of(r, 0)).collect()))
+    }
+
+    async fn locate(
+        &self,
+        topic: &str,
+        id: MessageId,
+    ) -> Result<Option<Vec<GroupPlacement>>, BackendError> {
+        let s = &self.shared;
+        // Reads the state database under the lock (a spilled row): see `locked`.
+        s.locked(|inner| {
+            let Some(t) = inner.topics.get(topic) else {
+                return Ok(None);
+            };
+            // Ids carry their offset in `seq`.
+            let o = id.seq;
+            let mut out = Vec::new();
+            for (name, g) in &t.groups {
+                let row = match g.rows.get(&o) {
+                    Some(r) => Some((r.due, r.deliveries, r.parked)),
+                    None if g.spilled > 0 && !g.unspilling.contains(&o) => {
+                        state::spilled_row(&s.db, topic, name, o)?
+                            .map(|r| (r.due, r.deliveries, r.parked))
+                    }
+                    None => None,
+                };
+                let placement = if let Some(p) = g.pending.get(&o) {
+                    Placement::Pending {
+                        consumer: p.consumer.clone(),
+                        deliveries: p.attempt,
+                    }
+                } else if let Some((due, deliveries, parked)) = row {
+                    if parked {
+                        Placement::Stopped
+                    } else {
+                        Placement::Scheduled {
+                            due: Timestamp(due),
+                            deliveries,
+                        }
+                    }
+                } else if o >= g.cursor.max(t.start) {
+                    Placement::Unread
+                } else {
+                    Placement::Done
+                };
+                out.push(GroupPlacement::new(name.clone(), placement));
+            }
+            Ok(Some(out))
+        })
     }
 
     async fn close(&self) {

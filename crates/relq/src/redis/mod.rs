@@ -45,8 +45,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::backend::{
-    replay_message, Backend, Browse, CleanupReport, ConsumerInfo, Delivery, GroupInfo, Health,
-    HealthCheck, Retention, Settlement, Subscription, TopicInfo,
+    replay_message, Backend, Browse, CleanupReport, ConsumerInfo, Delivery, GroupInfo,
+    GroupPlacement, Health, HealthCheck, Placement, Retention, Settlement, Subscription, TopicInfo,
 };
 use crate::dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
 use crate::error::{BackendError, BackendErrorKind, ConfigError, Limit};
@@ -1446,6 +1446,73 @@ impl Backend for RedisBackend {
             }
             tokio::task::yield_now().await;
         }
+    }
+
+    async fn locate(
+        &self,
+        topic: &str,
+        id: MessageId,
+    ) -> Result<Option<Vec<GroupPlacement>>, BackendError> {
+        let key = stream_key(topic);
+        let pre = prefix(topic);
+        let mut cmd = ::redis::cmd("EXISTS");
+        cmd.arg(format!("{pre}meta")).arg(&key);
+        if int(&self.query(cmd).await?).unwrap_or(0) == 0 {
+            return Ok(None);
+        }
+        let mut cmd = ::redis::cmd("EXISTS");
+        cmd.arg(&key);
+        if int(&self.query(cmd).await?).unwrap_or(0) == 0 {
+            return Ok(Some(Vec::new()));
+        }
+        let id_text = id.to_string();
+        let mut cmd = ::redis::cmd("XINFO");
+        cmd.arg("GROUPS").arg(&key);
+        let mut out = Vec::new();
+        for g in items(self.query(cmd).await?) {
+            let g = fields_map(g);
+            let name = g.get("name").and_then(text).unwrap_or_default();
+            let cursor = g
+                .get("last-delivered-id")
+                .and_then(|v| id_of(v).ok())
+                .unwrap_or_default();
+            let gkey = format!("{pre}g:{name}:");
+            let mut cmd = ::redis::cmd("XPENDING");
+            cmd.arg(&key).arg(&name).arg(&id_text).arg(&id_text).arg(1);
+            let pending = items(self.query(cmd).await?).into_iter().next().map(items);
+            let placement = if let Some(p) = pending {
+                Placement::Pending {
+                    consumer: p.get(1).and_then(text).unwrap_or_default(),
+                    deliveries: p.get(3).and_then(int).unwrap_or(0) as u32,
+                }
+            } else {
+                let mut cmd = ::redis::cmd("ZSCORE");
+                cmd.arg(format!("{gkey}sched")).arg(&id_text);
+                let due = text(&self.query(cmd).await?).and_then(|t| t.parse::<f64>().ok());
+                let mut cmd = ::redis::cmd("SISMEMBER");
+                cmd.arg(format!("{gkey}park")).arg(&id_text);
+                let parked = int(&self.query(cmd).await?).unwrap_or(0) == 1;
+                if let Some(due) = due {
+                    let mut cmd = ::redis::cmd("HGET");
+                    cmd.arg(format!("{gkey}m")).arg(&id_text);
+                    let deliveries = text(&self.query(cmd).await?)
+                        .and_then(|m| m.split(' ').next().and_then(|n| n.parse().ok()))
+                        .unwrap_or(0);
+                    Placement::Scheduled {
+                        due: Timestamp(due.max(0.0) as u64),
+                        deliveries,
+                    }
+                } else if parked {
+                    Placement::Stopped
+                } else if id > cursor {
+                    Placement::Unread
+                } else {
+                    Placement::Done
+                }
+            };
+            out.push(GroupPlacement::new(name, placement));
+        }
+        Ok(Some(out))
     }
 
     async fn health(&self) -> Health {
