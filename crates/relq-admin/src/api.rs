@@ -809,6 +809,9 @@ pub(crate) struct ReplayResult {
     pub(crate) replayed: Vec<ReplayedView>,
 }
 
+/// The most dead-letter ids one replay request names.
+const MAX_REPLAY_IDS: usize = 10_000;
+
 /// How long a replay may run inside one request; longer ones run as a background job.
 const MAX_INLINE_SECONDS: u64 = 5;
 
@@ -893,11 +896,18 @@ pub(crate) async fn replay(
         }
         ids
     } else {
-        let ids = req
+        if req.ids.len() > MAX_REPLAY_IDS {
+            return Err(Problem::bad_request(format!(
+                "at most {MAX_REPLAY_IDS} ids per request; use a filter for more"
+            )));
+        }
+        let mut ids = req
             .ids
             .iter()
             .map(|i| id(i))
             .collect::<ApiResult<Vec<_>>>()?;
+        let mut seen = std::collections::HashSet::new();
+        ids.retain(|i| seen.insert(*i));
         for i in &ids {
             dls.get(*i).await?;
         }

@@ -64,13 +64,61 @@ fn needs(method: &Method) -> TokenRole {
     }
 }
 
+/// Whether the request's `Host` names this machine's loopback (or there is none).
+fn loopback_host(req: &Request) -> bool {
+    let Some(value) = req.headers().get(header::HOST) else {
+        return true;
+    };
+    let Ok(host) = value.to_str() else {
+        return false;
+    };
+    // Strip the port: `[::1]:8080`, `127.0.0.1:8080`, `localhost:8080`.
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, _)| h)
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// The authentication middleware: sets the [`Caller`] or refuses the request.
 pub(crate) async fn authenticate(
     State(shared): State<Arc<Shared>>,
     mut req: Request,
     next: Next,
 ) -> Response {
+    // A browser sends some cross-site requests without asking first (a POST without a body, or
+    // with a form's content type). A change must carry a JSON content type or a bearer token,
+    // which a page on another site can only send after a CORS preflight this server refuses
+    // (unless configured).
+    let changes = needs(req.method()) == TokenRole::Admin;
+    let json = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if changes && !json && !req.headers().contains_key(header::AUTHORIZATION) {
+        return Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "bad-request",
+            "a request that changes state needs Content-Type: application/json (or a bearer token)",
+        )
+        .into_response();
+    }
     let caller = if shared.tokens.is_empty() {
+        // Unauthenticated (loopback only): a name another site's page could resolve to this
+        // address (DNS rebinding) is refused; only loopback names and addresses are served.
+        if !loopback_host(&req) {
+            return Problem::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "this unauthenticated server answers only requests addressed to localhost or a loopback address",
+            )
+            .into_response();
+        }
         Caller {
             name: "anonymous".into(),
             role: TokenRole::Admin,

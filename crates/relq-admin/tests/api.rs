@@ -84,6 +84,11 @@ fn problem(r: &Reply, status: StatusCode) -> String {
 
 /// A broker with topic `orders`: 5 messages of which 3 are dead letters (two categories).
 async fn broker_with_failures() -> Broker {
+    broker_with_more_failures(0).await
+}
+
+/// The same with `extra` more dead letters (payload `bad-1`).
+async fn broker_with_more_failures(extra: usize) -> Broker {
     let b = Broker::memory();
     let c = b
         .consumer("orders", "billing")
@@ -105,7 +110,11 @@ async fn broker_with_failures() -> Broker {
         .start()
         .await
         .unwrap();
-    for p in ["ok-1", "bad-1", "bad-2", "slow", "ok-2"] {
+    let extras = std::iter::repeat_n("bad-1", extra);
+    for p in ["ok-1", "bad-1", "bad-2", "slow", "ok-2"]
+        .into_iter()
+        .chain(extras)
+    {
         b.publish("orders", NewMessage::new("order", p))
             .await
             .unwrap();
@@ -113,13 +122,16 @@ async fn broker_with_failures() -> Broker {
     for _ in 0..2000 {
         let n = b.topic_info("orders").await.unwrap().dead_letters;
         let g = &b.topic_info("orders").await.unwrap().groups[0];
-        if n == 3 && g.pending == 0 && g.lag == 0 {
+        if n == 3 + extra as u64 && g.pending == 0 && g.lag == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     c.shutdown(Duration::from_secs(5)).await;
-    assert_eq!(b.topic_info("orders").await.unwrap().dead_letters, 3);
+    assert_eq!(
+        b.topic_info("orders").await.unwrap().dead_letters,
+        3 + extra as u64
+    );
     b
 }
 
@@ -753,18 +765,11 @@ async fn metrics_health_and_the_openapi_document() {
 
 #[tokio::test]
 async fn long_replays_run_as_jobs_that_report_progress_and_can_be_cancelled() {
-    let b = broker_with_failures().await;
+    let b = broker_with_more_failures(3).await;
     let app = app(&b);
     let url = "/api/topics/orders/dead-letters/replay";
-    let first = b
-        .dead_letters("orders")
-        .list(&relq::DeadLetterQuery::all())
-        .await
-        .unwrap()[0]
-        .id
-        .to_string();
     // Six at 1/s take longer than a request may: refused unless in the background.
-    let six = json!({"ids": [first.clone(), first.clone(), first.clone(), first.clone(), first.clone(), first.clone()], "rate": 1});
+    let six = json!({"all": true, "rate": 1});
     let r = call(&app, Method::POST, url, Some(ADMIN), Some(six)).await;
     assert!(problem(&r, StatusCode::BAD_REQUEST).contains("background"));
 
@@ -781,7 +786,7 @@ async fn long_replays_run_as_jobs_that_report_progress_and_can_be_cancelled() {
     let job = r.body["id"].as_str().unwrap().to_owned();
     assert_eq!(
         (r.body["state"].as_str(), r.body["total"].as_u64()),
-        (Some("running"), Some(3))
+        (Some("running"), Some(6))
     );
     let poll = |job: String| {
         let app = app.clone();
@@ -843,7 +848,7 @@ async fn long_replays_run_as_jobs_that_report_progress_and_can_be_cancelled() {
     // Cancelled a second before its next batch was due (two, on a machine that stalled).
     assert_eq!(state, "cancelled");
     assert!(done == 1 || done == 2, "{done}");
-    assert_eq!(b.topic_info("orders").await.unwrap().dead_letters, 3 - done);
+    assert_eq!(b.topic_info("orders").await.unwrap().dead_letters, 6 - done);
 
     // Without a rate it runs to the end.
     let r = call(
@@ -877,7 +882,7 @@ async fn long_replays_run_as_jobs_that_report_progress_and_can_be_cancelled() {
             body["done"].as_u64(),
             body["total"].as_u64()
         ),
-        (Some("finished"), Some(3 - done), Some(3 - done)),
+        (Some("finished"), Some(6 - done), Some(6 - done)),
         "{body}"
     );
     assert_eq!(b.topic_info("orders").await.unwrap().dead_letters, 0);
@@ -894,4 +899,67 @@ async fn long_replays_run_as_jobs_that_report_progress_and_can_be_cancelled() {
         .map(|e| e["action"].as_str().unwrap())
         .collect();
     assert_eq!(actions, ["replay", "replay", "cancel"], "{}", r.text);
+}
+
+#[tokio::test]
+async fn an_unauthenticated_server_refuses_other_sites_and_duplicate_ids_replay_once() {
+    let b = broker_with_failures().await;
+    let app = relq_admin::Admin::new(b.clone()).router();
+    // DNS rebinding: a page of another site reaching 127.0.0.1 under its own name.
+    let req = Request::builder()
+        .uri("/api/topics")
+        .header(header::HOST, "evil.example:8080")
+        .body(Body::empty())
+        .unwrap();
+    problem(&raw(&app, req).await, StatusCode::FORBIDDEN);
+    for host in ["localhost:8080", "127.0.0.1:8080", "[::1]:8080"] {
+        let req = Request::builder()
+            .uri("/api/topics")
+            .header(header::HOST, host)
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(raw(&app, req).await.status, StatusCode::OK, "{host}");
+    }
+    // A cross-site "simple" POST (no JSON content type, no token) changes nothing.
+    let first = b
+        .dead_letters("orders")
+        .list(&relq::DeadLetterQuery::all())
+        .await
+        .unwrap()[0]
+        .id
+        .to_string();
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(format!("/api/topics/orders/messages/{first}/stop"))
+        .header(header::CONTENT_TYPE, "text/plain")
+        .body(Body::empty())
+        .unwrap();
+    problem(&raw(&app, req).await, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert!(b.topic_info("orders").await.unwrap().stopped.is_empty());
+    // The same id twice is one replay.
+    let r = call(
+        &app,
+        Method::POST,
+        "/api/topics/orders/dead-letters/replay",
+        None,
+        Some(json!({"ids": [first.clone(), first.clone()]})),
+    )
+    .await;
+    assert_eq!(
+        r.body["replayed"].as_array().map(Vec::len),
+        Some(1),
+        "{}",
+        r.text
+    );
+    assert_eq!(b.topic_info("orders").await.unwrap().dead_letters, 2);
+    let too_many: Vec<String> = (0..10_001).map(|i| format!("1-{i}")).collect();
+    let r = call(
+        &app,
+        Method::POST,
+        "/api/topics/orders/dead-letters/replay",
+        None,
+        Some(json!({"ids": too_many})),
+    )
+    .await;
+    problem(&r, StatusCode::BAD_REQUEST);
 }

@@ -1194,6 +1194,12 @@ role = "read"
         body.contains("relq_topic_messages{topic=\"orders\"} 4"),
         "{body}"
     );
+    // The engine's own counters: it committed at least the publish and the stop.
+    let cycles = body
+        .lines()
+        .find_map(|l| l.strip_prefix("relq_engine_commit_cycles_total "))
+        .and_then(|v| v.parse::<f64>().ok());
+    assert!(cycles.is_some_and(|c| c >= 1.0), "{body}");
     let (code, body) = curl(&[&format!("{base}/readyz")]);
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("\"disk\""), "{body}");

@@ -314,6 +314,33 @@ impl GroupPlacement {
     }
 }
 
+/// One of a backend's own counters or gauges, exported by the metrics endpoint
+/// (`relq_engine_*` for the embedded engine, `relq_redis_*` for Redis).
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct BackendMetric {
+    /// The metric's name (Prometheus conventions: `relq_` prefix, `_total` for counters).
+    pub name: &'static str,
+    /// What it counts.
+    pub help: &'static str,
+    /// A counter (only grows) rather than a gauge.
+    pub counter: bool,
+    /// Its value.
+    pub value: f64,
+}
+
+impl BackendMetric {
+    /// A counter.
+    pub fn counter(name: &'static str, help: &'static str, value: f64) -> BackendMetric {
+        BackendMetric {
+            name,
+            help,
+            counter: true,
+            value,
+        }
+    }
+}
+
 /// One check of a backend's [`Health`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -572,6 +599,12 @@ pub trait Backend: Send + Sync + 'static {
         topic: &str,
         id: MessageId,
     ) -> Result<Option<Vec<GroupPlacement>>, BackendError>;
+
+    /// The backend's own counters (commit cycles, fsyncs, round trips, errors), for metrics.
+    /// The default has none.
+    fn metrics(&self) -> Vec<BackendMetric> {
+        Vec::new()
+    }
 
     /// Whether the backend can do its work now. The default lists the topics: reachable or not.
     async fn health(&self) -> Health {

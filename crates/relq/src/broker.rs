@@ -398,9 +398,11 @@ impl Broker {
     /// delivery count), scheduled (with its due time), stopped, or done.
     ///
     /// # Errors
-    /// The topic does not exist, or the backend failed.
+    /// The topic or the message does not exist, or the backend failed.
     pub async fn locate(&self, topic: &str, id: MessageId) -> Result<Vec<GroupPlacement>> {
         validate_name("topic", topic)?;
+        // Only a stored message has a place (backends may look at part of the id only).
+        self.message(topic, id).await?;
         self.backend
             .locate(topic, id)
             .await?
@@ -540,7 +542,14 @@ impl DeadLetters {
     /// The backend failed.
     pub async fn replay(&self, ids: &[DeadLetterId]) -> Result<Vec<(DeadLetterId, MessageId)>> {
         validate_name("topic", &self.topic)?;
-        let done = self.backend.replay_dead_letters(&self.topic, ids).await?;
+        // Each dead letter once, however often it is named.
+        let mut unique = Vec::with_capacity(ids.len());
+        let mut seen = std::collections::HashSet::with_capacity(ids.len());
+        unique.extend(ids.iter().copied().filter(|id| seen.insert(*id)));
+        let done = self
+            .backend
+            .replay_dead_letters(&self.topic, &unique)
+            .await?;
         metrics::counter!("relq_replayed_total", "topic" => self.topic.clone())
             .increment(done.len() as u64);
         Ok(done)

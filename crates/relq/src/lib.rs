@@ -67,9 +67,9 @@ mod retry;
 
 pub use analysis::{fingerprint, FailureGroup, ReplayOutlook, Suggestion, Suggestions};
 pub use backend::{
-    replay_headers, AttemptFailure, Backend, Browse, CleanupReport, ConsumerInfo, Delivery,
-    FailureKind, GroupInfo, GroupPlacement, Health, HealthCheck, Placement, Retention, Settlement,
-    Subscription, TopicInfo,
+    replay_headers, AttemptFailure, Backend, BackendMetric, Browse, CleanupReport, ConsumerInfo,
+    Delivery, FailureKind, GroupInfo, GroupPlacement, Health, HealthCheck, Placement, Retention,
+    Settlement, Subscription, TopicInfo,
 };
 pub use broker::{
     Broker, CleanupTask, DeadLetters, DEFAULT_DEAD_LETTER_RETENTION, DEFAULT_MAX_PAYLOAD,

@@ -5,11 +5,13 @@
 //! processes on a Unix socket, so `relq info`, `relq publish`, `relq dlq ...` or a second
 //! service given the same directory work through the holder instead of failing with "in use".
 //!
-//! - The socket is `<dir>/admin.sock`, or a file in the temporary directory when that path is
-//!   too long for a Unix socket; the file `<dir>/ADMIN` records its path (written atomically
-//!   after the socket listens). Only the owner may connect (mode 0600).
-//! - One request per connection: a JSON line naming the call and its arguments; the answer is
-//!   one JSON line, `{"ok": ...}` or `{"err": {"kind", "message", "limit"}}`.
+//! - The socket is `<dir>/admin.sock` (absolute); `<dir>/ADMIN` records its path (written
+//!   atomically after the socket listens). Only the owner may connect (mode 0600). A directory
+//!   whose socket path would be too long for a Unix socket is not shared.
+//! - One request per connection: a JSON line naming the call and its arguments. The holder
+//!   answers `+` once it took the request (before that the call is certainly not applied, so a
+//!   client may send it again elsewhere), then one JSON line, `{"ok": ...}` or
+//!   `{"err": {"kind", "message", "limit"}}`.
 //! - A record left by a killed holder is never trusted: a process that gets the directory's lock
 //!   is the holder (the old one is gone), and replaces the record; a process that does not get
 //!   the lock uses the record only if the socket answers.
@@ -33,6 +35,14 @@ use crate::dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterSt
 use crate::embedded::{EmbeddedBackend, EmbeddedConfig};
 use crate::error::{BackendError, BackendErrorKind, Limit};
 use crate::model::{Message, MessageId, Outgoing, StartPosition, Timestamp};
+
+/// What the holder writes once it has read a request and is about to act on it.
+const TAKEN: &[u8] = b"+\n";
+/// How long the holder waits for a request's line.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client waits for an answer once its request was taken (a read waits at most
+/// 5 s; a large publish batch takes a commit).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The file in a data directory that records where its holder's socket is.
 pub(crate) const RECORD: &str = "ADMIN";
@@ -238,18 +248,18 @@ impl Drop for LocalServer {
     }
 }
 
-/// Where the socket of `dir` goes.
-fn socket_path(dir: &Path) -> PathBuf {
-    let inside = dir.join("admin.sock");
-    if inside.as_os_str().len() <= MAX_SOCKET_PATH {
-        return inside;
+/// Where the socket of `dir` goes: `<dir>/admin.sock`, as an absolute path (clients may run in
+/// another working directory); none when that is too long for a Unix socket (a socket in a
+/// shared temporary directory could be taken over by another user: not shared then).
+fn socket_path(dir: &Path) -> io::Result<PathBuf> {
+    let inside = std::fs::canonicalize(dir)?.join("admin.sock");
+    if inside.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(io::Error::other(format!(
+            "{} is too long for a Unix socket",
+            inside.display()
+        )));
     }
-    let name = format!(
-        "relq-{:08x}-{}.sock",
-        crc32c::crc32c(dir.as_os_str().as_encoded_bytes()),
-        std::process::id()
-    );
-    std::env::temp_dir().join(name)
+    Ok(inside)
 }
 
 /// Starts serving `backend`'s calls for the data directory `dir`, which this process holds.
@@ -257,7 +267,7 @@ fn socket_path(dir: &Path) -> PathBuf {
 pub(crate) fn serve(dir: &Path, backend: Weak<dyn Backend>) -> io::Result<LocalServer> {
     let handle = tokio::runtime::Handle::try_current()
         .map_err(|_| io::Error::other("no tokio runtime to serve the admin socket on"))?;
-    let socket = socket_path(dir);
+    let socket = socket_path(dir)?;
     // A socket left by a holder that died: this process holds the lock now.
     let _ = std::fs::remove_file(&socket);
     let listener = {
@@ -331,13 +341,23 @@ async fn answer(stream: UnixStream, backend: Weak<dyn Backend>, inflight: InFlig
     let mut held = None;
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    let reader = BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_LINE));
-    let mut reader = reader;
-    let answer = match reader.read_line(&mut line).await {
+    let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_LINE));
+    // A client that sends nothing for this long is dropped (it counts as in flight meanwhile).
+    let read = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await;
+    let answer = match read
+        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "no request")))
+    {
         Ok(0) => return,
         Ok(_) => match serde_json::from_str::<Request>(&line) {
             Ok(req) => match backend.upgrade() {
-                Some(b) => dispatch(&**held.insert(b), req).await,
+                Some(b) => {
+                    // Taken: from here on the call may be applied. Before this line the client
+                    // knows it was not (and may send it again elsewhere).
+                    if write.write_all(TAKEN).await.is_err() {
+                        return;
+                    }
+                    dispatch(&**held.insert(b), req).await
+                }
                 None => Answer::Err(WireError {
                     kind: CLOSING.into(),
                     message: "the holder is closing the directory; the call was not applied".into(),
@@ -540,10 +560,39 @@ impl LocalClient {
         }
         let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(stream, MAX_LINE));
         let mut line = String::new();
-        let n = match reader.read_line(&mut line).await {
-            Ok(n) => n,
-            Err(e) => return Sent::Done(Err(lost(e))),
-        };
+        // First the holder says it took the request (or answers at once: an error it did not
+        // act on). Nothing before that: not applied.
+        match tokio::time::timeout(ANSWER_TIMEOUT, reader.read_line(&mut line)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            Ok(Ok(_)) => {
+                return Sent::NotApplied(lost(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "closed before taking the request",
+                )))
+            }
+            Ok(Err(e)) => return Sent::NotApplied(lost(e)),
+            Err(_) => {
+                return Sent::NotApplied(lost(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "did not take the request",
+                )))
+            }
+        }
+        if line.as_bytes() == TAKEN {
+            line.clear();
+            let n = match tokio::time::timeout(ANSWER_TIMEOUT, reader.read_line(&mut line)).await {
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => return Sent::Done(Err(lost(e))),
+                Err(_) => 0,
+            };
+            if n == 0 {
+                return Sent::Done(Err(unavailable(format!(
+                    "the process holding the data directory took the call but gave no answer on {}; it may or may not have been applied",
+                    socket.display()
+                ))));
+            }
+        }
+        let n = line.len();
         if n == 0 {
             return Sent::Done(Err(unavailable(format!(
                 "the process holding the data directory stopped before answering on {}; the call may or may not have been applied",

@@ -80,8 +80,9 @@ use self::group::{GroupState, Pending};
 use self::log::{LogConfig, ReadHint, TopicLog};
 use self::state::{Batch, DeadKey, Row, RowKey, SpillRange, TopicRecord};
 use crate::backend::{
-    replay_message, Backend, Browse, CleanupReport, ConsumerInfo, Delivery, GroupInfo,
-    GroupPlacement, Health, HealthCheck, Placement, Retention, Settlement, Subscription, TopicInfo,
+    replay_message, Backend, BackendMetric, Browse, CleanupReport, ConsumerInfo, Delivery,
+    GroupInfo, GroupPlacement, Health, HealthCheck, Placement, Retention, Settlement, Subscription,
+    TopicInfo,
 };
 use crate::dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
 use crate::error::{BackendError, BackendErrorKind, ConfigError};
@@ -1933,9 +1934,11 @@ impl Shared {
                     return Ok(());
                 };
                 let mut found = Vec::new();
+                let mut named = std::collections::HashSet::new();
                 for id in ids {
                     let key = (topic.clone(), id.ms, id.seq);
-                    if lock(&self.inner).dead_deleting.contains(&key) {
+                    // Each dead letter once, however often the call names it.
+                    if !named.insert(id) || lock(&self.inner).dead_deleting.contains(&key) {
                         continue;
                     }
                     if let Some(dl) = state::get_dead(&self.db, &topic, id)? {
@@ -3016,6 +3019,47 @@ impl Backend for EmbeddedBackend {
         })
         .await?;
         Ok(Some(records.iter().map(|r| message_of(r, 0)).collect()))
+    }
+
+    fn metrics(&self) -> Vec<BackendMetric> {
+        let st = self.stats();
+        vec![
+            BackendMetric::counter(
+                "relq_engine_commit_cycles_total",
+                "Commit cycles run by the embedded engine",
+                st.cycles as f64,
+            ),
+            BackendMetric::counter(
+                "relq_engine_fsyncs_total",
+                "fdatasync calls on log files",
+                st.syncs as f64,
+            ),
+            BackendMetric::counter(
+                "relq_engine_records_appended_total",
+                "Messages appended to logs (records / cycles = the mean commit size)",
+                st.records as f64,
+            ),
+            BackendMetric::counter(
+                "relq_engine_state_commits_total",
+                "State database transactions committed",
+                st.state_commits as f64,
+            ),
+            BackendMetric::counter(
+                "relq_engine_sync_seconds_total",
+                "Time spent in commit rounds' syncs",
+                st.sync_micros as f64 / 1e6,
+            ),
+            BackendMetric::counter(
+                "relq_engine_rows_spilled_total",
+                "Scheduled rows moved from memory to the state database",
+                st.rows_spilled as f64,
+            ),
+            BackendMetric::counter(
+                "relq_engine_rows_unspilled_total",
+                "Spilled rows taken back into memory",
+                st.rows_unspilled as f64,
+            ),
+        ]
     }
 
     async fn locate(

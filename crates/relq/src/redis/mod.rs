@@ -45,8 +45,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::backend::{
-    replay_message, Backend, Browse, CleanupReport, ConsumerInfo, Delivery, GroupInfo,
-    GroupPlacement, Health, HealthCheck, Placement, Retention, Settlement, Subscription, TopicInfo,
+    replay_message, Backend, BackendMetric, Browse, CleanupReport, ConsumerInfo, Delivery,
+    GroupInfo, GroupPlacement, Health, HealthCheck, Placement, Retention, Settlement, Subscription,
+    TopicInfo,
 };
 use crate::dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
 use crate::error::{BackendError, BackendErrorKind, ConfigError, Limit};
@@ -180,6 +181,9 @@ pub struct RedisBackend {
     /// in a later step: the next read reports an error, so the runtime recovers the consumer's
     /// pending messages (what the failed step may have left pending for it).
     needs_recovery: Mutex<HashSet<(String, String, String)>>,
+    /// Commands and scripts sent on the shared connection, and those that failed.
+    calls: std::sync::atomic::AtomicU64,
+    call_errors: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -577,6 +581,8 @@ impl RedisBackend {
             registered: Mutex::new(HashMap::new()),
             with_history: Mutex::new(History::default()),
             needs_recovery: Mutex::new(HashSet::new()),
+            calls: std::sync::atomic::AtomicU64::new(0),
+            call_errors: std::sync::atomic::AtomicU64::new(0),
         };
         backend.check_server().await.map_err(|mut e| {
             e.message = format!("{}: {}", redact(url), e.message);
@@ -666,7 +672,14 @@ impl RedisBackend {
         let deadline = instant_after(tokio::time::Instant::now(), self.config.retry_for);
         let mut delay = Duration::from_millis(20);
         loop {
-            match f(self.conn.clone()).await.map_err(map_err) {
+            self.calls
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let r = f(self.conn.clone()).await.map_err(map_err);
+            if r.is_err() {
+                self.call_errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            match r {
                 Ok(v) => return Ok(v),
                 Err(e)
                     if e.kind == BackendErrorKind::Unavailable
@@ -689,7 +702,14 @@ impl RedisBackend {
     where
         Fut: Future<Output = RedisResult<T>>,
     {
-        f(self.conn.clone()).await.map_err(map_err)
+        self.calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let r = f(self.conn.clone()).await.map_err(map_err);
+        if r.is_err() {
+            self.call_errors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
     }
 
     /// Adds `topic` to the registry once per process (before it is created, so the registry
@@ -1448,6 +1468,14 @@ impl Backend for RedisBackend {
         }
     }
 
+    fn metrics(&self) -> Vec<BackendMetric> {
+        use std::sync::atomic::Ordering::Relaxed;
+        vec![
+            BackendMetric::counter("relq_redis_calls_total", "Commands and scripts sent on the shared connection (reads on the blocking pool not counted)", self.calls.load(Relaxed) as f64),
+            BackendMetric::counter("relq_redis_call_errors_total", "Of those, the ones that failed", self.call_errors.load(Relaxed) as f64),
+        ]
+    }
+
     async fn locate(
         &self,
         topic: &str,
@@ -1801,7 +1829,8 @@ impl Backend for RedisBackend {
         ids: &[DeadLetterId],
     ) -> Result<Vec<(DeadLetterId, MessageId)>, BackendError> {
         let mut found = Vec::new();
-        for id in ids {
+        let mut named = HashSet::new();
+        for id in ids.iter().filter(|id| named.insert(**id)) {
             if let Some(dl) = self.dead_letter(topic, *id).await? {
                 found.push((dl.id, replay_message(&dl)));
             }
