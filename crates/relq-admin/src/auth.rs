@@ -90,17 +90,22 @@ pub(crate) async fn authenticate(
     mut req: Request,
     next: Next,
 ) -> Response {
-    // A browser sends some cross-site requests without asking first (a POST without a body, or
-    // with a form's content type). A change must carry a JSON content type or a bearer token,
-    // which a page on another site can only send after a CORS preflight this server refuses
-    // (unless configured).
+    // Unauthenticated, a browser would send some cross-site requests without asking first (a
+    // POST without a body, or with a form's content type). A change must carry a JSON content
+    // type or a bearer token, which a page on another site can only send after a CORS
+    // preflight this server refuses (unless configured). With tokens, a request without one is
+    // refused anyway (401): browsers never attach bearer tokens on their own.
     let changes = needs(req.method()) == TokenRole::Admin;
     let json = req
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"));
-    if changes && !json && !req.headers().contains_key(header::AUTHORIZATION) {
+    if shared.tokens.is_empty()
+        && changes
+        && !json
+        && !req.headers().contains_key(header::AUTHORIZATION)
+    {
         return Problem::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "bad-request",
