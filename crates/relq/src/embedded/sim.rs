@@ -80,6 +80,10 @@ struct Dir {
 struct State {
     /// Bumped by every crash; a handle opened in an older epoch is stale.
     epoch: u64,
+    /// Set by a crash or a kill, cleared when an engine takes the directory again (`lock_dir`):
+    /// meanwhile the dead process's engine, still running in the test, opens, creates, removes
+    /// and syncs nothing (it would otherwise go on in new files, as no dead process can).
+    down: bool,
     next_id: u64,
     // BTreeMaps, so that a crash with a given seed is reproducible.
     files: BTreeMap<u64, Inode>,
@@ -245,6 +249,7 @@ impl SimFs {
     pub(crate) fn new() -> Self {
         let state = State {
             epoch: 0,
+            down: false,
             next_id: ROOT + 1,
             files: BTreeMap::new(),
             dirs: BTreeMap::from([(ROOT, Dir::default())]),
@@ -397,6 +402,7 @@ impl SimFs {
         st.files.retain(|id, _| live_files.contains(id));
         st.epoch += 1;
         st.boot += 1;
+        st.down = true;
     }
 
     /// The process is killed (kill -9), the machine stays up: the page cache survives, so every
@@ -451,6 +457,7 @@ impl SimFs {
         }
         st.last_log_write = None;
         st.epoch += 1;
+        st.down = true;
     }
 
     /// Overwrites bytes of the file at `path` on the disk itself (a bad sector, a stray write):
@@ -478,12 +485,21 @@ impl SimFs {
     }
 
     /// The simulated machine's boot id (changed by every power loss).
+    /// The machine is back and a new process uses the disk directly (the engine's own reopen
+    /// does this by taking the directory's lock).
+    pub(crate) fn restart(&self) {
+        self.lock().down = false;
+    }
+
     pub(crate) fn boot(&self) -> u64 {
         self.lock().boot
     }
 
     fn open_file(&self, path: &Path, create: bool) -> io::Result<SimFile> {
         let mut st = self.lock();
+        if st.down {
+            return Err(stale());
+        }
         let (parent, name) = st.parent_of(path)?;
         let existing = st.dir(parent).visible.get(&name).copied();
         let ino = match existing {
@@ -511,6 +527,9 @@ impl SimFs {
     /// directory's record stays until the next crash, which may undo the removal.
     fn unlink(&self, path: &Path, dir: bool) -> io::Result<()> {
         let mut st = self.lock();
+        if st.down {
+            return Err(stale());
+        }
         let (parent, name) = st.parent_of(path)?;
         let existing = st.dir(parent).visible.get(&name).copied();
         match (existing, dir) {
@@ -578,6 +597,9 @@ impl Storage for SimFs {
     fn sync_dir(&self, path: &Path) -> io::Result<()> {
         self.maybe_panic(PanicAt::SyncDir);
         let mut st = self.lock();
+        if st.down {
+            return Err(stale());
+        }
         let id = st.find_dir(path, &components(path)?)?;
         if st.sync_disabled {
             return Ok(());
@@ -597,7 +619,9 @@ impl Storage for SimFs {
     }
 
     fn lock_dir(&self, _root: &Path) -> io::Result<Option<Box<dyn std::any::Any + Send + Sync>>> {
-        // One simulated machine, one engine at a time: the tests hold it by construction.
+        // One simulated machine, one engine at a time: the tests hold it by construction. The
+        // engine opening now is the restarted process.
+        self.lock().down = false;
         Ok(Some(Box::new(())))
     }
 
@@ -813,6 +837,7 @@ mod tests {
             f.sync_data().unwrap();
             f.write_at(b"later", 5000).unwrap(); // unsynced: may or may not survive
             fs.crash(&mut rng(seed));
+            fs.restart();
             let got = read_all(&fs, "/d/a").expect("a durably created file survives");
             assert!(got.len() >= 4096, "seed {seed}: length {}", got.len());
             assert_eq!(&got[..5], b"hello", "seed {seed}");
@@ -835,6 +860,7 @@ mod tests {
                 "reads see unsynced writes"
             );
             fs.crash(&mut rng(seed));
+            fs.restart();
             let got = read_all(&fs, "/d/a").unwrap();
             assert!(got.len() <= data.len());
             // Whatever survived is the written byte in its place.
@@ -865,6 +891,7 @@ mod tests {
             f.sync_data().unwrap();
             fs.sync_dir(Path::new("/d")).unwrap();
             fs.crash(&mut rng(seed));
+            fs.restart();
             if read_all(&fs, "/d/a").as_deref() != Some(&b"acknowledged"[..]) {
                 lost += 1;
             }
@@ -886,6 +913,7 @@ mod tests {
                     fs.sync_dir(Path::new("/d")).unwrap();
                 }
                 fs.crash(&mut rng(seed));
+                fs.restart();
                 match read_all(&fs, "/d/new") {
                     Some(got) => {
                         assert_eq!(got, b"x");
@@ -917,6 +945,7 @@ mod tests {
             fs.remove_file(Path::new("/d/a")).unwrap();
             assert!(fs.list(Path::new("/d")).unwrap().is_empty());
             fs.crash(&mut rng(seed));
+            fs.restart();
             match read_all(&fs, "/d/a") {
                 Some(got) => {
                     assert_eq!(got, b"old");
@@ -935,6 +964,7 @@ mod tests {
         f.write_at(b"abc", 0).unwrap();
         f.sync_data().unwrap();
         fs.crash(&mut rng(1));
+        fs.restart();
         let e = f.read_at(&mut [0; 3], 0).unwrap_err();
         assert!(e.to_string().contains("stale handle after crash"), "{e}");
         assert!(f.write_at(b"x", 0).is_err());
@@ -973,6 +1003,7 @@ mod tests {
             }
             tx.commit().unwrap();
             fs.crash(&mut rng(seed));
+            fs.restart();
             drop(db); // its handle is stale: closing fails quietly
             let db = redb::Database::builder()
                 .create_with_backend(fs.redb_file(path).unwrap())
