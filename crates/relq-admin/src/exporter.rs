@@ -188,9 +188,8 @@ pub async fn render(broker: &Broker, handle: Option<&PrometheusHandle>) -> Strin
     }
     // The backend's own counters (embedded engine: commit cycles, fsyncs; Redis: calls, errors).
     for m in broker.backend().metrics() {
-        let kind = if m.counter { "counter" } else { "gauge" };
         let _ = writeln!(out, "# HELP {} {}", m.name, m.help);
-        let _ = writeln!(out, "# TYPE {} {kind}", m.name);
+        let _ = writeln!(out, "# TYPE {} counter", m.name);
         let _ = writeln!(out, "{} {}", m.name, m.value);
     }
     out

@@ -1083,6 +1083,30 @@ fn inspection_works_on_a_data_directory_another_process_holds_without_a_socket()
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `relq --json --config relq.toml serve` on a free loopback port in `dir`: the process and the
+/// base URL it printed.
+fn serve_on_loopback(dir: &std::path::Path) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = relq_cmd(
+        dir,
+        &[
+            "--json",
+            "--config",
+            "relq.toml",
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+        ],
+    )
+    .stdout(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first: serde_json::Value =
+        serde_json::from_str(&lines.next().expect("the listening line").unwrap()).unwrap();
+    (child, first["listening"].as_str().unwrap().to_owned())
+}
+
 /// `curl` against `relq serve` over a real socket; panics loudly when curl is missing.
 fn curl(args: &[&str]) -> (u16, String) {
     let out = Command::new("curl")
@@ -1097,7 +1121,6 @@ fn curl(args: &[&str]) -> (u16, String) {
 
 #[test]
 fn serve_answers_curl_over_a_real_socket_with_tokens_and_an_audit_log() {
-    use std::io::{BufRead, BufReader};
     let dir = fresh_dir();
     publish_many(&dir, "orders", 3);
     std::fs::write(
@@ -1118,24 +1141,7 @@ role = "read"
     // Refused: a public address without tokens.
     let open = relq_in(&dir, &["serve", "--bind", "0.0.0.0:0"]);
     fails_with(&open, 2, "without authentication");
-    let mut child = relq_cmd(
-        &dir,
-        &[
-            "--json",
-            "--config",
-            "relq.toml",
-            "serve",
-            "--bind",
-            "127.0.0.1:0",
-        ],
-    )
-    .stdout(std::process::Stdio::piped())
-    .spawn()
-    .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first: serde_json::Value =
-        serde_json::from_str(&lines.next().expect("the listening line").unwrap()).unwrap();
-    let base = first["listening"].as_str().unwrap().to_owned();
+    let (mut child, base) = serve_on_loopback(&dir);
     let admin = "Authorization: Bearer admin-secret-0123456789";
     let reader = "Authorization: Bearer reader-secret-0123456789";
 
@@ -1320,7 +1326,6 @@ fn operator_actions_of_the_command_line_are_in_the_audit_log() {
 /// says so loudly and, with `RELQ_REQUIRE_PROMETHEUS=1` (set by CI), fails.
 #[test]
 fn a_real_prometheus_scrapes_relq_serve() {
-    use std::io::{BufRead, BufReader};
     let Some(prometheus) = ["/usr/bin/prometheus", "/usr/local/bin/prometheus"]
         .into_iter()
         .find(|p| std::path::Path::new(p).exists())
@@ -1339,28 +1344,8 @@ fn a_real_prometheus_scrapes_relq_serve() {
         "[[server.tokens]]\nname = \"prometheus\"\ntoken = \"reader-secret-0123456789\"\nrole = \"read\"\n",
     )
     .unwrap();
-    let mut serve = relq_cmd(
-        &dir,
-        &[
-            "--json",
-            "--config",
-            "relq.toml",
-            "serve",
-            "--bind",
-            "127.0.0.1:0",
-        ],
-    )
-    .stdout(std::process::Stdio::piped())
-    .spawn()
-    .unwrap();
-    let mut lines = BufReader::new(serve.stdout.take().unwrap()).lines();
-    let first: serde_json::Value =
-        serde_json::from_str(&lines.next().expect("the listening line").unwrap()).unwrap();
-    let target = first["listening"]
-        .as_str()
-        .unwrap()
-        .trim_start_matches("http://")
-        .to_owned();
+    let (mut serve, base) = serve_on_loopback(&dir);
+    let target = base.trim_start_matches("http://").to_owned();
     let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../deploy/prometheus/relq-alerts.yml")
         .canonicalize()
@@ -1550,7 +1535,6 @@ fn concurrent_publishers_on_one_data_directory_all_succeed() {
 
 #[test]
 fn serve_speaks_https_with_the_configured_certificate() {
-    use std::io::{BufRead, BufReader};
     let dir = fresh_dir();
     let gen = Command::new("openssl")
         .args([
@@ -1590,24 +1574,7 @@ fn serve_speaks_https_with_the_configured_certificate() {
         2,
         "tls_key",
     );
-    let mut child = relq_cmd(
-        &dir,
-        &[
-            "--json",
-            "--config",
-            "relq.toml",
-            "serve",
-            "--bind",
-            "127.0.0.1:0",
-        ],
-    )
-    .stdout(std::process::Stdio::piped())
-    .spawn()
-    .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first: serde_json::Value =
-        serde_json::from_str(&lines.next().expect("the listening line").unwrap()).unwrap();
-    let base = first["listening"].as_str().unwrap().to_owned();
+    let (mut child, base) = serve_on_loopback(&dir);
     assert!(base.starts_with("https://"), "{base}");
     let cert = dir.join("cert.pem");
     let (code, body) = curl(&[

@@ -314,7 +314,7 @@ impl GroupPlacement {
     }
 }
 
-/// One of a backend's own counters or gauges, exported by the metrics endpoint
+/// One of a backend's own counters (they only grow), exported by the metrics endpoint
 /// (`relq_engine_*` for the embedded engine, `relq_redis_*` for Redis).
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
@@ -323,8 +323,6 @@ pub struct BackendMetric {
     pub name: &'static str,
     /// What it counts.
     pub help: &'static str,
-    /// A counter (only grows) rather than a gauge.
-    pub counter: bool,
     /// Its value.
     pub value: f64,
 }
@@ -332,12 +330,7 @@ pub struct BackendMetric {
 impl BackendMetric {
     /// A counter.
     pub fn counter(name: &'static str, help: &'static str, value: f64) -> BackendMetric {
-        BackendMetric {
-            name,
-            help,
-            counter: true,
-            value,
-        }
+        BackendMetric { name, help, value }
     }
 }
 
