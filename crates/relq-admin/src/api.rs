@@ -8,7 +8,10 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::{Extension, Json};
-use relq::{Browse, DeadLetterQuery, FailureKind, MessageId, NewMessage, Retention, Timestamp};
+use relq::{
+    Browse, DeadLetterQuery, FailureKind, MessageId, NewMessage, Retention, StartPosition,
+    Timestamp,
+};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -18,7 +21,8 @@ use crate::extract::{Body, Path, Query};
 use crate::jobs::JobView;
 use crate::problem::{ApiResult, Problem};
 use crate::views::{
-    decode_payload, DeadLetterView, Encoding, FailureGroupView, MessageView, Page, TopicView,
+    decode_payload, DeadLetterView, Encoding, FailureGroupView, GroupView, MessageView, Page,
+    TopicView,
 };
 use crate::Shared;
 
@@ -285,6 +289,239 @@ pub(crate) async fn cleanup(
             "removed {} ({} unacknowledged)",
             c.removed, c.trimmed_unacknowledged
         )
+    })
+    .await
+    .map(Json)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Groups
+
+/// The topic and group of a request (documentation of the path only).
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+pub(crate) struct TopicGroupPath {
+    /// The topic.
+    #[param(pattern = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$")]
+    topic: String,
+    /// The group.
+    #[param(pattern = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$")]
+    group: String,
+}
+
+/// A position in a topic: `latest` (the next message published), `earliest` (the oldest
+/// stored) or a message id (that message and every later one).
+fn position(field: &str, text: &str) -> ApiResult<StartPosition> {
+    match text {
+        "latest" => Ok(StartPosition::Latest),
+        "earliest" => Ok(StartPosition::Earliest),
+        other => id(other).map(StartPosition::From).map_err(|_| {
+            Problem::bad_request(format!(
+                "{field} = {other:?}: expected latest, earliest or a message id (<milliseconds>-<sequence>)"
+            ))
+        }),
+    }
+}
+
+/// The group, or 404.
+async fn group_view(s: &Shared, topic: &str, group: &str) -> ApiResult<GroupView> {
+    let info = s.broker.topic_info(topic).await?;
+    let now = Timestamp::now();
+    TopicView::new(info, now)
+        .groups
+        .into_iter()
+        .find(|g| g.name == group)
+        .ok_or_else(|| group_not_found(topic, group))
+}
+
+fn group_not_found(topic: &str, group: &str) -> Problem {
+    Problem::new(
+        StatusCode::NOT_FOUND,
+        "not-found",
+        format!("group {group:?} of topic {topic:?} not found"),
+    )
+}
+
+fn valid_group(group: &str) -> ApiResult<()> {
+    relq::validate_name("group", group).map_err(|e| Problem::from(relq::Error::from(e)))
+}
+
+/// A topic's consumer groups.
+#[utoipa::path(get, path = "/api/topics/{topic}/groups", tag = "groups",
+    params(TopicPath),
+    responses((status = 200, body = Vec<GroupView>), (status = "default", body = Problem, content_type = "application/problem+json")))]
+pub(crate) async fn list_groups(
+    State(s): St,
+    Path(topic): Path<String>,
+) -> ApiResult<Json<Vec<GroupView>>> {
+    let info = s.broker.topic_info(&topic).await?;
+    Ok(Json(TopicView::new(info, Timestamp::now()).groups))
+}
+
+/// A group to create.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CreateGroupRequest {
+    /// Its name.
+    #[schema(pattern = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$")]
+    pub(crate) name: String,
+    /// Where it starts: `latest` (default), `earliest` or a message id.
+    #[schema(pattern = r"^(latest|earliest|[0-9]{1,20}-[0-9]{1,20})$")]
+    pub(crate) start: Option<String>,
+}
+
+/// The result of creating a group.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct GroupCreated {
+    /// False when the group existed (it is unchanged).
+    pub(crate) created: bool,
+    /// The group now.
+    pub(crate) group: GroupView,
+}
+
+/// Creates a consumer group at a start position before any consumer joins it (and the topic,
+/// if needed). An existing group is left unchanged (`created: false`).
+#[utoipa::path(post, path = "/api/topics/{topic}/groups", tag = "groups",
+    params(TopicPath), request_body = CreateGroupRequest,
+    responses((status = 200, body = GroupCreated), (status = "default", body = Problem, content_type = "application/problem+json")))]
+pub(crate) async fn create_group(
+    State(s): St,
+    Extension(caller): Extension<Caller>,
+    Path(topic): Path<String>,
+    Body(req): Body<CreateGroupRequest>,
+) -> ApiResult<Json<GroupCreated>> {
+    writable_topic(&topic)?;
+    valid_group(&req.name)?;
+    let start_text = req.start.as_deref().unwrap_or("latest");
+    let start = position("start", start_text)?;
+    let params = audit::params([
+        ("group", serde_json::json!(req.name)),
+        ("start", serde_json::json!(start_text)),
+    ]);
+    let r = s
+        .broker
+        .create_group(&topic, &req.name, start)
+        .await
+        .map_err(Problem::from);
+    let r = match r {
+        Ok(created) => group_view(&s, &topic, &req.name)
+            .await
+            .map(|group| GroupCreated { created, group }),
+        Err(e) => Err(e),
+    };
+    audited(
+        &s,
+        &caller,
+        "group.create",
+        &topic,
+        params,
+        r,
+        |g| match g.created {
+            true => "created".into(),
+            false => "existed; unchanged".into(),
+        },
+    )
+    .await
+    .map(Json)
+}
+
+/// Where to move a group.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct MoveGroupRequest {
+    /// `latest`, `earliest` or a message id: the next new message the group reads is the
+    /// first there.
+    #[schema(pattern = r"^(latest|earliest|[0-9]{1,20}-[0-9]{1,20})$")]
+    pub(crate) to: String,
+}
+
+/// A group before and after a move.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct GroupMoved {
+    /// Before.
+    pub(crate) before: GroupView,
+    /// After.
+    pub(crate) after: GroupView,
+}
+
+/// Moves a group: forward skips a backlog; back delivers messages again (those it holds
+/// pending, scheduled or stopped are not delivered twice). Running consumers go on from there.
+#[utoipa::path(post, path = "/api/topics/{topic}/groups/{group}/move", tag = "groups",
+    params(TopicGroupPath), request_body = MoveGroupRequest,
+    responses((status = 200, body = GroupMoved), (status = "default", body = Problem, content_type = "application/problem+json")))]
+pub(crate) async fn move_group(
+    State(s): St,
+    Extension(caller): Extension<Caller>,
+    Path((topic, group)): Path<(String, String)>,
+    Body(req): Body<MoveGroupRequest>,
+) -> ApiResult<Json<GroupMoved>> {
+    writable_topic(&topic)?;
+    valid_group(&group)?;
+    let to = position("to", &req.to)?;
+    let before = group_view(&s, &topic, &group).await?;
+    let params = audit::params([
+        ("group", serde_json::json!(group)),
+        ("to", serde_json::json!(req.to)),
+    ]);
+    let r = match s.broker.move_group(&topic, &group, to).await {
+        Ok(true) => group_view(&s, &topic, &group).await,
+        Ok(false) => Err(group_not_found(&topic, &group)),
+        Err(e) => Err(Problem::from(e)),
+    };
+    let from = before.cursor.clone();
+    let r = r.map(|after| GroupMoved { before, after });
+    audited(&s, &caller, "group.move", &topic, params, r, |_| {
+        format!("moved from {from}")
+    })
+    .await
+    .map(Json)
+}
+
+/// Confirmation of a group delete: the group's name typed again.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct DeleteGroupParams {
+    /// Must equal the group's name.
+    #[param(pattern = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$")]
+    confirm: Option<String>,
+}
+
+/// The result of a group delete.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct GroupDeleted {
+    /// The group.
+    pub(crate) group: String,
+}
+
+/// Deletes a group with its position and its pending, scheduled and stopped entries (the
+/// messages stay for the other groups); its running consumers stop.
+#[utoipa::path(delete, path = "/api/topics/{topic}/groups/{group}", tag = "groups",
+    params(TopicGroupPath, DeleteGroupParams),
+    responses((status = 200, body = GroupDeleted), (status = "default", body = Problem, content_type = "application/problem+json")))]
+pub(crate) async fn delete_group(
+    State(s): St,
+    Extension(caller): Extension<Caller>,
+    Path((topic, group)): Path<(String, String)>,
+    Query(p): Query<DeleteGroupParams>,
+) -> ApiResult<Json<GroupDeleted>> {
+    writable_topic(&topic)?;
+    valid_group(&group)?;
+    if p.confirm.as_deref() != Some(group.as_str()) {
+        return Err(Problem::bad_request(format!(
+            "deleting drops the position and the pending entries of group {group:?}: repeat its name as ?confirm={group}"
+        )));
+    }
+    let r = match s.broker.delete_group(&topic, &group).await {
+        Ok(true) => Ok(GroupDeleted {
+            group: group.clone(),
+        }),
+        Ok(false) => Err(group_not_found(&topic, &group)),
+        Err(e) => Err(Problem::from(e)),
+    };
+    let params = audit::params([("group", serde_json::json!(group))]);
+    audited(&s, &caller, "group.delete", &topic, params, r, |_| {
+        "deleted".into()
     })
     .await
     .map(Json)

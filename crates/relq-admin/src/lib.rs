@@ -108,6 +108,18 @@ impl Admin {
             )
             .route("/api/topics/{topic}/cleanup", post(api::cleanup))
             .route(
+                "/api/topics/{topic}/groups",
+                get(api::list_groups).post(api::create_group),
+            )
+            .route(
+                "/api/topics/{topic}/groups/{group}",
+                axum::routing::delete(api::delete_group),
+            )
+            .route(
+                "/api/topics/{topic}/groups/{group}/move",
+                post(api::move_group),
+            )
+            .route(
                 "/api/topics/{topic}/messages",
                 get(api::browse).post(api::publish),
             )
@@ -204,6 +216,7 @@ pub fn openapi() -> String {
     info(title = "relq admin API", description = "Operate relq: topics, messages, dead letters, the audit log. Every request but /healthz, /readyz and /openapi.json needs `Authorization: Bearer <token>` when the server has tokens; a read-only token may only GET."),
     paths(
         api::list_topics, api::get_topic, api::terminate, api::cleanup,
+        api::list_groups, api::create_group, api::move_group, api::delete_group,
         api::publish, api::browse, api::get_message, api::locate, api::stop, api::resume,
         api::list_dead_letters, api::failure_groups, api::dead_letter_stats, api::get_dead_letter,
         api::replay, api::delete_dead_letters, api::purge_dead_letters, api::audit_log,

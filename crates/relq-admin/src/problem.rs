@@ -66,6 +66,7 @@ fn classify(e: &Error) -> (StatusCode, &'static str) {
             }
             BackendErrorKind::Full => (StatusCode::SERVICE_UNAVAILABLE, "backend-full"),
             BackendErrorKind::Terminated => (StatusCode::CONFLICT, "terminated"),
+            BackendErrorKind::GroupDeleted => (StatusCode::CONFLICT, "group-deleted"),
             BackendErrorKind::Invalid => (StatusCode::BAD_REQUEST, "bad-request"),
             BackendErrorKind::Corrupt => (StatusCode::INTERNAL_SERVER_ERROR, "backend-corrupt"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "backend-failed"),

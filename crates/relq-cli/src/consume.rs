@@ -247,6 +247,10 @@ fn stop_error(topic: &str, reason: StopReason) -> anyhow::Result<()> {
             Exit::TERMINATED,
             format!("topic {topic:?} was terminated while consuming"),
         )),
+        StopReason::GroupDeleted => Err(exit(
+            Exit::TERMINATED,
+            format!("the group was deleted from topic {topic:?} while consuming"),
+        )),
         other => Err(exit(Exit::FAILED, format!("the consumer stopped: {other}"))),
     }
 }

@@ -11,6 +11,7 @@ mod consume;
 mod crash;
 mod demo;
 mod dlq;
+mod group;
 mod serve;
 mod tail;
 
@@ -167,6 +168,11 @@ enum Command {
         /// from a backup instead if you can. Needs the directory not to be in use.
         #[arg(long)]
         repair: bool,
+    },
+    /// Consumer groups: list, create at a start position, move, delete.
+    Group {
+        #[command(subcommand)]
+        command: group::GroupCommand,
     },
     /// Inspect and operate dead letters.
     Dlq {
@@ -675,6 +681,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Completions { .. } => unreachable!("handled above"),
         Command::Dlq { command } => dlq::run(&broker, command, cli.json).await?,
+        Command::Group { command } => group::run(&broker, command, cli.json).await?,
     }
     Ok(())
     }
@@ -692,6 +699,7 @@ fn read_only(command: &Command) -> bool {
         | Command::Topics
         | Command::Audit { .. }
         | Command::Message { .. } => true,
+        Command::Group { command } => command.read_only(),
         Command::Dlq { command } => matches!(
             command,
             D::List { .. } | D::Show { .. } | D::Groups { .. } | D::Export { .. } | D::Stats { .. }
@@ -888,17 +896,25 @@ async fn publish_lines(
 
 /// Asks the operator to type the topic's name; refuses when stdin is not a terminal.
 fn confirm(topic: &str) -> anyhow::Result<()> {
+    confirm_name(
+        topic,
+        &format!("terminating {topic:?} deletes all its messages, groups and dead letters"),
+    )
+}
+
+/// Asks to type `name` to go on with `what` (which must not happen by accident).
+pub(crate) fn confirm_name(name: &str, what: &str) -> anyhow::Result<()> {
     use std::io::IsTerminal;
     if !std::io::stdin().is_terminal() {
         return Err(exit(
             Exit::USAGE,
-            format!("terminating {topic:?} deletes all its messages and dead letters: pass --yes to confirm (stdin is not a terminal to ask)"),
+            format!("{what}: pass --yes to confirm (stdin is not a terminal to ask)"),
         ));
     }
-    eprint!("Terminating {topic:?} deletes all its messages, groups and dead letters. Type the topic name to confirm: ");
+    eprint!("{what}. Type {name:?} to confirm: ");
     let mut line = String::new();
     std::io::stdin().read_line(&mut line)?;
-    if line.trim() != topic {
+    if line.trim() != name {
         return Err(exit(Exit::USAGE, "not confirmed; nothing changed"));
     }
     Ok(())

@@ -80,6 +80,7 @@ macro_rules! __conformance_tests {
             locate_tells_where_a_message_stands_in_each_group,
             terminate_stops_consumers_and_topic_can_return,
             start_positions_apply_when_the_group_is_created,
+            groups_are_created_moved_and_deleted,
             cleanup_never_removes_unacknowledged_messages,
             batch_handler_partial_failure_fails_only_the_bad_message,
             shutdown_during_a_handler_leaves_the_message_pending,

@@ -999,6 +999,233 @@ pub async fn start_positions_apply_when_the_group_is_created(b: Broker) {
     c.shutdown(LONG).await;
 }
 
+async fn group_stat(
+    b: &Broker,
+    topic: &str,
+    group: &str,
+    f: impl Fn(&relq::GroupInfo) -> u64,
+) -> Option<u64> {
+    let info = b.topic_info(topic).await.unwrap();
+    info.groups.iter().find(|g| g.name == group).map(f)
+}
+
+/// Groups are created at a start position before any consumer joins; moved back (messages
+/// are delivered again, except those the group holds: a stopped one stays parked) and forward
+/// (a backlog is skipped), also under a running consumer; and deleted (their consumers stop, a
+/// later join creates the group afresh).
+pub async fn groups_are_created_moved_and_deleted(b: Broker) {
+    use relq::Placement;
+    let topic = unique("groups");
+    let ids = publish_n(&b, &topic, 5).await;
+    assert!(b
+        .create_group(&topic, "all", StartPosition::Earliest)
+        .await
+        .unwrap());
+    assert!(
+        !b.create_group(&topic, "all", StartPosition::Latest)
+            .await
+            .unwrap(),
+        "the group exists: nothing changes"
+    );
+    assert!(b
+        .create_group(&topic, "late", StartPosition::Latest)
+        .await
+        .unwrap());
+    assert!(b
+        .create_group(&topic, "mid", StartPosition::From(ids[3]))
+        .await
+        .unwrap());
+    let lag = |name| group_stat(&b, &topic, name, |g| g.lag);
+    assert_eq!(lag("all").await, Some(5));
+    assert_eq!(lag("late").await, Some(0));
+    assert_eq!(lag("mid").await, Some(2));
+    let elsewhere = unique("groups-new");
+    assert!(b
+        .create_group(&elsewhere, "g", StartPosition::Latest)
+        .await
+        .unwrap());
+    assert!(
+        b.topics().await.unwrap().contains(&elsewhere),
+        "creating a group creates its topic"
+    );
+
+    // One message stopped (parked), one failing with a retry an hour away (scheduled).
+    b.stop_message(&topic, ids[2]).await.unwrap();
+    let log = Log::default();
+    let start = || {
+        let l = log.clone();
+        b.consumer(&topic, "all")
+            .concurrency(1)
+            .retry(Backoff::fixed(Duration::from_secs(3600)))
+            .handler("job", move |m: Message| {
+                l.record(&m);
+                let fail = m.payload.as_ref() == b"m1";
+                async move {
+                    match fail {
+                        true => Err(HandlerError::retryable(std::io::Error::other("later"))),
+                        false => Ok(()),
+                    }
+                }
+            })
+            .build()
+            .unwrap()
+            .start()
+    };
+    let c = start().await.unwrap();
+    wait_until("the unstopped four handled", LONG, || async {
+        log.len() == 4
+    })
+    .await;
+    wait_until("the failed one scheduled", LONG, || async {
+        group_stat(&b, &topic, "all", |g| g.scheduled).await == Some(1)
+    })
+    .await;
+    c.shutdown(LONG).await;
+    let count = |log: &Log, id: MessageId| log.all().iter().filter(|s| s.id == id).count();
+
+    // Back to the start: everything again, except the stopped message, which stays parked.
+    assert!(b
+        .move_group(&topic, "all", StartPosition::Earliest)
+        .await
+        .unwrap());
+    let c = start().await.unwrap();
+    let marker = b
+        .publish(&topic, NewMessage::new("job", "marker"))
+        .await
+        .unwrap();
+    wait_until("handled again up to the marker", LONG, || async {
+        count(&log, marker) == 1
+    })
+    .await;
+    c.shutdown(LONG).await;
+    for i in [0, 3, 4] {
+        assert_eq!(count(&log, ids[i]), 2, "message {i} is delivered again");
+    }
+    assert_eq!(
+        count(&log, ids[1]),
+        1,
+        "the scheduled message waits for its retry"
+    );
+    assert_eq!(
+        count(&log, ids[2]),
+        0,
+        "the stopped message is not delivered"
+    );
+    let placed = b.locate(&topic, ids[2]).await.unwrap();
+    let all = placed.iter().find(|p| p.group == "all").unwrap();
+    assert_eq!(all.placement, Placement::Stopped);
+    let placed = b.locate(&topic, ids[1]).await.unwrap();
+    let all = placed.iter().find(|p| p.group == "all").unwrap();
+    assert!(
+        matches!(all.placement, Placement::Scheduled { deliveries: 1, .. }),
+        "{:?}",
+        all.placement
+    );
+
+    // Forward past a backlog: it is skipped.
+    let backlog = publish_n(&b, &topic, 3).await;
+    assert_eq!(lag("all").await, Some(3));
+    assert!(b
+        .move_group(&topic, "all", StartPosition::Latest)
+        .await
+        .unwrap());
+    assert_eq!(lag("all").await, Some(0));
+    let before = log.len();
+    let c = start().await.unwrap();
+    let after = b
+        .publish(&topic, NewMessage::new("job", "after"))
+        .await
+        .unwrap();
+    wait_until("the message after the move handled", LONG, || async {
+        count(&log, after) == 1
+    })
+    .await;
+    assert_eq!(
+        log.len(),
+        before + 1,
+        "the skipped backlog is not delivered"
+    );
+
+    // Back to a given id under the running consumer: it goes on from there.
+    assert!(b
+        .move_group(&topic, "all", StartPosition::From(backlog[1]))
+        .await
+        .unwrap());
+    wait_until("delivered again from the id", LONG, || async {
+        count(&log, after) == 2
+    })
+    .await;
+    assert_eq!(count(&log, backlog[0]), 0);
+    assert_eq!(count(&log, backlog[1]), 1);
+    assert_eq!(count(&log, backlog[2]), 1);
+
+    assert!(!b
+        .move_group(&topic, "none", StartPosition::Latest)
+        .await
+        .unwrap());
+    assert!(!b
+        .move_group("no-such-topic", "all", StartPosition::Latest)
+        .await
+        .unwrap());
+    assert!(!b.delete_group(&topic, "none").await.unwrap());
+    assert!(!b.delete_group("no-such-topic", "all").await.unwrap());
+
+    // Deleted under its running consumer: the consumer stops; the other groups stay.
+    assert!(b.delete_group(&topic, "all").await.unwrap());
+    let reason = tokio::time::timeout(LONG, c.done())
+        .await
+        .expect("the consumer stops by itself");
+    assert_eq!(reason, StopReason::GroupDeleted);
+    let names: Vec<String> = b
+        .topic_info(&topic)
+        .await
+        .unwrap()
+        .groups
+        .into_iter()
+        .map(|g| g.name)
+        .collect();
+    assert_eq!(names, ["late", "mid"]);
+    assert!(
+        !b.delete_group(&topic, "all").await.unwrap(),
+        "deleted already"
+    );
+    // A later join creates it afresh, at its start position.
+    let fresh = Log::default();
+    let c = b
+        .consumer(&topic, "all")
+        .start(StartPosition::Earliest)
+        .handler("job", ok_handler(&fresh))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    // 10 stored, one of them stopped.
+    wait_until("the new group handles the topic", LONG, || async {
+        fresh.len() == 9
+    })
+    .await;
+    c.shutdown(LONG).await;
+}
+
+/// A cleanup, after a dry run of it: the dry run changes nothing and reports what the cleanup
+/// then does.
+async fn cleaned(b: &Broker, topic: &str, retention: &Retention) -> relq::CleanupReport {
+    let length = b.topic_info(topic).await.unwrap().length;
+    let preview = b
+        .cleanup(topic, &retention.clone().dry_run(true))
+        .await
+        .unwrap();
+    assert_eq!(
+        b.topic_info(topic).await.unwrap().length,
+        length,
+        "a dry run changes nothing"
+    );
+    let report = b.cleanup(topic, retention).await.unwrap();
+    assert_eq!(preview, report, "the dry run tells what the cleanup does");
+    report
+}
+
 /// Cleanup removes only what every group acknowledged (unless max-length says otherwise).
 pub async fn cleanup_never_removes_unacknowledged_messages(b: Broker) {
     let topic = unique("cleanup");
@@ -1029,7 +1256,7 @@ pub async fn cleanup_never_removes_unacknowledged_messages(b: Broker) {
     })
     .await;
     let keep = Retention::default().min_age(Duration::ZERO).batch(3);
-    let r = b.cleanup(&topic, &keep).await.unwrap();
+    let r = cleaned(&b, &topic, &keep).await;
     assert_eq!(r.removed, 0, "the lagging group has not read them");
     assert_eq!(b.topic_info(&topic).await.unwrap().length, 10);
     // The lagging group catches up.
@@ -1053,28 +1280,26 @@ pub async fn cleanup_never_removes_unacknowledged_messages(b: Broker) {
             .all(|g| g.pending == 0)
     })
     .await;
-    let young = b
-        .cleanup(
-            &topic,
-            &Retention::default().min_age(Duration::from_secs(3600)),
-        )
-        .await
-        .unwrap();
+    let young = cleaned(
+        &b,
+        &topic,
+        &Retention::default().min_age(Duration::from_secs(3600)),
+    )
+    .await;
     assert_eq!(young.removed, 0, "min_age keeps young messages");
-    let r = b.cleanup(&topic, &keep).await.unwrap();
+    let r = cleaned(&b, &topic, &keep).await;
     assert_eq!(r.removed, 10);
     assert_eq!(b.topic_info(&topic).await.unwrap().length, 0);
     c.shutdown(LONG).await;
     c2.shutdown(LONG).await;
     // A max-length policy trims unacknowledged messages, and says so.
     publish_n(&b, &topic, 6).await;
-    let r = b
-        .cleanup(
-            &topic,
-            &Retention::default().min_age(Duration::ZERO).max_len(2),
-        )
-        .await
-        .unwrap();
+    let r = cleaned(
+        &b,
+        &topic,
+        &Retention::default().min_age(Duration::ZERO).max_len(2),
+    )
+    .await;
     assert_eq!(r.trimmed_unacknowledged, 4);
     assert_eq!(b.topic_info(&topic).await.unwrap().length, 2);
 }

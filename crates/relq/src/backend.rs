@@ -169,6 +169,9 @@ pub struct Retention {
     pub max_len: Option<u64>,
     /// Messages removed per step, so one cleanup does not stall the backend.
     pub batch: usize,
+    /// Only count what a cleanup would remove; remove nothing.
+    #[serde(default)]
+    pub dry_run: bool,
 }
 
 impl Default for Retention {
@@ -177,6 +180,7 @@ impl Default for Retention {
             min_age: Duration::from_secs(3600),
             max_len: None,
             batch: 1000,
+            dry_run: false,
         }
     }
 }
@@ -192,6 +196,12 @@ impl Retention {
         self.max_len = Some(max_len);
         self
     }
+    /// Only counts what would be removed (the report of a real cleanup run now); removes
+    /// nothing.
+    pub fn dry_run(mut self, dry_run: bool) -> Self {
+        self.dry_run = dry_run;
+        self
+    }
     /// Removes at most `batch` messages per step (at least 1).
     pub fn batch(mut self, batch: usize) -> Self {
         self.batch = batch.max(1);
@@ -199,7 +209,7 @@ impl Retention {
     }
 }
 
-/// What a cleanup removed.
+/// What a cleanup removed (or, for a dry run, would remove).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct CleanupReport {
@@ -570,8 +580,37 @@ pub trait Backend: Send + Sync + 'static {
     /// created again. Returns whether it existed.
     async fn terminate(&self, topic: &str) -> Result<bool, BackendError>;
 
+    /// Creates `group` on `topic` (and the topic, if needed) with its cursor at `start` and no
+    /// consumer. Returns false, changing nothing, if the group exists.
+    async fn create_group(
+        &self,
+        topic: &str,
+        group: &str,
+        start: StartPosition,
+    ) -> Result<bool, BackendError>;
+
+    /// Removes `group` with its cursor and its pending, scheduled and parked entries; the
+    /// messages stay for the other groups. Its running consumers get
+    /// [`GroupDeleted`](crate::BackendErrorKind::GroupDeleted) from their next call; a consumer
+    /// that joins later creates the group again. Returns whether it existed.
+    async fn delete_group(&self, topic: &str, group: &str) -> Result<bool, BackendError>;
+
+    /// Moves `group`'s cursor: the next new message it reads is the first one at `to`
+    /// (`Earliest`: the oldest stored; `Latest`: the next published; `From(id)`: the first at or
+    /// after `id`). Moving forward skips the messages in between; moving back delivers the
+    /// messages after `to` again, except those the group holds pending, scheduled or parked,
+    /// which stay as they are and are not delivered twice. Returns false if the group does not
+    /// exist.
+    async fn move_group(
+        &self,
+        topic: &str,
+        group: &str,
+        to: StartPosition,
+    ) -> Result<bool, BackendError>;
+
     /// Removes messages every group has acknowledged and that are older than
-    /// `retention.min_age`, and applies `retention.max_len`.
+    /// `retention.min_age`, and applies `retention.max_len`. With `retention.dry_run`, only
+    /// counts what it would remove.
     async fn cleanup(
         &self,
         topic: &str,

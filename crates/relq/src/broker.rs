@@ -14,7 +14,7 @@ use crate::error::{BackendError, BackendErrorKind, Error, NotFound, Result};
 use crate::memory::MemoryBackend;
 use crate::model::{
     validate_headers, validate_kind, validate_name, Message, MessageId, NewMessage, Outgoing,
-    Timestamp, RESERVED_HEADER_PREFIX,
+    StartPosition, Timestamp, RESERVED_HEADER_PREFIX,
 };
 
 /// Largest payload accepted by default: 1 MiB.
@@ -282,6 +282,48 @@ impl Broker {
     pub async fn terminate(&self, topic: &str) -> Result<bool> {
         validate_name("topic", topic)?;
         Ok(self.backend.terminate(topic).await?)
+    }
+
+    /// Creates consumer group `group` on `topic` (and the topic, if needed) at `start`, before
+    /// any consumer joins it: from then on the group keeps every message published after its
+    /// start position for its consumers. Returns false, changing nothing, if the group exists.
+    ///
+    /// # Errors
+    /// An invalid name, or the backend failed.
+    pub async fn create_group(
+        &self,
+        topic: &str,
+        group: &str,
+        start: StartPosition,
+    ) -> Result<bool> {
+        validate_name("topic", topic)?;
+        validate_name("group", group)?;
+        Ok(self.backend.create_group(topic, group, start).await?)
+    }
+
+    /// Deletes consumer group `group` of `topic` with its position and its pending, scheduled
+    /// and stopped entries; the messages stay for the other groups. Its running consumers stop
+    /// with [`StopReason::GroupDeleted`](crate::StopReason). Returns whether it existed.
+    ///
+    /// # Errors
+    /// An invalid name, or the backend failed.
+    pub async fn delete_group(&self, topic: &str, group: &str) -> Result<bool> {
+        validate_name("topic", topic)?;
+        validate_name("group", group)?;
+        Ok(self.backend.delete_group(topic, group).await?)
+    }
+
+    /// Moves consumer group `group` of `topic` so the next new message it reads is the first at
+    /// `to`: forward skips a backlog, back delivers messages again (replays them; those the group
+    /// holds pending, scheduled or stopped are not delivered twice). Running consumers go on
+    /// from the new position. Returns false if the group does not exist.
+    ///
+    /// # Errors
+    /// An invalid name, or the backend failed.
+    pub async fn move_group(&self, topic: &str, group: &str, to: StartPosition) -> Result<bool> {
+        validate_name("topic", topic)?;
+        validate_name("group", group)?;
+        Ok(self.backend.move_group(topic, group, to).await?)
     }
 
     /// Removes messages of `topic` that every group acknowledged and that are older than the

@@ -35,6 +35,8 @@ pub enum BackendErrorKind {
     /// The topic was terminated while the operation ran (or the caller's view of it is from before
     /// a terminate).
     Terminated,
+    /// The consumer's group was deleted while it ran (see `Broker::delete_group`).
+    GroupDeleted,
     /// The backend is at capacity.
     Full,
     /// Stored data failed validation.

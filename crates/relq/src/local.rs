@@ -95,6 +95,20 @@ enum Request {
     Terminate {
         topic: String,
     },
+    CreateGroup {
+        topic: String,
+        group: String,
+        start: StartPosition,
+    },
+    DeleteGroup {
+        topic: String,
+        group: String,
+    },
+    MoveGroup {
+        topic: String,
+        group: String,
+        to: StartPosition,
+    },
     Cleanup {
         topic: String,
         retention: Retention,
@@ -156,6 +170,7 @@ fn kind_name(k: BackendErrorKind) -> &'static str {
     match k {
         BackendErrorKind::Unavailable => "unavailable",
         BackendErrorKind::Terminated => "terminated",
+        BackendErrorKind::GroupDeleted => "group_deleted",
         BackendErrorKind::Full => "full",
         BackendErrorKind::Corrupt => "corrupt",
         BackendErrorKind::Invalid => "invalid",
@@ -179,6 +194,7 @@ fn from_wire(w: WireError) -> BackendError {
     let kind = match w.kind.as_str() {
         "unavailable" => BackendErrorKind::Unavailable,
         "terminated" => BackendErrorKind::Terminated,
+        "group_deleted" => BackendErrorKind::GroupDeleted,
         "full" => BackendErrorKind::Full,
         "corrupt" => BackendErrorKind::Corrupt,
         "invalid" => BackendErrorKind::Invalid,
@@ -424,6 +440,13 @@ async fn dispatch(b: &dyn Backend, req: Request) -> Answer {
         R::StopMessage { topic, id } => ok(b.stop_message(&topic, id).await),
         R::ResumeMessage { topic, id } => ok(b.resume_message(&topic, id).await),
         R::Terminate { topic } => ok(b.terminate(&topic).await),
+        R::CreateGroup {
+            topic,
+            group,
+            start,
+        } => ok(b.create_group(&topic, &group, start).await),
+        R::DeleteGroup { topic, group } => ok(b.delete_group(&topic, &group).await),
+        R::MoveGroup { topic, group, to } => ok(b.move_group(&topic, &group, to).await),
         R::Cleanup { topic, retention } => ok(b.cleanup(&topic, &retention).await),
         R::Browse { topic, query } => ok(b.browse(&topic, &query).await),
         R::Locate { topic, id } => ok(b.locate(&topic, id).await),
@@ -741,6 +764,48 @@ impl Backend for LocalClient {
         };
         self.run(req, move |b| {
             Box::pin(async move { b.terminate(topic).await })
+        })
+        .await
+    }
+    async fn create_group(
+        &self,
+        topic: &str,
+        group: &str,
+        start: StartPosition,
+    ) -> Result<bool, BackendError> {
+        let req = Request::CreateGroup {
+            topic: topic.into(),
+            group: group.into(),
+            start,
+        };
+        self.run(req, move |b| {
+            Box::pin(async move { b.create_group(topic, group, start).await })
+        })
+        .await
+    }
+    async fn delete_group(&self, topic: &str, group: &str) -> Result<bool, BackendError> {
+        let req = Request::DeleteGroup {
+            topic: topic.into(),
+            group: group.into(),
+        };
+        self.run(req, move |b| {
+            Box::pin(async move { b.delete_group(topic, group).await })
+        })
+        .await
+    }
+    async fn move_group(
+        &self,
+        topic: &str,
+        group: &str,
+        to: StartPosition,
+    ) -> Result<bool, BackendError> {
+        let req = Request::MoveGroup {
+            topic: topic.into(),
+            group: group.into(),
+            to,
+        };
+        self.run(req, move |b| {
+            Box::pin(async move { b.move_group(topic, group, to).await })
         })
         .await
     }

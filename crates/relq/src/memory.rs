@@ -125,6 +125,9 @@ struct Group {
     scheduled_meta: HashMap<MessageId, (Timestamp, Meta)>,
     parked: BTreeMap<MessageId, Meta>,
     consumers: BTreeMap<String, Timestamp>,
+    /// After a move back, ids up to this one may be pending, scheduled or parked already: a
+    /// read passes over those instead of delivering them twice.
+    rewound: MessageId,
 }
 
 impl Group {
@@ -154,6 +157,13 @@ impl Group {
             floor = floor.min(*id);
         }
         floor
+    }
+
+    /// Whether the group holds `id` already (pending, scheduled or parked).
+    fn holds(&self, id: MessageId) -> bool {
+        self.pending.contains_key(&id)
+            || self.scheduled_meta.contains_key(&id)
+            || self.parked.contains_key(&id)
     }
 
     fn forget(&mut self, id: MessageId) {
@@ -214,6 +224,36 @@ impl Topic {
         doomed.len() as u64
     }
 
+    /// What a cleanup would remove now (see [`Backend::cleanup`]), changing nothing.
+    fn cleanup_preview(&self, retention: &Retention, now: Timestamp) -> CleanupReport {
+        let cutoff = now.minus(retention.min_age);
+        let floor = self.acked_floor();
+        let mut report = CleanupReport::default();
+        if let Some(floor) = floor {
+            report.removed = self
+                .messages
+                .range(..floor)
+                .take_while(|(_, s)| s.published_at <= cutoff)
+                .count() as u64;
+        }
+        if let Some(max_len) = retention.max_len {
+            let left = self.messages.len() as u64 - report.removed;
+            let excess = left.saturating_sub(max_len);
+            for (id, _) in self
+                .messages
+                .iter()
+                .skip(report.removed as usize)
+                .take(excess as usize)
+            {
+                match floor.is_some_and(|f| *id < f) {
+                    true => report.removed += 1,
+                    false => report.trimmed_unacknowledged += 1,
+                }
+            }
+        }
+        report
+    }
+
     fn take_ready(
         &mut self,
         group: &str,
@@ -271,6 +311,9 @@ impl Topic {
                 break;
             };
             g.cursor = id;
+            if id <= g.rewound && g.holds(id) {
+                continue;
+            }
             if self.stopped.contains(&id) {
                 g.parked.insert(id, Meta::default());
                 continue;
@@ -374,6 +417,23 @@ fn terminated(topic: &str) -> BackendError {
     )
 }
 
+fn group_deleted(topic: &str, group: &str) -> BackendError {
+    BackendError::new(
+        NAME,
+        BackendErrorKind::GroupDeleted,
+        format!("group {group:?} of topic {topic:?} was deleted"),
+    )
+}
+
+/// Where a group's cursor goes for `start`: the id before the first message to read.
+fn cursor_for(t: &Topic, start: StartPosition) -> MessageId {
+    match start {
+        StartPosition::Latest => t.last_id,
+        StartPosition::Earliest => MessageId::ZERO,
+        StartPosition::From(id) => before(id),
+    }
+}
+
 impl Default for MemoryBackend {
     fn default() -> Self {
         MemoryBackend::new()
@@ -416,6 +476,7 @@ impl MemoryBackend {
         let mut state = self.lock();
         match state.topics.get_mut(&sub.topic) {
             Some(t) if t.epoch == sub.epoch && t.groups.contains_key(&sub.group) => Ok(f(t)),
+            Some(t) if t.epoch == sub.epoch => Err(group_deleted(&sub.topic, &sub.group)),
             _ => Err(terminated(&sub.topic)),
         }
     }
@@ -524,13 +585,9 @@ impl Backend for MemoryBackend {
     ) -> Result<Subscription, BackendError> {
         let mut state = self.lock();
         let t = state.topic_or_create(topic);
-        let last = t.last_id;
+        let cursor = cursor_for(t, start);
         let g = t.groups.entry(group.to_owned()).or_insert_with(|| Group {
-            cursor: match start {
-                StartPosition::Latest => last,
-                StartPosition::Earliest => MessageId::ZERO,
-                StartPosition::From(id) => before(id),
-            },
+            cursor,
             ..Group::default()
         });
         g.consumers.insert(consumer.to_owned(), Timestamp::now());
@@ -688,11 +745,76 @@ impl Backend for MemoryBackend {
         Ok(existed)
     }
 
+    async fn create_group(
+        &self,
+        topic: &str,
+        group: &str,
+        start: StartPosition,
+    ) -> Result<bool, BackendError> {
+        let mut state = self.lock();
+        let t = state.topic_or_create(topic);
+        if t.groups.contains_key(group) {
+            return Ok(false);
+        }
+        let cursor = cursor_for(t, start);
+        t.groups.insert(
+            group.to_owned(),
+            Group {
+                cursor,
+                ..Group::default()
+            },
+        );
+        Ok(true)
+    }
+
+    async fn delete_group(&self, topic: &str, group: &str) -> Result<bool, BackendError> {
+        let existed = self
+            .lock()
+            .topics
+            .get_mut(topic)
+            .is_some_and(|t| t.groups.remove(group).is_some());
+        self.ready.notify_waiters();
+        self.space.notify_waiters();
+        Ok(existed)
+    }
+
+    async fn move_group(
+        &self,
+        topic: &str,
+        group: &str,
+        to: StartPosition,
+    ) -> Result<bool, BackendError> {
+        let mut state = self.lock();
+        let Some(t) = state.topics.get_mut(topic) else {
+            return Ok(false);
+        };
+        let cursor = cursor_for(t, to);
+        let Some(g) = t.groups.get_mut(group) else {
+            return Ok(false);
+        };
+        if cursor < g.cursor {
+            g.rewound = g.rewound.max(g.cursor);
+        }
+        g.cursor = cursor;
+        drop(state);
+        self.ready.notify_waiters();
+        self.space.notify_waiters();
+        Ok(true)
+    }
+
     async fn cleanup(
         &self,
         topic: &str,
         retention: &Retention,
     ) -> Result<CleanupReport, BackendError> {
+        if retention.dry_run {
+            let state = self.lock();
+            return Ok(state
+                .topics
+                .get(topic)
+                .map(|t| t.cleanup_preview(retention, Timestamp::now()))
+                .unwrap_or_default());
+        }
         let mut report = CleanupReport::default();
         let batch = retention.batch.max(1);
         loop {

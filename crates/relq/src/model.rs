@@ -421,8 +421,9 @@ impl Message {
     }
 }
 
-/// Where a new consumer group starts reading a topic. Applied only when the group is created;
-/// an existing group keeps its position.
+/// Where a new consumer group starts reading a topic (applied only when the group is created;
+/// an existing group keeps its position), or where [`Broker::move_group`](crate::Broker::move_group)
+/// moves one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum StartPosition {

@@ -113,6 +113,20 @@ impl Backend for Flaky {
     async fn terminate(&self, t: &str) -> Result<bool, BackendError> {
         self.inner.terminate(t).await
     }
+    async fn create_group(
+        &self,
+        t: &str,
+        g: &str,
+        start: StartPosition,
+    ) -> Result<bool, BackendError> {
+        self.inner.create_group(t, g, start).await
+    }
+    async fn delete_group(&self, t: &str, g: &str) -> Result<bool, BackendError> {
+        self.inner.delete_group(t, g).await
+    }
+    async fn move_group(&self, t: &str, g: &str, to: StartPosition) -> Result<bool, BackendError> {
+        self.inner.move_group(t, g, to).await
+    }
     async fn cleanup(&self, t: &str, r: &Retention) -> Result<CleanupReport, BackendError> {
         self.inner.cleanup(t, r).await
     }

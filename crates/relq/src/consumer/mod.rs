@@ -23,6 +23,8 @@ pub enum StopReason {
     Shutdown,
     /// The topic was terminated; the consumer stopped by itself.
     TopicTerminated,
+    /// The consumer's group was deleted; the consumer stopped by itself.
+    GroupDeleted,
     /// The backend failed in a way the consumer cannot recover from (corrupt data, a poisoned
     /// engine, a refused request), or the runtime itself failed (kind
     /// [`Fatal`](crate::BackendErrorKind::Fatal)). The error says which; its messages stay
@@ -46,7 +48,8 @@ impl PartialEq for StopReason {
     fn eq(&self, other: &StopReason) -> bool {
         match (self, other) {
             (StopReason::Shutdown, StopReason::Shutdown)
-            | (StopReason::TopicTerminated, StopReason::TopicTerminated) => true,
+            | (StopReason::TopicTerminated, StopReason::TopicTerminated)
+            | (StopReason::GroupDeleted, StopReason::GroupDeleted) => true,
             (StopReason::Failed(a), StopReason::Failed(b)) => {
                 a.kind == b.kind && a.backend == b.backend && a.message == b.message
             }
@@ -62,6 +65,7 @@ impl std::fmt::Display for StopReason {
         match self {
             StopReason::Shutdown => f.write_str("shut down"),
             StopReason::TopicTerminated => f.write_str("the topic was terminated"),
+            StopReason::GroupDeleted => f.write_str("the group was deleted"),
             StopReason::Failed(e) => write!(f, "failed: {e}"),
         }
     }

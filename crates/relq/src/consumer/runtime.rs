@@ -85,10 +85,17 @@ impl Meters {
 ///
 /// A message whose retry or dead letter is queued is not held: a retry that is due at once may
 /// come back as soon as it is applied, and that delivery must run.
+///
+/// A message delivered again while its ack is queued is `missed`: if that ack was applied
+/// before the new delivery (a group moved back meanwhile), nothing settles the new one, so once
+/// the ack's batch is done the fetch loop recovers this consumer's pending messages (`recover`)
+/// instead of leaving it until a claim.
 #[derive(Default)]
 struct Held {
     running: std::collections::HashSet<MessageId>,
     acking: std::collections::HashSet<MessageId>,
+    missed: std::collections::HashSet<MessageId>,
+    recover: bool,
 }
 
 fn held(h: &std::sync::Mutex<Held>) -> std::sync::MutexGuard<'_, Held> {
@@ -101,7 +108,11 @@ impl Ctx {
     fn enter(&self, id: MessageId) -> bool {
         {
             let mut h = held(&self.held);
-            if h.acking.contains(&id) || !h.running.insert(id) {
+            if h.acking.contains(&id) {
+                h.missed.insert(id);
+                return false;
+            }
+            if !h.running.insert(id) {
                 return false;
             }
         }
@@ -298,6 +309,10 @@ async fn fetch_loop(
             _ = changed(stop) => continue,
             _ = changed(fatal) => continue,
         };
+        if !recovering && std::mem::take(&mut held(&ctx.held).recover) {
+            recovering = true;
+            recovered_up_to = MessageId::ZERO;
+        }
         let max = (permits.available_permits() + 1).min(c.read_batch);
         let now = Instant::now();
         let claiming = !recovering && now >= next_claim;
@@ -320,6 +335,7 @@ async fn fetch_loop(
             }
             Err(e) => match e.kind {
                 BackendErrorKind::Terminated => return StopReason::TopicTerminated,
+                BackendErrorKind::GroupDeleted => return StopReason::GroupDeleted,
                 _ if e.is_transient() => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "backend unavailable; retrying");
                     drop(permit);
@@ -732,7 +748,9 @@ async fn settler(
         let mut h = held(&held_ids);
         for s in &buf {
             if let Settlement::Ack(id) = s {
-                h.acking.remove(id);
+                if h.acking.remove(id) && h.missed.remove(id) {
+                    h.recover = true;
+                }
             }
         }
         drop(h);
@@ -822,9 +840,16 @@ fn handle_settle_error(
     attempt: u32,
     fatal: &watch::Sender<Option<StopReason>>,
 ) -> bool {
-    if e.kind == BackendErrorKind::Terminated {
-        let _ = fatal.send(Some(StopReason::TopicTerminated));
-        return false;
+    match e.kind {
+        BackendErrorKind::Terminated => {
+            let _ = fatal.send(Some(StopReason::TopicTerminated));
+            return false;
+        }
+        BackendErrorKind::GroupDeleted => {
+            let _ = fatal.send(Some(StopReason::GroupDeleted));
+            return false;
+        }
+        _ => {}
     }
     if e.is_transient() && attempt < SETTLE_ATTEMPTS {
         tracing::warn!(error = %e, attempt, "settling failed; retrying");

@@ -50,15 +50,22 @@ pub(crate) struct GroupState {
     pub(crate) spill_min: Option<u64>,
     pub(crate) consumers: BTreeMap<String, Timestamp>,
     pub(crate) hint: Option<ReadHint>,
+    /// After a move back, offsets below this one may be done (a row's key) or pending already:
+    /// a read passes over those instead of delivering them twice.
+    pub(crate) rewound: u64,
 }
 
 impl GroupState {
     pub(crate) fn from_record(rec: &GroupRecord) -> GroupState {
+        let done: BTreeMap<u64, u64> = rec.done.iter().copied().collect();
+        // Done offsets at or above the cursor are left by a move back.
+        let rewound = done.last_key_value().map_or(0, |(_, e)| *e).max(rec.cursor);
         GroupState {
             cursor: rec.cursor,
             cursor_ms: rec.cursor_ms,
             floor: rec.floor,
-            done: rec.done.iter().copied().collect(),
+            done,
+            rewound,
             ..GroupState::default()
         }
     }
@@ -129,6 +136,66 @@ impl GroupState {
         } else {
             self.done.insert(start, end);
         }
+    }
+
+    /// Whether a read reaching `offset` must pass over it: after a move back, the group holds it
+    /// already (a row, or pending).
+    pub(crate) fn held_already(&self, offset: u64) -> bool {
+        offset < self.rewound && (self.is_done(offset) || self.pending.contains_key(&offset))
+    }
+
+    /// Moves the cursor forward to `to`: the offsets in between count as read and done, except
+    /// first deliveries pending there (they stay pending).
+    pub(crate) fn skip_to(&mut self, to: u64) {
+        let from = self.cursor;
+        if to <= from {
+            return;
+        }
+        let pending: Vec<u64> = self
+            .pending
+            .range(from..to)
+            .filter(|(_, p)| !p.row)
+            .map(|(o, _)| *o)
+            .collect();
+        let mut at = from;
+        for o in pending {
+            self.mark_range_done(at, o);
+            at = o + 1;
+        }
+        self.mark_range_done(at, to);
+        self.cursor = to;
+        self.hint = None;
+    }
+
+    /// Moves the cursor back to `to`: the offsets `to..cursor` are unread again, except `rows`
+    /// (offsets that key a row: they stay done) and pending first deliveries (they stay
+    /// pending); a read passes over both.
+    pub(crate) fn rewind(&mut self, to: u64, rows: impl IntoIterator<Item = u64>) {
+        let old = self.cursor;
+        if to >= old {
+            return;
+        }
+        let mut fresh = GroupState::default();
+        let ranges =
+            std::iter::once((0, self.floor)).chain(self.done.iter().map(|(s, e)| (*s, *e)));
+        for (s, e) in ranges {
+            if s < to {
+                fresh.mark_range_done(s, e.min(to));
+            }
+            if e > old {
+                fresh.mark_range_done(s.max(old), e);
+            }
+        }
+        for o in rows {
+            if (to..old).contains(&o) {
+                fresh.mark_done(o);
+            }
+        }
+        self.floor = fresh.floor;
+        self.done = fresh.done;
+        self.rewound = self.rewound.max(old);
+        self.cursor = to;
+        self.hint = None;
     }
 
     /// Moves the floor up to `to`, forgetting done ranges below it.
@@ -268,6 +335,50 @@ mod tests {
             }
             prop_assert_eq!(a.floor, b.floor);
             prop_assert_eq!(a.done, b.done);
+        }
+    }
+
+    proptest! {
+        /// A move back makes the offsets after it unread except rows, keeps everything else,
+        /// and survives a round trip through the record; a move forward marks the skipped
+        /// offsets done except pending first deliveries.
+        #[test]
+        fn moves_back_and_forward_keep_rows_and_pending(
+            done in proptest::collection::btree_set(0u64..64, 0..60),
+            rows in proptest::collection::btree_set(0u64..64, 0..10),
+            pending in proptest::collection::btree_set(0u64..64, 0..10),
+            to in 0u64..64,
+            ahead in 0u64..80,
+        ) {
+            let mut g = GroupState { cursor: 64, ..GroupState::default() };
+            for o in &done {
+                g.mark_done(*o);
+            }
+            for o in &rows {
+                g.mark_done(*o);
+            }
+            let pending: BTreeSet<u64> = pending.into_iter().filter(|o| !g.is_done(*o)).collect();
+            for o in &pending {
+                g.pending.insert(*o, Pending { consumer: "c".into(), delivered_at: Timestamp(0), attempt: 1, row: false });
+            }
+            g.rewind(to, rows.iter().copied());
+            prop_assert_eq!(g.cursor, to);
+            for o in 0..70 {
+                let want = if o < to { done.contains(&o) || rows.contains(&o) } else if o < 64 { rows.contains(&o) } else { false };
+                prop_assert_eq!(g.is_done(o), want, "offset {}", o);
+                if o >= to && o < 64 {
+                    prop_assert_eq!(g.held_already(o), rows.contains(&o) || pending.contains(&o), "held {}", o);
+                }
+            }
+            let back = GroupState::from_record(&g.record());
+            prop_assert!(back.rewound >= rows.iter().copied().filter(|o| *o >= to).max().map_or(0, |o| o + 1));
+            let before: Vec<bool> = (0..80).map(|o| g.is_done(o)).collect();
+            g.skip_to(ahead);
+            for o in 0..80 {
+                let want = before[o as usize] || ((to..ahead).contains(&o) && !pending.contains(&o));
+                prop_assert_eq!(g.is_done(o), want, "after skip, offset {}", o);
+            }
+            prop_assert_eq!(g.cursor, ahead.max(to));
         }
     }
 

@@ -206,6 +206,14 @@ fn terminated(topic: &str) -> BackendError {
     )
 }
 
+fn group_deleted(topic: &str, group: &str) -> BackendError {
+    BackendError::new(
+        NAME,
+        BackendErrorKind::GroupDeleted,
+        format!("group {group:?} of topic {topic:?} was deleted"),
+    )
+}
+
 /// What an acknowledged operation survives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -533,6 +541,7 @@ impl TopicState {
 struct Dirty {
     next_epoch: bool,
     drop_topics: Vec<String>,
+    drop_groups: Vec<(String, String)>,
     topics: BTreeSet<String>,
     groups: BTreeSet<(String, String)>,
     rows: BTreeSet<RowKey>,
@@ -562,6 +571,7 @@ impl Inner {
         let dirty = std::mem::take(&mut self.dirty);
         let mut b = Batch {
             drop_topics: dirty.drop_topics,
+            drop_groups: dirty.drop_groups,
             next_epoch: dirty.next_epoch.then_some(self.next_epoch),
             dead: dirty.dead,
             trim_spill: dirty.trim_spill,
@@ -2044,6 +2054,7 @@ impl Shared {
     ) -> Result<T, BackendError> {
         self.locked(|inner| match inner.topics.get(&sub.topic) {
             Some(t) if t.epoch == sub.epoch && t.groups.contains_key(&sub.group) => f(inner),
+            Some(t) if t.epoch == sub.epoch => Err(group_deleted(&sub.topic, &sub.group)),
             _ => Err(terminated(&sub.topic)),
         })
     }
@@ -2260,6 +2271,9 @@ impl GroupOps<'_> {
                 g.cursor = o + 1;
                 g.cursor_ms = rec.ms;
                 moved = true;
+                if g.held_already(o) {
+                    continue;
+                }
                 if self.ts.stopped.contains_key(&o) || rec.deliver_at.is_some_and(|at| at > now.0) {
                     let parked = self.ts.stopped.contains_key(&o);
                     let g = self.g();
@@ -2508,52 +2522,16 @@ impl Shared {
     }
 }
 
-#[async_trait]
-impl Backend for EmbeddedBackend {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    async fn publish(
-        &self,
-        topic: &str,
-        batch: Vec<Outgoing>,
-    ) -> Result<Vec<MessageId>, BackendError> {
-        let s = &self.shared;
-        s.writable()?;
-        if batch.is_empty() {
-            return Ok(Vec::new());
-        }
-        // The trait is public: what reaches the committer must be storable, whoever calls.
-        for (i, m) in batch.iter().enumerate() {
-            validate_outgoing(i, batch.len(), m)?;
-        }
-        let n = u32::try_from(batch.len().min(s.config.max_queued)).unwrap_or(u32::MAX);
-        // Closed when the engine is poisoned: a publisher waiting for room hears it at once.
-        let permit = match s.queue_space.clone().acquire_many_owned(n).await {
-            Ok(p) => p,
-            Err(_) => return Err(s.closed_error()),
-        };
-        let (reply, rx) = oneshot::channel();
-        s.call(
-            Op::Publish {
-                topic: topic.to_owned(),
-                msgs: batch,
-                reply,
-                _permit: permit,
-            },
-            rx,
-        )
-        .await
-    }
-
-    async fn join(
+impl EmbeddedBackend {
+    /// Creates the topic and the group (at `start`) if needed, and registers `consumer`.
+    /// Returns the topic's epoch and whether the group was created.
+    async fn place_group(
         &self,
         topic: &str,
         group: &str,
-        consumer: &str,
+        consumer: Option<&str>,
         start: StartPosition,
-    ) -> Result<Subscription, BackendError> {
+    ) -> Result<(u64, bool), BackendError> {
         let s = &self.shared;
         s.writable()?;
         let exists = lock(&s.inner).topics.contains_key(topic);
@@ -2572,7 +2550,7 @@ impl Backend for EmbeddedBackend {
         // binary search for a start id, the record before the start). If the topic was
         // recreated meanwhile, it is found again in the new generation.
         let mut placed = None;
-        let (sub, ticket) = loop {
+        let (epoch, created, ticket) = loop {
             let new_group = {
                 let inner = lock(&s.inner);
                 let Some(ts) = inner.topics.get(topic) else {
@@ -2633,24 +2611,100 @@ impl Backend for EmbeddedBackend {
                 true
             };
             let ts = inner.topics.get_mut(topic).expect("checked");
-            if let Some(g) = ts.groups.get_mut(group) {
-                g.consumers.insert(consumer.to_owned(), Timestamp::now());
+            if let (Some(g), Some(c)) = (ts.groups.get_mut(group), consumer) {
+                g.consumers.insert(c.to_owned(), Timestamp::now());
             }
             let ticket = if created { inner.touch() } else { 0 };
-            break (
-                Subscription {
-                    topic: topic.to_owned(),
-                    group: group.to_owned(),
-                    consumer: consumer.to_owned(),
-                    epoch,
-                },
-                ticket,
-            );
+            break (epoch, created, ticket);
         };
         if ticket > 0 {
             s.durable(ticket).await?;
         }
-        Ok(sub)
+        Ok((epoch, created))
+    }
+
+    /// Where `to` puts a group's cursor in the topic's current generation: (epoch, offset, the
+    /// time of the record before it). Reads the log, so it runs without the engine lock.
+    async fn position(
+        &self,
+        topic: &str,
+        to: StartPosition,
+    ) -> Result<Option<(u64, u64, u64)>, BackendError> {
+        let s = &self.shared;
+        let Some((epoch, log, begin)) = lock(&s.inner)
+            .topics
+            .get(topic)
+            .map(|ts| (ts.epoch, ts.log.clone(), ts.start))
+        else {
+            return Ok(None);
+        };
+        blocking(s, move || {
+            let cursor = start_offset(&log, begin, to)?;
+            let cursor_ms = match cursor.checked_sub(1) {
+                Some(prev) => log.get(prev)?.map_or(0, |r| r.ms),
+                None => 0,
+            };
+            Ok(Some((epoch, cursor, cursor_ms)))
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl Backend for EmbeddedBackend {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    async fn publish(
+        &self,
+        topic: &str,
+        batch: Vec<Outgoing>,
+    ) -> Result<Vec<MessageId>, BackendError> {
+        let s = &self.shared;
+        s.writable()?;
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        // The trait is public: what reaches the committer must be storable, whoever calls.
+        for (i, m) in batch.iter().enumerate() {
+            validate_outgoing(i, batch.len(), m)?;
+        }
+        let n = u32::try_from(batch.len().min(s.config.max_queued)).unwrap_or(u32::MAX);
+        // Closed when the engine is poisoned: a publisher waiting for room hears it at once.
+        let permit = match s.queue_space.clone().acquire_many_owned(n).await {
+            Ok(p) => p,
+            Err(_) => return Err(s.closed_error()),
+        };
+        let (reply, rx) = oneshot::channel();
+        s.call(
+            Op::Publish {
+                topic: topic.to_owned(),
+                msgs: batch,
+                reply,
+                _permit: permit,
+            },
+            rx,
+        )
+        .await
+    }
+
+    async fn join(
+        &self,
+        topic: &str,
+        group: &str,
+        consumer: &str,
+        start: StartPosition,
+    ) -> Result<Subscription, BackendError> {
+        let (epoch, _) = self
+            .place_group(topic, group, Some(consumer), start)
+            .await?;
+        Ok(Subscription {
+            topic: topic.to_owned(),
+            group: group.to_owned(),
+            consumer: consumer.to_owned(),
+            epoch,
+        })
     }
 
     async fn recover(
@@ -2868,13 +2922,109 @@ impl Backend for EmbeddedBackend {
             .await
     }
 
+    async fn create_group(
+        &self,
+        topic: &str,
+        group: &str,
+        start: StartPosition,
+    ) -> Result<bool, BackendError> {
+        self.shared.writable()?;
+        Ok(self.place_group(topic, group, None, start).await?.1)
+    }
+
+    async fn delete_group(&self, topic: &str, group: &str) -> Result<bool, BackendError> {
+        let s = &self.shared;
+        s.writable()?;
+        let ticket = {
+            let mut inner = lock(&s.inner);
+            let Inner { topics, dirty, .. } = &mut *inner;
+            let Some(ts) = topics.get_mut(topic) else {
+                return Ok(false);
+            };
+            if ts.groups.remove(group).is_none() {
+                return Ok(false);
+            }
+            dirty.drop_groups.push((topic.to_owned(), group.to_owned()));
+            ts.ready.notify_waiters();
+            inner.touch()
+        };
+        s.durable(ticket).await?;
+        Ok(true)
+    }
+
+    async fn move_group(
+        &self,
+        topic: &str,
+        group: &str,
+        to: StartPosition,
+    ) -> Result<bool, BackendError> {
+        let s = &self.shared;
+        s.writable()?;
+        loop {
+            let Some((epoch, target, target_ms)) = self.position(topic, to).await? else {
+                return Ok(false);
+            };
+            // Reads the state database under the lock (spilled rows): see `locked`.
+            let ticket = s.locked(|inner| {
+                let Inner { topics, dirty, .. } = &mut *inner;
+                let Some(ts) = topics.get_mut(topic) else {
+                    return Ok(Some(None));
+                };
+                if ts.epoch != epoch {
+                    return Ok(None); // recreated meanwhile: place it in the new generation
+                }
+                let start = ts.start;
+                let Some(gs) = ts.groups.get_mut(group) else {
+                    return Ok(Some(None));
+                };
+                // Retention may have moved the start on meanwhile (the record before it is
+                // then gone: no remembered time).
+                let (target, target_ms) = match target < start {
+                    true => (start, 0),
+                    false => (target, target_ms),
+                };
+                if target > gs.cursor {
+                    gs.skip_to(target);
+                } else if target < gs.cursor {
+                    let mut rows: Vec<u64> = gs
+                        .rows
+                        .keys()
+                        .chain(gs.spill_at.keys())
+                        .copied()
+                        .filter(|o| (target..gs.cursor).contains(o))
+                        .collect();
+                    if gs.spilled > 0 {
+                        rows.extend(state::spilled_offsets(
+                            &s.db, topic, group, target, gs.cursor,
+                        )?);
+                    }
+                    gs.rewind(target, rows);
+                }
+                gs.cursor_ms = target_ms;
+                dirty.groups.insert((topic.to_owned(), group.to_owned()));
+                ts.ready.notify_waiters();
+                Ok(Some(Some(inner.touch())))
+            })?;
+            match ticket {
+                None => continue,
+                Some(None) => return Ok(false),
+                Some(Some(ticket)) => {
+                    s.durable(ticket).await?;
+                    return Ok(true);
+                }
+            }
+        }
+    }
+
     async fn cleanup(
         &self,
         topic: &str,
         retention: &Retention,
     ) -> Result<CleanupReport, BackendError> {
         let s = &self.shared;
-        s.writable()?;
+        if !retention.dry_run {
+            s.writable()?;
+        }
         let mut report = CleanupReport::default();
         let cutoff = Timestamp::now().minus(retention.min_age);
         // Reads the log and the state database under the lock: `locked` keeps a panic there
@@ -2926,6 +3076,9 @@ impl Backend for EmbeddedBackend {
                     let acked_end = needed.clamp(start, trim_to);
                     report.removed += ts.log.stored_between(start, acked_end);
                     report.trimmed_unacknowledged += ts.log.stored_between(acked_end, trim_to);
+                    if retention.dry_run {
+                        return Ok(None);
+                    }
                     start = trim_to;
                     for (g, gs) in ts.groups.iter_mut() {
                         let doomed: Vec<u64> =
@@ -2946,7 +3099,7 @@ impl Backend for EmbeddedBackend {
                     }
                 }
             }
-            if start == old {
+            if start == old || retention.dry_run {
                 return Ok(None);
             }
             ts.start = start;

@@ -420,6 +420,23 @@ pub(crate) fn spilled_row(
     }
 }
 
+/// The offsets of `t`/`g`'s committed spilled rows in `from..to`.
+pub(crate) fn spilled_offsets(
+    db: &redb::Database,
+    t: &str,
+    g: &str,
+    from: u64,
+    to: u64,
+) -> Result<Vec<u64>, BackendError> {
+    let tx = db.begin_read().map_err(db_error)?;
+    let at = tx.open_table(SPILL_AT).map_err(db_error)?;
+    let mut out = Vec::new();
+    for e in at.range((t, g, from)..(t, g, to)).map_err(db_error)? {
+        out.push(e.map_err(db_error)?.0.value().2);
+    }
+    Ok(out)
+}
+
 /// The highest (or, with `highest` false, the lowest) offset among `t`/`g`'s spilled rows.
 pub(crate) fn spilled_offset(
     db: &redb::Database,
@@ -489,6 +506,8 @@ pub(crate) type DeadKey = (String, u64, u64);
 pub(crate) struct Batch {
     /// Topics whose every row goes (terminated), applied first.
     pub(crate) drop_topics: Vec<String>,
+    /// Groups whose record, rows and spilled rows go (deleted), applied after `drop_topics`.
+    pub(crate) drop_groups: Vec<(String, String)>,
     pub(crate) next_epoch: Option<u64>,
     pub(crate) topics: Vec<(String, Option<Vec<u8>>)>,
     pub(crate) groups: Vec<((String, String), Vec<u8>)>,
@@ -510,6 +529,7 @@ pub(crate) struct Batch {
 impl Batch {
     pub(crate) fn is_empty(&self) -> bool {
         self.drop_topics.is_empty()
+            && self.drop_groups.is_empty()
             && self.next_epoch.is_none()
             && self.topics.is_empty()
             && self.groups.is_empty()
@@ -525,6 +545,11 @@ impl Batch {
 
 /// Writes `batch` into `tx`. Returns how many spilled rows each `trim_spill` entry removed.
 pub(crate) fn apply(tx: &redb::WriteTransaction, batch: &Batch) -> Result<Vec<u64>, BackendError> {
+    // A deleted group's spilled rows go before any spill of this batch is written (the group
+    // may have been created again since).
+    for (t, g) in &batch.drop_groups {
+        drop_spilled(tx, t, g, 0, u64::MAX)?;
+    }
     let spills =
         !(batch.drop_topics.is_empty() && batch.unspill.is_empty() && batch.spill.is_empty());
     if spills {
@@ -595,6 +620,12 @@ pub(crate) fn apply(tx: &redb::WriteTransaction, batch: &Batch) -> Result<Vec<u6
             .retain_in((t, 0)..=(t, u64::MAX), |_, _| false)
             .map_err(db_error)?;
         dead.retain_in((t, 0, 0)..=(t, u64::MAX, u64::MAX), |_, _| false)
+            .map_err(db_error)?;
+    }
+    for (t, g) in &batch.drop_groups {
+        let (t, g) = (t.as_str(), g.as_str());
+        groups.remove((t, g)).map_err(db_error)?;
+        rows.retain_in((t, g, 0)..=(t, g, u64::MAX), |_, _| false)
             .map_err(db_error)?;
     }
     if let Some(n) = batch.next_epoch {

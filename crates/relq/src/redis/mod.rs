@@ -15,6 +15,8 @@
 //! | `relq:{T}:g:{G}:park` | set | group G's parked (stopped) messages |
 //! | `relq:{T}:g:{G}:m` | hash | id → `"<deliveries> <failures JSON array>"` |
 //! | `relq:{T}:g:{G}:held` | sorted set | ids in `sched` or `park`, by id ms (retention floor) |
+//! | `relq:{T}:g:{G}:skip` | sorted set | after a move back: ids the group holds that a read passes over |
+//! | `relq:{T}:deleted` | set | groups deleted by an operator (their consumers stop; a join clears it) |
 //! | `relq:topics` | set | topic names (a registry for listing; not in the topic's slot) |
 //!
 //! A message is a stream entry with fields `type`, `data` (the payload bytes), optionally
@@ -139,6 +141,10 @@ struct Scripts {
     terminate: Script,
     cleanup: Script,
     replay: Script,
+    group_create: Script,
+    group_delete: Script,
+    group_move: Script,
+    skip: Script,
 }
 
 impl Scripts {
@@ -157,6 +163,10 @@ impl Scripts {
             terminate: s(scripts::TERMINATE),
             cleanup: s(scripts::CLEANUP),
             replay: s(scripts::REPLAY),
+            group_create: s(scripts::GROUP_CREATE),
+            group_delete: s(scripts::GROUP_DELETE),
+            group_move: s(scripts::GROUP_MOVE),
+            skip: s(scripts::SKIP),
         }
     }
 }
@@ -279,6 +289,8 @@ fn transient(e: &RedisError) -> bool {
 
 /// The error code scripts reply with when the topic was terminated (`redis.error_reply`).
 const TERMINATED_CODE: &str = "RELQ_TERMINATED";
+/// The scripts' error code for a group an operator deleted.
+const GROUP_DELETED_CODE: &str = "RELQ_GROUP_DELETED";
 
 /// The Redis error code behind a mapped error, if it came from a server reply.
 fn redis_code(e: &BackendError) -> Option<&str> {
@@ -293,6 +305,9 @@ fn map_err(e: RedisError) -> BackendError {
     // can hold key names (a topic may be called RELQ_TERMINATED).
     if e.code() == Some(TERMINATED_CODE) {
         return err(BackendErrorKind::Terminated, "the topic was terminated");
+    }
+    if e.code() == Some(GROUP_DELETED_CODE) {
+        return err(BackendErrorKind::GroupDeleted, "the group was deleted");
     }
     // A MULTI/EXEC aborted by an error inside reports EXECABORT; then look at the cause in the
     // text (only then: elsewhere the text can hold key names such as a topic called "ROOM").
@@ -772,7 +787,7 @@ impl RedisBackend {
         &self,
         sub: &Subscription,
         max: usize,
-    ) -> Result<(Vec<Delivery>, Option<u64>, HashSet<MessageId>), BackendError> {
+    ) -> Result<(Vec<Delivery>, Option<u64>, Screen), BackendError> {
         let key = stream_key(&sub.topic);
         let pre = prefix(&sub.topic);
         let now = Timestamp::now().0;
@@ -789,9 +804,13 @@ impl RedisBackend {
             })
             .await?;
         let mut parts = items(reply).into_iter();
-        let (Some(lost), Some(out), Some(next_due), Some(stopped)) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
+        let (Some(lost), Some(out), Some(next_due), Some(stopped), Some(skip)) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
             return Err(corrupt("promote script reply"));
         };
         self.warn_lost(sub, int(&lost) == Some(1));
@@ -801,7 +820,11 @@ impl RedisBackend {
             .collect();
         let out = deliveries(out)?;
         self.note_history(&out);
-        Ok((out, int(&next_due).map(|d| d as u64), stopped))
+        let screen = Screen {
+            stopped,
+            rewound: int(&skip).is_some_and(|n| n > 0),
+        };
+        Ok((out, int(&next_due).map(|d| d as u64), screen))
     }
 
     /// Recreates the group after a read found it missing.
@@ -826,7 +849,7 @@ impl RedisBackend {
         sub: &Subscription,
         max: usize,
         block: Duration,
-        stopped: &HashSet<MessageId>,
+        screen: &Screen,
     ) -> Result<Option<Vec<Delivery>>, BackendError> {
         let key = stream_key(&sub.topic);
         let mut conn = self.blocking.take(&self.target).await.map_err(map_err)?;
@@ -871,6 +894,11 @@ impl RedisBackend {
                 entries.extend(items(list));
             }
         }
+        let passed = match screen.rewound && !entries.is_empty() {
+            true => self.skip_again(sub, &entries).await?,
+            false => HashSet::new(),
+        };
+        let stopped = &screen.stopped;
         let now = Timestamp::now();
         let mut out = Vec::new();
         let mut held: Vec<(MessageId, i64)> = Vec::new();
@@ -881,6 +909,9 @@ impl RedisBackend {
                 continue;
             };
             let id = id_of(&id)?;
+            if passed.contains(&id) {
+                continue;
+            }
             let message = message_of(id, fields, 1);
             if stopped.contains(&id) {
                 held.push((id, -1));
@@ -931,6 +962,60 @@ impl RedisBackend {
             }
         }
         Ok(Some(out))
+    }
+
+    /// Runs one of the group scripts (ARGV: prefix, group, then `arg`); true if it returned 1.
+    async fn group_script(
+        &self,
+        script: &Script,
+        topic: &str,
+        group: &str,
+        arg: Option<String>,
+    ) -> Result<bool, BackendError> {
+        let key = stream_key(topic);
+        let pre = prefix(topic);
+        let done: Value = self
+            .call(|mut c| {
+                let mut inv = script.key(&key);
+                inv.arg(&pre).arg(group);
+                if let Some(a) = &arg {
+                    inv.arg(a);
+                }
+                async move { inv.invoke_async(&mut c).await }
+            })
+            .await?;
+        Ok(int(&done) == Some(1))
+    }
+
+    /// After a move back: which of the entries a read took again the group holds already (the
+    /// skip script passes over them). If the script fails, the entries stay pending for this
+    /// consumer and the runtime recovers them.
+    async fn skip_again(
+        &self,
+        sub: &Subscription,
+        entries: &[Value],
+    ) -> Result<HashSet<MessageId>, BackendError> {
+        let ids: Vec<String> = entries
+            .iter()
+            .filter_map(|e| match e {
+                Value::Array(parts) => parts.first().and_then(text),
+                _ => None,
+            })
+            .collect();
+        let key = stream_key(&sub.topic);
+        let pre = prefix(&sub.topic);
+        let passed: Value = self
+            .call(|mut c| {
+                let mut inv = self.scripts.skip.key(&key);
+                inv.arg(&pre).arg(&sub.group).arg(sub.epoch);
+                for id in &ids {
+                    inv.arg(id);
+                }
+                async move { inv.invoke_async(&mut c).await }
+            })
+            .await
+            .inspect_err(|_| self.flag_recovery(sub))?;
+        Ok(items(passed).iter().filter_map(|v| id_of(v).ok()).collect())
     }
 
     async fn redeliver(
@@ -1073,6 +1158,71 @@ impl RedisBackend {
     }
 
     /// Counts stream entries after `id` (used when Redis cannot report a group's lag).
+    /// What a cleanup would remove now: the cleanup script's floor, then counts of the stream's
+    /// entries below it and below the age cutoff (in pages, read only).
+    async fn cleanup_preview(
+        &self,
+        topic: &str,
+        retention: &Retention,
+    ) -> Result<CleanupReport, BackendError> {
+        let key = stream_key(topic);
+        let pre = prefix(topic);
+        let cutoff = Timestamp::now().minus(retention.min_age).0;
+        let r: Value = self
+            .call(|mut c| {
+                let mut inv = self.scripts.cleanup.key(&key);
+                inv.arg(&pre).arg(cutoff).arg(1).arg(-1).arg("1");
+                async move { inv.invoke_async(&mut c).await }
+            })
+            .await?;
+        let floor = items(r).first().and_then(text);
+        let mut xlen = ::redis::cmd("XLEN");
+        xlen.arg(&key);
+        let len = int(&self.query(xlen).await?).unwrap_or(0).max(0) as u64;
+        let mut report = CleanupReport::default();
+        // Entries up to the cutoff are those below `<cutoff + 1>-0`.
+        let young = format!("{}-0", cutoff.saturating_add(1));
+        let below_floor = match &floor {
+            Some(f) => self.count_below(&key, f).await?,
+            None => 0,
+        };
+        if let Some(f) = &floor {
+            let boundary = match (f.parse::<MessageId>(), young.parse::<MessageId>()) {
+                (Ok(fid), Ok(y)) if y < fid => young,
+                _ => f.clone(),
+            };
+            report.removed = self.count_below(&key, &boundary).await?;
+        }
+        if let Some(max_len) = retention.max_len {
+            let excess = (len - report.removed.min(len)).saturating_sub(max_len);
+            let acked = below_floor.saturating_sub(report.removed).min(excess);
+            report.removed += acked;
+            report.trimmed_unacknowledged = excess - acked;
+        }
+        Ok(report)
+    }
+
+    /// How many entries of the stream have an id below `id`.
+    async fn count_below(&self, key: &str, id: &str) -> Result<u64, BackendError> {
+        let end = format!("({id}");
+        let mut start = "-".to_owned();
+        let mut n = 0u64;
+        loop {
+            let mut cmd = ::redis::cmd("XRANGE");
+            cmd.arg(key).arg(&start).arg(&end).arg("COUNT").arg(1000);
+            let page = items(self.query(cmd).await?);
+            n += page.len() as u64;
+            if page.len() < 1000 {
+                return Ok(n);
+            }
+            let last = items(page.last().cloned().unwrap_or(Value::Nil))
+                .first()
+                .and_then(text)
+                .unwrap_or_default();
+            start = format!("({last}");
+        }
+    }
+
     async fn count_after(&self, key: &str, id: &str) -> Result<u64, BackendError> {
         let mut start = format!("({id}");
         let mut n = 0u64;
@@ -1091,6 +1241,23 @@ impl RedisBackend {
             start = format!("({last}");
         }
     }
+}
+
+/// The id `XGROUP` takes for a start position: the last id already read.
+fn start_id(start: StartPosition) -> String {
+    match start {
+        StartPosition::Latest => "$".to_owned(),
+        StartPosition::Earliest => "0".to_owned(),
+        StartPosition::From(id) => before(id),
+    }
+}
+
+/// What the promote step tells a read about the new entries it takes next.
+struct Screen {
+    /// The topic's stopped ids: such entries are parked, not delivered.
+    stopped: HashSet<MessageId>,
+    /// The group was moved back and holds entries a read may meet again (see `SKIP`).
+    rewound: bool,
 }
 
 /// The URL without its password, for error messages.
@@ -1217,11 +1384,7 @@ impl Backend for RedisBackend {
         self.register(topic).await?;
         let key = stream_key(topic);
         let pre = prefix(topic);
-        let start = match start {
-            StartPosition::Latest => "$".to_owned(),
-            StartPosition::Earliest => "0".to_owned(),
-            StartPosition::From(id) => before(id),
-        };
+        let start = start_id(start);
         let epoch: Value = self
             .call(|mut c| {
                 let mut inv = self.scripts.join.key(&key);
@@ -1279,13 +1442,13 @@ impl Backend for RedisBackend {
         }
         let deadline = instant_after(tokio::time::Instant::now(), wait);
         loop {
-            let (mut out, next_due, stopped) = self.promote(sub, max).await?;
+            let (mut out, next_due, screen) = self.promote(sub, max).await?;
             if !out.is_empty() {
                 if out.len() < max {
                     // Fill the rest with new messages, without waiting. On an error, the
                     // promoted messages are still handed over (they are pending for us).
                     match self
-                        .read_new(sub, max - out.len(), Duration::ZERO, &stopped)
+                        .read_new(sub, max - out.len(), Duration::ZERO, &screen)
                         .await
                     {
                         Ok(Some(more)) => out.extend(more),
@@ -1303,7 +1466,7 @@ impl Backend for RedisBackend {
             if let Some(due) = next_due {
                 block = block.min(Timestamp(due).since(Timestamp::now()));
             }
-            match self.read_new(sub, max, block, &stopped).await? {
+            match self.read_new(sub, max, block, &screen).await? {
                 None => {
                     // Redis lost the group (restart without persistence, FLUSHALL): recreate
                     // it, unless the topic was terminated (the script then says so).
@@ -1435,6 +1598,37 @@ impl Backend for RedisBackend {
         Ok(int(&r) == Some(1))
     }
 
+    async fn create_group(
+        &self,
+        topic: &str,
+        group: &str,
+        start: StartPosition,
+    ) -> Result<bool, BackendError> {
+        self.register(topic).await?;
+        self.group_script(
+            &self.scripts.group_create,
+            topic,
+            group,
+            Some(start_id(start)),
+        )
+        .await
+    }
+
+    async fn delete_group(&self, topic: &str, group: &str) -> Result<bool, BackendError> {
+        self.group_script(&self.scripts.group_delete, topic, group, None)
+            .await
+    }
+
+    async fn move_group(
+        &self,
+        topic: &str,
+        group: &str,
+        to: StartPosition,
+    ) -> Result<bool, BackendError> {
+        self.group_script(&self.scripts.group_move, topic, group, Some(start_id(to)))
+            .await
+    }
+
     async fn cleanup(
         &self,
         topic: &str,
@@ -1442,6 +1636,9 @@ impl Backend for RedisBackend {
     ) -> Result<CleanupReport, BackendError> {
         let key = stream_key(topic);
         let pre = prefix(topic);
+        if retention.dry_run {
+            return self.cleanup_preview(topic, retention).await;
+        }
         let mut report = CleanupReport::default();
         let max_len = retention.max_len.map(|m| m as i64).unwrap_or(-1);
         loop {
@@ -1452,7 +1649,8 @@ impl Backend for RedisBackend {
                     inv.arg(&pre)
                         .arg(cutoff)
                         .arg(retention.batch.max(1))
-                        .arg(max_len);
+                        .arg(max_len)
+                        .arg("0");
                     async move { inv.invoke_async(&mut c).await }
                 })
                 .await?;

@@ -90,6 +90,11 @@ local function ensure_meta(epoch)
   redis.call('HSET', P .. 'meta', 'epoch', epoch)
   return 1
 end
+-- A group deleted by an operator: its running consumers must stop, not create it again.
+local function deleted(g)
+  return redis.call('SISMEMBER', P .. 'deleted', g) == 1
+end
+local GROUP_DELETED = 'RELQ_GROUP_DELETED the group was deleted'
 local function new_epoch()
   local t = redis.call('TIME')
   local e = t[1] .. string.format('%06d', tonumber(t[2]))
@@ -144,6 +149,7 @@ local g, c, start = ARGV[2], ARGV[3], ARGV[4]
 if redis.call('EXISTS', P .. 'meta') == 0 then
   redis.call('HSET', P .. 'meta', 'epoch', new_epoch())
 end
+redis.call('SREM', P .. 'deleted', g)
 local r = redis.pcall('XGROUP', 'CREATE', S, g, start, 'MKSTREAM')
 if type(r) == 'table' and r.err and not string.find(r.err, 'BUSYGROUP') then return r end
 redis.call('XGROUP', 'CREATECONSUMER', S, g, c)
@@ -152,12 +158,14 @@ return redis.call('HGET', P .. 'meta', 'epoch')
 
 /// Delivers due scheduled entries (retries, delayed messages, resumed ones) by putting them back
 /// into the group's pending list under this consumer. ARGV: prefix, group, consumer, epoch,
-/// now_ms, max. Returns {lost, deliveries, next_due_ms|false, stopped ids} where a delivery is
+/// now_ms, max. Returns {lost, deliveries, next_due_ms|false, stopped ids, size of the skip set}
+/// where a delivery is
 /// {id, deliveries, fields, failures_json}. New entries are then read by the client with a plain
 /// XREADGROUP (no Lua on the hot path).
 pub(super) const PROMOTE: &str = r#"
 local g, c, epoch, now, max = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
 if ended(epoch) then return redis.error_reply('RELQ_TERMINATED the topic was terminated') end
+if deleted(g) then return redis.error_reply(GROUP_DELETED) end
 local lost = ensure_meta(epoch)
 local gkey = gk(g)
 local stopped = redis.call('SMEMBERS', P .. 'stop')
@@ -188,7 +196,7 @@ if #due > 0 then
   end
 end
 local nd = redis.call('ZRANGE', gkey .. 'sched', 0, 0, 'WITHSCORES')
-return {lost, out, nd[2] or false, stopped}
+return {lost, out, nd[2] or false, stopped, redis.call('ZCARD', gkey .. 'skip')}
 "#;
 
 /// Recreates a group a read found missing (Redis lost it), unless the topic was terminated.
@@ -196,6 +204,7 @@ return {lost, out, nd[2] or false, stopped}
 pub(super) const RECREATE: &str = r#"
 local g, epoch = ARGV[2], ARGV[3]
 if ended(epoch) then return redis.error_reply('RELQ_TERMINATED the topic was terminated') end
+if deleted(g) then return redis.error_reply(GROUP_DELETED) end
 ensure_meta(epoch)
 local r = redis.pcall('XGROUP', 'CREATE', S, g, '0', 'MKSTREAM')
 if type(r) == 'table' and r.err and not string.find(r.err, 'BUSYGROUP') then return r end
@@ -233,6 +242,7 @@ return release
 pub(super) const REDELIVER: &str = r#"
 local g, c, epoch, now, max, mode, arg = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], ARGV[8]
 if ended(epoch) then return redis.error_reply('RELQ_TERMINATED the topic was terminated') end
+if deleted(g) then return redis.error_reply(GROUP_DELETED) end
 local lost = ensure_meta(epoch)
 local gkey = gk(g)
 local pend
@@ -315,6 +325,7 @@ return {lost, out}
 pub(super) const SETTLE: &str = r#"
 local g, c = ARGV[2], ARGV[4]
 if ended(ARGV[3]) then return redis.error_reply('RELQ_TERMINATED the topic was terminated') end
+if deleted(g) then return redis.error_reply(GROUP_DELETED) end
 local gkey = gk(g)
 local has_meta = redis.call('EXISTS', gkey .. 'm') == 1
 -- A retry or dead letter settles the delivery it names: it applies if the entry is pending with
@@ -392,10 +403,10 @@ if redis.call('EXISTS', S) == 1 then
   existed = 1
   for _, info in ipairs(redis.call('XINFO', 'GROUPS', S)) do
     local gkey = gk(info[2])
-    redis.call('DEL', gkey .. 'sched', gkey .. 'park', gkey .. 'm', gkey .. 'held')
+    redis.call('DEL', gkey .. 'sched', gkey .. 'park', gkey .. 'm', gkey .. 'held', gkey .. 'skip')
   end
 end
-redis.call('DEL', S, P .. 'meta', P .. 'stop', P .. 'dl')
+redis.call('DEL', S, P .. 'meta', P .. 'stop', P .. 'dl', P .. 'deleted')
 if existed == 1 then
   if not epoch then epoch = new_epoch() end
   local last = redis.call('GET', P .. 'ended')
@@ -404,11 +415,15 @@ end
 return existed
 "#;
 
-/// One bounded cleanup step. ARGV: prefix, cutoff_ms, batch, max_len (-1 = none). Returns
-/// {removed acknowledged, trimmed unacknowledged}.
+/// One bounded cleanup step. ARGV: prefix, cutoff_ms, batch, max_len (-1 = none), preview
+/// ('1': change nothing, return {floor or false}: every entry below the floor is acknowledged by
+/// every group). Returns {removed acknowledged, trimmed unacknowledged}.
 pub(super) const CLEANUP: &str = r#"
 local cutoff, batch, max_len = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-if redis.call('EXISTS', S) == 0 then return {0, 0} end
+if redis.call('EXISTS', S) == 0 then
+  if ARGV[5] == '1' then return {false} end
+  return {0, 0}
+end
 local groups = redis.call('XINFO', 'GROUPS', S)
 local floor = nil
 local function lower(id) if floor == nil or idcmp(id, floor) < 0 then floor = id end end
@@ -424,6 +439,7 @@ for _, info in ipairs(groups) do
   local held = redis.call('ZRANGE', gk(name) .. 'held', 0, 0, 'WITHSCORES')
   if held[1] then lower(held[2] .. '-0') end
 end
+if ARGV[5] == '1' then return {floor or false} end
 local removed, trimmed = 0, 0
 if floor then
   local page = redis.call('XRANGE', S, '-', '+', 'COUNT', batch)
@@ -468,6 +484,100 @@ for i = 2, #ARGV, 4 do
   if redis.call('XDEL', P .. 'dl', ARGV[i]) == 1 then
     local id = redis.call('XADD', S, '*', 'type', ARGV[i + 1], 'data', ARGV[i + 2], 'headers', ARGV[i + 3])
     out[#out + 1] = {ARGV[i], id}
+  end
+end
+return out
+"#;
+
+/// Creates a group with no consumer. ARGV: prefix, group, start id ('$', '0' or an id). Returns
+/// 1 if it was created, 0 if it existed.
+pub(super) const GROUP_CREATE: &str = r#"
+local g, start = ARGV[2], ARGV[3]
+if redis.call('EXISTS', P .. 'meta') == 0 then
+  redis.call('HSET', P .. 'meta', 'epoch', new_epoch())
+end
+redis.call('SREM', P .. 'deleted', g)
+local r = redis.pcall('XGROUP', 'CREATE', S, g, start, 'MKSTREAM')
+if type(r) == 'table' and r.err then
+  if string.find(r.err, 'BUSYGROUP') then return 0 end
+  return r
+end
+return 1
+"#;
+
+/// Deletes a group and its keys, and marks it deleted so its running consumers stop instead of
+/// creating it again (a join clears the mark). ARGV: prefix, group. Returns whether it existed.
+pub(super) const GROUP_DELETE: &str = r#"
+local g = ARGV[2]
+if redis.call('EXISTS', S) == 0 then return 0 end
+local r = redis.call('XGROUP', 'DESTROY', S, g)
+local gkey = gk(g)
+redis.call('DEL', gkey .. 'sched', gkey .. 'park', gkey .. 'm', gkey .. 'held', gkey .. 'skip')
+if r == 1 then redis.call('SADD', P .. 'deleted', g) end
+return r
+"#;
+
+/// Moves a group's last-delivered id. ARGV: prefix, group, to ('$', '0' or an id). Moving back,
+/// the entries after `to` the group holds (pending, scheduled, parked) go into the group's skip
+/// set, so a read that meets them again passes over them (see SKIP). Returns whether the group
+/// exists.
+pub(super) const GROUP_MOVE: &str = r#"
+local g, to = ARGV[2], ARGV[3]
+if redis.call('EXISTS', S) == 0 then return 0 end
+local last = nil
+for _, info in ipairs(redis.call('XINFO', 'GROUPS', S)) do
+  local name, l
+  for j = 1, #info, 2 do
+    if info[j] == 'name' then name = info[j + 1] end
+    if info[j] == 'last-delivered-id' then l = info[j + 1] end
+  end
+  if name == g then last = l end
+end
+if not last then return 0 end
+if to == '$' then
+  local st = redis.call('XINFO', 'STREAM', S)
+  for j = 1, #st, 2 do
+    if st[j] == 'last-generated-id' then to = st[j + 1] end
+  end
+elseif to == '0' then
+  to = '0-0'
+end
+local gkey = gk(g)
+local skip = gkey .. 'skip'
+if idcmp(to, last) < 0 then
+  local from = '(' .. to
+  while true do
+    local page = redis.call('XPENDING', S, g, from, last, 1000)
+    for _, p in ipairs(page) do redis.call('ZADD', skip, idms(p[1]), p[1]) end
+    if #page < 1000 then break end
+    from = '(' .. page[#page][1]
+  end
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', gkey .. 'held', idms(to), idms(last))) do
+    if idcmp(id, to) > 0 and idcmp(id, last) <= 0 then redis.call('ZADD', skip, idms(id), id) end
+  end
+else
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', skip, '-inf', idms(to))) do
+    if idcmp(id, to) <= 0 then redis.call('ZREM', skip, id) end
+  end
+end
+redis.call('XGROUP', 'SETID', S, g, to)
+return 1
+"#;
+
+/// Screens entries a read delivered again after a move back. ARGV: prefix, group, epoch, then
+/// ids. Each id in the skip set leaves it and is passed over: one held (scheduled, parked) is
+/// acknowledged again in the pending list (it stays held), one in flight elsewhere stays pending
+/// (its holder settles it; if it died, a claim delivers it). Returns the ids passed over.
+pub(super) const SKIP: &str = r#"
+local g = ARGV[2]
+if ended(ARGV[3]) then return redis.error_reply('RELQ_TERMINATED the topic was terminated') end
+local gkey = gk(g)
+local out = {}
+for i = 4, #ARGV do
+  local id = ARGV[i]
+  if redis.call('ZREM', gkey .. 'skip', id) == 1 then
+    if redis.call('ZSCORE', gkey .. 'held', id) then redis.call('XACK', S, g, id) end
+    out[#out + 1] = id
   end
 end
 return out
