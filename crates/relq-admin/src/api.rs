@@ -237,6 +237,9 @@ pub(crate) struct CleanupRequest {
     /// Keep at most this many messages (trims unacknowledged ones too).
     #[schema(maximum = 4611686018427387904_u64)]
     pub(crate) max_len: Option<u64>,
+    /// Only count what would be removed; remove nothing (not audited).
+    #[serde(default)]
+    pub(crate) dry_run: bool,
 }
 
 /// What a cleanup removed.
@@ -246,9 +249,12 @@ pub(crate) struct CleanupView {
     pub(crate) removed: u64,
     /// Messages removed by `max_len` that some group had not acknowledged.
     pub(crate) trimmed_unacknowledged: u64,
+    /// True for a dry run: the counts are what a cleanup would remove now; nothing changed.
+    pub(crate) dry_run: bool,
 }
 
-/// Removes acknowledged messages (and, with `max_len`, the oldest beyond it).
+/// Removes acknowledged messages (and, with `max_len`, the oldest beyond it); with `dry_run`,
+/// only counts what it would remove.
 #[utoipa::path(post, path = "/api/topics/{topic}/cleanup", tag = "topics",
     params(TopicPath), request_body = CleanupRequest,
     responses((status = 200, body = CleanupView), (status = "default", body = Problem, content_type = "application/problem+json")))]
@@ -271,6 +277,15 @@ pub(crate) async fn cleanup(
         }
         retention = retention.max_len(n);
     }
+    let view = |c: relq::CleanupReport| CleanupView {
+        removed: c.removed,
+        trimmed_unacknowledged: c.trimmed_unacknowledged,
+        dry_run: req.dry_run,
+    };
+    if req.dry_run {
+        let preview = s.broker.cleanup(&topic, &retention.dry_run(true)).await?;
+        return Ok(Json(view(preview)));
+    }
     let params = audit::params([
         ("min_age", serde_json::json!(req.min_age)),
         ("max_len", serde_json::json!(req.max_len)),
@@ -280,10 +295,7 @@ pub(crate) async fn cleanup(
         .cleanup(&topic, &retention)
         .await
         .map_err(Problem::from);
-    let r = r.map(|c| CleanupView {
-        removed: c.removed,
-        trimmed_unacknowledged: c.trimmed_unacknowledged,
-    });
+    let r = r.map(view);
     audited(&s, &caller, "cleanup", &topic, params, r, |c| {
         format!(
             "removed {} ({} unacknowledged)",

@@ -310,6 +310,25 @@ async fn topics_messages_stop_resume_and_terminate() {
     assert_eq!(r.body["changed"], true);
     assert!(b.topic_info("orders").await.unwrap().stopped.is_empty());
 
+    // A dry run counts and changes nothing (and is not audited).
+    let r = call(
+        &app,
+        Method::POST,
+        "/api/topics/orders/cleanup",
+        Some(ADMIN),
+        Some(json!({"min_age": "0s", "max_len": 0, "dry_run": true})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["dry_run"], true);
+    let length = b.topic_info("orders").await.unwrap().length;
+    assert!(length > 0);
+    assert_eq!(
+        r.body["removed"].as_u64().unwrap() + r.body["trimmed_unacknowledged"].as_u64().unwrap(),
+        length,
+        "{}",
+        r.text
+    );
     // Cleanup keeps what the group has not acknowledged.
     let r = call(
         &app,
@@ -962,4 +981,203 @@ async fn an_unauthenticated_server_refuses_other_sites_and_duplicate_ids_replay_
     )
     .await;
     problem(&r, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn groups_are_listed_created_moved_and_deleted() {
+    let b = Broker::memory();
+    let app = app(&b);
+    let ids = b
+        .publish_batch(
+            "orders",
+            (0..3)
+                .map(|i| NewMessage::new("order", format!("o{i}")))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    let create = |name: &str, start: Option<&str>| {
+        let mut body = json!({ "name": name });
+        if let Some(s) = start {
+            body["start"] = json!(s);
+        }
+        body
+    };
+    // Created at a start position; again: unchanged.
+    let r = call(
+        &app,
+        Method::POST,
+        "/api/topics/orders/groups",
+        Some(ADMIN),
+        Some(create("all", Some("earliest"))),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(
+        (r.body["created"].clone(), r.body["group"]["lag"].clone()),
+        (json!(true), json!(3))
+    );
+    let r = call(
+        &app,
+        Method::POST,
+        "/api/topics/orders/groups",
+        Some(ADMIN),
+        Some(create("all", None)),
+    )
+    .await;
+    assert_eq!(r.body["created"], false, "{}", r.text);
+    let from = ids[1].to_string();
+    let r = call(
+        &app,
+        Method::POST,
+        "/api/topics/orders/groups",
+        Some(ADMIN),
+        Some(create("mid", Some(&from))),
+    )
+    .await;
+    assert_eq!(r.body["group"]["lag"], 2, "{}", r.text);
+    // Bad input: a bad position, a bad name, unknown fields; a reader may not create.
+    for (body, status) in [
+        (create("x", Some("yesterday")), StatusCode::BAD_REQUEST),
+        (create("bad name", None), StatusCode::BAD_REQUEST),
+        (
+            json!({ "name": "x", "extra": 1 }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+    ] {
+        let r = call(
+            &app,
+            Method::POST,
+            "/api/topics/orders/groups",
+            Some(ADMIN),
+            Some(body),
+        )
+        .await;
+        problem(&r, status);
+    }
+    let r = call(
+        &app,
+        Method::POST,
+        "/api/topics/orders/groups",
+        Some(READER),
+        Some(create("x", None)),
+    )
+    .await;
+    problem(&r, StatusCode::FORBIDDEN);
+    let r = call(
+        &app,
+        Method::GET,
+        "/api/topics/orders/groups",
+        Some(READER),
+        None,
+    )
+    .await;
+    let names: Vec<&str> = r
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["all", "mid"], "{}", r.text);
+
+    // Moved to the end and back.
+    let r = call(
+        &app,
+        Method::POST,
+        "/api/topics/orders/groups/all/move",
+        Some(ADMIN),
+        Some(json!({ "to": "latest" })),
+    )
+    .await;
+    assert_eq!(
+        (
+            r.body["before"]["lag"].clone(),
+            r.body["after"]["lag"].clone()
+        ),
+        (json!(3), json!(0)),
+        "{}",
+        r.text
+    );
+    let r = call(
+        &app,
+        Method::POST,
+        "/api/topics/orders/groups/all/move",
+        Some(ADMIN),
+        Some(json!({ "to": from })),
+    )
+    .await;
+    assert_eq!(r.body["after"]["lag"], 2, "{}", r.text);
+    let r = call(
+        &app,
+        Method::POST,
+        "/api/topics/orders/groups/none/move",
+        Some(ADMIN),
+        Some(json!({ "to": "earliest" })),
+    )
+    .await;
+    problem(&r, StatusCode::NOT_FOUND);
+
+    // Deleting needs the name typed again.
+    let r = call(
+        &app,
+        Method::DELETE,
+        "/api/topics/orders/groups/mid",
+        Some(ADMIN),
+        None,
+    )
+    .await;
+    assert!(problem(&r, StatusCode::BAD_REQUEST).contains("confirm=mid"));
+    let r = call(
+        &app,
+        Method::DELETE,
+        "/api/topics/orders/groups/mid?confirm=mid",
+        Some(ADMIN),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let r = call(
+        &app,
+        Method::DELETE,
+        "/api/topics/orders/groups/mid?confirm=mid",
+        Some(ADMIN),
+        None,
+    )
+    .await;
+    problem(&r, StatusCode::NOT_FOUND);
+    let names: Vec<String> = b
+        .topic_info("orders")
+        .await
+        .unwrap()
+        .groups
+        .into_iter()
+        .map(|g| g.name)
+        .collect();
+    assert_eq!(names, ["all"]);
+
+    // Each change is audited, failures too.
+    let r = call(&app, Method::GET, "/api/audit", Some(READER), None).await;
+    let actions: Vec<(String, u64)> = r.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap().to_owned(),
+                e["status"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let want = [
+        ("group.delete", 404),
+        ("group.delete", 200),
+        ("group.move", 200),
+        ("group.move", 200),
+        ("group.create", 200),
+        ("group.create", 200),
+        ("group.create", 200),
+    ]
+    .map(|(a, s)| (a.to_owned(), s));
+    assert_eq!(actions, want, "{}", r.text);
 }

@@ -133,6 +133,9 @@ enum Command {
         /// acknowledged them (they are counted as trimmed).
         #[arg(long)]
         max_len: Option<u64>,
+        /// Only show what would be removed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Stop one message for every group: held back, neither processed nor lost, until resumed.
     Stop { topic: String, id: relq::MessageId },
@@ -612,12 +615,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             topic,
             min_age,
             max_len,
+            dry_run,
         } => {
             let mut retention = relq::Retention::default().min_age(min_age);
             if let Some(n) = max_len {
                 retention = retention.max_len(n);
             }
             broker.topic_info(&topic).await?;
+            if dry_run {
+                let r = broker.cleanup(&topic, &retention.dry_run(true)).await?;
+                print_out(
+                    cli.json,
+                    json!({ "dry_run": true, "removed": r.removed, "trimmed_unacknowledged": r.trimmed_unacknowledged }),
+                    || {
+                        format!(
+                            "dry run: would remove {} acknowledged messages and trim {} unacknowledged; nothing changed",
+                            r.removed, r.trimmed_unacknowledged
+                        )
+                    },
+                );
+                return Ok(());
+            }
             let r = broker.cleanup(&topic, &retention).await;
             let params = json!({ "min_age": humantime::format_duration(min_age).to_string(), "max_len": max_len });
             audit(&broker, "cleanup", &topic, params, &r, |c| {
@@ -695,6 +713,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 fn read_only(command: &Command) -> bool {
     use dlq::DlqCommand as D;
     match command {
+        Command::Cleanup { dry_run: true, .. } => true,
         Command::Info { .. }
         | Command::Topics
         | Command::Audit { .. }

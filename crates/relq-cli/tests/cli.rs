@@ -1449,16 +1449,79 @@ fn commands_work_on_a_data_directory_a_running_consumer_holds() {
     let info: serde_json::Value =
         serde_json::from_str(&ok(&relq_in(&dir, &["--json", "info", "orders"]))).unwrap();
     assert_eq!(info[0]["groups"][0]["name"], "g", "{info}");
+    let mut ids = Vec::new();
     for i in 0..4 {
-        ok(&relq_in(
+        let id = ok(&relq_in(
             &dir,
             &["publish", "orders", "job", &format!("outside-{i}")],
         ));
+        ids.push(id.trim().to_owned());
     }
     for i in 0..4 {
         assert_eq!(next_payload(&mut lines), format!("outside-{i}"));
     }
     ok(&relq_in(&dir, &["dlq", "list", "orders"]));
+
+    // Groups and a cleanup preview go through the holder too.
+    let json = |args: &[&str]| -> serde_json::Value {
+        serde_json::from_str(&ok(&relq_in(&dir, args))).unwrap()
+    };
+    let created = json(&[
+        "--json", "group", "create", "orders", "audit", "--start", "earliest",
+    ]);
+    assert_eq!(
+        (&created["created"], &created["group"]["lag"]),
+        (&serde_json::json!(true), &serde_json::json!(6)),
+        "{created}"
+    );
+    let again = json(&["--json", "group", "create", "orders", "audit"]);
+    assert_eq!(again["created"], false, "{again}");
+    let list = ok(&relq_in(&dir, &["group", "list", "orders"]));
+    assert!(
+        list.contains("audit: position") && list.contains("g: position"),
+        "{list}"
+    );
+    let preview = json(&["--json", "cleanup", "orders", "--dry-run"]);
+    assert_eq!(
+        (&preview["dry_run"], &preview["removed"]),
+        (&serde_json::json!(true), &serde_json::json!(0)),
+        "the new group still needs every message: {preview}"
+    );
+    // The running consumer's group moved back: it prints those messages again.
+    let moved = json(&["--json", "group", "move", "orders", "g", "--to", &ids[2]]);
+    assert_eq!(moved["before"]["name"], "g", "{moved}");
+    assert_eq!(
+        (next_payload(&mut lines), next_payload(&mut lines)),
+        ("outside-2".into(), "outside-3".into())
+    );
+    fails_with(
+        &relq_in(&dir, &["group", "move", "orders", "none", "--to", "latest"]),
+        3,
+        "not found",
+    );
+    fails_with(
+        &relq_in(&dir, &["group", "move", "orders", "g", "--to", "soon"]),
+        2,
+        "invalid",
+    );
+    fails_with(
+        &relq_in(&dir, &["group", "delete", "orders", "audit"]),
+        2,
+        "--yes",
+    );
+    ok(&relq_in(
+        &dir,
+        &["group", "delete", "orders", "audit", "--yes"],
+    ));
+    fails_with(
+        &relq_in(&dir, &["group", "delete", "orders", "audit", "--yes"]),
+        3,
+        "not found",
+    );
+    let audit = ok(&relq_in(&dir, &["audit"]));
+    for action in ["group.create", "group.move", "group.delete"] {
+        assert!(audit.contains(action), "{action} missing: {audit}");
+    }
     let topics = ok(&relq_in(&dir, &["--json", "topics"]));
     assert!(topics.contains("orders"), "{topics}");
     // Terminate through the holder: its consumer stops with "terminated" (exit 4).
