@@ -1011,6 +1011,61 @@ pub(crate) async fn get_dead_letter(
     Ok(Json(DeadLetterView::new(&d, dls.suggestion(&d))))
 }
 
+/// A corrected payload for one dead letter's replay.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct EditReplayRequest {
+    /// The new payload, as `payload_encoding` says.
+    pub(crate) payload: String,
+    /// `utf8` (default) or `hex`.
+    #[serde(default)]
+    pub(crate) payload_encoding: Encoding,
+}
+
+/// Replays one dead letter with a corrected payload (its type and headers kept, the replay
+/// headers and `relq-edited: true` added), then deletes it. The audit log records the edit.
+#[utoipa::path(post, path = "/api/topics/{topic}/dead-letters/{id}/replay", tag = "dead letters",
+    params(TopicIdPath), request_body = EditReplayRequest,
+    responses((status = 200, body = Published), (status = "default", body = Problem, content_type = "application/problem+json")))]
+pub(crate) async fn replay_edited(
+    State(s): St,
+    Extension(caller): Extension<Caller>,
+    Path((topic, did)): Path<(String, String)>,
+    Body(req): Body<EditReplayRequest>,
+) -> ApiResult<Json<Published>> {
+    writable_topic(&topic)?;
+    let dl_id = id(&did)?;
+    let payload =
+        decode_payload(&req.payload, req.payload_encoding).map_err(Problem::bad_request)?;
+    let before = s.broker.dead_letters(&topic).get(dl_id).await?;
+    let params = audit::params([
+        ("id", serde_json::json!(did)),
+        ("edited", serde_json::json!(true)),
+        (
+            "bytes_before",
+            serde_json::json!(before.message.payload.len()),
+        ),
+        ("bytes_after", serde_json::json!(payload.len())),
+    ]);
+    let r = s
+        .broker
+        .replay_edited(&topic, dl_id, payload)
+        .await
+        .map_err(Problem::from)
+        .map(|id| Published { id: id.to_string() });
+    audited(
+        &s,
+        &caller,
+        "dead_letter.replay_edited",
+        &topic,
+        params,
+        r,
+        |p| format!("replayed with an edited payload as {}", p.id),
+    )
+    .await
+    .map(Json)
+}
+
 /// What to replay: ids, or every dead letter matching a filter (`all` for no filter).
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -1447,4 +1502,29 @@ pub(crate) async fn audit_log(
         items,
         next: next.map(|n| n.to_string()),
     }))
+}
+
+/// Who the caller is: the token's name and role (the console hides what the role may not do).
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct WhoAmI {
+    /// The token's name (`anonymous` without tokens).
+    pub(crate) name: String,
+    /// `read` or `admin`.
+    pub(crate) role: String,
+    /// Whether the server checks tokens.
+    pub(crate) authenticated: bool,
+}
+
+/// The caller's name and role.
+#[utoipa::path(get, path = "/api/whoami", tag = "audit",
+    responses((status = 200, body = WhoAmI), (status = "default", body = Problem, content_type = "application/problem+json")))]
+pub(crate) async fn whoami(State(s): St, Extension(caller): Extension<Caller>) -> Json<WhoAmI> {
+    Json(WhoAmI {
+        role: match caller.role {
+            relq::TokenRole::Admin => "admin".into(),
+            _ => "read".into(),
+        },
+        name: caller.name,
+        authenticated: !s.tokens.is_empty(),
+    })
 }

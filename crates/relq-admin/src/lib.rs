@@ -19,6 +19,7 @@
 mod api;
 mod audit;
 mod auth;
+mod console;
 mod exporter;
 mod extract;
 mod jobs;
@@ -155,6 +156,11 @@ impl Admin {
                 "/api/topics/{topic}/dead-letters/{id}",
                 get(api::get_dead_letter),
             )
+            .route(
+                "/api/topics/{topic}/dead-letters/{id}/replay",
+                post(api::replay_edited),
+            )
+            .route("/api/whoami", get(api::whoami))
             .route("/api/audit", get(api::audit_log))
             .route("/api/jobs", get(api::list_jobs))
             .route("/api/jobs/{id}", get(api::get_job).delete(api::cancel_job))
@@ -168,6 +174,9 @@ impl Admin {
             .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
             .route("/openapi.json", get(openapi_json))
+            .route("/", get(console::index))
+            .route("/console/app.js", get(console::script))
+            .route("/console/app.css", get(console::style))
             .fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
             .layer(DefaultBodyLimit::max(self.max_body))
@@ -220,7 +229,7 @@ pub fn openapi() -> String {
         api::publish, api::browse, api::get_message, api::locate, api::stop, api::resume,
         api::list_dead_letters, api::failure_groups, api::dead_letter_stats, api::get_dead_letter,
         api::replay, api::delete_dead_letters, api::purge_dead_letters, api::audit_log,
-        api::list_jobs, api::get_job, api::cancel_job,
+        api::list_jobs, api::get_job, api::cancel_job, api::replay_edited, api::whoami,
         healthz, readyz, metrics,
     ),
     components(schemas(Problem, HealthView)),

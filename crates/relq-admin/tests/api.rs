@@ -1181,3 +1181,112 @@ async fn groups_are_listed_created_moved_and_deleted() {
     .map(|(a, s)| (a.to_owned(), s));
     assert_eq!(actions, want, "{}", r.text);
 }
+
+#[tokio::test]
+async fn the_console_is_served_without_a_token_under_a_strict_policy() {
+    let b = broker_with_failures().await;
+    let app = app(&b);
+    for (path, kind) in [
+        ("/", "text/html"),
+        ("/console/app.js", "text/javascript"),
+        ("/console/app.css", "text/css"),
+    ] {
+        let req = Request::builder().uri(path).body(Body::empty()).unwrap();
+        let res = app.clone().oneshot(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "{path}");
+        let h = res.headers();
+        assert!(h[header::CONTENT_TYPE].to_str().unwrap().starts_with(kind));
+        let csp = h[header::CONTENT_SECURITY_POLICY].to_str().unwrap();
+        assert!(
+            csp.contains("default-src 'none'") && csp.contains("script-src 'self'"),
+            "{csp}"
+        );
+        assert_eq!(h[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
+    }
+    // Nothing in the page is loaded from another origin.
+    let r = call(&app, Method::GET, "/", None, None).await;
+    for needle in ["http://", "https://", "//cdn", "<script>"] {
+        assert!(!r.text.contains(needle), "{needle} in the page");
+    }
+    // The page learns the role from /api/whoami.
+    let r = call(&app, Method::GET, "/api/whoami", Some(READER), None).await;
+    assert_eq!(
+        (
+            r.body["name"].clone(),
+            r.body["role"].clone(),
+            r.body["authenticated"].clone()
+        ),
+        (json!("grafana"), json!("read"), json!(true))
+    );
+    let r = call(&app, Method::GET, "/api/whoami", None, None).await;
+    problem(&r, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn a_dead_letter_is_replayed_with_an_edited_payload_and_the_edit_is_audited() {
+    let b = broker_with_failures().await;
+    let app = app(&b);
+    let dl = b
+        .dead_letters("orders")
+        .list(&relq::DeadLetterQuery::all())
+        .await
+        .unwrap()
+        .remove(0);
+    let path = format!("/api/topics/orders/dead-letters/{}/replay", dl.id);
+    // A reader may not; a bad encoding is a bad request; both change nothing.
+    let r = call(
+        &app,
+        Method::POST,
+        &path,
+        Some(READER),
+        Some(json!({"payload": "x"})),
+    )
+    .await;
+    problem(&r, StatusCode::FORBIDDEN);
+    let r = call(
+        &app,
+        Method::POST,
+        &path,
+        Some(ADMIN),
+        Some(json!({"payload": "zz", "payload_encoding": "hex"})),
+    )
+    .await;
+    problem(&r, StatusCode::BAD_REQUEST);
+    let r = call(
+        &app,
+        Method::POST,
+        &path,
+        Some(ADMIN),
+        Some(json!({"payload": "{\"fixed\":true}"})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let id: relq::MessageId = r.body["id"].as_str().unwrap().parse().unwrap();
+    let m = b.message("orders", id).await.unwrap();
+    assert_eq!(&m.payload[..], b"{\"fixed\":true}");
+    assert_eq!(m.kind, dl.message.kind);
+    assert_eq!(m.header(relq::HEADER_EDITED), Some("true"));
+    assert_eq!(
+        m.header(relq::HEADER_REPLAY_OF),
+        Some(dl.id.to_string().as_str())
+    );
+    assert!(matches!(
+        b.dead_letters("orders").get(dl.id).await,
+        Err(relq::Error::NotFound(_))
+    ));
+    // Again: it is gone.
+    let r = call(
+        &app,
+        Method::POST,
+        &path,
+        Some(ADMIN),
+        Some(json!({"payload": "y"})),
+    )
+    .await;
+    problem(&r, StatusCode::NOT_FOUND);
+    let r = call(&app, Method::GET, "/api/audit", Some(READER), None).await;
+    let e = &r.body["items"][0];
+    assert_eq!(e["action"], "dead_letter.replay_edited", "{}", r.text);
+    assert_eq!(e["params"]["edited"], true);
+    assert_eq!(e["status"], 200);
+}

@@ -451,6 +451,51 @@ impl Broker {
             .ok_or_else(|| Error::NotFound(NotFound::Topic(topic.to_owned())))
     }
 
+    /// Replays dead letter `id` of `topic` with a corrected payload (an operator's fix):
+    /// publishes its message again with `payload` instead of the stored one, its type and
+    /// headers, the replay headers and [`HEADER_EDITED`](crate::HEADER_EDITED), then deletes the
+    /// dead letter. The publish comes first: a failure (or crash) between the two leaves the
+    /// new message and the dead letter, never neither. Returns the new message's id.
+    ///
+    /// # Errors
+    /// An invalid topic, a payload over the limit, no such dead letter, or the backend failed.
+    pub async fn replay_edited(
+        &self,
+        topic: &str,
+        id: DeadLetterId,
+        payload: impl Into<bytes::Bytes>,
+    ) -> Result<MessageId> {
+        validate_name("topic", topic)?;
+        let payload = payload.into();
+        if payload.len() > self.max_payload {
+            return Err(Error::PayloadTooLarge {
+                size: payload.len(),
+                max: self.max_payload,
+            });
+        }
+        let dl = self.dead_letters(topic).get(id).await?;
+        let mut out = crate::backend::replay_message(&dl);
+        out.payload = payload;
+        out.headers
+            .insert(crate::model::HEADER_EDITED.to_owned(), "true".to_owned());
+        let new = self
+            .backend
+            .publish(topic, vec![out])
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| {
+                Error::Backend(BackendError::new(
+                    self.backend.name(),
+                    BackendErrorKind::Corrupt,
+                    "a publish of one message returned no id",
+                ))
+            })?;
+        self.backend.delete_dead_letters(topic, &[id]).await?;
+        metrics::counter!("relq_replayed_total", "topic" => topic.to_owned()).increment(1);
+        Ok(new)
+    }
+
     /// The dead letters of `topic`.
     pub fn dead_letters(&self, topic: &str) -> DeadLetters {
         DeadLetters {

@@ -95,8 +95,8 @@ pub use handler::{BatchConfig, BatchHandler, Handler, HandlerError};
 pub use memory::{MemoryBackend, MemoryConfig};
 pub use model::{
     validate_name, Message, MessageId, NewMessage, Outgoing, StartPosition, Timestamp,
-    HEADER_ORIGINAL_ID, HEADER_REPLAY_GROUP, HEADER_REPLAY_OF, MAX_HEADERS, MAX_HEADER_NAME_LEN,
-    MAX_HEADER_VALUE_LEN, MAX_KIND_LEN, MAX_NAME_LEN, RESERVED_HEADER_PREFIX,
+    HEADER_EDITED, HEADER_ORIGINAL_ID, HEADER_REPLAY_GROUP, HEADER_REPLAY_OF, MAX_HEADERS,
+    MAX_HEADER_NAME_LEN, MAX_HEADER_VALUE_LEN, MAX_KIND_LEN, MAX_NAME_LEN, RESERVED_HEADER_PREFIX,
 };
 #[cfg(feature = "redis")]
 pub use redis::{RedisBackend, RedisConfig};

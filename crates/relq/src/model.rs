@@ -303,6 +303,11 @@ pub const HEADER_ORIGINAL_ID: &str = "relq-original-id";
 /// Header set on a replayed dead letter: the only group that should process it. Other groups of
 /// the topic acknowledge it without running a handler.
 pub const HEADER_REPLAY_GROUP: &str = "relq-replay-group";
+/// On a message replayed with an operator's corrected payload ([`Broker::replay_edited`]):
+/// `true`.
+///
+/// [`Broker::replay_edited`]: crate::Broker::replay_edited
+pub const HEADER_EDITED: &str = "relq-edited";
 
 /// A message to publish.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,0 +1,420 @@
+// The relq console: a client of the admin API (/api), nothing else. No dependencies, no build.
+// Every value from the server reaches the page as text (never as HTML).
+
+const TOKEN_KEY = "relq-token";
+const main = document.getElementById("main");
+const banner = document.getElementById("banner");
+let timer = null;
+let me = null;
+
+// ---- helpers ---------------------------------------------------------------------------------
+
+function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else if (k === "class") el.className = v;
+    else el.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children.flat()) {
+    if (c === undefined || c === null || c === false) continue;
+    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return el;
+}
+
+class ApiError extends Error {
+  constructor(status, detail) {
+    super(detail);
+    this.status = status;
+  }
+}
+
+async function api(method, path, body) {
+  const headers = {};
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (token) headers.Authorization = `Bearer ${token}`;
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  let res;
+  try {
+    res = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  } catch (e) {
+    showBanner("The relq server cannot be reached. Retrying…");
+    throw new ApiError(0, "the server cannot be reached");
+  }
+  hideBanner();
+  const text = await res.text();
+  let data = null;
+  try { data = text ? JSON.parse(text) : null; } catch { data = null; }
+  if (res.status === 401) {
+    sessionStorage.removeItem(TOKEN_KEY);
+    me = null;
+    location.hash = "#/signin";
+    throw new ApiError(401, (data && data.detail) || "sign in");
+  }
+  if (!res.ok) throw new ApiError(res.status, (data && data.detail) || `${res.status} ${res.statusText}`);
+  return data;
+}
+
+function showBanner(text) { banner.textContent = text; banner.hidden = false; }
+function hideBanner() { banner.hidden = true; }
+
+const enc = encodeURIComponent;
+
+// A time in the viewer's time zone, UTC on hover.
+function when(iso) {
+  if (!iso) return "";
+  const d = new Date(iso);
+  if (isNaN(d)) return iso;
+  return h("time", { datetime: iso, title: d.toISOString() }, d.toLocaleString());
+}
+
+function age(ms) {
+  if (ms === null || ms === undefined) return "";
+  const s = Math.floor(ms / 1000);
+  if (s < 60) return `${s}s`;
+  if (s < 3600) return `${Math.floor(s / 60)}m ${s % 60}s`;
+  if (s < 86400) return `${Math.floor(s / 3600)}h ${Math.floor((s % 3600) / 60)}m`;
+  return `${Math.floor(s / 86400)}d ${Math.floor((s % 86400) / 3600)}h`;
+}
+
+function payloadText(m) {
+  if (m.payload_encoding === "hex") return m.payload.replace(/(..)/g, "$1 ").trim();
+  try { return JSON.stringify(JSON.parse(m.payload), null, 2); } catch { return m.payload; }
+}
+
+function notice(text, kind = "") { return h("div", { class: `notice ${kind}`, role: "status" }, text); }
+
+function table(head, rows, numeric = []) {
+  return h("div", { class: "table-wrap" },
+    h("table", {},
+      h("thead", {}, h("tr", {}, head.map((c, i) => h("th", { class: numeric.includes(i) ? "num" : "", scope: "col" }, c)))),
+      h("tbody", {}, rows)));
+}
+
+function row(cells, numeric = [], attrs = {}) {
+  return h("tr", attrs, cells.map((c, i) => h("td", { class: numeric.includes(i) ? "num" : "" }, c)));
+}
+
+function setPage(title, ...content) {
+  document.title = `${title} · relq`;
+  main.replaceChildren(h("h1", {}, title), ...content);
+}
+
+async function guarded(button, out, f) {
+  button.disabled = true;
+  try {
+    await f();
+  } catch (e) {
+    out.replaceChildren(notice(e.message, "error"));
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// ---- pages -----------------------------------------------------------------------------------
+
+function signIn() {
+  const input = h("input", { type: "password", name: "token", id: "token", autocomplete: "off", required: true, size: 40 });
+  const out = h("div");
+  const form = h("form", { class: "row", onsubmit: async (e) => {
+    e.preventDefault();
+    sessionStorage.setItem(TOKEN_KEY, input.value.trim());
+    try {
+      await whoami();
+      location.hash = "#/";
+    } catch (err) {
+      out.replaceChildren(notice(err.status === 401 ? "That token is not valid." : err.message, "error"));
+    }
+  } },
+    h("label", { for: "token" }, "Access token", input),
+    h("button", { class: "primary", type: "submit" }, "Sign in"));
+  setPage("Sign in", h("p", { class: "muted" }, "The token is kept for this browser tab only."), form, out);
+  input.focus();
+}
+
+async function whoami() {
+  me = await api("GET", "/api/whoami");
+  document.body.dataset.role = me.role;
+  document.getElementById("who").textContent = `${me.name} (${me.role})`;
+  document.getElementById("signout").hidden = !me.authenticated;
+  return me;
+}
+
+// The overview: every topic, refreshed every 2 seconds, with a chart of the totals.
+const history = [];
+
+async function overview() {
+  const chart = h("canvas", { class: "chart", width: 1200, height: 160, role: "img", "aria-label": "Backlog and dead letters over time" });
+  const legend = h("div", { class: "legend muted" },
+    h("span", {}, h("i", { class: "c-backlog" }), "backlog (pending + unread)"),
+    h("span", {}, h("i", { class: "c-dead" }), "dead letters"));
+  const body = h("div", {}, h("p", { class: "muted" }, "Loading topics…"));
+  setPage("Overview", body, h("h2", {}, "Live"), chart, legend);
+  const refresh = async () => {
+    const topics = await api("GET", "/api/topics");
+    const user = topics.filter((t) => !t.name.startsWith("_relq"));
+    let backlog = 0, dead = 0;
+    const rows = user.map((t) => {
+      const sum = (k) => t.groups.reduce((a, g) => a + g[k], 0);
+      const oldest = Math.max(0, ...t.groups.map((g) => g.oldest_pending_age_ms || 0));
+      backlog += sum("pending") + sum("lag");
+      dead += t.dead_letters;
+      return row([
+        h("a", { href: `#/topics/${enc(t.name)}` }, t.name),
+        t.length, t.groups.length, sum("pending"), sum("lag"), sum("scheduled"), sum("stopped"),
+        t.dead_letters ? h("a", { href: `#/topics/${enc(t.name)}/dead-letters` }, String(t.dead_letters)) : "0",
+        age(oldest || null),
+      ], [1, 2, 3, 4, 5, 6, 7, 8], { class: t.dead_letters ? "warn" : "" });
+    });
+    history.push({ at: Date.now(), backlog, dead });
+    if (history.length > 300) history.shift();
+    body.replaceChildren(user.length
+      ? table(["Topic", "Messages", "Groups", "Pending", "Lag", "Scheduled", "Stopped", "Dead letters", "Oldest pending"], rows, [1, 2, 3, 4, 5, 6, 7, 8])
+      : h("p", { class: "muted" }, "No topics yet."));
+    draw(chart);
+  };
+  await refresh();
+  timer = setInterval(() => refresh().catch(() => {}), 2000);
+}
+
+function draw(canvas) {
+  const ctx = canvas.getContext("2d");
+  const w = canvas.width, hgt = canvas.height, pad = 24;
+  ctx.clearRect(0, 0, w, hgt);
+  const max = Math.max(1, ...history.map((p) => Math.max(p.backlog, p.dead)));
+  ctx.fillStyle = getComputedStyle(document.body).color;
+  ctx.font = "12px system-ui";
+  ctx.fillText(String(max), 4, 14);
+  ctx.fillText("0", 4, hgt - 6);
+  for (const [key, color] of [["backlog", "#1f77b4"], ["dead", "#d62728"]]) {
+    ctx.strokeStyle = color;
+    ctx.lineWidth = 2;
+    ctx.beginPath();
+    history.forEach((p, i) => {
+      const x = pad + (i / Math.max(1, history.length - 1)) * (w - 2 * pad);
+      const y = hgt - pad / 2 - (p[key] / max) * (hgt - pad);
+      if (i === 0) ctx.moveTo(x, y); else ctx.lineTo(x, y);
+    });
+    ctx.stroke();
+  }
+}
+
+// A topic: groups, consumers, a message browser, cleanup and terminate.
+async function topicPage(name) {
+  const t = await api("GET", `/api/topics/${enc(name)}`);
+  const groups = table(["Group", "Position", "Pending", "Lag", "Scheduled", "Stopped", "Oldest pending", "Consumers"],
+    t.groups.map((g) => row([g.name, h("span", { class: "mono" }, g.cursor), g.pending, g.lag, g.scheduled, g.stopped,
+      age(g.oldest_pending_age_ms),
+      g.consumers.map((c) => h("div", {}, `${c.name}: ${c.pending} pending, idle ${age(c.idle_ms)}`))], [2, 3, 4, 5])), [2, 3, 4, 5]);
+  const browser = h("div");
+  const cleanupOut = h("div");
+  const minAge = h("input", { name: "min_age", value: "1h", size: 6, "aria-label": "Minimum age" });
+  const preview = h("button", { type: "button", onclick: () => guarded(preview, cleanupOut, async () => {
+    const r = await api("POST", `/api/topics/${enc(name)}/cleanup`, { min_age: minAge.value, dry_run: true });
+    const run = h("button", { class: "primary", type: "button", onclick: () => guarded(run, cleanupOut, async () => {
+      const done = await api("POST", `/api/topics/${enc(name)}/cleanup`, { min_age: minAge.value });
+      cleanupOut.replaceChildren(notice(`Removed ${done.removed} messages.`, "ok"));
+    }) }, `Remove ${r.removed}`);
+    cleanupOut.replaceChildren(notice(`Dry run: ${r.removed} acknowledged messages older than ${minAge.value} would be removed.`), r.removed ? run : "");
+  }) }, "Preview cleanup");
+  const typed = h("input", { name: "confirm", "aria-label": `Type ${name} to confirm`, placeholder: name });
+  const termOut = h("div");
+  const term = h("button", { class: "danger", type: "button", disabled: true, onclick: () => guarded(term, termOut, async () => {
+    await api("DELETE", `/api/topics/${enc(name)}?confirm=${enc(typed.value)}`);
+    location.hash = "#/";
+  }) }, "Terminate topic");
+  typed.addEventListener("input", () => { term.disabled = typed.value !== name; });
+  setPage(`Topic ${name}`,
+    h("p", {}, `${t.length} messages · `, h("a", { href: `#/topics/${enc(name)}/dead-letters` }, `${t.dead_letters} dead letters`), ` · ${t.stopped.length} stopped`),
+    h("h2", {}, "Groups"), groups,
+    h("h2", {}, "Messages"), browser,
+    h("section", { class: "admin" },
+      h("h2", {}, "Cleanup"), h("div", { class: "row" }, h("label", {}, "Older than", minAge), preview), cleanupOut,
+      h("h2", {}, "Terminate"),
+      h("p", { class: "muted" }, "Deletes every message, group and dead letter of the topic; its consumers stop."),
+      h("div", { class: "row" }, h("label", {}, `Type ${name} to confirm`, typed), term), termOut));
+  await messages(name, browser, null, t.stopped);
+}
+
+async function messages(topic, box, before, stopped) {
+  const q = new URLSearchParams({ order: "newest", limit: "20" });
+  if (before) q.set("before", before);
+  const page = await api("GET", `/api/topics/${enc(topic)}/messages?${q}`);
+  const detail = h("div");
+  const rows = page.items.map((m) => row([
+    h("a", { href: "#", class: "mono", onclick: (e) => { e.preventDefault(); showMessage(topic, m, detail, stopped); } }, m.id),
+    m.type, when(m.published_at), h("span", { class: "mono" }, payloadText(m).slice(0, 80)),
+  ]));
+  const older = page.next
+    ? h("button", { type: "button", onclick: () => messages(topic, box, page.items[page.items.length - 1].id, stopped) }, "Older")
+    : "";
+  box.replaceChildren(detail, page.items.length ? table(["Id", "Type", "Published", "Payload"], rows) : h("p", { class: "muted" }, "No messages stored."), older);
+}
+
+async function showMessage(topic, m, box, stopped) {
+  const placed = await api("GET", `/api/topics/${enc(topic)}/messages/${enc(m.id)}/groups`);
+  const out = h("div");
+  const isStopped = stopped.includes(m.id);
+  const act = (what) => h("button", { type: "button", class: "admin", onclick: async (e) => guarded(e.target, out, async () => {
+    await api("POST", `/api/topics/${enc(topic)}/messages/${enc(m.id)}/${what}`);
+    out.replaceChildren(notice(what === "stop" ? `Stopped ${m.id}.` : `Resumed ${m.id}.`, "ok"));
+    if (what === "stop") stopped.push(m.id); else stopped.splice(stopped.indexOf(m.id), 1);
+  }) }, what === "stop" ? "Stop" : "Resume");
+  box.replaceChildren(h("div", { class: "card" },
+    h("h2", {}, `Message ${m.id}`),
+    h("p", {}, `${m.type} · published `, when(m.published_at), isStopped ? " · stopped" : ""),
+    h("pre", {}, payloadText(m)),
+    Object.keys(m.headers).length ? h("pre", {}, JSON.stringify(m.headers, null, 2)) : "",
+    table(["Group", "State"], placed.map((p) => row([p.group, [p.state, p.consumer ? ` by ${p.consumer}` : "", p.deliveries ? ` (${p.deliveries} deliveries)` : "", p.due ? ` due ${new Date(p.due).toLocaleString()}` : ""].join("")]))),
+    h("div", { class: "row" }, act("stop"), act("resume")), out));
+}
+
+// Dead letters: filter, fingerprint groups with suggestions, a page, replay with a dry run.
+async function deadLettersPage(topic) {
+  const params = new URLSearchParams(location.hash.split("?")[1] || "");
+  const field = (name, label, options) => {
+    const input = options
+      ? h("select", { name, "aria-label": label }, h("option", { value: "" }, "any"), options.map((o) => h("option", { value: o, selected: params.get(name) === o }, o)))
+      : h("input", { name, value: params.get(name) || "", size: 12, "aria-label": label });
+    return h("label", {}, label, input);
+  };
+  const form = h("form", { class: "row", onsubmit: (e) => {
+    e.preventDefault();
+    const q = new URLSearchParams();
+    for (const el of form.elements) if (el.name && el.value) q.set(el.name, el.value);
+    location.hash = `#/topics/${enc(topic)}/dead-letters?${q}`;
+  } },
+    field("reason", "Reason", ["retryable", "permanent", "panic", "timeout", "no_handler", "delivery_limit"]),
+    field("category", "Category"), field("type", "Type"), field("group", "Group"),
+    h("button", { type: "submit" }, "Filter"));
+  const filter = {};
+  for (const k of ["reason", "category", "type", "group"]) if (params.get(k)) filter[k] = params.get(k);
+  const q = new URLSearchParams(filter);
+  const [groups, page] = await Promise.all([
+    api("GET", `/api/topics/${enc(topic)}/dead-letters/groups?${q}`),
+    api("GET", `/api/topics/${enc(topic)}/dead-letters?${q}&limit=50${params.get("after") ? `&after=${enc(params.get("after"))}` : ""}`),
+  ]);
+  const cards = h("div", { class: "cards" }, groups.map((g) => h("div", { class: "card" },
+    h("strong", {}, `${g.count} × `), h("span", { class: "mono" }, g.fingerprint),
+    h("div", { class: "muted" }, "last ", when(g.last_seen), " · ", Object.keys(g.categories).join(", ") || "no category"),
+    g.suggestion ? h("p", {}, g.suggestion.check, h("br"), h("em", {}, `replay: ${g.suggestion.replay.replace("_", " ")}`)) : "")));
+  const out = h("div");
+  const rate = h("input", { name: "rate", type: "number", min: 1, size: 6, placeholder: "all at once", "aria-label": "Rate per second" });
+  const dry = h("button", { type: "button", class: "admin", onclick: () => guarded(dry, out, async () => {
+    const body = Object.keys(filter).length ? { filter, dry_run: true } : { all: true, dry_run: true };
+    const r = await api("POST", `/api/topics/${enc(topic)}/dead-letters/replay`, body);
+    const go = h("button", { type: "button", class: "primary", onclick: () => guarded(go, out, async () => {
+      const real = Object.keys(filter).length ? { filter } : { all: true };
+      if (rate.value) { real.rate = Number(rate.value); real.background = true; }
+      const res = await api("POST", `/api/topics/${enc(topic)}/dead-letters/replay`, real);
+      if (res.state) await follow(res, out);
+      else out.replaceChildren(notice(`Replayed ${res.replayed.length} dead letters.`, "ok"));
+    }) }, `Replay ${r.matched}`);
+    out.replaceChildren(notice(`Dry run: ${r.matched} dead letters match and would be replayed.`), r.matched ? go : "");
+  }) }, "Replay matching… (dry run first)");
+  const rows = page.items.map((d) => row([
+    h("a", { href: `#/topics/${enc(topic)}/dead-letters/${enc(d.id)}`, class: "mono" }, d.id),
+    d.message.type, d.group, d.reason, d.category || "", h("span", {}, d.error_chain[0] || ""), d.attempts, when(d.last_failed_at),
+  ], [6]));
+  const next = page.next
+    ? h("a", { href: `#/topics/${enc(topic)}/dead-letters?${new URLSearchParams({ ...filter, after: page.next })}` }, "Next page")
+    : "";
+  setPage(`Dead letters of ${topic}`,
+    h("p", {}, h("a", { href: `#/topics/${enc(topic)}` }, `← topic ${topic}`)), form,
+    h("h2", {}, "By error"), groups.length ? cards : h("p", { class: "muted" }, "No dead letters match."),
+    h("div", { class: "row admin" }, h("label", {}, "Rate per second", rate), dry), out,
+    h("h2", {}, "Dead letters"),
+    page.items.length ? table(["Id", "Type", "Group", "Reason", "Category", "Error", "Attempts", "Last failed"], rows, [6]) : h("p", { class: "muted" }, "None."),
+    next);
+}
+
+// Follows a background replay job until it ends, with a progress bar.
+async function follow(job, out) {
+  const bar = h("progress", { max: Math.max(1, job.total), value: job.done });
+  const text = h("span");
+  out.replaceChildren(h("div", { class: "row" }, bar, text));
+  for (;;) {
+    bar.max = Math.max(1, job.total);
+    bar.value = job.done;
+    text.textContent = ` ${job.done} / ${job.total} (${job.state})`;
+    if (job.state !== "running") break;
+    await new Promise((r) => setTimeout(r, 500));
+    job = await api("GET", `/api/jobs/${enc(job.id)}`);
+  }
+  out.append(notice(job.state === "done" ? `Replayed ${job.done} dead letters.` : `Job ${job.state}: ${job.error || ""}`, job.state === "done" ? "ok" : "error"));
+}
+
+async function deadLetterPage(topic, id) {
+  const d = await api("GET", `/api/topics/${enc(topic)}/dead-letters/${enc(id)}`);
+  const out = h("div");
+  const editor = h("textarea", { name: "payload", "aria-label": "Payload to replay" }, d.message.payload_encoding === "hex" ? d.message.payload : payloadText(d.message));
+  const encoding = d.message.payload_encoding;
+  const replay = h("button", { type: "button", class: "primary", onclick: () => guarded(replay, out, async () => {
+    const r = await api("POST", `/api/topics/${enc(topic)}/dead-letters/replay`, { ids: [id] });
+    out.replaceChildren(notice(r.replayed.length ? `Replayed as ${r.replayed[0].message}.` : "It was replayed or deleted meanwhile.", "ok"));
+  }) }, "Replay");
+  const edited = h("button", { type: "button", onclick: () => guarded(edited, out, async () => {
+    const r = await api("POST", `/api/topics/${enc(topic)}/dead-letters/${enc(id)}/replay`, { payload: editor.value, payload_encoding: encoding });
+    out.replaceChildren(notice(`Replayed with the edited payload as ${r.id}.`, "ok"));
+  }) }, "Replay edited payload");
+  const del = h("button", { type: "button", class: "danger", onclick: () => guarded(del, out, async () => {
+    const r = await api("POST", `/api/topics/${enc(topic)}/dead-letters/delete`, { ids: [id] });
+    out.replaceChildren(notice(r.removed ? "Deleted." : "It was replayed or deleted meanwhile.", "ok"));
+  }) }, "Delete");
+  setPage(`Dead letter ${id}`,
+    h("p", {}, h("a", { href: `#/topics/${enc(topic)}/dead-letters` }, `← dead letters of ${topic}`)),
+    h("p", {}, `${d.message.type} · group ${d.group} · handler ${d.handler} · reason ${d.reason}${d.category ? ` · category ${d.category}` : ""} · ${d.attempts} attempts`),
+    d.suggestion ? h("div", { class: "notice" }, h("strong", {}, "Suggestion: "), d.suggestion.check, ` (replay: ${d.suggestion.replay.replace("_", " ")})`) : "",
+    h("h2", {}, "Error"), h("pre", {}, d.error_chain.join("\ncaused by: ")),
+    d.backtrace ? [h("h2", {}, "Backtrace"), h("pre", {}, d.backtrace)] : "",
+    h("h2", {}, "Attempts"),
+    h("ol", { class: "timeline" }, d.failures.map((f) => h("li", {}, h("strong", {}, `#${f.attempt} ${f.kind}`), " ", when(f.at), ` on ${f.consumer}: `, f.error))),
+    h("h2", {}, "Message"), h("p", { class: "muted mono" }, `${d.message.id} · published `, when(d.message.published_at)),
+    h("div", { class: "admin" }, h("label", {}, `Payload (${encoding}; edit it to replay a corrected message)`, editor),
+      h("div", { class: "row" }, replay, edited, del), out),
+    me && me.role !== "admin" ? h("pre", {}, payloadText(d.message)) : "");
+}
+
+async function auditPage() {
+  const before = new URLSearchParams(location.hash.split("?")[1] || "").get("before");
+  const page = await api("GET", `/api/audit?limit=50${before ? `&before=${enc(before)}` : ""}`);
+  const rows = page.items.map((e) => row([when(e.at), e.actor, e.action, e.topic, h("span", { class: "mono" }, JSON.stringify(e.params)), e.status, e.outcome], [5], { class: e.status >= 400 ? "warn" : "" }));
+  setPage("Audit log",
+    page.items.length ? table(["When", "Who", "Action", "Topic", "Parameters", "Status", "Result"], rows, [5]) : h("p", { class: "muted" }, "No operator actions yet."),
+    page.next ? h("a", { href: `#/audit?before=${enc(page.next)}` }, "Older") : "");
+}
+
+// ---- routing ---------------------------------------------------------------------------------
+
+async function route() {
+  clearInterval(timer);
+  timer = null;
+  const hash = location.hash.replace(/^#/, "") || "/";
+  const path = hash.split("?")[0];
+  const parts = path.split("/").filter(Boolean).map(decodeURIComponent);
+  if (parts[0] === "signin") return signIn();
+  try {
+    if (!me) await whoami();
+    if (parts.length === 0) await overview();
+    else if (parts[0] === "audit") await auditPage();
+    else if (parts[0] === "topics" && parts.length === 2) await topicPage(parts[1]);
+    else if (parts[0] === "topics" && parts[2] === "dead-letters" && parts.length === 3) await deadLettersPage(parts[1]);
+    else if (parts[0] === "topics" && parts[2] === "dead-letters" && parts.length === 4) await deadLetterPage(parts[1], parts[3]);
+    else setPage("Not found", h("p", {}, "No such page. ", h("a", { href: "#/" }, "Overview")));
+  } catch (e) {
+    if (e.status === 401) return;
+    setPage("Error", notice(e.message, "error"), h("p", {}, h("a", { href: "#/" }, "Overview")));
+  }
+  main.focus({ preventScroll: true });
+}
+
+document.getElementById("signout").addEventListener("click", () => {
+  sessionStorage.removeItem(TOKEN_KEY);
+  me = null;
+  document.body.dataset.role = "";
+  location.hash = "#/signin";
+});
+window.addEventListener("hashchange", route);
+route();

@@ -1,0 +1,251 @@
+// End-to-end tests of the relq web console: a real `relq serve` on a loopback port over a data
+// directory the demo filled, driven in Debian's headless Chromium by playwright-core.
+//
+//   npm ci --prefix e2e && node --test e2e/console.test.mjs
+//
+// RELQ_BIN: the relq binary (default target/debug/relq). RELQ_SCREENSHOTS: a directory to
+// save the main pages' screenshots in (the README's come from `RELQ_SCREENSHOTS=docs/console`).
+// Without Chromium the tests fail when RELQ_REQUIRE_CHROMIUM=1 (CI), and say so loudly otherwise.
+
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { spawn, execFileSync } from "node:child_process";
+import { mkdtempSync, writeFileSync, existsSync, mkdirSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join, resolve, dirname } from "node:path";
+import { fileURLToPath } from "node:url";
+import { createInterface } from "node:readline";
+import { chromium } from "playwright-core";
+
+const root = resolve(dirname(fileURLToPath(import.meta.url)), "..");
+const relq = process.env.RELQ_BIN || join(root, "target/debug/relq");
+const CHROMIUM = "/usr/bin/chromium";
+const ADMIN = "console-admin-token-0123456789";
+const READER = "console-reader-token-0123456789";
+const shots = process.env.RELQ_SCREENSHOTS ? resolve(root, process.env.RELQ_SCREENSHOTS) : null;
+
+let server, base, browser, data, topic;
+
+function missing(what) {
+  const text = `MISSING: ${what}; the console end-to-end tests cannot run`;
+  if (process.env.RELQ_REQUIRE_CHROMIUM === "1") throw new Error(text);
+  console.error(`\n*** ${text} ***\n`);
+  return true;
+}
+
+const skip = !existsSync(CHROMIUM) && missing(`${CHROMIUM} (apt-get install chromium)`);
+
+before(async () => {
+  if (skip) return;
+  assert.ok(existsSync(relq), `no relq binary at ${relq}: cargo build --bin relq (or set RELQ_BIN)`);
+  data = mkdtempSync(join(tmpdir(), "relq-console-"));
+  const url = `file://${join(data, "relq-data")}`;
+  execFileSync(relq, ["--url", url, "demo", "--messages", "300", "--json"], { stdio: ["ignore", "ignore", "ignore"] });
+  topic = JSON.parse(execFileSync(relq, ["--url", url, "--json", "topics"]).toString()).find((t) => t.startsWith("demo-"));
+  assert.ok(topic, "the demo made a topic");
+  const config = join(data, "relq.toml");
+  writeFileSync(config, [
+    "[backend]", `url = "${url}"`, "",
+    "[server]", 'bind = "127.0.0.1:0"', "",
+    "[[server.tokens]]", 'name = "ops"', `token = "${ADMIN}"`, 'role = "admin"', "",
+    "[[server.tokens]]", 'name = "viewer"', `token = "${READER}"`, 'role = "read"', "",
+  ].join("\n"));
+  server = spawn(relq, ["--config", config, "--json", "serve"], { stdio: ["ignore", "pipe", "inherit"] });
+  const lines = createInterface({ input: server.stdout });
+  base = await new Promise((ok, fail) => {
+    const t = setTimeout(() => fail(new Error("relq serve did not start")), 20000);
+    lines.on("line", (l) => {
+      try {
+        const v = JSON.parse(l);
+        if (v.listening) { clearTimeout(t); ok(v.listening.replace(/\/$/, "")); }
+      } catch { /* a log line */ }
+    });
+  });
+  browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+      "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+    // playwright gives every launch a fresh temporary --user-data-dir of its own.
+  });
+});
+
+after(async () => {
+  await browser?.close();
+  server?.kill("SIGTERM");
+  if (data) rmSync(data, { recursive: true, force: true });
+});
+
+async function page(token, width = 1280) {
+  const context = await browser.newContext({ viewport: { width, height: 900 } });
+  const p = await context.newPage();
+  const errors = [];
+  p.on("pageerror", (e) => errors.push(e.message));
+  p.on("requestfailed", (r) => { if (!r.url().startsWith(base)) errors.push(`left the server: ${r.url()}`); });
+  await p.goto(`${base}/`);
+  await p.getByLabel("Access token").fill(token);
+  await p.getByRole("button", { name: "Sign in" }).click();
+  await p.getByRole("heading", { name: "Overview" }).waitFor();
+  return { p, errors };
+}
+
+async function shot(p, name) {
+  if (!shots) return;
+  mkdirSync(shots, { recursive: true });
+  await p.screenshot({ path: join(shots, `${name}.png`), fullPage: false });
+}
+
+async function audit() {
+  const res = await fetch(`${base}/api/audit?limit=200`, { headers: { Authorization: `Bearer ${READER}` } });
+  return (await res.json()).items;
+}
+
+test("sign in, the overview lists the topics, a wrong token is refused", { skip }, async () => {
+  const context = await browser.newContext();
+  const p = await context.newPage();
+  await p.goto(`${base}/`);
+  await p.getByLabel("Access token").fill("not-a-token-at-all-000");
+  await p.getByRole("button", { name: "Sign in" }).click();
+  await p.getByText("That token is not valid.").waitFor();
+  await context.close();
+  const { p: q, errors } = await page(ADMIN);
+  const link = q.getByRole("link", { name: topic });
+  await link.waitFor();
+  const cells = await q.locator("tbody tr").filter({ has: link }).locator("td").allTextContents();
+  assert.equal(cells[0], topic);
+  assert.ok(Number(cells[7]) > 0, `dead letters shown: ${cells}`);
+  await q.waitForTimeout(2500); // two samples for the live chart
+  await shot(q, "overview");
+  assert.deepEqual(errors, []);
+});
+
+test("dead letters: filter by category, open one, replay a filtered set after a dry run", { skip }, async () => {
+  const { p, errors } = await page(ADMIN);
+  await p.goto(`${base}/#/topics/${topic}/dead-letters`);
+  await p.getByRole("heading", { name: `Dead letters of ${topic}` }).waitFor();
+  await p.getByLabel("Category", { exact: true }).fill("database");
+  await p.getByRole("button", { name: "Filter" }).click();
+  await p.waitForURL(/category=database/);
+  await p.getByRole("heading", { name: "By error" }).waitFor();
+  const rows = p.locator("tbody tr");
+  await rows.first().waitFor();
+  for (const cat of await rows.locator("td:nth-child(5)").allTextContents()) assert.equal(cat, "database");
+  const count = await rows.count();
+  await shot(p, "dead-letters");
+
+  // One dead letter in full.
+  const first = (await rows.first().locator("td").first().textContent()).trim();
+  await rows.first().getByRole("link").click();
+  await p.getByRole("heading", { name: `Dead letter ${first}` }).waitFor();
+  await p.getByRole("heading", { name: "Attempts" }).waitFor();
+  assert.ok(await p.locator(".timeline li").count() >= 1);
+  await shot(p, "dead-letter");
+  await p.goBack();
+
+  // Replay the filtered set: a dry run first, then for real.
+  await p.getByRole("button", { name: /dry run first/ }).click();
+  await p.getByText(`Dry run: ${count} dead letters match`).waitFor();
+  await p.getByRole("button", { name: `Replay ${count}` }).click();
+  await p.getByText(`Replayed ${count} dead letters.`).waitFor();
+  const entries = await audit();
+  assert.ok(entries.some((e) => e.action === "replay" && e.actor === "ops"), "the replay is audited");
+  assert.deepEqual(errors, []);
+});
+
+test("edit a dead letter's payload and replay it", { skip }, async () => {
+  const { p, errors } = await page(ADMIN);
+  await p.goto(`${base}/#/topics/${topic}/dead-letters?category=validation`);
+  await p.getByRole("heading", { name: "By error" }).waitFor();
+  const link = p.locator("tbody tr").first().getByRole("link");
+  await link.waitFor();
+  const id = (await link.textContent()).trim();
+  await link.click();
+  const editor = p.getByLabel("Payload to replay");
+  await editor.fill('{"fixed": true}');
+  await p.getByRole("button", { name: "Replay edited payload" }).click();
+  const done = p.getByText(/Replayed with the edited payload as /);
+  await done.waitFor();
+  const newId = (await done.textContent()).match(/as (\S+)\.$/)[1];
+  const res = await fetch(`${base}/api/topics/${topic}/messages/${newId}`, { headers: { Authorization: `Bearer ${READER}` } });
+  const m = await res.json();
+  assert.equal(m.payload, '{"fixed": true}');
+  assert.equal(m.headers["relq-edited"], "true");
+  assert.equal(m.headers["relq-replay-of"], id);
+  const gone = await fetch(`${base}/api/topics/${topic}/dead-letters/${id}`, { headers: { Authorization: `Bearer ${READER}` } });
+  assert.equal(gone.status, 404, "the edited dead letter is gone");
+  assert.ok((await audit()).some((e) => e.action === "dead_letter.replay_edited" && e.params.id === id));
+  assert.deepEqual(errors, []);
+});
+
+test("stop and resume a message from the topic page", { skip }, async () => {
+  const { p, errors } = await page(ADMIN);
+  await p.goto(`${base}/#/topics/${topic}`);
+  await p.getByRole("heading", { name: "Groups" }).waitFor();
+  const link = p.locator("tbody tr a.mono").first();
+  await link.waitFor();
+  const id = (await link.textContent()).trim();
+  await link.click();
+  await p.getByRole("heading", { name: `Message ${id}` }).waitFor();
+  await shot(p, "topic");
+  await p.getByRole("button", { name: "Stop", exact: true }).click();
+  await p.getByText(`Stopped ${id}.`).waitFor();
+  let t = await (await fetch(`${base}/api/topics/${topic}`, { headers: { Authorization: `Bearer ${READER}` } })).json();
+  assert.ok(t.stopped.includes(id));
+  await p.getByRole("button", { name: "Resume", exact: true }).click();
+  await p.getByText(`Resumed ${id}.`).waitFor();
+  t = await (await fetch(`${base}/api/topics/${topic}`, { headers: { Authorization: `Bearer ${READER}` } })).json();
+  assert.ok(!t.stopped.includes(id));
+  assert.deepEqual(errors, []);
+});
+
+test("a read-only token sees no controls and the API refuses it anyway", { skip }, async () => {
+  const { p, errors } = await page(READER);
+  await p.goto(`${base}/#/topics/${topic}`);
+  await p.getByRole("heading", { name: "Groups" }).waitFor();
+  assert.equal(await p.getByRole("button", { name: "Terminate topic" }).isVisible(), false);
+  assert.equal(await p.getByRole("button", { name: "Preview cleanup" }).isVisible(), false);
+  const status = await p.evaluate(async (t) => {
+    const r = await fetch(`/api/topics/${t}/cleanup`, { method: "POST", headers: { Authorization: `Bearer ${"console-reader-token-0123456789"}`, "Content-Type": "application/json" }, body: "{}" });
+    return r.status;
+  }, topic);
+  assert.equal(status, 403);
+  assert.deepEqual(errors, []);
+});
+
+test("terminate a topic after typing its name; the audit page lists the actions", { skip }, async () => {
+  const other = `console-${Date.now()}`;
+  await fetch(`${base}/api/topics/${other}/messages`, {
+    method: "POST",
+    headers: { Authorization: `Bearer ${ADMIN}`, "Content-Type": "application/json" },
+    body: JSON.stringify({ type: "job", payload: "{}" }),
+  });
+  const { p, errors } = await page(ADMIN);
+  await p.goto(`${base}/#/topics/${other}`);
+  const term = p.getByRole("button", { name: "Terminate topic" });
+  await term.waitFor();
+  assert.equal(await term.isDisabled(), true);
+  await p.getByLabel(`Type ${other} to confirm`).fill(other.slice(0, -1));
+  assert.equal(await term.isDisabled(), true, "a wrong name does not enable it");
+  await p.getByLabel(`Type ${other} to confirm`).fill(other);
+  await term.click();
+  await p.getByRole("heading", { name: "Overview" }).waitFor();
+  const gone = await fetch(`${base}/api/topics/${other}`, { headers: { Authorization: `Bearer ${READER}` } });
+  assert.equal(gone.status, 404);
+
+  await p.goto(`${base}/#/audit`);
+  await p.getByRole("heading", { name: "Audit log" }).waitFor();
+  const actions = await p.locator("tbody tr td:nth-child(3)").allTextContents();
+  for (const a of ["terminate", "replay", "dead_letter.replay_edited", "stop", "resume"]) {
+    assert.ok(actions.includes(a), `${a} in the audit page: ${actions}`);
+  }
+  await shot(p, "audit");
+  assert.deepEqual(errors, []);
+});
+
+test("the pages work at phone width", { skip }, async () => {
+  const { p, errors } = await page(ADMIN, 390);
+  await p.getByRole("link", { name: topic }).waitFor();
+  await p.goto(`${base}/#/topics/${topic}/dead-letters`);
+  await p.getByRole("heading", { name: "By error" }).waitFor();
+  await shot(p, "phone-dead-letters");
+  assert.deepEqual(errors, []);
+});
