@@ -128,12 +128,12 @@ test("dead letters: filter by category, open one, replay a filtered set after a 
   await p.getByRole("heading", { name: "By error" }).waitFor();
   const rows = p.locator("tbody tr");
   await rows.first().waitFor();
-  for (const cat of await rows.locator("td:nth-child(5)").allTextContents()) assert.equal(cat, "database");
+  for (const cat of await rows.locator("td:nth-child(6)").allTextContents()) assert.equal(cat, "database");
   const count = await rows.count();
   await shot(p, "dead-letters");
 
   // One dead letter in full.
-  const first = (await rows.first().locator("td").first().textContent()).trim();
+  const first = (await rows.first().getByRole("link").textContent()).trim();
   await rows.first().getByRole("link").click();
   await p.getByRole("heading", { name: `Dead letter ${first}` }).waitFor();
   await p.getByRole("heading", { name: "Attempts" }).waitFor();
@@ -160,6 +160,8 @@ test("edit a dead letter's payload and replay it", { skip }, async () => {
   const id = (await link.textContent()).trim();
   await link.click();
   const editor = p.getByLabel("Payload to replay");
+  const stored = await (await fetch(`${base}/api/topics/${topic}/dead-letters/${id}`, { headers: { Authorization: `Bearer ${READER}` } })).json();
+  assert.equal(await editor.inputValue(), stored.message.payload, "the editor holds the stored payload byte for byte");
   await editor.fill('{"fixed": true}');
   await p.getByRole("button", { name: "Replay edited payload" }).click();
   const done = p.getByText(/Replayed with the edited payload as /);
@@ -173,6 +175,30 @@ test("edit a dead letter's payload and replay it", { skip }, async () => {
   const gone = await fetch(`${base}/api/topics/${topic}/dead-letters/${id}`, { headers: { Authorization: `Bearer ${READER}` } });
   assert.equal(gone.status, 404, "the edited dead letter is gone");
   assert.ok((await audit()).some((e) => e.action === "dead_letter.replay_edited" && e.params.id === id));
+  assert.deepEqual(errors, []);
+});
+
+test("dead letters: a time range, and delete a selection", { skip }, async () => {
+  const { p, errors } = await page(ADMIN);
+  await p.goto(`${base}/#/topics/${topic}/dead-letters?since=2099-01-01T00:00:00Z`);
+  await p.getByText("No dead letters match.").waitFor();
+  assert.notEqual(await p.getByLabel("Failed since").inputValue(), "");
+  await p.goto(`${base}/#/topics/${topic}/dead-letters?category=validation`);
+  await p.getByRole("heading", { name: "By error" }).waitFor();
+  const boxes = p.locator("tbody tr input[type=checkbox]");
+  await boxes.nth(1).waitFor();
+  const ids = [];
+  for (const i of [0, 1]) {
+    ids.push((await p.locator("tbody tr").nth(i).getByRole("link").textContent()).trim());
+    await boxes.nth(i).check();
+  }
+  await p.getByText("2 selected").waitFor();
+  await p.getByRole("button", { name: "Delete selected" }).click();
+  await p.getByText("Deleted 2 of 2 selected.").waitFor();
+  for (const id of ids) {
+    const r = await fetch(`${base}/api/topics/${topic}/dead-letters/${id}`, { headers: { Authorization: `Bearer ${READER}` } });
+    assert.equal(r.status, 404, `${id} deleted`);
+  }
   assert.deepEqual(errors, []);
 });
 
@@ -248,4 +274,15 @@ test("the pages work at phone width", { skip }, async () => {
   await p.getByRole("heading", { name: "By error" }).waitFor();
   await shot(p, "phone-dead-letters");
   assert.deepEqual(errors, []);
+});
+
+test("a server that went away shows a banner, not a blank page", { skip }, async () => {
+  const { p } = await page(ADMIN);
+  await p.getByRole("link", { name: topic }).waitFor();
+  server.kill("SIGTERM");
+  await new Promise((ok) => server.once("exit", ok));
+  const banner = p.getByRole("alert");
+  await banner.waitFor({ timeout: 10000 });
+  assert.match(await banner.textContent(), /cannot be reached/);
+  assert.ok(await p.getByRole("link", { name: topic }).isVisible(), "the last page stays");
 });

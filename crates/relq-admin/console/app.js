@@ -6,6 +6,8 @@ const main = document.getElementById("main");
 const banner = document.getElementById("banner");
 let timer = null;
 let me = null;
+// Bumped by every navigation: a page still loading when the viewer moved on starts no timer.
+let generation = 0;
 
 // ---- helpers ---------------------------------------------------------------------------------
 
@@ -84,6 +86,17 @@ function payloadText(m) {
   try { return JSON.stringify(JSON.parse(m.payload), null, 2); } catch { return m.payload; }
 }
 
+// A date-and-time picker for a UTC filter value kept in the URL.
+function timeField(name, label, params) {
+  let value = "";
+  const v = params.get(name);
+  if (v && !isNaN(new Date(v))) {
+    const d = new Date(v);
+    value = new Date(d.getTime() - d.getTimezoneOffset() * 60000).toISOString().slice(0, 19);
+  }
+  return h("label", {}, label, h("input", { type: "datetime-local", step: 1, name, value, "aria-label": label }));
+}
+
 function notice(text, kind = "") { return h("div", { class: `notice ${kind}`, role: "status" }, text); }
 
 function table(head, rows, numeric = []) {
@@ -146,6 +159,7 @@ async function whoami() {
 const history = [];
 
 async function overview() {
+  const mine = generation;
   const chart = h("canvas", { class: "chart", width: 1200, height: 160, role: "img", "aria-label": "Backlog and dead letters over time" });
   const legend = h("div", { class: "legend muted" },
     h("span", {}, h("i", { class: "c-backlog" }), "backlog (pending + unread)"),
@@ -176,7 +190,7 @@ async function overview() {
     draw(chart);
   };
   await refresh();
-  timer = setInterval(() => refresh().catch(() => {}), 2000);
+  if (mine === generation) timer = setInterval(() => refresh().catch(() => {}), 2000);
 }
 
 function draw(canvas) {
@@ -229,7 +243,19 @@ async function topicPage(name) {
   setPage(`Topic ${name}`,
     h("p", {}, `${t.length} messages · `, h("a", { href: `#/topics/${enc(name)}/dead-letters` }, `${t.dead_letters} dead letters`), ` · ${t.stopped.length} stopped`),
     h("h2", {}, "Groups"), groups,
-    h("h2", {}, "Messages"), browser,
+    h("h2", {}, "Messages"),
+    h("form", { class: "row", onsubmit: async (e) => {
+      e.preventDefault();
+      const id = e.target.elements.id.value.trim();
+      const detail = browser.firstChild;
+      try {
+        const m = await api("GET", `/api/topics/${enc(name)}/messages/${enc(id)}`);
+        await showMessage(name, m, detail, t.stopped);
+      } catch (err) {
+        detail.replaceChildren(notice(err.message, "error"));
+      }
+    } }, h("label", {}, "Message id", h("input", { name: "id", size: 24, placeholder: "1700000000000-0", "aria-label": "Message id" })), h("button", { type: "submit" }, "Show")),
+    browser,
     h("section", { class: "admin" },
       h("h2", {}, "Cleanup"), h("div", { class: "row" }, h("label", {}, "Older than", minAge), preview), cleanupOut,
       h("h2", {}, "Terminate"),
@@ -260,7 +286,9 @@ async function showMessage(topic, m, box, stopped) {
   const act = (what) => h("button", { type: "button", class: "admin", onclick: async (e) => guarded(e.target, out, async () => {
     await api("POST", `/api/topics/${enc(topic)}/messages/${enc(m.id)}/${what}`);
     out.replaceChildren(notice(what === "stop" ? `Stopped ${m.id}.` : `Resumed ${m.id}.`, "ok"));
-    if (what === "stop") stopped.push(m.id); else stopped.splice(stopped.indexOf(m.id), 1);
+    const at = stopped.indexOf(m.id);
+    if (what === "stop" && at < 0) stopped.push(m.id);
+    if (what === "resume" && at >= 0) stopped.splice(at, 1);
   }) }, what === "stop" ? "Stop" : "Resume");
   box.replaceChildren(h("div", { class: "card" },
     h("h2", {}, `Message ${m.id}`),
@@ -283,14 +311,19 @@ async function deadLettersPage(topic) {
   const form = h("form", { class: "row", onsubmit: (e) => {
     e.preventDefault();
     const q = new URLSearchParams();
-    for (const el of form.elements) if (el.name && el.value) q.set(el.name, el.value);
+    for (const el of form.elements) {
+      if (!el.name || !el.value) continue;
+      // A local date and time from the picker, sent as UTC.
+      q.set(el.name, el.type === "datetime-local" ? new Date(el.value).toISOString().replace(/\.\d+Z$/, "Z") : el.value);
+    }
     location.hash = `#/topics/${enc(topic)}/dead-letters?${q}`;
   } },
     field("reason", "Reason", ["retryable", "permanent", "panic", "timeout", "no_handler", "delivery_limit"]),
     field("category", "Category"), field("type", "Type"), field("group", "Group"),
+    timeField("since", "Failed since", params), timeField("until", "Failed before", params),
     h("button", { type: "submit" }, "Filter"));
   const filter = {};
-  for (const k of ["reason", "category", "type", "group"]) if (params.get(k)) filter[k] = params.get(k);
+  for (const k of ["reason", "category", "type", "group", "since", "until"]) if (params.get(k)) filter[k] = params.get(k);
   const q = new URLSearchParams(filter);
   const [groups, page] = await Promise.all([
     api("GET", `/api/topics/${enc(topic)}/dead-letters/groups?${q}`),
@@ -314,10 +347,27 @@ async function deadLettersPage(topic) {
     }) }, `Replay ${r.matched}`);
     out.replaceChildren(notice(`Dry run: ${r.matched} dead letters match and would be replayed.`), r.matched ? go : "");
   }) }, "Replay matching… (dry run first)");
+  const selected = new Set();
+  const selOut = h("div");
+  const selCount = h("span", { class: "muted" }, "0 selected");
+  const onSelect = (id, on) => {
+    if (on) selected.add(id); else selected.delete(id);
+    selCount.textContent = `${selected.size} selected`;
+    replaySel.disabled = deleteSel.disabled = selected.size === 0;
+  };
+  const replaySel = h("button", { type: "button", disabled: true, onclick: () => guarded(replaySel, selOut, async () => {
+    const r = await api("POST", `/api/topics/${enc(topic)}/dead-letters/replay`, { ids: [...selected] });
+    selOut.replaceChildren(notice(`Replayed ${r.replayed.length} of ${selected.size} selected.`, "ok"));
+  }) }, "Replay selected");
+  const deleteSel = h("button", { type: "button", class: "danger", disabled: true, onclick: () => guarded(deleteSel, selOut, async () => {
+    const r = await api("POST", `/api/topics/${enc(topic)}/dead-letters/delete`, { ids: [...selected] });
+    selOut.replaceChildren(notice(`Deleted ${r.removed} of ${selected.size} selected.`, "ok"));
+  }) }, "Delete selected");
   const rows = page.items.map((d) => row([
+    h("input", { type: "checkbox", class: "admin", "aria-label": `Select ${d.id}`, onchange: (e) => onSelect(d.id, e.target.checked) }),
     h("a", { href: `#/topics/${enc(topic)}/dead-letters/${enc(d.id)}`, class: "mono" }, d.id),
     d.message.type, d.group, d.reason, d.category || "", h("span", {}, d.error_chain[0] || ""), d.attempts, when(d.last_failed_at),
-  ], [6]));
+  ], [7]));
   const next = page.next
     ? h("a", { href: `#/topics/${enc(topic)}/dead-letters?${new URLSearchParams({ ...filter, after: page.next })}` }, "Next page")
     : "";
@@ -326,7 +376,8 @@ async function deadLettersPage(topic) {
     h("h2", {}, "By error"), groups.length ? cards : h("p", { class: "muted" }, "No dead letters match."),
     h("div", { class: "row admin" }, h("label", {}, "Rate per second", rate), dry), out,
     h("h2", {}, "Dead letters"),
-    page.items.length ? table(["Id", "Type", "Group", "Reason", "Category", "Error", "Attempts", "Last failed"], rows, [6]) : h("p", { class: "muted" }, "None."),
+    h("div", { class: "row admin" }, selCount, replaySel, deleteSel), selOut,
+    page.items.length ? table(["", "Id", "Type", "Group", "Reason", "Category", "Error", "Attempts", "Last failed"], rows, [7]) : h("p", { class: "muted" }, "None."),
     next);
 }
 
@@ -349,7 +400,8 @@ async function follow(job, out) {
 async function deadLetterPage(topic, id) {
   const d = await api("GET", `/api/topics/${enc(topic)}/dead-letters/${enc(id)}`);
   const out = h("div");
-  const editor = h("textarea", { name: "payload", "aria-label": "Payload to replay" }, d.message.payload_encoding === "hex" ? d.message.payload : payloadText(d.message));
+  // The stored payload exactly (text, or hex digits): replaying it unedited changes no byte.
+  const editor = h("textarea", { name: "payload", "aria-label": "Payload to replay" }, d.message.payload);
   const encoding = d.message.payload_encoding;
   const replay = h("button", { type: "button", class: "primary", onclick: () => guarded(replay, out, async () => {
     const r = await api("POST", `/api/topics/${enc(topic)}/dead-letters/replay`, { ids: [id] });
@@ -372,9 +424,9 @@ async function deadLetterPage(topic, id) {
     h("h2", {}, "Attempts"),
     h("ol", { class: "timeline" }, d.failures.map((f) => h("li", {}, h("strong", {}, `#${f.attempt} ${f.kind}`), " ", when(f.at), ` on ${f.consumer}: `, f.error))),
     h("h2", {}, "Message"), h("p", { class: "muted mono" }, `${d.message.id} · published `, when(d.message.published_at)),
+    h("pre", {}, payloadText(d.message)),
     h("div", { class: "admin" }, h("label", {}, `Payload (${encoding}; edit it to replay a corrected message)`, editor),
-      h("div", { class: "row" }, replay, edited, del), out),
-    me && me.role !== "admin" ? h("pre", {}, payloadText(d.message)) : "");
+      h("div", { class: "row" }, replay, edited, del), out));
 }
 
 async function auditPage() {
@@ -391,11 +443,12 @@ async function auditPage() {
 async function route() {
   clearInterval(timer);
   timer = null;
+  generation += 1;
   const hash = location.hash.replace(/^#/, "") || "/";
   const path = hash.split("?")[0];
-  const parts = path.split("/").filter(Boolean).map(decodeURIComponent);
-  if (parts[0] === "signin") return signIn();
   try {
+    const parts = path.split("/").filter(Boolean).map(decodeURIComponent);
+    if (parts[0] === "signin") return signIn();
     if (!me) await whoami();
     if (parts.length === 0) await overview();
     else if (parts[0] === "audit") await auditPage();

@@ -385,6 +385,12 @@ async fn main() -> ExitCode {
             .map(|s| (*s).to_owned())
             .or_else(|| info.payload().downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "a panic".to_owned());
+        // Output piped into a reader that stopped early (`relq dlq export .. | head`): like
+        // any Unix tool killed by SIGPIPE, stop quietly (Rust ignores SIGPIPE, so the write
+        // fails with EPIPE and `println!` panics instead).
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(141);
+        }
         eprintln!("relq: internal panic{location}: {message}");
         tracing::debug!(backtrace = %std::backtrace::Backtrace::force_capture(), "panic");
     }));

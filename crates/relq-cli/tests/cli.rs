@@ -89,6 +89,24 @@ fn exit_codes_mean_something() {
     assert!(v["id"].as_str().unwrap().contains('-'));
 }
 
+/// Output into a pipe whose reader is gone (`relq ... | head`) ends the command quietly with
+/// the SIGPIPE status, like other Unix tools: never an "internal panic".
+#[test]
+fn a_closed_output_pipe_is_not_a_panic() {
+    let dir = fresh_dir();
+    let mut child = relq_cmd(&dir, &["--json", "topics"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panic"), "{stderr}");
+    assert_eq!(out.status.code(), Some(141), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn messages_persist_between_commands_in_the_default_data_directory() {
     let dir = fresh_dir();

@@ -113,6 +113,12 @@ enum Request {
         topic: String,
         retention: Retention,
     },
+    /// A cleanup's dry run: its own operation, so a holder that does not know dry runs refuses
+    /// it instead of cleaning up.
+    CleanupPreview {
+        topic: String,
+        retention: Retention,
+    },
     Browse {
         topic: String,
         query: Browse,
@@ -447,7 +453,10 @@ async fn dispatch(b: &dyn Backend, req: Request) -> Answer {
         } => ok(b.create_group(&topic, &group, start).await),
         R::DeleteGroup { topic, group } => ok(b.delete_group(&topic, &group).await),
         R::MoveGroup { topic, group, to } => ok(b.move_group(&topic, &group, to).await),
-        R::Cleanup { topic, retention } => ok(b.cleanup(&topic, &retention).await),
+        R::Cleanup { topic, retention } => ok(b.cleanup(&topic, &retention.dry_run(false)).await),
+        R::CleanupPreview { topic, retention } => {
+            ok(b.cleanup(&topic, &retention.dry_run(true)).await)
+        }
         R::Browse { topic, query } => ok(b.browse(&topic, &query).await),
         R::Locate { topic, id } => ok(b.locate(&topic, id).await),
         R::Health => ok(Ok::<_, BackendError>(b.health().await)),
@@ -814,9 +823,15 @@ impl Backend for LocalClient {
         topic: &str,
         retention: &Retention,
     ) -> Result<CleanupReport, BackendError> {
-        let req = Request::Cleanup {
-            topic: topic.into(),
-            retention: retention.clone(),
+        let req = match retention.dry_run {
+            true => Request::CleanupPreview {
+                topic: topic.into(),
+                retention: retention.clone(),
+            },
+            false => Request::Cleanup {
+                topic: topic.into(),
+                retention: retention.clone(),
+            },
         };
         self.run(req, move |b| {
             Box::pin(async move { b.cleanup(topic, retention).await })

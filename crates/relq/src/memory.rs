@@ -125,9 +125,9 @@ struct Group {
     scheduled_meta: HashMap<MessageId, (Timestamp, Meta)>,
     parked: BTreeMap<MessageId, Meta>,
     consumers: BTreeMap<String, Timestamp>,
-    /// After a move back, ids up to this one may be pending, scheduled or parked already: a
-    /// read passes over those instead of delivering them twice.
-    rewound: MessageId,
+    /// After a move back: the ids the group held (pending, scheduled or parked) between the
+    /// new and the old cursor; a read passes over them instead of delivering them twice.
+    skip: BTreeSet<MessageId>,
 }
 
 impl Group {
@@ -167,6 +167,7 @@ impl Group {
     }
 
     fn forget(&mut self, id: MessageId) {
+        self.skip.remove(&id);
         self.pending.remove(&id);
         self.unschedule(id);
         self.parked.remove(&id);
@@ -311,7 +312,7 @@ impl Topic {
                 break;
             };
             g.cursor = id;
-            if id <= g.rewound && g.holds(id) {
+            if g.skip.remove(&id) {
                 continue;
             }
             if self.stopped.contains(&id) {
@@ -793,7 +794,18 @@ impl Backend for MemoryBackend {
             return Ok(false);
         };
         if cursor < g.cursor {
-            g.rewound = g.rewound.max(g.cursor);
+            let held: Vec<MessageId> = t
+                .messages
+                .range((
+                    std::ops::Bound::Excluded(cursor),
+                    std::ops::Bound::Included(g.cursor),
+                ))
+                .map(|(id, _)| *id)
+                .filter(|id| g.holds(*id))
+                .collect();
+            g.skip.extend(held);
+        } else {
+            g.skip = g.skip.split_off(&cursor.next_after(0));
         }
         g.cursor = cursor;
         drop(state);

@@ -2986,17 +2986,21 @@ impl Backend for EmbeddedBackend {
                 if target > gs.cursor {
                     gs.skip_to(target);
                 } else if target < gs.cursor {
+                    // The rows: those in memory, and those only in the `spill` table. A
+                    // committed spill entry memory knows about (`spill_at`, `unspilling`) is
+                    // either in memory or of a row that ended (acknowledged, dead-lettered).
                     let mut rows: Vec<u64> = gs
                         .rows
                         .keys()
-                        .chain(gs.spill_at.keys())
                         .copied()
                         .filter(|o| (target..gs.cursor).contains(o))
                         .collect();
                     if gs.spilled > 0 {
-                        rows.extend(state::spilled_offsets(
-                            &s.db, topic, group, target, gs.cursor,
-                        )?);
+                        let spilled =
+                            state::spilled_offsets(&s.db, topic, group, target, gs.cursor)?;
+                        rows.extend(spilled.into_iter().filter(|o| {
+                            !gs.spill_at.contains_key(o) && !gs.unspilling.contains(o)
+                        }));
                     }
                     gs.rewind(target, rows);
                 }

@@ -787,7 +787,7 @@ impl RedisBackend {
         &self,
         sub: &Subscription,
         max: usize,
-    ) -> Result<(Vec<Delivery>, Option<u64>, Screen), BackendError> {
+    ) -> Result<(Vec<Delivery>, Option<u64>, HashSet<MessageId>), BackendError> {
         let key = stream_key(&sub.topic);
         let pre = prefix(&sub.topic);
         let now = Timestamp::now().0;
@@ -804,13 +804,9 @@ impl RedisBackend {
             })
             .await?;
         let mut parts = items(reply).into_iter();
-        let (Some(lost), Some(out), Some(next_due), Some(stopped), Some(skip)) = (
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-        ) else {
+        let (Some(lost), Some(out), Some(next_due), Some(stopped)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
             return Err(corrupt("promote script reply"));
         };
         self.warn_lost(sub, int(&lost) == Some(1));
@@ -820,11 +816,7 @@ impl RedisBackend {
             .collect();
         let out = deliveries(out)?;
         self.note_history(&out);
-        let screen = Screen {
-            stopped,
-            rewound: int(&skip).is_some_and(|n| n > 0),
-        };
-        Ok((out, int(&next_due).map(|d| d as u64), screen))
+        Ok((out, int(&next_due).map(|d| d as u64), stopped))
     }
 
     /// Recreates the group after a read found it missing.
@@ -849,13 +841,18 @@ impl RedisBackend {
         sub: &Subscription,
         max: usize,
         block: Duration,
-        screen: &Screen,
+        stopped: &HashSet<MessageId>,
     ) -> Result<Option<Vec<Delivery>>, BackendError> {
         let key = stream_key(&sub.topic);
         let mut conn = self.blocking.take(&self.target).await.map_err(map_err)?;
-        let cmd = {
-            let mut cmd = ::redis::cmd("XREADGROUP");
-            cmd.arg("GROUP")
+        // The read, then (on the same connection, so after the read was served, however long
+        // it blocked) the size of the group's skip set: a move back that happened before the
+        // read was served has filled it, even one after the promote step looked.
+        let pipe = {
+            let mut pipe = ::redis::pipe();
+            let cmd = pipe
+                .cmd("XREADGROUP")
+                .arg("GROUP")
                 .arg(&sub.group)
                 .arg(&sub.consumer)
                 .arg("COUNT")
@@ -864,28 +861,32 @@ impl RedisBackend {
                 cmd.arg("BLOCK").arg(redis_millis(block).max(1));
             }
             cmd.arg("STREAMS").arg(&key).arg(">");
-            cmd
+            pipe.cmd("ZCARD")
+                .arg(format!("{}g:{}:skip", prefix(&sub.topic), sub.group));
+            pipe
         };
         let limit = block.saturating_add(self.config.response_timeout);
-        let reply = match tokio::time::timeout(limit, cmd.query_async::<Value>(&mut conn)).await {
-            Ok(Ok(v)) => {
-                self.blocking.give_back(conn);
-                v
-            }
-            // NOGROUP: the group is gone; UNBLOCKED: the stream was deleted while we waited
-            // (a terminate, or a FLUSHALL). The recreate script tells which.
-            Ok(Err(e)) if matches!(e.code(), Some("NOGROUP" | "UNBLOCKED")) => {
-                self.blocking.give_back(conn);
-                return Ok(None);
-            }
-            Ok(Err(e)) => return Err(map_err(e)),
-            Err(_) => {
-                return Err(err(
-                    BackendErrorKind::Unavailable,
-                    format!("blocking read got no reply within {limit:?}"),
-                ))
-            }
-        };
+        let reply =
+            match tokio::time::timeout(limit, pipe.query_async::<(Value, i64)>(&mut conn)).await {
+                Ok(Ok(v)) => {
+                    self.blocking.give_back(conn);
+                    v
+                }
+                // NOGROUP: the group is gone; UNBLOCKED: the stream was deleted while we waited
+                // (a terminate, or a FLUSHALL). The recreate script tells which.
+                Ok(Err(e)) if matches!(e.code(), Some("NOGROUP" | "UNBLOCKED")) => {
+                    self.blocking.give_back(conn);
+                    return Ok(None);
+                }
+                Ok(Err(e)) => return Err(map_err(e)),
+                Err(_) => {
+                    return Err(err(
+                        BackendErrorKind::Unavailable,
+                        format!("blocking read got no reply within {limit:?}"),
+                    ))
+                }
+            };
+        let (reply, skip) = reply;
         let mut entries = Vec::new();
         for stream in items(reply) {
             // RESP2: [key, entries]; RESP3 maps flatten to the same shape.
@@ -894,11 +895,10 @@ impl RedisBackend {
                 entries.extend(items(list));
             }
         }
-        let passed = match screen.rewound && !entries.is_empty() {
+        let passed = match skip > 0 && !entries.is_empty() {
             true => self.skip_again(sub, &entries).await?,
             false => HashSet::new(),
         };
-        let stopped = &screen.stopped;
         let now = Timestamp::now();
         let mut out = Vec::new();
         let mut held: Vec<(MessageId, i64)> = Vec::new();
@@ -1157,7 +1157,6 @@ impl RedisBackend {
         }
     }
 
-    /// Counts stream entries after `id` (used when Redis cannot report a group's lag).
     /// What a cleanup would remove now: the cleanup script's floor, then counts of the stream's
     /// entries below it and below the age cutoff (in pages, read only).
     async fn cleanup_preview(
@@ -1223,6 +1222,7 @@ impl RedisBackend {
         }
     }
 
+    /// Counts stream entries after `id` (used when Redis cannot report a group's lag).
     async fn count_after(&self, key: &str, id: &str) -> Result<u64, BackendError> {
         let mut start = format!("({id}");
         let mut n = 0u64;
@@ -1250,14 +1250,6 @@ fn start_id(start: StartPosition) -> String {
         StartPosition::Earliest => "0".to_owned(),
         StartPosition::From(id) => before(id),
     }
-}
-
-/// What the promote step tells a read about the new entries it takes next.
-struct Screen {
-    /// The topic's stopped ids: such entries are parked, not delivered.
-    stopped: HashSet<MessageId>,
-    /// The group was moved back and holds entries a read may meet again (see `SKIP`).
-    rewound: bool,
 }
 
 /// The URL without its password, for error messages.
@@ -1442,13 +1434,13 @@ impl Backend for RedisBackend {
         }
         let deadline = instant_after(tokio::time::Instant::now(), wait);
         loop {
-            let (mut out, next_due, screen) = self.promote(sub, max).await?;
+            let (mut out, next_due, stopped) = self.promote(sub, max).await?;
             if !out.is_empty() {
                 if out.len() < max {
                     // Fill the rest with new messages, without waiting. On an error, the
                     // promoted messages are still handed over (they are pending for us).
                     match self
-                        .read_new(sub, max - out.len(), Duration::ZERO, &screen)
+                        .read_new(sub, max - out.len(), Duration::ZERO, &stopped)
                         .await
                     {
                         Ok(Some(more)) => out.extend(more),
@@ -1466,7 +1458,7 @@ impl Backend for RedisBackend {
             if let Some(due) = next_due {
                 block = block.min(Timestamp(due).since(Timestamp::now()));
             }
-            match self.read_new(sub, max, block, &screen).await? {
+            match self.read_new(sub, max, block, &stopped).await? {
                 None => {
                     // Redis lost the group (restart without persistence, FLUSHALL): recreate
                     // it, unless the topic was terminated (the script then says so).

@@ -158,8 +158,7 @@ return redis.call('HGET', P .. 'meta', 'epoch')
 
 /// Delivers due scheduled entries (retries, delayed messages, resumed ones) by putting them back
 /// into the group's pending list under this consumer. ARGV: prefix, group, consumer, epoch,
-/// now_ms, max. Returns {lost, deliveries, next_due_ms|false, stopped ids, size of the skip set}
-/// where a delivery is
+/// now_ms, max. Returns {lost, deliveries, next_due_ms|false, stopped ids} where a delivery is
 /// {id, deliveries, fields, failures_json}. New entries are then read by the client with a plain
 /// XREADGROUP (no Lua on the hot path).
 pub(super) const PROMOTE: &str = r#"
@@ -196,7 +195,7 @@ if #due > 0 then
   end
 end
 local nd = redis.call('ZRANGE', gkey .. 'sched', 0, 0, 'WITHSCORES')
-return {lost, out, nd[2] or false, stopped, redis.call('ZCARD', gkey .. 'skip')}
+return {lost, out, nd[2] or false, stopped}
 "#;
 
 /// Recreates a group a read found missing (Redis lost it), unless the topic was terminated.
@@ -463,6 +462,7 @@ if max_len >= 0 and removed == 0 then
         local gkey = gk(info[2])
         redis.call('ZREM', gkey .. 'sched', e[1])
         redis.call('ZREM', gkey .. 'held', e[1])
+        redis.call('ZREM', gkey .. 'skip', e[1])
         redis.call('SREM', gkey .. 'park', e[1])
         redis.call('HDEL', gkey .. 'm', e[1])
         redis.pcall('XACK', S, info[2], e[1])
