@@ -155,59 +155,88 @@ async function whoami() {
   return me;
 }
 
-// The overview: every topic, refreshed every 2 seconds, with a chart of the totals.
+// The overview: every topic, refreshed every 2 seconds, with charts of the rates (from the
+// publish and dead-letter counters) and of the backlog while the page is open.
 const history = [];
+let last = null;
+
+const RATES = [["published", "c-published", "published / s"], ["failed", "c-dead", "dead-lettered / s"]];
+const LEVELS = [["backlog", "c-backlog", "backlog (pending + unread)"], ["dead", "c-dead", "dead letters stored"]];
+
+function chart(label, series) {
+  const canvas = h("canvas", { class: "chart", width: 1200, height: 160, role: "img", "aria-label": label });
+  const legend = h("div", { class: "legend muted" }, series.map(([, cls, text]) => h("span", {}, h("i", { class: cls }), text)));
+  return { canvas, box: h("div", {}, h("h2", {}, label), canvas, legend), series };
+}
 
 async function overview() {
   const mine = generation;
-  const chart = h("canvas", { class: "chart", width: 1200, height: 160, role: "img", "aria-label": "Backlog and dead letters over time" });
-  const legend = h("div", { class: "legend muted" },
-    h("span", {}, h("i", { class: "c-backlog" }), "backlog (pending + unread)"),
-    h("span", {}, h("i", { class: "c-dead" }), "dead letters"));
+  const rates = chart("Throughput", RATES);
+  const levels = chart("Backlog", LEVELS);
   const body = h("div", {}, h("p", { class: "muted" }, "Loading topics…"));
-  setPage("Overview", body, h("h2", {}, "Live"), chart, legend);
+  setPage("Overview", body, h("div", { class: "cards" }, rates.box, levels.box));
   const refresh = async () => {
     const topics = await api("GET", "/api/topics");
+    const now = Date.now();
     const user = topics.filter((t) => !t.name.startsWith("_relq"));
-    let backlog = 0, dead = 0;
+    let backlog = 0, dead = 0, published = 0;
     const rows = user.map((t) => {
       const sum = (k) => t.groups.reduce((a, g) => a + g[k], 0);
       const oldest = Math.max(0, ...t.groups.map((g) => g.oldest_pending_age_ms || 0));
       backlog += sum("pending") + sum("lag");
       dead += t.dead_letters;
+      published += t.published;
+      const before = last && last.topics[t.name];
+      const rate = before ? Math.max(0, (t.published - before) / ((now - last.at) / 1000)) : null;
       return row([
         h("a", { href: `#/topics/${enc(t.name)}` }, t.name),
-        t.length, t.groups.length, sum("pending"), sum("lag"), sum("scheduled"), sum("stopped"),
+        t.length, rate === null ? "…" : rate.toFixed(1), t.groups.length, sum("pending"), sum("lag"), sum("scheduled"), sum("stopped"),
         t.dead_letters ? h("a", { href: `#/topics/${enc(t.name)}/dead-letters` }, String(t.dead_letters)) : "0",
         age(oldest || null),
-      ], [1, 2, 3, 4, 5, 6, 7, 8], { class: t.dead_letters ? "warn" : "" });
+      ], [1, 2, 3, 4, 5, 6, 7, 8, 9], { class: t.dead_letters ? "warn" : "" });
     });
-    history.push({ at: Date.now(), backlog, dead });
+    const point = { at: now, backlog, dead, published: 0, failed: 0 };
+    if (last) {
+      const secs = Math.max(0.001, (now - last.at) / 1000);
+      point.published = Math.max(0, published - last.published) / secs;
+      point.failed = Math.max(0, dead - last.dead) / secs;
+    }
+    last = { at: now, published, dead, topics: Object.fromEntries(user.map((t) => [t.name, t.published])) };
+    history.push(point);
     if (history.length > 300) history.shift();
     body.replaceChildren(user.length
-      ? table(["Topic", "Messages", "Groups", "Pending", "Lag", "Scheduled", "Stopped", "Dead letters", "Oldest pending"], rows, [1, 2, 3, 4, 5, 6, 7, 8])
+      ? table(["Topic", "Messages", "Published / s", "Groups", "Pending", "Lag", "Scheduled", "Stopped", "Dead letters", "Oldest pending"], rows, [1, 2, 3, 4, 5, 6, 7, 8, 9])
       : h("p", { class: "muted" }, "No topics yet."));
-    draw(chart);
+    draw(rates.canvas, RATES, history.slice(1));
+    draw(levels.canvas, LEVELS, history);
   };
   await refresh();
   if (mine === generation) timer = setInterval(() => refresh().catch(() => {}), 2000);
 }
 
-function draw(canvas) {
+const COLORS = { "c-published": "#2ca02c", "c-dead": "#d62728", "c-backlog": "#1f77b4" };
+
+function draw(canvas, series, points) {
+  // Drawn at the size it is shown, in device pixels (sharp text at any width).
+  const dpr = window.devicePixelRatio || 1;
+  const w = Math.max(200, canvas.clientWidth), hgt = 160, pad = 24;
+  canvas.width = w * dpr;
+  canvas.height = hgt * dpr;
   const ctx = canvas.getContext("2d");
-  const w = canvas.width, hgt = canvas.height, pad = 24;
+  ctx.scale(dpr, dpr);
   ctx.clearRect(0, 0, w, hgt);
-  const max = Math.max(1, ...history.map((p) => Math.max(p.backlog, p.dead)));
+  if (points.length === 1) points = [points[0], points[0]];
+  const max = Math.max(1, ...points.flatMap((p) => series.map(([k]) => p[k])));
   ctx.fillStyle = getComputedStyle(document.body).color;
   ctx.font = "12px system-ui";
-  ctx.fillText(String(max), 4, 14);
+  ctx.fillText(max >= 10 ? String(Math.round(max)) : max.toFixed(1), 4, 14);
   ctx.fillText("0", 4, hgt - 6);
-  for (const [key, color] of [["backlog", "#1f77b4"], ["dead", "#d62728"]]) {
-    ctx.strokeStyle = color;
+  for (const [key, cls] of series) {
+    ctx.strokeStyle = COLORS[cls];
     ctx.lineWidth = 2;
     ctx.beginPath();
-    history.forEach((p, i) => {
-      const x = pad + (i / Math.max(1, history.length - 1)) * (w - 2 * pad);
+    points.forEach((p, i) => {
+      const x = pad + (i / Math.max(1, points.length - 1)) * (w - 2 * pad);
       const y = hgt - pad / 2 - (p[key] / max) * (hgt - pad);
       if (i === 0) ctx.moveTo(x, y); else ctx.lineTo(x, y);
     });

@@ -44,6 +44,8 @@ pub(crate) struct TopicView {
     pub(crate) stopped: Vec<String>,
     /// Its consumer groups.
     pub(crate) groups: Vec<GroupView>,
+    /// Messages published since it was created (a counter: its rate is the publish rate).
+    pub(crate) published: u64,
 }
 
 /// A consumer group.
@@ -84,6 +86,7 @@ impl TopicView {
     pub(crate) fn new(t: TopicInfo, now: Timestamp) -> TopicView {
         TopicView {
             name: t.name,
+            published: t.published,
             length: t.length,
             first_id: t.first_id.map(|i| i.to_string()),
             last_id: t.last_id.map(|i| i.to_string()),

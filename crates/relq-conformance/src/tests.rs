@@ -1037,6 +1037,7 @@ pub async fn groups_are_created_moved_and_deleted(b: Broker) {
         .unwrap());
     let lag = |name| group_stat(&b, &topic, name, |g| g.lag);
     assert_eq!(lag("all").await, Some(5));
+    assert_eq!(b.topic_info(&topic).await.unwrap().published, 5);
     assert_eq!(lag("late").await, Some(0));
     assert_eq!(lag("mid").await, Some(2));
     let elsewhere = unique("groups-new");
@@ -1295,7 +1296,12 @@ pub async fn cleanup_never_removes_unacknowledged_messages(b: Broker) {
     assert_eq!(young.removed, 0, "min_age keeps young messages");
     let r = cleaned(&b, &topic, &keep).await;
     assert_eq!(r.removed, 10);
-    assert_eq!(b.topic_info(&topic).await.unwrap().length, 0);
+    let info = b.topic_info(&topic).await.unwrap();
+    assert_eq!(info.length, 0);
+    assert_eq!(
+        info.published, 10,
+        "retention does not lower the publish counter"
+    );
     c.shutdown(LONG).await;
     c2.shutdown(LONG).await;
     // A max-length policy trims unacknowledged messages, and says so.

@@ -451,6 +451,10 @@ pub struct TopicInfo {
     pub stopped: Vec<MessageId>,
     /// Dead letters stored.
     pub dead_letters: u64,
+    /// Messages published since the topic was created: a counter (retention does not lower
+    /// it), so its rate is the publish rate.
+    #[serde(default)]
+    pub published: u64,
 }
 
 impl TopicInfo {
@@ -462,6 +466,7 @@ impl TopicInfo {
             first_id: None,
             last_id: None,
             groups: Vec::new(),
+            published: 0,
             stopped: Vec::new(),
             dead_letters: 0,
         }

@@ -177,6 +177,8 @@ impl Group {
 #[derive(Debug, Default)]
 struct Topic {
     epoch: u64,
+    /// Messages appended since the topic was created.
+    published: u64,
     messages: BTreeMap<MessageId, Stored>,
     last_id: MessageId,
     groups: BTreeMap<String, Group>,
@@ -189,6 +191,7 @@ impl Topic {
     fn append(&mut self, m: Outgoing, now: Timestamp) -> MessageId {
         let id = self.last_id.next_after(now.0);
         self.last_id = id;
+        self.published += 1;
         self.messages.insert(
             id,
             Stored {
@@ -899,6 +902,7 @@ impl Backend for MemoryBackend {
             groups,
             stopped: t.stopped.iter().copied().collect(),
             dead_letters: t.dead.len() as u64,
+            published: t.published,
         }))
     }
 

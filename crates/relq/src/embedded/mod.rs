@@ -3396,6 +3396,7 @@ impl Backend for EmbeddedBackend {
                     .map(|(o, ms)| MessageId::new(*ms, *o))
                     .collect(),
                 dead_letters: t.dead_count,
+                published: end,
             };
             Ok(Some((info, t.log.clone(), t.start, end, cursors, edges)))
         })?;

@@ -1836,6 +1836,7 @@ impl Backend for RedisBackend {
             groups: Vec::new(),
             stopped: Vec::new(),
             dead_letters: 0,
+            published: 0,
         };
         let mut cmd = ::redis::cmd("EXISTS");
         cmd.arg(&key);
@@ -1845,6 +1846,11 @@ impl Backend for RedisBackend {
             cmd.arg("STREAM").arg(&key);
             let s = fields_map(self.query(cmd).await?);
             info.length = s.get("length").and_then(int).unwrap_or(0) as u64;
+            // Redis 7.0+: every entry ever added to the stream.
+            info.published = s
+                .get("entries-added")
+                .and_then(int)
+                .map_or(info.length, |n| n.max(0) as u64);
             info.last_id = s
                 .get("last-generated-id")
                 .and_then(|v| id_of(v).ok())
