@@ -88,6 +88,14 @@ async function page(token, width = 1280) {
   return { p, errors };
 }
 
+// Waits until the page has rendered the address it is at (after a navigation or a form).
+async function ready(p) {
+  await p.waitForFunction(() => {
+    const m = document.getElementById("main");
+    return m && m.dataset.ready === location.hash;
+  });
+}
+
 async function shot(p, name) {
   if (!shots) return;
   mkdirSync(shots, { recursive: true });
@@ -141,7 +149,7 @@ test("dead letters: filter by category, open one, replay a filtered set after a 
   await p.getByLabel("Category", { exact: true }).fill("database");
   await p.getByRole("button", { name: "Filter" }).click();
   await p.waitForURL(/category=database/);
-  await p.getByRole("heading", { name: "By error" }).waitFor();
+  await ready(p);
   const rows = p.locator("tbody tr");
   await rows.first().waitFor();
   for (const cat of await rows.locator("td:nth-child(6)").allTextContents()) assert.equal(cat, "database");
@@ -156,6 +164,7 @@ test("dead letters: filter by category, open one, replay a filtered set after a 
   assert.ok(await p.locator(".timeline li").count() >= 1);
   await shot(p, "dead-letter");
   await p.goBack();
+  await ready(p);
 
   // Replay the filtered set: a dry run first, then for real.
   await p.getByRole("button", { name: /dry run first/ }).click();
@@ -170,7 +179,7 @@ test("dead letters: filter by category, open one, replay a filtered set after a 
 test("edit a dead letter's payload and replay it", { skip }, async () => {
   const { p, errors } = await page(ADMIN);
   await p.goto(`${base}/#/topics/${topic}/dead-letters?category=validation`);
-  await p.getByRole("heading", { name: "By error" }).waitFor();
+  await ready(p);
   const link = p.locator("tbody tr").first().getByRole("link");
   await link.waitFor();
   const id = (await link.textContent()).trim();
@@ -200,7 +209,7 @@ test("dead letters: a time range, and delete a selection", { skip }, async () =>
   await p.getByText("No dead letters match.").waitFor();
   assert.notEqual(await p.getByLabel("Failed since").inputValue(), "");
   await p.goto(`${base}/#/topics/${topic}/dead-letters?category=validation`);
-  await p.getByRole("heading", { name: "By error" }).waitFor();
+  await ready(p);
   const boxes = p.locator("tbody tr input[type=checkbox]");
   await boxes.nth(1).waitFor();
   const ids = [];
@@ -236,6 +245,30 @@ test("stop and resume a message from the topic page", { skip }, async () => {
   await p.getByText(`Resumed ${id}.`).waitFor();
   t = await (await fetch(`${base}/api/topics/${topic}`, { headers: { Authorization: `Bearer ${READER}` } })).json();
   assert.ok(!t.stopped.includes(id));
+  assert.deepEqual(errors, []);
+});
+
+test("find messages by type on the topic page; export dead letters as JSON lines", { skip }, async () => {
+  const { p, errors } = await page(ADMIN);
+  await p.goto(`${base}/#/topics/${topic}`);
+  await p.getByRole("heading", { name: "Groups" }).waitFor();
+  await p.getByLabel("Message type").fill("email");
+  await p.getByRole("button", { name: "Find" }).click();
+  await p.waitForFunction(() => {
+    const types = [...document.querySelectorAll("#messages tbody tr td:nth-child(2)")].map((td) => td.textContent);
+    return types.length > 0 && types.every((t) => t === "email");
+  });
+  await p.goto(`${base}/#/topics/${topic}/dead-letters?category=validation`);
+  await ready(p);
+  const want = await (await fetch(`${base}/api/topics/${topic}/dead-letters/stats`, { headers: { Authorization: `Bearer ${READER}` } })).json();
+  const [download] = await Promise.all([
+    p.waitForEvent("download"),
+    p.getByRole("button", { name: "Export matching (JSON lines)" }).click(),
+  ]);
+  const { readFileSync } = await import("node:fs");
+  const lines = readFileSync(await download.path(), "utf8").trim().split("\n").map((l) => JSON.parse(l));
+  assert.ok(lines.length > 0 && lines.every((d) => d.category === "validation"), `${lines.length} lines`);
+  assert.equal(lines.length, want.by_category.validation, JSON.stringify(want));
   assert.deepEqual(errors, []);
 });
 

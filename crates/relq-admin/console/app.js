@@ -251,7 +251,7 @@ async function topicPage(name) {
     t.groups.map((g) => row([g.name, h("span", { class: "mono" }, g.cursor), g.pending, g.lag, g.scheduled, g.stopped,
       age(g.oldest_pending_age_ms),
       g.consumers.map((c) => h("div", {}, `${c.name}: ${c.pending} pending, idle ${age(c.idle_ms)}`))], [2, 3, 4, 5])), [2, 3, 4, 5]);
-  const browser = h("div");
+  const browser = h("div", { id: "messages" });
   const cleanupOut = h("div");
   const minAge = h("input", { name: "min_age", value: "1h", size: 6, "aria-label": "Minimum age" });
   const preview = h("button", { type: "button", onclick: () => guarded(preview, cleanupOut, async () => {
@@ -284,6 +284,19 @@ async function topicPage(name) {
         detail.replaceChildren(notice(err.message, "error"));
       }
     } }, h("label", {}, "Message id", h("input", { name: "id", size: 24, placeholder: "1700000000000-0", "aria-label": "Message id" })), h("button", { type: "submit" }, "Show")),
+    h("form", { class: "row", onsubmit: async (e) => {
+      e.preventDefault();
+      const filters = {};
+      for (const el of e.target.elements) {
+        if (!el.name || !el.value) continue;
+        filters[el.name] = el.type === "datetime-local" ? new Date(el.value).toISOString().replace(/\.\d+Z$/, "Z") : el.value;
+      }
+      await messages(name, browser, null, t.stopped, filters).catch((err) => browser.replaceChildren(h("div"), notice(err.message, "error")));
+    } },
+      h("label", {}, "Type", h("input", { name: "type", size: 12, "aria-label": "Message type" })),
+      h("label", {}, "Header", h("input", { name: "header", size: 16, placeholder: "name=value", "aria-label": "Header" })),
+      timeField("since", "Published since", new URLSearchParams()), timeField("until", "Published before", new URLSearchParams()),
+      h("button", { type: "submit" }, "Find")),
     browser,
     h("section", { class: "admin" },
       h("h2", {}, "Cleanup"), h("div", { class: "row" }, h("label", {}, "Older than", minAge), preview), cleanupOut,
@@ -293,8 +306,8 @@ async function topicPage(name) {
   await messages(name, browser, null, t.stopped);
 }
 
-async function messages(topic, box, before, stopped) {
-  const q = new URLSearchParams({ order: "newest", limit: "20" });
+async function messages(topic, box, before, stopped, filters = {}) {
+  const q = new URLSearchParams({ order: "newest", limit: "20", ...filters });
   if (before) q.set("before", before);
   const page = await api("GET", `/api/topics/${enc(topic)}/messages?${q}`);
   const detail = h("div");
@@ -303,9 +316,13 @@ async function messages(topic, box, before, stopped) {
     m.type, when(m.published_at), h("span", { class: "mono" }, payloadText(m).slice(0, 80)),
   ]));
   const older = page.next
-    ? h("button", { type: "button", onclick: () => messages(topic, box, page.items[page.items.length - 1].id, stopped) }, "Older")
+    ? h("button", { type: "button", onclick: () => messages(topic, box, page.next, stopped, filters) }, "Older")
     : "";
-  box.replaceChildren(detail, page.items.length ? table(["Id", "Type", "Published", "Payload"], rows) : h("p", { class: "muted" }, "No messages stored."), older);
+  const filtering = Object.keys(filters).length > 0;
+  box.replaceChildren(detail,
+    page.items.length ? table(["Id", "Type", "Published", "Payload"], rows)
+      : h("p", { class: "muted" }, filtering && page.next ? "None in this stretch; look further with Older." : filtering ? "No message matches." : "No messages stored."),
+    older);
 }
 
 async function showMessage(topic, m, box, stopped) {
@@ -404,10 +421,31 @@ async function deadLettersPage(topic) {
     h("p", {}, h("a", { href: `#/topics/${enc(topic)}` }, `← topic ${topic}`)), form,
     h("h2", {}, "By error"), groups.length ? cards : h("p", { class: "muted" }, "No dead letters match."),
     h("div", { class: "row admin" }, h("label", {}, "Rate per second", rate), dry), out,
+    h("div", { class: "row" }, h("button", { type: "button", onclick: (e) => guarded(e.target, out, () => exportDeadLetters(topic, filter, out)) }, "Export matching (JSON lines)")),
     h("h2", {}, "Dead letters"),
     h("div", { class: "row admin" }, selCount, replaySel, deleteSel), selOut,
     page.items.length ? table(["", "Id", "Type", "Group", "Reason", "Category", "Error", "Attempts", "Last failed"], rows, [7]) : h("p", { class: "muted" }, "None."),
     next);
+}
+
+// Every matching dead letter, page by page, saved as a JSON-lines file.
+async function exportDeadLetters(topic, filter, out) {
+  const lines = [];
+  let after = null;
+  const bar = h("progress");
+  out.replaceChildren(h("div", { class: "row" }, bar, " exporting…"));
+  for (;;) {
+    const q = new URLSearchParams({ ...filter, limit: "1000" });
+    if (after) q.set("after", after);
+    const page = await api("GET", `/api/topics/${enc(topic)}/dead-letters?${q}`);
+    for (const d of page.items) lines.push(JSON.stringify(d));
+    if (!page.next) break;
+    after = page.next;
+  }
+  const url = URL.createObjectURL(new Blob([lines.join("\n") + (lines.length ? "\n" : "")], { type: "application/x-ndjson" }));
+  const link = h("a", { href: url, download: `${topic}-dead-letters.jsonl` }, `Download ${lines.length} dead letters`);
+  out.replaceChildren(notice(`Exported ${lines.length} dead letters. `), link);
+  link.click();
 }
 
 // Follows a background replay job until it ends, with a progress bar.
@@ -473,6 +511,7 @@ async function route() {
   clearInterval(timer);
   timer = null;
   generation += 1;
+  delete main.dataset.ready;
   const hash = location.hash.replace(/^#/, "") || "/";
   const path = hash.split("?")[0];
   try {
@@ -490,6 +529,8 @@ async function route() {
     setPage("Error", notice(e.message, "error"), h("p", {}, h("a", { href: "#/" }, "Overview")));
   }
   main.focus({ preventScroll: true });
+  // Which address the page shows is rendered for (tests wait for it after navigating).
+  main.dataset.ready = location.hash;
 }
 
 document.getElementById("signout").addEventListener("click", () => {

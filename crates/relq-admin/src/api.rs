@@ -619,9 +619,26 @@ pub(crate) struct BrowseParams {
     /// `oldest` (default) or `newest` first.
     #[param(pattern = r"^(oldest|newest)$")]
     order: Option<String>,
+    /// Only messages of this type.
+    #[serde(rename = "type")]
+    #[param(rename = "type")]
+    kind: Option<String>,
+    /// Only messages with this header: `name` (present) or `name=value`.
+    header: Option<String>,
+    /// Only messages published at or after this time (RFC 3339, UTC).
+    #[param(pattern = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?Z$")]
+    since: Option<String>,
+    /// Only messages published before this time (RFC 3339, UTC).
+    #[param(pattern = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?Z$")]
+    until: Option<String>,
 }
 
-/// A page of the topic's stored messages, read without a group (nothing changes).
+/// How many stored messages one filtered browse request looks at, at most; `next` continues.
+const BROWSE_SCAN: usize = 10_000;
+
+/// A page of the topic's stored messages, read without a group (nothing changes); filtered by
+/// type, header and publish time. A filtered request looks at up to 10,000 messages: a page
+/// with fewer items and a `next` means continue from there.
 #[utoipa::path(get, path = "/api/topics/{topic}/messages", tag = "messages",
     params(TopicPath, BrowseParams),
     responses((status = 200, body = Page<MessageView>), (status = "default", body = Problem, content_type = "application/problem+json")))]
@@ -630,7 +647,7 @@ pub(crate) async fn browse(
     Path(topic): Path<String>,
     Query(p): Query<BrowseParams>,
 ) -> ApiResult<Json<Page<MessageView>>> {
-    let mut q = match p.order.as_deref() {
+    let order = match p.order.as_deref() {
         None | Some("oldest") => Browse::oldest(),
         Some("newest") => Browse::newest(),
         Some(o) => {
@@ -639,21 +656,68 @@ pub(crate) async fn browse(
             )))
         }
     };
-    q = q.limit(page_size(p.limit)?);
-    if let Some(a) = &p.after {
-        q = q.after(id(a)?);
+    let limit = page_size(p.limit)?;
+    let mut after = p.after.as_deref().map(id).transpose()?;
+    let mut before = p.before.as_deref().map(id).transpose()?;
+    // A time range is a range of ids (an id starts with its publish time in milliseconds).
+    if let Some(t) = &p.since {
+        if let Some(ms) = parse_time("since", t)?.0.checked_sub(1) {
+            let below = MessageId::new(ms, u64::MAX);
+            after = Some(after.map_or(below, |a| a.max(below)));
+        }
     }
-    if let Some(b) = &p.before {
-        q = q.before(id(b)?);
+    if let Some(t) = &p.until {
+        let to = MessageId::new(parse_time("until", t)?.0, 0);
+        before = Some(before.map_or(to, |b| b.min(to)));
     }
-    let page = s.broker.browse(&topic, &q).await?;
-    let next = (page.len() == q.page_size())
-        .then(|| page.last().map(|m| m.id.to_string()))
-        .flatten();
-    Ok(Json(Page {
-        items: page.iter().map(MessageView::from).collect(),
-        next,
-    }))
+    let header = p.header.as_deref().map(|h| match h.split_once('=') {
+        Some((k, v)) => (k.to_owned(), Some(v.to_owned())),
+        None => (h.to_owned(), None),
+    });
+    let keep = |m: &relq::Message| {
+        p.kind.as_deref().is_none_or(|k| m.kind == k)
+            && header.as_ref().is_none_or(|(k, v)| match v {
+                Some(v) => m.header(k) == Some(v.as_str()),
+                None => m.header(k).is_some(),
+            })
+    };
+    let filtered = p.kind.is_some() || header.is_some();
+    let mut items = Vec::new();
+    let mut scanned = 0;
+    let mut last = None;
+    let more = loop {
+        let mut q = order.limit(if filtered { Browse::MAX_LIMIT } else { limit });
+        if let Some(a) = after {
+            q = q.after(a);
+        }
+        if let Some(b) = before {
+            q = q.before(b);
+        }
+        let page = s.broker.browse(&topic, &q).await?;
+        let full = page.len() == q.page_size();
+        for m in &page {
+            scanned += 1;
+            last = Some(m.id);
+            if keep(m) {
+                items.push(MessageView::from(m));
+                if items.len() == limit {
+                    break;
+                }
+            }
+        }
+        // Stopped inside the page (enough matches), or the page was full: there may be more.
+        let more = last != page.last().map(|m| m.id) || full;
+        if !filtered || !full || items.len() == limit || scanned >= BROWSE_SCAN {
+            break more;
+        }
+        match (q.newest_first, last) {
+            (true, Some(l)) => before = Some(l),
+            (false, Some(l)) => after = Some(l),
+            (_, None) => break false,
+        }
+    };
+    let next = more.then(|| last.map(|l| l.to_string())).flatten();
+    Ok(Json(Page { items, next }))
 }
 
 /// One stored message.

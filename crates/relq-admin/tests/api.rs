@@ -1298,3 +1298,50 @@ async fn a_dead_letter_is_replayed_with_an_edited_payload_and_the_edit_is_audite
     assert_eq!(e["params"]["edited"], true);
     assert_eq!(e["status"], 200);
 }
+
+#[tokio::test]
+async fn messages_are_browsed_by_type_header_and_time() {
+    let b = Broker::memory();
+    let app = app(&b);
+    for i in 0..30 {
+        let kind = if i % 3 == 0 { "refund" } else { "order" };
+        let mut m = NewMessage::new(kind, format!("{i}"));
+        if i % 10 == 0 {
+            m = m.header("tenant", "acme");
+        }
+        b.publish("orders", m).await.unwrap();
+    }
+    let get = |q: &str| {
+        let app = app.clone();
+        let uri = format!("/api/topics/orders/messages?{q}");
+        async move { call(&app, Method::GET, &uri, Some(READER), None).await }
+    };
+    let payloads = |r: &Reply| -> Vec<String> {
+        r.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["payload"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let r = get("type=refund").await;
+    assert_eq!(payloads(&r).len(), 10, "{}", r.text);
+    assert!(r.body["next"].is_null());
+    let r = get("header=tenant%3Dacme").await;
+    assert_eq!(payloads(&r), ["0", "10", "20"], "{}", r.text);
+    let r = get("header=tenant&type=refund").await;
+    assert_eq!(payloads(&r), ["0"], "{}", r.text);
+    // Paged: a filtered page of 2, then on from its `next`.
+    let r = get("type=refund&limit=2&order=newest").await;
+    assert_eq!(payloads(&r), ["27", "24"], "{}", r.text);
+    let next = r.body["next"].as_str().unwrap().to_owned();
+    let r = get(&format!("type=refund&limit=2&order=newest&before={next}")).await;
+    assert_eq!(payloads(&r), ["21", "18"], "{}", r.text);
+    // A time range: all of them were published before the year 2100, none after.
+    let r = get("since=2100-01-01T00:00:00Z").await;
+    assert!(payloads(&r).is_empty(), "{}", r.text);
+    let r = get("until=2100-01-01T00:00:00Z&limit=1000").await;
+    assert_eq!(payloads(&r).len(), 30, "{}", r.text);
+    let r = get("since=yesterday").await;
+    problem(&r, StatusCode::BAD_REQUEST);
+}
