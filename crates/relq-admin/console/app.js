@@ -252,6 +252,36 @@ async function topicPage(name) {
       age(g.oldest_pending_age_ms),
       g.consumers.map((c) => h("div", {}, `${c.name}: ${c.pending} pending, idle ${age(c.idle_ms)}`))], [2, 3, 4, 5])), [2, 3, 4, 5]);
   const browser = h("div", { id: "messages" });
+  // Groups: create one at a start position, move one, delete one (its name typed again).
+  const groupOut = h("div");
+  const reload = () => route();
+  const groupForm = h("form", { class: "row admin", onsubmit: (e) => {
+    e.preventDefault();
+    const f = e.target.elements;
+    const button = e.submitter || f.act;
+    guarded(button, groupOut, async () => {
+      const group = f.group.value.trim();
+      const position = f.position.value.trim() || "latest";
+      const act = button.value;
+      if (act === "create") {
+        const r = await api("POST", `/api/topics/${enc(name)}/groups`, { name: group, start: position });
+        groupOut.replaceChildren(notice(r.created ? `Created group ${group}.` : `Group ${group} exists; unchanged.`, "ok"));
+      } else if (act === "move") {
+        const r = await api("POST", `/api/topics/${enc(name)}/groups/${enc(group)}/move`, { to: position });
+        groupOut.replaceChildren(notice(`Moved group ${group}: lag ${r.before.lag} → ${r.after.lag}.`, "ok"));
+      } else {
+        await api("DELETE", `/api/topics/${enc(name)}/groups/${enc(group)}?confirm=${enc(f.confirm.value)}`);
+        groupOut.replaceChildren(notice(`Deleted group ${group}.`, "ok"));
+      }
+      setTimeout(reload, 800);
+    });
+  } },
+    h("label", {}, "Group", h("input", { name: "group", size: 14, required: true, "aria-label": "Group name" })),
+    h("label", {}, "Position", h("input", { name: "position", size: 16, placeholder: "latest / earliest / id", "aria-label": "Position" })),
+    h("button", { type: "submit", name: "act", value: "create" }, "Create"),
+    h("button", { type: "submit", name: "act", value: "move" }, "Move"),
+    h("label", {}, "Type the group name to delete", h("input", { name: "confirm", size: 14, "aria-label": "Type the group name to delete" })),
+    h("button", { type: "submit", name: "act", value: "delete", class: "danger" }, "Delete group"));
   const cleanupOut = h("div");
   const minAge = h("input", { name: "min_age", value: "1h", size: 6, "aria-label": "Minimum age" });
   const preview = h("button", { type: "button", onclick: () => guarded(preview, cleanupOut, async () => {
@@ -271,7 +301,7 @@ async function topicPage(name) {
   typed.addEventListener("input", () => { term.disabled = typed.value !== name; });
   setPage(`Topic ${name}`,
     h("p", {}, `${t.length} messages · `, h("a", { href: `#/topics/${enc(name)}/dead-letters` }, `${t.dead_letters} dead letters`), ` · ${t.stopped.length} stopped`),
-    h("h2", {}, "Groups"), groups,
+    h("h2", {}, "Groups"), groups, groupForm, groupOut,
     h("h2", {}, "Messages"),
     h("form", { class: "row", onsubmit: async (e) => {
       e.preventDefault();

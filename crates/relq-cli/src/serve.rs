@@ -95,7 +95,7 @@ pub(crate) async fn run(
     if json_out {
         println!("{}", json!({ "listening": format!("{scheme}://{local}") }));
     } else {
-        println!("relq serve: listening on {scheme}://{local} (API /api, metrics /metrics, health /readyz, document /openapi.json)");
+        println!("relq serve: listening on {scheme}://{local} (console /, API /api, metrics /metrics, health /readyz, document /openapi.json)");
     }
     let signal = shutdown_signal();
     match tls {
