@@ -20,6 +20,8 @@ pub(crate) enum BenchCommand {
     /// The Redis Streams backend against redis-benchmark and a naive loop, on a redis-server
     /// this command starts.
     Redis(crate::bench_redis::RedisArgs),
+    /// The consumer runtime alone on the in-memory backend (small enough for callgrind).
+    Memory(crate::bench_memory::MemoryArgs),
     /// Internal: fills a data directory with a backlog, prints "ready", waits to be killed.
     #[command(hide = true)]
     Fill {
@@ -84,6 +86,7 @@ pub(crate) async fn run(cmd: BenchCommand, json_out: bool) -> anyhow::Result<()>
         } => fill(&dir, messages, delayed).await,
         BenchCommand::Embedded(args) => embedded(args, json_out).await,
         BenchCommand::Redis(args) => crate::bench_redis::run(args, json_out).await,
+        BenchCommand::Memory(args) => crate::bench_memory::run(args, json_out).await,
     }
 }
 

@@ -5,6 +5,7 @@
 //! interrupted.
 
 mod bench;
+mod bench_memory;
 mod bench_redis;
 mod check;
 mod consume;
