@@ -58,8 +58,13 @@ pub(crate) struct GroupState {
 impl GroupState {
     pub(crate) fn from_record(rec: &GroupRecord) -> GroupState {
         let done: BTreeMap<u64, u64> = rec.done.iter().copied().collect();
-        // Done offsets at or above the cursor are left by a move back.
-        let rewound = done.last_key_value().map_or(0, |(_, e)| *e).max(rec.cursor);
+        // Done offsets at or above the cursor are left by a move back (in ranges, or in a
+        // floor above the cursor when the rows start right at it).
+        let rewound = done
+            .last_key_value()
+            .map_or(0, |(_, e)| *e)
+            .max(rec.floor)
+            .max(rec.cursor);
         GroupState {
             cursor: rec.cursor,
             cursor_ms: rec.cursor_ms,
