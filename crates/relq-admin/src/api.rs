@@ -695,20 +695,21 @@ pub(crate) async fn browse(
         }
         let page = s.broker.browse(&topic, &q).await?;
         let full = page.len() == q.page_size();
-        for m in &page {
+        let mut cut = false;
+        for (i, m) in page.iter().enumerate() {
             scanned += 1;
             last = Some(m.id);
             if keep(m) {
                 items.push(MessageView::from(m));
                 if items.len() == limit {
+                    cut = i + 1 < page.len();
                     break;
                 }
             }
         }
-        // Stopped inside the page (enough matches), or the page was full: there may be more.
-        let more = last != page.last().map(|m| m.id) || full;
+        // The page was full, or enough matched before its end: there may be more.
         if !filtered || !full || items.len() == limit || scanned >= BROWSE_SCAN {
-            break more;
+            break full || cut;
         }
         match (q.newest_first, last) {
             (true, Some(l)) => before = Some(l),

@@ -94,13 +94,13 @@ fn exit_codes_mean_something() {
 #[test]
 fn a_closed_output_pipe_is_not_a_panic() {
     let dir = fresh_dir();
-    let mut child = relq_cmd(&dir, &["--json", "topics"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
+    // The reader is closed before relq starts: its first write fails, whatever the timing.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = relq_cmd(&dir, &["--json", "topics"])
+        .stdout(writer)
+        .output()
         .unwrap();
-    drop(child.stdout.take());
-    let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panic"), "{stderr}");
     assert_eq!(out.status.code(), Some(141), "{stderr}");

@@ -208,6 +208,11 @@ fn prefix(topic: &str) -> String {
     format!("relq:{{{topic}}}:")
 }
 
+/// The prefix of group `group`'s keys under topic prefix `pre` (the scripts' `gk`).
+fn group_prefix(pre: &str, group: &str) -> String {
+    format!("{pre}g:{group}:")
+}
+
 /// How long an id with a failure history is remembered without being settled. Deliveries this
 /// process never settles (abandoned at shutdown, or settled by whoever claimed them) would
 /// otherwise pile up; past this age the delivery was long claimed or recovered, and an ack of
@@ -862,7 +867,7 @@ impl RedisBackend {
             }
             cmd.arg("STREAMS").arg(&key).arg(">");
             pipe.cmd("ZCARD")
-                .arg(format!("{}g:{}:skip", prefix(&sub.topic), sub.group));
+                .arg(group_prefix(&prefix(&sub.topic), &sub.group) + "skip");
             pipe
         };
         let limit = block.saturating_add(self.config.response_timeout);
@@ -1694,7 +1699,7 @@ impl Backend for RedisBackend {
                 .get("last-delivered-id")
                 .and_then(|v| id_of(v).ok())
                 .unwrap_or_default();
-            let gkey = format!("{pre}g:{name}:");
+            let gkey = group_prefix(&pre, &name);
             let mut cmd = ::redis::cmd("XPENDING");
             cmd.arg(&key).arg(&name).arg(&id_text).arg(&id_text).arg(1);
             let pending = items(self.query(cmd).await?).into_iter().next().map(items);
@@ -1871,7 +1876,7 @@ impl Backend for RedisBackend {
                     Some(l) => l as u64,
                     None => self.count_after(&key, &cursor.to_string()).await?,
                 };
-                let gkey = format!("{pre}g:{name}:");
+                let gkey = group_prefix(&pre, &name);
                 let mut cmd = ::redis::cmd("ZCARD");
                 cmd.arg(format!("{gkey}sched"));
                 let scheduled = int(&self.query(cmd).await?).unwrap_or(0) as u64;
