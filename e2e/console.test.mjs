@@ -24,43 +24,77 @@ const ADMIN = "console-admin-token-0123456789";
 const READER = "console-reader-token-0123456789";
 const shots = process.env.RELQ_SCREENSHOTS ? resolve(root, process.env.RELQ_SCREENSHOTS) : null;
 
-let server, base, browser, data, topic;
+const PROMETHEUS = "/usr/bin/prometheus";
 
-function missing(what) {
+let server, base, browser, data, topic, big, consumer, prometheus;
+
+function missing(what, env = "RELQ_REQUIRE_CHROMIUM") {
   const text = `MISSING: ${what}; the console end-to-end tests cannot run`;
-  if (process.env.RELQ_REQUIRE_CHROMIUM === "1") throw new Error(text);
+  if (process.env[env] === "1") throw new Error(text);
   console.error(`\n*** ${text} ***\n`);
   return true;
 }
 
 const skip = !existsSync(CHROMIUM) && missing(`${CHROMIUM} (apt-get install chromium)`);
+const noPrometheus = !skip && !existsSync(PROMETHEUS) && missing(`${PROMETHEUS} (apt-get install prometheus): the latency chart test`, "RELQ_REQUIRE_PROMETHEUS");
+
+// A free loopback port (for Prometheus, which cannot report the one it picked).
+async function freePort() {
+  const { createServer } = await import("node:net");
+  const srv = createServer();
+  await new Promise((ok) => srv.listen(0, "127.0.0.1", ok));
+  const { port } = srv.address();
+  await new Promise((ok) => srv.close(ok));
+  return port;
+}
+
+// The first line of `stream` that `pick` maps to a value.
+function firstLine(stream, pick, what) {
+  const lines = createInterface({ input: stream });
+  return new Promise((ok, fail) => {
+    const t = setTimeout(() => fail(new Error(`${what} did not start`)), 20000);
+    lines.on("line", (l) => {
+      const v = pick(l);
+      if (v) { clearTimeout(t); ok(v); }
+    });
+  });
+}
 
 before(async () => {
   if (skip) return;
   assert.ok(existsSync(relq), `no relq binary at ${relq}: cargo build --bin relq (or set RELQ_BIN)`);
   data = mkdtempSync(join(tmpdir(), "relq-console-"));
   const url = `file://${join(data, "relq-data")}`;
-  execFileSync(relq, ["--url", url, "demo", "--messages", "1500", "--json"], { stdio: ["ignore", "ignore", "ignore"] });
-  topic = JSON.parse(execFileSync(relq, ["--url", url, "--json", "topics"]).toString()).find((t) => t.startsWith("demo-"));
-  assert.ok(topic, "the demo made a topic");
+  const demo = (...args) => JSON.parse(execFileSync(relq, ["--url", url, "demo", "--json", ...args], { stdio: ["ignore", "pipe", "ignore"] }).toString()).topic;
+  topic = demo("--messages", "1500");
+  // A topic with 100,000 dead letters: every attempt fails.
+  big = demo("--messages", "100000", "--fail-rate", "1", "--concurrency", "256");
+  assert.ok(topic && big, "the demos made their topics");
+  const promPort = noPrometheus ? null : await freePort();
   const config = join(data, "relq.toml");
   writeFileSync(config, [
     "[backend]", `url = "${url}"`, "",
-    "[server]", 'bind = "127.0.0.1:0"', "",
+    "[server]", 'bind = "127.0.0.1:0"', promPort ? `prometheus_url = "http://127.0.0.1:${promPort}"` : "", "",
     "[[server.tokens]]", 'name = "ops"', `token = "${ADMIN}"`, 'role = "admin"', "",
     "[[server.tokens]]", 'name = "viewer"', `token = "${READER}"`, 'role = "read"', "",
   ].join("\n"));
   server = spawn(relq, ["--config", config, "--json", "serve"], { stdio: ["ignore", "pipe", "inherit"] });
-  const lines = createInterface({ input: server.stdout });
-  base = await new Promise((ok, fail) => {
-    const t = setTimeout(() => fail(new Error("relq serve did not start")), 20000);
-    lines.on("line", (l) => {
-      try {
-        const v = JSON.parse(l);
-        if (v.listening) { clearTimeout(t); ok(v.listening.replace(/\/$/, "")); }
-      } catch { /* a log line */ }
-    });
-  });
+  base = (await firstLine(server.stdout, (l) => {
+    try { return JSON.parse(l).listening; } catch { return null; /* a log line */ }
+  }, "relq serve")).replace(/\/$/, "");
+  if (promPort) {
+    // A consumer exporting its latency histogram, scraped every second by a real Prometheus
+    // that `relq serve` asks for the latency chart.
+    consumer = spawn(relq, ["--url", url, "consume", topic, "--group", "live", "--idle", "1h", "--metrics", "127.0.0.1:0"],
+      { stdio: ["ignore", "ignore", "pipe"] });
+    const metrics = await firstLine(consumer.stderr, (l) => (l.match(/metrics at http:\/\/(\S+)\/metrics/) || [])[1], "relq consume --metrics");
+    writeFileSync(join(data, "prometheus.yml"), [
+      "global:", "  scrape_interval: 1s", "scrape_configs:", "  - job_name: consumers",
+      "    static_configs:", `      - targets: ["${metrics}"]`, "",
+    ].join("\n"));
+    prometheus = spawn(PROMETHEUS, [`--config.file=${join(data, "prometheus.yml")}`, `--storage.tsdb.path=${join(data, "prom")}`,
+      `--web.listen-address=127.0.0.1:${promPort}`], { stdio: ["ignore", "ignore", "ignore"] });
+  }
   browser = await chromium.launch({
     executablePath: CHROMIUM,
     args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -71,12 +105,14 @@ before(async () => {
 
 after(async () => {
   await browser?.close();
+  prometheus?.kill("SIGTERM");
+  consumer?.kill("SIGTERM");
   server?.kill("SIGTERM");
   if (data) rmSync(data, { recursive: true, force: true });
 });
 
-async function page(token, width = 1280) {
-  const context = await browser.newContext({ viewport: { width, height: 900 } });
+async function page(token, width = 1280, colorScheme = "light") {
+  const context = await browser.newContext({ viewport: { width, height: 900 }, colorScheme });
   const p = await context.newPage();
   const errors = [];
   p.on("pageerror", (e) => errors.push(e.message));
@@ -137,8 +173,39 @@ test("sign in, the overview lists the topics, a wrong token is refused", { skip 
     assert.ok(Date.now() < until, `no publish rate shown: ${await rate()}`);
     await q.waitForTimeout(200);
   }
-  if (shots) await q.waitForTimeout(4500); // a few more samples on the charts
-  await shot(q, "overview");
+  assert.deepEqual(errors, []);
+});
+
+async function publish(t, n) {
+  for (let i = 0; i < n; i++) {
+    const r = await fetch(`${base}/api/topics/${t}/messages`, {
+      method: "POST",
+      headers: { Authorization: `Bearer ${ADMIN}`, "Content-Type": "application/json" },
+      body: JSON.stringify({ type: "order", payload: JSON.stringify({ live: i }) }),
+    });
+    assert.equal(r.status, 200);
+  }
+}
+
+test("the overview charts the p99 latency a real Prometheus reports", { skip: skip || noPrometheus }, async () => {
+  const { p, errors } = await page(ADMIN);
+  const legend = p.locator("#latency-legend");
+  // Messages handled while Prometheus scrapes the consumer: its histogram grows and the rate
+  // over the last minute has a p99. Scraped every second, asked every 6 s: allow a minute.
+  const until = Date.now() + 60000;
+  let text = "";
+  for (;;) {
+    await publish(topic, 10);
+    text = await legend.textContent();
+    if (new RegExp(`${topic} \\d+(\\.\\d+)? (ms|s)`).test(text)) break;
+    assert.ok(Date.now() < until, `no latency charted: ${text}`);
+    await p.waitForTimeout(500);
+  }
+  const v = await (await fetch(`${base}/api/latency?minutes=5`, { headers: { Authorization: `Bearer ${READER}` } })).json();
+  const s = v.series.find((x) => x.topic === topic);
+  assert.ok(v.configured && s && s.points.some(([, y]) => y > 0), JSON.stringify(v));
+  if (shots) await p.waitForTimeout(4500); // a few more samples on the charts
+  await shot(p, "overview");
   assert.deepEqual(errors, []);
 });
 
@@ -344,6 +411,52 @@ test("terminate a topic after typing its name; the audit page lists the actions"
     assert.ok(actions.includes(a), `${a} in the audit page: ${actions}`);
   }
   await shot(p, "audit");
+  assert.deepEqual(errors, []);
+});
+
+test("100,000 dead letters: the list is paged, the groups arrive, filter by handler, purge after a dry run", { skip }, async () => {
+  const { p, errors } = await page(ADMIN);
+  await p.goto(`${base}/#/topics/${big}/dead-letters`);
+  await ready(p);
+  // The first page shows without waiting for the grouping of all 100,000.
+  assert.equal(await p.locator("tbody tr").count(), 50);
+  const first = await p.locator("tbody tr a.mono").first().textContent();
+  // The groups come when the server has read them all, and count every dead letter.
+  await p.locator(".cards .card").first().waitFor({ timeout: 120000 });
+  const counts = await p.locator(".cards .card strong").allTextContents();
+  assert.equal(counts.map((c) => parseInt(c, 10)).reduce((a, b) => a + b, 0), 100000, counts.join(" "));
+  await p.getByRole("link", { name: "Next page" }).click();
+  await ready(p);
+  assert.equal(await p.locator("tbody tr").count(), 50);
+  assert.notEqual(await p.locator("tbody tr a.mono").first().textContent(), first);
+  // By handler: the demo's email handler.
+  await p.getByLabel("Handler", { exact: true }).fill("email");
+  await p.getByRole("button", { name: "Filter" }).click();
+  await p.waitForURL(/handler=email/);
+  await ready(p);
+  const types = await p.locator("tbody tr td:nth-child(3)").allTextContents();
+  assert.ok(types.length === 50 && types.every((t) => t === "email"), types.join(" "));
+  // Purge: the dry run counts, nothing goes until the second click.
+  await p.getByLabel("Purge older than").fill("0s");
+  await p.getByRole("button", { name: "Preview purge" }).click();
+  await p.getByText("Dry run: 100000 dead letters").waitFor();
+  const info = async () => (await (await fetch(`${base}/api/topics/${big}`, { headers: { Authorization: `Bearer ${READER}` } })).json()).dead_letters;
+  assert.equal(await info(), 100000);
+  await p.getByRole("button", { name: "Purge 100000" }).click();
+  await p.getByText("Purged 100000 dead letters.").waitFor({ timeout: 120000 });
+  assert.equal(await info(), 0);
+  assert.ok((await audit()).some((e) => e.action === "purge" && e.topic === big && e.actor === "ops"));
+  assert.deepEqual(errors, []);
+});
+
+test("dark mode", { skip }, async () => {
+  const { p, errors } = await page(ADMIN, 1280, "dark");
+  await p.goto(`${base}/#/topics/${topic}/dead-letters`);
+  await ready(p);
+  const [r, g, b] = (await p.evaluate(() => getComputedStyle(document.body).backgroundColor)).match(/\d+/g).map(Number);
+  assert.ok(0.2126 * r + 0.7152 * g + 0.0722 * b < 80, `a dark background: ${r},${g},${b}`);
+  await p.locator(".cards .card").first().waitFor();
+  await shot(p, "dark-dead-letters");
   assert.deepEqual(errors, []);
 });
 

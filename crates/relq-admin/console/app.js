@@ -169,13 +169,58 @@ function chart(label, series) {
   return { canvas, box: h("div", {}, h("h2", {}, label), canvas, legend), series };
 }
 
+// The p99 publish-to-handled latency per topic, from the Prometheus that scrapes the consumers
+// (the server asks it; without server.prometheus_url there is nothing to chart).
+const PALETTE = ["c-p0", "c-p1", "c-p2", "c-p3", "c-p4", "c-p5"];
+
+function seconds(s) {
+  if (s === null || s === undefined) return "–";
+  return s < 1 ? `${Math.round(s * 1000)} ms` : `${s.toFixed(2)} s`;
+}
+
+function latencyChart() {
+  const canvas = h("canvas", { class: "chart", width: 1200, height: 160, role: "img", "aria-label": "p99 latency" });
+  const legend = h("div", { class: "legend muted", id: "latency-legend" }, "Asking Prometheus…");
+  const box = h("div", {}, h("h2", {}, "p99 latency, publish to handled"), canvas, legend);
+  const update = async () => {
+    let v;
+    try {
+      v = await api("GET", "/api/latency?minutes=15");
+    } catch (e) {
+      legend.replaceChildren(notice(e.message, "error"));
+      return;
+    }
+    if (!v.configured) {
+      legend.replaceChildren("Set server.prometheus_url to a Prometheus that scrapes your consumers' /metrics to chart it here.");
+      return;
+    }
+    const series = v.series.slice(0, PALETTE.length).map((s, i) => [s.topic, PALETTE[i], s.topic]);
+    const times = [...new Set(v.series.flatMap((s) => s.points.map((p) => p[0])))].sort((a, b) => a - b);
+    const at = Object.fromEntries(times.map((t) => [t, { at: t }]));
+    for (const s of v.series) for (const [t, y] of s.points) at[t][s.topic] = y;
+    const points = times.map((t) => at[t]);
+    legend.replaceChildren(...(series.length
+      ? series.map(([topic, cls]) => {
+        const latest = [...points].reverse().find((p) => p[topic] !== null && p[topic] !== undefined);
+        return h("span", { title: v.query }, h("i", { class: cls }), `${topic} ${seconds(latest ? latest[topic] : null)}`);
+      })
+      : [`No consumer has handled a message in the last 15 minutes (asked ${v.source}).`]));
+    draw(canvas, series, points, { format: seconds, floor: 0.001 });
+  };
+  return { box, update };
+}
+
 async function overview() {
   const mine = generation;
   const rates = chart("Throughput", RATES);
   const levels = chart("Backlog", LEVELS);
+  const latency = latencyChart();
   const body = h("div", {}, h("p", { class: "muted" }, "Loading topics…"));
-  setPage("Overview", body, h("div", { class: "cards" }, rates.box, levels.box));
+  setPage("Overview", body, h("div", { class: "cards" }, rates.box, levels.box, latency.box));
+  let ticks = 0;
   const refresh = async () => {
+    // The latency every 6 seconds (Prometheus scrapes every few seconds at best).
+    if (ticks++ % 3 === 0) latency.update();
     const topics = await api("GET", "/api/topics");
     const now = Date.now();
     const user = topics.filter((t) => !t.name.startsWith("_relq"));
@@ -214,9 +259,13 @@ async function overview() {
   if (mine === generation) timer = setInterval(() => refresh().catch(() => {}), 2000);
 }
 
-const COLORS = { "c-published": "#2ca02c", "c-dead": "#d62728", "c-backlog": "#1f77b4" };
+const COLORS = {
+  "c-published": "#2ca02c", "c-dead": "#d62728", "c-backlog": "#1f77b4",
+  "c-p0": "#9467bd", "c-p1": "#ff7f0e", "c-p2": "#17becf", "c-p3": "#8c564b", "c-p4": "#e377c2", "c-p5": "#7f7f7f",
+};
 
-function draw(canvas, series, points) {
+// Lines of `series` ([key, colour class, label]) through `points`; a missing value breaks a line.
+function draw(canvas, series, points, { format = null, floor = 1 } = {}) {
   // Drawn at the size it is shown, in device pixels (sharp text at any width).
   const dpr = window.devicePixelRatio || 1;
   const w = Math.max(200, canvas.clientWidth), hgt = 160, pad = 24;
@@ -226,19 +275,23 @@ function draw(canvas, series, points) {
   ctx.scale(dpr, dpr);
   ctx.clearRect(0, 0, w, hgt);
   if (points.length === 1) points = [points[0], points[0]];
-  const max = Math.max(1, ...points.flatMap((p) => series.map(([k]) => p[k])));
+  const known = (v) => typeof v === "number" && isFinite(v);
+  const max = Math.max(floor, ...points.flatMap((p) => series.map(([k]) => p[k]).filter(known)));
   ctx.fillStyle = getComputedStyle(document.body).color;
   ctx.font = "12px system-ui";
-  ctx.fillText(max >= 10 ? String(Math.round(max)) : max.toFixed(1), 4, 14);
+  ctx.fillText(format ? format(max) : max >= 10 ? String(Math.round(max)) : max.toFixed(1), 4, 14);
   ctx.fillText("0", 4, hgt - 6);
   for (const [key, cls] of series) {
     ctx.strokeStyle = COLORS[cls];
     ctx.lineWidth = 2;
     ctx.beginPath();
+    let drawing = false;
     points.forEach((p, i) => {
+      if (!known(p[key])) { drawing = false; return; }
       const x = pad + (i / Math.max(1, points.length - 1)) * (w - 2 * pad);
       const y = hgt - pad / 2 - (p[key] / max) * (hgt - pad);
-      if (i === 0) ctx.moveTo(x, y); else ctx.lineTo(x, y);
+      if (drawing) ctx.lineTo(x, y); else ctx.moveTo(x, y);
+      drawing = true;
     });
     ctx.stroke();
   }
@@ -395,20 +448,22 @@ async function deadLettersPage(topic) {
     location.hash = `#/topics/${enc(topic)}/dead-letters?${q}`;
   } },
     field("reason", "Reason", ["retryable", "permanent", "panic", "timeout", "no_handler", "delivery_limit"]),
-    field("category", "Category"), field("type", "Type"), field("group", "Group"),
+    field("category", "Category"), field("type", "Type"), field("handler", "Handler"), field("group", "Group"),
     timeField("since", "Failed since", params), timeField("until", "Failed before", params),
     h("button", { type: "submit" }, "Filter"));
   const filter = {};
-  for (const k of ["reason", "category", "type", "group", "since", "until"]) if (params.get(k)) filter[k] = params.get(k);
+  for (const k of ["reason", "category", "type", "handler", "group", "since", "until"]) if (params.get(k)) filter[k] = params.get(k);
   const q = new URLSearchParams(filter);
-  const [groups, page] = await Promise.all([
-    api("GET", `/api/topics/${enc(topic)}/dead-letters/groups?${q}`),
-    api("GET", `/api/topics/${enc(topic)}/dead-letters?${q}&limit=50${params.get("after") ? `&after=${enc(params.get("after"))}` : ""}`),
-  ]);
-  const cards = h("div", { class: "cards" }, groups.map((g) => h("div", { class: "card" },
-    h("strong", {}, `${g.count} × `), h("span", { class: "mono" }, g.fingerprint),
-    h("div", { class: "muted" }, "last ", when(g.last_seen), " · ", Object.keys(g.categories).join(", ") || "no category"),
-    g.suggestion ? h("p", {}, g.suggestion.check, h("br"), h("em", {}, `replay: ${g.suggestion.replay.replace("_", " ")}`)) : "")));
+  const page = await api("GET", `/api/topics/${enc(topic)}/dead-letters?${q}&limit=50${params.get("after") ? `&after=${enc(params.get("after"))}` : ""}`);
+  // Grouping reads every matching dead letter: the page shows first, the groups when ready.
+  const byError = h("div", { "aria-busy": "true" }, h("p", { class: "muted" }, "Grouping the matching dead letters by error…"));
+  api("GET", `/api/topics/${enc(topic)}/dead-letters/groups?${q}`).then((groups) => {
+    byError.replaceChildren(groups.length ? h("div", { class: "cards" }, groups.map((g) => h("div", { class: "card" },
+      h("strong", {}, `${g.count} × `), h("span", { class: "mono" }, g.fingerprint),
+      h("div", { class: "muted" }, "last ", when(g.last_seen), " · ", Object.keys(g.categories).join(", ") || "no category"),
+      g.suggestion ? h("p", {}, g.suggestion.check, h("br"), h("em", {}, `replay: ${g.suggestion.replay.replace("_", " ")}`)) : "")))
+      : h("p", { class: "muted" }, "No dead letters match."));
+  }, (e) => byError.replaceChildren(notice(e.message, "error"))).finally(() => byError.removeAttribute("aria-busy"));
   const out = h("div");
   const rate = h("input", { name: "rate", type: "number", min: 1, size: 6, placeholder: "all at once", "aria-label": "Rate per second" });
   const dry = h("button", { type: "button", class: "admin", onclick: () => guarded(dry, out, async () => {
@@ -439,6 +494,18 @@ async function deadLettersPage(topic) {
     const r = await api("POST", `/api/topics/${enc(topic)}/dead-letters/delete`, { ids: [...selected] });
     selOut.replaceChildren(notice(`Deleted ${r.removed} of ${selected.size} selected.`, "ok"));
   }) }, "Delete selected");
+  // Purge by age: a dry run counts first; the real purge is a second click.
+  const purgeOut = h("div");
+  const olderThan = h("input", { name: "older_than", value: "7d", size: 6, "aria-label": "Purge older than" });
+  const purgePreview = h("button", { type: "button", onclick: () => guarded(purgePreview, purgeOut, async () => {
+    const age = olderThan.value.trim();
+    const r = await api("POST", `/api/topics/${enc(topic)}/dead-letters/purge`, { older_than: age, dry_run: true });
+    const go = h("button", { type: "button", class: "danger", onclick: () => guarded(go, purgeOut, async () => {
+      const done = await api("POST", `/api/topics/${enc(topic)}/dead-letters/purge`, { older_than: age });
+      purgeOut.replaceChildren(notice(`Purged ${done.removed} dead letters.`, "ok"));
+    }) }, `Purge ${r.removed}`);
+    purgeOut.replaceChildren(notice(`Dry run: ${r.removed} dead letters last failed more than ${age} ago and would be deleted (whatever the filter above).`), r.removed ? go : "");
+  }) }, "Preview purge");
   const rows = page.items.map((d) => row([
     h("input", { type: "checkbox", class: "admin", "aria-label": `Select ${d.id}`, onchange: (e) => onSelect(d.id, e.target.checked) }),
     h("a", { href: `#/topics/${enc(topic)}/dead-letters/${enc(d.id)}`, class: "mono" }, d.id),
@@ -449,13 +516,15 @@ async function deadLettersPage(topic) {
     : "";
   setPage(`Dead letters of ${topic}`,
     h("p", {}, h("a", { href: `#/topics/${enc(topic)}` }, `← topic ${topic}`)), form,
-    h("h2", {}, "By error"), groups.length ? cards : h("p", { class: "muted" }, "No dead letters match."),
+    h("h2", {}, "By error"), byError,
     h("div", { class: "row admin" }, h("label", {}, "Rate per second", rate), dry), out,
     h("div", { class: "row" }, h("button", { type: "button", onclick: (e) => guarded(e.target, out, () => exportDeadLetters(topic, filter, out)) }, "Export matching (JSON lines)")),
     h("h2", {}, "Dead letters"),
     h("div", { class: "row admin" }, selCount, replaySel, deleteSel), selOut,
     page.items.length ? table(["", "Id", "Type", "Group", "Reason", "Category", "Error", "Attempts", "Last failed"], rows, [7]) : h("p", { class: "muted" }, "None."),
-    next);
+    next,
+    h("section", { class: "admin" }, h("h2", {}, "Purge"),
+      h("div", { class: "row" }, h("label", {}, "Last failed more than", olderThan, "ago"), purgePreview), purgeOut));
 }
 
 // Every matching dead letter, page by page, saved as a JSON-lines file.

@@ -889,6 +889,8 @@ pub(crate) struct DeadLetterFilter {
     pub(crate) category: Option<String>,
     /// Only dead letters of this group.
     pub(crate) group: Option<String>,
+    /// Only dead letters of this handler (a message type, or `fallback`).
+    pub(crate) handler: Option<String>,
     /// Only those whose last failure is at or after this time (RFC 3339, UTC).
     #[param(pattern = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?Z$")]
     #[schema(pattern = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?Z$")]
@@ -905,6 +907,7 @@ impl DeadLetterFilter {
             && self.reason.is_none()
             && self.category.is_none()
             && self.group.is_none()
+            && self.handler.is_none()
             && self.since.is_none()
             && self.until.is_none()
     }
@@ -923,6 +926,9 @@ impl DeadLetterFilter {
         }
         if let Some(g) = &self.group {
             q = q.group(g);
+        }
+        if let Some(h) = &self.handler {
+            q = q.handler(h);
         }
         let since = self
             .since
@@ -962,6 +968,8 @@ pub(crate) struct DeadLetterPage {
     category: Option<String>,
     /// Only dead letters of this group.
     group: Option<String>,
+    /// Only dead letters of this handler (a message type, or `fallback`).
+    handler: Option<String>,
     /// Only those whose last failure is at or after this time (RFC 3339, UTC).
     #[param(pattern = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?Z$")]
     since: Option<String>,
@@ -977,6 +985,7 @@ impl DeadLetterPage {
             reason: self.reason.clone(),
             category: self.category.clone(),
             group: self.group.clone(),
+            handler: self.handler.clone(),
             since: self.since.clone(),
             until: self.until.clone(),
         }
@@ -1305,7 +1314,7 @@ pub(crate) async fn replay(
             "filter",
             serde_json::json!(filter.map(|f| serde_json::json!({
             "type": f.kind, "reason": f.reason, "category": f.category, "group": f.group,
-            "since": f.since, "until": f.until}))),
+            "handler": f.handler, "since": f.since, "until": f.until}))),
         ),
         ("all", serde_json::json!(req.all)),
         ("rate", serde_json::json!(req.rate)),
@@ -1510,9 +1519,12 @@ pub(crate) async fn delete_dead_letters(
 pub(crate) struct PurgeRequest {
     /// Those whose last failure is older than this (`"7d"`; `"0s"` for all).
     pub(crate) older_than: String,
+    /// Only count what would be deleted; delete nothing (not audited).
+    #[serde(default)]
+    pub(crate) dry_run: bool,
 }
 
-/// Deletes dead letters older than an age.
+/// Deletes dead letters older than an age; with `dry_run`, only counts them.
 #[utoipa::path(post, path = "/api/topics/{topic}/dead-letters/purge", tag = "dead letters",
     params(TopicPath), request_body = PurgeRequest,
     responses((status = 200, body = Removed), (status = "default", body = Problem, content_type = "application/problem+json")))]
@@ -1524,6 +1536,15 @@ pub(crate) async fn purge_dead_letters(
 ) -> ApiResult<Json<Removed>> {
     writable_topic(&topic)?;
     let age = parse_duration("older_than", &req.older_than)?;
+    if req.dry_run {
+        let before = relq::Timestamp::now().minus(age);
+        let removed = s
+            .broker
+            .dead_letters(&topic)
+            .count(&DeadLetterQuery::all().between(None, Some(before)))
+            .await?;
+        return Ok(Json(Removed { removed }));
+    }
     let r = s
         .broker
         .dead_letters(&topic)
@@ -1592,4 +1613,88 @@ pub(crate) async fn whoami(State(s): St, Extension(caller): Extension<Caller>) -
         name: caller.name,
         authenticated: !s.tokens.is_empty(),
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Latency (from Prometheus)
+
+/// Which stretch of time.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct LatencyWindow {
+    /// Minutes back from now, 1 to 1440 (default 15).
+    #[param(minimum = 1, maximum = 1440)]
+    minutes: Option<u64>,
+}
+
+/// One topic's latency over time.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct LatencySeries {
+    /// The topic.
+    pub(crate) topic: String,
+    /// `[unix milliseconds, seconds]` pairs; seconds is null where nothing was handled.
+    #[schema(value_type = Vec<Vec<f64>>)]
+    pub(crate) points: Vec<(u64, Option<f64>)>,
+}
+
+/// The p99 publish-to-handled latency per topic.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct LatencyView {
+    /// Whether `server.prometheus_url` is set (without it there is no latency to show).
+    pub(crate) configured: bool,
+    /// The Prometheus asked.
+    pub(crate) source: Option<String>,
+    /// The PromQL asked (paste it into Grafana or Prometheus for more).
+    pub(crate) query: String,
+    /// The quantile.
+    pub(crate) quantile: f64,
+    /// Seconds between points.
+    pub(crate) step_seconds: u64,
+    /// Per topic, by name.
+    pub(crate) series: Vec<LatencySeries>,
+}
+
+/// The p99 publish-to-handled latency per topic over the last minutes, from the Prometheus
+/// that scrapes the consumers (`server.prometheus_url`); `configured: false` without one.
+#[utoipa::path(get, path = "/api/latency", tag = "topics", params(LatencyWindow),
+    responses((status = 200, body = LatencyView), (status = "default", body = Problem, content_type = "application/problem+json")))]
+pub(crate) async fn latency(
+    State(s): St,
+    Query(w): Query<LatencyWindow>,
+) -> ApiResult<Json<LatencyView>> {
+    let minutes = w.minutes.unwrap_or(15);
+    if !(1..=1440).contains(&minutes) {
+        return Err(Problem::bad_request(format!(
+            "minutes = {minutes}: give 1 to 1440"
+        )));
+    }
+    // About 240 points whatever the window, and never closer than Prometheus' 1 s.
+    let step = (minutes * 60 / 240).max(1);
+    let mut view = LatencyView {
+        configured: s.prometheus.is_some(),
+        source: s.prometheus.as_ref().map(|p| p.url().to_owned()),
+        query: crate::latency::query(),
+        quantile: crate::latency::QUANTILE,
+        step_seconds: step,
+        series: Vec::new(),
+    };
+    let Some(prom) = &s.prometheus else {
+        return Ok(Json(view));
+    };
+    let end = relq::Timestamp::now().0 / 1000;
+    let series = prom
+        .latency(end.saturating_sub(minutes * 60), end, step)
+        .await
+        .map_err(|e| {
+            Problem::new(
+                StatusCode::BAD_GATEWAY,
+                "prometheus",
+                format!("Prometheus at {}: {e}", prom.url()),
+            )
+        })?;
+    view.series = series
+        .into_iter()
+        .map(|(topic, points)| LatencySeries { topic, points })
+        .collect();
+    Ok(Json(view))
 }

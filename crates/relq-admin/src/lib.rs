@@ -23,6 +23,7 @@ mod console;
 mod exporter;
 mod extract;
 mod jobs;
+mod latency;
 mod problem;
 mod views;
 
@@ -48,6 +49,7 @@ pub(crate) struct Shared {
     pub(crate) tokens: auth::Tokens,
     pub(crate) metrics: Option<PrometheusHandle>,
     pub(crate) jobs: jobs::Jobs,
+    pub(crate) prometheus: Option<latency::Prometheus>,
 }
 
 /// The admin server's router, built from a broker and options.
@@ -58,6 +60,7 @@ pub struct Admin {
     metrics: Option<PrometheusHandle>,
     cors_origins: Vec<String>,
     max_body: usize,
+    prometheus_url: Option<String>,
 }
 
 impl Admin {
@@ -69,12 +72,15 @@ impl Admin {
             metrics: None,
             cors_origins: Vec::new(),
             max_body: 4 << 20,
+            prometheus_url: None,
         }
     }
 
-    /// The options of a `[server]` configuration section: tokens, CORS origins, body limit.
+    /// The options of a `[server]` configuration section: tokens, CORS origins, body limit,
+    /// the Prometheus server asked for latency.
     pub fn configure(mut self, server: &relq::ServerSection) -> Admin {
         self.tokens = server.tokens.clone();
+        self.prometheus_url = server.prometheus_url.clone();
         self.cors_origins = server.cors_origins.clone();
         self.max_body = usize::try_from(server.max_body_bytes).unwrap_or(usize::MAX);
         self
@@ -100,6 +106,10 @@ impl Admin {
             tokens: auth::Tokens::new(self.tokens),
             metrics: self.metrics,
             jobs: jobs::Jobs::default(),
+            prometheus: self
+                .prometheus_url
+                .as_deref()
+                .and_then(latency::Prometheus::new),
         });
         let api = Router::new()
             .route("/api/topics", get(api::list_topics))
@@ -161,6 +171,7 @@ impl Admin {
                 post(api::replay_edited),
             )
             .route("/api/whoami", get(api::whoami))
+            .route("/api/latency", get(api::latency))
             .route("/api/audit", get(api::audit_log))
             .route("/api/jobs", get(api::list_jobs))
             .route("/api/jobs/{id}", get(api::get_job).delete(api::cancel_job))
@@ -206,6 +217,7 @@ pub fn metrics_router(broker: Broker, handle: Option<PrometheusHandle>) -> Route
         tokens: auth::Tokens::default(),
         metrics: handle,
         jobs: jobs::Jobs::default(),
+        prometheus: None,
     });
     Router::new()
         .route("/metrics", get(metrics))
@@ -229,7 +241,7 @@ pub fn openapi() -> String {
         api::publish, api::browse, api::get_message, api::locate, api::stop, api::resume,
         api::list_dead_letters, api::failure_groups, api::dead_letter_stats, api::get_dead_letter,
         api::replay, api::delete_dead_letters, api::purge_dead_letters, api::audit_log,
-        api::list_jobs, api::get_job, api::cancel_job, api::replay_edited, api::whoami,
+        api::list_jobs, api::get_job, api::cancel_job, api::replay_edited, api::whoami, api::latency,
         healthz, readyz, metrics,
     ),
     components(schemas(Problem, HealthView)),

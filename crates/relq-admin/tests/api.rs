@@ -426,6 +426,25 @@ async fn dead_letters_list_group_replay_delete_and_purge() {
     let items = r.body["items"].as_array().unwrap().clone();
     assert_eq!(items.len(), 2, "{}", r.text);
     assert_eq!(items[0]["reason"], "permanent");
+    let handler = items[0]["handler"].as_str().unwrap().to_owned();
+    let r = call(
+        &app,
+        Method::GET,
+        &format!("/api/topics/orders/dead-letters?category=validation&handler={handler}"),
+        Some(READER),
+        None,
+    )
+    .await;
+    assert_eq!(r.body["items"].as_array().unwrap().len(), 2, "{}", r.text);
+    let r = call(
+        &app,
+        Method::GET,
+        "/api/topics/orders/dead-letters?handler=no-such-handler",
+        Some(READER),
+        None,
+    )
+    .await;
+    assert_eq!(r.body["items"].as_array().unwrap().len(), 0, "{}", r.text);
     assert!(
         items[0]["suggestion"]["check"].as_str().is_some(),
         "{}",
@@ -536,6 +555,30 @@ async fn dead_letters_list_group_replay_delete_and_purge() {
     )
     .await;
     let last = left.body["items"][0]["id"].as_str().unwrap().to_owned();
+    // A dry run counts what a purge would delete and deletes nothing.
+    for (age, want) in [
+        ("0s", left.body["items"].as_array().unwrap().len()),
+        ("3650d", 0),
+    ] {
+        let r = call(
+            &app,
+            Method::POST,
+            "/api/topics/orders/dead-letters/purge",
+            Some(ADMIN),
+            Some(json!({"older_than": age, "dry_run": true})),
+        )
+        .await;
+        assert_eq!(r.body["removed"], want, "{age}: {}", r.text);
+    }
+    let again = call(
+        &app,
+        Method::GET,
+        "/api/topics/orders/dead-letters",
+        Some(READER),
+        None,
+    )
+    .await;
+    assert_eq!(again.body["items"], left.body["items"]);
     let r = call(
         &app,
         Method::POST,

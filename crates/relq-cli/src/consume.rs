@@ -52,6 +52,29 @@ pub(crate) struct ConsumeArgs {
     /// pending.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     shutdown_timeout: Duration,
+    /// Serve this process's Prometheus metrics (deliveries, handler durations,
+    /// publish-to-handled latency, the backend's gauges) at http://ADDR/metrics, without
+    /// authentication; port 0 picks a free port. The address is printed on stderr.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
+}
+
+/// Serves `GET /metrics` on `addr` for as long as the command runs. The recorder is installed
+/// before the consumer starts, so its meters register with it.
+async fn serve_metrics(broker: &Broker, addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    let handle = relq_admin::install_recorder();
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| crate::exit(crate::Exit::FAILED, format!("cannot listen on {addr}: {e}")))?;
+    let local = listener.local_addr()?;
+    let app = relq_admin::metrics_router(broker.clone(), handle);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the metrics endpoint stopped");
+        }
+    });
+    eprintln!("relq consume: metrics at http://{local}/metrics");
+    Ok(())
 }
 
 /// State shared by the printing handlers and the command.
@@ -140,6 +163,9 @@ pub(crate) async fn run(
     });
     if args.count == Some(0) {
         return Ok(());
+    }
+    if let Some(addr) = args.metrics {
+        serve_metrics(broker, addr).await?;
     }
     let claim_after = args.claim_after.unwrap_or(config.consumer.claim_after);
     let max_attempts = args.max_attempts.unwrap_or(config.retry.max_attempts);

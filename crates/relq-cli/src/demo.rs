@@ -30,17 +30,35 @@ pub(crate) struct DemoArgs {
     /// Dead letters to print in full at the end.
     #[arg(long, default_value_t = 3)]
     show: usize,
+    /// The fraction of attempts that fail, 0 to 1, spread over the failure categories in the
+    /// proportions above (1: every attempt fails, so every message becomes a dead letter).
+    #[arg(long, default_value_t = DEFAULT_FAIL_RATE, value_parser = parse_rate)]
+    fail_rate: f64,
 }
 
-/// What the injected failure of one attempt is.
-fn inject() -> Option<(&'static str, bool)> {
+/// The failing fraction of attempts with the categories' rates as documented above.
+const DEFAULT_FAIL_RATE: f64 = 0.45;
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("{s:?} is not a fraction from 0 to 1 (e.g. 0.45)")),
+    }
+}
+
+/// What the injected failure of one attempt is, when `rate` of attempts fail.
+fn inject(rate: f64) -> Option<(&'static str, bool)> {
     let r = fastrand::f64();
+    if r >= rate {
+        return None;
+    }
+    // Which category, in the documented proportions.
+    let r = r / rate * DEFAULT_FAIL_RATE;
     match r {
         _ if r < 0.15 => Some(("database", false)),
         _ if r < 0.27 => Some(("external_api", false)),
         _ if r < 0.37 => Some(("validation", true)),
-        _ if r < 0.45 => Some(("timeout", false)),
-        _ => None,
+        _ => Some(("timeout", false)),
     }
 }
 
@@ -62,8 +80,8 @@ fn failure(category: &'static str, permanent: bool, m: &Message) -> HandlerError
     e.category(category)
 }
 
-async fn handle(m: Message) -> Result<(), HandlerError> {
-    match inject() {
+async fn handle(m: Message, rate: f64) -> Result<(), HandlerError> {
+    match inject(rate) {
         // A real hang: the runtime's handler timeout cuts it off.
         Some(("timeout", _)) => {
             tokio::time::sleep(HANDLER_TIMEOUT * 20).await;
@@ -74,10 +92,10 @@ async fn handle(m: Message) -> Result<(), HandlerError> {
     }
 }
 
-async fn handle_batch(batch: Vec<Message>) -> Vec<Result<(), HandlerError>> {
+async fn handle_batch(batch: Vec<Message>, rate: f64) -> Vec<Result<(), HandlerError>> {
     batch
         .iter()
-        .map(|m| match inject() {
+        .map(|m| match inject(rate) {
             // In a batch, a timeout of the notification gateway fails that message alone.
             Some(("timeout", _)) => Err(failure("timeout", false, m)),
             Some((category, permanent)) => Err(failure(category, permanent, m)),
@@ -118,6 +136,7 @@ pub(crate) async fn run(args: DemoArgs, url: Option<&str>, json_out: bool) -> an
     let topic = &*topic_name;
     let started = Instant::now();
     let mut consumers = Vec::new();
+    let rate = args.fail_rate;
     for i in 1..=2 {
         consumers.push(
             broker
@@ -131,15 +150,15 @@ pub(crate) async fn run(args: DemoArgs, url: Option<&str>, json_out: bool) -> an
                     Backoff::exponential(Duration::from_millis(5), Duration::from_millis(100))
                         .max_attempts(4),
                 )
-                .handler("order", handle)
-                .handler("email", handle)
+                .handler("order", move |m| handle(m, rate))
+                .handler("email", move |m| handle(m, rate))
                 .batch_handler(
                     "notification",
                     BatchConfig::default()
                         .size(20.min(args.concurrency.max(1)))
                         .timeout(Duration::from_millis(5))
                         .max_wait(Duration::from_millis(20)),
-                    handle_batch,
+                    move |b| handle_batch(b, rate),
                 )
                 .build()?
                 .start()

@@ -54,7 +54,7 @@ pub(crate) enum DlqCommand {
     Replay {
         topic: String,
         /// Dead-letter ids.
-        #[arg(conflicts_with_all = ["all", "type", "reason", "category", "group", "since", "until"])]
+        #[arg(conflicts_with_all = ["all", "type", "reason", "category", "group", "handler", "since", "until"])]
         ids: Vec<MessageId>,
         /// Every dead letter of the topic.
         #[arg(long)]
@@ -100,6 +100,9 @@ pub(crate) struct Filter {
     /// Only dead letters of this group.
     #[arg(long)]
     group: Option<String>,
+    /// Only dead letters of this handler (a message type, or "fallback").
+    #[arg(long)]
+    handler: Option<String>,
     /// Only those whose last failure is at or after this time (RFC 3339, e.g.
     /// 2026-12-01T00:00:00Z).
     #[arg(long, value_parser = parse_time)]
@@ -124,6 +127,7 @@ impl Filter {
             && self.reason.is_none()
             && self.category.is_none()
             && self.group.is_none()
+            && self.handler.is_none()
             && self.since.is_none()
             && self.until.is_none()
     }
@@ -141,6 +145,9 @@ impl Filter {
         }
         if let Some(g) = &self.group {
             q = q.group(g);
+        }
+        if let Some(h) = &self.handler {
+            q = q.handler(h);
         }
         if self.since.is_some() || self.until.is_some() {
             q = q.between(self.since, self.until);

@@ -555,6 +555,18 @@ pub async fn dead_letter_list_filter_delete_purge_stats(b: Broker) {
         3
     );
     assert_eq!(
+        dls.count(&DeadLetterQuery::all().handler("b"))
+            .await
+            .unwrap(),
+        3
+    );
+    assert_eq!(
+        dls.count(&DeadLetterQuery::all().handler("fallback").kind("b"))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
         dls.count(&DeadLetterQuery::all().reason(FailureKind::Permanent))
             .await
             .unwrap(),

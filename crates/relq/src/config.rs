@@ -320,6 +320,9 @@ pub struct ServerSection {
     pub cors_origins: Vec<String>,
     /// The largest request body accepted, in bytes. Default 4 MiB.
     pub max_body_bytes: u64,
+    /// A Prometheus server (`http://host:port`) that scrapes the consumers' `/metrics`: the
+    /// console asks it for the p99 publish-to-handled latency. Default none (no latency chart).
+    pub prometheus_url: Option<String>,
 }
 
 impl Default for ServerSection {
@@ -331,6 +334,7 @@ impl Default for ServerSection {
             tls_key: None,
             cors_origins: Vec::new(),
             max_body_bytes: 4 << 20,
+            prometheus_url: None,
         }
     }
 }
@@ -798,6 +802,11 @@ impl Config {
                 "HTTPS needs both server.tls_cert and server.tls_key",
             ));
         }
+        if let Some(u) = &self.server.prometheus_url {
+            if let Err(e) = check_http_url(u) {
+                return Err(config_error("server.prometheus_url", e));
+            }
+        }
         if self.server.max_body_bytes < 1024 {
             return Err(config_error(
                 "server.max_body_bytes",
@@ -854,6 +863,27 @@ impl Config {
     }
 }
 
+/// Checks a plain `http://host:port[/path]` address (what `server.prometheus_url` takes).
+fn check_http_url(u: &str) -> Result<(), String> {
+    let Some(rest) = u.strip_prefix("http://") else {
+        return Err(format!(
+            "{u:?} is not an http:// address (e.g. http://127.0.0.1:9090; https is not supported)"
+        ));
+    };
+    let authority = rest.split('/').next().unwrap_or("");
+    if authority.is_empty() || authority.contains('@') || authority.contains(['?', '#', ' ']) {
+        return Err(format!("{u:?} names no host (e.g. http://127.0.0.1:9090)"));
+    }
+    if let Some((_, port)) = authority.rsplit_once(':') {
+        if !authority.ends_with(']') && port.parse::<u16>().is_err() {
+            return Err(format!(
+                "{u:?} has a port that is not a number from 0 to 65535"
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -907,6 +937,32 @@ mod tests {
             Origin::Flag("--max-attempts".into())
         );
         assert_eq!(r.origins["consumer.poll_wait"], Origin::Default);
+    }
+
+    #[test]
+    fn prometheus_url_is_a_plain_http_address() {
+        let env = |v: &str| {
+            Layers::new()
+                .env([("RELQ_SERVER_PROMETHEUS_URL".to_owned(), v.to_owned())])
+                .unwrap()
+                .resolve()
+        };
+        let c = env("http://127.0.0.1:9090").unwrap().config;
+        assert_eq!(
+            c.server.prometheus_url.as_deref(),
+            Some("http://127.0.0.1:9090")
+        );
+        assert!(env("http://[::1]:9090/prom").is_ok());
+        for bad in [
+            "https://prom:9090",
+            "127.0.0.1:9090",
+            "http://",
+            "http://u:p@prom:9090",
+            "http://prom:90x",
+        ] {
+            let e = env(bad).unwrap_err().to_string();
+            assert!(e.contains("server.prometheus_url"), "{bad}: {e}");
+        }
     }
 
     #[test]
@@ -1033,3 +1089,4 @@ mod doc_tests {
         }
     }
 }
+

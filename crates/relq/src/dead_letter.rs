@@ -91,6 +91,9 @@ pub struct DeadLetterQuery {
     pub group: Option<String>,
     /// Only this error category.
     pub category: Option<String>,
+    /// Only dead letters of this handler (a message type, or `"fallback"`).
+    #[serde(default)]
+    pub handler: Option<String>,
     /// Only dead letters that failed last at or after this time.
     pub since: Option<Timestamp>,
     /// Only dead letters that failed last before this time.
@@ -132,6 +135,11 @@ impl DeadLetterQuery {
         self.category = Some(category.into());
         self
     }
+    /// Filters by the handler that gave up (a message type, or `"fallback"`).
+    pub fn handler(mut self, handler: impl Into<String>) -> Self {
+        self.handler = Some(handler.into());
+        self
+    }
     /// Filters by last failure time: `since <= t < until`.
     pub fn between(mut self, since: Option<Timestamp>, until: Option<Timestamp>) -> Self {
         self.since = since;
@@ -157,6 +165,7 @@ impl DeadLetterQuery {
                 .category
                 .as_ref()
                 .is_none_or(|c| dl.category.as_ref() == Some(c))
+            && self.handler.as_ref().is_none_or(|h| *h == dl.handler)
             && self.since.is_none_or(|s| dl.last_failed_at >= s)
             && self.until.is_none_or(|u| dl.last_failed_at < u)
     }
