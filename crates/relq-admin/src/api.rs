@@ -1633,7 +1633,7 @@ pub(crate) struct LatencySeries {
     /// The topic.
     pub(crate) topic: String,
     /// `[unix milliseconds, seconds]` pairs; seconds is null where nothing was handled.
-    #[schema(value_type = Vec<Vec<f64>>)]
+    #[schema(value_type = Vec<Vec<Option<f64>>>)]
     pub(crate) points: Vec<(u64, Option<f64>)>,
 }
 

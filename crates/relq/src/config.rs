@@ -1089,4 +1089,3 @@ mod doc_tests {
         }
     }
 }
-
