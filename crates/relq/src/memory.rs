@@ -14,7 +14,7 @@
 //! up to `publish_timeout` for space, then fails with a `Full` error. Nothing is dropped silently.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -112,7 +112,7 @@ struct Meta {
 
 #[derive(Debug)]
 struct Pending {
-    consumer: String,
+    consumer: Arc<str>,
     delivered_at: Timestamp,
     meta: Meta,
 }
@@ -269,7 +269,8 @@ impl Topic {
         let Some(g) = self.groups.get_mut(group) else {
             return out;
         };
-        g.consumers.insert(consumer.to_owned(), now);
+        seen(&mut g.consumers, consumer, now);
+        let consumer: Arc<str> = Arc::from(consumer);
         // Due retries and delayed messages first.
         while out.len() < max {
             let Some(&(due, id)) = g.scheduled.first() else {
@@ -296,24 +297,21 @@ impl Topic {
             g.pending.insert(
                 id,
                 Pending {
-                    consumer: consumer.to_owned(),
+                    consumer: consumer.clone(),
                     delivered_at: now,
                     meta,
                 },
             );
         }
-        // Then new messages after the cursor.
-        while out.len() < max {
-            let Some((&id, stored)) = self
-                .messages
-                .range((
-                    std::ops::Bound::Excluded(g.cursor),
-                    std::ops::Bound::Unbounded,
-                ))
-                .next()
-            else {
+        // Then new messages after the cursor, in one pass over the log.
+        let after = (
+            std::ops::Bound::Excluded(g.cursor),
+            std::ops::Bound::Unbounded,
+        );
+        for (&id, stored) in self.messages.range(after) {
+            if out.len() >= max {
                 break;
-            };
+            }
             g.cursor = id;
             if g.skip.remove(&id) {
                 continue;
@@ -326,22 +324,19 @@ impl Topic {
                 g.schedule(id, at, Meta::default());
                 continue;
             }
-            let meta = Meta {
-                deliveries: 1,
+            out.push(Delivery {
+                message: stored.message(id, 1),
                 failures: Vec::new(),
-            };
-            if let Some(message) = message_of(&self.messages, id, 1) {
-                out.push(Delivery {
-                    message,
-                    failures: Vec::new(),
-                });
-            }
+            });
             g.pending.insert(
                 id,
                 Pending {
-                    consumer: consumer.to_owned(),
+                    consumer: consumer.clone(),
                     delivered_at: now,
-                    meta,
+                    meta: Meta {
+                        deliveries: 1,
+                        failures: Vec::new(),
+                    },
                 },
             );
         }
@@ -361,7 +356,8 @@ impl Topic {
         let Some(g) = self.groups.get_mut(group) else {
             return out;
         };
-        g.consumers.insert(consumer.to_owned(), now);
+        seen(&mut g.consumers, consumer, now);
+        let consumer: Arc<str> = Arc::from(consumer);
         let ids: Vec<MessageId> = g
             .pending
             .iter()
@@ -386,7 +382,7 @@ impl Topic {
                 continue;
             };
             p.meta.deliveries += 1;
-            p.consumer = consumer.to_owned();
+            p.consumer = consumer.clone();
             p.delivered_at = now;
             out.push(Delivery {
                 message,
@@ -402,15 +398,21 @@ fn message_of(
     id: MessageId,
     attempt: u32,
 ) -> Option<Message> {
-    messages.get(&id).map(|s| Message {
-        id,
-        kind: s.kind.clone(),
-        payload: s.payload.clone(),
-        headers: s.headers.clone(),
-        published_at: s.published_at,
-        deliver_at: s.deliver_at,
-        attempt,
-    })
+    messages.get(&id).map(|s| s.message(id, attempt))
+}
+
+impl Stored {
+    fn message(&self, id: MessageId, attempt: u32) -> Message {
+        Message {
+            id,
+            kind: self.kind.clone(),
+            payload: self.payload.clone(),
+            headers: self.headers.clone(),
+            published_at: self.published_at,
+            deliver_at: self.deliver_at,
+            attempt,
+        }
+    }
 }
 
 fn terminated(topic: &str) -> BackendError {
@@ -612,7 +614,7 @@ impl Backend for MemoryBackend {
         let now = Timestamp::now();
         self.with_topic(sub, |t| {
             t.redeliver(&sub.group, &sub.consumer, max, now, |id, p| {
-                id > after && p.consumer == sub.consumer
+                id > after && *p.consumer == *sub.consumer
             })
         })
     }
@@ -864,7 +866,7 @@ impl Backend for MemoryBackend {
                     .iter()
                     .map(|(c, seen)| ConsumerInfo {
                         name: c.clone(),
-                        pending: g.pending.values().filter(|p| &p.consumer == c).count() as u64,
+                        pending: g.pending.values().filter(|p| *p.consumer == **c).count() as u64,
                         idle_ms: now.since(*seen).as_millis() as u64,
                     })
                     .collect();
@@ -921,7 +923,7 @@ impl Backend for MemoryBackend {
                 .map(|(name, g)| {
                     let placement = if let Some(p) = g.pending.get(&id) {
                         Placement::Pending {
-                            consumer: p.consumer.clone(),
+                            consumer: p.consumer.to_string(),
                             deliveries: p.meta.deliveries,
                         }
                     } else if let Some((due, meta)) = g.scheduled_meta.get(&id) {
@@ -1070,7 +1072,7 @@ impl Backend for MemoryBackend {
 /// to pending entry `p`: it is that delivery, or the settling consumer still holds the message
 /// (it recovered it meanwhile). Claimed by another consumer since: stale.
 fn current(p: &Pending, consumer: &str, attempt: u32) -> bool {
-    p.meta.deliveries == attempt || p.consumer == consumer
+    p.meta.deliveries == attempt || *p.consumer == *consumer
 }
 
 /// The cursor that makes `id` the next id read.
@@ -1081,6 +1083,16 @@ fn before(id: MessageId) -> MessageId {
         MessageId::new(id.ms - 1, u64::MAX)
     } else {
         MessageId::ZERO
+    }
+}
+
+/// Records that `consumer` was seen at `now` (allocating its name only the first time).
+fn seen(consumers: &mut BTreeMap<String, Timestamp>, consumer: &str, now: Timestamp) {
+    match consumers.get_mut(consumer) {
+        Some(t) => *t = now,
+        None => {
+            consumers.insert(consumer.to_owned(), now);
+        }
     }
 }
 

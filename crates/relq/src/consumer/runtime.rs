@@ -1,24 +1,29 @@
-//! The consumer runtime: the fetch loop, handler tasks, batchers and the settler.
+//! The consumer runtime: the fetch loop, handler tasks, the watchdog, batchers and the settler.
 //!
 //! ```text
-//! fetch loop ── recover own pending ─▶ claim idle ─▶ read new ──┐ (one semaphore permit per message)
+//! fetch loop ── recover own pending ─▶ claim idle ─▶ read new ──┐ (permits taken in bulk, one per message)
 //!      │                                                         ▼
-//!      ├──────────────▶ handler task (spawned: panics caught, timeout enforced) ─┐
-//!      └──────────────▶ batcher per batch type ─▶ batch task ───────────────────┤
-//!                                                                              ▼
+//!      ├──────────────▶ handler task (one per message: panics caught; settles its outcome) ─┐
+//!      │                   ▲ watchdog: cuts off a handler past its timeout (even one that     │
+//!      │                   │ blocks its thread) and settles it as a timeout; aborts at shutdown│
+//!      └──────────────▶ batcher per batch type ─▶ batch task ───────────────────────────────┤
+//!                                                                                         ▼
 //!                                       settler: batches ack / retry / dead-letter into one backend call
 //! ```
 //! A failure becomes a `Settlement::Retry` (scheduled in the backend) or a
 //! `Settlement::DeadLetter`; no task sleeps on a retry. A message whose settlement never reaches
 //! the backend stays pending there and is delivered again: at-least-once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
-use tokio::task::JoinHandle;
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::Instant;
 
 use super::{Config, Counters, ShutdownReport, StopReason};
@@ -46,6 +51,7 @@ struct Ctx {
     /// Ids this consumer is processing, or whose ack it has queued: see [`Held`].
     held: Arc<std::sync::Mutex<Held>>,
     meters: Meters,
+    watchdog: Watchdog,
 }
 
 /// The consumer's metric handles, registered once (not looked up per message).
@@ -92,10 +98,34 @@ impl Meters {
 /// instead of leaving it until a claim.
 #[derive(Default)]
 struct Held {
-    running: std::collections::HashSet<MessageId>,
-    acking: std::collections::HashSet<MessageId>,
-    missed: std::collections::HashSet<MessageId>,
+    running: IdSet,
+    acking: IdSet,
+    missed: IdSet,
     recover: bool,
+}
+
+/// A set of message ids with a cheap hash: ids are assigned by the backend (not chosen by
+/// whoever publishes), so the hash needs no defence against chosen collisions.
+type IdSet = std::collections::HashSet<MessageId, std::hash::BuildHasherDefault<IdHasher>>;
+
+/// Multiply-rotate over the id's two integers (the top bits, which the table uses, mix both).
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(26) ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 fn held(h: &std::sync::Mutex<Held>) -> std::sync::MutexGuard<'_, Held> {
@@ -180,14 +210,185 @@ impl Outcome {
 
 fn panic_message(e: tokio::task::JoinError) -> String {
     match e.try_into_panic() {
-        Ok(p) => match p.downcast::<String>() {
-            Ok(s) => format!("handler panicked: {s}"),
-            Err(p) => match p.downcast::<&'static str>() {
-                Ok(s) => format!("handler panicked: {s}"),
-                Err(_) => "handler panicked".to_owned(),
-            },
-        },
+        Ok(p) => panic_text(p),
         Err(e) => format!("handler task failed: {e}"),
+    }
+}
+
+fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
+    match p.downcast::<String>() {
+        Ok(s) => format!("handler panicked: {s}"),
+        Err(p) => match p.downcast::<&'static str>() {
+            Ok(s) => format!("handler panicked: {s}"),
+            Err(_) => "handler panicked".to_owned(),
+        },
+    }
+}
+
+/// Polls a handler's (boxed, so `Unpin`) future, turning a panic into an `Err` with its text.
+struct CatchUnwind<F>(F);
+
+impl<F: Future + Unpin> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, String>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = &mut self.0;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Pin::new(inner).poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+            Err(p) => Poll::Ready(Err(panic_text(p))),
+        }
+    }
+}
+
+/// One message in a handler: what settles it, taken by whichever finishes it first, the
+/// handler's task or the watchdog (at the timeout, or at a shutdown abort).
+struct Job {
+    slot: Mutex<Option<(Delivery, OwnedSemaphorePermit)>>,
+}
+
+impl Job {
+    fn take(&self) -> Option<(Delivery, OwnedSemaphorePermit)> {
+        self.slot.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    fn is_done(&self) -> bool {
+        self.slot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
+    }
+}
+
+/// Which handler ran a message (a dead letter records it): its type's, the fallback, or none
+/// (not run: no handler, or over the delivery limit).
+#[derive(Clone, Copy)]
+enum HandlerName {
+    Kind,
+    Fallback,
+    None,
+}
+
+impl HandlerName {
+    fn of(self, m: &crate::model::Message) -> &str {
+        match self {
+            HandlerName::Kind => &m.kind,
+            HandlerName::Fallback => "fallback",
+            HandlerName::None => "none",
+        }
+    }
+}
+
+struct Watched {
+    deadline: Instant,
+    job: Arc<Job>,
+    task: AbortHandle,
+    name: HandlerName,
+}
+
+/// The per-consumer watchdog's queue. Every handler has the same timeout, so deadlines come in
+/// start order: the front is always the next to expire. Finished jobs are dropped from the
+/// front as they come up, and the queue is compacted when it outgrows the jobs that can be
+/// running (at most `concurrency`).
+#[derive(Default)]
+struct WatchQueue {
+    jobs: VecDeque<Watched>,
+}
+
+struct Watchdog {
+    queue: Mutex<WatchQueue>,
+    wake: Notify,
+    limit: usize,
+}
+
+impl Watchdog {
+    fn new(concurrency: usize) -> Watchdog {
+        Watchdog {
+            queue: Mutex::new(WatchQueue::default()),
+            wake: Notify::new(),
+            limit: concurrency.saturating_mul(2).saturating_add(64),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, WatchQueue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn watch(&self, w: Watched) {
+        let mut q = self.lock();
+        let was_empty = q.jobs.is_empty();
+        q.jobs.push_back(w);
+        if q.jobs.len() > self.limit {
+            q.jobs.retain(|w| !w.job.is_done());
+        }
+        drop(q);
+        if was_empty {
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// Cuts off handlers past their timeout: settles the attempt as a timeout, aborts the task
+/// (a handler that blocks its thread runs on, but its outcome is ignored), and frees its
+/// permit. At a shutdown abort, leaves every running message pending instead.
+async fn watchdog(ctx: Arc<Ctx>) {
+    let mut abort = ctx.abort.clone();
+    let timeout = ctx.config.handler_timeout;
+    loop {
+        let next = {
+            let mut q = ctx.watchdog.lock();
+            while q.jobs.front().is_some_and(|w| w.job.is_done()) {
+                q.jobs.pop_front();
+            }
+            q.jobs.front().map(|w| w.deadline)
+        };
+        if *abort.borrow() {
+            let all: Vec<Watched> = ctx.watchdog.lock().jobs.drain(..).collect();
+            for w in all {
+                if let Some((d, permit)) = w.job.take() {
+                    w.task.abort();
+                    ctx.leave([d.message.id]);
+                    drop(permit);
+                }
+            }
+            // New jobs may still come from a dispatch in progress: look again when woken.
+            // `run` ends this task once every permit is back.
+            ctx.watchdog.wake.notified().await;
+            continue;
+        }
+        let expired = match next {
+            None => {
+                tokio::select! {
+                    _ = ctx.watchdog.wake.notified() => continue,
+                    _ = changed(&mut abort) => continue,
+                }
+            }
+            Some(deadline) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(deadline) => {}
+                    _ = changed(&mut abort) => continue,
+                }
+                let now = Instant::now();
+                let mut q = ctx.watchdog.lock();
+                let mut expired = Vec::new();
+                while q.jobs.front().is_some_and(|w| w.deadline <= now) {
+                    expired.extend(q.jobs.pop_front());
+                }
+                expired
+            }
+        };
+        for w in expired {
+            if let Some((d, permit)) = w.job.take() {
+                w.task.abort();
+                let outcome = Outcome::simple(
+                    FailureKind::Timeout,
+                    format!("handler did not finish within {timeout:?}"),
+                );
+                ctx.meters.handler_seconds.record(timeout.as_secs_f64());
+                finish(&ctx, d, w.name, outcome).await;
+                drop(permit);
+            }
+        }
     }
 }
 
@@ -223,7 +424,9 @@ pub(crate) async fn run(
         abort: abort_rx,
         held: held_ids,
         meters: Meters::new(&config.topic, &config.group),
+        watchdog: Watchdog::new(config.concurrency),
     });
+    let watchdog_task = tokio::spawn(watchdog(ctx.clone()));
     let mut batchers = HashMap::new();
     let mut batcher_tasks: Vec<JoinHandle<()>> = Vec::new();
     for (kind, (cfg, handler)) in &config.batch_handlers {
@@ -231,7 +434,6 @@ pub(crate) async fn run(
         batchers.insert(kind.clone(), tx);
         batcher_tasks.push(tokio::spawn(batcher(
             ctx.clone(),
-            kind.clone(),
             *cfg,
             handler.clone(),
             rx,
@@ -267,6 +469,9 @@ pub(crate) async fn run(
     for t in batcher_tasks {
         let _ = t.await;
     }
+    // Every permit is back: no handler runs, and the watchdog has finished what it took.
+    watchdog_task.abort();
+    let _ = watchdog_task.await;
     drop(ctx);
     // The settler flushes what the handlers settled, until the deadline; past it, a failing
     // backend is not waited for (those messages stay pending and are delivered again).
@@ -301,7 +506,7 @@ async fn fetch_loop(
         if let Some(r) = fatal.borrow().clone() {
             return r;
         }
-        let permit = tokio::select! {
+        let mut permit = tokio::select! {
             p = permits.clone().acquire_owned() => match p {
                 Ok(p) => p,
                 Err(_) => return StopReason::runtime_failure("permit semaphore closed"),
@@ -313,7 +518,20 @@ async fn fetch_loop(
             recovering = true;
             recovered_up_to = MessageId::ZERO;
         }
-        let max = (permits.available_permits() + 1).min(c.read_batch);
+        // Every free permit (up to a read's size) is taken now, so a read asks for as many
+        // messages as can start, and each starts without waiting on the semaphore again.
+        let extra = permits
+            .available_permits()
+            .min(c.read_batch.saturating_sub(1));
+        if extra > 0 {
+            if let Ok(more) = permits
+                .clone()
+                .try_acquire_many_owned(u32::try_from(extra).unwrap_or(u32::MAX))
+            {
+                permit.merge(more);
+            }
+        }
+        let max = permit.num_permits();
         let now = Instant::now();
         let claiming = !recovering && now >= next_claim;
         let fetched = if recovering {
@@ -370,9 +588,8 @@ async fn fetch_loop(
                 (c.claim_after / 2).max(Duration::from_millis(10)),
             );
         }
-        let mut permit = Some(permit);
         for d in deliveries {
-            let p = match permit.take() {
+            let p = match permit.split(1) {
                 Some(p) => p,
                 None => match permits.clone().acquire_owned().await {
                     Ok(p) => p,
@@ -424,7 +641,7 @@ async fn dispatch(
         finish(
             ctx,
             d,
-            "none",
+            HandlerName::None,
             Outcome::simple(FailureKind::DeliveryLimit, error),
         )
         .await;
@@ -440,15 +657,15 @@ async fn dispatch(
         return;
     }
     let (name, handler) = match c.handlers.get(&m.kind) {
-        Some(h) => (m.kind.clone(), h.clone()),
+        Some(h) => (HandlerName::Kind, h.clone()),
         None => match &c.fallback {
-            Some(h) => ("fallback".to_owned(), h.clone()),
+            Some(h) => (HandlerName::Fallback, h.clone()),
             None => {
                 let error = format!("no handler registered for message type {:?}", m.kind);
                 finish(
                     ctx,
                     d,
-                    "none",
+                    HandlerName::None,
                     Outcome::simple(FailureKind::NoHandler, error),
                 )
                 .await;
@@ -457,58 +674,60 @@ async fn dispatch(
             }
         },
     };
-    tokio::spawn(run_one(ctx.clone(), d, name, handler, permit));
+    let message = d.message.clone();
+    let job = Arc::new(Job {
+        slot: Mutex::new(Some((d, permit))),
+    });
+    let deadline = instant_after(Instant::now(), c.handler_timeout);
+    let task = tokio::spawn(run_one(ctx.clone(), job.clone(), message, name, handler));
+    ctx.watchdog.watch(Watched {
+        deadline,
+        job,
+        task: task.abort_handle(),
+        name,
+    });
 }
 
+/// Runs one handler call and settles its outcome, unless the watchdog settled it first.
 async fn run_one(
     ctx: Arc<Ctx>,
-    d: Delivery,
-    name: String,
+    job: Arc<Job>,
+    message: crate::model::Message,
+    name: HandlerName,
     handler: Arc<dyn Handler>,
-    permit: OwnedSemaphorePermit,
 ) {
     let started = Instant::now();
-    let msg = d.message.clone();
-    let span =
-        tracing::debug_span!("relq.handle", id = %msg.id, kind = %msg.kind, attempt = msg.attempt);
     let capture = ctx.config.include_stack_trace;
-    let mut task = tokio::spawn(tracing::Instrument::instrument(
-        CAPTURE_BACKTRACE.scope(capture, async move { handler.handle(msg).await }),
-        span,
-    ));
-    let mut abort = ctx.abort.clone();
-    let outcome = tokio::select! {
-        // A handler that finished wins over a shutdown abort that fired at the same time: its
-        // outcome is settled rather than counted as abandoned.
-        biased;
-        r = tokio::time::timeout(ctx.config.handler_timeout, &mut task) => match r {
-            Ok(Ok(Ok(()))) => Outcome::Ok,
-            Ok(Ok(Err(e))) => Outcome::from_error(e),
-            Ok(Err(join)) => Outcome::simple(FailureKind::Panic, panic_message(join)),
-            Err(_) => {
-                task.abort();
-                Outcome::simple(
-                    FailureKind::Timeout,
-                    format!("handler did not finish within {:?}", ctx.config.handler_timeout),
-                )
-            }
-        },
-        _ = abort.wait_for(|a| *a) => {
-            task.abort();
-            ctx.leave([d.message.id]);
-            return;
-        }
+    let span = tracing::debug_span!("relq.handle", id = %message.id, kind = %message.kind, attempt = message.attempt);
+    let result = if span.is_disabled() {
+        CAPTURE_BACKTRACE
+            .scope(capture, CatchUnwind(handler.handle(message)))
+            .await
+    } else {
+        tracing::Instrument::instrument(
+            CAPTURE_BACKTRACE.scope(capture, CatchUnwind(handler.handle(message))),
+            span,
+        )
+        .await
+    };
+    let Some((d, permit)) = job.take() else {
+        // The watchdog settled it (timed out) or left it pending (shutdown abort).
+        return;
+    };
+    let outcome = match result {
+        Ok(Ok(())) => Outcome::Ok,
+        Ok(Err(e)) => Outcome::from_error(e),
+        Err(panic) => Outcome::simple(FailureKind::Panic, panic),
     };
     ctx.meters
         .handler_seconds
         .record(started.elapsed().as_secs_f64());
-    finish(&ctx, d, &name, outcome).await;
+    finish(&ctx, d, name, outcome).await;
     drop(permit);
 }
 
 async fn batcher(
     ctx: Arc<Ctx>,
-    kind: String,
     cfg: BatchConfig,
     handler: Arc<dyn BatchHandler>,
     mut rx: mpsc::Receiver<(Delivery, OwnedSemaphorePermit)>,
@@ -524,13 +743,12 @@ async fn batcher(
                 Ok(None) | Err(_) => break,
             }
         }
-        tokio::spawn(run_batch(ctx.clone(), kind.clone(), handler.clone(), batch));
+        tokio::spawn(run_batch(ctx.clone(), handler.clone(), batch));
     }
 }
 
 async fn run_batch(
     ctx: Arc<Ctx>,
-    kind: String,
     handler: Arc<dyn BatchHandler>,
     batch: Vec<(Delivery, OwnedSemaphorePermit)>,
 ) {
@@ -569,13 +787,13 @@ async fn run_batch(
         }
     };
     for ((d, permit), outcome) in batch.into_iter().zip(outcomes) {
-        finish(&ctx, d, &kind, outcome).await;
+        finish(&ctx, d, HandlerName::Kind, outcome).await;
         drop(permit);
     }
 }
 
 /// Turns an outcome into a settlement and queues it.
-async fn finish(ctx: &Ctx, d: Delivery, handler: &str, outcome: Outcome) {
+async fn finish(ctx: &Ctx, d: Delivery, handler: HandlerName, outcome: Outcome) {
     let id = d.message.id;
     let c = &ctx.config;
     let counters = &ctx.counters;
@@ -648,7 +866,7 @@ async fn finish(ctx: &Ctx, d: Delivery, handler: &str, outcome: Outcome) {
                         topic: c.topic.clone(),
                         group: c.group.clone(),
                         consumer: c.consumer.clone(),
-                        handler: handler.to_owned(),
+                        handler: handler.of(&d.message).to_owned(),
                         reason: kind,
                         category,
                         error_chain: chain,
