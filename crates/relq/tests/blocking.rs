@@ -107,3 +107,53 @@ async fn a_retry_due_at_once_is_not_stuck_until_claim_after() {
     drop(broker);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A handler still blocking its thread when the consumer shuts down does not hold the
+/// shutdown up: its attempt was settled as a timeout already, and nothing of the consumer
+/// waits for the stuck call (which returns only after the shutdown is over).
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn a_handler_blocking_its_thread_does_not_hold_up_shutdown() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let broker = Broker::memory();
+    let released = Arc::new(AtomicBool::new(false));
+    let shut_down = Arc::new(AtomicBool::new(false));
+    let (r, s) = (released.clone(), shut_down.clone());
+    let consumer = broker
+        .consumer("blocking-shutdown", "g")
+        .start(StartPosition::Earliest)
+        .handler_timeout(Duration::from_millis(100))
+        .claim_after(Duration::from_secs(30))
+        .retry(Backoff::fixed(Duration::from_millis(1)).max_attempts(3))
+        .handler("job", move |m: Message| {
+            if m.attempt == 1 {
+                // Stuck until the consumer has shut down (or 30 s, so a failure ends).
+                let until = Instant::now() + Duration::from_secs(30);
+                while !s.load(Ordering::SeqCst) && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                r.store(true, Ordering::SeqCst);
+            }
+            async { Ok::<(), HandlerError>(()) }
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    broker
+        .publish("blocking-shutdown", NewMessage::new("job", "x"))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while consumer.stats().processed < 1 {
+        assert!(Instant::now() < deadline, "the retry never ran");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let report = consumer.shutdown(Duration::from_secs(60)).await;
+    assert!(
+        !released.load(Ordering::SeqCst),
+        "the shutdown waited for the blocked handler"
+    );
+    shut_down.store(true, Ordering::SeqCst);
+    assert_eq!(report.abandoned, 0);
+}

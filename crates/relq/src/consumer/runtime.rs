@@ -23,7 +23,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
-use tokio::task::{AbortHandle, JoinHandle};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::{Config, Counters, ShutdownReport, StopReason};
@@ -52,6 +52,9 @@ struct Ctx {
     held: Arc<std::sync::Mutex<Held>>,
     meters: Meters,
     watchdog: Watchdog,
+    work: Arc<Work>,
+    /// Workers started by the fetch loop (at most `concurrency`).
+    workers: std::sync::atomic::AtomicUsize,
 }
 
 /// The consumer's metric handles, registered once (not looked up per message).
@@ -242,21 +245,184 @@ impl<F: Future + Unpin> Future for CatchUnwind<F> {
 }
 
 /// One message in a handler: what settles it, taken by whichever finishes it first, the
-/// handler's task or the watchdog (at the timeout, or at a shutdown abort).
+/// worker that runs it or the watchdog (at the timeout, or at a shutdown abort).
 struct Job {
-    slot: Mutex<Option<(Delivery, OwnedSemaphorePermit)>>,
+    slot: Mutex<Slot>,
+    /// Set once the slot was taken (read by the watchdog without the lock).
+    done: std::sync::atomic::AtomicBool,
+    /// The watchdog tells the worker to drop the handler's future.
+    cancel: Notify,
+}
+
+struct Slot {
+    held: Option<(Delivery, OwnedSemaphorePermit)>,
+    /// The watchdog cut the handler off at its timeout and started another worker: the one
+    /// running it retires when (if ever) the handler gives its thread back.
+    replaced: bool,
 }
 
 impl Job {
-    fn take(&self) -> Option<(Delivery, OwnedSemaphorePermit)> {
-        self.slot.lock().unwrap_or_else(|e| e.into_inner()).take()
+    fn new(d: Delivery, permit: OwnedSemaphorePermit) -> Job {
+        Job {
+            slot: Mutex::new(Slot {
+                held: Some((d, permit)),
+                replaced: false,
+            }),
+            done: std::sync::atomic::AtomicBool::new(false),
+            cancel: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slot> {
+        self.slot.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes what settles the job; `replace`: the watchdog cuts it off and replaces its worker.
+    fn take(&self, replace: bool) -> Option<(Delivery, OwnedSemaphorePermit)> {
+        let mut slot = self.lock();
+        let held = slot.held.take();
+        if held.is_some() {
+            slot.replaced = replace;
+            self.done.store(true, Ordering::Release);
+        }
+        held
     }
 
     fn is_done(&self) -> bool {
-        self.slot
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_none()
+        self.done.load(Ordering::Acquire)
+    }
+
+    fn replaced(&self) -> bool {
+        self.lock().replaced
+    }
+}
+
+/// A message for the workers: its job, the message itself and its handler.
+struct Task {
+    job: Arc<Job>,
+    message: crate::model::Message,
+    name: HandlerName,
+    handler: Arc<dyn Handler>,
+}
+
+/// The queue the consumer's handler workers take messages from. Workers are long-lived tasks
+/// (spawned as needed, at most one per permit), so a message costs no task spawn: a worker
+/// runs its handler inline, settles it and takes the next.
+#[derive(Default)]
+struct Work {
+    queue: Mutex<WorkQueue>,
+    ready: Notify,
+}
+
+#[derive(Default)]
+struct WorkQueue {
+    tasks: VecDeque<Task>,
+    /// Workers waiting for a task.
+    idle: usize,
+    closed: bool,
+}
+
+impl Work {
+    fn lock(&self) -> std::sync::MutexGuard<'_, WorkQueue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a task; true if no idle worker will take it (start another).
+    fn push(&self, t: Task) -> bool {
+        let mut q = self.lock();
+        q.tasks.push_back(t);
+        let short = q.tasks.len() > q.idle;
+        drop(q);
+        self.ready.notify_one();
+        short
+    }
+
+    /// The next task; `None` once closed.
+    async fn next(&self) -> Option<Task> {
+        loop {
+            let ready = self.ready.notified();
+            tokio::pin!(ready);
+            ready.as_mut().enable();
+            {
+                let mut q = self.lock();
+                if let Some(t) = q.tasks.pop_front() {
+                    return Some(t);
+                }
+                if q.closed {
+                    return None;
+                }
+                q.idle += 1;
+            }
+            ready.await;
+            self.lock().idle -= 1;
+        }
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_waiters();
+    }
+}
+
+/// A handler worker: runs tasks until the queue closes or the consumer is gone. It holds the
+/// consumer only weakly while a handler runs, so a handler that never gives its thread back
+/// does not keep a stopped consumer alive.
+async fn worker(work: Arc<Work>, ctx: std::sync::Weak<Ctx>, capture: bool) {
+    while let Some(Task {
+        job,
+        message,
+        name,
+        handler,
+    }) = work.next().await
+    {
+        let started = Instant::now();
+        let span = tracing::debug_span!("relq.handle", id = %message.id, kind = %message.kind, attempt = message.attempt);
+        let run = CatchUnwind(handler.handle(message));
+        // The backtrace flag is a task-local only when backtraces are on (off, the handler
+        // errors capture none, as outside the scope); the span only when it is enabled.
+        let result = match (capture, span.is_disabled()) {
+            (false, true) => {
+                tokio::select! {
+                    biased;
+                    r = run => Some(r),
+                    () = job.cancel.notified() => None,
+                }
+            }
+            (capture, _) => {
+                let run =
+                    tracing::Instrument::instrument(CAPTURE_BACKTRACE.scope(capture, run), span);
+                tokio::select! {
+                    biased;
+                    r = run => Some(r),
+                    () = job.cancel.notified() => None,
+                }
+            }
+        };
+        drop(handler);
+        let taken = match result {
+            Some(r) => job.take(false).map(|held| (held, r)),
+            None => None,
+        };
+        let Some(((d, permit), result)) = taken else {
+            // The watchdog settled it (timed out) or left it pending (shutdown abort).
+            if job.replaced() {
+                return;
+            }
+            continue;
+        };
+        let Some(ctx) = ctx.upgrade() else {
+            return;
+        };
+        let outcome = match result {
+            Ok(Ok(())) => Outcome::Ok,
+            Ok(Err(e)) => Outcome::from_error(e),
+            Err(panic) => Outcome::simple(FailureKind::Panic, panic),
+        };
+        ctx.meters
+            .handler_seconds
+            .record(started.elapsed().as_secs_f64());
+        finish(&ctx, d, name, outcome).await;
+        drop(permit);
     }
 }
 
@@ -282,7 +448,6 @@ impl HandlerName {
 struct Watched {
     deadline: Instant,
     job: Arc<Job>,
-    task: AbortHandle,
     name: HandlerName,
 }
 
@@ -316,6 +481,10 @@ impl Watchdog {
 
     fn watch(&self, w: Watched) {
         let mut q = self.lock();
+        // Jobs mostly end in the order they started: drop the finished ones at the front.
+        while q.jobs.front().is_some_and(|w| w.job.is_done()) {
+            q.jobs.pop_front();
+        }
         let was_empty = q.jobs.is_empty();
         q.jobs.push_back(w);
         if q.jobs.len() > self.limit {
@@ -345,8 +514,8 @@ async fn watchdog(ctx: Arc<Ctx>) {
         if *abort.borrow() {
             let all: Vec<Watched> = ctx.watchdog.lock().jobs.drain(..).collect();
             for w in all {
-                if let Some((d, permit)) = w.job.take() {
-                    w.task.abort();
+                if let Some((d, permit)) = w.job.take(false) {
+                    w.job.cancel.notify_one();
                     ctx.leave([d.message.id]);
                     drop(permit);
                 }
@@ -378,8 +547,15 @@ async fn watchdog(ctx: Arc<Ctx>) {
             }
         };
         for w in expired {
-            if let Some((d, permit)) = w.job.take() {
-                w.task.abort();
+            if let Some((d, permit)) = w.job.take(true) {
+                // Its worker drops the handler's future at its next await, or stays stuck
+                // in a handler that blocks its thread: either way another worker takes over.
+                w.job.cancel.notify_one();
+                tokio::spawn(worker(
+                    ctx.work.clone(),
+                    Arc::downgrade(&ctx),
+                    ctx.config.include_stack_trace,
+                ));
                 let outcome = Outcome::simple(
                     FailureKind::Timeout,
                     format!("handler did not finish within {timeout:?}"),
@@ -425,6 +601,8 @@ pub(crate) async fn run(
         held: held_ids,
         meters: Meters::new(&config.topic, &config.group),
         watchdog: Watchdog::new(config.concurrency),
+        work: Arc::new(Work::default()),
+        workers: std::sync::atomic::AtomicUsize::new(0),
     });
     let watchdog_task = tokio::spawn(watchdog(ctx.clone()));
     let mut batchers = HashMap::new();
@@ -472,6 +650,7 @@ pub(crate) async fn run(
     // Every permit is back: no handler runs, and the watchdog has finished what it took.
     watchdog_task.abort();
     let _ = watchdog_task.await;
+    ctx.work.close();
     drop(ctx);
     // The settler flushes what the handlers settled, until the deadline; past it, a failing
     // backend is not waited for (those messages stay pending and are delivered again).
@@ -675,55 +854,27 @@ async fn dispatch(
         },
     };
     let message = d.message.clone();
-    let job = Arc::new(Job {
-        slot: Mutex::new(Some((d, permit))),
-    });
+    let job = Arc::new(Job::new(d, permit));
     let deadline = instant_after(Instant::now(), c.handler_timeout);
-    let task = tokio::spawn(run_one(ctx.clone(), job.clone(), message, name, handler));
     ctx.watchdog.watch(Watched {
         deadline,
-        job,
-        task: task.abort_handle(),
+        job: job.clone(),
         name,
     });
-}
-
-/// Runs one handler call and settles its outcome, unless the watchdog settled it first.
-async fn run_one(
-    ctx: Arc<Ctx>,
-    job: Arc<Job>,
-    message: crate::model::Message,
-    name: HandlerName,
-    handler: Arc<dyn Handler>,
-) {
-    let started = Instant::now();
-    let capture = ctx.config.include_stack_trace;
-    let span = tracing::debug_span!("relq.handle", id = %message.id, kind = %message.kind, attempt = message.attempt);
-    let result = if span.is_disabled() {
-        CAPTURE_BACKTRACE
-            .scope(capture, CatchUnwind(handler.handle(message)))
-            .await
-    } else {
-        tracing::Instrument::instrument(
-            CAPTURE_BACKTRACE.scope(capture, CatchUnwind(handler.handle(message))),
-            span,
-        )
-        .await
-    };
-    let Some((d, permit)) = job.take() else {
-        // The watchdog settled it (timed out) or left it pending (shutdown abort).
-        return;
-    };
-    let outcome = match result {
-        Ok(Ok(())) => Outcome::Ok,
-        Ok(Err(e)) => Outcome::from_error(e),
-        Err(panic) => Outcome::simple(FailureKind::Panic, panic),
-    };
-    ctx.meters
-        .handler_seconds
-        .record(started.elapsed().as_secs_f64());
-    finish(&ctx, d, name, outcome).await;
-    drop(permit);
+    let short = ctx.work.push(Task {
+        job,
+        message,
+        name,
+        handler,
+    });
+    if short && ctx.workers.load(Ordering::Relaxed) < c.concurrency {
+        ctx.workers.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(worker(
+            ctx.work.clone(),
+            Arc::downgrade(ctx),
+            c.include_stack_trace,
+        ));
+    }
 }
 
 async fn batcher(
@@ -895,6 +1046,15 @@ async fn finish(ctx: &Ctx, d: Delivery, handler: HandlerName, outcome: Outcome) 
 
 /// Queues a settlement; false if the settler is gone.
 async fn send_settlement(ctx: &Ctx, s: Settlement) -> bool {
+    // Without waiting when there is room (the common case), else wait for room.
+    let s = match ctx.settle.try_send(s) {
+        Ok(()) => return true,
+        Err(mpsc::error::TrySendError::Full(s)) => s,
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            tracing::debug!("settler stopped; settlement dropped, message stays pending");
+            return false;
+        }
+    };
     if ctx.settle.send(s).await.is_err() {
         // The settler stopped (topic terminated or backend failed): the message stays pending.
         tracing::debug!("settler stopped; settlement dropped, message stays pending");
