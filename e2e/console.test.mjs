@@ -103,11 +103,19 @@ before(async () => {
   });
 });
 
+// Stops a child process and waits for it to be gone (Prometheus writes its data on the way out).
+async function stop(child) {
+  if (!child || child.exitCode !== null || child.signalCode !== null) return;
+  const gone = new Promise((ok) => child.once("exit", ok));
+  child.kill("SIGTERM");
+  await gone;
+}
+
 after(async () => {
   await browser?.close();
-  prometheus?.kill("SIGTERM");
-  consumer?.kill("SIGTERM");
-  server?.kill("SIGTERM");
+  await stop(prometheus);
+  await stop(consumer);
+  await stop(server);
   if (data) rmSync(data, { recursive: true, force: true });
 });
 

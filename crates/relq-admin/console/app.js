@@ -33,15 +33,19 @@ class ApiError extends Error {
   }
 }
 
-async function api(method, path, body) {
+// Aborted when the viewer leaves the page (long requests a page started stop with it).
+let leaving = new AbortController();
+
+async function api(method, path, body, signal) {
   const headers = {};
   const token = sessionStorage.getItem(TOKEN_KEY);
   if (token) headers.Authorization = `Bearer ${token}`;
   if (body !== undefined) headers["Content-Type"] = "application/json";
   let res;
   try {
-    res = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+    res = await fetch(path, { method, headers, signal, body: body === undefined ? undefined : JSON.stringify(body) });
   } catch (e) {
+    if (signal && signal.aborted) throw new ApiError(0, "left the page");
     showBanner("The relq server cannot be reached. Retrying…");
     throw new ApiError(0, "the server cannot be reached");
   }
@@ -194,16 +198,19 @@ function latencyChart() {
       legend.replaceChildren("Set server.prometheus_url to a Prometheus that scrapes your consumers' /metrics to chart it here.");
       return;
     }
-    const series = v.series.slice(0, PALETTE.length).map((s, i) => [s.topic, PALETTE[i], s.topic]);
-    const times = [...new Set(v.series.flatMap((s) => s.points.map((p) => p[0])))].sort((a, b) => a - b);
-    const at = Object.fromEntries(times.map((t) => [t, { at: t }]));
-    for (const s of v.series) for (const [t, y] of s.points) at[t][s.topic] = y;
-    const points = times.map((t) => at[t]);
+    // Series are keyed by their index (topic names may be anything, "__proto__" included).
+    const shown = v.series.slice(0, PALETTE.length);
+    const series = shown.map((s, i) => [i, PALETTE[i], s.topic]);
+    const times = [...new Set(shown.flatMap((s) => s.points.map((p) => p[0])))].sort((a, b) => a - b);
+    const at = new Map(times.map((t) => [t, []]));
+    shown.forEach((s, i) => { for (const [t, y] of s.points) at.get(t)[i] = y; });
+    const points = times.map((t) => at.get(t));
+    const more = v.series.length - shown.length;
     legend.replaceChildren(...(series.length
-      ? series.map(([topic, cls]) => {
-        const latest = [...points].reverse().find((p) => p[topic] !== null && p[topic] !== undefined);
-        return h("span", { title: v.query }, h("i", { class: cls }), `${topic} ${seconds(latest ? latest[topic] : null)}`);
-      })
+      ? [...series.map(([i, cls, topic]) => {
+        const latest = [...points].reverse().find((p) => typeof p[i] === "number");
+        return h("span", { title: v.query }, h("i", { class: cls }), `${topic} ${seconds(latest ? latest[i] : null)}`);
+      }), more > 0 ? h("span", {}, `+${more} more topics (in Prometheus: ${v.query})`) : ""]
       : [`No consumer has handled a message in the last 15 minutes (asked ${v.source}).`]));
     draw(canvas, series, points, { format: seconds, floor: 0.001 });
   };
@@ -457,7 +464,7 @@ async function deadLettersPage(topic) {
   const page = await api("GET", `/api/topics/${enc(topic)}/dead-letters?${q}&limit=50${params.get("after") ? `&after=${enc(params.get("after"))}` : ""}`);
   // Grouping reads every matching dead letter: the page shows first, the groups when ready.
   const byError = h("div", { "aria-busy": "true" }, h("p", { class: "muted" }, "Grouping the matching dead letters by error…"));
-  api("GET", `/api/topics/${enc(topic)}/dead-letters/groups?${q}`).then((groups) => {
+  api("GET", `/api/topics/${enc(topic)}/dead-letters/groups?${q}`, undefined, leaving.signal).then((groups) => {
     byError.replaceChildren(groups.length ? h("div", { class: "cards" }, groups.map((g) => h("div", { class: "card" },
       h("strong", {}, `${g.count} × `), h("span", { class: "mono" }, g.fingerprint),
       h("div", { class: "muted" }, "last ", when(g.last_seen), " · ", Object.keys(g.categories).join(", ") || "no category"),
@@ -500,16 +507,18 @@ async function deadLettersPage(topic) {
   const purgePreview = h("button", { type: "button", onclick: () => guarded(purgePreview, purgeOut, async () => {
     const age = olderThan.value.trim();
     const r = await api("POST", `/api/topics/${enc(topic)}/dead-letters/purge`, { older_than: age, dry_run: true });
+    // The dry run's cutoff: the purge removes what it counted, however long the click takes.
     const go = h("button", { type: "button", class: "danger", onclick: () => guarded(go, purgeOut, async () => {
-      const done = await api("POST", `/api/topics/${enc(topic)}/dead-letters/purge`, { older_than: age });
+      const done = await api("POST", `/api/topics/${enc(topic)}/dead-letters/purge`, { before: r.before });
       purgeOut.replaceChildren(notice(`Purged ${done.removed} dead letters.`, "ok"));
+      setTimeout(() => route(), 1500);
     }) }, `Purge ${r.removed}`);
-    purgeOut.replaceChildren(notice(`Dry run: ${r.removed} dead letters last failed more than ${age} ago and would be deleted (whatever the filter above).`), r.removed ? go : "");
+    purgeOut.replaceChildren(notice(`Dry run: ${r.removed} dead letters last failed more than ${age} ago and would be deleted (the whole topic, whatever the filter above).`), r.removed ? go : "");
   }) }, "Preview purge");
   const rows = page.items.map((d) => row([
     h("input", { type: "checkbox", class: "admin", "aria-label": `Select ${d.id}`, onchange: (e) => onSelect(d.id, e.target.checked) }),
     h("a", { href: `#/topics/${enc(topic)}/dead-letters/${enc(d.id)}`, class: "mono" }, d.id),
-    d.message.type, d.group, d.reason, d.category || "", h("span", {}, d.error_chain[0] || ""), d.attempts, when(d.last_failed_at),
+    d.handler === d.message.type ? d.message.type : `${d.message.type} (${d.handler})`, d.group, d.reason, d.category || "", h("span", {}, d.error_chain[0] || ""), d.attempts, when(d.last_failed_at),
   ], [7]));
   const next = page.next
     ? h("a", { href: `#/topics/${enc(topic)}/dead-letters?${new URLSearchParams({ ...filter, after: page.next })}` }, "Next page")
@@ -609,6 +618,8 @@ async function auditPage() {
 async function route() {
   clearInterval(timer);
   timer = null;
+  leaving.abort();
+  leaving = new AbortController();
   generation += 1;
   delete main.dataset.ready;
   const hash = location.hash.replace(/^#/, "") || "/";

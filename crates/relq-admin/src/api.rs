@@ -1513,46 +1513,73 @@ pub(crate) async fn delete_dead_letters(
     .map(Json)
 }
 
-/// Which dead letters to purge.
+/// Which dead letters to purge: those that failed last more than `older_than` ago, or before
+/// `before` (the cutoff a dry run answered, so the purge removes exactly what it previewed).
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PurgeRequest {
     /// Those whose last failure is older than this (`"7d"`; `"0s"` for all).
-    pub(crate) older_than: String,
+    pub(crate) older_than: Option<String>,
+    /// Those whose last failure is before this time (RFC 3339, UTC).
+    #[schema(pattern = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?Z$")]
+    pub(crate) before: Option<String>,
     /// Only count what would be deleted; delete nothing (not audited).
     #[serde(default)]
     pub(crate) dry_run: bool,
 }
 
-/// Deletes dead letters older than an age; with `dry_run`, only counts them.
+/// What a purge deleted, or (dry run) would delete.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct PurgeView {
+    /// Dead letters deleted (or, in a dry run, that would be).
+    pub(crate) removed: u64,
+    /// The cutoff used: pass it as `before` to purge exactly what a dry run counted.
+    pub(crate) before: String,
+    /// True for a dry run: nothing changed.
+    pub(crate) dry_run: bool,
+}
+
+/// Deletes dead letters that failed last before a cutoff; with `dry_run`, only counts them.
 #[utoipa::path(post, path = "/api/topics/{topic}/dead-letters/purge", tag = "dead letters",
     params(TopicPath), request_body = PurgeRequest,
-    responses((status = 200, body = Removed), (status = "default", body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = PurgeView), (status = "default", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn purge_dead_letters(
     State(s): St,
     Extension(caller): Extension<Caller>,
     Path(topic): Path<String>,
     Body(req): Body<PurgeRequest>,
-) -> ApiResult<Json<Removed>> {
+) -> ApiResult<Json<PurgeView>> {
     writable_topic(&topic)?;
-    let age = parse_duration("older_than", &req.older_than)?;
+    let before = match (&req.older_than, &req.before) {
+        (Some(age), None) => relq::Timestamp::now().minus(parse_duration("older_than", age)?),
+        (None, Some(t)) => parse_time("before", t)?,
+        _ => {
+            return Err(Problem::bad_request(
+                "give exactly one of: older_than, before",
+            ))
+        }
+    };
+    let dls = s.broker.dead_letters(&topic);
     if req.dry_run {
-        let before = relq::Timestamp::now().minus(age);
-        let removed = s
-            .broker
-            .dead_letters(&topic)
+        let removed = dls
             .count(&DeadLetterQuery::all().between(None, Some(before)))
             .await?;
-        return Ok(Json(Removed { removed }));
+        return Ok(Json(PurgeView {
+            removed,
+            before: before.to_string(),
+            dry_run: true,
+        }));
     }
-    let r = s
-        .broker
-        .dead_letters(&topic)
-        .purge_older_than(age)
-        .await
-        .map_err(Problem::from);
-    let r = r.map(|removed| Removed { removed });
-    let params = audit::params([("older_than", serde_json::json!(req.older_than))]);
+    let r = dls.purge_before(before).await.map_err(Problem::from);
+    let r = r.map(|removed| PurgeView {
+        removed,
+        before: before.to_string(),
+        dry_run: false,
+    });
+    let params = audit::params([
+        ("older_than", serde_json::json!(req.older_than)),
+        ("before", serde_json::json!(before.to_string())),
+    ]);
     audited(&s, &caller, "purge", &topic, params, r, |r| {
         format!("purged {}", r.removed)
     })
@@ -1673,7 +1700,7 @@ pub(crate) async fn latency(
     let mut view = LatencyView {
         configured: s.prometheus.is_some(),
         source: s.prometheus.as_ref().map(|p| p.url().to_owned()),
-        query: crate::latency::query(),
+        query: crate::latency::query(crate::latency::window(step)),
         quantile: crate::latency::QUANTILE,
         step_seconds: step,
         series: Vec::new(),

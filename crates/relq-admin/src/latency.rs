@@ -21,10 +21,16 @@ const MAX_ANSWER: usize = 8 << 20;
 /// The quantile charted.
 pub(crate) const QUANTILE: f64 = 0.99;
 
+/// The rate window for points `step` seconds apart: at least 2 minutes, so a Prometheus
+/// scraping every minute (its default) still has two samples in it, and at least four steps.
+pub(crate) fn window(step: u64) -> u64 {
+    step.saturating_mul(4).max(120)
+}
+
 /// The PromQL of the chart: the p99 over every consumer process, per topic.
-pub(crate) fn query() -> String {
+pub(crate) fn query(window: u64) -> String {
     format!(
-        "histogram_quantile({QUANTILE}, sum by (le, topic) (rate(relq_publish_to_handled_seconds_bucket[1m])))"
+        "histogram_quantile({QUANTILE}, sum by (le, topic) (rate(relq_publish_to_handled_seconds_bucket[{window}s])))"
     )
 }
 
@@ -78,7 +84,7 @@ impl Prometheus {
         let path = format!(
             "{}/api/v1/query_range?query={}&start={start}&end={end}&step={step}",
             self.prefix,
-            form_encode(&query())
+            form_encode(&query(window(step)))
         );
         let body = tokio::time::timeout(TIMEOUT, self.get(&path))
             .await
@@ -93,8 +99,15 @@ impl Prometheus {
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| format!("HTTP: {e}"))?;
-        // The connection is driven until the answer is read (one request per connection).
-        let driver = tokio::spawn(conn);
+        // The connection is driven until the answer is read (one request per connection), and
+        // stopped however this returns (a timeout drops this future).
+        struct AbortOnDrop(tokio::task::JoinHandle<Result<(), hyper::Error>>);
+        impl Drop for AbortOnDrop {
+            fn drop(&mut self) {
+                self.0.abort();
+            }
+        }
+        let _driver = AbortOnDrop(tokio::spawn(conn));
         let req = Request::get(path)
             .header(HOST, &self.authority)
             .body(Empty::<Bytes>::new())
@@ -120,7 +133,6 @@ impl Prometheus {
             Ok(body)
         }
         .await;
-        driver.abort();
         result
     }
 }
@@ -161,7 +173,7 @@ fn parse(body: &[u8]) -> Result<Vec<(String, Points)>, String> {
                 let at = p[0].as_f64()?;
                 // Seconds as text; "NaN" where no message was handled in the window.
                 let v = p[1].as_str()?.parse::<f64>().ok().filter(|v| v.is_finite());
-                Some(((at * 1000.0) as u64, v))
+                Some(((at * 1000.0).round() as u64, v))
             })
             .collect();
         series.push((topic, points));

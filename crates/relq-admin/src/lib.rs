@@ -106,10 +106,16 @@ impl Admin {
             tokens: auth::Tokens::new(self.tokens),
             metrics: self.metrics,
             jobs: jobs::Jobs::default(),
-            prometheus: self
-                .prometheus_url
-                .as_deref()
-                .and_then(latency::Prometheus::new),
+            prometheus: self.prometheus_url.as_deref().and_then(|u| {
+                let p = latency::Prometheus::new(u);
+                if p.is_none() {
+                    tracing::error!(
+                        url = u,
+                        "server.prometheus_url is not an http:// address; no latency chart"
+                    );
+                }
+                p
+            }),
         });
         let api = Router::new()
             .route("/api/topics", get(api::list_topics))

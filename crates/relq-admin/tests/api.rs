@@ -579,6 +579,48 @@ async fn dead_letters_list_group_replay_delete_and_purge() {
     )
     .await;
     assert_eq!(again.body["items"], left.body["items"]);
+    for body in [
+        json!({"dry_run": true}),
+        json!({"older_than": "1s", "before": "2026-01-01T00:00:00Z", "dry_run": true}),
+        json!({"before": "yesterday", "dry_run": true}),
+    ] {
+        let r = call(
+            &app,
+            Method::POST,
+            "/api/topics/orders/dead-letters/purge",
+            Some(ADMIN),
+            Some(body.clone()),
+        )
+        .await;
+        problem(&r, StatusCode::BAD_REQUEST);
+    }
+    // A dry run's cutoff, given back as `before`, counts the same.
+    let dry = call(
+        &app,
+        Method::POST,
+        "/api/topics/orders/dead-letters/purge",
+        Some(ADMIN),
+        Some(json!({"older_than": "0s", "dry_run": true})),
+    )
+    .await;
+    let again = call(
+        &app,
+        Method::POST,
+        "/api/topics/orders/dead-letters/purge",
+        Some(ADMIN),
+        Some(json!({"before": dry.body["before"], "dry_run": true})),
+    )
+    .await;
+    assert_eq!(
+        (
+            &again.body["removed"],
+            &again.body["before"],
+            &again.body["dry_run"]
+        ),
+        (&dry.body["removed"], &dry.body["before"], &json!(true)),
+        "{}",
+        again.text
+    );
     let r = call(
         &app,
         Method::POST,

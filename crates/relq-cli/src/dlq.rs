@@ -80,6 +80,9 @@ pub(crate) enum DlqCommand {
         topic: String,
         #[arg(long, value_parser = humantime::parse_duration, default_value = "30d")]
         older_than: Duration,
+        /// Only count what would be deleted; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Counts by reason, type and category.
     Stats { topic: String },
@@ -388,7 +391,29 @@ pub(crate) async fn run(
                 format!("deleted {n} dead letters")
             });
         }
-        DlqCommand::Purge { topic, older_than } => {
+        DlqCommand::Purge {
+            topic,
+            older_than,
+            dry_run: true,
+        } => {
+            let before = relq::Timestamp::now().minus(older_than);
+            let n = broker
+                .dead_letters(&topic)
+                .count(&DeadLetterQuery::all().between(None, Some(before)))
+                .await?;
+            print_out(
+                json_out,
+                json!({ "would_purge": n, "dry_run": true }),
+                || {
+                    format!(
+                        "dry run: {n} dead letters last failed before {before} and would be purged"
+                    )
+                },
+            );
+        }
+        DlqCommand::Purge {
+            topic, older_than, ..
+        } => {
             let r = broker
                 .dead_letters(&topic)
                 .purge_older_than(older_than)

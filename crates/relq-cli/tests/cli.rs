@@ -1312,6 +1312,25 @@ fn operator_actions_of_the_command_line_are_in_the_audit_log() {
     };
     ok(&relq_in(&dir, &["stop", "orders", &id]));
     ok(&relq_in(&dir, &["resume", "orders", &id]));
+    // A dry run counts and is not audited.
+    let dry = ok(&relq_in(
+        &dir,
+        &[
+            "--json",
+            "dlq",
+            "purge",
+            "orders",
+            "--older-than",
+            "0s",
+            "--dry-run",
+        ],
+    ));
+    let dry: serde_json::Value = serde_json::from_str(&dry).unwrap();
+    assert_eq!(
+        (&dry["would_purge"], &dry["dry_run"]),
+        (&serde_json::json!(0), &serde_json::json!(true)),
+        "{dry}"
+    );
     ok(&relq_in(
         &dir,
         &["dlq", "purge", "orders", "--older-than", "0s"],

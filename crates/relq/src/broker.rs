@@ -674,11 +674,17 @@ impl DeadLetters {
     /// # Errors
     /// The backend failed.
     pub async fn purge_older_than(&self, age: Duration) -> Result<u64> {
+        self.purge_before(Timestamp::now().minus(age)).await
+    }
+
+    /// Deletes dead letters whose last failure is before `before` (what a count with
+    /// `DeadLetterQuery::all().between(None, Some(before))` previewed).
+    ///
+    /// # Errors
+    /// The backend failed.
+    pub async fn purge_before(&self, before: Timestamp) -> Result<u64> {
         validate_name("topic", &self.topic)?;
-        Ok(self
-            .backend
-            .purge_dead_letters(&self.topic, Timestamp::now().minus(age))
-            .await?)
+        Ok(self.backend.purge_dead_letters(&self.topic, before).await?)
     }
 
     /// Deletes dead letters older than the default retention of 30 days.

@@ -863,21 +863,47 @@ impl Config {
     }
 }
 
-/// Checks a plain `http://host:port[/path]` address (what `server.prometheus_url` takes).
+/// Checks a plain `http://host[:port][/path]` address (what `server.prometheus_url` takes): no
+/// user, query, fragment, spaces or escapes; an IPv6 host in brackets; a port from 1 to 65535.
 fn check_http_url(u: &str) -> Result<(), String> {
     let Some(rest) = u.strip_prefix("http://") else {
         return Err(format!(
             "{u:?} is not an http:// address (e.g. http://127.0.0.1:9090; https is not supported)"
         ));
     };
+    if rest.contains(['?', '#', '%', '@']) || rest.chars().any(char::is_whitespace) {
+        return Err(format!(
+            "{u:?}: give only http://host:port and an optional path (no user, query, fragment, spaces or escapes)"
+        ));
+    }
     let authority = rest.split('/').next().unwrap_or("");
-    if authority.is_empty() || authority.contains('@') || authority.contains(['?', '#', ' ']) {
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        match v6.split_once(']') {
+            Some((h, p)) if !h.is_empty() => (h, p.strip_prefix(':')),
+            _ => {
+                return Err(format!(
+                    "{u:?}: an IPv6 host goes in brackets, e.g. http://[::1]:9090"
+                ))
+            }
+        }
+    } else {
+        match authority.split_once(':') {
+            Some((h, p)) if !p.contains(':') => (h, Some(p)),
+            Some(_) => {
+                return Err(format!(
+                    "{u:?}: an IPv6 host goes in brackets, e.g. http://[::1]:9090"
+                ))
+            }
+            None => (authority, None),
+        }
+    };
+    if host.is_empty() {
         return Err(format!("{u:?} names no host (e.g. http://127.0.0.1:9090)"));
     }
-    if let Some((_, port)) = authority.rsplit_once(':') {
-        if !authority.ends_with(']') && port.parse::<u16>().is_err() {
+    if let Some(p) = port {
+        if !p.parse::<u16>().is_ok_and(|p| p > 0) {
             return Err(format!(
-                "{u:?} has a port that is not a number from 0 to 65535"
+                "{u:?} has a port that is not a number from 1 to 65535"
             ));
         }
     }
@@ -953,12 +979,20 @@ mod tests {
             Some("http://127.0.0.1:9090")
         );
         assert!(env("http://[::1]:9090/prom").is_ok());
+        assert!(env("http://prom.internal/base").is_ok());
         for bad in [
             "https://prom:9090",
             "127.0.0.1:9090",
             "http://",
             "http://u:p@prom:9090",
             "http://prom:90x",
+            "http://prom:0",
+            "http://:9090",
+            "http://::1",
+            "http://[]:9090",
+            "http://prom:9090/base?x=1",
+            "http://prom:9090/a b",
+            "http://prom:9090/#x",
         ] {
             let e = env(bad).unwrap_err().to_string();
             assert!(e.contains("server.prometheus_url"), "{bad}: {e}");

@@ -205,3 +205,36 @@ impl DeadLetterStats {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Outgoing;
+
+    #[test]
+    fn the_handler_filter_is_the_handler_not_the_type() {
+        let out = Outgoing {
+            kind: "invoice".into(),
+            payload: bytes::Bytes::from_static(b"{}"),
+            headers: BTreeMap::new(),
+            deliver_at: None,
+        };
+        let m = Message::new(MessageId { ms: 1, seq: 0 }, out, Timestamp(1), 1);
+        let failure = AttemptFailure {
+            attempt: 1,
+            at: Timestamp(2),
+            consumer: "c".into(),
+            kind: FailureKind::Permanent,
+            error: "no".into(),
+        };
+        let mut dl = DeadLetter::new(m, "t", "g", failure);
+        dl.handler = "fallback".into();
+        assert!(DeadLetterQuery::all().handler("fallback").matches(&dl));
+        assert!(!DeadLetterQuery::all().handler("invoice").matches(&dl));
+        assert!(DeadLetterQuery::all().kind("invoice").matches(&dl));
+        assert!(!DeadLetterQuery::all()
+            .handler("fallback")
+            .kind("other")
+            .matches(&dl));
+    }
+}
