@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
 use crate::error::BackendError;
+pub use crate::failure::{AttemptFailure, FailureKind};
 use crate::model::{Message, MessageId, Outgoing, StartPosition, Timestamp};
 
 /// A consumer's membership in a group, returned by [`Backend::join`].
@@ -35,79 +36,6 @@ pub struct Subscription {
     /// later call with this subscription fails with [`BackendErrorKind::Terminated`](crate::BackendErrorKind),
     /// even if the topic was created again meanwhile.
     pub epoch: u64,
-}
-
-/// One failed attempt, as stored with a pending or scheduled entry.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AttemptFailure {
-    /// Which delivery failed (1 = the first).
-    pub attempt: u32,
-    /// When it failed.
-    pub at: Timestamp,
-    /// The consumer that ran it.
-    pub consumer: String,
-    /// What kind of failure it was.
-    pub kind: FailureKind,
-    /// The error's message.
-    pub error: String,
-}
-
-/// How an attempt failed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-#[non_exhaustive]
-pub enum FailureKind {
-    /// The handler returned a retryable error.
-    Retryable,
-    /// The handler returned a permanent error.
-    Permanent,
-    /// The handler panicked.
-    Panic,
-    /// The handler ran past its timeout.
-    Timeout,
-    /// No handler is registered for the message type.
-    NoHandler,
-    /// The message was delivered more times than the retry policy allows without being settled
-    /// (consumers crashed or hung while holding it).
-    DeliveryLimit,
-}
-
-impl FailureKind {
-    /// The name used in filters, metrics and output.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FailureKind::Retryable => "retryable",
-            FailureKind::Permanent => "permanent",
-            FailureKind::Panic => "panic",
-            FailureKind::Timeout => "timeout",
-            FailureKind::NoHandler => "no_handler",
-            FailureKind::DeliveryLimit => "delivery_limit",
-        }
-    }
-}
-
-impl std::str::FromStr for FailureKind {
-    type Err = crate::Error;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(match s {
-            "retryable" => FailureKind::Retryable,
-            "permanent" => FailureKind::Permanent,
-            "panic" => FailureKind::Panic,
-            "timeout" => FailureKind::Timeout,
-            "no_handler" => FailureKind::NoHandler,
-            "delivery_limit" => FailureKind::DeliveryLimit,
-            other => {
-                return Err(crate::error::ConfigError::new(
-                    "failure kind",
-                    format!(
-                        "{:?} is none of retryable, permanent, panic, timeout, no_handler, delivery_limit",
-                        crate::model::shorten(other)
-                    ),
-                )
-                .into())
-            }
-        })
-    }
 }
 
 /// A delivered message with the failures of its earlier attempts.

@@ -56,6 +56,7 @@ mod consumer;
 mod dead_letter;
 mod embedded;
 mod error;
+mod failure;
 mod handler;
 #[cfg(unix)]
 mod local;

@@ -124,8 +124,9 @@ async fn a_handler_blocking_its_thread_does_not_hold_up_shutdown() {
         .handler_timeout(Duration::from_millis(100))
         .claim_after(Duration::from_secs(30))
         .retry(Backoff::fixed(Duration::from_millis(1)).max_attempts(3))
+        .concurrency(8)
         .handler("job", move |m: Message| {
-            if m.attempt == 1 {
+            if m.attempt == 1 && m.payload == "block" {
                 // Stuck until the consumer has shut down (or 30 s, so a failure ends).
                 let until = Instant::now() + Duration::from_secs(30);
                 while !s.load(Ordering::SeqCst) && Instant::now() < until {
@@ -140,13 +141,26 @@ async fn a_handler_blocking_its_thread_does_not_hold_up_shutdown() {
         .start()
         .await
         .unwrap();
-    broker
-        .publish("blocking-shutdown", NewMessage::new("job", "x"))
-        .await
-        .unwrap();
+    // The stuck one comes amid others: a worker takes it right after finishing one, and what
+    // that one woke (the settler, the fetch loop) must not be stranded behind the stuck call.
+    for i in 0..60 {
+        let payload = if i == 30 {
+            "block".to_owned()
+        } else {
+            format!("{i}")
+        };
+        broker
+            .publish("blocking-shutdown", NewMessage::new("job", payload))
+            .await
+            .unwrap();
+    }
     let deadline = Instant::now() + Duration::from_secs(20);
-    while consumer.stats().processed < 1 {
-        assert!(Instant::now() < deadline, "the retry never ran");
+    while consumer.stats().processed < 60 {
+        assert!(
+            Instant::now() < deadline,
+            "not all handled while one call is stuck: {:?}",
+            consumer.stats()
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let report = consumer.shutdown(Duration::from_secs(60)).await;

@@ -26,13 +26,14 @@ use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::nack::{nack, Nack};
 use super::{Config, Counters, ShutdownReport, StopReason};
 use crate::backend::{AttemptFailure, Backend, Delivery, FailureKind, Settlement, Subscription};
 use crate::dead_letter::DeadLetter;
 use crate::error::{BackendError, BackendErrorKind};
 use crate::handler::{BatchConfig, BatchHandler, Handler, HandlerError, CAPTURE_BACKTRACE};
 use crate::model::{instant_after, MessageId, Outgoing, Timestamp, HEADER_REPLAY_GROUP};
-use crate::retry::{Failure, RetryDecision};
+use crate::retry::Failure;
 
 /// Settlements flushed per backend call.
 const SETTLE_BATCH: usize = 512;
@@ -53,8 +54,6 @@ struct Ctx {
     meters: Meters,
     watchdog: Watchdog,
     work: Arc<Work>,
-    /// Workers started by the fetch loop (at most `concurrency`).
-    workers: std::sync::atomic::AtomicUsize,
 }
 
 /// The consumer's metric handles, registered once (not looked up per message).
@@ -312,6 +311,8 @@ struct Task {
 struct Work {
     queue: Mutex<WorkQueue>,
     ready: Notify,
+    /// Workers started by the fetch loop (at most `concurrency`; replacements not counted).
+    workers: std::sync::atomic::AtomicUsize,
 }
 
 #[derive(Default)]
@@ -337,23 +338,25 @@ impl Work {
         short
     }
 
-    /// The next task; `None` once closed.
-    async fn next(&self) -> Option<Task> {
+    /// The next task, and whether the worker waited for it; `None` once closed.
+    async fn next(&self) -> Option<(Task, bool)> {
+        let mut waited = false;
         loop {
             let ready = self.ready.notified();
             tokio::pin!(ready);
             ready.as_mut().enable();
             {
                 let mut q = self.lock();
-                if let Some(t) = q.tasks.pop_front() {
-                    return Some(t);
-                }
                 if q.closed {
                     return None;
+                }
+                if let Some(t) = q.tasks.pop_front() {
+                    return Some((t, waited));
                 }
                 q.idle += 1;
             }
             ready.await;
+            waited = true;
             self.lock().idle -= 1;
         }
     }
@@ -368,37 +371,80 @@ impl Work {
 /// consumer only weakly while a handler runs, so a handler that never gives its thread back
 /// does not keep a stopped consumer alive.
 async fn worker(work: Arc<Work>, ctx: std::sync::Weak<Ctx>, capture: bool) {
-    while let Some(Task {
-        job,
-        message,
-        name,
-        handler,
-    }) = work.next().await
+    // A worker that dies of a panic outside the handler (a bug) no longer counts, so another
+    // can be started in its place.
+    struct Counted(Arc<Work>);
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                self.0.workers.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+    let _counted = Counted(work.clone());
+    let mut ran = false;
+    while let Some((
+        Task {
+            job,
+            message,
+            name,
+            handler,
+        },
+        waited,
+    )) = work.next().await
     {
+        if job.is_done() {
+            // Timed out or left pending while it waited in the queue: not run.
+            if job.replaced() {
+                return;
+            }
+            continue;
+        }
+        if ran && !waited {
+            // Taken without waiting, right after the last one: let whatever that one woke on
+            // this thread (the settler, the fetch loop) run first. Tokio keeps such a task in
+            // this thread's own slot, which other threads do not take, so a handler that then
+            // blocks the thread would strand it.
+            tokio::task::yield_now().await;
+        }
+        ran = true;
         let started = Instant::now();
         let span = tracing::debug_span!("relq.handle", id = %message.id, kind = %message.kind, attempt = message.attempt);
-        let run = CatchUnwind(handler.handle(message));
-        // The backtrace flag is a task-local only when backtraces are on (off, the handler
-        // errors capture none, as outside the scope); the span only when it is enabled.
-        let result = match (capture, span.is_disabled()) {
-            (false, true) => {
-                tokio::select! {
-                    biased;
-                    r = run => Some(r),
-                    () = job.cancel.notified() => None,
-                }
-            }
-            (capture, _) => {
-                let run =
-                    tracing::Instrument::instrument(CAPTURE_BACKTRACE.scope(capture, run), span);
-                tokio::select! {
-                    biased;
-                    r = run => Some(r),
-                    () = job.cancel.notified() => None,
+        // A handler may panic while making its future, too.
+        let made =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.handle(message)));
+        let result = match made {
+            Err(p) => Some(Err(panic_text(p))),
+            Ok(fut) => {
+                let run = CatchUnwind(fut);
+                // The backtrace flag is a task-local only when backtraces are on (off, the
+                // handler errors capture none, as outside the scope); the span only when it is
+                // enabled.
+                match (capture, span.is_disabled()) {
+                    (false, true) => {
+                        tokio::select! {
+                            biased;
+                            r = run => Some(r),
+                            () = job.cancel.notified() => None,
+                        }
+                    }
+                    (capture, _) => {
+                        let run = tracing::Instrument::instrument(
+                            CAPTURE_BACKTRACE.scope(capture, run),
+                            span,
+                        );
+                        tokio::select! {
+                            biased;
+                            r = run => Some(r),
+                            () = job.cancel.notified() => None,
+                        }
+                    }
                 }
             }
         };
-        drop(handler);
+        let Some(ctx) = ctx.upgrade() else {
+            return;
+        };
         let taken = match result {
             Some(r) => job.take(false).map(|held| (held, r)),
             None => None,
@@ -409,9 +455,6 @@ async fn worker(work: Arc<Work>, ctx: std::sync::Weak<Ctx>, capture: bool) {
                 return;
             }
             continue;
-        };
-        let Some(ctx) = ctx.upgrade() else {
-            return;
         };
         let outcome = match result {
             Ok(Ok(())) => Outcome::Ok,
@@ -561,8 +604,14 @@ async fn watchdog(ctx: Arc<Ctx>) {
                     format!("handler did not finish within {timeout:?}"),
                 );
                 ctx.meters.handler_seconds.record(timeout.as_secs_f64());
-                finish(&ctx, d, w.name, outcome).await;
-                drop(permit);
+                // In a task of its own: with the settle queue full (a backend outage) the
+                // watchdog must not wait, other handlers' timeouts are due too.
+                let ctx = ctx.clone();
+                let name = w.name;
+                tokio::spawn(async move {
+                    finish(&ctx, d, name, outcome).await;
+                    drop(permit);
+                });
             }
         }
     }
@@ -602,7 +651,6 @@ pub(crate) async fn run(
         meters: Meters::new(&config.topic, &config.group),
         watchdog: Watchdog::new(config.concurrency),
         work: Arc::new(Work::default()),
-        workers: std::sync::atomic::AtomicUsize::new(0),
     });
     let watchdog_task = tokio::spawn(watchdog(ctx.clone()));
     let mut batchers = HashMap::new();
@@ -867,8 +915,8 @@ async fn dispatch(
         name,
         handler,
     });
-    if short && ctx.workers.load(Ordering::Relaxed) < c.concurrency {
-        ctx.workers.fetch_add(1, Ordering::Relaxed);
+    if short && ctx.work.workers.load(Ordering::Relaxed) < c.concurrency {
+        ctx.work.workers.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(worker(
             ctx.work.clone(),
             Arc::downgrade(ctx),
@@ -976,17 +1024,16 @@ async fn finish(ctx: &Ctx, d: Delivery, handler: HandlerName, outcome: Outcome) 
             let now = Timestamp::now();
             let attempt = d.message.attempt;
             let error = chain.first().cloned().unwrap_or_default();
-            let decision = match kind {
-                FailureKind::Permanent | FailureKind::NoHandler | FailureKind::DeliveryLimit => {
-                    RetryDecision::GiveUp
-                }
-                _ => c.retry.decide(&Failure {
+            let decision = nack(
+                &*c.retry,
+                &Failure {
                     attempt,
                     kind,
                     error: &error,
                     category: category.as_deref(),
-                }),
-            };
+                },
+                now,
+            );
             let failure = AttemptFailure {
                 attempt,
                 at: now,
@@ -995,20 +1042,20 @@ async fn finish(ctx: &Ctx, d: Delivery, handler: HandlerName, outcome: Outcome) 
                 error,
             };
             match decision {
-                RetryDecision::RetryAfter(delay) => {
+                Nack::Retry { at } => {
                     counters.retried.fetch_add(1, Ordering::Relaxed);
                     ctx.meters.retried.increment(1);
-                    tracing::debug!(id = %d.message.id, attempt, ?delay, error = %failure.error, "retry scheduled");
+                    tracing::debug!(id = %d.message.id, attempt, due = %at, error = %failure.error, "retry scheduled");
                     Settlement::Retry {
                         id: d.message.id,
-                        at: now.plus(delay),
+                        at,
                         failure,
                     }
                 }
-                RetryDecision::GiveUp => {
+                Nack::DeadLetter { reason } => {
                     counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
                     ctx.meters.dead_lettered.increment(1);
-                    tracing::warn!(id = %d.message.id, attempt, reason = kind.as_str(), error = %failure.error, "dead-lettered");
+                    tracing::warn!(id = %d.message.id, attempt, reason = reason.as_str(), error = %failure.error, "dead-lettered");
                     let mut failures = d.failures;
                     failures.push(failure);
                     let first_failed_at = failures.first().map_or(now, |f| f.at);
@@ -1018,7 +1065,7 @@ async fn finish(ctx: &Ctx, d: Delivery, handler: HandlerName, outcome: Outcome) 
                         group: c.group.clone(),
                         consumer: c.consumer.clone(),
                         handler: handler.of(&d.message).to_owned(),
-                        reason: kind,
+                        reason,
                         category,
                         error_chain: chain,
                         backtrace: if c.include_stack_trace {

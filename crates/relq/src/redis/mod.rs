@@ -536,6 +536,29 @@ fn dead_letter_of(entry: Value) -> Result<DeadLetter, BackendError> {
     Ok(dl)
 }
 
+/// A message id as a command argument, written straight into the command (no `String` per
+/// id on the ack path).
+struct IdArg(MessageId);
+
+impl ::redis::ToRedisArgs for IdArg {
+    fn write_redis_args<W>(&self, out: &mut W)
+    where
+        W: ?Sized + ::redis::RedisWrite,
+    {
+        use std::io::Write as _;
+        // Writing into the command's own buffer cannot fail.
+        let _ = write!(out.writer_for_next_arg(), "{}-{}", self.0.ms, self.0.seq);
+    }
+}
+
+/// `XREADGROUP`'s id for "messages never delivered to this group".
+const NEVER_DELIVERED: &str = ">";
+/// `XGROUP CREATE`'s id for "after the last entry" (the stream's end).
+const STREAM_END: &str = "$";
+/// The id before every entry (a group created here reads from the start); also `SCAN`'s first
+/// and last cursor.
+const ORIGIN: &str = "0";
+
 /// The cursor that makes `id` the next id read (`XGROUP CREATE` takes the last id read).
 fn before(id: MessageId) -> String {
     if id.seq > 0 {
@@ -543,7 +566,7 @@ fn before(id: MessageId) -> String {
     } else if id.ms > 0 {
         format!("{}-{}", id.ms - 1, u64::MAX)
     } else {
-        "0".to_owned()
+        ORIGIN.to_owned()
     }
 }
 
@@ -865,7 +888,7 @@ impl RedisBackend {
             if !block.is_zero() {
                 cmd.arg("BLOCK").arg(redis_millis(block).max(1));
             }
-            cmd.arg("STREAMS").arg(&key).arg(">");
+            cmd.arg("STREAMS").arg(&key).arg(NEVER_DELIVERED);
             pipe.cmd("ZCARD")
                 .arg(group_prefix(&prefix(&sub.topic), &sub.group) + "skip");
             pipe
@@ -1073,7 +1096,7 @@ impl RedisBackend {
         };
         let mut out = Vec::new();
         for node in nodes {
-            let mut cursor = "0".to_owned();
+            let mut cursor = ORIGIN.to_owned();
             loop {
                 let mut cmd = ::redis::cmd("SCAN");
                 cmd.arg(&cursor)
@@ -1107,7 +1130,7 @@ impl RedisBackend {
                         out.push(t);
                     }
                 }
-                if next.is_empty() || next == "0" {
+                if next.is_empty() || next == ORIGIN {
                     break;
                 }
                 cursor = next;
@@ -1175,7 +1198,11 @@ impl RedisBackend {
         let r: Value = self
             .call(|mut c| {
                 let mut inv = self.scripts.cleanup.key(&key);
-                inv.arg(&pre).arg(cutoff).arg(1).arg(-1).arg("1");
+                inv.arg(&pre)
+                    .arg(cutoff)
+                    .arg(1)
+                    .arg(-1)
+                    .arg(scripts::CLEANUP_PREVIEW);
                 async move { inv.invoke_async(&mut c).await }
             })
             .await?;
@@ -1251,8 +1278,8 @@ impl RedisBackend {
 /// The id `XGROUP` takes for a start position: the last id already read.
 fn start_id(start: StartPosition) -> String {
     match start {
-        StartPosition::Latest => "$".to_owned(),
-        StartPosition::Earliest => "0".to_owned(),
+        StartPosition::Latest => STREAM_END.to_owned(),
+        StartPosition::Earliest => ORIGIN.to_owned(),
         StartPosition::From(id) => before(id),
     }
 }
@@ -1494,10 +1521,12 @@ impl Backend for RedisBackend {
         if plain_acks {
             // The hot path, without Lua: first deliveries of new entries have no failure
             // history, so one XACK does (idempotent: a retry after a lost reply is harmless).
-            let ids: Vec<String> = batch.iter().map(|s| s.id().to_string()).collect();
             self.call(|mut c| {
                 let mut cmd = ::redis::cmd("XACK");
-                cmd.arg(&key).arg(&sub.group).arg(&ids);
+                cmd.arg(&key).arg(&sub.group);
+                for s in batch {
+                    cmd.arg(IdArg(s.id()));
+                }
                 async move { cmd.query_async::<Value>(&mut c).await }
             })
             .await?;
@@ -1508,11 +1537,11 @@ impl Backend for RedisBackend {
         for s in batch {
             match s {
                 Settlement::Ack(id) => {
-                    args.push(b"a".to_vec());
+                    args.push(scripts::SETTLE_ACK.to_vec());
                     args.push(id.to_string().into_bytes());
                 }
                 Settlement::Retry { id, at, failure } => {
-                    args.push(b"r".to_vec());
+                    args.push(scripts::SETTLE_RETRY.to_vec());
                     args.push(id.to_string().into_bytes());
                     args.push(at.0.to_string().into_bytes());
                     args.push(serde_json::to_vec(failure).expect("failures serialize"));
@@ -1521,7 +1550,7 @@ impl Backend for RedisBackend {
                 Settlement::DeadLetter(dl) => {
                     let mut record = (**dl).clone();
                     let payload = std::mem::take(&mut record.message.payload);
-                    args.push(b"d".to_vec());
+                    args.push(scripts::SETTLE_DEAD_LETTER.to_vec());
                     args.push(dl.message.id.to_string().into_bytes());
                     args.push(serde_json::to_vec(&record).expect("dead letters serialize"));
                     args.push(payload.to_vec());
@@ -1647,7 +1676,7 @@ impl Backend for RedisBackend {
                         .arg(cutoff)
                         .arg(retention.batch.max(1))
                         .arg(max_len)
-                        .arg("0");
+                        .arg(scripts::CLEANUP_APPLY);
                     async move { inv.invoke_async(&mut c).await }
                 })
                 .await?;

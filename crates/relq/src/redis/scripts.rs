@@ -317,6 +317,11 @@ end
 return {lost, out}
 "#;
 
+/// The SETTLE script's entry opcodes (its `op == 'a'` / `'r'` / `'d'`).
+pub(super) const SETTLE_ACK: &[u8] = b"a";
+pub(super) const SETTLE_RETRY: &[u8] = b"r";
+pub(super) const SETTLE_DEAD_LETTER: &[u8] = b"d";
+
 /// Settles a batch. ARGV: prefix, group, epoch, settling consumer, then entries: 'a', id | 'r', id, due_ms,
 /// failure_json, attempt | 'd', id, dead_letter_json, payload, attempts. Entries no longer
 /// pending are ignored, and so is a retry or dead letter for a delivery that was superseded: the
@@ -413,6 +418,11 @@ if existed == 1 then
 end
 return existed
 "#;
+
+/// The CLEANUP script's last argument: count only, change nothing.
+pub(super) const CLEANUP_PREVIEW: &str = "1";
+/// The CLEANUP script's last argument: remove.
+pub(super) const CLEANUP_APPLY: &str = "0";
 
 /// One bounded cleanup step. ARGV: prefix, cutoff_ms, batch, max_len (-1 = none), preview
 /// ('1': change nothing, return {floor or false}: every entry below the floor is acknowledged by
