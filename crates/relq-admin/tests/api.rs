@@ -494,7 +494,13 @@ async fn dead_letters_list_group_replay_delete_and_purge() {
         None,
     )
     .await;
-    assert_eq!(r.body["message"]["payload"], "bad-1");
+    assert!(
+        r.body["message"]["payload"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("bad-")),
+        "{}",
+        r.text
+    );
     assert_eq!(r.body["failures"].as_array().unwrap().len(), 1);
 
     // A dry run changes nothing; then the filtered set is replayed at a rate.
