@@ -36,7 +36,9 @@ class ApiError extends Error {
 // Aborted when the viewer leaves the page (long requests a page started stop with it).
 let leaving = new AbortController();
 
-async function api(method, path, body, signal) {
+// A GET belongs to the page that made it: leaving the page aborts it, so a slow answer never
+// renders over the page the viewer went to.
+async function api(method, path, body, signal = method === "GET" ? leaving.signal : undefined) {
   const headers = {};
   const token = sessionStorage.getItem(TOKEN_KEY);
   if (token) headers.Authorization = `Bearer ${token}`;
@@ -50,7 +52,13 @@ async function api(method, path, body, signal) {
     throw new ApiError(0, "the server cannot be reached");
   }
   hideBanner();
-  const text = await res.text();
+  let text;
+  try {
+    text = await res.text();
+  } catch (e) {
+    if (signal && signal.aborted) throw new ApiError(0, "left the page");
+    throw new ApiError(0, "the answer was cut off");
+  }
   let data = null;
   try { data = text ? JSON.parse(text) : null; } catch { data = null; }
   if (res.status === 401) {
@@ -164,7 +172,7 @@ async function whoami() {
 const history = [];
 let last = null;
 
-const RATES = [["published", "c-published", "published / s"], ["failed", "c-dead", "dead-lettered / s"]];
+const RATES = [["published", "c-published", "published / s"], ["handled", "c-handled", "handled / s (all groups)"], ["failed", "c-dead", "dead-lettered / s"]];
 const LEVELS = [["backlog", "c-backlog", "backlog (pending + unread)"], ["dead", "c-dead", "dead letters stored"]];
 
 function chart(label, series) {
@@ -231,33 +239,45 @@ async function overview() {
     const topics = await api("GET", "/api/topics");
     const now = Date.now();
     const user = topics.filter((t) => !t.name.startsWith("_relq"));
-    let backlog = 0, dead = 0, published = 0;
+    let backlog = 0, dead = 0, published = 0, handledNow = 0;
+    const secs = last ? Math.max(0.001, (now - last.at) / 1000) : null;
+    const seen = new Map();
     const rows = user.map((t) => {
       const sum = (k) => t.groups.reduce((a, g) => a + g[k], 0);
       const oldest = Math.max(0, ...t.groups.map((g) => g.oldest_pending_age_ms || 0));
       backlog += sum("pending") + sum("lag");
       dead += t.dead_letters;
       published += t.published;
-      const before = last && last.topics[t.name];
-      const rate = before ? Math.max(0, (t.published - before) / ((now - last.at) / 1000)) : null;
+      // What a group still has to do: unread, pending, scheduled, stopped. What it handled in
+      // an interval (acknowledged or dead-lettered) is what was published minus what it added.
+      const open = Object.fromEntries(t.groups.map((g) => [g.name, g.pending + g.lag + g.scheduled + g.stopped]));
+      seen.set(t.name, { published: t.published, open });
+      const before = last && last.topics.get(t.name);
+      let rate = null, handled = null;
+      if (before) {
+        rate = Math.max(0, (t.published - before.published) / secs);
+        handled = t.groups.reduce((a, g) => g.name in before.open
+          ? a + Math.max(0, (t.published - before.published) - (open[g.name] - before.open[g.name])) : a, 0) / secs;
+        handledNow += handled;
+      }
       return row([
         h("a", { href: `#/topics/${enc(t.name)}` }, t.name),
-        t.length, rate === null ? "…" : rate.toFixed(1), t.groups.length, sum("pending"), sum("lag"), sum("scheduled"), sum("stopped"),
+        t.length, rate === null ? "…" : rate.toFixed(1), handled === null ? "…" : handled.toFixed(1),
+        t.groups.length, sum("pending"), sum("lag"), sum("scheduled"), sum("stopped"),
         t.dead_letters ? h("a", { href: `#/topics/${enc(t.name)}/dead-letters` }, String(t.dead_letters)) : "0",
         age(oldest || null),
-      ], [1, 2, 3, 4, 5, 6, 7, 8, 9], { class: t.dead_letters ? "warn" : "" });
+      ], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], { class: t.dead_letters ? "warn" : "" });
     });
-    const point = { at: now, backlog, dead, published: 0, failed: 0 };
+    const point = { at: now, backlog, dead, published: 0, handled: handledNow, failed: 0 };
     if (last) {
-      const secs = Math.max(0.001, (now - last.at) / 1000);
       point.published = Math.max(0, published - last.published) / secs;
       point.failed = Math.max(0, dead - last.dead) / secs;
     }
-    last = { at: now, published, dead, topics: Object.fromEntries(user.map((t) => [t.name, t.published])) };
+    last = { at: now, published, dead, topics: seen };
     history.push(point);
     if (history.length > 300) history.shift();
     body.replaceChildren(user.length
-      ? table(["Topic", "Messages", "Published / s", "Groups", "Pending", "Lag", "Scheduled", "Stopped", "Dead letters", "Oldest pending"], rows, [1, 2, 3, 4, 5, 6, 7, 8, 9])
+      ? table(["Topic", "Messages", "Published / s", "Handled / s", "Groups", "Pending", "Lag", "Scheduled", "Stopped", "Dead letters", "Oldest pending"], rows, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10])
       : h("p", { class: "muted" }, "No topics yet."));
     draw(rates.canvas, RATES, history.slice(1));
     draw(levels.canvas, LEVELS, history);
@@ -267,7 +287,7 @@ async function overview() {
 }
 
 const COLORS = {
-  "c-published": "#2ca02c", "c-dead": "#d62728", "c-backlog": "#1f77b4",
+  "c-published": "#2ca02c", "c-dead": "#d62728", "c-backlog": "#1f77b4", "c-handled": "#ff7f0e",
   "c-p0": "#9467bd", "c-p1": "#ff7f0e", "c-p2": "#17becf", "c-p3": "#8c564b", "c-p4": "#e377c2", "c-p5": "#7f7f7f",
 };
 
@@ -620,7 +640,8 @@ async function route() {
   timer = null;
   leaving.abort();
   leaving = new AbortController();
-  generation += 1;
+  const mine = ++generation;
+  const at = location.hash;
   delete main.dataset.ready;
   const hash = location.hash.replace(/^#/, "") || "/";
   const path = hash.split("?")[0];
@@ -635,12 +656,14 @@ async function route() {
     else if (parts[0] === "topics" && parts[2] === "dead-letters" && parts.length === 4) await deadLetterPage(parts[1], parts[3]);
     else setPage("Not found", h("p", {}, "No such page. ", h("a", { href: "#/" }, "Overview")));
   } catch (e) {
-    if (e.status === 401) return;
+    if (e.status === 401 || mine !== generation) return;
     setPage("Error", notice(e.message, "error"), h("p", {}, h("a", { href: "#/" }, "Overview")));
   }
+  // The viewer went elsewhere while this page loaded: that page's route owns the screen.
+  if (mine !== generation) return;
   main.focus({ preventScroll: true });
   // Which address the page shows is rendered for (tests wait for it after navigating).
-  main.dataset.ready = location.hash;
+  main.dataset.ready = at;
 }
 
 document.getElementById("signout").addEventListener("click", () => {
