@@ -63,7 +63,6 @@ fn position(p: &StartPosition) -> String {
         StartPosition::Latest => "latest".into(),
         StartPosition::Earliest => "earliest".into(),
         StartPosition::From(id) => id.to_string(),
-        _ => format!("{p:?}"),
     }
 }
 

@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::dead_letter::{DeadLetter, DeadLetterId};
-use crate::model::Timestamp;
+use relq_core::Timestamp;
+use relq_core::{DeadLetter, DeadLetterId};
 
 /// How many sample ids a [`FailureGroup`] keeps.
 const SAMPLES: usize = 5;

@@ -4,17 +4,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::analysis::{self, FailureGroup, SharedSuggestions, Suggestion, Suggestions};
-use crate::backend::{
-    Backend, Browse, CleanupReport, GroupPlacement, Health, Retention, TopicInfo,
-};
 use crate::consumer::{ConsumerBuilder, ConsumerDefaults};
-use crate::dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
-use crate::embedded::EmbeddedBackend;
-use crate::error::{BackendError, BackendErrorKind, Error, NotFound, Result};
 use crate::memory::MemoryBackend;
-use crate::model::{
-    validate_headers, validate_kind, validate_name, Message, MessageId, NewMessage, Outgoing,
-    StartPosition, Timestamp, RESERVED_HEADER_PREFIX,
+use crate::message::NewMessage;
+use relq_core::{
+    validate_name, Backend, BackendError, BackendErrorKind, Browse, CleanupReport, DeadLetter,
+    DeadLetterId, DeadLetterQuery, DeadLetterStats, Error, GroupPlacement, Health, Message,
+    MessageId, NotFound, Result, Retention, StartPosition, Timestamp, TopicInfo,
 };
 
 /// Largest payload accepted by default: 1 MiB.
@@ -63,12 +59,19 @@ impl Broker {
     }
 
     /// A broker on the embedded engine in data directory `path` (created if needed): durable,
-    /// nothing to install. See [`EmbeddedBackend`].
+    /// nothing to install. See [`EmbeddedBackend`](crate::EmbeddedBackend). When another
+    /// process has the directory open, the broker reaches the directory through that process.
     ///
     /// # Errors
-    /// The directory is in use by another process, cannot be created, or holds corrupt data.
+    /// The directory is held by a process that cannot be reached, cannot be created, or holds
+    /// corrupt data.
+    #[cfg(feature = "embedded")]
     pub fn open(path: impl AsRef<std::path::Path>) -> Result<Broker> {
-        open_embedded(path.as_ref(), crate::embedded::EmbeddedConfig::default())
+        let backend = relq_embedded::EmbeddedBackend::open_shared(
+            path.as_ref(),
+            relq_embedded::EmbeddedConfig::default(),
+        )?;
+        Ok(Broker::from_arc(backend))
     }
 
     /// A broker for a backend URL: `file:///path/to/data` (or `file://relative/path`) for the
@@ -81,22 +84,21 @@ impl Broker {
     pub async fn connect(url: &str) -> Result<Broker> {
         match url.split_once("://") {
             Some(("memory", _)) => Ok(Broker::memory()),
-            Some(("file", path)) if !path.is_empty() => Broker::open(path),
-            Some(("file", _)) => Err(Error::UnsupportedUrl {
+            Some(("file", "")) => Err(Error::UnsupportedUrl {
                 url: url.to_owned(),
                 reason: "a file:// URL needs a directory, e.g. file:///var/lib/relq".into(),
             }),
+            #[cfg(feature = "embedded")]
+            Some(("file", path)) => Broker::open(path),
+            #[cfg(not(feature = "embedded"))]
+            Some(("file", _)) => Err(not_compiled_in(url, "embedded engine", "embedded")),
             #[cfg(feature = "redis")]
-            Some(("redis" | "rediss" | "redis+cluster" | "rediss+cluster", _)) => Ok(Broker::new(
-                crate::redis::RedisBackend::connect(url).await?,
+            Some((scheme, _)) if REDIS_SCHEMES.contains(&scheme) => Ok(Broker::new(
+                relq_redis::RedisBackend::connect(url).await?,
             )),
             #[cfg(not(feature = "redis"))]
-            Some(("redis" | "rediss" | "redis+cluster" | "rediss+cluster", _)) => {
-                Err(Error::UnsupportedUrl {
-                    url: url.to_owned(),
-                    reason: "this build of relq has no Redis backend: enable the `redis` feature"
-                        .into(),
-                })
+            Some((scheme, _)) if REDIS_SCHEMES.contains(&scheme) => {
+                Err(not_compiled_in(url, "Redis backend", "redis"))
             }
             _ => Err(Error::UnsupportedUrl {
                 url: url.to_owned(),
@@ -116,12 +118,16 @@ impl Broker {
         config.validate()?;
         let url = config.backend.url.as_str();
         let mut broker = match url.split_once("://") {
+            #[cfg(feature = "embedded")]
             Some(("file", path)) if !path.is_empty() => {
-                open_embedded(std::path::Path::new(path), config.embedded())?
+                Broker::from_arc(relq_embedded::EmbeddedBackend::open_shared(
+                    std::path::Path::new(path),
+                    config.embedded(),
+                )?)
             }
             #[cfg(feature = "redis")]
-            Some(("redis" | "rediss" | "redis+cluster" | "rediss+cluster", _)) => {
-                Broker::new(crate::redis::RedisBackend::connect_with(url, config.redis()?).await?)
+            Some((scheme, _)) if REDIS_SCHEMES.contains(&scheme) => {
+                Broker::new(relq_redis::RedisBackend::connect_with(url, config.redis()?).await?)
             }
             _ => Broker::connect(url).await?,
         };
@@ -169,35 +175,6 @@ impl Broker {
         &self.backend
     }
 
-    fn prepare(&self, m: NewMessage) -> Result<Outgoing> {
-        validate_kind(&m.kind)?;
-        if m.payload.len() > self.max_payload {
-            return Err(Error::PayloadTooLarge {
-                size: m.payload.len(),
-                max: self.max_payload,
-            });
-        }
-        if let Some(h) = m
-            .headers
-            .keys()
-            .find(|h| h.starts_with(RESERVED_HEADER_PREFIX))
-        {
-            return Err(Error::ReservedHeader(crate::model::shorten(h)));
-        }
-        validate_headers(&m.headers)?;
-        let deliver_at = match (m.deliver_at, m.delay) {
-            (Some(at), _) => Some(at),
-            (None, Some(d)) => Some(Timestamp::now().plus(d)),
-            (None, None) => None,
-        };
-        Ok(Outgoing {
-            kind: m.kind,
-            payload: m.payload,
-            headers: m.headers,
-            deliver_at,
-        })
-    }
-
     /// Publishes one message and returns its id once the backend holds it.
     ///
     /// # Errors
@@ -227,7 +204,7 @@ impl Broker {
         let n = messages.len() as u64;
         let batch = messages
             .into_iter()
-            .map(|m| self.prepare(m))
+            .map(|m| m.prepare(self.max_payload))
             .collect::<Result<Vec<_>>>()?;
         let ids = self
             .backend
@@ -474,10 +451,10 @@ impl Broker {
             });
         }
         let dl = self.dead_letters(topic).get(id).await?;
-        let mut out = crate::backend::replay_message(&dl);
+        let mut out = relq_core::replay_message(&dl);
         out.payload = payload;
         out.headers
-            .insert(crate::model::HEADER_EDITED.to_owned(), "true".to_owned());
+            .insert(relq_core::HEADER_EDITED.to_owned(), "true".to_owned());
         let new = self
             .backend
             .publish(topic, vec![out])
@@ -506,22 +483,15 @@ impl Broker {
     }
 }
 
-/// The embedded engine in `path`, shared with other processes through its admin socket; or, when
-/// another process holds the directory, that process (through its socket).
-fn open_embedded(
-    path: &std::path::Path,
-    config: crate::embedded::EmbeddedConfig,
-) -> Result<Broker> {
-    match EmbeddedBackend::open_with(path, config.clone()) {
-        Ok(e) => Ok(Broker::from_arc(Arc::new(e).share())),
-        #[cfg(unix)]
-        Err(e) if e.kind == BackendErrorKind::Unavailable => {
-            match crate::local::LocalClient::connect(path, config) {
-                Some(holder) => Ok(Broker::new(holder)),
-                None => Err(e.into()),
-            }
-        }
-        Err(e) => Err(e.into()),
+/// The URL schemes of the Redis backend.
+const REDIS_SCHEMES: [&str; 4] = ["redis", "rediss", "redis+cluster", "rediss+cluster"];
+
+/// The error for a URL whose backend this build of relq does not include.
+#[cfg(any(not(feature = "embedded"), not(feature = "redis")))]
+fn not_compiled_in(url: &str, backend: &str, feature: &str) -> Error {
+    Error::UnsupportedUrl {
+        url: url.to_owned(),
+        reason: format!("this build of relq has no {backend}: enable relq's `{feature}` feature"),
     }
 }
 
@@ -729,5 +699,49 @@ impl DeadLetters {
             self.exists().await?;
         }
         Ok(stats)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `connect` says about a URL whose backend this build lacks (CI builds the library
+    /// without its backend features too, so both sides of each `cfg` run).
+    fn refusal(url: &str) -> Option<String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        match rt.block_on(Broker::connect(url)) {
+            Err(Error::UnsupportedUrl { reason, .. }) => Some(reason),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_url_names_the_feature_its_backend_needs_when_it_is_not_compiled_in() {
+        let dir = std::env::temp_dir().join(format!("relq-connect-{}", fastrand::u64(..)));
+        let file = refusal(&format!("file://{}", dir.display()));
+        if cfg!(feature = "embedded") {
+            assert_eq!(file, None, "the embedded engine opens {}", dir.display());
+        } else {
+            let reason = file.expect("file:// refused without the engine");
+            assert!(reason.contains("`embedded` feature"), "{reason}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        // Port 1 on loopback: nothing listens, so a compiled-in backend fails to connect
+        // (another error), and a missing one is refused before any connection.
+        let redis = refusal("redis://127.0.0.1:1");
+        if cfg!(feature = "redis") {
+            assert_eq!(redis, None);
+        } else {
+            let reason = redis.expect("redis:// refused without the Redis backend");
+            assert!(reason.contains("`redis` feature"), "{reason}");
+        }
+        assert!(refusal("memory://").is_none());
+        assert!(refusal("kafka://broker:9092")
+            .unwrap()
+            .contains("expected file:///path"));
     }
 }

@@ -33,9 +33,10 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
 
-use crate::embedded::{Durability, EmbeddedConfig};
-use crate::error::{ConfigError, Error};
 use crate::retry::Backoff;
+use relq_core::{ConfigError, Error};
+#[cfg(feature = "embedded")]
+use relq_embedded::{Durability, EmbeddedConfig};
 
 /// Durations in configuration: `"30s"`, `"5m"`, `"1h 30m"`, `"250ms"`.
 mod duration {
@@ -126,12 +127,13 @@ pub struct EmbeddedSection {
 
 impl Default for EmbeddedSection {
     fn default() -> Self {
-        let e = EmbeddedConfig::default();
+        // The engine's own defaults (a test checks they agree); written out so the section
+        // parses in a build without the engine.
         EmbeddedSection {
             durability: DurabilityKind::Sync,
             sync_interval: Duration::from_millis(100),
-            segment_size: e.segment_size,
-            resident_window: e.resident_window,
+            segment_size: 64 << 20,
+            resident_window: Duration::from_secs(30),
         }
     }
 }
@@ -633,9 +635,9 @@ impl Layers {
             Error::Config(c) => {
                 let origin = self
                     .origins
-                    .get(c.field)
+                    .get(c.field())
                     .map_or_else(String::new, |o| format!(" (from {o})"));
-                config_error(c.field, format!("{}{origin}", c.reason))
+                config_error(c.field(), format!("{}{origin}", c.reason()))
             }
             other => other,
         })?;
@@ -723,12 +725,12 @@ impl Config {
             ));
         }
         self.retry.backoff().validate().map_err(|e| {
-            let field = match e.field {
+            let field = match e.field() {
                 "retry.randomization" => "retry.jitter",
                 "retry.initial_delay" => "retry.initial",
                 other => other,
             };
-            config_error(field, e.reason)
+            config_error(field, e.reason())
         })?;
         if self.backend.embedded.segment_size < 4096 {
             return Err(config_error(
@@ -826,6 +828,7 @@ impl Config {
     }
 
     /// The embedded engine's configuration.
+    #[cfg(feature = "embedded")]
     pub fn embedded(&self) -> EmbeddedConfig {
         let e = &self.backend.embedded;
         let durability = match e.durability {
@@ -843,9 +846,9 @@ impl Config {
     /// # Errors
     /// The TLS root certificate file cannot be read.
     #[cfg(feature = "redis")]
-    pub fn redis(&self) -> Result<crate::redis::RedisConfig, Error> {
+    pub fn redis(&self) -> Result<relq_redis::RedisConfig, Error> {
         let r = &self.backend.redis;
-        let mut c = crate::redis::RedisConfig::default()
+        let mut c = relq_redis::RedisConfig::default()
             .response_timeout(r.response_timeout)
             .retry_for(r.retry_for)
             .allow_eviction(r.allow_eviction)
@@ -924,6 +927,14 @@ mod tests {
         let p = dir.join(name);
         std::fs::write(&p, text).unwrap();
         p
+    }
+
+    #[cfg(feature = "embedded")]
+    #[test]
+    fn the_embedded_section_defaults_are_the_engines() {
+        let (section, engine) = (EmbeddedSection::default(), EmbeddedConfig::default());
+        assert_eq!(section.segment_size, engine.segment_size);
+        assert_eq!(section.resident_window, engine.resident_window);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::model::Message;
+use relq_core::Message;
 
 type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 

@@ -48,30 +48,16 @@
 //! ```
 
 mod analysis;
-mod backend;
 mod broker;
 #[cfg(feature = "config")]
 mod config;
 mod consumer;
-mod dead_letter;
-mod embedded;
-mod error;
-mod failure;
 mod handler;
-#[cfg(unix)]
-mod local;
 mod memory;
-mod model;
-#[cfg(feature = "redis")]
-mod redis;
+mod message;
 mod retry;
 
 pub use analysis::{fingerprint, FailureGroup, ReplayOutlook, Suggestion, Suggestions};
-pub use backend::{
-    replay_headers, AttemptFailure, Backend, BackendMetric, Browse, CleanupReport, ConsumerInfo,
-    Delivery, FailureKind, GroupInfo, GroupPlacement, Health, HealthCheck, Placement, Retention,
-    Settlement, Subscription, TopicInfo,
-};
 pub use broker::{
     Broker, CleanupTask, DeadLetters, DEFAULT_DEAD_LETTER_RETENTION, DEFAULT_MAX_PAYLOAD,
 };
@@ -84,21 +70,23 @@ pub use config::{
 pub use consumer::{
     Consumer, ConsumerBuilder, ConsumerHandle, ConsumerStats, ShutdownReport, StopReason,
 };
-pub use dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
-pub use embedded::{
-    CheckReport, DamageKind, Durability, EmbeddedBackend, EmbeddedConfig, EngineStats, Recovery,
-    SegmentDamage, TopicCheck,
-};
-pub use error::{
-    BackendError, BackendErrorKind, ConfigError, Error, Limit, NameError, NotFound, Result,
-};
 pub use handler::{BatchConfig, BatchHandler, Handler, HandlerError};
 pub use memory::{MemoryBackend, MemoryConfig};
-pub use model::{
-    validate_name, Message, MessageId, NewMessage, Outgoing, StartPosition, Timestamp,
+pub use message::NewMessage;
+pub use relq_core::{
+    replay_headers, validate_name, AttemptFailure, Backend, BackendError, BackendErrorKind,
+    BackendMetric, Browse, CleanupReport, ConfigError, ConsumerInfo, DeadLetter, DeadLetterId,
+    DeadLetterQuery, DeadLetterStats, Delivery, Error, FailureKind, GroupInfo, GroupPlacement,
+    Health, HealthCheck, Limit, Message, MessageId, NameError, NotFound, Outgoing, Placement,
+    Result, Retention, Settlement, StartPosition, Subscription, Timestamp, TopicInfo,
     HEADER_EDITED, HEADER_ORIGINAL_ID, HEADER_REPLAY_GROUP, HEADER_REPLAY_OF, MAX_HEADERS,
     MAX_HEADER_NAME_LEN, MAX_HEADER_VALUE_LEN, MAX_KIND_LEN, MAX_NAME_LEN, RESERVED_HEADER_PREFIX,
 };
+#[cfg(feature = "embedded")]
+pub use relq_embedded::{
+    CheckReport, DamageKind, Durability, EmbeddedBackend, EmbeddedConfig, EngineStats, Recovery,
+    SegmentDamage, TopicCheck,
+};
 #[cfg(feature = "redis")]
-pub use redis::{RedisBackend, RedisConfig};
+pub use relq_redis::{RedisBackend, RedisConfig};
 pub use retry::{Backoff, Failure, RetryDecision, RetryPolicy};

@@ -20,13 +20,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::Notify;
 
-use crate::backend::{
+use relq_core::{instant_after, Message, MessageId, Outgoing, StartPosition, Timestamp};
+use relq_core::{
     replay_message, AttemptFailure, Backend, Browse, CleanupReport, ConsumerInfo, Delivery,
     GroupInfo, GroupPlacement, Placement, Retention, Settlement, Subscription, TopicInfo,
 };
-use crate::dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
-use crate::error::{BackendError, BackendErrorKind, ConfigError, Limit};
-use crate::model::{instant_after, Message, MessageId, Outgoing, StartPosition, Timestamp};
+use relq_core::{BackendError, BackendErrorKind, ConfigError, Limit};
+use relq_core::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
 
 const NAME: &str = "memory";
 
@@ -403,15 +403,13 @@ fn message_of(
 
 impl Stored {
     fn message(&self, id: MessageId, attempt: u32) -> Message {
-        Message {
-            id,
+        let stored = Outgoing {
             kind: self.kind.clone(),
             payload: self.payload.clone(),
             headers: self.headers.clone(),
-            published_at: self.published_at,
             deliver_at: self.deliver_at,
-            attempt,
-        }
+        };
+        Message::new(id, stored, self.published_at, attempt)
     }
 }
 

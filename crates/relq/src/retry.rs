@@ -4,8 +4,8 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::error::ConfigError;
-use crate::failure::FailureKind;
+use relq_core::ConfigError;
+use relq_core::FailureKind;
 
 /// A failed attempt, as a retry policy sees it.
 #[derive(Clone, Debug)]

@@ -11,10 +11,10 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::broker::Broker;
-use crate::error::{BackendError, BackendErrorKind, ConfigError, Error};
 use crate::handler::{BatchConfig, BatchHandler, Handler};
-use crate::model::{validate_kind, validate_name, StartPosition};
 use crate::retry::{Backoff, RetryPolicy};
+use relq_core::{validate_kind, validate_name, StartPosition};
+use relq_core::{BackendError, BackendErrorKind, ConfigError, Error};
 
 /// Why a consumer stopped.
 #[derive(Clone, Debug)]

@@ -5,9 +5,9 @@
 //! in the backend at `now + D`) or "give up" (dead-lettered). The dead letter's reason is the
 //! kind of the last failure.
 
-use crate::failure::FailureKind;
-use crate::model::Timestamp;
 use crate::retry::{Failure, RetryDecision, RetryPolicy};
+use relq_core::FailureKind;
+use relq_core::Timestamp;
 
 /// What to do with a failed attempt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

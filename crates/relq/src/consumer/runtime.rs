@@ -28,12 +28,12 @@ use tokio::time::Instant;
 
 use super::nack::{nack, Nack};
 use super::{Config, Counters, ShutdownReport, StopReason};
-use crate::backend::{AttemptFailure, Backend, Delivery, FailureKind, Settlement, Subscription};
-use crate::dead_letter::DeadLetter;
-use crate::error::{BackendError, BackendErrorKind};
 use crate::handler::{BatchConfig, BatchHandler, Handler, HandlerError, CAPTURE_BACKTRACE};
-use crate::model::{instant_after, MessageId, Outgoing, Timestamp, HEADER_REPLAY_GROUP};
 use crate::retry::Failure;
+use relq_core::DeadLetter;
+use relq_core::{instant_after, MessageId, Outgoing, Timestamp, HEADER_REPLAY_GROUP};
+use relq_core::{AttemptFailure, Backend, Delivery, FailureKind, Settlement, Subscription};
+use relq_core::{BackendError, BackendErrorKind};
 
 /// Settlements flushed per backend call.
 const SETTLE_BATCH: usize = 512;
@@ -299,7 +299,7 @@ impl Job {
 /// A message for the workers: its job, the message itself and its handler.
 struct Task {
     job: Arc<Job>,
-    message: crate::model::Message,
+    message: relq_core::Message,
     name: HandlerName,
     handler: Arc<dyn Handler>,
 }
@@ -479,7 +479,7 @@ enum HandlerName {
 }
 
 impl HandlerName {
-    fn of(self, m: &crate::model::Message) -> &str {
+    fn of(self, m: &relq_core::Message) -> &str {
         match self {
             HandlerName::Kind => &m.kind,
             HandlerName::Fallback => "fallback",
@@ -1227,7 +1227,7 @@ async fn forward_dead_letter(backend: Arc<dyn Backend>, f: super::Forwarding, d:
     let target = format!("{}{}", d.topic, f.suffix);
     let mut headers = std::collections::BTreeMap::new();
     headers.insert(
-        crate::model::HEADER_ORIGINAL_ID.to_owned(),
+        relq_core::HEADER_ORIGINAL_ID.to_owned(),
         d.message.id.to_string(),
     );
     let out = Outgoing {

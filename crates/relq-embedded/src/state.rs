@@ -22,10 +22,10 @@ use serde::{Deserialize, Serialize};
 
 use super::log::LastSession;
 use super::{corrupt, db_error};
-use crate::backend::AttemptFailure;
-use crate::dead_letter::DeadLetter;
-use crate::error::BackendError;
-use crate::model::MessageId;
+use relq_core::AttemptFailure;
+use relq_core::BackendError;
+use relq_core::DeadLetter;
+use relq_core::MessageId;
 
 pub(crate) const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
 pub(crate) const TOPICS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("topics");
@@ -913,23 +913,25 @@ mod db_tests {
         std::fs::create_dir_all(&dir).unwrap();
         let db = redb::Database::create(dir.join("s.redb")).unwrap();
         load(&db, None).unwrap();
-        let now = crate::Timestamp(1000);
+        let now = relq_core::Timestamp(1000);
         let dl = DeadLetter {
             id: MessageId::new(5, 0),
-            message: crate::Message {
-                id: MessageId::new(1, 2),
-                kind: "k".into(),
-                payload: bytes::Bytes::from_static(b"\x00\xffpayload"),
-                headers: Default::default(),
-                published_at: now,
-                deliver_at: None,
-                attempt: 3,
-            },
+            message: relq_core::Message::new(
+                MessageId::new(1, 2),
+                relq_core::Outgoing {
+                    kind: "k".into(),
+                    payload: bytes::Bytes::from_static(b"\x00\xffpayload"),
+                    headers: Default::default(),
+                    deliver_at: None,
+                },
+                now,
+                3,
+            ),
             topic: "t".into(),
             group: "g".into(),
             consumer: "c".into(),
             handler: "k".into(),
-            reason: crate::FailureKind::Panic,
+            reason: relq_core::FailureKind::Panic,
             category: None,
             error_chain: vec!["boom".into()],
             backtrace: None,

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::db_error;
-use crate::error::BackendError;
+use relq_core::BackendError;
 
 /// The state database's page cache. redb's default (1 GiB) would let a large spill or dead-letter
 /// table take that much memory; the state a commit cycle touches is far smaller.
@@ -292,7 +292,7 @@ pub(crate) fn open_db_copy(
         copy().map_err(|e| {
             BackendError::new(
                 super::NAME,
-                crate::error::BackendErrorKind::Unavailable,
+                relq_core::BackendErrorKind::Unavailable,
                 format!("reading the state database {}: {e}", path.display()),
             )
             .with_source(e)

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{AttemptFailure, FailureKind};
+use crate::failure::{AttemptFailure, FailureKind};
 use crate::model::{Message, MessageId, Timestamp};
 
 /// A dead letter's id, unique within its topic (`<ms>-<seq>`, like message ids).
@@ -13,7 +13,6 @@ pub type DeadLetterId = MessageId;
 /// The failure record of a message that was given up on. It holds a copy of the message, so topic
 /// retention never loses it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
 pub struct DeadLetter {
     /// Its id; assigned by the backend when stored.
     pub id: DeadLetterId,

@@ -27,14 +27,14 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::backend::{
+use crate::{EmbeddedBackend, EmbeddedConfig};
+use relq_core::{
     Backend, Browse, CleanupReport, Delivery, GroupPlacement, Health, Retention, Settlement,
     Subscription, TopicInfo,
 };
-use crate::dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
-use crate::embedded::{EmbeddedBackend, EmbeddedConfig};
-use crate::error::{BackendError, BackendErrorKind, Limit};
-use crate::model::{Message, MessageId, Outgoing, StartPosition, Timestamp};
+use relq_core::{BackendError, BackendErrorKind, Limit};
+use relq_core::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
+use relq_core::{Message, MessageId, Outgoing, StartPosition, Timestamp};
 
 /// What the holder writes once it has read a request and is about to act on it.
 const TAKEN: &[u8] = b"+\n";
@@ -875,11 +875,7 @@ impl Backend for LocalClient {
         r.unwrap_or_else(|e| {
             Health::new(
                 "embedded",
-                vec![crate::backend::HealthCheck::new(
-                    "backend",
-                    false,
-                    e.to_string(),
-                )],
+                vec![relq_core::HealthCheck::new("backend", false, e.to_string())],
             )
         })
     }

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
 use crate::error::BackendError;
-pub use crate::failure::{AttemptFailure, FailureKind};
+use crate::failure::AttemptFailure;
 use crate::model::{Message, MessageId, Outgoing, StartPosition, Timestamp};
 
 /// A consumer's membership in a group, returned by [`Backend::join`].
@@ -40,7 +40,6 @@ pub struct Subscription {
 
 /// A delivered message with the failures of its earlier attempts.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
 pub struct Delivery {
     /// The message; `message.attempt` is the delivery count including this one.
     pub message: Message,
@@ -57,7 +56,6 @@ impl Delivery {
 
 /// How a delivered message ends this delivery. Applied by [`Backend::settle`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[non_exhaustive]
 pub enum Settlement {
     /// Processed: remove from pending.
     Ack(MessageId),
@@ -139,7 +137,6 @@ impl Retention {
 
 /// What a cleanup removed (or, for a dry run, would remove).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
 pub struct CleanupReport {
     /// Messages removed because every group had acknowledged them.
     pub removed: u64,
@@ -234,7 +231,6 @@ pub enum Placement {
 
 /// A message's [`Placement`] in one group.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
 pub struct GroupPlacement {
     /// The group.
     pub group: String,
@@ -255,7 +251,6 @@ impl GroupPlacement {
 /// One of a backend's own counters (they only grow), exported by the metrics endpoint
 /// (`relq_engine_*` for the embedded engine, `relq_redis_*` for Redis).
 #[derive(Clone, Debug, PartialEq)]
-#[non_exhaustive]
 pub struct BackendMetric {
     /// The metric's name (Prometheus conventions: `relq_` prefix, `_total` for counters).
     pub name: &'static str,
@@ -274,7 +269,6 @@ impl BackendMetric {
 
 /// One check of a backend's [`Health`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[non_exhaustive]
 pub struct HealthCheck {
     /// What was checked (`backend`, `engine`, `disk`, `eviction_policy`, ...).
     pub name: String,
@@ -296,9 +290,8 @@ impl HealthCheck {
 }
 
 /// Whether a backend can do its work now: reachable, not poisoned, with room (seed 003's
-/// `Health()`), from [`Backend::health`] or [`Broker::health`](crate::Broker::health).
+/// `Health()`), from [`Backend::health`] or `relq::Broker::health`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[non_exhaustive]
 pub struct Health {
     /// The backend's name.
     pub backend: String,
@@ -327,7 +320,6 @@ impl Health {
 
 /// One consumer of a group.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
 pub struct ConsumerInfo {
     /// Its name.
     pub name: String,
@@ -339,7 +331,6 @@ pub struct ConsumerInfo {
 
 /// One group of a topic.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
 pub struct GroupInfo {
     /// Its name.
     pub name: String,
@@ -363,7 +354,6 @@ pub struct GroupInfo {
 
 /// A topic's state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
 pub struct TopicInfo {
     /// Its name.
     pub name: String,
@@ -582,7 +572,7 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Lets go of what the backend shares with other processes, after answering their requests
     /// in flight (the embedded engine's admin socket). The default does nothing. Call it (through
-    /// [`Broker::close`](crate::Broker::close)) before a process exits.
+    /// `relq::Broker::close`) before a process exits.
     async fn close(&self) {}
 
     /// The names of all topics.
@@ -631,7 +621,7 @@ pub trait Backend: Send + Sync + 'static {
 
 /// The message a replay of `dl` publishes: the original type and payload, the replay headers, a
 /// fresh delivery count (it is a new message).
-pub(crate) fn replay_message(dl: &DeadLetter) -> Outgoing {
+pub fn replay_message(dl: &DeadLetter) -> Outgoing {
     Outgoing {
         kind: dl.message.kind.clone(),
         payload: dl.message.payload.clone(),

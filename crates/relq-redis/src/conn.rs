@@ -69,11 +69,11 @@ pub(super) enum Target {
 #[derive(Clone, Debug, Default)]
 pub(super) struct Tls {
     /// PEM root certificate(s) to trust instead of the system's.
-    #[cfg_attr(not(feature = "redis-tls"), allow(dead_code))]
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
     pub(super) root_cert: Option<Vec<u8>>,
 }
 
-#[cfg(feature = "redis-tls")]
+#[cfg(feature = "tls")]
 fn certificates(tls: &Tls) -> ::redis::TlsCertificates {
     // rustls needs a process-wide crypto provider; install ring's unless one is set already.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -86,13 +86,13 @@ fn certificates(tls: &Tls) -> ::redis::TlsCertificates {
 /// The parsed form of a backend URL.
 pub(super) fn target(url: &str, response_timeout: Duration, tls: &Tls) -> RedisResult<Target> {
     let secure = url.starts_with("rediss");
-    if secure && !cfg!(feature = "redis-tls") {
+    if secure && !cfg!(feature = "tls") {
         return Err(::redis::RedisError::from((
             ::redis::ErrorKind::InvalidClientConfig,
             "rediss:// needs TLS support: build relq with the `redis-tls` feature",
         )));
     }
-    #[cfg(not(feature = "redis-tls"))]
+    #[cfg(not(feature = "tls"))]
     let _ = tls;
     if let Some((scheme, rest)) = url.split_once("://") {
         if let Some(base) = scheme.strip_suffix("+cluster") {
@@ -112,7 +112,7 @@ pub(super) fn target(url: &str, response_timeout: Duration, tls: &Tls) -> RedisR
                     .response_timeout(timeout)
                     .connection_timeout(Duration::from_secs(2))
                     .retries(4);
-                #[cfg(feature = "redis-tls")]
+                #[cfg(feature = "tls")]
                 let builder = if secure {
                     builder
                         .tls(::redis::TlsMode::Secure)
@@ -128,7 +128,7 @@ pub(super) fn target(url: &str, response_timeout: Duration, tls: &Tls) -> RedisR
             });
         }
     }
-    #[cfg(feature = "redis-tls")]
+    #[cfg(feature = "tls")]
     if secure {
         return Ok(Target::Single(Box::new(Client::build_with_tls(
             url,

@@ -42,7 +42,7 @@
 //! A session that closes cleanly records where each topic's records end (`high_water`); the
 //! next open reads nothing past that point when the records end exactly there.
 //!
-//!   Corruption fails the open with [`BackendErrorKind::Corrupt`](crate::BackendErrorKind),
+//!   Corruption fails the open with [`BackendErrorKind::Corrupt`](relq_core::BackendErrorKind),
 //!   naming the topic, segment, position and offsets, and changes nothing, unless the operator
 //!   chose [`Recovery::CutDamagedTail`](super::Recovery): then the damaged record and everything
 //!   after it in the segment is cut, logged at error level with what was dropped.
@@ -76,8 +76,8 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use super::codec::{self, decode, Decoded, Record, HEADER, MAX_BODY};
 use super::fs::{Storage, StorageFile};
 use super::{corrupt, io_error, NAME};
-use crate::error::{BackendError, BackendErrorKind};
-use crate::model::Outgoing;
+use relq_core::Outgoing;
+use relq_core::{BackendError, BackendErrorKind};
 
 /// Bytes between two sparse index entries.
 pub(crate) const INDEX_EVERY: u64 = 32 * 1024;
@@ -859,7 +859,7 @@ impl TopicLog {
     /// syncs every segment, and starts the next offset after every offset handed out.
     ///
     /// # Errors
-    /// [`Corrupt`](crate::BackendErrorKind::Corrupt) when valid records follow damage in the
+    /// [`Corrupt`](relq_core::BackendErrorKind::Corrupt) when valid records follow damage in the
     /// active segment (and `ctx.repair` is not set), or the directory has no segment; I/O errors.
     pub(crate) fn open(
         storage: Arc<dyn Storage>,
@@ -1628,7 +1628,7 @@ fn new_segment(
             let _ = storage.sync_dir(dir);
             return Err(BackendError::full(
                 super::NAME,
-                crate::error::Limit::Disk,
+                relq_core::Limit::Disk,
                 format!(
                     "the disk is full: no room for a new {size}-byte log segment in {}",
                     dir.display()
@@ -1660,7 +1660,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::embedded::fs::RealFs;
+    use crate::fs::RealFs;
 
     fn message(i: usize, size: usize) -> Outgoing {
         Outgoing {
@@ -1816,7 +1816,7 @@ mod tests {
             if must_refuse || (how == 2 && first.is_err()) {
                 prop_assert!(first.is_err(), "damage after a clean close or kill was cut silently");
                 let e = first.err().unwrap();
-                prop_assert_eq!(e.kind, crate::BackendErrorKind::Corrupt);
+                prop_assert_eq!(e.kind, relq_core::BackendErrorKind::Corrupt);
                 prop_assert!(e.message.contains("This is corruption"), "{}", e.message);
                 prop_assert_eq!(std::fs::read(&path).unwrap(), after, "nothing changed");
             } else {

@@ -18,8 +18,8 @@
 //! [`EmbeddedBackend::open_read_only`] serves its topics and dead letters without changing it
 //! (no lock, no recovery, no writes), even while another process has it open.
 //!
-//! Messages live in a per-topic segmented log ([`log`]); what changes as messages are read and
-//! settled lives in a small redb database ([`state`]). A message id is `<ms>-<offset>`: the
+//! Messages live in a per-topic segmented log (`log.rs`); what changes as messages are read and
+//! settled lives in a small redb database (`state.rs`). A message id is `<ms>-<offset>`: the
 //! publish time and the record's position in the topic's log.
 //!
 //! # Commit cycle
@@ -46,7 +46,7 @@
 //! to be recorded and gets it; reads waiting for messages, callers waiting for a commit or for
 //! room in the queue are woken; once the committer has ended, operations are failed as they
 //! are queued. The engine lock is never left poisoned (in std's sense) for a caller to panic
-//! on: [`lock`] takes it as it is. Nothing acknowledged is lost: a reopen recovers as after a
+//! on: `lock` takes it as it is. Nothing acknowledged is lost: a reopen recovers as after a
 //! crash.
 //!
 //! # What is durable when
@@ -57,6 +57,8 @@ mod check;
 mod codec;
 mod fs;
 mod group;
+#[cfg(unix)]
+mod local;
 mod log;
 #[cfg(test)]
 mod sim;
@@ -79,14 +81,14 @@ use self::fs::{RealFs, Storage, StorageFile};
 use self::group::{GroupState, Pending};
 use self::log::{LogConfig, ReadHint, TopicLog};
 use self::state::{Batch, DeadKey, Row, RowKey, SpillRange, TopicRecord};
-use crate::backend::{
+use relq_core::{
     replay_message, Backend, BackendMetric, Browse, CleanupReport, ConsumerInfo, Delivery,
     GroupInfo, GroupPlacement, Health, HealthCheck, Placement, Retention, Settlement, Subscription,
     TopicInfo,
 };
-use crate::dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
-use crate::error::{BackendError, BackendErrorKind, ConfigError};
-use crate::model::{Message, MessageId, Outgoing, StartPosition, Timestamp};
+use relq_core::{BackendError, BackendErrorKind, ConfigError};
+use relq_core::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
+use relq_core::{Message, MessageId, Outgoing, StartPosition, Timestamp};
 
 pub(crate) const NAME: &str = "embedded";
 
@@ -148,10 +150,10 @@ fn validate_outgoing(i: usize, n: usize, m: &Outgoing) -> Result<(), BackendErro
         1 => String::new(),
         _ => format!("message {} of the batch of {n}: ", i + 1),
     };
-    crate::model::validate_kind(&m.kind)
+    relq_core::validate_kind(&m.kind)
         .map_err(|e| invalid(format!("{}{e}; nothing was published", which())).with_source(e))?;
     // Its message already ends with "nothing was published".
-    crate::model::validate_headers(&m.headers)
+    relq_core::validate_headers(&m.headers)
         .map_err(|e| invalid(format!("{}{e}", which())).with_source(e))?;
     codec::check(&m.kind, &m.headers, m.payload.len(), m.deliver_at.is_some())
         .map_err(|why| invalid(format!("{}{why}; nothing was published", which())))
@@ -340,7 +342,7 @@ impl EmbeddedConfig {
 }
 
 /// The embedded engine. Open it with [`EmbeddedBackend::open`] or
-/// [`Broker::open`](crate::Broker::open). One process at a time may open a data directory.
+/// `relq::Broker::open`. One process at a time may open a data directory.
 pub struct EmbeddedBackend {
     shared: Arc<Shared>,
     committer: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -732,15 +734,18 @@ fn topic_dir(root: &Path, topic: &str, epoch: u64) -> PathBuf {
 }
 
 fn message_of(r: &Record, attempt: u32) -> Message {
-    Message {
-        id: MessageId::new(r.ms, r.offset),
+    let stored = Outgoing {
         kind: r.kind.clone(),
         payload: r.payload.clone(),
         headers: r.headers.clone(),
-        published_at: Timestamp(r.ms),
         deliver_at: r.deliver_at.map(Timestamp),
+    };
+    Message::new(
+        MessageId::new(r.ms, r.offset),
+        stored,
+        Timestamp(r.ms),
         attempt,
-    }
+    )
 }
 
 impl EmbeddedBackend {
@@ -1209,6 +1214,30 @@ impl EmbeddedBackend {
             #[cfg(unix)]
             local: Mutex::new(None),
         })
+    }
+
+    /// The engine in `path`, shared with other processes through its admin socket; or, when
+    /// another process holds the directory, that process reached through its socket. What
+    /// `relq::Broker::open` and `file://` URLs use.
+    ///
+    /// # Errors
+    /// As [`EmbeddedBackend::open_with`]; [`BackendErrorKind::Unavailable`] when another process
+    /// holds the directory and cannot be reached.
+    pub fn open_shared(
+        path: &Path,
+        config: EmbeddedConfig,
+    ) -> Result<Arc<dyn Backend>, BackendError> {
+        match EmbeddedBackend::open_with(path, config.clone()) {
+            Ok(e) => Ok(Arc::new(e).share()),
+            #[cfg(unix)]
+            Err(e) if e.kind == BackendErrorKind::Unavailable => {
+                match crate::local::LocalClient::connect(path, config) {
+                    Some(holder) => Ok(Arc::new(holder)),
+                    None => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Shares the directory: other processes that open it (and find it locked) reach it through
@@ -2741,7 +2770,7 @@ impl Backend for EmbeddedBackend {
         wait: Duration,
     ) -> Result<Vec<Delivery>, BackendError> {
         self.shared.writable()?;
-        let deadline = crate::model::instant_after(tokio::time::Instant::now(), wait);
+        let deadline = relq_core::instant_after(tokio::time::Instant::now(), wait);
         let ready = self
             .shared
             .locked(|inner| match inner.topics.get(&sub.topic) {

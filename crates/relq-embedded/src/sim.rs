@@ -609,7 +609,7 @@ impl Storage for SimFs {
         Ok(())
     }
 
-    fn open_db(&self, path: &Path) -> Result<redb::Database, crate::error::BackendError> {
+    fn open_db(&self, path: &Path) -> Result<redb::Database, relq_core::BackendError> {
         let file = self
             .redb_file(path)
             .map_err(super::io_error("opening the state database"))?;

@@ -46,17 +46,17 @@ use ::redis::{RedisError, RedisResult, Script, Value};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::backend::{
+use conn::{BlockingPool, Conn, Target};
+use relq_core::{
+    instant_after, validate_name, Message, MessageId, Outgoing, StartPosition, Timestamp,
+};
+use relq_core::{
     replay_message, Backend, BackendMetric, Browse, CleanupReport, ConsumerInfo, Delivery,
     GroupInfo, GroupPlacement, Health, HealthCheck, Placement, Retention, Settlement, Subscription,
     TopicInfo,
 };
-use crate::dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
-use crate::error::{BackendError, BackendErrorKind, ConfigError, Limit};
-use crate::model::{
-    instant_after, validate_name, Message, MessageId, Outgoing, StartPosition, Timestamp,
-};
-use conn::{BlockingPool, Conn, Target};
+use relq_core::{BackendError, BackendErrorKind, ConfigError, Limit};
+use relq_core::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
 
 const NAME: &str = "redis";
 /// The set listing topic names.
@@ -447,7 +447,7 @@ fn message_of(id: MessageId, fields: Value, attempt: u32) -> Message {
         }
     }
     let kind = match kind {
-        Some(k) if crate::model::validate_kind(&k).is_ok() => k,
+        Some(k) if relq_core::validate_kind(&k).is_ok() => k,
         _ => {
             problems.push("the type field is missing or invalid");
             MALFORMED_KIND.to_owned()
@@ -459,15 +459,13 @@ fn message_of(id: MessageId, fields: Value, attempt: u32) -> Message {
         headers.insert(HEADER_MALFORMED.to_owned(), problems.join("; "));
         MALFORMED_KIND.to_owned()
     };
-    Message {
-        id,
+    let stored = Outgoing {
         kind,
         payload,
         headers,
-        published_at: Timestamp(id.ms),
         deliver_at,
-        attempt,
-    }
+    };
+    Message::new(id, stored, Timestamp(id.ms), attempt)
 }
 
 /// Parses `{id, deliveries, fields, failures|false}` entries.
@@ -581,7 +579,7 @@ impl RedisBackend {
     ///
     /// # Errors
     /// As for [`connect_with`](Self::connect_with).
-    pub async fn connect(url: &str) -> Result<RedisBackend, crate::Error> {
+    pub async fn connect(url: &str) -> Result<RedisBackend, relq_core::Error> {
         Self::connect_with(url, RedisConfig::default()).await
     }
 
@@ -598,8 +596,8 @@ impl RedisBackend {
     pub async fn connect_with(
         url: &str,
         config: RedisConfig,
-    ) -> Result<RedisBackend, crate::Error> {
-        let bad_url = |e: RedisError| crate::Error::UnsupportedUrl {
+    ) -> Result<RedisBackend, relq_core::Error> {
+        let bad_url = |e: RedisError| relq_core::Error::UnsupportedUrl {
             url: redact(url),
             reason: e.to_string(),
         };
@@ -613,7 +611,7 @@ impl RedisBackend {
         let conn = target.main(config.response_timeout).await.map_err(|e| {
             let mut e = map_err(e);
             e.message = format!("connecting to {}: {}", redact(url), e.message);
-            crate::Error::Backend(e)
+            relq_core::Error::Backend(e)
         })?;
         let backend = RedisBackend {
             config,

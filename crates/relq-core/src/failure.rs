@@ -24,7 +24,6 @@ pub struct AttemptFailure {
 /// How an attempt failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-#[non_exhaustive]
 pub enum FailureKind {
     /// The handler returned a retryable error.
     Retryable,

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use super::log::ReadHint;
 use super::state::{GroupRecord, Row};
-use crate::model::Timestamp;
+use relq_core::Timestamp;
 
 /// A delivery in flight.
 #[derive(Debug)]

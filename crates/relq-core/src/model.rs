@@ -110,7 +110,7 @@ impl fmt::Display for Timestamp {
 
 /// `from + d`, or a point ~30 years after `from` when `d` is too large to add (a deadline of
 /// [`Duration::MAX`] means "never", not a panic).
-pub(crate) fn instant_after(from: tokio::time::Instant, d: Duration) -> tokio::time::Instant {
+pub fn instant_after(from: tokio::time::Instant, d: Duration) -> tokio::time::Instant {
     const FAR: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
     from.checked_add(d.min(FAR)).unwrap_or(from)
 }
@@ -212,7 +212,8 @@ pub fn validate_name(what: &'static str, name: &str) -> Result<(), NameError> {
     Ok(())
 }
 
-pub(crate) fn validate_kind(kind: &str) -> Result<(), NameError> {
+/// Checks a message type: 1 to [`MAX_KIND_LEN`] bytes, no whitespace or control characters.
+pub fn validate_kind(kind: &str) -> Result<(), NameError> {
     let err = |reason: &'static str| NameError {
         what: "message type",
         name: kind.to_owned(),
@@ -240,7 +241,7 @@ pub const MAX_HEADER_VALUE_LEN: usize = 16 * 1024;
 /// Checks a message's headers against the limits every backend stores: at most [`MAX_HEADERS`],
 /// names of 1 to [`MAX_HEADER_NAME_LEN`] bytes without control characters, values of at most
 /// [`MAX_HEADER_VALUE_LEN`] bytes.
-pub(crate) fn validate_headers(headers: &BTreeMap<String, String>) -> Result<(), Error> {
+pub fn validate_headers(headers: &BTreeMap<String, String>) -> Result<(), Error> {
     let err = |name: &str, reason: String| Error::InvalidHeader {
         name: shorten(name),
         reason,
@@ -285,7 +286,7 @@ pub(crate) fn validate_headers(headers: &BTreeMap<String, String>) -> Result<(),
 
 /// A name as shown in an error: at most 64 characters, so a hostile 10 KB input is not echoed
 /// back whole.
-pub(crate) fn shorten(s: &str) -> String {
+pub fn shorten(s: &str) -> String {
     const SHOWN: usize = 64;
     if s.chars().count() <= SHOWN {
         return s.to_owned();
@@ -303,68 +304,9 @@ pub const HEADER_ORIGINAL_ID: &str = "relq-original-id";
 /// Header set on a replayed dead letter: the only group that should process it. Other groups of
 /// the topic acknowledge it without running a handler.
 pub const HEADER_REPLAY_GROUP: &str = "relq-replay-group";
-/// On a message replayed with an operator's corrected payload ([`Broker::replay_edited`]):
+/// On a message replayed with an operator's corrected payload (relq's `Broker::replay_edited`):
 /// `true`.
-///
-/// [`Broker::replay_edited`]: crate::Broker::replay_edited
 pub const HEADER_EDITED: &str = "relq-edited";
-
-/// A message to publish.
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[must_use = "a message does nothing until it is published"]
-pub struct NewMessage {
-    pub(crate) kind: String,
-    pub(crate) payload: Bytes,
-    pub(crate) headers: BTreeMap<String, String>,
-    pub(crate) deliver_at: Option<Timestamp>,
-    pub(crate) delay: Option<Duration>,
-}
-
-impl NewMessage {
-    /// A message of type `kind` (which routes it to a handler) carrying `payload`.
-    pub fn new(kind: impl Into<String>, payload: impl Into<Bytes>) -> NewMessage {
-        NewMessage {
-            kind: kind.into(),
-            payload: payload.into(),
-            headers: BTreeMap::new(),
-            deliver_at: None,
-            delay: None,
-        }
-    }
-
-    /// Adds a header.
-    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> NewMessage {
-        self.headers.insert(name.into(), value.into());
-        self
-    }
-
-    /// Delivers the message at or after `at`.
-    pub fn deliver_at(mut self, at: Timestamp) -> NewMessage {
-        self.deliver_at = Some(at);
-        self
-    }
-
-    /// Delivers the message at or after `delay` from the moment it is published.
-    pub fn delay(mut self, delay: Duration) -> NewMessage {
-        self.delay = Some(delay);
-        self
-    }
-
-    /// The message type.
-    pub fn kind(&self) -> &str {
-        &self.kind
-    }
-
-    /// The payload.
-    pub fn payload(&self) -> &Bytes {
-        &self.payload
-    }
-
-    /// The headers.
-    pub fn headers(&self) -> &BTreeMap<String, String> {
-        &self.headers
-    }
-}
 
 /// A message as a backend stores it: what was published, with the time it becomes deliverable.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -427,10 +369,9 @@ impl Message {
 }
 
 /// Where a new consumer group starts reading a topic (applied only when the group is created;
-/// an existing group keeps its position), or where [`Broker::move_group`](crate::Broker::move_group)
+/// an existing group keeps its position), or where `relq::Broker::move_group`
 /// moves one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[non_exhaustive]
 pub enum StartPosition {
     /// Only messages published after the group was created (the default).
     #[default]

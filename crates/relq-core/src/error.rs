@@ -18,11 +18,23 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    pub(crate) fn new(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    /// `field` (as a user writes it: a builder method or a configuration key) was rejected
+    /// because of `reason`.
+    pub fn new(field: &'static str, reason: impl Into<String>) -> ConfigError {
         ConfigError {
             field,
             reason: reason.into(),
         }
+    }
+
+    /// The rejected field, as a user writes it.
+    pub fn field(&self) -> &'static str {
+        self.field
+    }
+
+    /// Why it was rejected.
+    pub fn reason(&self) -> &str {
+        &self.reason
     }
 }
 
@@ -50,7 +62,6 @@ pub enum BackendErrorKind {
 /// Which limit a full backend reached ([`BackendErrorKind::Full`], [`Error::Full`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
-#[non_exhaustive]
 pub enum Limit {
     /// The disk under the data directory has no room (the embedded engine).
     Disk,

@@ -9,15 +9,15 @@ use std::time::Duration;
 
 use super::sim::{PanicAt, SimFs, INJECTED_PANIC};
 use super::{EmbeddedBackend, EmbeddedConfig};
-use crate::backend::{AttemptFailure, Backend, Retention, Settlement};
-use crate::dead_letter::{DeadLetter, DeadLetterQuery};
-use crate::error::BackendErrorKind;
-use crate::model::{MessageId, Outgoing, StartPosition, Timestamp};
-use crate::FailureKind;
+use relq_core::BackendErrorKind;
+use relq_core::FailureKind;
+use relq_core::{AttemptFailure, Backend, Retention, Settlement};
+use relq_core::{DeadLetter, DeadLetterQuery};
+use relq_core::{MessageId, Outgoing, StartPosition, Timestamp};
 
 const ROOT: &str = "/data";
 
-fn open(fs: &SimFs) -> Result<EmbeddedBackend, crate::BackendError> {
+fn open(fs: &SimFs) -> Result<EmbeddedBackend, relq_core::BackendError> {
     EmbeddedBackend::open_on(
         Arc::new(fs.clone()),
         Path::new(ROOT),
@@ -43,7 +43,7 @@ fn msg(payload: String) -> Outgoing {
     }
 }
 
-fn dead_letter(d: &crate::Delivery) -> DeadLetter {
+fn dead_letter(d: &relq_core::Delivery) -> DeadLetter {
     let now = Timestamp::now();
     DeadLetter {
         id: MessageId::ZERO,
@@ -63,7 +63,7 @@ fn dead_letter(d: &crate::Delivery) -> DeadLetter {
     }
 }
 
-fn text(d: &crate::Delivery) -> String {
+fn text(d: &relq_core::Delivery) -> String {
     String::from_utf8_lossy(&d.message.payload).into_owned()
 }
 
@@ -311,7 +311,7 @@ async fn violations(b: &EmbeddedBackend, seen: &mut Acked, round: usize) -> Vec<
 /// one (a sealed segment whose unsynced writes a crash tore fails every read, which would stop
 /// the checks before they look), and the operator's cut of a damaged tail (with the log's syncs
 /// off, the state database refers to records past damage, which an open refuses otherwise).
-fn open_control(fs: &SimFs) -> Result<EmbeddedBackend, crate::BackendError> {
+fn open_control(fs: &SimFs) -> Result<EmbeddedBackend, relq_core::BackendError> {
     EmbeddedBackend::open_on(
         Arc::new(fs.clone()),
         Path::new(ROOT),
@@ -857,7 +857,7 @@ async fn prompt<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
 
 /// The error of a call on an engine that a panic poisoned.
 #[track_caller]
-fn assert_panic_poison(what: &str, r: Result<impl std::fmt::Debug, crate::BackendError>) {
+fn assert_panic_poison(what: &str, r: Result<impl std::fmt::Debug, relq_core::BackendError>) {
     let e = match r {
         Ok(v) => panic!("{what} succeeded on a poisoned engine: {v:?}"),
         Err(e) => e,
@@ -871,7 +871,7 @@ fn assert_panic_poison(what: &str, r: Result<impl std::fmt::Debug, crate::Backen
 
 /// Every kind of call fails at once with the poison error (none waits for a commit that will
 /// never come).
-async fn assert_poisoned(b: &EmbeddedBackend, sub: &crate::Subscription) {
+async fn assert_poisoned(b: &EmbeddedBackend, sub: &relq_core::Subscription) {
     let id = MessageId::new(1, 0);
     assert_panic_poison(
         "publish",
@@ -1060,7 +1060,7 @@ async fn a_panic_on_an_engine_thread_poisons_the_engine_and_a_reopen_loses_nothi
 }
 
 /// Many messages on disk (past the 4 KiB tail cache), every one read and acknowledged by `g`.
-async fn backlog_on_disk(b: &EmbeddedBackend) -> crate::Subscription {
+async fn backlog_on_disk(b: &EmbeddedBackend) -> relq_core::Subscription {
     let sub = b
         .join("t", "g", "c", StartPosition::Earliest)
         .await
@@ -1212,7 +1212,7 @@ fn config_of(durability: super::Durability) -> EmbeddedConfig {
         .durability(durability)
 }
 
-fn open_as(fs: &SimFs, config: EmbeddedConfig) -> Result<EmbeddedBackend, crate::BackendError> {
+fn open_as(fs: &SimFs, config: EmbeddedConfig) -> Result<EmbeddedBackend, relq_core::BackendError> {
     EmbeddedBackend::open_on(Arc::new(fs.clone()), Path::new(ROOT), config)
 }
 

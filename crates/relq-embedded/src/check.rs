@@ -17,7 +17,7 @@ use super::fs::{MemoryCopy, ReadOnlyFs};
 use super::log::{self, LastSession, TailVerdict};
 use super::state::{self, Loaded};
 use super::{catch_db, db_error, referenced_offsets, NAME};
-use crate::error::{BackendError, BackendErrorKind};
+use relq_core::{BackendError, BackendErrorKind};
 
 /// What [`EmbeddedBackend::check`](super::EmbeddedBackend::check) found in a data directory.
 #[derive(Clone, Debug, Serialize)]

@@ -1,0 +1,31 @@
+#![warn(missing_docs, missing_debug_implementations)]
+//! The contract between relq and its backends: the message model, the errors, the failure
+//! vocabulary, dead letters and the [`Backend`] trait.
+//!
+//! Applications depend on the `relq` crate, which re-exports what they need from here. A backend
+//! (the embedded engine in `relq-embedded`, Redis Streams in `relq-redis`, the in-memory backend
+//! in `relq` itself) depends on this crate only, so no backend's dependencies reach a build that
+//! does not use it.
+
+mod backend;
+mod dead_letter;
+mod error;
+mod failure;
+mod model;
+
+pub use backend::{
+    replay_headers, replay_message, Backend, BackendMetric, Browse, CleanupReport, ConsumerInfo,
+    Delivery, GroupInfo, GroupPlacement, Health, HealthCheck, Placement, Retention, Settlement,
+    Subscription, TopicInfo,
+};
+pub use dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
+pub use error::{
+    BackendError, BackendErrorKind, ConfigError, Error, Limit, NameError, NotFound, Result,
+};
+pub use failure::{AttemptFailure, FailureKind};
+pub use model::{
+    instant_after, shorten, validate_headers, validate_kind, validate_name, Message, MessageId,
+    Outgoing, StartPosition, Timestamp, HEADER_EDITED, HEADER_ORIGINAL_ID, HEADER_REPLAY_GROUP,
+    HEADER_REPLAY_OF, MAX_HEADERS, MAX_HEADER_NAME_LEN, MAX_HEADER_VALUE_LEN, MAX_KIND_LEN,
+    MAX_NAME_LEN, RESERVED_HEADER_PREFIX,
+};
