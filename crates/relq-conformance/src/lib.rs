@@ -65,35 +65,11 @@ macro_rules! __conformance_tests {
         $crate::__conformance_tests!(@list [$attr] always $make);
     };
     (@list [$attr:meta] $mode:ident $make:expr) => {
-        $crate::__conformance_each!([$attr] $mode $make;
-            publish_and_consume_every_group_gets_every_message,
-            consumers_in_a_group_compete,
-            stuck_message_is_claimed_after_its_consumer_dies,
-            own_pending_messages_are_recovered_on_restart,
-            retries_follow_the_policy_exactly,
-            dead_letter_holds_the_full_failure_record,
-            replay_redelivers_to_the_failing_group_only,
-            dead_letter_list_filter_delete_purge_stats,
-            stopped_message_is_held_then_resumed,
-            browse_pages_without_a_group_and_groups_report_their_oldest,
-            dead_letters_are_forwarded_to_the_failure_topic,
-            locate_tells_where_a_message_stands_in_each_group,
-            terminate_stops_consumers_and_topic_can_return,
-            start_positions_apply_when_the_group_is_created,
-            groups_are_created_moved_and_deleted,
-            cleanup_never_removes_unacknowledged_messages,
-            batch_handler_partial_failure_fails_only_the_bad_message,
-            shutdown_during_a_handler_leaves_the_message_pending,
-            panicking_handler_is_retried_then_dead_lettered,
-            hanging_handler_times_out,
-            delayed_publish_is_not_delivered_early,
-            message_without_handler_is_dead_lettered,
-            bad_input_is_rejected_and_nothing_is_published,
-            headers_at_their_limits_round_trip,
-            model_based_random_operations_lose_nothing,
-        );
+        $crate::__conformance_list!([$attr] $mode $make);
     };
 }
+
+include!(concat!(env!("OUT_DIR"), "/conformance_list.rs"));
 
 /// Internal to [`conformance_suite!`]: one test function per name.
 #[doc(hidden)]

@@ -12,6 +12,8 @@ mod dead_letter;
 mod error;
 mod failure;
 mod model;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use backend::{
     replay_headers, replay_message, Backend, BackendMetric, Browse, CleanupReport, ConsumerInfo,

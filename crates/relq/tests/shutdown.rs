@@ -5,205 +5,28 @@
 //! more messages than it has free handler slots for (each fetch is a delivery the backend
 //! counts against the attempt limit).
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use relq::{
-    Backend, BackendError, BackendErrorKind, Broker, Browse, CleanupReport, DeadLetter,
-    DeadLetterId, DeadLetterQuery, DeadLetterStats, Delivery, MemoryBackend, Message, MessageId,
-    NewMessage, Outgoing, Retention, Settlement, StartPosition, Subscription, Timestamp, TopicInfo,
-};
+use relq::{Broker, MemoryBackend, Message, NewMessage, StartPosition};
+use relq_core::testing::{Faults, Faulty};
 
-/// The in-memory backend, whose `settle` can be switched to fail as unavailable, and whose next
-/// `read` can be made to fail once.
-struct Flaky {
-    inner: MemoryBackend,
-    refuse_settle: Arc<AtomicBool>,
-    fail_next_read: Arc<AtomicBool>,
-    /// `settle` panics (a backend bug).
-    panic_settle: bool,
-    /// Handlers running now (kept by the test's handler) and the consumer's concurrency: a
-    /// fetch asking for more than the free slots is counted in `over_fetched`.
-    running: Arc<AtomicU32>,
-    concurrency: u32,
-    over_fetched: Arc<AtomicU32>,
-}
-
-impl Flaky {
-    fn fetching(&self, max: usize) {
-        let free = self
-            .concurrency
-            .saturating_sub(self.running.load(Ordering::SeqCst));
-        if max as u32 > free {
-            self.over_fetched.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-}
-
-fn unavailable() -> BackendError {
-    BackendError::new(
-        "flaky",
-        BackendErrorKind::Unavailable,
-        "refused by the test",
-    )
-}
-
-#[async_trait]
-impl Backend for Flaky {
-    fn name(&self) -> &'static str {
-        "flaky"
-    }
-    async fn publish(&self, t: &str, b: Vec<Outgoing>) -> Result<Vec<MessageId>, BackendError> {
-        self.inner.publish(t, b).await
-    }
-    async fn join(
-        &self,
-        t: &str,
-        g: &str,
-        c: &str,
-        s: StartPosition,
-    ) -> Result<Subscription, BackendError> {
-        self.inner.join(t, g, c, s).await
-    }
-    async fn recover(
-        &self,
-        s: &Subscription,
-        a: MessageId,
-        m: usize,
-    ) -> Result<Vec<Delivery>, BackendError> {
-        self.fetching(m);
-        self.inner.recover(s, a, m).await
-    }
-    async fn claim(
-        &self,
-        s: &Subscription,
-        i: Duration,
-        m: usize,
-    ) -> Result<Vec<Delivery>, BackendError> {
-        self.fetching(m);
-        self.inner.claim(s, i, m).await
-    }
-    async fn read(
-        &self,
-        s: &Subscription,
-        m: usize,
-        w: Duration,
-    ) -> Result<Vec<Delivery>, BackendError> {
-        if self.fail_next_read.swap(false, Ordering::Relaxed) {
-            return Err(unavailable());
-        }
-        self.fetching(m);
-        self.inner.read(s, m, w).await
-    }
-    async fn settle(&self, s: &Subscription, b: &[Settlement]) -> Result<(), BackendError> {
-        assert!(!self.panic_settle, "settle panicked (as the test asked)");
-        if self.refuse_settle.load(Ordering::Relaxed) {
-            return Err(unavailable());
-        }
-        self.inner.settle(s, b).await
-    }
-    async fn stop_message(&self, t: &str, id: MessageId) -> Result<bool, BackendError> {
-        self.inner.stop_message(t, id).await
-    }
-    async fn resume_message(&self, t: &str, id: MessageId) -> Result<bool, BackendError> {
-        self.inner.resume_message(t, id).await
-    }
-    async fn terminate(&self, t: &str) -> Result<bool, BackendError> {
-        self.inner.terminate(t).await
-    }
-    async fn create_group(
-        &self,
-        t: &str,
-        g: &str,
-        start: StartPosition,
-    ) -> Result<bool, BackendError> {
-        self.inner.create_group(t, g, start).await
-    }
-    async fn delete_group(&self, t: &str, g: &str) -> Result<bool, BackendError> {
-        self.inner.delete_group(t, g).await
-    }
-    async fn move_group(&self, t: &str, g: &str, to: StartPosition) -> Result<bool, BackendError> {
-        self.inner.move_group(t, g, to).await
-    }
-    async fn cleanup(&self, t: &str, r: &Retention) -> Result<CleanupReport, BackendError> {
-        self.inner.cleanup(t, r).await
-    }
-    async fn browse(&self, t: &str, q: &Browse) -> Result<Option<Vec<Message>>, BackendError> {
-        self.inner.browse(t, q).await
-    }
-    async fn locate(
-        &self,
-        t: &str,
-        id: MessageId,
-    ) -> Result<Option<Vec<relq::GroupPlacement>>, BackendError> {
-        self.inner.locate(t, id).await
-    }
-    async fn topics(&self) -> Result<Vec<String>, BackendError> {
-        self.inner.topics().await
-    }
-    async fn topic_info(&self, t: &str) -> Result<Option<TopicInfo>, BackendError> {
-        self.inner.topic_info(t).await
-    }
-    async fn dead_letters(
-        &self,
-        t: &str,
-        q: &DeadLetterQuery,
-    ) -> Result<Vec<DeadLetter>, BackendError> {
-        self.inner.dead_letters(t, q).await
-    }
-    async fn dead_letter(
-        &self,
-        t: &str,
-        id: DeadLetterId,
-    ) -> Result<Option<DeadLetter>, BackendError> {
-        self.inner.dead_letter(t, id).await
-    }
-    async fn replay_dead_letters(
-        &self,
-        t: &str,
-        ids: &[DeadLetterId],
-    ) -> Result<Vec<(DeadLetterId, MessageId)>, BackendError> {
-        self.inner.replay_dead_letters(t, ids).await
-    }
-    async fn delete_dead_letters(
-        &self,
-        t: &str,
-        ids: &[DeadLetterId],
-    ) -> Result<u64, BackendError> {
-        self.inner.delete_dead_letters(t, ids).await
-    }
-    async fn purge_dead_letters(&self, t: &str, before: Timestamp) -> Result<u64, BackendError> {
-        self.inner.purge_dead_letters(t, before).await
-    }
-    async fn dead_letter_stats(&self, t: &str) -> Result<DeadLetterStats, BackendError> {
-        self.inner.dead_letter_stats(t).await
-    }
-}
-
-/// A broker on a [`Flaky`] backend (its switches), with a consumer "w" of group "g" on topic
-/// "t" whose handler counts its runs and succeeds, and one message published to it.
+/// A broker on a [`Faulty`] in-memory backend (its switches), with a consumer "w" of group "g"
+/// on topic "t" whose handler counts its runs and succeeds, and one message published to it.
 struct Setup {
     broker: Broker,
     consumer: relq::ConsumerHandle,
-    refuse_settle: Arc<AtomicBool>,
-    fail_next_read: Arc<AtomicBool>,
+    faults: Arc<Faults>,
     runs: Arc<AtomicU32>,
 }
 
 async fn setup(panic_settle: bool, refuse_settle: bool) -> Setup {
-    let refuse = Arc::new(AtomicBool::new(refuse_settle));
-    let fail_read = Arc::new(AtomicBool::new(false));
-    let broker = Broker::new(Flaky {
-        inner: MemoryBackend::new(),
-        refuse_settle: refuse.clone(),
-        fail_next_read: fail_read.clone(),
-        panic_settle,
-        running: Arc::default(),
-        concurrency: 16,
-        over_fetched: Arc::default(),
-    });
+    let backend = Faulty::new(MemoryBackend::new());
+    let faults = backend.faults();
+    faults.panic_settle(panic_settle);
+    faults.refuse_settle(refuse_settle);
+    let broker = Broker::new(backend);
     let runs = Arc::new(AtomicU32::new(0));
     let r = runs.clone();
     let consumer = broker
@@ -226,8 +49,7 @@ async fn setup(panic_settle: bool, refuse_settle: bool) -> Setup {
     Setup {
         broker,
         consumer,
-        refuse_settle: refuse,
-        fail_next_read: fail_read,
+        faults,
         runs,
     }
 }
@@ -265,13 +87,13 @@ async fn a_message_whose_ack_is_queued_is_not_run_again_after_an_outage() {
     let s = setup(false, true).await;
     s.until_handled().await;
     // A read fails too: the consumer recovers its pending messages, which include this one.
-    s.fail_next_read.store(true, Ordering::Relaxed);
-    while s.fail_next_read.load(Ordering::Relaxed) {
+    s.faults.fail_next_read();
+    while s.faults.read_failure_pending() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     // The backend comes back: the queued ack is applied.
-    s.refuse_settle.store(false, Ordering::Relaxed);
+    s.faults.refuse_settle(false);
     while pending(&s.broker).await > 0 {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -305,15 +127,15 @@ async fn a_panicking_settler_stops_the_consumer() {
 async fn the_runtime_never_fetches_more_than_it_can_start() {
     let running = Arc::new(AtomicU32::new(0));
     let over = Arc::new(AtomicU32::new(0));
-    let broker = Broker::new(Flaky {
-        inner: MemoryBackend::new(),
-        refuse_settle: Arc::default(),
-        fail_next_read: Arc::default(),
-        panic_settle: false,
-        running: running.clone(),
-        concurrency: 4,
-        over_fetched: over.clone(),
+    let backend = Faulty::new(MemoryBackend::new());
+    let (r, o) = (running.clone(), over.clone());
+    // A fetch asking for more than the free handler slots (of 4) is counted.
+    backend.faults().on_fetch(move |max| {
+        if max as u32 > 4u32.saturating_sub(r.load(Ordering::SeqCst)) {
+            o.fetch_add(1, Ordering::SeqCst);
+        }
     });
+    let broker = Broker::new(backend);
     let batch = (0..60)
         .map(|i| NewMessage::new("job", format!("m{i}")))
         .collect();
