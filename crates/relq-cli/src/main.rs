@@ -4,12 +4,8 @@
 //! convention), 3 not found, 4 the topic was terminated, 5 `relq check` found damage, 130
 //! interrupted.
 
-mod bench;
-mod bench_memory;
-mod bench_redis;
 mod check;
 mod consume;
-mod crash;
 mod demo;
 mod dlq;
 mod group;
@@ -153,14 +149,14 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Benchmarks; every figure in the docs comes from here.
+    /// Benchmarks (embedded, redis, memory); every figure in the docs comes from here. Runs the
+    /// relq-bench binary (beside relq, or on the PATH), so relq itself links no benchmark code.
+    #[command(disable_help_flag = true)]
     Bench {
-        #[command(subcommand)]
-        command: bench::BenchCommand,
+        /// What relq-bench takes: `relq bench --help`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
     },
-    /// The workload of the kill -9 crash test (see crates/relq-cli/tests/crash.rs).
-    #[command(hide = true)]
-    CrashChild(crash::CrashArgs),
     /// Verify a data directory (the embedded engine): every segment's checksums and the state
     /// database's consistency with the logs. Changes nothing; works while another process holds
     /// the directory. Exit 0 when nothing needs the operator, 5 when damage was found.
@@ -205,6 +201,56 @@ fn resolve_config(cli: &Cli) -> anyhow::Result<relq::Resolved> {
         layers = layers.flag("backend.url", url, "--url")?;
     }
     Ok(layers.resolve()?)
+}
+
+/// `relq bench ...`: runs `relq-bench ...` in this process's place (its output, signals and exit
+/// code are the command's).
+fn bench(args: Vec<std::ffi::OsString>, json: bool) -> anyhow::Result<()> {
+    let name = format!("relq-bench{}", std::env::consts::EXE_SUFFIX);
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join(&name)))
+        .filter(|p| p.is_file());
+    let on_path = || {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(&name))
+                .find(|p| p.is_file())
+        })
+    };
+    let Some(exe) = beside.or_else(on_path) else {
+        return Err(exit(
+            Exit::FAILED,
+            "relq bench runs the relq-bench binary, which is neither beside relq nor on the PATH: \
+             build it with `cargo build --release -p relq-bench` (then `target/release/relq bench` \
+             finds it), or run `cargo run --release -p relq-bench -- ...`",
+        ));
+    };
+    let mut command = std::process::Command::new(&exe);
+    if json {
+        command.arg("--json");
+    }
+    command.args(args);
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        let e = command.exec();
+        Err(anyhow::Error::new(e).context(format!("cannot run {}", exe.display())))
+    }
+    #[cfg(not(unix))]
+    {
+        let status = command
+            .status()
+            .with_context(|| format!("cannot run {}", exe.display()))?;
+        match status.code() {
+            Some(0) => Ok(()),
+            Some(code) => Err(exit(
+                u8::try_from(code).unwrap_or(Exit::FAILED),
+                format!("relq-bench exited with {code}"),
+            )),
+            None => Err(exit(Exit::FAILED, "relq-bench was killed")),
+        }
+    }
 }
 
 /// The exit codes of `relq`; documented in the README.
@@ -461,20 +507,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             clap_complete::generate(shell, &mut cmd, "relq", &mut std::io::stdout());
             return Ok(());
         }
-        Command::CrashChild(args) => return crash::run(args).await,
         Command::Serve(args) if serve::wants_openapi(&args) => {
             println!("{}", relq_admin::openapi());
             return Ok(());
         }
-        Command::Bench { command } => {
-            // A benchmark has nothing to drain: on a signal it stops where it is (its temporary
-            // directories are removed as its futures are dropped).
-            let signal = shutdown_signal();
-            return tokio::select! {
-                r = bench::run(command, cli.json) => r,
-                name = signal => Err(exit(Exit::INTERRUPTED, format!("{name}: benchmark interrupted"))),
-            };
-        }
+        Command::Bench { args } => return bench(args, cli.json),
         Command::Check { dir, repair } => {
             let dir = match (dir, chosen_url.as_deref()) {
                 (Some(d), _) => d,
@@ -501,7 +538,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let outcome: anyhow::Result<()> = async {
     match command {
         Command::Demo(_)
-        | Command::CrashChild(_)
         | Command::Bench { .. }
         | Command::Check { .. }
         | Command::Config { .. } => {

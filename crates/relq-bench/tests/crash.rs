@@ -1,4 +1,4 @@
-//! The kill -9 loop: a child process (`relq crash-child`) publishes, reads, acknowledges and
+//! The kill -9 loop: a child process (`relq-bench crash-child`) publishes, reads, acknowledges and
 //! dead-letters as fast as it can; the parent kills it with SIGKILL at random moments, several
 //! rounds on one data directory, then reopens the directory and checks:
 //! - every publish the child saw acknowledged is stored (and ids were never reused);
@@ -8,7 +8,7 @@
 //!   only for deliveries in flight at a kill;
 //! - every committed dead letter is in the dead-letter store, once.
 //!
-//! CI runs a few rounds. A long soak: `RELQ_CRASH_ROUNDS=300 cargo test --release -p relq-cli
+//! CI runs a few rounds. A long soak: `RELQ_CRASH_ROUNDS=300 cargo test --release -p relq-bench
 //! --test crash`.
 //!
 //! The control runs the same child on the in-memory backend, which keeps nothing across a process
@@ -69,7 +69,7 @@ fn round(store: &Store<'_>, round: usize, seen: &mut Seen) {
         "--consumer".into(),
         format!("c{round}"),
     ]);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_relq"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_relq-bench"))
         .args(&args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -1,4 +1,4 @@
-//! `relq crash-child` (hidden): the workload of the kill -9 test. It publishes, reads and settles
+//! `relq-bench crash-child` (hidden): the workload of the kill -9 test. It publishes, reads and settles
 //! through the backend API as fast as it can and reports on stdout what the backend acknowledged,
 //! one line per event, flushed before the next call, until it is killed:
 //!
@@ -13,7 +13,7 @@
 //! A committed retry must be delivered again. The embedded engine runs with a resident window of zero, so each such retry is
 //! spilled to the state database and taken back from there.
 //!
-//! The parent (`crates/relq-cli/tests/crash.rs`) kills it at random moments, reopens the data
+//! The parent (`crates/relq-bench/tests/crash.rs`) kills it at random moments, reopens the data
 //! directory and checks the lines against what is stored.
 
 use std::io::Write;
