@@ -467,7 +467,7 @@ async fn fill_and_reopen(
 ) -> anyhow::Result<((u64, u64), Duration)> {
     use std::io::{BufRead, BufReader};
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.args(["bench", "fill", "--dir"])
+    cmd.args(["fill", "--dir"])
         .arg(dir)
         .args(["--messages", &n.to_string()]);
     if delayed {

@@ -149,6 +149,7 @@ pub(crate) async fn run(args: RedisArgs, json_out: bool) -> anyhow::Result<()> {
     if want("worker-concurrent") {
         let n = args.messages;
         bulk_publish(&broker, "worker", n, &payload).await?;
+        let before = commands(&server);
         let start = Instant::now();
         let consumer = noop_consumer(&broker, "worker").await?;
         while consumer.stats().processed < n || !settled(&broker, "worker").await? {
@@ -156,6 +157,21 @@ pub(crate) async fn run(args: RedisArgs, json_out: bool) -> anyhow::Result<()> {
         }
         let rate = n as f64 / start.elapsed().as_secs_f64();
         consumer.shutdown(Duration::from_secs(10)).await;
+        // What the server ran per message (INFO commandstats; a script counts once, with the
+        // commands it ran inside counted too): the round trips the runtime costs.
+        let after = commands(&server);
+        let per_message: serde_json::Map<String, serde_json::Value> = after
+            .iter()
+            .filter_map(|(name, calls)| {
+                let d = calls.saturating_sub(before.get(name).copied().unwrap_or(0));
+                (d > 0
+                    && !matches!(
+                        name.as_str(),
+                        "info" | "xinfo|groups" | "xinfo|stream" | "exists" | "hget" | "smembers"
+                    ))
+                .then(|| (name.clone(), json!(d as f64 / n as f64)))
+            })
+            .collect();
         say(
             json_out,
             format!(
@@ -163,9 +179,22 @@ pub(crate) async fn run(args: RedisArgs, json_out: bool) -> anyhow::Result<()> {
                 ratio(rate, naive, "naive loop")
             ),
         );
+        let shown: Vec<String> = ["evalsha", "xreadgroup", "xack"]
+            .iter()
+            .map(|c| {
+                format!(
+                    "{c} {:.3}",
+                    per_message.get(*c).and_then(|v| v.as_f64()).unwrap_or(0.0)
+                )
+            })
+            .collect();
+        say(
+            json_out,
+            format!("  server commands per message: {}", shown.join(", ")),
+        );
         report.insert(
             "worker_concurrent".into(),
-            json!({"messages": n, "messages_per_second": rate, "ratio_to_naive_loop": naive.map(|b| rate / b)}),
+            json!({"messages": n, "messages_per_second": rate, "ratio_to_naive_loop": naive.map(|b| rate / b), "server_commands_per_message": per_message}),
         );
     }
 
@@ -253,6 +282,24 @@ pub(crate) async fn run(args: RedisArgs, json_out: bool) -> anyhow::Result<()> {
 }
 
 /// Publishes `n` messages in batches of 50, one batch in flight.
+/// Calls per command so far (`INFO commandstats`), by lower-case command name.
+fn commands(server: &relq_redis_server::RedisServer) -> std::collections::BTreeMap<String, u64> {
+    server
+        .cli(&["INFO", "commandstats"])
+        .lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest
+                .strip_prefix("calls=")?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()?;
+            Some((name.to_owned(), calls))
+        })
+        .collect()
+}
+
 async fn bulk_publish(
     broker: &Broker,
     topic: &str,

@@ -15,8 +15,9 @@ use serde::Serialize;
 
 use super::fs::{MemoryCopy, ReadOnlyFs};
 use super::log::{self, LastSession, TailVerdict};
+use super::recovery::referenced_offsets;
 use super::state::{self, Loaded};
-use super::{catch_db, db_error, referenced_offsets, NAME};
+use super::{catch_db, db_error, NAME};
 use relq_core::{BackendError, BackendErrorKind};
 
 /// What [`EmbeddedBackend::check`](super::EmbeddedBackend::check) found in a data directory.

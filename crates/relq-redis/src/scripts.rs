@@ -157,12 +157,14 @@ return redis.call('HGET', P .. 'meta', 'epoch')
 "#;
 
 /// Delivers due scheduled entries (retries, delayed messages, resumed ones) by putting them back
-/// into the group's pending list under this consumer. ARGV: prefix, group, consumer, epoch,
-/// now_ms, max. Returns {lost, deliveries, next_due_ms|false, stopped ids} where a delivery is
-/// {id, deliveries, fields, failures_json}. New entries are then read by the client with a plain
-/// XREADGROUP (no Lua on the hot path).
+/// into the group's pending list under this consumer, then (fill = 1) fills the rest of `max`
+/// with new entries by a non-blocking `XREADGROUP` in the same call, so a busy consumer's read is
+/// one round trip. ARGV: prefix, group, consumer, epoch, now_ms, max, fill. Returns {lost,
+/// deliveries, next_due_ms|false, stopped ids, XREADGROUP reply|false, size of the skip set}
+/// where a delivery is {id, deliveries, fields, failures_json}. Only a consumer that finds
+/// nothing then waits in a blocking `XREADGROUP` of its own (scripts cannot block).
 pub(super) const PROMOTE: &str = r#"
-local g, c, epoch, now, max = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
+local g, c, epoch, now, max, fill = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7] == '1'
 if ended(epoch) then return redis.error_reply('RELQ_TERMINATED the topic was terminated') end
 if deleted(g) then return redis.error_reply(GROUP_DELETED) end
 local lost = ensure_meta(epoch)
@@ -195,7 +197,19 @@ if #due > 0 then
   end
 end
 local nd = redis.call('ZRANGE', gkey .. 'sched', 0, 0, 'WITHSCORES')
-return {lost, out, nd[2] or false, stopped}
+local fresh, skip = false, 0
+if fill and #out < max then
+  local r = redis.pcall('XREADGROUP', 'GROUP', g, c, 'COUNT', max - #out, 'STREAMS', S, '>')
+  if type(r) == 'table' and r.err then
+    if not string.find(r.err, 'NOGROUP') then return r end
+    redis.call('XGROUP', 'CREATE', S, g, '0', 'MKSTREAM')
+    lost = 1
+    r = redis.call('XREADGROUP', 'GROUP', g, c, 'COUNT', max - #out, 'STREAMS', S, '>')
+  end
+  fresh = r
+  skip = redis.call('ZCARD', gkey .. 'skip')
+end
+return {lost, out, nd[2] or false, stopped, fresh, skip}
 "#;
 
 /// Recreates a group a read found missing (Redis lost it), unless the topic was terminated.

@@ -1,0 +1,350 @@
+//! The read path: due retries promoted, new entries read, a group recreated after Redis lost
+//! it, and what a consumer holds redelivered.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use ::redis::Value;
+
+use relq_core::{BackendError, BackendErrorKind, Delivery, MessageId, Subscription, Timestamp};
+
+use super::decode::{deliveries, id_of, int, items, message_of, text};
+use super::error::{corrupt, err, map_err};
+use super::keys::{group_prefix, prefix, redis_millis, stream_key, NEVER_DELIVERED};
+use super::RedisBackend;
+
+impl RedisBackend {
+    pub(crate) fn flag_recovery(&self, sub: &Subscription) {
+        self.needs_recovery
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((sub.topic.clone(), sub.group.clone(), sub.consumer.clone()));
+    }
+
+    /// Notes which deliveries carry a failure history (all but first deliveries of new entries).
+    fn note_history(&self, out: &[Delivery]) {
+        let mut h = self.with_history.lock().unwrap_or_else(|e| e.into_inner());
+        h.note(
+            out.iter().map(|d| d.message.id),
+            tokio::time::Instant::now(),
+        );
+    }
+
+    fn warn_lost(&self, sub: &Subscription, lost: bool) {
+        if lost {
+            tracing::warn!(
+                topic = %sub.topic,
+                group = %sub.group,
+                "Redis lost this topic's group (restart without persistence, eviction or FLUSHALL?): recreated it; messages published before the loss are gone"
+            );
+        }
+    }
+
+    /// Runs the promote script: due scheduled entries come back to this consumer, and with
+    /// `fill` new entries fill the rest of `max` (screened as a read's are).
+    pub(crate) async fn promote(
+        &self,
+        sub: &Subscription,
+        max: usize,
+        fill: bool,
+    ) -> Result<Promoted, BackendError> {
+        let key = stream_key(&sub.topic);
+        let pre = prefix(&sub.topic);
+        let now = Timestamp::now().0;
+        let reply: Value = self
+            .call_once(|mut c| {
+                let mut inv = self.scripts.promote.key(&key);
+                inv.arg(&pre)
+                    .arg(&sub.group)
+                    .arg(&sub.consumer)
+                    .arg(sub.epoch)
+                    .arg(now)
+                    .arg(max)
+                    .arg(u8::from(fill));
+                async move { inv.invoke_async(&mut c).await }
+            })
+            .await?;
+        let mut parts = items(reply).into_iter();
+        let (Some(lost), Some(out), Some(next_due), Some(stopped), Some(fresh), Some(skip)) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return Err(corrupt("promote script reply"));
+        };
+        self.warn_lost(sub, int(&lost) == Some(1));
+        let stopped = items(stopped)
+            .iter()
+            .filter_map(|v| id_of(v).ok())
+            .collect();
+        let mut out = deliveries(out)?;
+        self.note_history(&out);
+        let entries = stream_entries(fresh);
+        if !entries.is_empty() {
+            match self
+                .screen(sub, entries, int(&skip).unwrap_or(0), &stopped)
+                .await
+            {
+                Ok(more) => out.extend(more),
+                // The new entries stay pending for this consumer (recovered later); the
+                // promoted ones are handed over.
+                Err(e) if !out.is_empty() => {
+                    tracing::debug!(error = %e, "screening a read's new entries failed");
+                    self.flag_recovery(sub);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Promoted {
+            out,
+            next_due: int(&next_due).map(|d| d as u64),
+            stopped,
+        })
+    }
+
+    /// Recreates the group after a read found it missing.
+    pub(crate) async fn recreate_group(&self, sub: &Subscription) -> Result<(), BackendError> {
+        let key = stream_key(&sub.topic);
+        let pre = prefix(&sub.topic);
+        self.call(|mut c| {
+            let mut inv = self.scripts.recreate.key(&key);
+            inv.arg(&pre).arg(&sub.group).arg(sub.epoch);
+            async move { inv.invoke_async::<Value>(&mut c).await }
+        })
+        .await?;
+        self.warn_lost(sub, true);
+        Ok(())
+    }
+
+    /// Reads new entries with `XREADGROUP`, blocking up to `block` (not at all when zero), on a
+    /// dedicated connection; screens what arrives (stopped or not yet due entries are moved
+    /// aside by the hold script). `None` when the group is missing.
+    pub(crate) async fn read_new(
+        &self,
+        sub: &Subscription,
+        max: usize,
+        block: Duration,
+        stopped: &HashSet<MessageId>,
+    ) -> Result<Option<Vec<Delivery>>, BackendError> {
+        let key = stream_key(&sub.topic);
+        let mut conn = self.blocking.take(&self.target).await.map_err(map_err)?;
+        // The read, then (on the same connection, so after the read was served, however long
+        // it blocked) the size of the group's skip set: a move back that happened before the
+        // read was served has filled it, even one after the promote step looked.
+        let pipe = {
+            let mut pipe = ::redis::pipe();
+            let cmd = pipe
+                .cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg(&sub.group)
+                .arg(&sub.consumer)
+                .arg("COUNT")
+                .arg(max);
+            if !block.is_zero() {
+                cmd.arg("BLOCK").arg(redis_millis(block).max(1));
+            }
+            cmd.arg("STREAMS").arg(&key).arg(NEVER_DELIVERED);
+            pipe.cmd("ZCARD")
+                .arg(group_prefix(&prefix(&sub.topic), &sub.group) + "skip");
+            pipe
+        };
+        let limit = block.saturating_add(self.config.response_timeout);
+        let reply =
+            match tokio::time::timeout(limit, pipe.query_async::<(Value, i64)>(&mut conn)).await {
+                Ok(Ok(v)) => {
+                    self.blocking.give_back(conn);
+                    v
+                }
+                // NOGROUP: the group is gone; UNBLOCKED: the stream was deleted while we waited
+                // (a terminate, or a FLUSHALL). The recreate script tells which.
+                Ok(Err(e)) if matches!(e.code(), Some("NOGROUP" | "UNBLOCKED")) => {
+                    self.blocking.give_back(conn);
+                    return Ok(None);
+                }
+                Ok(Err(e)) => return Err(map_err(e)),
+                Err(_) => {
+                    return Err(err(
+                        BackendErrorKind::Unavailable,
+                        format!("blocking read got no reply within {limit:?}"),
+                    ))
+                }
+            };
+        let (reply, skip) = reply;
+        self.screen(sub, stream_entries(reply), skip, stopped)
+            .await
+            .map(Some)
+    }
+
+    /// Deliveries from the entries an `XREADGROUP` returned: entries a move back made the group
+    /// read again and that it holds already are passed over (if `skip`, the size of its skip set,
+    /// says there may be some); stopped ones (in `stopped`) and delayed ones not yet due are set
+    /// aside by the hold script.
+    pub(crate) async fn screen(
+        &self,
+        sub: &Subscription,
+        entries: Vec<Value>,
+        skip: i64,
+        stopped: &HashSet<MessageId>,
+    ) -> Result<Vec<Delivery>, BackendError> {
+        let key = stream_key(&sub.topic);
+        let passed = match skip > 0 && !entries.is_empty() {
+            true => self.skip_again(sub, &entries).await?,
+            false => HashSet::new(),
+        };
+        let now = Timestamp::now();
+        let mut out = Vec::new();
+        let mut held: Vec<(MessageId, i64)> = Vec::new();
+        let mut parked = HashMap::new();
+        for e in entries {
+            let mut parts = items(e).into_iter();
+            let (Some(id), Some(fields)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let id = id_of(&id)?;
+            if passed.contains(&id) {
+                continue;
+            }
+            let message = message_of(id, fields, 1);
+            if stopped.contains(&id) {
+                held.push((id, -1));
+                parked.insert(id, message);
+            } else if let Some(at) = message.deliver_at.filter(|at| *at > now) {
+                held.push((id, at.0 as i64));
+            } else {
+                out.push(Delivery {
+                    message,
+                    failures: Vec::new(),
+                });
+            }
+        }
+        if !held.is_empty() {
+            let pre = prefix(&sub.topic);
+            let hold = self
+                .call(|mut c| {
+                    let mut inv = self.scripts.hold.key(&key);
+                    inv.arg(&pre)
+                        .arg(&sub.group)
+                        .arg(sub.epoch)
+                        .arg(Timestamp::now().0);
+                    for (id, due) in &held {
+                        inv.arg(id.to_string()).arg(*due);
+                    }
+                    async move { inv.invoke_async::<Value>(&mut c).await }
+                })
+                .await;
+            match hold {
+                // Resumed since the promote step looked: deliver after all.
+                Ok(released) => out.extend(
+                    items(released)
+                        .iter()
+                        .filter_map(|v| id_of(v).ok())
+                        .filter_map(|id| parked.remove(&id))
+                        .map(|message| Delivery {
+                            message,
+                            failures: Vec::new(),
+                        }),
+                ),
+                // The set-aside entries stay pending for this consumer (recovered or claimed
+                // later); what is deliverable is not lost with them.
+                Err(e) if !out.is_empty() => {
+                    tracing::warn!(error = %e, "could not set aside stopped or delayed messages; they stay pending");
+                    self.flag_recovery(sub);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// After a move back: which of the entries a read took again the group holds already (the
+    /// skip script passes over them). If the script fails, the entries stay pending for this
+    /// consumer and the runtime recovers them.
+    async fn skip_again(
+        &self,
+        sub: &Subscription,
+        entries: &[Value],
+    ) -> Result<HashSet<MessageId>, BackendError> {
+        let ids: Vec<String> = entries
+            .iter()
+            .filter_map(|e| match e {
+                Value::Array(parts) => parts.first().and_then(text),
+                _ => None,
+            })
+            .collect();
+        let key = stream_key(&sub.topic);
+        let pre = prefix(&sub.topic);
+        let passed: Value = self
+            .call(|mut c| {
+                let mut inv = self.scripts.skip.key(&key);
+                inv.arg(&pre).arg(&sub.group).arg(sub.epoch);
+                for id in &ids {
+                    inv.arg(id);
+                }
+                async move { inv.invoke_async(&mut c).await }
+            })
+            .await
+            .inspect_err(|_| self.flag_recovery(sub))?;
+        Ok(items(passed).iter().filter_map(|v| id_of(v).ok()).collect())
+    }
+
+    pub(crate) async fn redeliver(
+        &self,
+        sub: &Subscription,
+        max: usize,
+        mode: &str,
+        arg: String,
+    ) -> Result<Vec<Delivery>, BackendError> {
+        let key = stream_key(&sub.topic);
+        let pre = prefix(&sub.topic);
+        let now = Timestamp::now().0;
+        let reply: Value = self
+            .call_once(|mut c| {
+                let mut inv = self.scripts.redeliver.key(&key);
+                inv.arg(&pre)
+                    .arg(&sub.group)
+                    .arg(&sub.consumer)
+                    .arg(sub.epoch)
+                    .arg(now)
+                    .arg(max)
+                    .arg(mode)
+                    .arg(&arg)
+                    .arg(redis_millis(self.config.consumer_expiry));
+                async move { inv.invoke_async(&mut c).await }
+            })
+            .await?;
+        let mut parts = items(reply).into_iter();
+        let (Some(lost), Some(out)) = (parts.next(), parts.next()) else {
+            return Err(corrupt("redeliver script reply"));
+        };
+        self.warn_lost(sub, int(&lost) == Some(1));
+        let out = deliveries(out)?;
+        self.note_history(&out);
+        Ok(out)
+    }
+}
+
+/// The entries of an `XREADGROUP` reply (RESP2: `[[key, entries]]`; RESP3 maps flatten to the
+/// same shape), of every stream in it.
+pub(crate) fn stream_entries(reply: Value) -> Vec<Value> {
+    let mut entries = Vec::new();
+    for stream in items(reply) {
+        let mut parts = items(stream).into_iter();
+        if let (Some(_), Some(list)) = (parts.next(), parts.next()) {
+            entries.extend(items(list));
+        }
+    }
+    entries
+}
+
+/// What the promote script handed over.
+pub(crate) struct Promoted {
+    /// Due scheduled entries, then (when asked to fill) new ones.
+    pub(crate) out: Vec<Delivery>,
+    /// When the group's next scheduled entry is due.
+    pub(crate) next_due: Option<u64>,
+    /// The topic's stopped ids.
+    pub(crate) stopped: HashSet<MessageId>,
+}
