@@ -552,6 +552,15 @@ async fn dead_letters_list_group_replay_delete_and_purge() {
         problem(&r, StatusCode::BAD_REQUEST);
     }
     // Delete by id, then purge the rest.
+    let purge = |body: Value| {
+        call(
+            &app,
+            Method::POST,
+            "/api/topics/orders/dead-letters/purge",
+            Some(ADMIN),
+            Some(body),
+        )
+    };
     let left = call(
         &app,
         Method::GET,
@@ -566,14 +575,7 @@ async fn dead_letters_list_group_replay_delete_and_purge() {
         ("0s", left.body["items"].as_array().unwrap().len()),
         ("3650d", 0),
     ] {
-        let r = call(
-            &app,
-            Method::POST,
-            "/api/topics/orders/dead-letters/purge",
-            Some(ADMIN),
-            Some(json!({"older_than": age, "dry_run": true})),
-        )
-        .await;
+        let r = purge(json!({"older_than": age, "dry_run": true})).await;
         assert_eq!(r.body["removed"], want, "{age}: {}", r.text);
     }
     let again = call(
@@ -590,33 +592,12 @@ async fn dead_letters_list_group_replay_delete_and_purge() {
         json!({"older_than": "1s", "before": "2026-01-01T00:00:00Z", "dry_run": true}),
         json!({"before": "yesterday", "dry_run": true}),
     ] {
-        let r = call(
-            &app,
-            Method::POST,
-            "/api/topics/orders/dead-letters/purge",
-            Some(ADMIN),
-            Some(body.clone()),
-        )
-        .await;
+        let r = purge(body.clone()).await;
         problem(&r, StatusCode::BAD_REQUEST);
     }
     // A dry run's cutoff, given back as `before`, counts the same.
-    let dry = call(
-        &app,
-        Method::POST,
-        "/api/topics/orders/dead-letters/purge",
-        Some(ADMIN),
-        Some(json!({"older_than": "0s", "dry_run": true})),
-    )
-    .await;
-    let again = call(
-        &app,
-        Method::POST,
-        "/api/topics/orders/dead-letters/purge",
-        Some(ADMIN),
-        Some(json!({"before": dry.body["before"], "dry_run": true})),
-    )
-    .await;
+    let dry = purge(json!({"older_than": "0s", "dry_run": true})).await;
+    let again = purge(json!({"before": dry.body["before"], "dry_run": true})).await;
     assert_eq!(
         (
             &again.body["removed"],
@@ -636,14 +617,7 @@ async fn dead_letters_list_group_replay_delete_and_purge() {
     )
     .await;
     assert_eq!(r.body["removed"], 1);
-    let r = call(
-        &app,
-        Method::POST,
-        "/api/topics/orders/dead-letters/purge",
-        Some(ADMIN),
-        Some(json!({"older_than": "0s"})),
-    )
-    .await;
+    let r = purge(json!({"older_than": "0s"})).await;
     assert_eq!(r.body["removed"], 0);
     let r = call(&app, Method::GET, "/api/audit?limit=2", Some(READER), None).await;
     let e = &r.body["items"];

@@ -35,11 +35,7 @@ async fn a_handler_blocking_its_thread_is_cut_off_at_the_timeout() {
         .publish("blocking", NewMessage::new("job", "x"))
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while consumer.stats().processed < 1 {
-        assert!(Instant::now() < deadline, "never processed");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_processed(&consumer, 1, Duration::from_secs(20), "never processed").await;
     let starts = starts.lock().unwrap().clone();
     assert_eq!(
         starts.len(),
@@ -93,15 +89,7 @@ async fn a_retry_due_at_once_is_not_stuck_until_claim_after() {
             .unwrap();
     }
     // 60 s is far below claim_after: only a stuck retry could take that long.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while consumer.stats().processed < 50 {
-        assert!(
-            Instant::now() < deadline,
-            "retries were stuck: {:?}",
-            consumer.stats()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_processed(&consumer, 50, Duration::from_secs(60), "retries were stuck").await;
     assert_eq!(consumer.stats().retried, 150);
     consumer.shutdown(Duration::from_secs(5)).await;
     drop(broker);
@@ -154,15 +142,13 @@ async fn a_handler_blocking_its_thread_does_not_hold_up_shutdown() {
             .await
             .unwrap();
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while consumer.stats().processed < 60 {
-        assert!(
-            Instant::now() < deadline,
-            "not all handled while one call is stuck: {:?}",
-            consumer.stats()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_processed(
+        &consumer,
+        60,
+        Duration::from_secs(20),
+        "not all handled while one call is stuck",
+    )
+    .await;
     let report = consumer.shutdown(Duration::from_secs(60)).await;
     assert!(
         !released.load(Ordering::SeqCst),
@@ -170,4 +156,14 @@ async fn a_handler_blocking_its_thread_does_not_hold_up_shutdown() {
     );
     shut_down.store(true, Ordering::SeqCst);
     assert_eq!(report.abandoned, 0);
+}
+
+/// Waits (real time) until `consumer` has processed `n` messages; fails with `what` and its
+/// stats after `limit`.
+async fn until_processed(consumer: &relq::ConsumerHandle, n: u64, limit: Duration, what: &str) {
+    let deadline = Instant::now() + limit;
+    while consumer.stats().processed < n {
+        assert!(Instant::now() < deadline, "{what}: {:?}", consumer.stats());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
