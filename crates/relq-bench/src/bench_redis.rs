@@ -281,7 +281,6 @@ pub(crate) async fn run(args: RedisArgs, json_out: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Publishes `n` messages in batches of 50, one batch in flight.
 /// Calls per command so far (`INFO commandstats`), by lower-case command name.
 fn commands(server: &relq_redis_server::RedisServer) -> std::collections::BTreeMap<String, u64> {
     server
@@ -300,6 +299,7 @@ fn commands(server: &relq_redis_server::RedisServer) -> std::collections::BTreeM
         .collect()
 }
 
+/// Publishes `n` messages in batches of 50, one batch in flight.
 async fn bulk_publish(
     broker: &Broker,
     topic: &str,

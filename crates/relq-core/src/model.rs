@@ -110,6 +110,7 @@ impl fmt::Display for Timestamp {
 
 /// `from + d`, or a point ~30 years after `from` when `d` is too large to add (a deadline of
 /// [`Duration::MAX`] means "never", not a panic).
+#[doc(hidden)]
 pub fn instant_after(from: tokio::time::Instant, d: Duration) -> tokio::time::Instant {
     const FAR: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
     from.checked_add(d.min(FAR)).unwrap_or(from)
@@ -286,6 +287,7 @@ pub fn validate_headers(headers: &BTreeMap<String, String>) -> Result<(), Error>
 
 /// A name as shown in an error: at most 64 characters, so a hostile 10 KB input is not echoed
 /// back whole.
+#[doc(hidden)]
 pub fn shorten(s: &str) -> String {
     const SHOWN: usize = 64;
     if s.chars().count() <= SHOWN {

@@ -197,7 +197,8 @@ impl Backend for RedisBackend {
                 out,
                 next_due,
                 stopped,
-            } = self.promote(sub, max, true).await?;
+                read_new,
+            } = self.promote(sub, max).await?;
             if !out.is_empty() {
                 return Ok(out);
             }
@@ -205,6 +206,15 @@ impl Backend for RedisBackend {
             let mut block = deadline.saturating_duration_since(now);
             if let Some(due) = next_due {
                 block = block.min(Timestamp(due).since(Timestamp::now()));
+            }
+            // New entries were read and all set aside (delayed ones are now scheduled, perhaps
+            // due sooner than `next_due`), or the next retry is due already: look again now
+            // rather than block on a stale due time.
+            if read_new || block.is_zero() {
+                if now >= deadline {
+                    return Ok(Vec::new());
+                }
+                continue;
             }
             match self.read_new(sub, max, block, &stopped).await? {
                 None => {

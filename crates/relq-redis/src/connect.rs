@@ -24,7 +24,7 @@ impl RedisBackend {
     }
 
     /// Connects to `url`: `redis://[user:password@]host:port[/db]`, `rediss://...` (TLS; needs
-    /// the `redis-tls` build feature; the server certificate is checked against the system's
+    /// relq's `redis-tls` feature, this crate's `tls`; the server certificate is checked against the system's
     /// roots or [`RedisConfig::tls_root_cert`]), or
     /// `redis+cluster://[user:password@]host:port,host:port` (`rediss+cluster://` with TLS) for
     /// Redis Cluster. Checks that the server is Redis 7.0 or newer and that its

@@ -112,8 +112,8 @@ pub struct RedisBackend {
     conn: Conn,
     blocking: BlockingPool,
     scripts: Scripts,
-    /// Topics this process has registered in [`REGISTRY`], and when (re-registered after
-    /// [`REGISTER_AGAIN`], in case another process terminated the topic meanwhile).
+    /// Topics this process has registered in [`keys::REGISTRY`], and when (re-registered after
+    /// [`admin::REGISTER_AGAIN`], in case another process terminated the topic meanwhile).
     registered: Mutex<HashMap<String, tokio::time::Instant>>,
     /// Ids delivered with a failure history (`g:{G}:m`), and when: their acks go through the
     /// settle script, which deletes the history only if the ack removed the entry.

@@ -40,13 +40,12 @@ impl RedisBackend {
         }
     }
 
-    /// Runs the promote script: due scheduled entries come back to this consumer, and with
-    /// `fill` new entries fill the rest of `max` (screened as a read's are).
+    /// Runs the promote script: due scheduled entries come back to this consumer, and new
+    /// entries fill the rest of `max` (screened as a read's are).
     pub(crate) async fn promote(
         &self,
         sub: &Subscription,
         max: usize,
-        fill: bool,
     ) -> Result<Promoted, BackendError> {
         let key = stream_key(&sub.topic);
         let pre = prefix(&sub.topic);
@@ -59,8 +58,7 @@ impl RedisBackend {
                     .arg(&sub.consumer)
                     .arg(sub.epoch)
                     .arg(now)
-                    .arg(max)
-                    .arg(u8::from(fill));
+                    .arg(max);
                 async move { inv.invoke_async(&mut c).await }
             })
             .await?;
@@ -83,7 +81,8 @@ impl RedisBackend {
         let mut out = deliveries(out)?;
         self.note_history(&out);
         let entries = stream_entries(fresh);
-        if !entries.is_empty() {
+        let read_new = !entries.is_empty();
+        if read_new {
             match self
                 .screen(sub, entries, int(&skip).unwrap_or(0), &stopped)
                 .await
@@ -102,6 +101,7 @@ impl RedisBackend {
             out,
             next_due: int(&next_due).map(|d| d as u64),
             stopped,
+            read_new,
         })
     }
 
@@ -347,4 +347,6 @@ pub(crate) struct Promoted {
     pub(crate) next_due: Option<u64>,
     /// The topic's stopped ids.
     pub(crate) stopped: HashSet<MessageId>,
+    /// Whether new entries were read (and perhaps all set aside: stopped, or delayed).
+    pub(crate) read_new: bool,
 }

@@ -157,14 +157,14 @@ return redis.call('HGET', P .. 'meta', 'epoch')
 "#;
 
 /// Delivers due scheduled entries (retries, delayed messages, resumed ones) by putting them back
-/// into the group's pending list under this consumer, then (fill = 1) fills the rest of `max`
-/// with new entries by a non-blocking `XREADGROUP` in the same call, so a busy consumer's read is
-/// one round trip. ARGV: prefix, group, consumer, epoch, now_ms, max, fill. Returns {lost,
+/// into the group's pending list under this consumer, then fills the rest of `max` with new
+/// entries by a non-blocking `XREADGROUP` in the same call, so a busy consumer's read is one
+/// round trip. ARGV: prefix, group, consumer, epoch, now_ms, max. Returns {lost,
 /// deliveries, next_due_ms|false, stopped ids, XREADGROUP reply|false, size of the skip set}
 /// where a delivery is {id, deliveries, fields, failures_json}. Only a consumer that finds
 /// nothing then waits in a blocking `XREADGROUP` of its own (scripts cannot block).
 pub(super) const PROMOTE: &str = r#"
-local g, c, epoch, now, max, fill = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7] == '1'
+local g, c, epoch, now, max = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
 if ended(epoch) then return redis.error_reply('RELQ_TERMINATED the topic was terminated') end
 if deleted(g) then return redis.error_reply(GROUP_DELETED) end
 local lost = ensure_meta(epoch)
@@ -198,16 +198,19 @@ if #due > 0 then
 end
 local nd = redis.call('ZRANGE', gkey .. 'sched', 0, 0, 'WITHSCORES')
 local fresh, skip = false, 0
-if fill and #out < max then
+if #out < max then
   local r = redis.pcall('XREADGROUP', 'GROUP', g, c, 'COUNT', max - #out, 'STREAMS', S, '>')
-  if type(r) == 'table' and r.err then
-    if not string.find(r.err, 'NOGROUP') then return r end
+  if type(r) == 'table' and r.err and string.find(r.err, 'NOGROUP') then
     redis.call('XGROUP', 'CREATE', S, g, '0', 'MKSTREAM')
     lost = 1
-    r = redis.call('XREADGROUP', 'GROUP', g, c, 'COUNT', max - #out, 'STREAMS', S, '>')
+    r = redis.pcall('XREADGROUP', 'GROUP', g, c, 'COUNT', max - #out, 'STREAMS', S, '>')
   end
-  fresh = r
-  skip = redis.call('ZCARD', gkey .. 'skip')
+  -- Another failure leaves the new entries to the client's own read: what was promoted above
+  -- is handed over, not lost behind an error.
+  if not (type(r) == 'table' and r.err) then
+    fresh = r
+    skip = redis.call('ZCARD', gkey .. 'skip')
+  end
 end
 return {lost, out, nd[2] or false, stopped, fresh, skip}
 "#;

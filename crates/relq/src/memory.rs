@@ -4,7 +4,7 @@
 //!
 //! # Data structures
 //! One mutex guards a map of topics. A topic is an ordered map of messages by id plus, per group,
-//! the cursor, pending, scheduled and parked entries described in [`crate::backend`]. Readers that
+//! the cursor, pending, scheduled and parked entries described in [`relq_core::Backend`]. Readers that
 //! find nothing wait on a [`Notify`] woken by publishes, retries and resumes, or until the next
 //! scheduled entry is due.
 //!

@@ -195,7 +195,7 @@ async fn a_second_open_of_the_directory_is_refused_clearly() {
 /// torn (it synced everything before it recorded the close), so it is corruption, not a torn
 /// tail: refused, nothing changed. The operator's cut drops it, and the offsets it could have
 /// held are not handed out. (A torn tail after a crash is cut at open: the simulated power
-/// losses and kills in `embedded/sim_tests.rs` and the kill -9 loop test that.)
+/// losses and kills in `crates/relq-embedded/src/sim_tests.rs` and the kill -9 loop test that.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_after_the_end_after_a_clean_close_is_corruption_and_the_operator_can_cut_it() {
     let dir = TempDir::new("torn");

@@ -176,3 +176,34 @@ pub async fn delayed_publish_is_not_delivered_early(b: Broker) {
     assert_eq!(seen[1].attempt, 1, "waiting for a delay is not an attempt");
     c.shutdown(LONG).await;
 }
+
+/// A delayed message already stored when a consumer starts is delivered at its time, however
+/// long the consumer's reads wait for new messages: a read that finds only messages to set aside
+/// looks again at once instead of waiting out its poll on a due time from before.
+pub async fn delayed_publish_is_not_held_past_its_time(b: Broker) {
+    let topic = unique("delay-held");
+    let log = Log::default();
+    let t0 = Timestamp::now();
+    b.publish(&topic, NewMessage::new("job", "later").delay(ms(500)))
+        .await
+        .unwrap();
+    let c = b
+        .consumer(&topic, "g")
+        .start(StartPosition::Earliest)
+        .poll_wait(Duration::from_secs(30))
+        .handler("job", ok_handler(&log))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    wait_until("delivered", LONG, || async { log.len() == 1 }).await;
+    let after = log.all()[0].at.since(t0);
+    assert!(after >= ms(500), "delivered early, after {after:?}");
+    // Far below the 30 s poll a stale due time would wait out.
+    assert!(
+        after < Duration::from_secs(10),
+        "delivered late, after {after:?}"
+    );
+    c.shutdown(LONG).await;
+}
