@@ -18,7 +18,10 @@
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), relq::Error> {
 //! # let dir = std::env::temp_dir().join(format!("relq-doctest-{}", std::process::id()));
+//! # #[cfg(feature = "embedded")]
 //! let broker = Broker::open(&dir)?; // the embedded engine; Broker::memory() for tests
+//! # #[cfg(not(feature = "embedded"))]
+//! # let broker = Broker::memory();
 //!
 //! let consumer = broker
 //!     .consumer("orders", "billing")
