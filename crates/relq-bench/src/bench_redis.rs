@@ -164,12 +164,9 @@ pub(crate) async fn run(args: RedisArgs, json_out: bool) -> anyhow::Result<()> {
             .iter()
             .filter_map(|(name, calls)| {
                 let d = calls.saturating_sub(before.get(name).copied().unwrap_or(0));
-                (d > 0
-                    && !matches!(
-                        name.as_str(),
-                        "info" | "xinfo|groups" | "xinfo|stream" | "exists" | "hget" | "smembers"
-                    ))
-                .then(|| (name.clone(), json!(d as f64 / n as f64)))
+                // Everything but the INFO calls that take these counts; the scenario's own
+                // `settled` polls (EXISTS, XINFO) show too, a few per thousand messages.
+                (d > 0 && name != "info").then(|| (name.clone(), json!(d as f64 / n as f64)))
             })
             .collect();
         say(
