@@ -29,15 +29,7 @@ impl Timestamp {
     /// and under `tokio::time::pause()` time stands exactly still and jumps with the paused
     /// clock (the wall clock and the real monotonic clock move together meanwhile: no step).
     pub fn now() -> Timestamp {
-        static ANCHOR: OnceLock<(i64, std::time::Instant, tokio::time::Instant)> = OnceLock::new();
-        static SHIFT_MS: AtomicI64 = AtomicI64::new(0);
-        let (wall0, real0, tokio0) = *ANCHOR.get_or_init(|| {
-            (
-                wall_ms(),
-                std::time::Instant::now(),
-                tokio::time::Instant::now(),
-            )
-        });
+        let (wall0, real0, tokio0) = anchor();
         let tokio_ms = tokio::time::Instant::now()
             .saturating_duration_since(tokio0)
             .as_millis() as i64;
@@ -47,6 +39,17 @@ impl Timestamp {
             SHIFT_MS.store(s, Ordering::Relaxed);
             shift = s;
         }
+        Timestamp(u64::try_from(wall0 + shift + tokio_ms).unwrap_or(0))
+    }
+
+    /// The time at `instant` (of tokio's clock) as [`Timestamp::now`] gives it, without reading
+    /// the wall clock again: a clock step since the last `now` is not noticed. For hot paths
+    /// that hold an instant already (the consumer runtime's per-message metrics).
+    #[doc(hidden)]
+    pub fn at(instant: tokio::time::Instant) -> Timestamp {
+        let (wall0, _, tokio0) = anchor();
+        let tokio_ms = instant.saturating_duration_since(tokio0).as_millis() as i64;
+        let shift = SHIFT_MS.load(Ordering::Relaxed);
         Timestamp(u64::try_from(wall0 + shift + tokio_ms).unwrap_or(0))
     }
 
@@ -76,6 +79,22 @@ impl Timestamp {
         UNIX_EPOCH + Duration::from_millis(self.0)
     }
 }
+
+/// [`Timestamp::now`]'s anchor: the wall clock, the real monotonic clock and tokio's clock, read
+/// together once.
+fn anchor() -> (i64, std::time::Instant, tokio::time::Instant) {
+    static ANCHOR: OnceLock<(i64, std::time::Instant, tokio::time::Instant)> = OnceLock::new();
+    *ANCHOR.get_or_init(|| {
+        (
+            wall_ms(),
+            std::time::Instant::now(),
+            tokio::time::Instant::now(),
+        )
+    })
+}
+
+/// How far [`Timestamp::now`] has moved its anchor's wall clock along with clock steps.
+static SHIFT_MS: AtomicI64 = AtomicI64::new(0);
 
 /// Wall-clock steps larger than this move [`Timestamp::now`] along with the wall clock.
 const CLOCK_STEP_MS: i64 = 1000;

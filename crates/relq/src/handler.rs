@@ -115,21 +115,22 @@ impl<E: StdError + Send + Sync + 'static> From<E> for HandlerError {
 }
 
 /// Processes one message. Closures `Fn(Message) -> impl Future<Output = Result<(), HandlerError>>`
-/// implement it.
-#[async_trait]
+/// implement it; a type of your own implements it with an `async fn handle`.
+///
+/// The consumer runs each handler's futures as they are (no box per message), so a handler's
+/// future must be `Send`.
 pub trait Handler: Send + Sync + 'static {
     /// Handles `message`. `Ok` acknowledges it.
-    async fn handle(&self, message: Message) -> Result<(), HandlerError>;
+    fn handle(&self, message: Message) -> impl Future<Output = Result<(), HandlerError>> + Send;
 }
 
-#[async_trait]
 impl<F, Fut> Handler for F
 where
     F: Fn(Message) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
 {
-    async fn handle(&self, message: Message) -> Result<(), HandlerError> {
-        self(message).await
+    fn handle(&self, message: Message) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        self(message)
     }
 }
 

@@ -55,6 +55,7 @@ mod broker;
 #[cfg(feature = "config")]
 mod config;
 mod consumer;
+mod fast_hash;
 mod handler;
 mod memory;
 mod message;

@@ -3,8 +3,9 @@
 //! Redis when a published message must survive a crash.
 //!
 //! # Data structures
-//! One mutex guards a map of topics. A topic is an ordered map of messages by id plus, per group,
-//! the cursor, pending, scheduled and parked entries described in [`relq_core::Backend`]. Readers that
+//! One mutex guards a map of topics. A topic is its messages in id order (a deque: ids only grow
+//! and messages leave from the front) plus, per group, the cursor, pending (a hash map by id),
+//! scheduled and parked entries described in [`relq_core::Backend`]. Readers that
 //! find nothing wait on a [`Notify`] woken by publishes, retries and resumes, or until the next
 //! scheduled entry is due.
 //!
@@ -20,6 +21,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::Notify;
 
+use crate::fast_hash::IdMap;
 use relq_core::{instant_after, Message, MessageId, Outgoing, StartPosition, Timestamp};
 use relq_core::{
     replay_message, AttemptFailure, Backend, Browse, CleanupReport, ConsumerInfo, Delivery,
@@ -95,6 +97,65 @@ impl State {
     }
 }
 
+/// A topic's messages in id order. Ids only grow and messages leave only from the front
+/// (acknowledged, or trimmed), so a deque with binary search does what an ordered map would, with
+/// an append and a removal that cost next to nothing.
+#[derive(Debug, Default)]
+struct Log(std::collections::VecDeque<(MessageId, Stored)>);
+
+impl Log {
+    /// Appends `id`, which is above every id in the log.
+    fn push(&mut self, id: MessageId, stored: Stored) {
+        debug_assert!(self.0.back().is_none_or(|(last, _)| *last < id));
+        self.0.push_back((id, stored));
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn first_id(&self) -> Option<MessageId> {
+        self.0.front().map(|(id, _)| *id)
+    }
+
+    fn pop_first(&mut self) -> Option<(MessageId, Stored)> {
+        self.0.pop_front()
+    }
+
+    /// The position `id` has, or would have, in the log.
+    fn position(&self, id: MessageId, include: bool) -> usize {
+        self.0
+            .partition_point(|(x, _)| if include { *x < id } else { *x <= id })
+    }
+
+    fn get(&self, id: &MessageId) -> Option<&Stored> {
+        let i = self.position(*id, true);
+        self.0.get(i).filter(|(x, _)| x == id).map(|(_, s)| s)
+    }
+
+    fn iter(&self) -> impl DoubleEndedIterator<Item = (&MessageId, &Stored)> {
+        self.0.iter().map(|(id, s)| (id, s))
+    }
+
+    fn range(
+        &self,
+        range: impl std::ops::RangeBounds<MessageId>,
+    ) -> impl DoubleEndedIterator<Item = (&MessageId, &Stored)> {
+        use std::ops::Bound;
+        let lo = match range.start_bound() {
+            Bound::Included(id) => self.position(*id, true),
+            Bound::Excluded(id) => self.position(*id, false),
+            Bound::Unbounded => 0,
+        };
+        let hi = match range.end_bound() {
+            Bound::Included(id) => self.position(*id, false),
+            Bound::Excluded(id) => self.position(*id, true),
+            Bound::Unbounded => self.0.len(),
+        };
+        self.0.range(lo..hi.max(lo)).map(|(id, s)| (id, s))
+    }
+}
+
 #[derive(Debug)]
 struct Stored {
     kind: String,
@@ -120,7 +181,8 @@ struct Pending {
 #[derive(Debug, Default)]
 struct Group {
     cursor: MessageId,
-    pending: BTreeMap<MessageId, Pending>,
+    /// Unordered: the paths that need an order (recovery, the floor) sort or scan.
+    pending: IdMap<Pending>,
     scheduled: BTreeSet<(Timestamp, MessageId)>,
     scheduled_meta: HashMap<MessageId, (Timestamp, Meta)>,
     parked: BTreeMap<MessageId, Meta>,
@@ -147,7 +209,7 @@ impl Group {
     /// The lowest id this group still needs (everything below it is acknowledged).
     fn floor(&self) -> MessageId {
         let mut floor = self.cursor.next_after(0);
-        if let Some((id, _)) = self.pending.first_key_value() {
+        if let Some(id) = self.pending.keys().min() {
             floor = floor.min(*id);
         }
         if let Some(id) = self.scheduled_meta.keys().min() {
@@ -179,7 +241,7 @@ struct Topic {
     epoch: u64,
     /// Messages appended since the topic was created.
     published: u64,
-    messages: BTreeMap<MessageId, Stored>,
+    messages: Log,
     last_id: MessageId,
     groups: BTreeMap<String, Group>,
     stopped: BTreeSet<MessageId>,
@@ -192,7 +254,7 @@ impl Topic {
         let id = self.last_id.next_after(now.0);
         self.last_id = id;
         self.published += 1;
-        self.messages.insert(
+        self.messages.push(
             id,
             Stored {
                 kind: m.kind,
@@ -222,8 +284,9 @@ impl Topic {
             .take(max)
             .map(|(id, _)| *id)
             .collect();
-        for id in &doomed {
-            self.messages.remove(id);
+        // A prefix of the log: the oldest messages.
+        for _ in &doomed {
+            self.messages.pop_first();
         }
         doomed.len() as u64
     }
@@ -358,12 +421,14 @@ impl Topic {
         };
         seen(&mut g.consumers, consumer, now);
         let consumer: Arc<str> = Arc::from(consumer);
-        let ids: Vec<MessageId> = g
+        let mut ids: Vec<MessageId> = g
             .pending
             .iter()
             .filter(|(id, p)| pick(**id, p))
             .map(|(id, _)| *id)
             .collect();
+        // In id order: recovery pages by the last id it returned.
+        ids.sort_unstable();
         for id in ids {
             if out.len() >= max {
                 break;
@@ -393,11 +458,7 @@ impl Topic {
     }
 }
 
-fn message_of(
-    messages: &BTreeMap<MessageId, Stored>,
-    id: MessageId,
-    attempt: u32,
-) -> Option<Message> {
+fn message_of(messages: &Log, id: MessageId, attempt: u32) -> Option<Message> {
     messages.get(&id).map(|s| s.message(id, attempt))
 }
 
@@ -666,10 +727,16 @@ impl Backend for MemoryBackend {
     async fn settle(&self, sub: &Subscription, batch: &[Settlement]) -> Result<(), BackendError> {
         let mut retried = false;
         self.with_topic(sub, |t| {
+            let Topic {
+                groups,
+                dead,
+                last_dead_id,
+                ..
+            } = t;
+            let Some(g) = groups.get_mut(&sub.group) else {
+                return;
+            };
             for s in batch {
-                let Some(g) = t.groups.get_mut(&sub.group) else {
-                    return;
-                };
                 match s {
                     Settlement::Ack(id) => {
                         g.pending.remove(id);
@@ -691,11 +758,11 @@ impl Backend for MemoryBackend {
                             .is_some_and(|p| current(p, &sub.consumer, dl.message.attempt))
                         {
                             g.pending.remove(&dl.message.id);
-                            let id = t.last_dead_id.next_after(Timestamp::now().0);
-                            t.last_dead_id = id;
+                            let id = last_dead_id.next_after(Timestamp::now().0);
+                            *last_dead_id = id;
                             let mut dl = (**dl).clone();
                             dl.id = id;
-                            t.dead.insert(id, dl);
+                            dead.insert(id, dl);
                         }
                     }
                 }
@@ -882,7 +949,7 @@ impl Backend for MemoryBackend {
                     scheduled: g.scheduled.len() as u64,
                     parked: g.parked.len() as u64,
                     consumers,
-                    oldest_pending: g.pending.keys().next().copied(),
+                    oldest_pending: g.pending.keys().min().copied(),
                     oldest_unread: t
                         .messages
                         .range((
@@ -897,7 +964,7 @@ impl Backend for MemoryBackend {
         Ok(Some(TopicInfo {
             name: topic.to_owned(),
             length: t.messages.len() as u64,
-            first_id: t.messages.keys().next().copied(),
+            first_id: t.messages.first_id(),
             last_id: (t.last_id != MessageId::ZERO).then_some(t.last_id),
             groups,
             stopped: t.stopped.iter().copied().collect(),

@@ -1,6 +1,7 @@
 //! Consumers: the builder, the running handle, stop reasons and statistics.
 
 mod nack;
+mod permits;
 mod runtime;
 
 use std::collections::HashMap;
@@ -11,10 +12,12 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::broker::Broker;
+use crate::fast_hash::KindMap;
 use crate::handler::{BatchConfig, BatchHandler, Handler};
 use crate::retry::{Backoff, RetryPolicy};
 use relq_core::{validate_kind, validate_name, StartPosition};
 use relq_core::{BackendError, BackendErrorKind, ConfigError, Error};
+use runtime::Runner;
 
 /// Why a consumer stopped.
 #[derive(Clone, Debug)]
@@ -129,9 +132,10 @@ pub(crate) struct Config {
     pub(crate) handler_timeout: Duration,
     pub(crate) poll_wait: Duration,
     pub(crate) retry: Arc<dyn RetryPolicy>,
-    pub(crate) handlers: HashMap<String, Arc<dyn Handler>>,
+    /// Each handler with its type as a shared string (a job keeps that instead of a copy).
+    pub(crate) handlers: KindMap<(Arc<str>, Arc<dyn Runner>)>,
     pub(crate) batch_handlers: HashMap<String, (BatchConfig, Arc<dyn BatchHandler>)>,
-    pub(crate) fallback: Option<Arc<dyn Handler>>,
+    pub(crate) fallback: Option<Arc<dyn Runner>>,
     pub(crate) include_stack_trace: bool,
     pub(crate) forward: Option<Forwarding>,
 }
@@ -199,9 +203,9 @@ pub struct ConsumerBuilder {
     poll_wait: Duration,
     retry: Option<Arc<dyn RetryPolicy>>,
     backoff: Option<Backoff>,
-    handlers: HashMap<String, Arc<dyn Handler>>,
+    handlers: HashMap<String, Arc<dyn Runner>>,
     batch_handlers: HashMap<String, (BatchConfig, Arc<dyn BatchHandler>)>,
-    fallback: Option<Arc<dyn Handler>>,
+    fallback: Option<Arc<dyn Runner>>,
     include_stack_trace: bool,
     forward: Option<Forwarding>,
 }
@@ -312,7 +316,7 @@ impl ConsumerBuilder {
 
     /// Handles messages of type `kind` with `handler`.
     pub fn handler(mut self, kind: impl Into<String>, handler: impl Handler) -> Self {
-        self.handlers.insert(kind.into(), Arc::new(handler));
+        self.handlers.insert(kind.into(), runtime::runner(handler));
         self
     }
 
@@ -330,7 +334,7 @@ impl ConsumerBuilder {
 
     /// Handles messages of every type without a handler of its own.
     pub fn fallback(mut self, handler: impl Handler) -> Self {
-        self.fallback = Some(Arc::new(handler));
+        self.fallback = Some(runtime::runner(handler));
         self
     }
 
@@ -490,7 +494,14 @@ impl ConsumerBuilder {
                 handler_timeout: self.handler_timeout,
                 poll_wait: self.poll_wait,
                 retry,
-                handlers: self.handlers,
+                handlers: self
+                    .handlers
+                    .into_iter()
+                    .map(|(kind, h)| {
+                        let shared = Arc::from(kind.as_str());
+                        (kind, (shared, h))
+                    })
+                    .collect(),
                 batch_handlers: self.batch_handlers,
                 fallback: self.fallback,
                 include_stack_trace: self.include_stack_trace,

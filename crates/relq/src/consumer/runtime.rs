@@ -14,7 +14,7 @@
 //! `Settlement::DeadLetter`; no task sleeps on a retry. A message whose settlement never reaches
 //! the backend stays pending there and is delivered again: at-least-once.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -22,12 +22,14 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::nack::{nack, Nack};
+use super::permits::{Permit, Permits};
 use super::{Config, Counters, ShutdownReport, StopReason};
+use crate::fast_hash::{IdSet, KindMap};
 use crate::handler::{BatchConfig, BatchHandler, Handler, HandlerError, CAPTURE_BACKTRACE};
 use crate::retry::Failure;
 use relq_core::DeadLetter;
@@ -42,18 +44,22 @@ const SETTLE_BATCH: usize = 512;
 const SETTLE_ATTEMPTS: u32 = 12;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-struct Ctx {
+pub(crate) struct Ctx {
     backend: Arc<dyn Backend>,
     config: Arc<Config>,
     sub: Subscription,
     counters: Arc<Counters>,
     settle: mpsc::Sender<Settlement>,
+    /// The settler waits for settlements (so queueing one wakes it).
+    settler_waiting: Arc<std::sync::atomic::AtomicBool>,
     abort: watch::Receiver<bool>,
     /// Ids this consumer is processing, or whose ack it has queued: see [`Held`].
     held: Arc<std::sync::Mutex<Held>>,
     meters: Meters,
     watchdog: Watchdog,
-    work: Arc<Work>,
+    /// Each handler's route by message type, with the type as a shared string.
+    routes: KindMap<(Arc<str>, Arc<Route>)>,
+    fallback: Option<Arc<Route>>,
 }
 
 /// The consumer's metric handles, registered once (not looked up per message).
@@ -106,51 +112,33 @@ struct Held {
     recover: bool,
 }
 
-/// A set of message ids with a cheap hash: ids are assigned by the backend (not chosen by
-/// whoever publishes), so the hash needs no defence against chosen collisions.
-type IdSet = std::collections::HashSet<MessageId, std::hash::BuildHasherDefault<IdHasher>>;
-
-/// Multiply-rotate over the id's two integers (the top bits, which the table uses, mix both).
-#[derive(Default)]
-struct IdHasher(u64);
-
-impl std::hash::Hasher for IdHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(u64::from(b));
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0.rotate_left(26) ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
 fn held(h: &std::sync::Mutex<Held>) -> std::sync::MutexGuard<'_, Held> {
     h.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Ctx {
-    /// A message entered processing; false if this consumer is processing it already, or has
-    /// its ack queued.
-    fn enter(&self, id: MessageId) -> bool {
-        {
-            let mut h = held(&self.held);
+    /// Deliveries entering processing: those this consumer is not processing already and has
+    /// no ack queued for (a claim or recovery can return those; the run in progress settles
+    /// them).
+    fn enter(&self, deliveries: &mut Vec<Delivery>) {
+        let mut h = held(&self.held);
+        // `retain` moves nothing while everything is kept (the common case).
+        deliveries.retain(|d| {
+            let id = d.message.id;
             if h.acking.contains(&id) {
                 h.missed.insert(id);
-                return false;
+            } else if h.running.insert(id) {
+                return true;
             }
-            if !h.running.insert(id) {
-                return false;
-            }
-        }
-        self.counters.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.meters.in_flight.increment(1.0);
-        true
+            tracing::debug!(%id, "delivered a message this consumer is still processing; not running it twice");
+            false
+        });
+        drop(h);
+        let n = deliveries.len();
+        self.counters
+            .in_flight
+            .fetch_add(n as u64, Ordering::Relaxed);
+        self.meters.in_flight.increment(n as f64);
     }
 
     /// Messages left processing (handed to the settler, or abandoned at shutdown); `acking`: an
@@ -227,7 +215,7 @@ fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
     }
 }
 
-/// Polls a handler's (boxed, so `Unpin`) future, turning a panic into an `Err` with its text.
+/// Polls a handler's (pinned, so `Unpin`) future, turning a panic into an `Err` with its text.
 struct CatchUnwind<F>(F);
 
 impl<F: Future + Unpin> Future for CatchUnwind<F> {
@@ -254,17 +242,70 @@ struct Job {
 }
 
 struct Slot {
-    held: Option<(Delivery, OwnedSemaphorePermit)>,
+    held: Option<(Kept, Permit)>,
+    /// The message, until the worker that runs the handler takes it.
+    message: Option<relq_core::Message>,
     /// The watchdog cut the handler off at its timeout and started another worker: the one
     /// running it retires when (if ever) the handler gives its thread back.
     replaced: bool,
 }
 
+/// What a job keeps of its delivery while the handler owns the message: enough to settle it,
+/// and to rebuild the message for a dead letter. The payload and headers are shared or cheap
+/// to copy, and the type is the handler map's own key, so nothing here allocates per message
+/// (headers aside).
+struct Kept {
+    id: MessageId,
+    kind: Arc<str>,
+    payload: bytes::Bytes,
+    headers: std::collections::BTreeMap<String, String>,
+    published_at: Timestamp,
+    deliver_at: Option<Timestamp>,
+    attempt: u32,
+    failures: Vec<AttemptFailure>,
+}
+
+impl Kept {
+    /// Splits a delivery into what the job keeps and the message for the handler; `kind` is
+    /// the message's type.
+    fn split(d: Delivery, kind: Arc<str>) -> (Kept, relq_core::Message) {
+        debug_assert_eq!(*kind, *d.message.kind);
+        let m = d.message;
+        let kept = Kept {
+            id: m.id,
+            kind,
+            payload: m.payload.clone(),
+            headers: m.headers.clone(),
+            published_at: m.published_at,
+            deliver_at: m.deliver_at,
+            attempt: m.attempt,
+            failures: d.failures,
+        };
+        (kept, m)
+    }
+
+    /// The delivery again, message and all.
+    fn into_delivery(self) -> Delivery {
+        let out = Outgoing {
+            kind: self.kind.to_string(),
+            payload: self.payload,
+            headers: self.headers,
+            deliver_at: self.deliver_at,
+        };
+        Delivery::new(
+            relq_core::Message::new(self.id, out, self.published_at, self.attempt),
+            self.failures,
+        )
+    }
+}
+
 impl Job {
-    fn new(d: Delivery, permit: OwnedSemaphorePermit) -> Job {
+    fn new(d: Delivery, kind: Arc<str>, permit: Permit) -> Job {
+        let (kept, message) = Kept::split(d, kind);
         Job {
             slot: Mutex::new(Slot {
-                held: Some((d, permit)),
+                held: Some((kept, permit)),
+                message: Some(message),
                 replaced: false,
             }),
             done: std::sync::atomic::AtomicBool::new(false),
@@ -277,14 +318,32 @@ impl Job {
     }
 
     /// Takes what settles the job; `replace`: the watchdog cuts it off and replaces its worker.
-    fn take(&self, replace: bool) -> Option<(Delivery, OwnedSemaphorePermit)> {
+    fn take(&self, replace: bool) -> Option<(Delivery, Permit)> {
         let mut slot = self.lock();
-        let held = slot.held.take();
-        if held.is_some() {
-            slot.replaced = replace;
-            self.done.store(true, Ordering::Release);
+        let (kept, permit) = slot.held.take()?;
+        slot.replaced = replace;
+        self.done.store(true, Ordering::Release);
+        drop(slot);
+        Some((kept.into_delivery(), permit))
+    }
+
+    /// The handler's copy of the message; `None` if the job was settled while it waited.
+    fn message(&self) -> Option<relq_core::Message> {
+        let mut slot = self.lock();
+        match slot.held {
+            Some(_) => slot.message.take(),
+            None => None,
         }
-        held
+    }
+
+    /// Takes what settles a job whose handler succeeded: only the message's id and publish
+    /// time are needed.
+    fn take_ok(&self) -> Option<(MessageId, Timestamp, Permit)> {
+        let mut slot = self.lock();
+        let (kept, permit) = slot.held.take()?;
+        self.done.store(true, Ordering::Release);
+        drop(slot);
+        Some((kept.id, kept.published_at, permit))
     }
 
     fn is_done(&self) -> bool {
@@ -296,19 +355,61 @@ impl Job {
     }
 }
 
-/// A message for the workers: its job, the message itself and its handler.
+/// A message for a handler's workers: its job (which holds the message).
 struct Task {
     job: Arc<Job>,
-    message: relq_core::Message,
     name: HandlerName,
-    handler: Arc<dyn Handler>,
+}
+
+/// A registered handler with its type erased. It starts workers that run the concrete type, so
+/// a handler's future is polled where it is (not boxed per message).
+pub(crate) trait Runner: Send + Sync + 'static {
+    /// Starts a worker taking messages from `work`.
+    fn spawn_worker(self: Arc<Self>, work: Arc<Work>, ctx: std::sync::Weak<Ctx>, capture: bool);
+}
+
+struct Typed<H>(H);
+
+impl<H: Handler> Runner for Typed<H> {
+    fn spawn_worker(self: Arc<Self>, work: Arc<Work>, ctx: std::sync::Weak<Ctx>, capture: bool) {
+        tokio::spawn(worker(self, work, ctx, capture));
+    }
+}
+
+/// `handler`, ready to be registered with a consumer.
+pub(crate) fn runner(handler: impl Handler) -> Arc<dyn Runner> {
+    Arc::new(Typed(handler))
+}
+
+/// A handler of this consumer run and the queue its workers take messages from.
+struct Route {
+    runner: Arc<dyn Runner>,
+    work: Arc<Work>,
+}
+
+impl Route {
+    fn new(runner: &Arc<dyn Runner>) -> Arc<Route> {
+        Arc::new(Route {
+            runner: runner.clone(),
+            work: Arc::default(),
+        })
+    }
+
+    /// Starts a worker for this handler.
+    fn spawn_worker(&self, ctx: &Arc<Ctx>) {
+        self.runner.clone().spawn_worker(
+            self.work.clone(),
+            Arc::downgrade(ctx),
+            ctx.config.include_stack_trace,
+        );
+    }
 }
 
 /// The queue the consumer's handler workers take messages from. Workers are long-lived tasks
 /// (spawned as needed, at most one per permit), so a message costs no task spawn: a worker
 /// runs its handler inline, settles it and takes the next.
 #[derive(Default)]
-struct Work {
+pub(crate) struct Work {
     queue: Mutex<WorkQueue>,
     ready: Notify,
     /// Workers started by the fetch loop (at most `concurrency`; replacements not counted).
@@ -328,22 +429,39 @@ impl Work {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues a task; true if no idle worker will take it (start another).
-    fn push(&self, t: Task) -> bool {
+    /// Queues tasks; returns how many no idle worker will take (start that many more).
+    fn push(&self, tasks: impl IntoIterator<Item = Task>) -> usize {
         let mut q = self.lock();
-        q.tasks.push_back(t);
-        let short = q.tasks.len() > q.idle;
+        let before = q.tasks.len();
+        q.tasks.extend(tasks);
+        let added = q.tasks.len() - before;
+        let (queued, idle) = (q.tasks.len(), q.idle);
         drop(q);
-        self.ready.notify_one();
-        short
+        // Idle workers registered their wake-up before counting themselves idle, so each of
+        // these reaches one (or is kept for the next to wait).
+        for _ in 0..added.min(idle) {
+            self.ready.notify_one();
+        }
+        queued.saturating_sub(idle)
     }
 
     /// The next task, and whether the worker waited for it; `None` once closed.
     async fn next(&self) -> Option<(Task, bool)> {
         let mut waited = false;
         loop {
+            // Looked at first without registering for a wake-up: a busy worker finds a task.
+            {
+                let mut q = self.lock();
+                if q.closed {
+                    return None;
+                }
+                if let Some(t) = q.tasks.pop_front() {
+                    return Some((t, waited));
+                }
+            }
             let ready = self.ready.notified();
             tokio::pin!(ready);
+            // Registered before looking again, so a task pushed in between wakes it.
             ready.as_mut().enable();
             {
                 let mut q = self.lock();
@@ -370,7 +488,12 @@ impl Work {
 /// A handler worker: runs tasks until the queue closes or the consumer is gone. It holds the
 /// consumer only weakly while a handler runs, so a handler that never gives its thread back
 /// does not keep a stopped consumer alive.
-async fn worker(work: Arc<Work>, ctx: std::sync::Weak<Ctx>, capture: bool) {
+async fn worker<H: Handler>(
+    handler: Arc<Typed<H>>,
+    work: Arc<Work>,
+    ctx: std::sync::Weak<Ctx>,
+    capture: bool,
+) {
     // A worker that dies of a panic outside the handler (a bug) no longer counts, so another
     // can be started in its place.
     struct Counted(Arc<Work>);
@@ -382,90 +505,102 @@ async fn worker(work: Arc<Work>, ctx: std::sync::Weak<Ctx>, capture: bool) {
         }
     }
     let _counted = Counted(work.clone());
-    let mut ran = false;
-    while let Some((
-        Task {
-            job,
-            message,
-            name,
-            handler,
-        },
-        waited,
-    )) = work.next().await
-    {
-        if job.is_done() {
+    // Whether the last message woke one of the consumer's own tasks on this thread.
+    let mut woke = false;
+    // Only a multi-threaded runtime keeps a woken task in a slot of the waking thread.
+    let lifo = tokio::runtime::Handle::current().runtime_flavor()
+        != tokio::runtime::RuntimeFlavor::CurrentThread;
+    while let Some((Task { job, name }, waited)) = work.next().await {
+        let Some(message) = job.message() else {
             // Timed out or left pending while it waited in the queue: not run.
             if job.replaced() {
                 return;
             }
             continue;
-        }
-        if ran && !waited {
-            // Taken without waiting, right after the last one: let whatever that one woke on
-            // this thread (the settler, the fetch loop) run first. Tokio keeps such a task in
-            // this thread's own slot, which other threads do not take, so a handler that then
+        };
+        if woke && !waited && lifo {
+            // Taken without waiting, right after the last one, which woke the settler or the
+            // fetch loop: let it run first. Tokio keeps a task woken from a worker thread in
+            // that thread's own slot, which other threads do not take, so a handler that then
             // blocks the thread would strand it.
             tokio::task::yield_now().await;
         }
-        ran = true;
+        woke = false;
         let started = Instant::now();
         let span = tracing::debug_span!("relq.handle", id = %message.id, kind = %message.kind, attempt = message.attempt);
         // A handler may panic while making its future, too.
         let made =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.handle(message)));
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.0.handle(message)));
         let result = match made {
             Err(p) => Some(Err(panic_text(p))),
             Ok(fut) => {
-                let run = CatchUnwind(fut);
+                let run = CatchUnwind(std::pin::pin!(fut));
                 // The backtrace flag is a task-local only when backtraces are on (off, the
                 // handler errors capture none, as outside the scope); the span only when it is
                 // enabled.
                 match (capture, span.is_disabled()) {
-                    (false, true) => {
-                        tokio::select! {
-                            biased;
-                            r = run => Some(r),
-                            () = job.cancel.notified() => None,
-                        }
-                    }
+                    (false, true) => until_cancelled(run, &job.cancel).await,
                     (capture, _) => {
                         let run = tracing::Instrument::instrument(
                             CAPTURE_BACKTRACE.scope(capture, run),
                             span,
                         );
-                        tokio::select! {
-                            biased;
-                            r = run => Some(r),
-                            () = job.cancel.notified() => None,
-                        }
+                        until_cancelled(run, &job.cancel).await
                     }
                 }
             }
         };
+        let ended = Instant::now();
         let Some(ctx) = ctx.upgrade() else {
             return;
         };
-        let taken = match result {
-            Some(r) => job.take(false).map(|held| (held, r)),
+        let settled = match result {
+            Some(Ok(Ok(()))) => job.take_ok().map(|(id, published_at, permit)| {
+                ctx.meters
+                    .handler_seconds
+                    .record(ended.saturating_duration_since(started).as_secs_f64());
+                (ack(&ctx, id, published_at, ended), permit)
+            }),
+            Some(r) => job.take(false).map(|(d, permit)| {
+                let outcome = match r {
+                    Ok(Ok(())) => Outcome::Ok,
+                    Ok(Err(e)) => Outcome::from_error(e),
+                    Err(panic) => Outcome::simple(FailureKind::Panic, panic),
+                };
+                ctx.meters
+                    .handler_seconds
+                    .record(ended.saturating_duration_since(started).as_secs_f64());
+                (settlement(&ctx, d, name, outcome, ended), permit)
+            }),
             None => None,
         };
-        let Some(((d, permit), result)) = taken else {
+        let Some((settlement, permit)) = settled else {
             // The watchdog settled it (timed out) or left it pending (shutdown abort).
             if job.replaced() {
                 return;
             }
             continue;
         };
-        let outcome = match result {
-            Ok(Ok(())) => Outcome::Ok,
-            Ok(Err(e)) => Outcome::from_error(e),
-            Err(panic) => Outcome::simple(FailureKind::Panic, panic),
-        };
-        ctx.meters
-            .handler_seconds
-            .record(started.elapsed().as_secs_f64());
-        finish(&ctx, d, name, outcome).await;
-        drop(permit);
+        queue(&ctx, settlement).await;
+        // Whether that woke the settler (it was waiting for settlements) or the fetch loop
+        // (waiting for a permit).
+        woke = ctx.settler_waiting.load(Ordering::SeqCst);
+        woke |= permit.release();
+    }
+}
+
+/// Runs `fut` until it finishes (`Some`) or `cancel` is notified (`None`). It is polled once
+/// first on its own: most handlers finish without waiting, and then nothing registers with
+/// `cancel`.
+async fn until_cancelled<F: Future>(fut: F, cancel: &Notify) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    if let Poll::Ready(v) = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
+        return Some(v);
+    }
+    tokio::select! {
+        biased;
+        r = fut => Some(r),
+        () = cancel.notified() => None,
     }
 }
 
@@ -492,6 +627,8 @@ struct Watched {
     deadline: Instant,
     job: Arc<Job>,
     name: HandlerName,
+    /// The handler's route: a job cut off at its timeout gets its worker replaced there.
+    route: Arc<Route>,
 }
 
 /// The per-consumer watchdog's queue. Every handler has the same timeout, so deadlines come in
@@ -522,14 +659,14 @@ impl Watchdog {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn watch(&self, w: Watched) {
+    fn watch(&self, jobs: impl IntoIterator<Item = Watched>) {
         let mut q = self.lock();
         // Jobs mostly end in the order they started: drop the finished ones at the front.
         while q.jobs.front().is_some_and(|w| w.job.is_done()) {
             q.jobs.pop_front();
         }
         let was_empty = q.jobs.is_empty();
-        q.jobs.push_back(w);
+        q.jobs.extend(jobs);
         if q.jobs.len() > self.limit {
             q.jobs.retain(|w| !w.job.is_done());
         }
@@ -594,11 +731,7 @@ async fn watchdog(ctx: Arc<Ctx>) {
                 // Its worker drops the handler's future at its next await, or stays stuck
                 // in a handler that blocks its thread: either way another worker takes over.
                 w.job.cancel.notify_one();
-                tokio::spawn(worker(
-                    ctx.work.clone(),
-                    Arc::downgrade(&ctx),
-                    ctx.config.include_stack_trace,
-                ));
+                w.route.spawn_worker(&ctx);
                 let outcome = Outcome::simple(
                     FailureKind::Timeout,
                     format!("handler did not finish within {timeout:?}"),
@@ -609,7 +742,7 @@ async fn watchdog(ctx: Arc<Ctx>) {
                 let ctx = ctx.clone();
                 let name = w.name;
                 tokio::spawn(async move {
-                    finish(&ctx, d, name, outcome).await;
+                    finish(&ctx, d, name, outcome, Instant::now()).await;
                     drop(permit);
                 });
             }
@@ -626,16 +759,20 @@ pub(crate) async fn run(
     done: watch::Sender<Option<StopReason>>,
     report: watch::Sender<Option<ShutdownReport>>,
 ) {
-    let permits = Arc::new(Semaphore::new(config.concurrency));
+    let permits = Permits::new(config.concurrency);
     let (settle_tx, settle_rx) = mpsc::channel(config.concurrency.max(SETTLE_BATCH) * 2);
     let held_ids = Arc::new(std::sync::Mutex::new(Held::default()));
     let (abort_tx, abort_rx) = watch::channel(false);
     let (fatal_tx, mut fatal_rx) = watch::channel(None::<StopReason>);
+    let settler_waiting = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let settler = tokio::spawn(settler(
         backend.clone(),
         sub.clone(),
         config.forward.clone(),
-        settle_rx,
+        Inbox {
+            rx: settle_rx,
+            waiting: settler_waiting.clone(),
+        },
         fatal_tx,
         abort_rx.clone(),
         held_ids.clone(),
@@ -646,14 +783,20 @@ pub(crate) async fn run(
         sub,
         counters: counters.clone(),
         settle: settle_tx,
+        settler_waiting,
         abort: abort_rx,
         held: held_ids,
         meters: Meters::new(&config.topic, &config.group),
         watchdog: Watchdog::new(config.concurrency),
-        work: Arc::new(Work::default()),
+        routes: config
+            .handlers
+            .iter()
+            .map(|(kind, (shared, runner))| (kind.clone(), (shared.clone(), Route::new(runner))))
+            .collect(),
+        fallback: config.fallback.as_ref().map(Route::new),
     });
     let watchdog_task = tokio::spawn(watchdog(ctx.clone()));
-    let mut batchers = HashMap::new();
+    let mut batchers = KindMap::default();
     let mut batcher_tasks: Vec<JoinHandle<()>> = Vec::new();
     for (kind, (cfg, handler)) in &config.batch_handlers {
         let (tx, rx) = mpsc::channel(cfg.size * 2);
@@ -676,9 +819,8 @@ pub(crate) async fn run(
         _ => Duration::ZERO,
     };
     let deadline_at = instant_after(Instant::now(), deadline);
-    let all = config.concurrency as u32;
     let mut abandoned = 0;
-    if tokio::time::timeout_at(deadline_at, permits.acquire_many(all))
+    if tokio::time::timeout_at(deadline_at, permits.all_back())
         .await
         .is_err()
     {
@@ -690,7 +832,7 @@ pub(crate) async fn run(
             );
         }
         let _ = abort_tx.send(true);
-        let _ = permits.acquire_many(all).await;
+        permits.all_back().await;
     }
     for t in batcher_tasks {
         let _ = t.await;
@@ -698,7 +840,12 @@ pub(crate) async fn run(
     // Every permit is back: no handler runs, and the watchdog has finished what it took.
     watchdog_task.abort();
     let _ = watchdog_task.await;
-    ctx.work.close();
+    for (_, route) in ctx.routes.values() {
+        route.work.close();
+    }
+    if let Some(route) = &ctx.fallback {
+        route.work.close();
+    }
     drop(ctx);
     // The settler flushes what the handlers settled, until the deadline; past it, a failing
     // backend is not waited for (those messages stay pending and are delivered again).
@@ -716,8 +863,8 @@ pub(crate) async fn run(
 
 async fn fetch_loop(
     ctx: &Arc<Ctx>,
-    permits: &Arc<Semaphore>,
-    batchers: &HashMap<String, mpsc::Sender<(Delivery, OwnedSemaphorePermit)>>,
+    permits: &Arc<Permits>,
+    batchers: &KindMap<mpsc::Sender<(Delivery, Permit)>>,
     stop: &mut watch::Receiver<Option<Duration>>,
     fatal: &mut watch::Receiver<Option<StopReason>>,
 ) -> StopReason {
@@ -733,11 +880,10 @@ async fn fetch_loop(
         if let Some(r) = fatal.borrow().clone() {
             return r;
         }
+        // Every free permit (up to a read's size) is taken now, so a read asks for as many
+        // messages as can start, and each starts without waiting for a permit again.
         let mut permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return StopReason::runtime_failure("permit semaphore closed"),
-            },
+            p = permits.acquire_up_to(c.read_batch) => p,
             _ = changed(stop) => continue,
             _ = changed(fatal) => continue,
         };
@@ -745,20 +891,7 @@ async fn fetch_loop(
             recovering = true;
             recovered_up_to = MessageId::ZERO;
         }
-        // Every free permit (up to a read's size) is taken now, so a read asks for as many
-        // messages as can start, and each starts without waiting on the semaphore again.
-        let extra = permits
-            .available_permits()
-            .min(c.read_batch.saturating_sub(1));
-        if extra > 0 {
-            if let Ok(more) = permits
-                .clone()
-                .try_acquire_many_owned(u32::try_from(extra).unwrap_or(u32::MAX))
-            {
-                permit.merge(more);
-            }
-        }
-        let max = permit.num_permits();
+        let max = permit.count();
         let now = Instant::now();
         let claiming = !recovering && now >= next_claim;
         let fetched = if recovering {
@@ -773,7 +906,7 @@ async fn fetch_loop(
                 _ = changed(fatal) => continue,
             }
         };
-        let deliveries = match fetched {
+        let mut deliveries = match fetched {
             Ok(d) => {
                 backoff = Duration::from_millis(50);
                 d
@@ -815,16 +948,20 @@ async fn fetch_loop(
                 (c.claim_after / 2).max(Duration::from_millis(10)),
             );
         }
+        let mut staged = Vec::with_capacity(deliveries.len());
+        ctx.enter(&mut deliveries);
         for d in deliveries {
-            let p = match permit.split(1) {
+            let p = match permit.split_one() {
                 Some(p) => p,
-                None => match permits.clone().acquire_owned().await {
-                    Ok(p) => p,
-                    Err(_) => return StopReason::runtime_failure("permit semaphore closed"),
-                },
+                // A backend returned more than asked for.
+                None => {
+                    start(ctx, &mut staged);
+                    permits.acquire_up_to(1).await
+                }
             };
-            dispatch(ctx, batchers, d, p).await;
+            dispatch(ctx, batchers, d, p, &mut staged).await;
         }
+        start(ctx, &mut staged);
     }
 }
 
@@ -836,23 +973,54 @@ async fn changed<T>(rx: &mut watch::Receiver<T>) {
     }
 }
 
-async fn dispatch(
-    ctx: &Arc<Ctx>,
-    batchers: &HashMap<String, mpsc::Sender<(Delivery, OwnedSemaphorePermit)>>,
-    d: Delivery,
-    permit: OwnedSemaphorePermit,
-) {
-    let c = &ctx.config;
-    if !ctx.enter(d.message.id) {
-        // Claimed back from ourselves: the run in progress settles it.
-        tracing::debug!(id = %d.message.id, "claimed a message this consumer is still processing; not running it twice");
-        drop(permit);
+/// Hands the staged tasks to the workers (one lock of the watchdog's queue and one of the
+/// workers' queue for a whole read), starting workers where none is idle.
+fn start(ctx: &Arc<Ctx>, staged: &mut Vec<(Arc<Route>, Task)>) {
+    if staged.is_empty() {
         return;
     }
+    let c = &ctx.config;
+    let deadline = instant_after(Instant::now(), c.handler_timeout);
+    ctx.watchdog.watch(staged.iter().map(|(route, t)| Watched {
+        deadline,
+        job: t.job.clone(),
+        name: t.name,
+        route: route.clone(),
+    }));
+    let mut tasks = staged.drain(..).peekable();
+    while let Some((route, first)) = tasks.next() {
+        // A run of tasks for the same handler goes into its queue under one lock.
+        let mut run = vec![first];
+        while let Some((_, t)) = tasks.next_if(|(r, _)| Arc::ptr_eq(r, &route)) {
+            run.push(t);
+        }
+        let short = route.work.push(run);
+        for _ in 0..short {
+            if route.work.workers.load(Ordering::Relaxed) >= c.concurrency {
+                break;
+            }
+            route.work.workers.fetch_add(1, Ordering::Relaxed);
+            route.spawn_worker(ctx);
+        }
+    }
+}
+
+/// Routes an entered delivery: to a batcher, to the settler (not for this group, over the
+/// delivery limit, no handler), or into `staged` for the workers. Staged tasks are started
+/// before anything here waits.
+async fn dispatch(
+    ctx: &Arc<Ctx>,
+    batchers: &KindMap<mpsc::Sender<(Delivery, Permit)>>,
+    d: Delivery,
+    permit: Permit,
+    staged: &mut Vec<(Arc<Route>, Task)>,
+) {
+    let c = &ctx.config;
     ctx.meters.delivered.increment(1);
     let m = &d.message;
     if let Some(target) = m.header(HEADER_REPLAY_GROUP) {
         if target != c.group {
+            start(ctx, staged);
             // A dead letter replayed for another group of this topic.
             send_settlement(ctx, Settlement::Ack(m.id)).await;
             ctx.leave([m.id]);
@@ -860,6 +1028,7 @@ async fn dispatch(
         }
     }
     if m.attempt > c.retry.max_attempts() {
+        start(ctx, staged);
         let error = format!(
             "delivered {} times without being settled (limit {}): its consumers crashed or hung while holding it",
             m.attempt,
@@ -870,12 +1039,14 @@ async fn dispatch(
             d,
             HandlerName::None,
             Outcome::simple(FailureKind::DeliveryLimit, error),
+            Instant::now(),
         )
         .await;
         drop(permit);
         return;
     }
     if let Some(tx) = batchers.get(&m.kind) {
+        start(ctx, staged);
         if let Err(mpsc::error::SendError((d, _permit))) = tx.send((d, permit)).await {
             // Batcher gone (only during shutdown): leave it pending, it is delivered again.
             tracing::debug!(id = %d.message.id, "batcher closed; message stays pending");
@@ -883,17 +1054,23 @@ async fn dispatch(
         }
         return;
     }
-    let (name, handler) = match c.handlers.get(&m.kind) {
-        Some(h) => (HandlerName::Kind, h.clone()),
-        None => match &c.fallback {
-            Some(h) => (HandlerName::Fallback, h.clone()),
+    let (name, kind, route) = match ctx.routes.get(&m.kind) {
+        Some((kind, route)) => (HandlerName::Kind, kind.clone(), route.clone()),
+        None => match &ctx.fallback {
+            Some(route) => (
+                HandlerName::Fallback,
+                Arc::from(m.kind.as_str()),
+                route.clone(),
+            ),
             None => {
+                start(ctx, staged);
                 let error = format!("no handler registered for message type {:?}", m.kind);
                 finish(
                     ctx,
                     d,
                     HandlerName::None,
                     Outcome::simple(FailureKind::NoHandler, error),
+                    Instant::now(),
                 )
                 .await;
                 drop(permit);
@@ -901,35 +1078,20 @@ async fn dispatch(
             }
         },
     };
-    let message = d.message.clone();
-    let job = Arc::new(Job::new(d, permit));
-    let deadline = instant_after(Instant::now(), c.handler_timeout);
-    ctx.watchdog.watch(Watched {
-        deadline,
-        job: job.clone(),
-        name,
-    });
-    let short = ctx.work.push(Task {
-        job,
-        message,
-        name,
-        handler,
-    });
-    if short && ctx.work.workers.load(Ordering::Relaxed) < c.concurrency {
-        ctx.work.workers.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(worker(
-            ctx.work.clone(),
-            Arc::downgrade(ctx),
-            c.include_stack_trace,
-        ));
-    }
+    staged.push((
+        route,
+        Task {
+            job: Arc::new(Job::new(d, kind, permit)),
+            name,
+        },
+    ));
 }
 
 async fn batcher(
     ctx: Arc<Ctx>,
     cfg: BatchConfig,
     handler: Arc<dyn BatchHandler>,
-    mut rx: mpsc::Receiver<(Delivery, OwnedSemaphorePermit)>,
+    mut rx: mpsc::Receiver<(Delivery, Permit)>,
 ) {
     while let Some(first) = rx.recv().await {
         let started = Instant::now();
@@ -946,11 +1108,7 @@ async fn batcher(
     }
 }
 
-async fn run_batch(
-    ctx: Arc<Ctx>,
-    handler: Arc<dyn BatchHandler>,
-    batch: Vec<(Delivery, OwnedSemaphorePermit)>,
-) {
+async fn run_batch(ctx: Arc<Ctx>, handler: Arc<dyn BatchHandler>, batch: Vec<(Delivery, Permit)>) {
     let n = batch.len();
     let messages = batch.iter().map(|(d, _)| d.message.clone()).collect();
     let capture = ctx.config.include_stack_trace;
@@ -986,25 +1144,40 @@ async fn run_batch(
         }
     };
     for ((d, permit), outcome) in batch.into_iter().zip(outcomes) {
-        finish(&ctx, d, HandlerName::Kind, outcome).await;
+        finish(&ctx, d, HandlerName::Kind, outcome, Instant::now()).await;
         drop(permit);
     }
 }
 
-/// Turns an outcome into a settlement and queues it.
-async fn finish(ctx: &Ctx, d: Delivery, handler: HandlerName, outcome: Outcome) {
-    let id = d.message.id;
+/// Turns an outcome (reached at `ended`) into a settlement and queues it.
+async fn finish(ctx: &Ctx, d: Delivery, handler: HandlerName, outcome: Outcome, ended: Instant) {
+    let s = settlement(ctx, d, handler, outcome, ended);
+    queue(ctx, s).await;
+}
+
+/// The ack of a message handled successfully at `ended`, counted.
+fn ack(ctx: &Ctx, id: MessageId, published_at: Timestamp, ended: Instant) -> Settlement {
+    ctx.counters.processed.fetch_add(1, Ordering::Relaxed);
+    ctx.meters.acked.increment(1);
+    ctx.meters
+        .publish_to_handled
+        .record(Timestamp::at(ended).since(published_at).as_secs_f64());
+    Settlement::Ack(id)
+}
+
+/// The settlement of an outcome (reached at `ended`): an ack, or the retry or dead letter the
+/// retry policy decides on, counted and logged.
+fn settlement(
+    ctx: &Ctx,
+    d: Delivery,
+    handler: HandlerName,
+    outcome: Outcome,
+    ended: Instant,
+) -> Settlement {
     let c = &ctx.config;
     let counters = &ctx.counters;
-    let settlement = match outcome {
-        Outcome::Ok => {
-            counters.processed.fetch_add(1, Ordering::Relaxed);
-            ctx.meters.acked.increment(1);
-            ctx.meters
-                .publish_to_handled
-                .record(Timestamp::now().since(d.message.published_at).as_secs_f64());
-            Settlement::Ack(d.message.id)
-        }
+    match outcome {
+        Outcome::Ok => ack(ctx, d.message.id, d.message.published_at, ended),
         Outcome::Failed {
             kind,
             chain,
@@ -1082,7 +1255,12 @@ async fn finish(ctx: &Ctx, d: Delivery, handler: HandlerName, outcome: Outcome) 
                 }
             }
         }
-    };
+    }
+}
+
+/// Queues a settlement of a message this consumer was processing (which it then no longer is).
+async fn queue(ctx: &Ctx, settlement: Settlement) {
+    let id = settlement.id();
     let acking = matches!(settlement, Settlement::Ack(_));
     // Marked before it is queued: the settler may apply it (and unmark it) at once.
     ctx.leave_as([id], acking);
@@ -1110,11 +1288,27 @@ async fn send_settlement(ctx: &Ctx, s: Settlement) -> bool {
     true
 }
 
+/// The settler's end of the settle queue, saying when the settler waits on it (so a worker
+/// that queues a settlement knows it may have woken the settler).
+struct Inbox {
+    rx: mpsc::Receiver<Settlement>,
+    waiting: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Inbox {
+    async fn recv_many(&mut self, buf: &mut Vec<Settlement>, limit: usize) -> usize {
+        self.waiting.store(true, Ordering::SeqCst);
+        let n = self.rx.recv_many(buf, limit).await;
+        self.waiting.store(false, Ordering::SeqCst);
+        n
+    }
+}
+
 async fn settler(
     backend: Arc<dyn Backend>,
     sub: Subscription,
     forward: Option<super::Forwarding>,
-    mut rx: mpsc::Receiver<Settlement>,
+    mut rx: Inbox,
     fatal: watch::Sender<Option<StopReason>>,
     mut abort: watch::Receiver<bool>,
     held_ids: Arc<std::sync::Mutex<Held>>,
