@@ -37,6 +37,6 @@ for i in $(seq 1 "$pairs"); do
   b=$(value "$new")
   r=$(python3 -c "print(f'{$b / $a:.2f}')")
   ratios+=("$r")
-  printf 'pair %d: old %.0f  new %.0f  new/old %s\n' "$i" "$a" "$b" "$r"
+  printf 'pair %d: old %.4g  new %.4g  new/old %s\n' "$i" "$a" "$b" "$r"
 done
 printf '%s\n' "${ratios[@]}" | sort -n | awk '{a[NR]=$1} END {printf "median new/old: %s (%d pairs)\n", a[int((NR+1)/2)], NR}'
