@@ -35,8 +35,12 @@ ratios=()
 for i in $(seq 1 "$pairs"); do
   a=$(value "$old")
   b=$(value "$new")
-  r=$(python3 -c "print(f'{$b / $a:.2f}')")
+  line=$(python3 -c "
+a, b = $a, $b
+f = lambda v: f'{v:,.0f}' if abs(v) >= 100 else f'{v:.3g}'
+print(f'{b / a:.2f} old {f(a)}  new {f(b)}')")
+  r=${line%% *}
   ratios+=("$r")
-  printf 'pair %d: old %.4g  new %.4g  new/old %s\n' "$i" "$a" "$b" "$r"
+  printf 'pair %d: %s  new/old %s\n' "$i" "${line#* }" "$r"
 done
 printf '%s\n' "${ratios[@]}" | sort -n | awk '{a[NR]=$1} END {printf "median new/old: %s (%d pairs)\n", a[int((NR+1)/2)], NR}'

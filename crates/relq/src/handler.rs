@@ -115,10 +115,36 @@ impl<E: StdError + Send + Sync + 'static> From<E> for HandlerError {
 }
 
 /// Processes one message. Closures `Fn(Message) -> impl Future<Output = Result<(), HandlerError>>`
-/// implement it; a type of your own implements it with an `async fn handle`.
+/// implement it; a type of your own implements it with an `async fn handle`:
 ///
-/// The consumer runs each handler's futures as they are (no box per message), so a handler's
-/// future must be `Send`.
+/// ```
+/// use relq::{Broker, Handler, HandlerError, Message};
+///
+/// struct Orders {
+///     min_len: usize,
+/// }
+///
+/// impl Handler for Orders {
+///     async fn handle(&self, message: Message) -> Result<(), HandlerError> {
+///         if message.payload.len() < self.min_len {
+///             return Err(HandlerError::permanent(std::io::Error::other("too short")));
+///         }
+///         Ok(())
+///     }
+/// }
+///
+/// # fn main() -> Result<(), relq::Error> {
+/// let consumer = Broker::memory()
+///     .consumer("orders", "billing")
+///     .handler("order.created", Orders { min_len: 2 })
+///     .build()?;
+/// # let _ = consumer;
+/// # Ok(())
+/// # }
+/// ```
+///
+/// The consumer polls each handler's futures where they are (no box per message), so a
+/// handler's future must be `Send`.
 pub trait Handler: Send + Sync + 'static {
     /// Handles `message`. `Ok` acknowledges it.
     fn handle(&self, message: Message) -> impl Future<Output = Result<(), HandlerError>> + Send;

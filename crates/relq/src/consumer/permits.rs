@@ -96,18 +96,16 @@ impl Permits {
         returned.await;
     }
 
-    /// Returns `n` permits; true if that woke a waiting task.
-    fn release(&self, n: usize) -> bool {
+    /// Returns `n` permits.
+    fn release(&self, n: usize) {
         if n == 0 {
-            return false;
+            return;
         }
         let before = self.free.fetch_add(n, Ordering::SeqCst);
         // Waiters wait for "some free" or "all free": only those two moments wake them.
         if (before == 0 || before + n == self.total) && self.waiting.load(Ordering::SeqCst) > 0 {
             self.returned.notify_waiters();
-            return true;
         }
-        false
     }
 }
 
@@ -127,12 +125,6 @@ impl Permit {
             pool: self.pool.clone(),
             n: 1,
         })
-    }
-
-    /// Returns the permits now; true if that woke a task waiting for them.
-    pub(super) fn release(mut self) -> bool {
-        let n = std::mem::take(&mut self.n);
-        self.pool.release(n)
     }
 }
 

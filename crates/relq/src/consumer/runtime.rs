@@ -50,8 +50,6 @@ pub(crate) struct Ctx {
     sub: Subscription,
     counters: Arc<Counters>,
     settle: mpsc::Sender<Settlement>,
-    /// The settler waits for settlements (so queueing one wakes it).
-    settler_waiting: Arc<std::sync::atomic::AtomicBool>,
     abort: watch::Receiver<bool>,
     /// Ids this consumer is processing, or whose ack it has queued: see [`Held`].
     held: Arc<std::sync::Mutex<Held>>,
@@ -505,8 +503,7 @@ async fn worker<H: Handler>(
         }
     }
     let _counted = Counted(work.clone());
-    // Whether the last message woke one of the consumer's own tasks on this thread.
-    let mut woke = false;
+    let mut ran = false;
     // Only a multi-threaded runtime keeps a woken task in a slot of the waking thread.
     let lifo = tokio::runtime::Handle::current().runtime_flavor()
         != tokio::runtime::RuntimeFlavor::CurrentThread;
@@ -518,14 +515,16 @@ async fn worker<H: Handler>(
             }
             continue;
         };
-        if woke && !waited && lifo {
-            // Taken without waiting, right after the last one, which woke the settler or the
-            // fetch loop: let it run first. Tokio keeps a task woken from a worker thread in
-            // that thread's own slot, which other threads do not take, so a handler that then
-            // blocks the thread would strand it.
+        if ran && !waited && lifo {
+            // Taken without waiting, right after the last one: let whatever that one woke on
+            // this thread (the settler, the fetch loop, a task the handler woke) run first.
+            // Tokio keeps such a task in this thread's own slot, which other threads do not
+            // take, so a handler that then blocks the thread would strand it. (Whether the
+            // last message woke anything cannot be told reliably: a channel's receiver can be
+            // woken by a send long after it stopped waiting on it.)
             tokio::task::yield_now().await;
         }
-        woke = false;
+        ran = true;
         let started = Instant::now();
         let span = tracing::debug_span!("relq.handle", id = %message.id, kind = %message.kind, attempt = message.attempt);
         // A handler may panic while making its future, too.
@@ -582,10 +581,7 @@ async fn worker<H: Handler>(
             continue;
         };
         queue(&ctx, settlement).await;
-        // Whether that woke the settler (it was waiting for settlements) or the fetch loop
-        // (waiting for a permit).
-        woke = ctx.settler_waiting.load(Ordering::SeqCst);
-        woke |= permit.release();
+        drop(permit);
     }
 }
 
@@ -764,15 +760,11 @@ pub(crate) async fn run(
     let held_ids = Arc::new(std::sync::Mutex::new(Held::default()));
     let (abort_tx, abort_rx) = watch::channel(false);
     let (fatal_tx, mut fatal_rx) = watch::channel(None::<StopReason>);
-    let settler_waiting = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let settler = tokio::spawn(settler(
         backend.clone(),
         sub.clone(),
         config.forward.clone(),
-        Inbox {
-            rx: settle_rx,
-            waiting: settler_waiting.clone(),
-        },
+        settle_rx,
         fatal_tx,
         abort_rx.clone(),
         held_ids.clone(),
@@ -783,7 +775,6 @@ pub(crate) async fn run(
         sub,
         counters: counters.clone(),
         settle: settle_tx,
-        settler_waiting,
         abort: abort_rx,
         held: held_ids,
         meters: Meters::new(&config.topic, &config.group),
@@ -1288,27 +1279,11 @@ async fn send_settlement(ctx: &Ctx, s: Settlement) -> bool {
     true
 }
 
-/// The settler's end of the settle queue, saying when the settler waits on it (so a worker
-/// that queues a settlement knows it may have woken the settler).
-struct Inbox {
-    rx: mpsc::Receiver<Settlement>,
-    waiting: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Inbox {
-    async fn recv_many(&mut self, buf: &mut Vec<Settlement>, limit: usize) -> usize {
-        self.waiting.store(true, Ordering::SeqCst);
-        let n = self.rx.recv_many(buf, limit).await;
-        self.waiting.store(false, Ordering::SeqCst);
-        n
-    }
-}
-
 async fn settler(
     backend: Arc<dyn Backend>,
     sub: Subscription,
     forward: Option<super::Forwarding>,
-    mut rx: Inbox,
+    mut rx: mpsc::Receiver<Settlement>,
     fatal: watch::Sender<Option<StopReason>>,
     mut abort: watch::Receiver<bool>,
     held_ids: Arc<std::sync::Mutex<Held>>,
