@@ -101,8 +101,24 @@ async fn a_retry_due_at_once_is_not_stuck_until_claim_after() {
 /// waits for the stuck call (which returns only after the shutdown is over).
 #[tokio::test(flavor = "multi_thread", worker_threads = 3)]
 async fn a_handler_blocking_its_thread_does_not_hold_up_shutdown() {
+    blocking_handler_at_shutdown(Broker::memory()).await;
+}
+
+/// The same on the embedded engine, whose settle waits for a commit: the settler is then
+/// waiting on the engine (not on its queue) when handlers queue more settlements, and must
+/// still not be stranded behind the stuck call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn a_handler_blocking_its_thread_does_not_hold_up_shutdown_embedded() {
+    let dir = std::env::temp_dir().join(format!("relq-blocking-shutdown-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let broker = Broker::open(&dir).unwrap();
+    blocking_handler_at_shutdown(broker.clone()).await;
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+async fn blocking_handler_at_shutdown(broker: Broker) {
     use std::sync::atomic::{AtomicBool, Ordering};
-    let broker = Broker::memory();
     let released = Arc::new(AtomicBool::new(false));
     let shut_down = Arc::new(AtomicBool::new(false));
     let (r, s) = (released.clone(), shut_down.clone());
