@@ -43,4 +43,4 @@ print(f'{b / a:.2f} old {f(a)}  new {f(b)}')")
   ratios+=("$r")
   printf 'pair %d: %s  new/old %s\n' "$i" "${line#* }" "$r"
 done
-printf '%s\n' "${ratios[@]}" | sort -n | awk '{a[NR]=$1} END {printf "median new/old: %s (%d pairs)\n", a[int((NR+1)/2)], NR}'
+printf '%s\n' "${ratios[@]}" | sort -n | awk '{a[NR]=$1} END {m = NR % 2 ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2; printf "median new/old: %.2f (%d pairs)\n", m, NR}'

@@ -277,18 +277,17 @@ impl Topic {
         let Some(floor) = self.acked_floor() else {
             return 0;
         };
-        let doomed: Vec<MessageId> = self
+        // A prefix of the log: the oldest messages.
+        let doomed = self
             .messages
             .range(..floor)
             .take_while(|(_, s)| s.published_at <= cutoff)
             .take(max)
-            .map(|(id, _)| *id)
-            .collect();
-        // A prefix of the log: the oldest messages.
-        for _ in &doomed {
+            .count();
+        for _ in 0..doomed {
             self.messages.pop_first();
         }
-        doomed.len() as u64
+        doomed as u64
     }
 
     /// What a cleanup would remove now (see [`Backend::cleanup`]), changing nothing.
@@ -1165,6 +1164,60 @@ fn seen(consumers: &mut BTreeMap<String, Timestamp>, consumer: &str, now: Timest
 mod tests {
     use super::*;
     use crate::{Broker, Error, NewMessage};
+
+    #[test]
+    fn the_log_finds_ids_and_ranges_like_an_ordered_map() {
+        let mut log = Log::default();
+        let mut map = BTreeMap::new();
+        // Gaps between the ids, so bounds fall both on ids and between them.
+        for i in 0..20u64 {
+            let id = MessageId::new(10 + i * 3, i % 2);
+            let stored = || Stored {
+                kind: "job".into(),
+                payload: bytes::Bytes::new(),
+                headers: BTreeMap::new(),
+                published_at: Timestamp(0),
+                deliver_at: None,
+            };
+            log.push(id, stored());
+            map.insert(id, ());
+        }
+        for _ in 0..3 {
+            let (id, _) = log.pop_first().expect("not empty");
+            map.remove(&id);
+        }
+        use std::ops::Bound::{Excluded, Included, Unbounded};
+        let probes: Vec<MessageId> = (0..80u64)
+            .flat_map(|ms| [MessageId::new(ms, 0), MessageId::new(ms, 1)])
+            .collect();
+        for a in &probes {
+            assert_eq!(log.get(a).is_some(), map.contains_key(a), "get {a}");
+            for b in &probes {
+                for bounds in [
+                    (Included(*a), Included(*b)),
+                    (Included(*a), Excluded(*b)),
+                    (Excluded(*a), Included(*b)),
+                    (Excluded(*a), Excluded(*b)),
+                    (Unbounded, Excluded(*b)),
+                    (Excluded(*a), Unbounded),
+                ] {
+                    // An ordered map panics on a range that ends before it starts; the log
+                    // gives an empty one.
+                    let expected: Vec<MessageId> = match (bounds.0, bounds.1) {
+                        (Included(x) | Excluded(x), Included(y) | Excluded(y)) if x > y => {
+                            Vec::new()
+                        }
+                        (Excluded(x), Excluded(y)) if x == y => Vec::new(),
+                        _ => map.range(bounds).map(|(id, _)| *id).collect(),
+                    };
+                    let got: Vec<MessageId> = log.range(bounds).map(|(id, _)| *id).collect();
+                    assert_eq!(got, expected, "{bounds:?}");
+                }
+            }
+        }
+        assert_eq!(log.first_id(), map.keys().next().copied());
+        assert_eq!(log.len(), map.len());
+    }
 
     fn msg() -> Outgoing {
         Outgoing {

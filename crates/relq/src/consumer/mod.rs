@@ -1,7 +1,6 @@
 //! Consumers: the builder, the running handle, stop reasons and statistics.
 
 mod nack;
-mod permits;
 mod runtime;
 
 use std::collections::HashMap;

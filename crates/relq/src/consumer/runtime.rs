@@ -22,12 +22,11 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::nack::{nack, Nack};
-use super::permits::{Permit, Permits};
 use super::{Config, Counters, ShutdownReport, StopReason};
 use crate::fast_hash::{IdSet, KindMap};
 use crate::handler::{BatchConfig, BatchHandler, Handler, HandlerError, CAPTURE_BACKTRACE};
@@ -240,7 +239,7 @@ struct Job {
 }
 
 struct Slot {
-    held: Option<(Kept, Permit)>,
+    held: Option<(Kept, OwnedSemaphorePermit)>,
     /// The message, until the worker that runs the handler takes it.
     message: Option<relq_core::Message>,
     /// The watchdog cut the handler off at its timeout and started another worker: the one
@@ -298,7 +297,7 @@ impl Kept {
 }
 
 impl Job {
-    fn new(d: Delivery, kind: Arc<str>, permit: Permit) -> Job {
+    fn new(d: Delivery, kind: Arc<str>, permit: OwnedSemaphorePermit) -> Job {
         let (kept, message) = Kept::split(d, kind);
         Job {
             slot: Mutex::new(Slot {
@@ -316,7 +315,7 @@ impl Job {
     }
 
     /// Takes what settles the job; `replace`: the watchdog cuts it off and replaces its worker.
-    fn take(&self, replace: bool) -> Option<(Delivery, Permit)> {
+    fn take(&self, replace: bool) -> Option<(Delivery, OwnedSemaphorePermit)> {
         let mut slot = self.lock();
         let (kept, permit) = slot.held.take()?;
         slot.replaced = replace;
@@ -336,7 +335,7 @@ impl Job {
 
     /// Takes what settles a job whose handler succeeded: only the message's id and publish
     /// time are needed.
-    fn take_ok(&self) -> Option<(MessageId, Timestamp, Permit)> {
+    fn take_ok(&self) -> Option<(MessageId, Timestamp, OwnedSemaphorePermit)> {
         let mut slot = self.lock();
         let (kept, permit) = slot.held.take()?;
         self.done.store(true, Ordering::Release);
@@ -403,9 +402,9 @@ impl Route {
     }
 }
 
-/// The queue the consumer's handler workers take messages from. Workers are long-lived tasks
-/// (spawned as needed, at most one per permit), so a message costs no task spawn: a worker
-/// runs its handler inline, settles it and takes the next.
+/// The queue one handler's workers take messages from. Workers are long-lived tasks (spawned as
+/// needed, at most `concurrency` per handler), so a message costs no task spawn: a worker runs
+/// its handler inline, settles it and takes the next.
 #[derive(Default)]
 pub(crate) struct Work {
     queue: Mutex<WorkQueue>,
@@ -553,22 +552,17 @@ async fn worker<H: Handler>(
         let Some(ctx) = ctx.upgrade() else {
             return;
         };
+        // A success needs only the id and publish time from the job; a failure the delivery.
         let settled = match result {
-            Some(Ok(Ok(()))) => job.take_ok().map(|(id, published_at, permit)| {
-                ctx.meters
-                    .handler_seconds
-                    .record(ended.saturating_duration_since(started).as_secs_f64());
-                (ack(&ctx, id, published_at, ended), permit)
-            }),
+            Some(Ok(Ok(()))) => job
+                .take_ok()
+                .map(|(id, published_at, permit)| (ack(&ctx, id, published_at, ended), permit)),
             Some(r) => job.take(false).map(|(d, permit)| {
                 let outcome = match r {
                     Ok(Ok(())) => Outcome::Ok,
                     Ok(Err(e)) => Outcome::from_error(e),
                     Err(panic) => Outcome::simple(FailureKind::Panic, panic),
                 };
-                ctx.meters
-                    .handler_seconds
-                    .record(ended.saturating_duration_since(started).as_secs_f64());
                 (settlement(&ctx, d, name, outcome, ended), permit)
             }),
             None => None,
@@ -580,6 +574,9 @@ async fn worker<H: Handler>(
             }
             continue;
         };
+        ctx.meters
+            .handler_seconds
+            .record(ended.saturating_duration_since(started).as_secs_f64());
         queue(&ctx, settlement).await;
         drop(permit);
     }
@@ -755,7 +752,7 @@ pub(crate) async fn run(
     done: watch::Sender<Option<StopReason>>,
     report: watch::Sender<Option<ShutdownReport>>,
 ) {
-    let permits = Permits::new(config.concurrency);
+    let permits = Arc::new(Semaphore::new(config.concurrency));
     let (settle_tx, settle_rx) = mpsc::channel(config.concurrency.max(SETTLE_BATCH) * 2);
     let held_ids = Arc::new(std::sync::Mutex::new(Held::default()));
     let (abort_tx, abort_rx) = watch::channel(false);
@@ -810,8 +807,9 @@ pub(crate) async fn run(
         _ => Duration::ZERO,
     };
     let deadline_at = instant_after(Instant::now(), deadline);
+    let all = u32::try_from(config.concurrency).unwrap_or(u32::MAX);
     let mut abandoned = 0;
-    if tokio::time::timeout_at(deadline_at, permits.all_back())
+    if tokio::time::timeout_at(deadline_at, permits.acquire_many(all))
         .await
         .is_err()
     {
@@ -823,7 +821,7 @@ pub(crate) async fn run(
             );
         }
         let _ = abort_tx.send(true);
-        permits.all_back().await;
+        let _ = permits.acquire_many(all).await;
     }
     for t in batcher_tasks {
         let _ = t.await;
@@ -854,8 +852,8 @@ pub(crate) async fn run(
 
 async fn fetch_loop(
     ctx: &Arc<Ctx>,
-    permits: &Arc<Permits>,
-    batchers: &KindMap<mpsc::Sender<(Delivery, Permit)>>,
+    permits: &Arc<Semaphore>,
+    batchers: &KindMap<mpsc::Sender<(Delivery, OwnedSemaphorePermit)>>,
     stop: &mut watch::Receiver<Option<Duration>>,
     fatal: &mut watch::Receiver<Option<StopReason>>,
 ) -> StopReason {
@@ -871,10 +869,11 @@ async fn fetch_loop(
         if let Some(r) = fatal.borrow().clone() {
             return r;
         }
-        // Every free permit (up to a read's size) is taken now, so a read asks for as many
-        // messages as can start, and each starts without waiting for a permit again.
         let mut permit = tokio::select! {
-            p = permits.acquire_up_to(c.read_batch) => p,
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return StopReason::runtime_failure("permit semaphore closed"),
+            },
             _ = changed(stop) => continue,
             _ = changed(fatal) => continue,
         };
@@ -882,7 +881,20 @@ async fn fetch_loop(
             recovering = true;
             recovered_up_to = MessageId::ZERO;
         }
-        let max = permit.count();
+        // Every free permit (up to a read's size) is taken now, so a read asks for as many
+        // messages as can start, and each starts without waiting on the semaphore again.
+        let extra = permits
+            .available_permits()
+            .min(c.read_batch.saturating_sub(1));
+        if extra > 0 {
+            if let Ok(more) = permits
+                .clone()
+                .try_acquire_many_owned(u32::try_from(extra).unwrap_or(u32::MAX))
+            {
+                permit.merge(more);
+            }
+        }
+        let max = permit.num_permits();
         let now = Instant::now();
         let claiming = !recovering && now >= next_claim;
         let fetched = if recovering {
@@ -942,12 +954,15 @@ async fn fetch_loop(
         let mut staged = Vec::with_capacity(deliveries.len());
         ctx.enter(&mut deliveries);
         for d in deliveries {
-            let p = match permit.split_one() {
+            let p = match permit.split(1) {
                 Some(p) => p,
                 // A backend returned more than asked for.
                 None => {
                     start(ctx, &mut staged);
-                    permits.acquire_up_to(1).await
+                    match permits.clone().acquire_owned().await {
+                        Ok(p) => p,
+                        Err(_) => return StopReason::runtime_failure("permit semaphore closed"),
+                    }
                 }
             };
             dispatch(ctx, batchers, d, p, &mut staged).await;
@@ -1001,9 +1016,9 @@ fn start(ctx: &Arc<Ctx>, staged: &mut Vec<(Arc<Route>, Task)>) {
 /// before anything here waits.
 async fn dispatch(
     ctx: &Arc<Ctx>,
-    batchers: &KindMap<mpsc::Sender<(Delivery, Permit)>>,
+    batchers: &KindMap<mpsc::Sender<(Delivery, OwnedSemaphorePermit)>>,
     d: Delivery,
-    permit: Permit,
+    permit: OwnedSemaphorePermit,
     staged: &mut Vec<(Arc<Route>, Task)>,
 ) {
     let c = &ctx.config;
@@ -1082,7 +1097,7 @@ async fn batcher(
     ctx: Arc<Ctx>,
     cfg: BatchConfig,
     handler: Arc<dyn BatchHandler>,
-    mut rx: mpsc::Receiver<(Delivery, Permit)>,
+    mut rx: mpsc::Receiver<(Delivery, OwnedSemaphorePermit)>,
 ) {
     while let Some(first) = rx.recv().await {
         let started = Instant::now();
@@ -1099,7 +1114,11 @@ async fn batcher(
     }
 }
 
-async fn run_batch(ctx: Arc<Ctx>, handler: Arc<dyn BatchHandler>, batch: Vec<(Delivery, Permit)>) {
+async fn run_batch(
+    ctx: Arc<Ctx>,
+    handler: Arc<dyn BatchHandler>,
+    batch: Vec<(Delivery, OwnedSemaphorePermit)>,
+) {
     let n = batch.len();
     let messages = batch.iter().map(|(d, _)| d.message.clone()).collect();
     let capture = ctx.config.include_stack_trace;
