@@ -178,13 +178,16 @@ impl Backend for RedisBackend {
         max: usize,
         wait: Duration,
     ) -> Result<Vec<Delivery>, BackendError> {
-        let key = (sub.topic.clone(), sub.group.clone(), sub.consumer.clone());
-        if self
-            .needs_recovery
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&key)
-        {
+        let flagged = {
+            let mut flagged = self
+                .needs_recovery
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            // The key is built only when some subscription is flagged: none is, nearly always.
+            !flagged.is_empty()
+                && flagged.remove(&(sub.topic.clone(), sub.group.clone(), sub.consumer.clone()))
+        };
+        if flagged {
             return Err(err(
                 BackendErrorKind::Unavailable,
                 "part of the previous read failed after it handed out messages; recover this consumer's pending messages",
@@ -192,13 +195,30 @@ impl Backend for RedisBackend {
         }
         let deadline = instant_after(tokio::time::Instant::now(), wait);
         loop {
-            // One round trip while there is work: due retries, then new entries.
+            // One round trip while there is work: due retries (by the promote script, only when
+            // one may be due), then new entries.
+            let (due, stamp) = self.due().look(&sub.topic, &sub.group, Timestamp::now().0);
+            let read = match due {
+                true => self.promote(sub, max).await?,
+                false => match self.read_ready(sub, max).await? {
+                    Some(read) => read,
+                    None => {
+                        // Redis lost the group: recreate it (unless the topic was terminated),
+                        // then promote, which warns if the metadata went too.
+                        self.recreate_group(sub).await?;
+                        self.due().forget(&sub.topic);
+                        continue;
+                    }
+                },
+            };
+            self.due()
+                .seen(&sub.topic, &sub.group, read.next_due, stamp);
             let Promoted {
                 out,
                 next_due,
                 stopped,
                 read_new,
-            } = self.promote(sub, max).await?;
+            } = read;
             if !out.is_empty() {
                 return Ok(out);
             }
@@ -296,6 +316,18 @@ impl Backend for RedisBackend {
             async move { inv.invoke_async::<Value>(&mut c).await }
         })
         .await?;
+        // Reads promote once the first retry is due (a call that failed after being applied
+        // is seen by the next read's look at the schedule).
+        if let Some(at) = batch
+            .iter()
+            .filter_map(|s| match s {
+                Settlement::Retry { at, .. } => Some(at.0),
+                _ => None,
+            })
+            .min()
+        {
+            self.due().scheduled(&sub.topic, &sub.group, at);
+        }
         let mut history = self.with_history.lock().unwrap_or_else(|e| e.into_inner());
         for s in batch {
             history.ids.remove(&s.id());
@@ -327,6 +359,8 @@ impl Backend for RedisBackend {
                 async move { inv.invoke_async(&mut c).await }
             })
             .await?;
+        // Parked entries are due now, in every group of the topic.
+        self.due().forget(topic);
         Ok(items(r).get(1).and_then(int) == Some(1))
     }
 

@@ -62,6 +62,7 @@ impl RedisBackend {
             registered: Mutex::new(HashMap::new()),
             with_history: Mutex::new(History::default()),
             needs_recovery: Mutex::new(HashSet::new()),
+            due: Mutex::new(Default::default()),
             calls: std::sync::atomic::AtomicU64::new(0),
             call_errors: std::sync::atomic::AtomicU64::new(0),
         };

@@ -28,12 +28,13 @@
 //! # Delivery
 //! A delivered message is in the group's pending entries list (PEL) under its consumer, with the
 //! PEL's delivery counter as its delivery count. A retry or a delayed message is acknowledged in
-//! the PEL and kept in `sched`; when due, the promote script that starts every read puts it back
-//! into the PEL with `XCLAIM ... FORCE RETRYCOUNT n` (so the count survives). There is no
-//! separate promoter process to elect: the script runs atomically, so two readers never promote
-//! the same entry. The same script then reads new entries (a non-blocking XREADGROUP), so a busy
-//! consumer's read is one round trip; publish is a MULTI/EXEC of XADDs and acks of first
-//! deliveries are one XACK, without Lua.
+//! the PEL and kept in `sched`; when due, the promote script, which starts a read when an entry
+//! may be due, puts it back into the PEL with `XCLAIM ... FORCE RETRYCOUNT n` (so the count
+//! survives). There is no separate promoter process to elect: the script runs atomically, so two
+//! readers never promote the same entry. The same script then reads new entries (a non-blocking
+//! XREADGROUP). While nothing may be due, a read is one MULTI/EXEC without Lua that also fetches
+//! the group's first due time. So a busy consumer's read is one round trip; publish is a
+//! MULTI/EXEC of XADDs and acks of first deliveries are one XACK, without Lua.
 
 mod admin;
 mod backend_impl;
@@ -76,6 +77,7 @@ struct Scripts {
     group_delete: Script,
     group_move: Script,
     skip: Script,
+    give_back: Script,
 }
 
 impl Scripts {
@@ -98,6 +100,7 @@ impl Scripts {
             group_delete: s(scripts::GROUP_DELETE),
             group_move: s(scripts::GROUP_MOVE),
             skip: s(scripts::SKIP),
+            give_back: s(scripts::GIVE_BACK),
         }
     }
 }
@@ -122,9 +125,18 @@ pub struct RedisBackend {
     /// in a later step: the next read reports an error, so the runtime recovers the consumer's
     /// pending messages (what the failed step may have left pending for it).
     needs_recovery: Mutex<HashSet<(String, String, String)>>,
+    /// When each group's first scheduled entry is due: a read runs the promote script only when
+    /// one may be due by now.
+    due: Mutex<DueTimes>,
     /// Commands and scripts sent on the shared connection, and those that failed.
     calls: std::sync::atomic::AtomicU64,
     call_errors: std::sync::atomic::AtomicU64,
+}
+
+impl RedisBackend {
+    fn due(&self) -> std::sync::MutexGuard<'_, DueTimes> {
+        self.due.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -165,6 +177,75 @@ impl History {
     }
 }
 
+/// When each group's first scheduled entry is due (ms since the epoch), as this process last
+/// saw it: a read runs the promote script only when one may be due. A group not listed may have
+/// one due. Scheduling here (a retry, a held delayed message, a resume) lowers the time at
+/// once; a read that was on its way meanwhile, and saw the set before that, cannot raise it
+/// back (`changed`). Another process's retries are seen by the next read (each read fetches
+/// the first due time), so they wait one read longer at most. Few groups per process: a list
+/// searched in place, so a read allocates no key.
+#[derive(Default)]
+struct DueTimes {
+    /// (topic, group, due ms; `u64::MAX`: nothing scheduled).
+    groups: Vec<(String, String, u64)>,
+    /// Bumped whenever this process schedules something.
+    changed: u64,
+}
+
+impl DueTimes {
+    /// Past this many groups the list is cleared: forgetting only costs each a promote script.
+    const MAX: usize = 1024;
+
+    fn find(&mut self, topic: &str, group: &str) -> Option<&mut u64> {
+        self.groups
+            .iter_mut()
+            .find(|(t, g, _)| t == topic && g == group)
+            .map(|(_, _, at)| at)
+    }
+
+    /// Whether an entry of the group may be due at `now`, and the stamp to hand to
+    /// [`seen`](Self::seen) after the read.
+    fn look(&mut self, topic: &str, group: &str, now: u64) -> (bool, u64) {
+        let due = self.find(topic, group).is_none_or(|at| *at <= now);
+        (due, self.changed)
+    }
+
+    /// What a read that began at `stamp` saw: the first due time (`None`: nothing scheduled).
+    fn seen(&mut self, topic: &str, group: &str, at: Option<u64>, stamp: u64) {
+        let at = at.unwrap_or(u64::MAX);
+        // Something was scheduled while the read was out: it may not show in what it saw.
+        let raced = self.changed != stamp;
+        match self.find(topic, group) {
+            Some(known) => *known = if raced { (*known).min(at) } else { at },
+            None => {
+                if self.groups.len() >= Self::MAX {
+                    self.groups.clear();
+                }
+                let at = if raced { 0 } else { at };
+                self.groups.push((topic.to_owned(), group.to_owned(), at));
+            }
+        }
+    }
+
+    /// This process scheduled an entry of the group due at `at`.
+    fn scheduled(&mut self, topic: &str, group: &str, at: u64) {
+        self.changed += 1;
+        if let Some(known) = self.find(topic, group) {
+            *known = (*known).min(at);
+        }
+    }
+
+    /// Entries of any group of the topic may have become due (resumed).
+    fn forget(&mut self, topic: &str) {
+        self.changed += 1;
+        for (t, _, at) in &mut self.groups {
+            if t == topic {
+                *at = 0;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::connect::redact;
@@ -187,6 +268,66 @@ mod tests {
         let mut left: Vec<_> = h.ids.keys().copied().collect();
         left.sort();
         assert_eq!(left, [MessageId::new(2, 0), MessageId::new(3, 0)]);
+    }
+
+    #[test]
+    fn due_times_promote_only_when_something_may_be_due() {
+        let mut d = DueTimes::default();
+        // Never read: anything may be due.
+        let (due, stamp) = d.look("t", "g", 100);
+        assert!(due);
+        d.seen("t", "g", Some(500), stamp);
+        assert!(!d.look("t", "g", 499).0);
+        assert!(d.look("t", "g", 500).0);
+        // Nothing scheduled: never due until something is.
+        let (_, stamp) = d.look("t", "g", 100);
+        d.seen("t", "g", None, stamp);
+        assert!(!d.look("t", "g", u64::MAX - 1).0);
+        d.scheduled("t", "g", 300);
+        assert!(d.look("t", "g", 300).0);
+        // Another group or topic is not affected.
+        let (_, stamp) = d.look("t", "h", 0);
+        d.seen("t", "h", None, stamp);
+        let (_, stamp) = d.look("u", "g", 0);
+        d.seen("u", "g", None, stamp);
+        d.forget("t");
+        assert!(d.look("t", "h", 0).0);
+        assert!(!d.look("u", "g", 1000).0);
+    }
+
+    #[test]
+    fn a_read_out_while_something_was_scheduled_cannot_hide_it() {
+        let mut d = DueTimes::default();
+        let (_, stamp) = d.look("t", "g", 0);
+        d.seen("t", "g", None, stamp);
+        // A read starts, a retry due at 200 is scheduled, the read (which looked before the
+        // retry was stored) comes back with "nothing scheduled".
+        let (_, stamp) = d.look("t", "g", 100);
+        d.scheduled("t", "g", 200);
+        d.seen("t", "g", None, stamp);
+        assert!(d.look("t", "g", 200).0);
+        // The same for a group not seen before: it stays "may be due".
+        let (_, stamp) = d.look("t", "new", 100);
+        d.scheduled("t", "other", 200);
+        d.seen("t", "new", None, stamp);
+        assert!(d.look("t", "new", 0).0);
+    }
+
+    #[test]
+    fn schedule_scores_in_both_protocols() {
+        use ::redis::Value;
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        assert_eq!(read::first_score(Value::Array(vec![])).unwrap(), None);
+        let resp2 = Value::Array(vec![bulk("1-0"), bulk("1733000000123")]);
+        assert_eq!(read::first_score(resp2).unwrap(), Some(1_733_000_000_123));
+        let resp3 = Value::Array(vec![Value::Array(vec![bulk("1-0"), Value::Double(42.0)])]);
+        assert_eq!(read::first_score(resp3).unwrap(), Some(42));
+        let negative = Value::Array(vec![bulk("1-0"), bulk("-5")]);
+        assert_eq!(read::first_score(negative).unwrap(), Some(0));
+        for bad in ["x", "inf", "nan"] {
+            let v = Value::Array(vec![bulk("1-0"), bulk(bad)]);
+            assert!(read::first_score(v).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -105,6 +105,138 @@ impl RedisBackend {
         })
     }
 
+    /// The read while nothing scheduled is due: one MULTI/EXEC without Lua (a script's
+    /// `XREADGROUP` reply is copied into Lua tables and back, which costs the server more than
+    /// the read itself). Besides the new entries it fetches what the promote script would look at:
+    /// the terminate marker, whether the topic's metadata exists, the stopped ids, when the
+    /// group's first scheduled entry is due and the size of its skip set. `None` when the group
+    /// is missing. When the metadata is gone (Redis lost it), `next_due` is 0, so the next read
+    /// runs the promote script, which recreates it and warns.
+    pub(crate) async fn read_ready(
+        &self,
+        sub: &Subscription,
+        max: usize,
+    ) -> Result<Option<Promoted>, BackendError> {
+        let key = stream_key(&sub.topic);
+        let pre = prefix(&sub.topic);
+        let group = group_prefix(&pre, &sub.group);
+        let mut pipe = ::redis::pipe();
+        pipe.atomic().ignore_errors();
+        pipe.cmd("GET").arg(format!("{pre}ended"));
+        pipe.cmd("EXISTS").arg(format!("{pre}meta"));
+        pipe.cmd("SMEMBERS").arg(format!("{pre}stop"));
+        pipe.cmd("ZRANGE")
+            .arg(format!("{group}sched"))
+            .arg(0)
+            .arg(0)
+            .arg("WITHSCORES");
+        pipe.cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(&sub.group)
+            .arg(&sub.consumer)
+            .arg("COUNT")
+            .arg(max)
+            .arg("STREAMS")
+            .arg(&key)
+            .arg(NEVER_DELIVERED);
+        pipe.cmd("ZCARD").arg(format!("{group}skip"));
+        let reply: Vec<Value> = self
+            .call_once(|mut c| {
+                let pipe = &pipe;
+                async move { pipe.query_async(&mut c).await }
+            })
+            .await?;
+        let Ok([ended, meta, stopped, first, fresh, skip]) = <[Value; 6]>::try_from(reply) else {
+            return Err(corrupt("read transaction reply"));
+        };
+        let fresh = match fresh {
+            Value::ServerError(e) if e.code() == "NOGROUP" => return Ok(None),
+            other => other,
+        };
+        let [ended, meta, stopped, first, fresh, skip] = [ended, meta, stopped, first, fresh, skip]
+            .map(|v| match v {
+                Value::ServerError(e) => Err(map_err(e.into())),
+                v => Ok(v),
+            });
+        if let Some(ended) = text(&ended?) {
+            // Decimal epochs: the longer is the larger, then digit by digit (the scripts' numcmp).
+            let epoch = sub.epoch.to_string();
+            if !ended.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(corrupt(format!("terminate marker {ended:?}")));
+            }
+            if (ended.len(), ended.as_str()) >= (epoch.len(), epoch.as_str()) {
+                // What the read took belongs to the topic's next generation (created again, and
+                // its group joined): hand it back before stopping.
+                if let Ok(fresh) = fresh {
+                    self.give_back(sub, &stream_entries(fresh)).await;
+                }
+                return Err(err(
+                    BackendErrorKind::Terminated,
+                    "the topic was terminated",
+                ));
+            }
+        }
+        let stopped = items(stopped?)
+            .iter()
+            .filter_map(|v| id_of(v).ok())
+            .collect();
+        let next_due = match int(&meta?) {
+            Some(1) => first_score(first?)?,
+            _ => Some(0),
+        };
+        let entries = stream_entries(fresh?);
+        let read_new = !entries.is_empty();
+        let out = self
+            .screen(sub, entries, int(&skip?).unwrap_or(0), &stopped)
+            .await?;
+        Ok(Some(Promoted {
+            out,
+            next_due,
+            stopped,
+            read_new,
+        }))
+    }
+
+    /// Hands back entries a read of a terminated generation took from the next one: each still
+    /// pending for this consumer is scheduled for delivery now, its delivery count unchanged, as
+    /// if never read. If that fails they stay pending for this consumer, which never reads
+    /// again, and are claimed by the new generation's consumers after their claim time.
+    async fn give_back(&self, sub: &Subscription, entries: &[Value]) {
+        let ids: Vec<String> = entries
+            .iter()
+            .filter_map(|e| match e {
+                Value::Array(parts) => parts.first().and_then(text),
+                _ => None,
+            })
+            .collect();
+        if ids.is_empty() {
+            return;
+        }
+        let key = stream_key(&sub.topic);
+        let pre = prefix(&sub.topic);
+        let now = Timestamp::now().0;
+        let r = self
+            .call(|mut c| {
+                let mut inv = self.scripts.give_back.key(&key);
+                inv.arg(&pre).arg(&sub.group).arg(&sub.consumer).arg(now);
+                for id in &ids {
+                    inv.arg(id);
+                }
+                async move { inv.invoke_async::<Value>(&mut c).await }
+            })
+            .await;
+        match r {
+            Ok(_) => self.due().scheduled(&sub.topic, &sub.group, now),
+            Err(e) => tracing::warn!(
+                topic = %sub.topic,
+                group = %sub.group,
+                error = %e,
+                "a consumer of a terminated generation took {} messages of the next one and could not hand them back: they are claimed after the group's claim time",
+                ids.len()
+            ),
+        }
+    }
+
     /// Recreates the group after a read found it missing.
     pub(crate) async fn recreate_group(&self, sub: &Subscription) -> Result<(), BackendError> {
         let key = stream_key(&sub.topic);
@@ -235,6 +367,13 @@ impl RedisBackend {
                     async move { inv.invoke_async::<Value>(&mut c).await }
                 })
                 .await;
+            if let Some(at) = held
+                .iter()
+                .filter_map(|(_, due)| u64::try_from(*due).ok())
+                .min()
+            {
+                self.due().scheduled(&sub.topic, &sub.group, at);
+            }
             match hold {
                 // Resumed since the promote step looked: deliver after all.
                 Ok(released) => out.extend(
@@ -315,6 +454,8 @@ impl RedisBackend {
                 async move { inv.invoke_async(&mut c).await }
             })
             .await?;
+        // It schedules entries it finds not yet due: the next read looks for due ones.
+        self.due().scheduled(&sub.topic, &sub.group, 0);
         let mut parts = items(reply).into_iter();
         let (Some(lost), Some(out)) = (parts.next(), parts.next()) else {
             return Err(corrupt("redeliver script reply"));
@@ -337,6 +478,27 @@ pub(crate) fn stream_entries(reply: Value) -> Vec<Value> {
         }
     }
     entries
+}
+
+/// The score of a `ZRANGE key 0 0 WITHSCORES` reply (RESP2 `[member, score]`, RESP3
+/// `[[member, score]]`) as whole milliseconds; `None` when the set is empty.
+pub(crate) fn first_score(v: Value) -> Result<Option<u64>, BackendError> {
+    let mut parts = items(v);
+    if let [Value::Array(_)] = parts.as_slice() {
+        parts = parts.into_iter().flat_map(items).collect();
+    }
+    let Some(score) = parts.get(1) else {
+        return Ok(None);
+    };
+    let ms = match score {
+        Value::Double(d) => Some(*d),
+        other => text(other).and_then(|t| t.parse::<f64>().ok()),
+    };
+    match ms {
+        // Scores are due times in ms (a negative one is due now).
+        Some(ms) if ms.is_finite() => Ok(Some(ms.max(0.0) as u64)),
+        _ => Err(corrupt(format!("schedule score {score:?}"))),
+    }
 }
 
 /// What the promote script handed over.

@@ -227,6 +227,22 @@ if type(r) == 'table' and r.err and not string.find(r.err, 'BUSYGROUP') then ret
 return 1
 "#;
 
+/// Hands back entries a read of a terminated generation took from the topic's next generation
+/// (its group joined again by another consumer): each still pending for this consumer is
+/// scheduled for delivery now, keeping its delivery count, as if it had not been read. ARGV:
+/// prefix, group, consumer, now_ms, then ids. Returns 1.
+pub(super) const GIVE_BACK: &str = r#"
+local g, c, now = ARGV[2], ARGV[3], tonumber(ARGV[4])
+for i = 5, #ARGV do
+  local id = ARGV[i]
+  local p = redis.pcall('XPENDING', S, g, id, id, 1, c)
+  if type(p) == 'table' and not p.err and p[1] then
+    hold(g, id, now, tonumber(p[1][4]) - 1)
+  end
+end
+return 1
+"#;
+
 /// Moves entries a read delivered that must not run yet (stopped, or delayed and not due).
 /// ARGV: prefix, group, epoch, now_ms, then pairs of id, due_ms (-1 = park: stopped). Returns
 /// the ids to deliver after all: stopped ones whose stop marker was removed since the client

@@ -261,6 +261,41 @@ pub async fn terminate_stops_consumers_and_topic_can_return(b: Broker) {
     assert_eq!(c.done().await, StopReason::TopicTerminated);
 }
 
+/// A subscription of a terminated generation is refused and takes nothing, even once the topic
+/// and a group of the same name are back (another consumer joined the new generation).
+pub async fn a_terminated_generation_reads_nothing_of_the_next(b: Broker) {
+    let backend = b.backend().clone();
+    let topic = unique("epoch");
+    let old = backend
+        .join(&topic, "g", "old", StartPosition::Earliest)
+        .await
+        .unwrap();
+    publish_n(&b, &topic, 4).await;
+    // Two reads, so a backend that skips work on later reads is on its usual path.
+    for _ in 0..2 {
+        let got = backend.read(&old, 1, Duration::ZERO).await.unwrap();
+        assert_eq!(got.len(), 1);
+    }
+    assert!(b.terminate(&topic).await.unwrap());
+    let new = backend
+        .join(&topic, "g", "new", StartPosition::Earliest)
+        .await
+        .unwrap();
+    let ids = publish_n(&b, &topic, 3).await;
+    let e = backend
+        .read(&old, 10, Duration::ZERO)
+        .await
+        .expect_err("a terminated generation reads nothing");
+    assert_eq!(e.kind, relq::BackendErrorKind::Terminated, "{e}");
+    let got = backend.read(&new, 10, Duration::ZERO).await.unwrap();
+    assert!(
+        got.iter().all(|d| d.message.attempt == 1),
+        "first deliveries: {got:?}"
+    );
+    let got: Vec<MessageId> = got.iter().map(|d| d.message.id).collect();
+    assert_eq!(got, ids, "the new generation gets every message of its own");
+}
+
 async fn group_stat(
     b: &Broker,
     topic: &str,

@@ -850,6 +850,56 @@ pub(crate) async fn run(
     let _ = done.send(Some(reason));
 }
 
+/// What the fetch loop asked the backend for.
+enum Fetch {
+    Read,
+    Recover,
+    Claim,
+}
+
+/// A read in flight: the permits it holds and its result.
+type Read = Pin<Box<dyn Future<Output = (OwnedSemaphorePermit, Fetched)> + Send>>;
+type Fetched = Result<Vec<Delivery>, BackendError>;
+
+/// Reads kept in flight at most. With a backlog, a second read goes out while the first is
+/// still on its way, so the backend's round trip overlaps the handling of the read before; a
+/// network backend, whose reads are mostly waiting, then runs about twice the messages.
+const READS_IN_FLIGHT: usize = 2;
+
+/// Awaits the read in `slot` and empties it; never resolves for an empty slot. Cancel-safe: the
+/// read stays in the slot if this is dropped first.
+async fn read_done(slot: &mut Option<Read>) -> (OwnedSemaphorePermit, Fetched) {
+    let Some(read) = slot.as_mut() else {
+        return std::future::pending().await;
+    };
+    let out = read.await;
+    *slot = None;
+    out
+}
+
+fn start_read(ctx: &Arc<Ctx>, permit: OwnedSemaphorePermit, wait: Duration) -> Read {
+    let ctx = ctx.clone();
+    Box::pin(async move {
+        let r = ctx.backend.read(&ctx.sub, permit.num_permits(), wait).await;
+        (permit, r)
+    })
+}
+
+/// Takes every free permit into `permit`, up to `max` in all.
+fn top_up(permits: &Arc<Semaphore>, permit: &mut OwnedSemaphorePermit, max: usize) {
+    let extra = permits
+        .available_permits()
+        .min(max.saturating_sub(permit.num_permits()));
+    if extra > 0 {
+        if let Ok(more) = permits
+            .clone()
+            .try_acquire_many_owned(u32::try_from(extra).unwrap_or(u32::MAX))
+        {
+            permit.merge(more);
+        }
+    }
+}
+
 async fn fetch_loop(
     ctx: &Arc<Ctx>,
     permits: &Arc<Semaphore>,
@@ -862,6 +912,13 @@ async fn fetch_loop(
     let mut recovering = true;
     let mut recovered_up_to = MessageId::ZERO;
     let mut next_claim = Instant::now();
+    // Plain reads in flight (recovery and claims run one at a time, with no read out). A read
+    // dropped here (at a stop) leaves what it took pending: recovered or claimed later.
+    let mut reads: [Option<Read>; READS_IN_FLIGHT] = [None, None];
+    // The last read came back full: more is waiting, so a second read may go out.
+    let mut backlog = false;
+    // A second read waits for a quarter of a read's worth of free permits, so reads stay large.
+    let ahead_at = c.read_batch.min(c.concurrency).div_ceil(4).max(1);
     loop {
         if stop.borrow().is_some() {
             return StopReason::Shutdown;
@@ -869,46 +926,64 @@ async fn fetch_loop(
         if let Some(r) = fatal.borrow().clone() {
             return r;
         }
-        let mut permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return StopReason::runtime_failure("permit semaphore closed"),
-            },
-            _ = changed(stop) => continue,
-            _ = changed(fatal) => continue,
-        };
-        if !recovering && std::mem::take(&mut held(&ctx.held).recover) {
-            recovering = true;
-            recovered_up_to = MessageId::ZERO;
-        }
-        // Every free permit (up to a read's size) is taken now, so a read asks for as many
-        // messages as can start, and each starts without waiting on the semaphore again.
-        let extra = permits
-            .available_permits()
-            .min(c.read_batch.saturating_sub(1));
-        if extra > 0 {
-            if let Ok(more) = permits
-                .clone()
-                .try_acquire_many_owned(u32::try_from(extra).unwrap_or(u32::MAX))
-            {
-                permit.merge(more);
-            }
-        }
-        let max = permit.num_permits();
-        let now = Instant::now();
-        let claiming = !recovering && now >= next_claim;
-        let fetched = if recovering {
-            ctx.backend.recover(&ctx.sub, recovered_up_to, max).await
-        } else if claiming {
-            ctx.backend.claim(&ctx.sub, c.claim_after, max).await
-        } else {
-            let wait = c.poll_wait.min(next_claim.saturating_duration_since(now));
+        let in_flight = reads.iter().filter(|r| r.is_some()).count();
+        let (permit, fetched, kind) = if in_flight > 0 {
+            // No read ahead once recovery or a claim is due: the reads out drain first.
+            let ahead = backlog
+                && in_flight < READS_IN_FLIGHT
+                && !recovering
+                && Instant::now() < next_claim
+                && !held(&ctx.held).recover;
+            let [first, second] = &mut reads;
             tokio::select! {
-                r = ctx.backend.read(&ctx.sub, max, wait) => r,
+                (p, r) = read_done(first) => (p, r, Fetch::Read),
+                (p, r) = read_done(second) => (p, r, Fetch::Read),
+                p = permits.clone().acquire_many_owned(ahead_at as u32), if ahead => {
+                    let Ok(mut permit) = p else {
+                        return StopReason::runtime_failure("permit semaphore closed");
+                    };
+                    top_up(permits, &mut permit, c.read_batch);
+                    let wait = c.poll_wait.min(next_claim.saturating_duration_since(Instant::now()));
+                    if let Some(slot) = reads.iter_mut().find(|r| r.is_none()) {
+                        *slot = Some(start_read(ctx, permit, wait));
+                    }
+                    continue;
+                }
                 _ = changed(stop) => continue,
                 _ = changed(fatal) => continue,
             }
+        } else {
+            let mut permit = tokio::select! {
+                p = permits.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return StopReason::runtime_failure("permit semaphore closed"),
+                },
+                _ = changed(stop) => continue,
+                _ = changed(fatal) => continue,
+            };
+            if !recovering && std::mem::take(&mut held(&ctx.held).recover) {
+                recovering = true;
+                recovered_up_to = MessageId::ZERO;
+            }
+            // Every free permit (up to a read's size) is taken now, so a read asks for as many
+            // messages as can start, and each starts without waiting on the semaphore again.
+            top_up(permits, &mut permit, c.read_batch);
+            let max = permit.num_permits();
+            let now = Instant::now();
+            let claiming = !recovering && now >= next_claim;
+            if recovering {
+                let r = ctx.backend.recover(&ctx.sub, recovered_up_to, max).await;
+                (permit, r, Fetch::Recover)
+            } else if claiming {
+                let r = ctx.backend.claim(&ctx.sub, c.claim_after, max).await;
+                (permit, r, Fetch::Claim)
+            } else {
+                let wait = c.poll_wait.min(next_claim.saturating_duration_since(now));
+                reads[0] = Some(start_read(ctx, permit, wait));
+                continue;
+            }
         };
+        let max = permit.num_permits();
         let mut deliveries = match fetched {
             Ok(d) => {
                 backoff = Duration::from_millis(50);
@@ -920,6 +995,7 @@ async fn fetch_loop(
                 _ if e.is_transient() => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "backend unavailable; retrying");
                     drop(permit);
+                    backlog = false;
                     // The failed call may have been applied with its reply lost (a read or claim
                     // whose connection dropped leaves messages pending for this consumer), so
                     // recover this consumer's pending messages before reading on. Messages it is
@@ -937,20 +1013,23 @@ async fn fetch_loop(
                 _ => return StopReason::Failed(Arc::new(e)),
             },
         };
-        if recovering {
+        match kind {
             // Page until a page comes back empty: a short page does not mean the end (a backend
             // may skip stopped or trimmed entries within a page).
-            match deliveries.last() {
+            Fetch::Recover => match deliveries.last() {
                 Some(d) => recovered_up_to = d.message.id,
                 None => recovering = false,
+            },
+            Fetch::Claim if deliveries.len() < max => {
+                next_claim = instant_after(
+                    Instant::now(),
+                    (c.claim_after / 2).max(Duration::from_millis(10)),
+                );
             }
+            Fetch::Claim => {}
+            Fetch::Read => backlog = deliveries.len() >= max,
         }
-        if claiming && deliveries.len() < max {
-            next_claim = instant_after(
-                Instant::now(),
-                (c.claim_after / 2).max(Duration::from_millis(10)),
-            );
-        }
+        let mut permit = permit;
         let mut staged = Vec::with_capacity(deliveries.len());
         ctx.enter(&mut deliveries);
         for d in deliveries {
