@@ -200,7 +200,13 @@ impl Backend for RedisBackend {
             let (due, stamp) = self.due().look(&sub.topic, &sub.group, Timestamp::now().0);
             let read = match due {
                 true => self.promote(sub, max).await?,
-                false => match self.read_ready(sub, max).await? {
+                false => match self.read_ready(sub, max).await.inspect_err(|e| {
+                    // The next read goes through the promote script (a script call follows a
+                    // cluster redirect that aborted the transaction).
+                    if e.kind == BackendErrorKind::Unavailable {
+                        self.due().forget(&sub.topic);
+                    }
+                })? {
                     Some(read) => read,
                     None => {
                         // Redis lost the group: recreate it (unless the topic was terminated),

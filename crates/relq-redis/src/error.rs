@@ -54,9 +54,18 @@ pub(crate) fn map_err(e: RedisError) -> BackendError {
     // text (only then: elsewhere the text can hold key names such as a topic called "ROOM").
     let aborted = e.code() == Some("EXECABORT") || text.starts_with("EXECABORT");
     let has = |code: &str| e.code() == Some(code) || (aborted && text.contains(code));
+    // A cluster slot that moved, seen inside a transaction (the client follows a redirect for a
+    // single command or script, not for an aborted MULTI/EXEC): the next call, a script, is
+    // redirected and refreshes the slot map. Matched as a word of the reply.
+    let redirected = matches!(e.code(), Some("MOVED" | "ASK"))
+        || (aborted
+            && text
+                .split_whitespace()
+                .any(|w| matches!(w, "MOVED" | "ASK" | "-MOVED" | "-ASK")));
     let kind = if has("OOM") {
         BackendErrorKind::Full
     } else if transient(&e)
+        || redirected
         || [
             "LOADING",
             "READONLY",
@@ -108,5 +117,19 @@ mod tests {
             Some("User x has no permissions to run the 'info' command".into()),
         );
         assert_eq!(redis_code(&map_err(noperm)), Some("NOPERM"));
+        // A slot that moved during a transaction: transient, the next call is redirected.
+        let moved = ::redis::make_extension_error(
+            "EXECABORT".into(),
+            Some("Transaction discarded because of: MOVED 3999 127.0.0.1:7002".into()),
+        );
+        assert_eq!(map_err(moved).kind, BackendErrorKind::Unavailable);
+        let ask = ::redis::make_extension_error("ASK".into(), Some("3999 127.0.0.1:7002".into()));
+        assert_eq!(map_err(ask).kind, BackendErrorKind::Unavailable);
+        // A key named like a redirect in another aborted transaction's text is not one.
+        let wrongtype = ::redis::make_extension_error(
+            "EXECABORT".into(),
+            Some("Transaction discarded because of: WRONGTYPE key relq:{MOVEDASK}:s".into()),
+        );
+        assert_eq!(map_err(wrongtype).kind, BackendErrorKind::Corrupt);
     }
 }

@@ -181,7 +181,7 @@ impl RedisBackend {
             .filter_map(|v| id_of(v).ok())
             .collect();
         let next_due = match int(&meta?) {
-            Some(1) => first_score(first?)?,
+            Some(1) => first_score(first?),
             _ => Some(0),
         };
         let entries = stream_entries(fresh?);
@@ -198,8 +198,8 @@ impl RedisBackend {
     }
 
     /// Hands back entries a read of a terminated generation took from the next one: each still
-    /// pending for this consumer is scheduled for delivery now, its delivery count unchanged, as
-    /// if never read. If that fails they stay pending for this consumer, which never reads
+    /// pending for this consumer is scheduled for delivery now (a delayed one when due), its
+    /// delivery count unchanged, as if never read. If that fails they stay pending for this consumer, which never reads
     /// again, and are claimed by the new generation's consumers after their claim time.
     async fn give_back(&self, sub: &Subscription, entries: &[Value]) {
         let ids: Vec<String> = entries
@@ -481,23 +481,24 @@ pub(crate) fn stream_entries(reply: Value) -> Vec<Value> {
 }
 
 /// The score of a `ZRANGE key 0 0 WITHSCORES` reply (RESP2 `[member, score]`, RESP3
-/// `[[member, score]]`) as whole milliseconds; `None` when the set is empty.
-pub(crate) fn first_score(v: Value) -> Result<Option<u64>, BackendError> {
+/// `[[member, score]]`) as whole milliseconds; `None` when the set is empty or its first entry
+/// is never due (`+inf`). A score that does not parse counts as due now: the promote script,
+/// which looks itself, sorts it out.
+pub(crate) fn first_score(v: Value) -> Option<u64> {
     let mut parts = items(v);
     if let [Value::Array(_)] = parts.as_slice() {
         parts = parts.into_iter().flat_map(items).collect();
     }
-    let Some(score) = parts.get(1) else {
-        return Ok(None);
-    };
+    let score = parts.get(1)?;
     let ms = match score {
         Value::Double(d) => Some(*d),
         other => text(other).and_then(|t| t.parse::<f64>().ok()),
     };
     match ms {
-        // Scores are due times in ms (a negative one is due now).
-        Some(ms) if ms.is_finite() => Ok(Some(ms.max(0.0) as u64)),
-        _ => Err(corrupt(format!("schedule score {score:?}"))),
+        Some(ms) if ms == f64::INFINITY => None,
+        // Due times in ms; a negative one (or -inf) is due now. `as` saturates.
+        Some(ms) if !ms.is_nan() => Some(ms.max(0.0) as u64),
+        _ => Some(0),
     }
 }
 

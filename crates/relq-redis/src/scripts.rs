@@ -229,7 +229,8 @@ return 1
 
 /// Hands back entries a read of a terminated generation took from the topic's next generation
 /// (its group joined again by another consumer): each still pending for this consumer is
-/// scheduled for delivery now, keeping its delivery count, as if it had not been read. ARGV:
+/// scheduled for delivery now (a delayed one when due), keeping its delivery count, as if it had
+/// not been read. ARGV:
 /// prefix, group, consumer, now_ms, then ids. Returns 1.
 pub(super) const GIVE_BACK: &str = r#"
 local g, c, now = ARGV[2], ARGV[3], tonumber(ARGV[4])
@@ -237,7 +238,11 @@ for i = 5, #ARGV do
   local id = ARGV[i]
   local p = redis.pcall('XPENDING', S, g, id, id, 1, c)
   if type(p) == 'table' and not p.err and p[1] then
-    hold(g, id, now, tonumber(p[1][4]) - 1)
+    -- A delayed message keeps its due time.
+    local e = redis.call('XRANGE', S, id, id)[1]
+    local at = e and due_at(e[2])
+    if not at or at < now then at = now end
+    hold(g, id, at, tonumber(p[1][4]) - 1)
   end
 end
 return 1
