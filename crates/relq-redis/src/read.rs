@@ -140,12 +140,24 @@ impl RedisBackend {
             .arg(&key)
             .arg(NEVER_DELIVERED);
         pipe.cmd("ZCARD").arg(format!("{group}skip"));
-        let reply: Vec<Value> = self
-            .call_once(|mut c| {
-                let pipe = &pipe;
-                async move { pipe.query_async(&mut c).await }
-            })
-            .await?;
+        // On a connection of its own (from the blocking reads' pool): the reply, the largest
+        // of all, is parsed by that connection's task, beside the acks on the shared one.
+        let mut conn = self.blocking.take(&self.target).await.map_err(map_err)?;
+        let limit = self.config.response_timeout;
+        let reply: Vec<Value> = match tokio::time::timeout(limit, pipe.query_async(&mut conn)).await
+        {
+            Ok(Ok(v)) => {
+                self.blocking.give_back(conn);
+                v
+            }
+            Ok(Err(e)) => return Err(map_err(e)),
+            Err(_) => {
+                return Err(err(
+                    BackendErrorKind::Unavailable,
+                    format!("read got no reply within {limit:?}"),
+                ))
+            }
+        };
         let Ok([ended, meta, stopped, first, fresh, skip]) = <[Value; 6]>::try_from(reply) else {
             return Err(corrupt("read transaction reply"));
         };
