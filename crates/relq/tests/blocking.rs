@@ -174,6 +174,85 @@ async fn blocking_handler_at_shutdown(broker: Broker) {
     assert_eq!(report.abandoned, 0);
 }
 
+/// While one handler blocks its thread, the other messages of the same read run on the other
+/// thread: the idle workers woken for them one after another are never left waiting behind the
+/// blocked one (tokio keeps a task woken from a worker thread in that thread's own slot, and a
+/// task that yields on that thread's own list).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_blocking_its_thread_does_not_hold_up_the_rest_of_its_read() {
+    blocking_in_one_read(true).await;
+}
+
+/// The same with the blocking message last in the read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_blocking_its_thread_last_in_its_read_does_not_hold_up_the_rest() {
+    blocking_in_one_read(false).await;
+}
+
+async fn blocking_in_one_read(block_first: bool) {
+    let broker = Broker::memory();
+    let events: Arc<Mutex<Vec<String>>> = Arc::default();
+    let log = events.clone();
+    let consumer = broker
+        .consumer("blocking-read", "g")
+        .start(StartPosition::Earliest)
+        .concurrency(8)
+        .read_batch(8)
+        .poll_wait(Duration::from_millis(50))
+        .handler_timeout(Duration::from_secs(20))
+        .claim_after(Duration::from_secs(60))
+        .handler("job", move |m: Message| {
+            if m.payload.as_ref() == b"block" {
+                std::thread::sleep(Duration::from_secs(2)); // blocks the worker thread
+                log.lock().unwrap().push("blocker returned".to_owned());
+            } else {
+                log.lock().unwrap().push(format!("{:?}", m.payload));
+            }
+            async { Ok::<(), HandlerError>(()) }
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    // A first read of eight starts eight workers, which then wait idle.
+    let warm: Vec<NewMessage> = (0..8)
+        .map(|i| NewMessage::new("job", format!("w{i}")))
+        .collect();
+    broker.publish_batch("blocking-read", warm).await.unwrap();
+    until_processed(
+        &consumer,
+        8,
+        Duration::from_secs(20),
+        "warm-up not processed",
+    )
+    .await;
+    // Not a synchronisation, a sharpening: once reads have come back empty (poll_wait), the
+    // consumer has one read out with all eight permits, so the batch below arrives in one read
+    // and is handed to the idle workers at once. Were the reads still split, the test would
+    // pass without testing the hand-over; it cannot fail because of it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let quick = (0..7).map(|i| NewMessage::new("job", format!("q{i}")));
+    let batch: Vec<NewMessage> = if block_first {
+        std::iter::once(NewMessage::new("job", "block"))
+            .chain(quick)
+            .collect()
+    } else {
+        quick.chain([NewMessage::new("job", "block")]).collect()
+    };
+    events.lock().unwrap().clear();
+    broker.publish_batch("blocking-read", batch).await.unwrap();
+    until_processed(&consumer, 16, Duration::from_secs(20), "not processed").await;
+    let events = events.lock().unwrap().clone();
+    assert_eq!(events.len(), 8, "{events:?}");
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("blocker returned"),
+        "the quick messages ran while the blocked handler held its thread: {events:?}"
+    );
+    consumer.shutdown(Duration::from_secs(5)).await;
+}
+
 /// Waits (real time) until `consumer` has processed `n` messages; fails with `what` and its
 /// stats after `limit`.
 async fn until_processed(consumer: &relq::ConsumerHandle, n: u64, limit: Duration, what: &str) {

@@ -434,17 +434,20 @@ impl Work {
         let added = q.tasks.len() - before;
         let (queued, idle) = (q.tasks.len(), q.idle);
         drop(q);
-        // Idle workers registered their wake-up before counting themselves idle, so each of
-        // these reaches one (or is kept for the next to wait).
-        for _ in 0..added.min(idle) {
+        // Idle workers registered their wake-up before counting themselves idle, so this
+        // reaches one (or is kept for the next to wait); it passes the wake-up on while tasks
+        // are left (`next`).
+        if added > 0 && idle > 0 {
             self.ready.notify_one();
         }
         queued.saturating_sub(idle)
     }
 
-    /// The next task, and whether the worker waited for it; `None` once closed.
-    async fn next(&self) -> Option<(Task, bool)> {
+    /// The next task, and whether the worker waited for it or woke another worker for the
+    /// tasks after it; `None` once closed.
+    async fn next(&self) -> Option<(Task, bool, bool)> {
         let mut waited = false;
+        let mut passed = false;
         loop {
             // Looked at first without registering for a wake-up: a busy worker finds a task.
             {
@@ -453,7 +456,7 @@ impl Work {
                     return None;
                 }
                 if let Some(t) = q.tasks.pop_front() {
-                    return Some((t, waited));
+                    return Some((t, waited, passed));
                 }
             }
             let ready = self.ready.notified();
@@ -466,13 +469,23 @@ impl Work {
                     return None;
                 }
                 if let Some(t) = q.tasks.pop_front() {
-                    return Some((t, waited));
+                    return Some((t, waited, passed));
                 }
                 q.idle += 1;
             }
             ready.await;
             waited = true;
-            self.lock().idle -= 1;
+            let mut q = self.lock();
+            q.idle -= 1;
+            // Woken for a task: if more wait and another worker is idle, pass the wake-up on.
+            // (`push` wakes one worker, not one per task: a handler that finishes at once
+            // takes the next task itself, and the others are woken one by one only while tasks
+            // are left.)
+            if q.tasks.len() > 1 && q.idle > 0 {
+                drop(q);
+                self.ready.notify_one();
+                passed = true;
+            }
         }
     }
 
@@ -506,7 +519,7 @@ async fn worker<H: Handler>(
     // Only a multi-threaded runtime keeps a woken task in a slot of the waking thread.
     let lifo = tokio::runtime::Handle::current().runtime_flavor()
         != tokio::runtime::RuntimeFlavor::CurrentThread;
-    while let Some((Task { job, name }, waited)) = work.next().await {
+    while let Some((Task { job, name }, waited, passed)) = work.next().await {
         let Some(message) = job.message() else {
             // Timed out or left pending while it waited in the queue: not run.
             if job.replaced() {
@@ -514,14 +527,15 @@ async fn worker<H: Handler>(
             }
             continue;
         };
-        if ran && !waited && lifo {
+        if ((ran && !waited) || passed) && lifo {
             // Taken without waiting, right after the last one: let whatever that one woke on
             // this thread (the settler, the fetch loop, a task the handler woke) run first.
             // Tokio keeps such a task in this thread's own slot, which other threads do not
             // take, so a handler that then blocks the thread would strand it. (Whether the
             // last message woke anything cannot be told reliably: a channel's receiver can be
-            // woken by a send long after it stopped waiting on it.)
-            tokio::task::yield_now().await;
+            // woken by a send long after it stopped waiting on it.) The same for the worker
+            // this one woke for the tasks after it.
+            yield_stealable().await;
         }
         ran = true;
         let started = Instant::now();
@@ -580,6 +594,24 @@ async fn worker<H: Handler>(
         queue(&ctx, settlement).await;
         drop(permit);
     }
+}
+
+/// Lets the other tasks of this thread run first, as `tokio::task::yield_now` does, but where
+/// other threads can take this task: it wakes itself, and tokio puts a task woken while it runs
+/// at the back of the thread's run queue, which other threads steal from. (`yield_now` parks
+/// the task on a list of the thread's own, run only when the thread next idles or every 61
+/// polls: workers yielding there before a handler that blocks the thread would wait for it.)
+async fn yield_stealable() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            return Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    })
+    .await
 }
 
 /// Runs `fut` until it finishes (`Some`) or `cancel` is notified (`None`). It is polled once
