@@ -30,7 +30,12 @@ base=$(python3 -c 'import json,sys; print(json.loads(open(sys.argv[1]).readline(
 echo "relq serve at $base"
 # positive_data_acceptance is excluded: some schema-valid requests are refused on purpose
 # (a replay must choose ids, a filter or all; a type must be a valid name; a time must exist).
+# use_after_free (ST301) is excluded: `DELETE /api/jobs/{id}` cancels a background job, which
+# stays listed in state "cancelled" so an operator sees what it did; the stateful phase flagged
+# that in one CI run of several (when it happened to cancel a live replay job). The deletes of
+# topics, groups and dead letters are checked by the Rust tests (a deleted one is gone).
+# Follow-up: a per-operation exclusion, or cancelling with `POST /api/jobs/{id}/cancel`.
 "$venv/bin/schemathesis" run "$base/openapi.json" \
-  --checks all --exclude-checks positive_data_acceptance \
+  --checks all --exclude-checks positive_data_acceptance,use_after_free \
   -H "Authorization: Bearer $token" \
   --max-examples 40 --seed 1 --workers 1
