@@ -211,16 +211,11 @@ impl RedisBackend {
 
     /// Hands back entries a read of a terminated generation took from the next one: each still
     /// pending for this consumer is scheduled for delivery now (a delayed one when due), its
-    /// delivery count unchanged, as if never read. If that fails they stay pending for this consumer, which never reads
-    /// again, and are claimed by the new generation's consumers after their claim time.
+    /// delivery count unchanged, as if never read. If that fails they stay pending for this
+    /// consumer, which never reads again, and are claimed by the new generation's consumers
+    /// after their claim time.
     async fn give_back(&self, sub: &Subscription, entries: &[Value]) {
-        let ids: Vec<String> = entries
-            .iter()
-            .filter_map(|e| match e {
-                Value::Array(parts) => parts.first().and_then(text),
-                _ => None,
-            })
-            .collect();
+        let ids = entry_ids(entries);
         if ids.is_empty() {
             return;
         }
@@ -418,13 +413,7 @@ impl RedisBackend {
         sub: &Subscription,
         entries: &[Value],
     ) -> Result<HashSet<MessageId>, BackendError> {
-        let ids: Vec<String> = entries
-            .iter()
-            .filter_map(|e| match e {
-                Value::Array(parts) => parts.first().and_then(text),
-                _ => None,
-            })
-            .collect();
+        let ids = entry_ids(entries);
         let key = stream_key(&sub.topic);
         let pre = prefix(&sub.topic);
         let passed: Value = self
@@ -512,6 +501,17 @@ pub(crate) fn first_score(v: Value) -> Option<u64> {
         Some(ms) if !ms.is_nan() => Some(ms.max(0.0) as u64),
         _ => Some(0),
     }
+}
+
+/// The ids of `XREADGROUP` entries, as the text scripts take.
+fn entry_ids(entries: &[Value]) -> Vec<String> {
+    entries
+        .iter()
+        .filter_map(|e| match e {
+            Value::Array(parts) => parts.first().and_then(text),
+            _ => None,
+        })
+        .collect()
 }
 
 /// What the promote script handed over.
