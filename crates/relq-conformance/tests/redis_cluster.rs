@@ -47,7 +47,7 @@ async fn topics_are_spread_over_the_masters() {
         .map(|h| h.rsplit(':').next().unwrap())
         .collect();
     for port in ports {
-        let out = std::process::Command::new("redis-cli")
+        let out = std::process::Command::new(relq_redis_server::cli_program())
             .args(["-p", port, "DBSIZE"])
             .output()
             .unwrap();

@@ -374,6 +374,27 @@ async fn restart_without_persistence_recreates_the_group_and_does_not_spin() {
     consumer.shutdown(LONG).await;
 }
 
+/// The backend reports the server's version in its health, and it is the version of the binary
+/// the tests were told to run (`RELQ_REDIS_SERVER`; CI runs this suite on Redis 7.0 and 8.x, and
+/// this fails if the second run silently used the first server).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_the_version_of_the_server_under_test() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let want = relq_conformance::redis_server::server_version().expect("the server's --version");
+    let broker = Broker::new(RedisBackend::connect(&server.url()).await.unwrap());
+    let health = broker.health().await;
+    let check = health
+        .checks
+        .iter()
+        .find(|c| c.name == "server_version")
+        .expect("a server_version check");
+    assert!(check.ok, "{check:?}");
+    assert_eq!(check.detail, format!("Redis {want}"));
+    eprintln!("the Redis tests run against Redis {want}");
+}
+
 /// A server that may evict keys is refused (queue data could vanish); allowing it explicitly
 /// connects.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

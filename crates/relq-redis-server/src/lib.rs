@@ -4,6 +4,10 @@
 //! When `redis-server` is not installed, [`RedisServer::start`] prints a loud notice and returns
 //! `None` so the caller can skip; with `RELQ_REQUIRE_REDIS=1` (CI sets it) it panics instead.
 //! A watchdog shell kills the server if the test process dies without dropping the guard.
+//!
+//! `RELQ_REDIS_SERVER` (and `RELQ_REDIS_CLI`) name the binaries to run instead of the
+//! `redis-server` (and `redis-cli`) on the `PATH`: CI runs the Redis tests once on Debian's 7.0,
+//! the oldest version relq supports, and once on a Redis 8 built from source.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -46,9 +50,38 @@ pub struct RedisServer {
     options: ServerOptions,
 }
 
+/// The `redis-server` binary the tests run: `RELQ_REDIS_SERVER`, or the one on the `PATH`.
+pub fn server_program() -> String {
+    std::env::var("RELQ_REDIS_SERVER")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| "redis-server".to_owned())
+}
+
+/// The `redis-cli` binary the tests run: `RELQ_REDIS_CLI`, or the one on the `PATH`.
+pub fn cli_program() -> String {
+    std::env::var("RELQ_REDIS_CLI")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| "redis-cli".to_owned())
+}
+
+/// The version [`server_program`] reports (`7.0.15`), if it runs.
+pub fn server_version() -> Option<String> {
+    let out = Command::new(server_program())
+        .arg("--version")
+        .output()
+        .ok()?;
+    // "Redis server v=7.0.15 sha=..."
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("v="))
+        .map(str::to_owned)
+}
+
 /// Whether `redis-server` can be run here. Panics when it cannot and `RELQ_REQUIRE_REDIS=1`.
 pub fn available() -> bool {
-    let ok = Command::new("redis-server")
+    let ok = Command::new(server_program())
         .arg("--version")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -56,7 +89,10 @@ pub fn available() -> bool {
         .is_ok_and(|s| s.success());
     if !ok {
         if std::env::var("RELQ_REQUIRE_REDIS").is_ok_and(|v| v == "1") {
-            panic!("redis-server is not installed and RELQ_REQUIRE_REDIS=1: install it (apt-get install -y redis-server)");
+            panic!(
+                "{} does not run and RELQ_REQUIRE_REDIS=1: install it (apt-get install -y redis-server)",
+                server_program()
+            );
         }
         eprintln!(
             "\n**********************************************************************\n\
@@ -147,10 +183,11 @@ impl RedisServer {
             .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
             .collect();
         let script = format!(
-            "redis-server {} & R=$!; trap 'kill $R 2>/dev/null; exit 0' TERM; \
+            "'{program}' {} & R=$!; trap 'kill $R 2>/dev/null; exit 0' TERM; \
              while kill -0 {parent} 2>/dev/null && kill -0 $R 2>/dev/null; do sleep 0.5; done; \
              kill $R 2>/dev/null; wait $R",
             quoted.join(" "),
+            program = server_program().replace('\'', "'\\''"),
             parent = std::process::id()
         );
         let child = Command::new("sh")
@@ -212,7 +249,7 @@ impl RedisServer {
 
     /// Runs `redis-cli -p <port> <args>` and returns its output.
     pub fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
+        let out = Command::new(cli_program())
             .arg("-p")
             .arg(self.port.to_string())
             .args(args)
@@ -251,7 +288,7 @@ impl RedisCluster {
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port()))
             .collect();
-        let out = Command::new("redis-cli")
+        let out = Command::new(cli_program())
             .arg("--cluster")
             .arg("create")
             .args(&addrs)

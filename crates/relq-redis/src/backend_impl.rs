@@ -542,6 +542,14 @@ impl Backend for RedisBackend {
                 return Health::new(NAME, checks);
             }
         }
+        checks.push(HealthCheck::new(
+            "server_version",
+            true,
+            match self.server_version.get() {
+                Some(v) => format!("Redis {v}"),
+                None => "not readable (INFO denied); relq needs Redis 7.0 or newer".to_owned(),
+            },
+        ));
         let mut cmd = ::redis::cmd("CONFIG");
         cmd.arg("GET").arg("maxmemory-policy");
         match self.query(cmd).await {

@@ -63,6 +63,7 @@ impl RedisBackend {
             with_history: Mutex::new(History::default()),
             needs_recovery: Mutex::new(HashSet::new()),
             due: Mutex::new(Default::default()),
+            server_version: std::sync::OnceLock::new(),
             calls: std::sync::atomic::AtomicU64::new(0),
             call_errors: std::sync::atomic::AtomicU64::new(0),
         };
@@ -94,20 +95,20 @@ impl RedisBackend {
             Value::Map(nodes) => nodes.into_iter().filter_map(|(_, v)| text(&v)).collect(),
             other => text(&other).unwrap_or_default(),
         };
-        for line in info.lines() {
-            if let Some(v) = line.strip_prefix("redis_version:") {
-                let mut parts = v.trim().split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-                let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-                if (major, minor) < (7, 0) {
-                    return Err(err(
-                        BackendErrorKind::Invalid,
-                        format!(
-                            "Redis {} is too old: relq needs Redis 7.0 or newer",
-                            v.trim()
-                        ),
-                    ));
-                }
+        // On a cluster, one `redis_version` per node: the oldest decides.
+        let oldest = info
+            .lines()
+            .filter_map(|l| l.strip_prefix("redis_version:"))
+            .map(|v| (version_parts(v), v.trim().to_owned()))
+            .min();
+        if let Some((parts, v)) = oldest {
+            if parts < (7, 0, 0) {
+                return Err(err(
+                    BackendErrorKind::Invalid,
+                    format!("Redis {v} is too old: relq needs Redis 7.0 or newer"),
+                ));
             }
+            let _ = self.server_version.set(v);
         }
         let policy: RedisResult<Value> = ::redis::cmd("CONFIG")
             .arg("GET")
@@ -207,5 +208,27 @@ pub(crate) fn redact(url: &str) -> String {
             format!("{}{user}:***{}", &url[..s + 3], &url[at..])
         }
         _ => url.to_owned(),
+    }
+}
+
+/// `"7.0.15"` as `(7, 0, 15)`; a part that is not a number counts as 0.
+fn version_parts(v: &str) -> (u32, u32, u32) {
+    let mut parts = v.trim().split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let mut next = || parts.next().unwrap_or(0);
+    (next(), next(), next())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::version_parts;
+
+    #[test]
+    fn versions_compare_by_number_not_text() {
+        assert_eq!(version_parts("7.0.15"), (7, 0, 15));
+        assert_eq!(version_parts(" 8.6.3\r"), (8, 6, 3));
+        assert!(version_parts("10.0.0") > version_parts("8.6.3"));
+        assert!(version_parts("6.2.14") < (7, 0, 0));
+        assert_eq!(version_parts("garbage"), (0, 0, 0));
+        assert_eq!(version_parts("7"), (7, 0, 0));
     }
 }

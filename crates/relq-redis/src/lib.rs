@@ -128,6 +128,8 @@ pub struct RedisBackend {
     /// When each group's first scheduled entry is due: a read runs the promote script only when
     /// one may be due by now.
     due: Mutex<DueTimes>,
+    /// The lowest `redis_version` the server's nodes reported at connect, if readable.
+    server_version: std::sync::OnceLock<String>,
     /// Commands and scripts sent on the shared connection, and those that failed.
     calls: std::sync::atomic::AtomicU64,
     call_errors: std::sync::atomic::AtomicU64,
