@@ -474,7 +474,7 @@ async function deadLettersPage(topic) {
     }
     location.hash = `#/topics/${enc(topic)}/dead-letters?${q}`;
   } },
-    field("reason", "Reason", ["retryable", "permanent", "panic", "timeout", "no_handler", "delivery_limit"]),
+    field("reason", "Reason", ["retryable", "permanent", "panic", "timeout", "no_handler", "delivery_limit", "expired"]),
     field("category", "Category"), field("type", "Type"), field("handler", "Handler"), field("group", "Group"),
     timeField("since", "Failed since", params), timeField("until", "Failed before", params),
     h("button", { type: "submit" }, "Filter"));

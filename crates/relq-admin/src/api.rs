@@ -560,6 +560,9 @@ pub(crate) struct PublishRequest {
     pub(crate) headers: BTreeMap<String, String>,
     /// Deliver no earlier than this from now (`"30s"`).
     pub(crate) delay: Option<String>,
+    /// Time to live from now (`"10m"`): a consumer that takes the message later does not
+    /// handle it (a dead letter with reason `expired`, or dropped).
+    pub(crate) ttl: Option<String>,
 }
 
 /// The id a publish got.
@@ -589,10 +592,14 @@ pub(crate) async fn publish(
     if let Some(d) = &req.delay {
         m = m.delay(parse_duration("delay", d)?);
     }
+    if let Some(t) = &req.ttl {
+        m = m.ttl(parse_duration("ttl", t)?);
+    }
     let params = audit::params([
         ("type", serde_json::json!(req.kind)),
         ("bytes", serde_json::json!(req.payload.len())),
         ("delay", serde_json::json!(req.delay)),
+        ("ttl", serde_json::json!(req.ttl)),
     ]);
     let r = s.broker.publish(&topic, m).await.map_err(Problem::from);
     let r = r.map(|id| Published { id: id.to_string() });
@@ -881,9 +888,9 @@ pub(crate) struct DeadLetterFilter {
     #[param(rename = "type")]
     pub(crate) kind: Option<String>,
     /// Only this reason (`retryable`, `permanent`, `panic`, `timeout`, `no_handler`,
-    /// `delivery_limit`).
-    #[param(pattern = r"^(retryable|permanent|panic|timeout|no_handler|delivery_limit)$")]
-    #[schema(pattern = r"^(retryable|permanent|panic|timeout|no_handler|delivery_limit)$")]
+    /// `delivery_limit`, `expired`).
+    #[param(pattern = r"^(retryable|permanent|panic|timeout|no_handler|delivery_limit|expired)$")]
+    #[schema(pattern = r"^(retryable|permanent|panic|timeout|no_handler|delivery_limit|expired)$")]
     pub(crate) reason: Option<String>,
     /// Only this error category.
     pub(crate) category: Option<String>,
@@ -962,7 +969,7 @@ pub(crate) struct DeadLetterPage {
     #[param(rename = "type")]
     kind: Option<String>,
     /// Only this reason.
-    #[param(pattern = r"^(retryable|permanent|panic|timeout|no_handler|delivery_limit)$")]
+    #[param(pattern = r"^(retryable|permanent|panic|timeout|no_handler|delivery_limit|expired)$")]
     reason: Option<String>,
     /// Only this error category.
     category: Option<String>,

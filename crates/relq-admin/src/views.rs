@@ -217,7 +217,7 @@ pub(crate) struct AttemptView {
     /// The consumer that ran it.
     pub(crate) consumer: String,
     /// The kind of failure (`retryable`, `permanent`, `panic`, `timeout`, `no_handler`,
-    /// `delivery_limit`).
+    /// `delivery_limit`, `expired`).
     pub(crate) kind: String,
     /// The error.
     pub(crate) error: String,

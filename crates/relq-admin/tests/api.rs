@@ -197,6 +197,34 @@ async fn tokens_and_roles_are_enforced() {
     }
 }
 
+/// A publish's time to live becomes the expiry header, stamped at publish.
+#[tokio::test]
+async fn a_published_time_to_live_is_stamped_on_the_message() {
+    let b = broker_with_failures().await;
+    let app = app(&b);
+    let before = relq::Timestamp::now();
+    let r = call(
+        &app,
+        Method::POST,
+        "/api/topics/ttl-demo/messages",
+        Some(ADMIN),
+        Some(json!({"type": "order", "payload": "x", "ttl": "10m"})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let id: relq::MessageId = r.body["id"].as_str().unwrap().parse().unwrap();
+    let m = b.message("ttl-demo", id).await.unwrap();
+    let at = m.expires_at().expect("an expiry");
+    assert!(
+        at >= before.plus(std::time::Duration::from_secs(600)),
+        "{at:?}"
+    );
+    assert!(
+        at <= relq::Timestamp::now().plus(std::time::Duration::from_secs(600)),
+        "{at:?}"
+    );
+}
+
 #[tokio::test]
 async fn topics_messages_stop_resume_and_terminate() {
     let b = broker_with_failures().await;
@@ -735,6 +763,12 @@ async fn bad_input_is_a_problem_never_a_server_error() {
             Method::POST,
             "/api/topics/orders/messages",
             Some(json!({"type": "t", "payload": "x", "delay": "99999999999999999d"})),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::POST,
+            "/api/topics/orders/messages",
+            Some(json!({"type": "t", "payload": "x", "ttl": "a while"})),
             StatusCode::BAD_REQUEST,
         ),
         (

@@ -48,6 +48,11 @@ pub(crate) struct ConsumeArgs {
     /// crashing while holding it). Default: retry.max_attempts of the configuration, 5.
     #[arg(long)]
     max_attempts: Option<u32>,
+    /// What becomes of a message whose time to live ended before it was printed: dead_letter
+    /// (reason `expired`) or drop. Default: consumer.on_expired of the configuration,
+    /// dead_letter.
+    #[arg(long)]
+    on_expired: Option<relq::OnExpired>,
     /// On SIGINT or SIGTERM, wait this long for messages being printed before leaving the rest
     /// pending.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
@@ -177,7 +182,8 @@ pub(crate) async fn run(
         .read_batch(1)
         .claim_after(claim_after)
         .handler_timeout(handler_timeout.max(Duration::from_millis(1)))
-        .retry(config.retry.backoff().max_attempts(max_attempts));
+        .retry(config.retry.backoff().max_attempts(max_attempts))
+        .on_expired(args.on_expired.unwrap_or(config.consumer.on_expired));
     if let Some(n) = &args.name {
         builder = builder.name(n);
     }

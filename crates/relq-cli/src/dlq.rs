@@ -94,7 +94,7 @@ pub(crate) struct Filter {
     /// Only this message type.
     #[arg(long = "type", id = "type")]
     kind: Option<String>,
-    /// Only this reason (retryable, permanent, panic, timeout, no_handler, delivery_limit).
+    /// Only this reason (retryable, permanent, panic, timeout, no_handler, delivery_limit, expired).
     #[arg(long)]
     reason: Option<FailureKind>,
     /// Only this error category.

@@ -65,9 +65,10 @@ enum Command {
         payload: Option<String>,
         /// Read messages from stdin, one JSON object per line:
         /// {"type": "...", "payload": "text" or any JSON value (published as its JSON text),
-        /// "payload_hex": "00ff..", "headers": {"k": "v"}, "delay": "5s"}; published in batches
-        /// with a progress bar. A bad line stops it: the lines before it are published.
-        #[arg(long, conflicts_with_all = ["kind", "payload", "file", "headers", "delay"])]
+        /// "payload_hex": "00ff..", "headers": {"k": "v"}, "delay": "5s", "ttl": "10m"};
+        /// published in batches with a progress bar. A bad line stops it: the lines before it
+        /// are published.
+        #[arg(long, conflicts_with_all = ["kind", "payload", "file", "headers", "delay", "ttl"])]
         jsonl: bool,
         /// Messages per batch with --jsonl.
         #[arg(long, default_value_t = 500, requires = "jsonl")]
@@ -81,6 +82,10 @@ enum Command {
         /// Deliver after this delay (e.g. 5s, 2m).
         #[arg(long, value_parser = humantime::parse_duration)]
         delay: Option<Duration>,
+        /// Time to live (e.g. 10m): a consumer that takes it later does not handle it (it
+        /// becomes a dead letter with reason `expired`, or is dropped).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
     },
     /// Consume and print messages, acknowledging each only after it was written to stdout.
     Consume(consume::ConsumeArgs),
@@ -558,6 +563,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             file,
             headers,
             delay,
+            ttl,
             ..
         } => {
             let kind = kind.unwrap_or_default();
@@ -579,6 +585,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if let Some(d) = delay {
                 m = m.delay(d);
+            }
+            if let Some(t) = ttl {
+                m = m.ttl(t);
             }
             let id = broker.publish(&topic, m).await?;
             print_out(cli.json, json!({ "id": id }), || id.to_string());
@@ -846,6 +855,8 @@ struct Line {
     headers: std::collections::BTreeMap<String, String>,
     #[serde(default)]
     delay: Option<String>,
+    #[serde(default)]
+    ttl: Option<String>,
 }
 
 fn parse_line(text: &str) -> anyhow::Result<NewMessage> {
@@ -875,6 +886,9 @@ fn parse_line(text: &str) -> anyhow::Result<NewMessage> {
     }
     if let Some(d) = line.delay {
         m = m.delay(humantime::parse_duration(&d).map_err(|e| anyhow::anyhow!("delay: {e}"))?);
+    }
+    if let Some(t) = line.ttl {
+        m = m.ttl(humantime::parse_duration(&t).map_err(|e| anyhow::anyhow!("ttl: {e}"))?);
     }
     Ok(m)
 }

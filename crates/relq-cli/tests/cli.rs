@@ -1781,3 +1781,68 @@ fn message_shows_payload_and_where_it_stands_in_each_group() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `publish --ttl` and `consume --on-expired`: an expired message is never printed; by default
+/// it becomes a dead letter with reason `expired` (listed with `dlq list --reason expired`),
+/// with `--on-expired drop` it is acknowledged and gone; a bad value is a usage error.
+#[test]
+fn expired_messages_are_not_consumed() {
+    let dir = fresh_dir();
+    ok(&relq_in(
+        &dir,
+        &["publish", "t", "job", "stale", "--ttl", "0s"],
+    ));
+    ok(&relq_in(
+        &dir,
+        &["publish", "t", "job", "fresh", "--ttl", "1h"],
+    ));
+    let out = relq_in(
+        &dir,
+        &["--json", "consume", "t", "--group", "g", "--idle", "1s"],
+    );
+    assert_eq!(payloads(&ok(&out)), ["fresh"]);
+    let out = ok(&relq_in(
+        &dir,
+        &["--json", "dlq", "list", "t", "--reason", "expired"],
+    ));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let items = v["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{v}");
+    assert_eq!(items[0]["reason"], "expired");
+    assert_eq!(items[0]["message"]["payload"], "stale");
+
+    ok(&relq_in(
+        &dir,
+        &["publish", "u", "job", "stale", "--ttl", "0s"],
+    ));
+    let out = relq_in(
+        &dir,
+        &[
+            "--json",
+            "consume",
+            "u",
+            "--group",
+            "g",
+            "--idle",
+            "1s",
+            "--on-expired",
+            "drop",
+        ],
+    );
+    assert!(payloads(&ok(&out)).is_empty());
+    let out = ok(&relq_in(&dir, &["--json", "dlq", "list", "u"]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["items"].as_array().unwrap().len(), 0, "dropped: {v}");
+    let out = ok(&relq_in(&dir, &["--json", "info", "u"]));
+    assert!(
+        out.contains("\"pending\":0") || out.contains("\"pending\": 0"),
+        "{out}"
+    );
+
+    fails_with(
+        &relq_in(&dir, &["consume", "u", "--on-expired", "maybe"]),
+        2,
+        "neither dead_letter nor drop",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

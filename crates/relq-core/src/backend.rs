@@ -630,9 +630,11 @@ pub fn replay_message(dl: &DeadLetter) -> Outgoing {
     }
 }
 
-/// Headers a replay adds, shared by every backend.
+/// Headers a replay adds, shared by every backend. The time to live goes: an operator who
+/// replays a message wants it handled, and an expired one would only expire again.
 pub fn replay_headers(dl: &DeadLetter) -> BTreeMap<String, String> {
     let mut headers = dl.message.headers.clone();
+    headers.remove(crate::model::HEADER_EXPIRES_AT);
     headers.insert(crate::model::HEADER_REPLAY_OF.to_owned(), dl.id.to_string());
     headers.insert(
         crate::model::HEADER_ORIGINAL_ID.to_owned(),

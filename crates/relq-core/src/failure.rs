@@ -38,6 +38,8 @@ pub enum FailureKind {
     /// The message was delivered more times than the retry policy allows without being settled
     /// (consumers crashed or hung while holding it).
     DeliveryLimit,
+    /// The message's time to live ended before it was handled (or before a retry would be due).
+    Expired,
 }
 
 impl FailureKind {
@@ -50,6 +52,7 @@ impl FailureKind {
             FailureKind::Timeout => "timeout",
             FailureKind::NoHandler => "no_handler",
             FailureKind::DeliveryLimit => "delivery_limit",
+            FailureKind::Expired => "expired",
         }
     }
 }
@@ -64,11 +67,12 @@ impl std::str::FromStr for FailureKind {
             "timeout" => FailureKind::Timeout,
             "no_handler" => FailureKind::NoHandler,
             "delivery_limit" => FailureKind::DeliveryLimit,
+            "expired" => FailureKind::Expired,
             other => {
                 return Err(crate::error::ConfigError::new(
                     "failure kind",
                     format!(
-                        "{:?} is none of retryable, permanent, panic, timeout, no_handler, delivery_limit",
+                        "{:?} is none of retryable, permanent, panic, timeout, no_handler, delivery_limit, expired",
                         crate::model::shorten(other)
                     ),
                 )

@@ -328,6 +328,10 @@ pub const HEADER_REPLAY_GROUP: &str = "relq-replay-group";
 /// On a message replayed with an operator's corrected payload (relq's `Broker::replay_edited`):
 /// `true`.
 pub const HEADER_EDITED: &str = "relq-edited";
+/// On a message with a time to live: when it expires, in milliseconds since the epoch. A
+/// consumer does not handle a message past it: the message becomes a dead letter with reason
+/// `expired`, or is dropped (counted either way). A replay removes it.
+pub const HEADER_EXPIRES_AT: &str = "relq-expires-at";
 
 /// A message as a backend stores it: what was published, with the time it becomes deliverable.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -386,6 +390,18 @@ impl Message {
     /// The value of header `name`.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).map(String::as_str)
+    }
+
+    /// When the message expires ([`HEADER_EXPIRES_AT`]), if it has a time to live. A value that
+    /// is not a number of milliseconds (written by another program) counts as no expiry: the
+    /// message is handled, never dropped for it.
+    pub fn expires_at(&self) -> Option<Timestamp> {
+        if self.headers.is_empty() {
+            return None;
+        }
+        self.header(HEADER_EXPIRES_AT)
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(Timestamp)
     }
 }
 

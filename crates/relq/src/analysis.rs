@@ -142,7 +142,8 @@ impl Suggestion {
 }
 
 /// Suggestions by failure category: the built-in ones (`database`, `external_api`,
-/// `validation`, `timeout`, `panic`, `no_handler`, `delivery_limit`, `permanent`, `retryable`)
+/// `validation`, `timeout`, `panic`, `no_handler`, `delivery_limit`, `expired`, `permanent`,
+/// `retryable`)
 /// and those a service registers for its own categories.
 #[derive(Clone, Debug)]
 pub struct Suggestions {
@@ -160,6 +161,7 @@ impl Default for Suggestions {
             ("panic", "The handler panicked: the error chain holds the panic message (and the backtrace with include_stack_trace). Fix the handler bug, deploy, then replay.", AfterFix),
             ("no_handler", "No handler is registered for the message type: deploy a consumer that handles it (or a fallback), then replay.", AfterFix),
             ("delivery_limit", "Its consumers crashed or hung while holding it, more times than the attempt limit: look for a crash (OOM, segfault) or a hang that this message causes before replaying.", AfterFix),
+            ("expired", "Its time to live ended before a consumer handled it: look at why it waited (a backlog, consumers down, retries) and whether the TTL fits. Replay only if it still matters: a replay drops the TTL and is handled.", Unlikely),
             ("permanent", "The handler rejected the message as permanently failing: read the error chain; fix the message or the handler.", Unlikely),
             ("retryable", "Every retry failed: read the error chain and the attempt timeline for the cause; replay once it is fixed.", AfterFix),
         ];

@@ -24,6 +24,8 @@ pub const DEFAULT_DEAD_LETTER_RETENTION: Duration = Duration::from_secs(30 * 24 
 pub struct Broker {
     backend: Arc<dyn Backend>,
     max_payload: usize,
+    /// Each topic's time to live for messages published without their own.
+    topic_ttls: Arc<std::collections::HashMap<String, Duration>>,
     suggestions: SharedSuggestions,
     defaults: Arc<ConsumerDefaults>,
 }
@@ -48,6 +50,7 @@ impl Broker {
         Broker {
             backend,
             max_payload: DEFAULT_MAX_PAYLOAD,
+            topic_ttls: Arc::default(),
             suggestions: Arc::new(Suggestions::default()),
             defaults: Arc::new(ConsumerDefaults::default()),
         }
@@ -148,12 +151,32 @@ impl Broker {
                     attempts: config.dead_letters.forward_attempts,
                     delay: config.dead_letters.forward_retry_delay,
                 }),
+            on_expired: c.on_expired,
         });
+        for t in &config.topics {
+            broker = broker.with_topic_ttl(&t.name, t.ttl)?;
+        }
         Ok(broker)
     }
 
     pub(crate) fn consumer_defaults(&self) -> &ConsumerDefaults {
         &self.defaults
+    }
+
+    /// Gives every message this broker publishes on `topic` a time to live of `ttl` (from its
+    /// publish), unless the message has its own ([`NewMessage::ttl`]). A consumer does not
+    /// handle an expired message: it becomes a dead letter with reason `expired`, or is
+    /// dropped (see [`ConsumerBuilder::on_expired`](crate::ConsumerBuilder::on_expired)). The
+    /// expiry is stamped on each message at publish (header `relq-expires-at`), so it holds
+    /// on every backend and for every consumer; a publisher without this setting publishes
+    /// without it (the configuration file's `[[topics]]` gives every process the same).
+    ///
+    /// # Errors
+    /// An invalid topic name.
+    pub fn with_topic_ttl(mut self, topic: &str, ttl: Duration) -> Result<Broker> {
+        validate_name("topic", topic)?;
+        Arc::make_mut(&mut self.topic_ttls).insert(topic.to_owned(), ttl);
+        Ok(self)
     }
 
     /// Sets the largest payload [`publish`](Self::publish) accepts.
@@ -202,9 +225,10 @@ impl Broker {
     ) -> Result<Vec<MessageId>> {
         validate_name("topic", topic)?;
         let n = messages.len() as u64;
+        let ttl = self.topic_ttls.get(topic).copied();
         let batch = messages
             .into_iter()
-            .map(|m| m.prepare(self.max_payload))
+            .map(|m| m.prepare(self.max_payload, ttl))
             .collect::<Result<Vec<_>>>()?;
         let ids = self
             .backend

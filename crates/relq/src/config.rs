@@ -18,6 +18,10 @@
 //! initial = "1s"
 //! max = "60s"
 //! max_attempts = 5
+//!
+//! [[topics]]                   # per-topic settings, one table per topic
+//! name = "notifications"
+//! ttl = "10m"                  # messages published without their own expire after this
 //! ```
 //!
 //! Every key has a default. An unknown key, a value of the wrong type or out of range is an
@@ -71,6 +75,21 @@ pub struct Config {
     pub dead_letters: DeadLetterSection,
     /// `relq serve`: the HTTP admin API and metrics.
     pub server: ServerSection,
+    /// Per-topic settings (`[[topics]]`).
+    pub topics: Vec<TopicSection>,
+}
+
+/// `[[topics]]`: one topic's settings, applied by every broker built from the configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct TopicSection {
+    /// The topic.
+    pub name: String,
+    /// The time to live of messages published on the topic without their own (`"10m"`): a
+    /// consumer does not handle an expired message (see `consumer.on_expired`).
+    #[serde(with = "duration")]
+    pub ttl: Duration,
 }
 
 /// `[backend]`.
@@ -188,6 +207,9 @@ pub struct ConsumerSection {
     /// How long one read waits for new messages. Default 1 s.
     #[serde(with = "duration")]
     pub poll_wait: Duration,
+    /// What becomes of a message whose time to live ended before it was handled:
+    /// `"dead_letter"` (default; reason `expired`) or `"drop"`.
+    pub on_expired: crate::OnExpired,
 }
 
 impl Default for ConsumerSection {
@@ -198,6 +220,7 @@ impl Default for ConsumerSection {
             claim_after: Duration::from_secs(60),
             handler_timeout: Duration::from_secs(30),
             poll_wait: Duration::from_secs(1),
+            on_expired: crate::OnExpired::DeadLetter,
         }
     }
 }
@@ -724,6 +747,26 @@ impl Config {
                 ),
             ));
         }
+        let mut names = std::collections::BTreeSet::new();
+        for t in &self.topics {
+            relq_core::validate_name("topic", &t.name)
+                .map_err(|e| config_error("topics.name", e.to_string()))?;
+            if !names.insert(t.name.as_str()) {
+                return Err(config_error(
+                    "topics.name",
+                    format!("topic {:?} is listed twice", t.name),
+                ));
+            }
+            if t.ttl.is_zero() {
+                return Err(config_error(
+                    "topics.ttl",
+                    format!(
+                        "must be above zero (topic {:?}): every message would expire at once",
+                        t.name
+                    ),
+                ));
+            }
+        }
         self.retry.backoff().validate().map_err(|e| {
             let field = match e.field() {
                 "retry.randomization" => "retry.jitter",
@@ -1007,6 +1050,62 @@ mod tests {
         ] {
             let e = env(bad).unwrap_err().to_string();
             assert!(e.contains("server.prometheus_url"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn topics_and_on_expired_are_read_and_checked() {
+        let p = write(
+            "relq.toml",
+            "[consumer]\non_expired = \"drop\"\n[[topics]]\nname = \"notifications\"\nttl = \"10m\"\n[[topics]]\nname = \"orders.v2\"\nttl = \"1h\"\n",
+        );
+        let r = Layers::new().file(&p).unwrap().resolve().unwrap();
+        assert_eq!(r.config.consumer.on_expired, crate::OnExpired::Drop);
+        let ttls: Vec<(&str, Duration)> = r
+            .config
+            .topics
+            .iter()
+            .map(|t| (t.name.as_str(), t.ttl))
+            .collect();
+        assert_eq!(
+            ttls,
+            [
+                ("notifications", Duration::from_secs(600)),
+                ("orders.v2", Duration::from_secs(3600))
+            ]
+        );
+        let env = [(
+            "RELQ_CONSUMER_ON_EXPIRED".to_owned(),
+            "dead_letter".to_owned(),
+        )];
+        let r = Layers::new().env(env).unwrap().resolve().unwrap();
+        assert_eq!(r.config.consumer.on_expired, crate::OnExpired::DeadLetter);
+        for (text, want) in [
+            ("[consumer]\non_expired = \"later\"\n", "on_expired"),
+            ("[[topics]]\nname = \"t\"\nttl = \"0s\"\n", "topics.ttl"),
+            (
+                "[[topics]]\nname = \"t\"\nttl = \"1s\"\n[[topics]]\nname = \"t\"\nttl = \"2s\"\n",
+                "listed twice",
+            ),
+            (
+                "[[topics]]\nname = \"bad name\"\nttl = \"1s\"\n",
+                "topics.name",
+            ),
+            ("[[topics]]\nname = \"t\"\n", "ttl"),
+            (
+                "[[topics]]\nname = \"t\"\nttl = \"1s\"\nretention = \"1d\"\n",
+                "retention",
+            ),
+        ] {
+            let p = write("bad.toml", text);
+            let e = Layers::new()
+                .file(&p)
+                .and_then(Layers::resolve)
+                .map(|r| r.config)
+                .and_then(|c| c.validate().map(|()| c))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{text:?}: {e}");
         }
     }
 

@@ -72,7 +72,7 @@ pub use config::{
     TokenRole,
 };
 pub use consumer::{
-    Consumer, ConsumerBuilder, ConsumerHandle, ConsumerStats, ShutdownReport, StopReason,
+    Consumer, ConsumerBuilder, ConsumerHandle, ConsumerStats, OnExpired, ShutdownReport, StopReason,
 };
 pub use handler::{BatchConfig, BatchHandler, Handler, HandlerError};
 pub use memory::{MemoryBackend, MemoryConfig};
@@ -83,8 +83,9 @@ pub use relq_core::{
     DeadLetterQuery, DeadLetterStats, Delivery, Error, FailureKind, GroupInfo, GroupPlacement,
     Health, HealthCheck, Limit, Message, MessageId, NameError, NotFound, Outgoing, Placement,
     Result, Retention, Settlement, StartPosition, Subscription, Timestamp, TopicInfo,
-    HEADER_EDITED, HEADER_ORIGINAL_ID, HEADER_REPLAY_GROUP, HEADER_REPLAY_OF, MAX_HEADERS,
-    MAX_HEADER_NAME_LEN, MAX_HEADER_VALUE_LEN, MAX_KIND_LEN, MAX_NAME_LEN, RESERVED_HEADER_PREFIX,
+    HEADER_EDITED, HEADER_EXPIRES_AT, HEADER_ORIGINAL_ID, HEADER_REPLAY_GROUP, HEADER_REPLAY_OF,
+    MAX_HEADERS, MAX_HEADER_NAME_LEN, MAX_HEADER_VALUE_LEN, MAX_KIND_LEN, MAX_NAME_LEN,
+    RESERVED_HEADER_PREFIX,
 };
 #[cfg(feature = "embedded")]
 pub use relq_embedded::{

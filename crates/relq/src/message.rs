@@ -6,7 +6,8 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use relq_core::{
-    shorten, validate_headers, validate_kind, Outgoing, Timestamp, RESERVED_HEADER_PREFIX,
+    shorten, validate_headers, validate_kind, Outgoing, Timestamp, HEADER_EXPIRES_AT,
+    RESERVED_HEADER_PREFIX,
 };
 use relq_core::{Error, Result};
 
@@ -19,6 +20,14 @@ pub struct NewMessage {
     pub(crate) headers: BTreeMap<String, String>,
     pub(crate) deliver_at: Option<Timestamp>,
     pub(crate) delay: Option<Duration>,
+    pub(crate) expiry: Option<Expiry>,
+}
+
+/// When a message expires: at a time, or a time to live counted from its publish.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Expiry {
+    At(Timestamp),
+    After(Duration),
 }
 
 impl NewMessage {
@@ -30,6 +39,7 @@ impl NewMessage {
             headers: BTreeMap::new(),
             deliver_at: None,
             delay: None,
+            expiry: None,
         }
     }
 
@@ -51,6 +61,23 @@ impl NewMessage {
         self
     }
 
+    /// A time to live, counted from the moment it is published: a consumer that takes it later
+    /// does not handle it, and it becomes a dead letter with reason `expired` (or is dropped,
+    /// as the consumer's [`OnExpired`](crate::OnExpired) says). A failed message whose next
+    /// retry would fall after it goes the same way at once. Overrides the topic's TTL
+    /// ([`Broker::with_topic_ttl`](crate::Broker::with_topic_ttl)). A delayed message whose
+    /// time to live ends before its delivery time is never handled.
+    pub fn ttl(mut self, ttl: Duration) -> NewMessage {
+        self.expiry = Some(Expiry::After(ttl));
+        self
+    }
+
+    /// Expires at `at` (see [`ttl`](Self::ttl)).
+    pub fn expires_at(mut self, at: Timestamp) -> NewMessage {
+        self.expiry = Some(Expiry::At(at));
+        self
+    }
+
     /// The message type.
     pub fn kind(&self) -> &str {
         &self.kind
@@ -69,8 +96,13 @@ impl NewMessage {
 
 impl NewMessage {
     /// The message as a backend stores it, once checked: a valid type, a payload of at most
-    /// `max_payload` bytes, valid headers none of which is reserved; a delay becomes a time.
-    pub(crate) fn prepare(self, max_payload: usize) -> Result<Outgoing> {
+    /// `max_payload` bytes, valid headers none of which is reserved; a delay becomes a time, and
+    /// a time to live (the message's, else `topic_ttl`) the expiry header.
+    pub(crate) fn prepare(
+        mut self,
+        max_payload: usize,
+        topic_ttl: Option<Duration>,
+    ) -> Result<Outgoing> {
         validate_kind(&self.kind)?;
         if self.payload.len() > max_payload {
             return Err(Error::PayloadTooLarge {
@@ -86,11 +118,21 @@ impl NewMessage {
             return Err(Error::ReservedHeader(shorten(h)));
         }
         validate_headers(&self.headers)?;
+        let now = Timestamp::now();
         let deliver_at = match (self.deliver_at, self.delay) {
             (Some(at), _) => Some(at),
-            (None, Some(d)) => Some(Timestamp::now().plus(d)),
+            (None, Some(d)) => Some(now.plus(d)),
             (None, None) => None,
         };
+        let expires_at = match self.expiry.or(topic_ttl.map(Expiry::After)) {
+            Some(Expiry::At(at)) => Some(at),
+            Some(Expiry::After(ttl)) => Some(now.plus(ttl)),
+            None => None,
+        };
+        if let Some(at) = expires_at {
+            self.headers
+                .insert(HEADER_EXPIRES_AT.to_owned(), at.0.to_string());
+        }
         Ok(Outgoing {
             kind: self.kind,
             payload: self.payload,

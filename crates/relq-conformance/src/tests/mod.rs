@@ -75,6 +75,17 @@ async fn publish_n(b: &Broker, topic: &str, n: usize) -> Vec<MessageId> {
     b.publish_batch(topic, msgs).await.expect("publish")
 }
 
+/// The oldest dead letter of `topic`.
+async fn first_dead_letter(b: &Broker, topic: &str) -> relq::DeadLetter {
+    b.dead_letters(topic)
+        .list(&DeadLetterQuery::all())
+        .await
+        .expect("list dead letters")
+        .into_iter()
+        .next()
+        .expect("a dead letter")
+}
+
 async fn dead_count(b: &Broker, topic: &str) -> u64 {
     b.dead_letters(topic)
         .count(&DeadLetterQuery::all())
@@ -84,6 +95,7 @@ async fn dead_count(b: &Broker, topic: &str) -> u64 {
 
 mod dead_letters;
 mod delivery;
+mod expiry;
 mod input;
 mod model;
 mod operations;
@@ -92,6 +104,7 @@ mod retries;
 
 pub use dead_letters::*;
 pub use delivery::*;
+pub use expiry::*;
 pub use input::*;
 pub use model::*;
 pub use operations::*;

@@ -14,7 +14,7 @@ use crate::broker::Broker;
 use crate::fast_hash::KindMap;
 use crate::handler::{BatchConfig, BatchHandler, Handler};
 use crate::retry::{Backoff, RetryPolicy};
-use relq_core::{validate_kind, validate_name, StartPosition};
+use relq_core::{validate_kind, validate_name, Result, StartPosition};
 use relq_core::{BackendError, BackendErrorKind, ConfigError, Error};
 use runtime::Runner;
 
@@ -88,6 +88,40 @@ pub struct ConsumerStats {
     pub dead_lettered: u64,
     /// Messages being handled now.
     pub in_flight: u64,
+    /// Messages not handled because their time to live had ended (dead-lettered with reason
+    /// `expired`, or dropped, as [`OnExpired`] says).
+    pub expired: u64,
+}
+
+/// What a consumer does with a message whose time to live ended before it was handled
+/// ([`NewMessage::ttl`](crate::NewMessage::ttl)): it is never handled, and counted either way
+/// (`relq_expired_total`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnExpired {
+    /// Keep it as a dead letter with reason `expired` (an operator can inspect and replay it).
+    #[default]
+    DeadLetter,
+    /// Acknowledge it without handling it (seed 004's "discard expired messages").
+    Drop,
+}
+
+impl std::str::FromStr for OnExpired {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "dead_letter" => Ok(OnExpired::DeadLetter),
+            "drop" => Ok(OnExpired::Drop),
+            other => Err(relq_core::ConfigError::new(
+                "on_expired",
+                format!(
+                    "{:?} is neither dead_letter nor drop",
+                    relq_core::shorten(other)
+                ),
+            )
+            .into()),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -97,6 +131,7 @@ pub(crate) struct Counters {
     pub(crate) retried: AtomicU64,
     pub(crate) dead_lettered: AtomicU64,
     pub(crate) in_flight: AtomicU64,
+    pub(crate) expired: AtomicU64,
 }
 
 impl Counters {
@@ -107,6 +142,7 @@ impl Counters {
             retried: self.retried.load(Ordering::Relaxed),
             dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
             in_flight: self.in_flight.load(Ordering::Relaxed),
+            expired: self.expired.load(Ordering::Relaxed),
         }
     }
 }
@@ -137,6 +173,7 @@ pub(crate) struct Config {
     pub(crate) fallback: Option<Arc<dyn Runner>>,
     pub(crate) include_stack_trace: bool,
     pub(crate) forward: Option<Forwarding>,
+    pub(crate) on_expired: OnExpired,
 }
 
 /// Where dead letters are also published (seed 000's failure topic): `<topic><suffix>`, each
@@ -170,6 +207,7 @@ pub(crate) struct ConsumerDefaults {
     pub(crate) backoff: Option<Backoff>,
     pub(crate) include_stack_trace: bool,
     pub(crate) forward: Option<Forwarding>,
+    pub(crate) on_expired: OnExpired,
 }
 
 impl Default for ConsumerDefaults {
@@ -183,6 +221,7 @@ impl Default for ConsumerDefaults {
             backoff: None,
             include_stack_trace: false,
             forward: None,
+            on_expired: OnExpired::DeadLetter,
         }
     }
 }
@@ -207,6 +246,7 @@ pub struct ConsumerBuilder {
     fallback: Option<Arc<dyn Runner>>,
     include_stack_trace: bool,
     forward: Option<Forwarding>,
+    on_expired: OnExpired,
 }
 
 impl std::fmt::Debug for ConsumerBuilder {
@@ -251,6 +291,7 @@ impl ConsumerBuilder {
             fallback: None,
             include_stack_trace: d.include_stack_trace,
             forward: d.forward,
+            on_expired: d.on_expired,
         }
     }
 
@@ -290,6 +331,14 @@ impl ConsumerBuilder {
     /// Default 30 s.
     pub fn handler_timeout(mut self, d: Duration) -> Self {
         self.handler_timeout = d;
+        self
+    }
+
+    /// What becomes of a message whose time to live ended before it was handled: a dead letter
+    /// with reason `expired` (the default) or dropped. Either way it is not handled, and a
+    /// failed message whose next retry would fall after its expiry goes the same way at once.
+    pub fn on_expired(mut self, action: OnExpired) -> Self {
+        self.on_expired = action;
         self
     }
 
@@ -505,6 +554,7 @@ impl ConsumerBuilder {
                 fallback: self.fallback,
                 include_stack_trace: self.include_stack_trace,
                 forward: self.forward,
+                on_expired: self.on_expired,
             }),
         })
     }

@@ -630,7 +630,7 @@ async fn until_cancelled<F: Future>(fut: F, cancel: &Notify) -> Option<F::Output
 }
 
 /// Which handler ran a message (a dead letter records it): its type's, the fallback, or none
-/// (not run: no handler, or over the delivery limit).
+/// (not run: no handler, over the delivery limit, or expired).
 #[derive(Clone, Copy)]
 enum HandlerName {
     Kind,
@@ -1162,6 +1162,22 @@ async fn dispatch(
         drop(permit);
         return;
     }
+    if let Some(at) = m.expires_at() {
+        if at <= Timestamp::now() {
+            start(ctx, staged);
+            let error = format!("its time to live ended at {at}, before it was handled");
+            finish(
+                ctx,
+                d,
+                HandlerName::None,
+                Outcome::simple(FailureKind::Expired, error),
+                Instant::now(),
+            )
+            .await;
+            drop(permit);
+            return;
+        }
+    }
     if let Some(tx) = batchers.get(&m.kind) {
         start(ctx, staged);
         if let Err(mpsc::error::SendError((d, _permit))) = tx.send((d, permit)).await {
@@ -1305,16 +1321,19 @@ fn settlement(
             category,
             backtrace,
         } => {
-            counters.failed.fetch_add(1, Ordering::Relaxed);
-            // Looked up per failure (not registered once): the reason and the handler's
-            // category are labels. Categories are the application's own small set.
-            metrics::counter!("relq_failed_total",
-                "topic" => ctx.sub.topic.clone(),
-                "group" => ctx.sub.group.clone(),
-                "reason" => kind.as_str(),
-                "category" => category.clone().unwrap_or_else(|| "none".to_owned()),
-            )
-            .increment(1);
+            // An expired message was not attempted: not a failure of its handler.
+            if kind != FailureKind::Expired {
+                counters.failed.fetch_add(1, Ordering::Relaxed);
+                // Looked up per failure (not registered once): the reason and the handler's
+                // category are labels. Categories are the application's own small set.
+                metrics::counter!("relq_failed_total",
+                    "topic" => ctx.sub.topic.clone(),
+                    "group" => ctx.sub.group.clone(),
+                    "reason" => kind.as_str(),
+                    "category" => category.clone().unwrap_or_else(|| "none".to_owned()),
+                )
+                .increment(1);
+            }
             let now = Timestamp::now();
             let attempt = d.message.attempt;
             let error = chain.first().cloned().unwrap_or_default();
@@ -1327,7 +1346,28 @@ fn settlement(
                     category: category.as_deref(),
                 },
                 now,
+                d.message.expires_at(),
             );
+            if decision
+                == (Nack::DeadLetter {
+                    reason: FailureKind::Expired,
+                })
+            {
+                counters.expired.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("relq_expired_total",
+                    "topic" => ctx.sub.topic.clone(),
+                    "group" => ctx.sub.group.clone(),
+                    "action" => match c.on_expired {
+                        super::OnExpired::DeadLetter => "dead_letter",
+                        super::OnExpired::Drop => "drop",
+                    },
+                )
+                .increment(1);
+                if c.on_expired == super::OnExpired::Drop {
+                    tracing::debug!(id = %d.message.id, attempt, error = %error, "expired; dropped");
+                    return Settlement::Ack(d.message.id);
+                }
+            }
             let failure = AttemptFailure {
                 attempt,
                 at: now,
