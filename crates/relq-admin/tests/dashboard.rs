@@ -35,6 +35,7 @@ async fn every_metric_in_the_alert_rules_and_the_dashboard_is_exported() {
         .consumer("orders", "billing")
         .start(StartPosition::Earliest)
         .retry(Backoff::fixed(Duration::from_millis(1)).max_attempts(2))
+        .on_expired(relq::OnExpired::Drop)
         .handler("order", |m: Message| async move {
             if &m.payload[..] == b"bad" {
                 Err(HandlerError::retryable(std::io::Error::other("db down")).category("database"))
@@ -47,6 +48,13 @@ async fn every_metric_in_the_alert_rules_and_the_dashboard_is_exported() {
         .start()
         .await
         .unwrap();
+    // An expired message (dropped: relq_expired_total).
+    b.publish(
+        "orders",
+        NewMessage::new("order", "late").expires_at(relq::Timestamp(1)),
+    )
+    .await
+    .unwrap();
     for p in ["ok", "bad", "ok"] {
         b.publish("orders", NewMessage::new("order", p))
             .await
@@ -54,7 +62,7 @@ async fn every_metric_in_the_alert_rules_and_the_dashboard_is_exported() {
     }
     let dls = b.dead_letters("orders");
     for _ in 0..2000 {
-        if dls.count(&DeadLetterQuery::all()).await.unwrap() == 1 {
+        if dls.count(&DeadLetterQuery::all()).await.unwrap() == 1 && c.stats().expired == 1 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;

@@ -29,5 +29,5 @@ pub use model::{
     instant_after, shorten, validate_headers, validate_kind, validate_name, Message, MessageId,
     Outgoing, StartPosition, Timestamp, HEADER_EDITED, HEADER_EXPIRES_AT, HEADER_ORIGINAL_ID,
     HEADER_REPLAY_GROUP, HEADER_REPLAY_OF, MAX_HEADERS, MAX_HEADER_NAME_LEN, MAX_HEADER_VALUE_LEN,
-    MAX_KIND_LEN, MAX_NAME_LEN, RESERVED_HEADER_PREFIX,
+    MAX_KIND_LEN, MAX_NAME_LEN, MAX_RESERVED_HEADERS, RESERVED_HEADER_PREFIX,
 };

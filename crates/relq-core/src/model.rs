@@ -253,26 +253,38 @@ pub fn validate_kind(kind: &str) -> Result<(), NameError> {
 
 /// Most headers on one message.
 pub const MAX_HEADERS: usize = 64;
+/// Most reserved `relq-` headers on one message, on top of [`MAX_HEADERS`].
+pub const MAX_RESERVED_HEADERS: usize = 16;
 /// Longest header name.
 pub const MAX_HEADER_NAME_LEN: usize = 256;
 /// Longest header value.
 pub const MAX_HEADER_VALUE_LEN: usize = 16 * 1024;
 
-/// Checks a message's headers against the limits every backend stores: at most [`MAX_HEADERS`],
-/// names of 1 to [`MAX_HEADER_NAME_LEN`] bytes without control characters, values of at most
+/// Checks a message's headers against the limits every backend stores: at most [`MAX_HEADERS`]
+/// of the publisher's own (relq's reserved `relq-` headers, such as a replay's or an expiry's,
+/// come on top, at most [`MAX_RESERVED_HEADERS`] of them), names of 1 to
+/// [`MAX_HEADER_NAME_LEN`] bytes without control characters, values of at most
 /// [`MAX_HEADER_VALUE_LEN`] bytes.
 pub fn validate_headers(headers: &BTreeMap<String, String>) -> Result<(), Error> {
     let err = |name: &str, reason: String| Error::InvalidHeader {
         name: shorten(name),
         reason,
     };
-    if headers.len() > MAX_HEADERS {
+    let reserved = headers
+        .keys()
+        .filter(|k| k.starts_with(RESERVED_HEADER_PREFIX))
+        .count();
+    let own = headers.len() - reserved;
+    if own > MAX_HEADERS {
         return Err(err(
             "",
-            format!(
-                "{} headers exceed the limit of {MAX_HEADERS}",
-                headers.len()
-            ),
+            format!("{own} headers exceed the limit of {MAX_HEADERS}"),
+        ));
+    }
+    if reserved > MAX_RESERVED_HEADERS {
+        return Err(err(
+            "",
+            format!("{reserved} relq- headers exceed the limit of {MAX_RESERVED_HEADERS}"),
         ));
     }
     for (k, v) in headers {

@@ -172,9 +172,16 @@ impl Broker {
     /// without it (the configuration file's `[[topics]]` gives every process the same).
     ///
     /// # Errors
-    /// An invalid topic name.
+    /// An invalid topic name, or a zero `ttl` (every message would expire at once).
     pub fn with_topic_ttl(mut self, topic: &str, ttl: Duration) -> Result<Broker> {
         validate_name("topic", topic)?;
+        if ttl.is_zero() {
+            return Err(relq_core::ConfigError::new(
+                "topic ttl",
+                format!("the time to live of topic {topic:?} must be above zero: every message would expire at once"),
+            )
+            .into());
+        }
         Arc::make_mut(&mut self.topic_ttls).insert(topic.to_owned(), ttl);
         Ok(self)
     }

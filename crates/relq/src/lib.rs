@@ -85,7 +85,7 @@ pub use relq_core::{
     Result, Retention, Settlement, StartPosition, Subscription, Timestamp, TopicInfo,
     HEADER_EDITED, HEADER_EXPIRES_AT, HEADER_ORIGINAL_ID, HEADER_REPLAY_GROUP, HEADER_REPLAY_OF,
     MAX_HEADERS, MAX_HEADER_NAME_LEN, MAX_HEADER_VALUE_LEN, MAX_KIND_LEN, MAX_NAME_LEN,
-    RESERVED_HEADER_PREFIX,
+    MAX_RESERVED_HEADERS, RESERVED_HEADER_PREFIX,
 };
 #[cfg(feature = "embedded")]
 pub use relq_embedded::{

@@ -265,6 +265,11 @@ pub async fn a_topic_time_to_live_applies_to_messages_without_their_own(b: Broke
         .await
         .unwrap();
     assert!(b.message(&other, id).await.unwrap().expires_at().is_none());
+    // A zero time to live for a whole topic is a mistake.
+    assert!(matches!(
+        b.clone().with_topic_ttl(&topic, Duration::ZERO),
+        Err(Error::Config(_))
+    ));
     // The header is relq's own.
     let e = b
         .publish(
@@ -283,4 +288,56 @@ pub async fn a_topic_time_to_live_applies_to_messages_without_their_own(b: Broke
         b.message(&topic, id).await.unwrap().expires_at(),
         Some(Timestamp::MAX)
     );
+}
+
+/// A message that expires while its batch fills is not given to the batch handler: the others
+/// are, and it becomes an expired dead letter.
+pub async fn a_message_expiring_while_its_batch_fills_is_not_handled(b: Broker) {
+    let topic = unique("expired-batch");
+    let log = Log::default();
+    let l = log.clone();
+    let c = b
+        .consumer(&topic, "g")
+        .start(StartPosition::Earliest)
+        .batch_handler(
+            "email",
+            // The batch waits for ten messages, or 1.5 s after its first one.
+            BatchConfig::default()
+                .size(10)
+                .timeout(ms(1500))
+                .max_wait(ms(1500)),
+            move |msgs: Vec<Message>| {
+                for m in &msgs {
+                    l.record(m);
+                }
+                let n = msgs.len();
+                async move { (0..n).map(|_| Ok(())).collect() }
+            },
+        )
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    b.publish_batch(
+        &topic,
+        vec![
+            NewMessage::new("email", "short-lived").ttl(ms(300)),
+            NewMessage::new("email", "kept"),
+        ],
+    )
+    .await
+    .unwrap();
+    wait_until(
+        "the batch ran and the expired one is a dead letter",
+        LONG,
+        || async { log.len() == 1 && dead_count(&b, &topic).await == 1 },
+    )
+    .await;
+    assert_eq!(log.payloads(), BTreeSet::from(["kept".to_owned()]));
+    let dl = first_dead_letter(&b, &topic).await;
+    assert_eq!(dl.reason, FailureKind::Expired);
+    assert_eq!(&dl.message.payload[..], b"short-lived");
+    assert_eq!(c.stats().expired, 1);
+    c.shutdown(LONG).await;
 }

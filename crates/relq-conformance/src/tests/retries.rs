@@ -286,3 +286,46 @@ pub async fn message_without_handler_is_dead_lettered(b: Broker) {
     wait_until("fallback ran", LONG, || async { fb.len() == 1 }).await;
     c.shutdown(LONG).await;
 }
+
+/// A retry is delivered when it falls due even while the consumer waits for new messages on an
+/// idle topic (here up to 20 s per read): not when that wait ends.
+pub async fn a_retry_is_delivered_when_due_while_the_consumer_waits(b: Broker) {
+    let topic = unique("retry-due");
+    let log = Log::default();
+    let l = log.clone();
+    let c = b
+        .consumer(&topic, "g")
+        .start(StartPosition::Earliest)
+        .poll_wait(Duration::from_secs(20))
+        .claim_after(Duration::from_secs(120))
+        .retry(Backoff::fixed(ms(300)).max_attempts(3))
+        .handler("job", move |m: Message| {
+            l.record(&m);
+            let first = m.attempt == 1;
+            async move {
+                if first {
+                    Err(HandlerError::retryable("not yet"))
+                } else {
+                    Ok(())
+                }
+            }
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    b.publish(&topic, NewMessage::new("job", "x"))
+        .await
+        .unwrap();
+    wait_until("handled on its retry", LONG, || async { log.len() == 2 }).await;
+    let seen = log.all();
+    let gap = seen[1].at.since(seen[0].at);
+    assert!(gap >= ms(300), "retried after {gap:?}, before its backoff");
+    assert!(
+        gap < Duration::from_secs(5),
+        "retried after {gap:?}: it waited for the read's 20 s wait instead of its 300 ms backoff"
+    );
+    assert_eq!(c.stats().processed, 1);
+    c.shutdown(LONG).await;
+}

@@ -43,6 +43,47 @@ const SETTLE_BATCH: usize = 512;
 const SETTLE_ATTEMPTS: u32 = 12;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
+/// When the earliest retry this consumer scheduled is due (ms since the epoch; `u64::MAX`:
+/// none), set by the settler once the retry is stored, so the fetch loop reads at that time even
+/// while a read waits for new messages (a backend's blocking read may not see a retry that
+/// became due during it, e.g. Redis's `XREADGROUP BLOCK`).
+struct RetryClock {
+    next: std::sync::atomic::AtomicU64,
+    changed: Notify,
+}
+
+impl RetryClock {
+    fn new() -> RetryClock {
+        RetryClock {
+            next: std::sync::atomic::AtomicU64::new(u64::MAX),
+            changed: Notify::new(),
+        }
+    }
+
+    /// Records a stored retry due at `at`.
+    fn scheduled(&self, at: Timestamp) {
+        if self.next.fetch_min(at.0, Ordering::AcqRel) > at.0 {
+            self.changed.notify_one();
+        }
+    }
+
+    /// When the earliest recorded retry is due, as an instant of tokio's clock.
+    fn due(&self) -> Option<(u64, Instant)> {
+        let next = self.next.load(Ordering::Acquire);
+        (next != u64::MAX).then(|| {
+            let wait = Timestamp(next).since(Timestamp::now());
+            (next, instant_after(Instant::now(), wait))
+        })
+    }
+
+    /// Forgets the retry due at `at` (a read goes out for it), unless an earlier one came since.
+    fn taken(&self, at: u64) {
+        let _ = self
+            .next
+            .compare_exchange(at, u64::MAX, Ordering::AcqRel, Ordering::Acquire);
+    }
+}
+
 pub(crate) struct Ctx {
     backend: Arc<dyn Backend>,
     config: Arc<Config>,
@@ -57,6 +98,7 @@ pub(crate) struct Ctx {
     /// Each handler's route by message type, with the type as a shared string.
     routes: KindMap<(Arc<str>, Arc<Route>)>,
     fallback: Option<Arc<Route>>,
+    retries: Arc<RetryClock>,
 }
 
 /// The consumer's metric handles, registered once (not looked up per message).
@@ -537,6 +579,16 @@ async fn worker<H: Handler>(
             // this one woke for the tasks after it.
             yield_stealable().await;
         }
+        if message.expires_at().is_some() {
+            if let Some(outcome) = expired(&message) {
+                // It expired while it waited in the queue: not run.
+                if let (Some(ctx), Some((d, permit))) = (ctx.upgrade(), job.take(false)) {
+                    finish(&ctx, d, HandlerName::None, outcome, Instant::now()).await;
+                    drop(permit);
+                }
+                continue;
+            }
+        }
         ran = true;
         let started = Instant::now();
         let span = tracing::debug_span!("relq.handle", id = %message.id, kind = %message.kind, attempt = message.attempt);
@@ -789,6 +841,7 @@ pub(crate) async fn run(
     let held_ids = Arc::new(std::sync::Mutex::new(Held::default()));
     let (abort_tx, abort_rx) = watch::channel(false);
     let (fatal_tx, mut fatal_rx) = watch::channel(None::<StopReason>);
+    let retries = Arc::new(RetryClock::new());
     let settler = tokio::spawn(settler(
         backend.clone(),
         sub.clone(),
@@ -797,6 +850,7 @@ pub(crate) async fn run(
         fatal_tx,
         abort_rx.clone(),
         held_ids.clone(),
+        retries.clone(),
     ));
     let ctx = Arc::new(Ctx {
         backend,
@@ -814,6 +868,7 @@ pub(crate) async fn run(
             .map(|(kind, (shared, runner))| (kind.clone(), (shared.clone(), Route::new(runner))))
             .collect(),
         fallback: config.fallback.as_ref().map(Route::new),
+        retries,
     });
     let watchdog_task = tokio::spawn(watchdog(ctx.clone()));
     let mut batchers = KindMap::default();
@@ -966,10 +1021,29 @@ async fn fetch_loop(
                 && !recovering
                 && Instant::now() < next_claim
                 && !held(&ctx.held).recover;
+            // A retry this consumer stored falls due: a read for it, without waiting (the one
+            // out may be waiting for new messages, and a backend's wait may not see it).
+            let retry = ctx.retries.due();
+            let retry_read = retry.is_some() && in_flight < READS_IN_FLIGHT;
+            let retry_at = retry.map_or_else(Instant::now, |(_, at)| at);
             let [first, second] = &mut reads;
             tokio::select! {
                 (p, r) = read_done(first) => (p, r, Fetch::Read),
                 (p, r) = read_done(second) => (p, r, Fetch::Read),
+                () = tokio::time::sleep_until(retry_at), if retry_read => {
+                    if let Some((due, _)) = retry {
+                        ctx.retries.taken(due);
+                    }
+                    // With no permit free the handlers are busy; the next read takes it.
+                    if let Ok(mut permit) = permits.clone().try_acquire_owned() {
+                        top_up(permits, &mut permit, c.read_batch);
+                        if let Some(slot) = reads.iter_mut().find(|r| r.is_none()) {
+                            *slot = Some(start_read(ctx, permit, Duration::ZERO));
+                        }
+                    }
+                    continue;
+                }
+                () = ctx.retries.changed.notified() => continue,
                 p = permits.clone().acquire_many_owned(ahead_at as u32), if ahead => {
                     let Ok(mut permit) = p else {
                         return StopReason::runtime_failure("permit semaphore closed");
@@ -1010,7 +1084,15 @@ async fn fetch_loop(
                 let r = ctx.backend.claim(&ctx.sub, c.claim_after, max).await;
                 (permit, r, Fetch::Claim)
             } else {
-                let wait = c.poll_wait.min(next_claim.saturating_duration_since(now));
+                let mut wait = c.poll_wait.min(next_claim.saturating_duration_since(now));
+                // A read that starts once a retry is due delivers it; one before waits no longer.
+                if let Some((due, at)) = ctx.retries.due() {
+                    if at <= now {
+                        ctx.retries.taken(due);
+                    } else {
+                        wait = wait.min(at.saturating_duration_since(now));
+                    }
+                }
                 reads[0] = Some(start_read(ctx, permit, wait));
                 continue;
             }
@@ -1162,21 +1244,11 @@ async fn dispatch(
         drop(permit);
         return;
     }
-    if let Some(at) = m.expires_at() {
-        if at <= Timestamp::now() {
-            start(ctx, staged);
-            let error = format!("its time to live ended at {at}, before it was handled");
-            finish(
-                ctx,
-                d,
-                HandlerName::None,
-                Outcome::simple(FailureKind::Expired, error),
-                Instant::now(),
-            )
-            .await;
-            drop(permit);
-            return;
-        }
+    if let Some(expired) = expired(m) {
+        start(ctx, staged);
+        finish(ctx, d, HandlerName::None, expired, Instant::now()).await;
+        drop(permit);
+        return;
     }
     if let Some(tx) = batchers.get(&m.kind) {
         start(ctx, staged);
@@ -1246,6 +1318,21 @@ async fn run_batch(
     handler: Arc<dyn BatchHandler>,
     batch: Vec<(Delivery, OwnedSemaphorePermit)>,
 ) {
+    // A message may have expired while the batch filled.
+    let mut kept = Vec::with_capacity(batch.len());
+    for (d, permit) in batch {
+        match expired(&d.message) {
+            Some(outcome) => {
+                finish(&ctx, d, HandlerName::None, outcome, Instant::now()).await;
+                drop(permit);
+            }
+            None => kept.push((d, permit)),
+        }
+    }
+    let batch = kept;
+    if batch.is_empty() {
+        return;
+    }
     let n = batch.len();
     let messages = batch.iter().map(|(d, _)| d.message.clone()).collect();
     let capture = ctx.config.include_stack_trace;
@@ -1284,6 +1371,18 @@ async fn run_batch(
         finish(&ctx, d, HandlerName::Kind, outcome, Instant::now()).await;
         drop(permit);
     }
+}
+
+/// The outcome of a message whose time to live has ended by now (checked as a consumer takes it,
+/// and again right before its handler or batch runs): never handled.
+fn expired(m: &relq_core::Message) -> Option<Outcome> {
+    let at = m.expires_at()?;
+    (at <= Timestamp::now()).then(|| {
+        Outcome::simple(
+            FailureKind::Expired,
+            format!("its time to live ended at {at}, before it was handled"),
+        )
+    })
 }
 
 /// Turns an outcome (reached at `ended`) into a settlement and queues it.
@@ -1449,6 +1548,7 @@ async fn send_settlement(ctx: &Ctx, s: Settlement) -> bool {
     true
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn settler(
     backend: Arc<dyn Backend>,
     sub: Subscription,
@@ -1457,6 +1557,7 @@ async fn settler(
     fatal: watch::Sender<Option<StopReason>>,
     mut abort: watch::Receiver<bool>,
     held_ids: Arc<std::sync::Mutex<Held>>,
+    retries: Arc<RetryClock>,
 ) {
     // A panic here (a backend bug) must stop the consumer: without a settler nothing it handles
     // would ever be settled, and its messages would come back forever.
@@ -1477,6 +1578,16 @@ async fn settler(
         for attempt in 1..=SETTLE_ATTEMPTS {
             match backend.settle(&sub, &buf).await {
                 Ok(()) => {
+                    if let Some(at) = buf
+                        .iter()
+                        .filter_map(|s| match s {
+                            Settlement::Retry { at, .. } => Some(*at),
+                            _ => None,
+                        })
+                        .min()
+                    {
+                        retries.scheduled(at);
+                    }
                     if let Some(f) = &forward {
                         for s in &buf {
                             if let Settlement::DeadLetter(d) = s {
