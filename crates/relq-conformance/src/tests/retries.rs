@@ -287,8 +287,9 @@ pub async fn message_without_handler_is_dead_lettered(b: Broker) {
     c.shutdown(LONG).await;
 }
 
-/// A retry is delivered when it falls due even while the consumer waits for new messages on an
-/// idle topic (here up to 20 s per read): not when that wait ends.
+/// Retries are delivered when they fall due even while the consumer waits for new messages on
+/// an idle topic (here up to 20 s per read): not when that wait ends. Two messages whose
+/// retries fall due at different times: each on time.
 pub async fn a_retry_is_delivered_when_due_while_the_consumer_waits(b: Broker) {
     let topic = unique("retry-due");
     let log = Log::default();
@@ -315,17 +316,36 @@ pub async fn a_retry_is_delivered_when_due_while_the_consumer_waits(b: Broker) {
         .start()
         .await
         .unwrap();
-    b.publish(&topic, NewMessage::new("job", "x"))
+    b.publish(&topic, NewMessage::new("job", "a"))
         .await
         .unwrap();
-    wait_until("handled on its retry", LONG, || async { log.len() == 2 }).await;
+    // The second message fails after the first did: its retry falls due later.
+    wait_until("a's first attempt", LONG, || async { log.len() == 1 }).await;
+    b.publish(&topic, NewMessage::new("job", "b"))
+        .await
+        .unwrap();
+    wait_until("both handled on their retries", LONG, || async {
+        log.len() == 4
+    })
+    .await;
     let seen = log.all();
-    let gap = seen[1].at.since(seen[0].at);
-    assert!(gap >= ms(300), "retried after {gap:?}, before its backoff");
-    assert!(
-        gap < Duration::from_secs(5),
-        "retried after {gap:?}: it waited for the read's 20 s wait instead of its 300 ms backoff"
-    );
-    assert_eq!(c.stats().processed, 1);
+    for p in ["a", "b"] {
+        let at: Vec<Timestamp> = seen
+            .iter()
+            .filter(|s| s.payload == p)
+            .map(|s| s.at)
+            .collect();
+        assert_eq!(at.len(), 2, "{p}: {seen:?}");
+        let gap = at[1].since(at[0]);
+        assert!(
+            gap >= ms(300),
+            "{p} retried after {gap:?}, before its backoff"
+        );
+        assert!(
+            gap < Duration::from_secs(5),
+            "{p} retried after {gap:?}: it waited for the read's 20 s wait instead of its 300 ms backoff"
+        );
+    }
+    assert_eq!(c.stats().processed, 2);
     c.shutdown(LONG).await;
 }

@@ -43,44 +43,58 @@ const SETTLE_BATCH: usize = 512;
 const SETTLE_ATTEMPTS: u32 = 12;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// When the earliest retry this consumer scheduled is due (ms since the epoch; `u64::MAX`:
-/// none), set by the settler once the retry is stored, so the fetch loop reads at that time even
-/// while a read waits for new messages (a backend's blocking read may not see a retry that
-/// became due during it, e.g. Redis's `XREADGROUP BLOCK`).
+/// Retry due times this consumer stored (ms since the epoch), recorded by the settler once a
+/// batch is applied, so the fetch loop reads when each falls due even while a read waits for
+/// new messages (a backend's blocking read may not see a retry that fell due during it, e.g.
+/// Redis's `XREADGROUP BLOCK`). At most [`RETRY_TIMES`] are kept, the earliest.
 struct RetryClock {
-    next: std::sync::atomic::AtomicU64,
+    times: Mutex<std::collections::BTreeSet<u64>>,
     changed: Notify,
 }
+
+/// Most retry due times a consumer keeps (a later one past the cap is seen when a read's wait
+/// ends, at most `poll_wait` late).
+const RETRY_TIMES: usize = 4096;
 
 impl RetryClock {
     fn new() -> RetryClock {
         RetryClock {
-            next: std::sync::atomic::AtomicU64::new(u64::MAX),
+            times: Mutex::new(std::collections::BTreeSet::new()),
             changed: Notify::new(),
         }
     }
 
-    /// Records a stored retry due at `at`.
-    fn scheduled(&self, at: Timestamp) {
-        if self.next.fetch_min(at.0, Ordering::AcqRel) > at.0 {
+    fn times(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<u64>> {
+        self.times.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records stored retries due at `at`.
+    fn scheduled(&self, at: impl IntoIterator<Item = Timestamp>) {
+        let mut times = self.times();
+        let before = times.first().copied();
+        times.extend(at.into_iter().map(|t| t.0));
+        while times.len() > RETRY_TIMES {
+            times.pop_last();
+        }
+        if times.first().copied() != before {
+            drop(times);
             self.changed.notify_one();
         }
     }
 
-    /// When the earliest recorded retry is due, as an instant of tokio's clock.
-    fn due(&self) -> Option<(u64, Instant)> {
-        let next = self.next.load(Ordering::Acquire);
-        (next != u64::MAX).then(|| {
-            let wait = Timestamp(next).since(Timestamp::now());
-            (next, instant_after(Instant::now(), wait))
-        })
+    /// How long until the earliest recorded retry is due (zero: due now).
+    fn due_in(&self) -> Option<Duration> {
+        let first = *self.times().first()?;
+        Some(Timestamp(first).since(Timestamp::now()))
     }
 
-    /// Forgets the retry due at `at` (a read goes out for it), unless an earlier one came since.
-    fn taken(&self, at: u64) {
-        let _ = self
-            .next
-            .compare_exchange(at, u64::MAX, Ordering::AcqRel, Ordering::Acquire);
+    /// Forgets every retry due by now: a read that starts now delivers them.
+    fn taken(&self) {
+        let now = Timestamp::now().0;
+        let mut times = self.times();
+        while times.first().is_some_and(|t| *t <= now) {
+            times.pop_first();
+        }
     }
 }
 
@@ -582,9 +596,17 @@ async fn worker<H: Handler>(
         if message.expires_at().is_some() {
             if let Some(outcome) = expired(&message) {
                 // It expired while it waited in the queue: not run.
-                if let (Some(ctx), Some((d, permit))) = (ctx.upgrade(), job.take(false)) {
-                    finish(&ctx, d, HandlerName::None, outcome, Instant::now()).await;
-                    drop(permit);
+                let Some(ctx) = ctx.upgrade() else {
+                    return;
+                };
+                match job.take(false) {
+                    Some((d, permit)) => {
+                        finish(&ctx, d, HandlerName::None, outcome, Instant::now()).await;
+                        drop(permit);
+                    }
+                    // The watchdog took it (past its deadline) and started a replacement.
+                    None if job.replaced() => return,
+                    None => {}
                 }
                 continue;
             }
@@ -972,6 +994,13 @@ fn start_read(ctx: &Arc<Ctx>, permit: OwnedSemaphorePermit, wait: Duration) -> R
     })
 }
 
+/// The most permits a read takes: a read's size, less one permit when it may wait for new
+/// messages and more than one message may run at once, so a retry that falls due meanwhile can
+/// be read at once (see `RetryClock`).
+fn read_permits(c: &Config) -> usize {
+    c.read_batch.min(c.concurrency.saturating_sub(1).max(1))
+}
+
 /// Takes every free permit into `permit`, up to `max` in all.
 fn top_up(permits: &Arc<Semaphore>, permit: &mut OwnedSemaphorePermit, max: usize) {
     let extra = permits
@@ -1022,24 +1051,32 @@ async fn fetch_loop(
                 && Instant::now() < next_claim
                 && !held(&ctx.held).recover;
             // A retry this consumer stored falls due: a read for it, without waiting (the one
-            // out may be waiting for new messages, and a backend's wait may not see it).
-            let retry = ctx.retries.due();
-            let retry_read = retry.is_some() && in_flight < READS_IN_FLIGHT;
-            let retry_at = retry.map_or_else(Instant::now, |(_, at)| at);
+            // out may be waiting for new messages, and a backend's wait may not see it). A
+            // waiting read leaves a permit free for it (`read_permits`); with every permit in
+            // a handler, the read after that handler's takes the retry. Not once recovery or a
+            // claim is due (the reads out drain first; the next read then takes it).
+            let retry = ctx.retries.due_in();
+            let retry_read = retry.is_some()
+                && in_flight < READS_IN_FLIGHT
+                && !recovering
+                && Instant::now() < next_claim
+                && !held(&ctx.held).recover;
+            let retry_at = instant_after(Instant::now(), retry.unwrap_or_default());
             let [first, second] = &mut reads;
             tokio::select! {
                 (p, r) = read_done(first) => (p, r, Fetch::Read),
                 (p, r) = read_done(second) => (p, r, Fetch::Read),
-                () = tokio::time::sleep_until(retry_at), if retry_read => {
-                    if let Some((due, _)) = retry {
-                        ctx.retries.taken(due);
-                    }
-                    // With no permit free the handlers are busy; the next read takes it.
-                    if let Ok(mut permit) = permits.clone().try_acquire_owned() {
-                        top_up(permits, &mut permit, c.read_batch);
-                        if let Some(slot) = reads.iter_mut().find(|r| r.is_none()) {
-                            *slot = Some(start_read(ctx, permit, Duration::ZERO));
-                        }
+                p = async {
+                    tokio::time::sleep_until(retry_at).await;
+                    permits.clone().acquire_owned().await
+                }, if retry_read => {
+                    let Ok(mut permit) = p else {
+                        return StopReason::runtime_failure("permit semaphore closed");
+                    };
+                    top_up(permits, &mut permit, read_permits(c));
+                    ctx.retries.taken();
+                    if let Some(slot) = reads.iter_mut().find(|r| r.is_none()) {
+                        *slot = Some(start_read(ctx, permit, Duration::ZERO));
                     }
                     continue;
                 }
@@ -1048,7 +1085,7 @@ async fn fetch_loop(
                     let Ok(mut permit) = p else {
                         return StopReason::runtime_failure("permit semaphore closed");
                     };
-                    top_up(permits, &mut permit, c.read_batch);
+                    top_up(permits, &mut permit, read_permits(c));
                     let wait = c.poll_wait.min(next_claim.saturating_duration_since(Instant::now()));
                     if let Some(slot) = reads.iter_mut().find(|r| r.is_none()) {
                         *slot = Some(start_read(ctx, permit, wait));
@@ -1073,7 +1110,7 @@ async fn fetch_loop(
             }
             // Every free permit (up to a read's size) is taken now, so a read asks for as many
             // messages as can start, and each starts without waiting on the semaphore again.
-            top_up(permits, &mut permit, c.read_batch);
+            top_up(permits, &mut permit, read_permits(c));
             let max = permit.num_permits();
             let now = Instant::now();
             let claiming = !recovering && now >= next_claim;
@@ -1086,12 +1123,10 @@ async fn fetch_loop(
             } else {
                 let mut wait = c.poll_wait.min(next_claim.saturating_duration_since(now));
                 // A read that starts once a retry is due delivers it; one before waits no longer.
-                if let Some((due, at)) = ctx.retries.due() {
-                    if at <= now {
-                        ctx.retries.taken(due);
-                    } else {
-                        wait = wait.min(at.saturating_duration_since(now));
-                    }
+                match ctx.retries.due_in() {
+                    Some(d) if d.is_zero() => ctx.retries.taken(),
+                    Some(d) => wait = wait.min(d),
+                    None => {}
                 }
                 reads[0] = Some(start_read(ctx, permit, wait));
                 continue;
@@ -1578,16 +1613,10 @@ async fn settler(
         for attempt in 1..=SETTLE_ATTEMPTS {
             match backend.settle(&sub, &buf).await {
                 Ok(()) => {
-                    if let Some(at) = buf
-                        .iter()
-                        .filter_map(|s| match s {
-                            Settlement::Retry { at, .. } => Some(*at),
-                            _ => None,
-                        })
-                        .min()
-                    {
-                        retries.scheduled(at);
-                    }
+                    retries.scheduled(buf.iter().filter_map(|s| match s {
+                        Settlement::Retry { at, .. } => Some(*at),
+                        _ => None,
+                    }));
                     if let Some(f) = &forward {
                         for s in &buf {
                             if let Settlement::DeadLetter(d) = s {
