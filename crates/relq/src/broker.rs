@@ -232,7 +232,11 @@ impl Broker {
     ) -> Result<Vec<MessageId>> {
         validate_name("topic", topic)?;
         let n = messages.len() as u64;
-        let ttl = self.topic_ttls.get(topic).copied();
+        let ttl = if self.topic_ttls.is_empty() {
+            None
+        } else {
+            self.topic_ttls.get(topic).copied()
+        };
         let batch = messages
             .into_iter()
             .map(|m| m.prepare(self.max_payload, ttl))

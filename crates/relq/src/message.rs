@@ -118,15 +118,15 @@ impl NewMessage {
             return Err(Error::ReservedHeader(shorten(h)));
         }
         validate_headers(&self.headers)?;
-        let now = Timestamp::now();
+        // The clock is read only for a delay or a time to live (most messages have neither).
         let deliver_at = match (self.deliver_at, self.delay) {
             (Some(at), _) => Some(at),
-            (None, Some(d)) => Some(now.plus(d)),
+            (None, Some(d)) => Some(Timestamp::now().plus(d)),
             (None, None) => None,
         };
         let expires_at = match self.expiry.or(topic_ttl.map(Expiry::After)) {
             Some(Expiry::At(at)) => Some(at),
-            Some(Expiry::After(ttl)) => Some(now.plus(ttl)),
+            Some(Expiry::After(ttl)) => Some(Timestamp::now().plus(ttl)),
             None => None,
         };
         if let Some(at) = expires_at {

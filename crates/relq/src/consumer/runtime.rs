@@ -49,6 +49,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Redis's `XREADGROUP BLOCK`). At most [`RETRY_TIMES`] are kept, the earliest.
 struct RetryClock {
     times: Mutex<std::collections::BTreeSet<u64>>,
+    /// The first of `times` (`u64::MAX`: none), read without the lock on every turn of the
+    /// fetch loop.
+    first: std::sync::atomic::AtomicU64,
     changed: Notify,
 }
 
@@ -60,6 +63,7 @@ impl RetryClock {
     fn new() -> RetryClock {
         RetryClock {
             times: Mutex::new(std::collections::BTreeSet::new()),
+            first: std::sync::atomic::AtomicU64::new(u64::MAX),
             changed: Notify::new(),
         }
     }
@@ -76,7 +80,10 @@ impl RetryClock {
         while times.len() > RETRY_TIMES {
             times.pop_last();
         }
-        if times.first().copied() != before {
+        let first = times.first().copied();
+        if first != before {
+            self.first
+                .store(first.unwrap_or(u64::MAX), Ordering::Release);
             drop(times);
             self.changed.notify_one();
         }
@@ -84,8 +91,8 @@ impl RetryClock {
 
     /// How long until the earliest recorded retry is due (zero: due now).
     fn due_in(&self) -> Option<Duration> {
-        let first = *self.times().first()?;
-        Some(Timestamp(first).since(Timestamp::now()))
+        let first = self.first.load(Ordering::Acquire);
+        (first != u64::MAX).then(|| Timestamp(first).since(Timestamp::now()))
     }
 
     /// Forgets every retry due by now: a read that starts now delivers them.
@@ -95,6 +102,10 @@ impl RetryClock {
         while times.first().is_some_and(|t| *t <= now) {
             times.pop_first();
         }
+        self.first.store(
+            times.first().copied().unwrap_or(u64::MAX),
+            Ordering::Release,
+        );
     }
 }
 
@@ -994,11 +1005,15 @@ fn start_read(ctx: &Arc<Ctx>, permit: OwnedSemaphorePermit, wait: Duration) -> R
     })
 }
 
-/// The most permits a read takes: a read's size, less one permit when it may wait for new
-/// messages and more than one message may run at once, so a retry that falls due meanwhile can
-/// be read at once (see `RetryClock`).
-fn read_permits(c: &Config) -> usize {
-    c.read_batch.min(c.concurrency.saturating_sub(1).max(1))
+/// The most permits a read takes: a read's size, less one permit when the read may wait for new
+/// messages (no backlog) and more than one message may run at once, so a retry that falls due
+/// meanwhile can be read at once (see `RetryClock`). With a backlog a read returns at once.
+fn read_permits(c: &Config, backlog: bool) -> usize {
+    if backlog {
+        c.read_batch
+    } else {
+        c.read_batch.min(c.concurrency.saturating_sub(1).max(1))
+    }
 }
 
 /// Takes every free permit into `permit`, up to `max` in all.
@@ -1073,7 +1088,7 @@ async fn fetch_loop(
                     let Ok(mut permit) = p else {
                         return StopReason::runtime_failure("permit semaphore closed");
                     };
-                    top_up(permits, &mut permit, read_permits(c));
+                    top_up(permits, &mut permit, read_permits(c, true));
                     ctx.retries.taken();
                     if let Some(slot) = reads.iter_mut().find(|r| r.is_none()) {
                         *slot = Some(start_read(ctx, permit, Duration::ZERO));
@@ -1085,7 +1100,7 @@ async fn fetch_loop(
                     let Ok(mut permit) = p else {
                         return StopReason::runtime_failure("permit semaphore closed");
                     };
-                    top_up(permits, &mut permit, read_permits(c));
+                    top_up(permits, &mut permit, read_permits(c, true));
                     let wait = c.poll_wait.min(next_claim.saturating_duration_since(Instant::now()));
                     if let Some(slot) = reads.iter_mut().find(|r| r.is_none()) {
                         *slot = Some(start_read(ctx, permit, wait));
@@ -1110,7 +1125,7 @@ async fn fetch_loop(
             }
             // Every free permit (up to a read's size) is taken now, so a read asks for as many
             // messages as can start, and each starts without waiting on the semaphore again.
-            top_up(permits, &mut permit, read_permits(c));
+            top_up(permits, &mut permit, read_permits(c, backlog));
             let max = permit.num_permits();
             let now = Instant::now();
             let claiming = !recovering && now >= next_claim;
