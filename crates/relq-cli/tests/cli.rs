@@ -1833,10 +1833,18 @@ fn expired_messages_are_not_consumed() {
     let out = ok(&relq_in(&dir, &["--json", "dlq", "list", "u"]));
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["items"].as_array().unwrap().len(), 0, "dropped: {v}");
-    let out = ok(&relq_in(&dir, &["--json", "info", "u"]));
-    assert!(
-        out.contains("\"pending\":0") || out.contains("\"pending\": 0"),
-        "{out}"
+    let info = ok(&relq_in(&dir, &["--json", "info", "u"]));
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    let g = &info[0]["groups"][0];
+    assert_eq!(g["name"], "g", "{info}");
+    assert_eq!(
+        (&g["pending"], &g["lag"], &g["scheduled"]),
+        (
+            &serde_json::json!(0),
+            &serde_json::json!(0),
+            &serde_json::json!(0)
+        ),
+        "settled: {info}"
     );
 
     fails_with(

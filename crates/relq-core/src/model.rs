@@ -408,9 +408,6 @@ impl Message {
     /// is not a number of milliseconds (written by another program) counts as no expiry: the
     /// message is handled, never dropped for it.
     pub fn expires_at(&self) -> Option<Timestamp> {
-        if self.headers.is_empty() {
-            return None;
-        }
         self.header(HEADER_EXPIRES_AT)
             .and_then(|v| v.parse::<u64>().ok())
             .map(Timestamp)

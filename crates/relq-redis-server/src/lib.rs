@@ -50,20 +50,22 @@ pub struct RedisServer {
     options: ServerOptions,
 }
 
-/// The `redis-server` binary the tests run: `RELQ_REDIS_SERVER`, or the one on the `PATH`.
-pub fn server_program() -> String {
-    std::env::var("RELQ_REDIS_SERVER")
+/// The binary `var` names, or `default` (found on the `PATH`).
+fn program(var: &str, default: &str) -> String {
+    std::env::var(var)
         .ok()
         .filter(|p| !p.is_empty())
-        .unwrap_or_else(|| "redis-server".to_owned())
+        .unwrap_or_else(|| default.to_owned())
+}
+
+/// The `redis-server` binary the tests run: `RELQ_REDIS_SERVER`, or the one on the `PATH`.
+pub fn server_program() -> String {
+    program("RELQ_REDIS_SERVER", "redis-server")
 }
 
 /// The `redis-cli` binary the tests run: `RELQ_REDIS_CLI`, or the one on the `PATH`.
 pub fn cli_program() -> String {
-    std::env::var("RELQ_REDIS_CLI")
-        .ok()
-        .filter(|p| !p.is_empty())
-        .unwrap_or_else(|| "redis-cli".to_owned())
+    program("RELQ_REDIS_CLI", "redis-cli")
 }
 
 /// The version [`server_program`] reports (`7.0.15`), if it runs.

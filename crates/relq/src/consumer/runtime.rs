@@ -604,23 +604,21 @@ async fn worker<H: Handler>(
             // this one woke for the tasks after it.
             yield_stealable().await;
         }
-        if message.expires_at().is_some() {
-            if let Some(outcome) = expired(&message) {
-                // It expired while it waited in the queue: not run.
-                let Some(ctx) = ctx.upgrade() else {
-                    return;
-                };
-                match job.take(false) {
-                    Some((d, permit)) => {
-                        finish(&ctx, d, HandlerName::None, outcome, Instant::now()).await;
-                        drop(permit);
-                    }
-                    // The watchdog took it (past its deadline) and started a replacement.
-                    None if job.replaced() => return,
-                    None => {}
+        if let Some(outcome) = expired(&message) {
+            // It expired while it waited in the queue: not run.
+            let Some(ctx) = ctx.upgrade() else {
+                return;
+            };
+            match job.take(false) {
+                Some((d, permit)) => {
+                    finish(&ctx, d, HandlerName::None, outcome, Instant::now()).await;
+                    drop(permit);
                 }
-                continue;
+                // The watchdog took it (past its deadline) and started a replacement.
+                None if job.replaced() => return,
+                None => {}
             }
+            continue;
         }
         ran = true;
         let started = Instant::now();
@@ -1060,22 +1058,18 @@ async fn fetch_loop(
         let in_flight = reads.iter().filter(|r| r.is_some()).count();
         let (permit, fetched, kind) = if in_flight > 0 {
             // No read ahead once recovery or a claim is due: the reads out drain first.
-            let ahead = backlog
-                && in_flight < READS_IN_FLIGHT
+            let another = in_flight < READS_IN_FLIGHT
                 && !recovering
                 && Instant::now() < next_claim
                 && !held(&ctx.held).recover;
+            let ahead = backlog && another;
             // A retry this consumer stored falls due: a read for it, without waiting (the one
             // out may be waiting for new messages, and a backend's wait may not see it). A
             // waiting read leaves a permit free for it (`read_permits`); with every permit in
             // a handler, the read after that handler's takes the retry. Not once recovery or a
-            // claim is due (the reads out drain first; the next read then takes it).
+            // claim is due (as for a read ahead: the reads out drain first).
             let retry = ctx.retries.due_in();
-            let retry_read = retry.is_some()
-                && in_flight < READS_IN_FLIGHT
-                && !recovering
-                && Instant::now() < next_claim
-                && !held(&ctx.held).recover;
+            let retry_read = retry.is_some() && another;
             let retry_at = instant_after(Instant::now(), retry.unwrap_or_default());
             let [first, second] = &mut reads;
             tokio::select! {
