@@ -563,6 +563,31 @@ pub(crate) struct PublishRequest {
     /// Time to live from now (`"10m"`): a consumer that takes the message later does not
     /// handle it (a dead letter with reason `expired`, or dropped).
     pub(crate) ttl: Option<String>,
+    /// Store the payload compressed (kept as it is if that would not make it smaller);
+    /// consumers and reads see it decompressed.
+    pub(crate) compress: Option<CompressionName>,
+}
+
+/// A compression algorithm.
+#[derive(Clone, Copy, Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum CompressionName {
+    /// LZ4 (frame format).
+    Lz4,
+    /// gzip.
+    Gzip,
+    /// zstd.
+    Zstd,
+}
+
+impl From<CompressionName> for relq::Compression {
+    fn from(c: CompressionName) -> relq::Compression {
+        match c {
+            CompressionName::Lz4 => relq::Compression::Lz4,
+            CompressionName::Gzip => relq::Compression::Gzip,
+            CompressionName::Zstd => relq::Compression::Zstd,
+        }
+    }
 }
 
 /// The id a publish got.
@@ -595,11 +620,18 @@ pub(crate) async fn publish(
     if let Some(t) = &req.ttl {
         m = m.ttl(parse_duration("ttl", t)?);
     }
+    if let Some(c) = req.compress {
+        m = m.compress(c.into());
+    }
     let params = audit::params([
         ("type", serde_json::json!(req.kind)),
         ("bytes", serde_json::json!(req.payload.len())),
         ("delay", serde_json::json!(req.delay)),
         ("ttl", serde_json::json!(req.ttl)),
+        (
+            "compress",
+            serde_json::json!(req.compress.map(|c| relq::Compression::from(c).as_str())),
+        ),
     ]);
     let r = s.broker.publish(&topic, m).await.map_err(Problem::from);
     let r = r.map(|id| Published { id: id.to_string() });

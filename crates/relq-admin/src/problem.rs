@@ -55,6 +55,7 @@ fn classify(e: &Error) -> (StatusCode, &'static str) {
         | Error::InvalidId(_)
         | Error::ReservedHeader(_)
         | Error::InvalidHeader { .. }
+        | Error::Encode(_)
         | Error::UnsupportedUrl { .. } => (StatusCode::BAD_REQUEST, "bad-request"),
         Error::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large"),
         Error::NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),

@@ -225,6 +225,61 @@ async fn a_published_time_to_live_is_stamped_on_the_message() {
     );
 }
 
+/// A publish with `compress` is stored compressed; the API's reads show it decompressed.
+#[tokio::test]
+async fn a_compressed_publish_is_stored_compressed_and_read_whole() {
+    let b = broker_with_failures().await;
+    let app = app(&b);
+    let doc = format!(
+        "[{}]",
+        vec![r#"{"sku":"KB-1","qty":2,"currency":"EUR"}"#; 80].join(",")
+    );
+    let r = call(
+        &app,
+        Method::POST,
+        "/api/topics/packed/messages",
+        Some(ADMIN),
+        Some(json!({"type": "order", "payload": doc, "compress": "gzip"})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let id: relq::MessageId = r.body["id"].as_str().unwrap().parse().unwrap();
+    let raw = b
+        .backend()
+        .browse("packed", &relq::Browse::oldest())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(raw[0].id, id);
+    assert_eq!(raw[0].header(relq::HEADER_ENCODING), Some("gzip"));
+    assert!(
+        raw[0].payload.len() * 5 < doc.len(),
+        "{}",
+        raw[0].payload.len()
+    );
+    let r = call(
+        &app,
+        Method::GET,
+        &format!("/api/topics/packed/messages/{id}"),
+        Some(READER),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["payload"], doc.as_str(), "{}", r.text);
+    let r = call(
+        &app,
+        Method::POST,
+        "/api/topics/packed/messages",
+        Some(ADMIN),
+        Some(json!({"type": "order", "payload": "x", "compress": "brotli"})),
+    )
+    .await;
+    // A body of the wrong shape, as for any other field.
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.text);
+    assert!(r.text.contains("brotli"), "{}", r.text);
+}
+
 #[tokio::test]
 async fn topics_messages_stop_resume_and_terminate() {
     let b = broker_with_failures().await;

@@ -22,6 +22,9 @@ pub(crate) enum BenchCommand {
     Redis(crate::bench_redis::RedisArgs),
     /// The consumer runtime alone on the in-memory backend (small enough for callgrind).
     Memory(crate::bench_memory::MemoryArgs),
+    /// Payload compression (off, lz4, gzip, zstd) on realistic JSON: throughput against
+    /// compression off in the same round, and the bytes stored.
+    Compression(crate::bench_compression::CompressionArgs),
     /// Internal: fills a data directory with a backlog, prints "ready", waits to be killed.
     #[command(hide = true)]
     Fill {
@@ -87,6 +90,7 @@ pub(crate) async fn run(cmd: BenchCommand, json_out: bool) -> anyhow::Result<()>
         BenchCommand::Embedded(args) => embedded(args, json_out).await,
         BenchCommand::Redis(args) => crate::bench_redis::run(args, json_out).await,
         BenchCommand::Memory(args) => crate::bench_memory::run(args, json_out).await,
+        BenchCommand::Compression(args) => crate::bench_compression::run(args, json_out).await,
     }
 }
 

@@ -5,6 +5,7 @@
 //! Exit codes: 0 success, 1 the benchmark failed, 2 bad usage (clap's), 130 interrupted.
 
 mod bench;
+mod bench_compression;
 mod bench_memory;
 mod bench_redis;
 mod crash;

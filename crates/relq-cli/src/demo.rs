@@ -2,6 +2,9 @@
 //! process them while failures are injected (database 15%, external API 12%, validation 10%,
 //! timeout 8% of attempts). Validation errors are permanent; the others are retried with
 //! exponential backoff and dead-lettered when attempts run out.
+//!
+//! Orders are typed messages (JSON, schema version 2; one in ten is published as version 1 and
+//! upgraded by the handler).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -9,8 +12,8 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use relq::{
-    Backoff, BatchConfig, Broker, ConsumerHandle, DeadLetterQuery, HandlerError, Message,
-    NewMessage, StartPosition,
+    typed, Backoff, BatchConfig, Broker, ConsumerHandle, DeadLetterQuery, HandlerError, Json,
+    Message, NewMessage, StartPosition,
 };
 use serde_json::json;
 
@@ -104,6 +107,27 @@ async fn handle_batch(batch: Vec<Message>, rate: f64) -> Vec<Result<(), HandlerE
         .collect()
 }
 
+/// An order as its handler sees it (schema version 2).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Order {
+    order_id: String,
+    amount_cents: u64,
+}
+
+/// Version 1 of an order: the amount in whole euros.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct OrderV1 {
+    order_id: String,
+    amount: u64,
+}
+
+async fn handle_order(order: Order, m: Message, rate: f64) -> Result<(), HandlerError> {
+    if order.order_id.is_empty() {
+        return Err(HandlerError::permanent("an order without an id").category("validation"));
+    }
+    handle(m, rate).await
+}
+
 /// A data directory removed when the demo ends.
 struct DemoDir(std::path::PathBuf);
 
@@ -150,7 +174,15 @@ pub(crate) async fn run(args: DemoArgs, url: Option<&str>, json_out: bool) -> an
                     Backoff::exponential(Duration::from_millis(5), Duration::from_millis(100))
                         .max_attempts(4),
                 )
-                .handler("order", move |m| handle(m, rate))
+                .handler(
+                    "order",
+                    typed(Json, move |o: Order, m| handle_order(o, m, rate))
+                        .version(2)
+                        .upgrade_from(1, |o: OrderV1| Order {
+                            order_id: o.order_id,
+                            amount_cents: o.amount * 100,
+                        }),
+                )
                 .handler("email", move |m| handle(m, rate))
                 .batch_handler(
                     "notification",
@@ -183,14 +215,25 @@ pub(crate) async fn run(args: DemoArgs, url: Option<&str>, json_out: bool) -> an
                 let batch = (0..chunk)
                     .map(|i| {
                         let k = sent + i;
-                        let (kind, body) = match k % 3 {
-                            0 => ("order", json!({"order_id": format!("o-{p}-{k}"), "amount_cents": 1000 + k % 9000})),
-                            1 => ("email", json!({"to": format!("user{k}@example.com"), "template": "welcome"})),
-                            _ => ("notification", json!({"user": k, "text": "your order shipped"})),
+                        let m = match k % 3 {
+                            0 if k % 10 == 0 => NewMessage::encode(
+                                "order",
+                                &OrderV1 { order_id: format!("o-{p}-{k}"), amount: 10 + k % 90 },
+                                &Json,
+                            )?
+                            .schema_version(1),
+                            0 => NewMessage::encode(
+                                "order",
+                                &Order { order_id: format!("o-{p}-{k}"), amount_cents: 1000 + k % 9000 },
+                                &Json,
+                            )?
+                            .schema_version(2),
+                            1 => NewMessage::new("email", json!({"to": format!("user{k}@example.com"), "template": "welcome"}).to_string()),
+                            _ => NewMessage::new("notification", json!({"user": k, "text": "your order shipped"}).to_string()),
                         };
-                        NewMessage::new(kind, body.to_string()).header("producer", p.to_string())
+                        Ok(m.header("producer", p.to_string()))
                     })
-                    .collect();
+                    .collect::<relq::Result<Vec<_>>>()?;
                 broker.publish_batch(&topic, batch).await?;
                 sent += chunk;
             }

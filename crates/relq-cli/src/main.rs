@@ -65,7 +65,8 @@ enum Command {
         payload: Option<String>,
         /// Read messages from stdin, one JSON object per line:
         /// {"type": "...", "payload": "text" or any JSON value (published as its JSON text),
-        /// "payload_hex": "00ff..", "headers": {"k": "v"}, "delay": "5s", "ttl": "10m"};
+        /// "payload_hex": "00ff..", "headers": {"k": "v"}, "delay": "5s", "ttl": "10m",
+        /// "compress": "zstd"};
         /// published in batches with a progress bar. A bad line stops it: the lines before it
         /// are published.
         #[arg(long, conflicts_with_all = ["kind", "payload", "file", "headers", "delay", "ttl"])]
@@ -86,6 +87,11 @@ enum Command {
         /// becomes a dead letter with reason `expired`, or is dropped).
         #[arg(long, value_parser = humantime::parse_duration)]
         ttl: Option<Duration>,
+        /// Store the payload compressed: lz4, gzip or zstd (kept as it is if that would not
+        /// make it smaller); consumers see it decompressed. With --jsonl, for every line
+        /// without its own "compress".
+        #[arg(long, value_parser = parse_compression)]
+        compress: Option<relq::Compression>,
     },
     /// Consume and print messages, acknowledging each only after it was written to stdout.
     Consume(consume::ConsumeArgs),
@@ -315,6 +321,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
             | relq::Error::Config(_)
             | relq::Error::InvalidId(_)
             | relq::Error::UnsupportedUrl { .. }
+            | relq::Error::Encode(_)
             | relq::Error::PayloadTooLarge { .. }
             | relq::Error::ReservedHeader(_)
             | relq::Error::InvalidHeader { .. },
@@ -552,9 +559,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             topic,
             jsonl,
             batch,
+            compress,
             ..
         } if jsonl => {
-            publish_lines(&broker, &topic, batch, cli.json).await?;
+            publish_lines(&broker, &topic, batch, compress, cli.json).await?;
         }
         Command::Publish {
             topic,
@@ -564,6 +572,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             headers,
             delay,
             ttl,
+            compress,
             ..
         } => {
             let kind = kind.unwrap_or_default();
@@ -588,6 +597,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if let Some(t) = ttl {
                 m = m.ttl(t);
+            }
+            if let Some(c) = compress {
+                m = m.compress(c);
             }
             let id = broker.publish(&topic, m).await?;
             print_out(cli.json, json!({ "id": id }), || id.to_string());
@@ -857,9 +869,17 @@ struct Line {
     delay: Option<String>,
     #[serde(default)]
     ttl: Option<String>,
+    #[serde(default)]
+    compress: Option<relq::Compression>,
 }
 
-fn parse_line(text: &str) -> anyhow::Result<NewMessage> {
+/// `--compress`.
+fn parse_compression(s: &str) -> Result<relq::Compression, relq::Error> {
+    s.parse()
+}
+
+/// One line of `relq publish --jsonl`; `compress` applies unless the line names its own.
+fn parse_line(text: &str, compress: Option<relq::Compression>) -> anyhow::Result<NewMessage> {
     let line: Line = serde_json::from_str(text)?;
     let payload: Vec<u8> = match (line.payload, line.payload_hex) {
         (Some(_), Some(_)) => anyhow::bail!("give payload or payload_hex, not both"),
@@ -890,6 +910,9 @@ fn parse_line(text: &str) -> anyhow::Result<NewMessage> {
     if let Some(t) = line.ttl {
         m = m.ttl(humantime::parse_duration(&t).map_err(|e| anyhow::anyhow!("ttl: {e}"))?);
     }
+    if let Some(c) = line.compress.or(compress) {
+        m = m.compress(c);
+    }
     Ok(m)
 }
 
@@ -899,6 +922,7 @@ async fn publish_lines(
     broker: &Broker,
     topic: &str,
     batch: usize,
+    compress: Option<relq::Compression>,
     json_out: bool,
 ) -> anyhow::Result<()> {
     use std::io::BufRead;
@@ -924,7 +948,7 @@ async fn publish_lines(
         if line.trim().is_empty() {
             continue;
         }
-        match parse_line(&line) {
+        match parse_line(&line, compress) {
             Ok(m) => pending.push(m),
             Err(e) => {
                 failure = Some(format!("line {}: {e:#}", n + 1));

@@ -1854,3 +1854,64 @@ fn expired_messages_are_not_consumed() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `publish --compress` (and a `--jsonl` line's own `compress`): reads show the payload
+/// decompressed and `consume` prints it whole (the conformance suite checks the stored form on
+/// every backend). A bad algorithm is a usage error.
+#[test]
+fn compressed_publishes_are_consumed_whole() {
+    let dir = fresh_dir();
+    let doc: String = (0..60)
+        .map(|i| format!(r#"{{"order":"ord-{i:05}","status":"created","currency":"EUR"}}"#))
+        .collect::<Vec<_>>()
+        .join(",");
+    let doc = format!("[{doc}]");
+    let out = ok(&relq_in(
+        &dir,
+        &["--json", "publish", "t", "job", &doc, "--compress", "zstd"],
+    ));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let id = v["id"].as_str().unwrap().to_owned();
+    let mut child = relq_cmd(&dir, &["publish", "t", "--jsonl", "--compress", "lz4"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        let stdin = child.stdin.as_mut().unwrap();
+        let line = |c: Option<&str>| {
+            let mut v = serde_json::json!({"type": "job", "payload": doc});
+            if let Some(c) = c {
+                v["compress"] = c.into();
+            }
+            v.to_string()
+        };
+        writeln!(stdin, "{}", line(None)).unwrap();
+        writeln!(stdin, "{}", line(Some("gzip"))).unwrap();
+    }
+    ok(&child.wait_with_output().unwrap());
+    let out = ok(&relq_in(&dir, &["--json", "message", "t", &id]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        v["message"]["payload"],
+        doc.as_str(),
+        "shown decompressed: {v}"
+    );
+    assert!(
+        v["message"]["headers"].get("relq-encoding").is_none(),
+        "{v}"
+    );
+    let out = relq_in(
+        &dir,
+        &["--json", "consume", "t", "--count", "3", "--idle", "2s"],
+    );
+    assert_eq!(payloads(&ok(&out)), [doc.clone(), doc.clone(), doc.clone()]);
+    fails_with(
+        &relq_in(&dir, &["publish", "t", "job", "x", "--compress", "brotli"]),
+        2,
+        "none of lz4, gzip, zstd",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

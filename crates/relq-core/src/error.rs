@@ -184,6 +184,10 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// A payload could not be encoded (a typed publish's codec, or its compression failed);
+    /// nothing was published.
+    #[error("the payload could not be encoded: {0}; nothing was published")]
+    Encode(String),
     /// No such item.
     #[error("{0} not found")]
     NotFound(NotFound),

@@ -344,6 +344,18 @@ pub const HEADER_EDITED: &str = "relq-edited";
 /// consumer does not handle a message past it: the message becomes a dead letter with reason
 /// `expired`, or is dropped (counted either way). A replay removes it.
 pub const HEADER_EXPIRES_AT: &str = "relq-expires-at";
+/// On a message stored compressed: the algorithm (`lz4`, `gzip` or `zstd`). A consumer
+/// decompresses the payload before its handler sees it (and drops this header); a payload that
+/// does not decompress is a permanent failure with category `decode`, its stored bytes kept in
+/// the dead letter.
+pub const HEADER_ENCODING: &str = "relq-encoding";
+/// On a message published typed: how its payload is encoded (`application/json`,
+/// `application/msgpack`, `application/protobuf`). A typed handler refuses a payload of another
+/// content type (a permanent failure with category `decode`).
+pub const HEADER_CONTENT_TYPE: &str = "relq-content-type";
+/// On a message published typed with a schema version: the version, a positive integer. A typed
+/// handler upgrades an older version with the function registered for it.
+pub const HEADER_SCHEMA_VERSION: &str = "relq-schema-version";
 
 /// A message as a backend stores it: what was published, with the time it becomes deliverable.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

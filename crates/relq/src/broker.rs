@@ -4,9 +4,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::analysis::{self, FailureGroup, SharedSuggestions, Suggestion, Suggestions};
+use crate::compression::{self, Compression, TopicCompression};
 use crate::consumer::{ConsumerBuilder, ConsumerDefaults};
 use crate::memory::MemoryBackend;
-use crate::message::NewMessage;
+use crate::message::{NewMessage, TopicSettings};
 use relq_core::{
     validate_name, Backend, BackendError, BackendErrorKind, Browse, CleanupReport, DeadLetter,
     DeadLetterId, DeadLetterQuery, DeadLetterStats, Error, GroupPlacement, Health, Message,
@@ -24,8 +25,9 @@ pub const DEFAULT_DEAD_LETTER_RETENTION: Duration = Duration::from_secs(30 * 24 
 pub struct Broker {
     backend: Arc<dyn Backend>,
     max_payload: usize,
-    /// Each topic's time to live for messages published without their own.
-    topic_ttls: Arc<std::collections::HashMap<String, Duration>>,
+    /// Each topic's settings for the messages this broker publishes (a time to live, a
+    /// compression).
+    topics: Arc<std::collections::HashMap<String, TopicSettings>>,
     suggestions: SharedSuggestions,
     defaults: Arc<ConsumerDefaults>,
 }
@@ -50,7 +52,7 @@ impl Broker {
         Broker {
             backend,
             max_payload: DEFAULT_MAX_PAYLOAD,
-            topic_ttls: Arc::default(),
+            topics: Arc::default(),
             suggestions: Arc::new(Suggestions::default()),
             defaults: Arc::new(ConsumerDefaults::default()),
         }
@@ -154,9 +156,18 @@ impl Broker {
             on_expired: c.on_expired,
         });
         for t in &config.topics {
-            broker = broker.with_topic_ttl(&t.name, t.ttl)?;
+            if let Some(ttl) = t.ttl {
+                broker = broker.with_topic_ttl(&t.name, ttl)?;
+            }
+            if let Some(algorithm) = t.compression {
+                broker = broker.with_topic_compression(&t.name, algorithm, t.compress_above)?;
+            }
         }
         Ok(broker)
+    }
+
+    pub(crate) fn max_payload(&self) -> usize {
+        self.max_payload
     }
 
     pub(crate) fn consumer_defaults(&self) -> &ConsumerDefaults {
@@ -182,7 +193,39 @@ impl Broker {
             )
             .into());
         }
-        Arc::make_mut(&mut self.topic_ttls).insert(topic.to_owned(), ttl);
+        Arc::make_mut(&mut self.topics)
+            .entry(topic.to_owned())
+            .or_default()
+            .ttl = Some(ttl);
+        Ok(self)
+    }
+
+    /// Compresses the payload of every message this broker publishes on `topic` that is at
+    /// least `min_size` bytes, with `algorithm`, unless the message names its own
+    /// ([`NewMessage::compress`]). A payload stays as it is when compressing would not make it
+    /// smaller. It is stored compressed (header `relq-encoding`) on every backend; consumers
+    /// decompress it before their handlers see it, and [`browse`](Self::browse),
+    /// [`message`](Self::message) and the dead-letter reads show it decompressed. The payload
+    /// limit ([`with_max_payload`](Self::with_max_payload)) applies to the payload before
+    /// compression. Counted in `relq_compression_input_bytes_total` and
+    /// `relq_compression_output_bytes_total`.
+    ///
+    /// # Errors
+    /// An invalid topic name.
+    pub fn with_topic_compression(
+        mut self,
+        topic: &str,
+        algorithm: Compression,
+        min_size: usize,
+    ) -> Result<Broker> {
+        validate_name("topic", topic)?;
+        Arc::make_mut(&mut self.topics)
+            .entry(topic.to_owned())
+            .or_default()
+            .compression = Some(TopicCompression {
+            algorithm,
+            min_size,
+        });
         Ok(self)
     }
 
@@ -232,15 +275,27 @@ impl Broker {
     ) -> Result<Vec<MessageId>> {
         validate_name("topic", topic)?;
         let n = messages.len() as u64;
-        let ttl = if self.topic_ttls.is_empty() {
-            None
+        let settings = if self.topics.is_empty() {
+            TopicSettings::default()
         } else {
-            self.topic_ttls.get(topic).copied()
+            self.topics.get(topic).copied().unwrap_or_default()
         };
-        let batch = messages
-            .into_iter()
-            .map(|m| m.prepare(self.max_payload, ttl))
-            .collect::<Result<Vec<_>>>()?;
+        let mut batch = Vec::with_capacity(messages.len());
+        // Bytes before and after compression, per algorithm (counted once the batch is stored).
+        let mut packed: Vec<(Compression, u64, u64)> = Vec::new();
+        for m in messages {
+            let (out, compressed) = m.prepare(self.max_payload, settings)?;
+            if let Some(c) = compressed {
+                match packed.iter_mut().find(|p| p.0 == c.algorithm) {
+                    Some(p) => {
+                        p.1 += c.before as u64;
+                        p.2 += c.after as u64;
+                    }
+                    None => packed.push((c.algorithm, c.before as u64, c.after as u64)),
+                }
+            }
+            batch.push(out);
+        }
         let ids = self
             .backend
             .publish(topic, batch)
@@ -254,6 +309,14 @@ impl Broker {
                 _ => Error::Backend(e),
             })?;
         metrics::counter!("relq_published_total", "topic" => topic.to_owned()).increment(n);
+        for (algorithm, before, after) in packed {
+            let labels = [
+                ("topic", topic.to_owned()),
+                ("algorithm", algorithm.as_str().to_owned()),
+            ];
+            metrics::counter!("relq_compression_input_bytes_total", &labels).increment(before);
+            metrics::counter!("relq_compression_output_bytes_total", &labels).increment(after);
+        }
         Ok(ids)
     }
 
@@ -403,15 +466,22 @@ impl Broker {
 
     /// A page of `topic`'s stored messages, read without joining a group: nothing is delivered
     /// or changed. Page on with `query.after(last.id)` (or `before` when newest first).
+    /// Compressed payloads are shown decompressed; one that does not decompress is shown as
+    /// stored, its `relq-encoding` header kept.
     ///
     /// # Errors
     /// The topic does not exist, or the backend failed.
     pub async fn browse(&self, topic: &str, query: &Browse) -> Result<Vec<Message>> {
         validate_name("topic", topic)?;
-        self.backend
+        let mut page = self
+            .backend
             .browse(topic, query)
             .await?
-            .ok_or_else(|| Error::NotFound(NotFound::Topic(topic.to_owned())))
+            .ok_or_else(|| Error::NotFound(NotFound::Topic(topic.to_owned())))?;
+        for m in &mut page {
+            shown(m, self.max_payload);
+        }
+        Ok(page)
     }
 
     /// One stored message of `topic` by id.
@@ -488,6 +558,8 @@ impl Broker {
         let dl = self.dead_letters(topic).get(id).await?;
         let mut out = relq_core::replay_message(&dl);
         out.payload = payload;
+        // The operator's payload is stored as given.
+        out.headers.remove(relq_core::HEADER_ENCODING);
         out.headers
             .insert(relq_core::HEADER_EDITED.to_owned(), "true".to_owned());
         let new = self
@@ -514,6 +586,17 @@ impl Broker {
             backend: self.backend.clone(),
             topic: topic.to_owned(),
             suggestions: self.suggestions.clone(),
+            max_payload: self.max_payload,
+        }
+    }
+}
+
+/// A stored message as the read operations show it: decompressed if it was stored compressed
+/// and decompresses within `limit`, else as stored (the header says how).
+fn shown(m: &mut Message, limit: usize) {
+    if compression::is_encoded(m) {
+        if let Err(e) = compression::decode_message(m, limit) {
+            tracing::debug!(id = %m.id, error = %e, "a stored payload is shown as stored");
         }
     }
 }
@@ -547,6 +630,7 @@ pub struct DeadLetters {
     backend: Arc<dyn Backend>,
     topic: String,
     suggestions: SharedSuggestions,
+    max_payload: usize,
 }
 
 impl std::fmt::Debug for DeadLetters {
@@ -560,15 +644,19 @@ impl std::fmt::Debug for DeadLetters {
 
 impl DeadLetters {
     /// One page of dead letters matching `query`, oldest first. Continue with
-    /// `query.after(last.id)`.
+    /// `query.after(last.id)`. Compressed payloads are shown decompressed where they decompress
+    /// (a replay republishes the stored bytes).
     ///
     /// # Errors
     /// The backend failed.
     pub async fn list(&self, query: &DeadLetterQuery) -> Result<Vec<DeadLetter>> {
         validate_name("topic", &self.topic)?;
-        let page = self.backend.dead_letters(&self.topic, query).await?;
+        let mut page = self.backend.dead_letters(&self.topic, query).await?;
         if page.is_empty() {
             self.exists().await?;
+        }
+        for d in &mut page {
+            shown(&mut d.message, self.max_payload);
         }
         Ok(page)
     }
@@ -587,7 +675,8 @@ impl DeadLetters {
     /// It does not exist, or the backend failed.
     pub async fn get(&self, id: DeadLetterId) -> Result<DeadLetter> {
         validate_name("topic", &self.topic)?;
-        self.backend
+        let mut d = self
+            .backend
             .dead_letter(&self.topic, id)
             .await?
             .ok_or_else(|| {
@@ -595,7 +684,9 @@ impl DeadLetters {
                     topic: self.topic.clone(),
                     id,
                 })
-            })
+            })?;
+        shown(&mut d.message, self.max_payload);
+        Ok(d)
     }
 
     /// How many dead letters match `query`'s filters.

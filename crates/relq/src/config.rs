@@ -22,6 +22,8 @@
 //! [[topics]]                   # per-topic settings, one table per topic
 //! name = "notifications"
 //! ttl = "10m"                  # messages published without their own expire after this
+//! compression = "zstd"         # lz4 | gzip | zstd: payloads of compress_above bytes or more
+//! compress_above = 1024        # bytes (the default)
 //! ```
 //!
 //! Every key has a default. An unknown key, a value of the wrong type or out of range is an
@@ -80,6 +82,7 @@ pub struct Config {
 }
 
 /// `[[topics]]`: one topic's settings, applied by every broker built from the configuration.
+/// Each table sets at least one of `ttl` and `compression`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
@@ -88,8 +91,40 @@ pub struct TopicSection {
     pub name: String,
     /// The time to live of messages published on the topic without their own (`"10m"`): a
     /// consumer does not handle an expired message (see `consumer.on_expired`).
-    #[serde(with = "duration")]
-    pub ttl: Duration,
+    #[serde(
+        with = "opt_duration",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ttl: Option<Duration>,
+    /// Compress payloads of at least `compress_above` bytes: `"lz4"`, `"gzip"` or `"zstd"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<crate::Compression>,
+    /// The smallest payload compressed, in bytes. Default 1024: smaller payloads gain little.
+    #[serde(default = "default_compress_above")]
+    pub compress_above: usize,
+}
+
+fn default_compress_above() -> usize {
+    1024
+}
+
+/// Optional durations in configuration (absent: `None`).
+mod opt_duration {
+    use super::*;
+
+    pub(super) fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => duration::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        duration::deserialize(d).map(Some)
+    }
 }
 
 /// `[backend]`.
@@ -757,7 +792,16 @@ impl Config {
                     format!("topic {:?} is listed twice", t.name),
                 ));
             }
-            if t.ttl.is_zero() {
+            if t.ttl.is_none() && t.compression.is_none() {
+                return Err(config_error(
+                    "topics",
+                    format!(
+                        "topic {:?} sets nothing: give it a ttl, a compression or both",
+                        t.name
+                    ),
+                ));
+            }
+            if t.ttl.is_some_and(|ttl| ttl.is_zero()) {
                 return Err(config_error(
                     "topics.ttl",
                     format!(
@@ -1054,6 +1098,34 @@ mod tests {
     }
 
     #[test]
+    fn topic_compression_is_read() {
+        let p = write(
+            "relq.toml",
+            "[[topics]]\nname = \"events\"\ncompression = \"zstd\"\ncompress_above = 256\n[[topics]]\nname = \"logs\"\ncompression = \"lz4\"\nttl = \"1h\"\n",
+        );
+        let r = Layers::new().file(&p).unwrap().resolve().unwrap();
+        r.config.validate().unwrap();
+        let got: Vec<_> = r
+            .config
+            .topics
+            .iter()
+            .map(|t| (t.name.as_str(), t.compression, t.compress_above, t.ttl))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("events", Some(crate::Compression::Zstd), 256, None),
+                (
+                    "logs",
+                    Some(crate::Compression::Lz4),
+                    1024,
+                    Some(Duration::from_secs(3600))
+                )
+            ]
+        );
+    }
+
+    #[test]
     fn topics_and_on_expired_are_read_and_checked() {
         let p = write(
             "relq.toml",
@@ -1065,7 +1137,7 @@ mod tests {
             .config
             .topics
             .iter()
-            .map(|t| (t.name.as_str(), t.ttl))
+            .filter_map(|t| Some((t.name.as_str(), t.ttl?)))
             .collect();
         assert_eq!(
             ttls,
@@ -1092,6 +1164,14 @@ mod tests {
                 "topics.name",
             ),
             ("[[topics]]\nname = \"t\"\n", "ttl"),
+            (
+                "[[topics]]\nname = \"t\"\ncompression = \"brotli\"\n",
+                "none of lz4, gzip, zstd",
+            ),
+            (
+                "[[topics]]\nname = \"t\"\ncompression = \"lz4\"\ncompress_above = -1\n",
+                "compress_above",
+            ),
             (
                 "[[topics]]\nname = \"t\"\nttl = \"1s\"\nretention = \"1d\"\n",
                 "retention",

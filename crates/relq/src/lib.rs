@@ -52,6 +52,8 @@
 
 mod analysis;
 mod broker;
+mod codec;
+mod compression;
 #[cfg(feature = "config")]
 mod config;
 mod consumer;
@@ -65,6 +67,12 @@ pub use analysis::{fingerprint, FailureGroup, ReplayOutlook, Suggestion, Suggest
 pub use broker::{
     Broker, CleanupTask, DeadLetters, DEFAULT_DEAD_LETTER_RETENTION, DEFAULT_MAX_PAYLOAD,
 };
+#[cfg(feature = "msgpack")]
+pub use codec::MsgPack;
+#[cfg(feature = "protobuf")]
+pub use codec::Protobuf;
+pub use codec::{typed, Codec, Decode, Json, TypedHandler};
+pub use compression::{Compression, DecodeError};
 #[cfg(feature = "config")]
 pub use config::{
     BackendSection, Config, ConsumerSection, DeadLetterSection, DurabilityKind, EmbeddedSection,
@@ -83,9 +91,9 @@ pub use relq_core::{
     DeadLetterQuery, DeadLetterStats, Delivery, Error, FailureKind, GroupInfo, GroupPlacement,
     Health, HealthCheck, Limit, Message, MessageId, NameError, NotFound, Outgoing, Placement,
     Result, Retention, Settlement, StartPosition, Subscription, Timestamp, TopicInfo,
-    HEADER_EDITED, HEADER_EXPIRES_AT, HEADER_ORIGINAL_ID, HEADER_REPLAY_GROUP, HEADER_REPLAY_OF,
-    MAX_HEADERS, MAX_HEADER_NAME_LEN, MAX_HEADER_VALUE_LEN, MAX_KIND_LEN, MAX_NAME_LEN,
-    MAX_RESERVED_HEADERS, RESERVED_HEADER_PREFIX,
+    HEADER_CONTENT_TYPE, HEADER_EDITED, HEADER_ENCODING, HEADER_EXPIRES_AT, HEADER_ORIGINAL_ID,
+    HEADER_REPLAY_GROUP, HEADER_REPLAY_OF, HEADER_SCHEMA_VERSION, MAX_HEADERS, MAX_HEADER_NAME_LEN,
+    MAX_HEADER_VALUE_LEN, MAX_KIND_LEN, MAX_NAME_LEN, MAX_RESERVED_HEADERS, RESERVED_HEADER_PREFIX,
 };
 #[cfg(feature = "embedded")]
 pub use relq_embedded::{

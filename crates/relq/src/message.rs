@@ -6,10 +6,12 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use relq_core::{
-    shorten, validate_headers, validate_kind, Outgoing, Timestamp, HEADER_EXPIRES_AT,
-    RESERVED_HEADER_PREFIX,
+    shorten, validate_headers, validate_kind, Outgoing, Timestamp, HEADER_CONTENT_TYPE,
+    HEADER_ENCODING, HEADER_EXPIRES_AT, HEADER_SCHEMA_VERSION, RESERVED_HEADER_PREFIX,
 };
 use relq_core::{Error, Result};
+
+use crate::compression::{compress_if_smaller, Compressed, Compression, TopicCompression};
 
 /// A message to publish.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -21,6 +23,17 @@ pub struct NewMessage {
     pub(crate) deliver_at: Option<Timestamp>,
     pub(crate) delay: Option<Duration>,
     pub(crate) expiry: Option<Expiry>,
+    pub(crate) compression: Option<Compression>,
+    /// Set by a typed publish ([`NewMessage::encode`]).
+    pub(crate) content_type: Option<&'static str>,
+    pub(crate) schema_version: Option<u32>,
+}
+
+/// A topic's settings a publisher applies to each message: a time to live and a compression.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct TopicSettings {
+    pub(crate) ttl: Option<Duration>,
+    pub(crate) compression: Option<TopicCompression>,
 }
 
 /// When a message expires: at a time, or a time to live counted from its publish.
@@ -40,6 +53,9 @@ impl NewMessage {
             deliver_at: None,
             delay: None,
             expiry: None,
+            compression: None,
+            content_type: None,
+            schema_version: None,
         }
     }
 
@@ -78,6 +94,14 @@ impl NewMessage {
         self
     }
 
+    /// Stores the payload compressed with `algorithm`, whatever its size, unless that would not
+    /// make it smaller. Consumers decompress it before their handlers see it. Overrides the
+    /// topic's compression ([`Broker::with_topic_compression`](crate::Broker::with_topic_compression)).
+    pub fn compress(mut self, algorithm: Compression) -> NewMessage {
+        self.compression = Some(algorithm);
+        self
+    }
+
     /// The message type.
     pub fn kind(&self) -> &str {
         &self.kind
@@ -97,12 +121,13 @@ impl NewMessage {
 impl NewMessage {
     /// The message as a backend stores it, once checked: a valid type, a payload of at most
     /// `max_payload` bytes, valid headers none of which is reserved; a delay becomes a time, and
-    /// a time to live (the message's, else `topic_ttl`) the expiry header.
+    /// a time to live (the message's, else the topic's) the expiry header; the payload is
+    /// compressed as the message or else the topic asks (the limit applies before).
     pub(crate) fn prepare(
         mut self,
         max_payload: usize,
-        topic_ttl: Option<Duration>,
-    ) -> Result<Outgoing> {
+        topic: TopicSettings,
+    ) -> Result<(Outgoing, Option<Compressed>)> {
         validate_kind(&self.kind)?;
         if self.payload.len() > max_payload {
             return Err(Error::PayloadTooLarge {
@@ -124,7 +149,7 @@ impl NewMessage {
             (None, Some(d)) => Some(Timestamp::now().plus(d)),
             (None, None) => None,
         };
-        let expires_at = match self.expiry.or(topic_ttl.map(Expiry::After)) {
+        let expires_at = match self.expiry.or(topic.ttl.map(Expiry::After)) {
             Some(Expiry::At(at)) => Some(at),
             Some(Expiry::After(ttl)) => Some(Timestamp::now().plus(ttl)),
             None => None,
@@ -133,11 +158,34 @@ impl NewMessage {
             self.headers
                 .insert(HEADER_EXPIRES_AT.to_owned(), at.0.to_string());
         }
-        Ok(Outgoing {
-            kind: self.kind,
-            payload: self.payload,
-            headers: self.headers,
-            deliver_at,
-        })
+        if let Some(t) = self.content_type {
+            self.headers
+                .insert(HEADER_CONTENT_TYPE.to_owned(), t.to_owned());
+        }
+        if let Some(v) = self.schema_version {
+            self.headers
+                .insert(HEADER_SCHEMA_VERSION.to_owned(), v.to_string());
+        }
+        let algorithm = self.compression.or(match topic.compression {
+            Some(c) if self.payload.len() >= c.min_size => Some(c.algorithm),
+            _ => None,
+        });
+        let compressed = match algorithm {
+            Some(a) => compress_if_smaller(&mut self.payload, a)?,
+            None => None,
+        };
+        if let Some(c) = compressed {
+            self.headers
+                .insert(HEADER_ENCODING.to_owned(), c.algorithm.as_str().to_owned());
+        }
+        Ok((
+            Outgoing {
+                kind: self.kind,
+                payload: self.payload,
+                headers: self.headers,
+                deliver_at,
+            },
+            compressed,
+        ))
     }
 }

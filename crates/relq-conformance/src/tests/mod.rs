@@ -93,6 +93,7 @@ async fn dead_count(b: &Broker, topic: &str) -> u64 {
         .expect("count")
 }
 
+mod codecs;
 mod dead_letters;
 mod delivery;
 mod expiry;
@@ -102,6 +103,7 @@ mod operations;
 mod recovery;
 mod retries;
 
+pub use codecs::*;
 pub use dead_letters::*;
 pub use delivery::*;
 pub use expiry::*;

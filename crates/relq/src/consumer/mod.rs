@@ -17,6 +17,7 @@ use crate::retry::{Backoff, RetryPolicy};
 use relq_core::{validate_kind, validate_name, Result, StartPosition};
 use relq_core::{BackendError, BackendErrorKind, ConfigError, Error};
 use runtime::Runner;
+pub(crate) use runtime::DECODE_CATEGORY;
 
 /// Why a consumer stopped.
 #[derive(Clone, Debug)]
@@ -174,6 +175,8 @@ pub(crate) struct Config {
     pub(crate) include_stack_trace: bool,
     pub(crate) forward: Option<Forwarding>,
     pub(crate) on_expired: OnExpired,
+    /// The largest payload a compressed one may expand to (the broker's payload limit).
+    pub(crate) max_payload: usize,
 }
 
 /// Where dead letters are also published (seed 000's failure topic): `<topic><suffix>`, each
@@ -529,6 +532,7 @@ impl ConsumerBuilder {
                 Arc::new(b)
             }
         };
+        let max_payload = self.broker.max_payload();
         Ok(Consumer {
             broker: self.broker,
             config: Arc::new(Config {
@@ -555,6 +559,7 @@ impl ConsumerBuilder {
                 include_stack_trace: self.include_stack_trace,
                 forward: self.forward,
                 on_expired: self.on_expired,
+                max_payload,
             }),
         })
     }

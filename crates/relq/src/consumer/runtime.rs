@@ -28,6 +28,7 @@ use tokio::time::Instant;
 
 use super::nack::{nack, Nack};
 use super::{Config, Counters, ShutdownReport, StopReason};
+use crate::compression;
 use crate::fast_hash::{IdSet, KindMap};
 use crate::handler::{BatchConfig, BatchHandler, Handler, HandlerError, CAPTURE_BACKTRACE};
 use crate::retry::Failure;
@@ -35,6 +36,10 @@ use relq_core::DeadLetter;
 use relq_core::{instant_after, MessageId, Outgoing, Timestamp, HEADER_REPLAY_GROUP};
 use relq_core::{AttemptFailure, Backend, Delivery, FailureKind, Settlement, Subscription};
 use relq_core::{BackendError, BackendErrorKind};
+
+/// The error category of a payload that could not be decoded (decompressed, or decoded by a
+/// typed handler).
+pub(crate) const DECODE_CATEGORY: &str = "decode";
 
 /// Settlements flushed per backend call.
 const SETTLE_BATCH: usize = 512;
@@ -249,6 +254,16 @@ impl Outcome {
             chain: e.chain(),
             category: e.category_name().map(str::to_owned),
             backtrace: e.backtrace(),
+        }
+    }
+
+    /// A payload that could not be decoded: permanent, category `decode`.
+    fn decode(e: impl std::fmt::Display) -> Outcome {
+        Outcome::Failed {
+            kind: FailureKind::Permanent,
+            chain: vec![e.to_string()],
+            category: Some(DECODE_CATEGORY.to_owned()),
+            backtrace: None,
         }
     }
 
@@ -606,20 +621,21 @@ async fn worker<H: Handler>(
         }
         if let Some(outcome) = expired(&message) {
             // It expired while it waited in the queue: not run.
-            let Some(ctx) = ctx.upgrade() else {
+            if !settle_unrun(&job, &ctx, HandlerName::None, outcome).await {
                 return;
-            };
-            match job.take(false) {
-                Some((d, permit)) => {
-                    finish(&ctx, d, HandlerName::None, outcome, Instant::now()).await;
-                    drop(permit);
-                }
-                // The watchdog took it (past its deadline) and started a replacement.
-                None if job.replaced() => return,
-                None => {}
             }
             continue;
         }
+        // A compressed payload is decompressed here, in the worker (not in the fetch loop).
+        let message = match decoded(message, &ctx) {
+            Ok(message) => message,
+            Err(outcome) => {
+                if !settle_unrun(&job, &ctx, name, outcome).await {
+                    return;
+                }
+                continue;
+            }
+        };
         ran = true;
         let started = Instant::now();
         let span = tracing::debug_span!("relq.handle", id = %message.id, kind = %message.kind, attempt = message.attempt);
@@ -676,6 +692,47 @@ async fn worker<H: Handler>(
             .record(ended.saturating_duration_since(started).as_secs_f64());
         queue(&ctx, settlement).await;
         drop(permit);
+    }
+}
+
+/// Settles a job whose handler is not run (`outcome` says why). `false`: the worker retires
+/// (the consumer is gone, or the watchdog took the job past its deadline and replaced it).
+async fn settle_unrun(
+    job: &Job,
+    ctx: &std::sync::Weak<Ctx>,
+    name: HandlerName,
+    outcome: Outcome,
+) -> bool {
+    let Some(ctx) = ctx.upgrade() else {
+        return false;
+    };
+    match job.take(false) {
+        Some((d, permit)) => {
+            finish(&ctx, d, name, outcome, Instant::now()).await;
+            drop(permit);
+            true
+        }
+        None => !job.replaced(),
+    }
+}
+
+/// The message as its handler sees it: decompressed if it was stored compressed. A payload
+/// that does not decompress (or expands past the consumer's payload limit) is a permanent
+/// failure with category `decode`; its dead letter keeps the stored bytes.
+fn decoded(
+    mut m: relq_core::Message,
+    ctx: &std::sync::Weak<Ctx>,
+) -> Result<relq_core::Message, Outcome> {
+    if !compression::is_encoded(&m) {
+        return Ok(m);
+    }
+    let limit = match ctx.upgrade() {
+        Some(ctx) => ctx.config.max_payload,
+        None => return Err(Outcome::simple(FailureKind::Permanent, String::new())),
+    };
+    match compression::decode_message(&mut m, limit) {
+        Ok(()) => Ok(m),
+        Err(e) => Err(Outcome::decode(e)),
     }
 }
 
@@ -1362,12 +1419,27 @@ async fn run_batch(
     handler: Arc<dyn BatchHandler>,
     batch: Vec<(Delivery, OwnedSemaphorePermit)>,
 ) {
-    // A message may have expired while the batch filled.
+    // A message may have expired while the batch filled; a compressed one is decompressed for
+    // the handler (its delivery keeps the stored bytes, for a dead letter).
     let mut kept = Vec::with_capacity(batch.len());
+    let mut messages = Vec::with_capacity(batch.len());
     for (d, permit) in batch {
-        match expired(&d.message) {
-            Some(outcome) => {
-                finish(&ctx, d, HandlerName::None, outcome, Instant::now()).await;
+        let unrun = match expired(&d.message) {
+            Some(outcome) => Some((HandlerName::None, outcome)),
+            None => {
+                let mut m = d.message.clone();
+                match compression::decode_message(&mut m, ctx.config.max_payload) {
+                    Ok(()) => {
+                        messages.push(m);
+                        None
+                    }
+                    Err(e) => Some((HandlerName::Kind, Outcome::decode(e))),
+                }
+            }
+        };
+        match unrun {
+            Some((name, outcome)) => {
+                finish(&ctx, d, name, outcome, Instant::now()).await;
                 drop(permit);
             }
             None => kept.push((d, permit)),
@@ -1378,7 +1450,6 @@ async fn run_batch(
         return;
     }
     let n = batch.len();
-    let messages = batch.iter().map(|(d, _)| d.message.clone()).collect();
     let capture = ctx.config.include_stack_trace;
     let mut task = tokio::spawn(
         CAPTURE_BACKTRACE.scope(capture, async move { handler.handle_batch(messages).await }),
