@@ -21,8 +21,12 @@ use crate::{exit, message_json, shutdown_signal, Exit};
 
 #[derive(Args)]
 pub(crate) struct ConsumeArgs {
-    /// Topic.
+    /// Topic (with --pattern: a topic pattern, `orders.*`, `orders.>` or `re:REGEX`).
     topic: String,
+    /// Consume every topic matching TOPIC, current and future (new topics are found within a
+    /// second and read from their first message); each message is printed with its topic.
+    #[arg(long)]
+    pattern: bool,
     /// Consumer group.
     #[arg(long, default_value = "relq-cli")]
     group: String,
@@ -85,6 +89,8 @@ async fn serve_metrics(broker: &Broker, addr: std::net::SocketAddr) -> anyhow::R
 /// State shared by the printing handlers and the command.
 struct Printer {
     json: bool,
+    /// Consuming a pattern: each line names its topic.
+    pattern: bool,
     count: Option<u64>,
     /// Slots taken by handlers (at most `count` print).
     taken: AtomicU64,
@@ -107,7 +113,12 @@ impl Printer {
             message_json(&m).to_string()
         } else {
             format!(
-                "{} {} attempt={} {}",
+                "{}{} {} attempt={} {}",
+                if self.pattern {
+                    format!("{} ", m.topic)
+                } else {
+                    String::new()
+                },
                 m.id,
                 m.kind,
                 m.attempt,
@@ -160,6 +171,7 @@ pub(crate) async fn run(
     let start: StartPosition = args.from.parse()?;
     let printer = Arc::new(Printer {
         json,
+        pattern: args.pattern,
         count: args.count,
         taken: AtomicU64::new(0),
         printed: AtomicU64::new(0),
@@ -175,8 +187,14 @@ pub(crate) async fn run(
     let claim_after = args.claim_after.unwrap_or(config.consumer.claim_after);
     let max_attempts = args.max_attempts.unwrap_or(config.retry.max_attempts);
     let handler_timeout = (claim_after / 2).min(Duration::from_secs(30));
-    let mut builder = broker
-        .consumer(&args.topic, &args.group)
+    let builder = if args.pattern {
+        broker
+            .consumer_matching(&args.topic, &args.group)
+            .discover_every(Duration::from_secs(1))
+    } else {
+        broker.consumer(&args.topic, &args.group)
+    };
+    let mut builder = builder
         .start(start)
         .concurrency(1)
         .read_batch(1)

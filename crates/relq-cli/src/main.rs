@@ -9,6 +9,7 @@ mod consume;
 mod demo;
 mod dlq;
 mod group;
+mod route;
 mod serve;
 mod tail;
 
@@ -104,6 +105,11 @@ enum Command {
     Topics,
     /// Follow new messages of a topic live, without joining a group (nothing changes).
     Tail(tail::TailArgs),
+    /// Run routes until SIGINT or SIGTERM: forward every message of the topics matching a
+    /// pattern into other topics, at least once (a source message is acknowledged only after
+    /// every target stored it). `relq route NAME PATTERN TARGET...`, or every `[[routes]]` of
+    /// the configuration.
+    Route(route::RouteArgs),
     /// Show one message: its payload and headers, and where it stands in each group (unread,
     /// pending with its consumer and delivery count, scheduled with its due time, stopped,
     /// done) and its dead letters.
@@ -618,6 +624,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Info { topic } => info(&broker, topic, cli.json).await?,
         Command::Tail(args) => tail::run(&broker, args, cli.json).await?,
+        Command::Route(args) => {
+            let r = route::run(&broker, config, args, cli.json).await;
+            broker.close().await;
+            r?
+        }
         Command::Message { topic, id } => show_message(&broker, &topic, id, cli.json).await?,
         Command::Audit { before, limit } => {
             if !(1..=1000).contains(&limit) {
@@ -1218,10 +1229,15 @@ fn payload_json(p: &[u8]) -> serde_json::Value {
 }
 
 pub(crate) fn message_json(m: &Message) -> serde_json::Value {
-    json!({
+    let mut v = json!({
         "id": m.id, "type": m.kind, "payload": payload_json(&m.payload), "headers": m.headers,
         "published_at": m.published_at.to_string(), "attempt": m.attempt,
-    })
+    });
+    // The topic it came from, where known (a consumer of a topic pattern reads several).
+    if !m.topic.is_empty() {
+        v["topic"] = json!(&*m.topic);
+    }
+    v
 }
 
 pub(crate) fn dead_letter_json(d: &DeadLetter) -> serde_json::Value {

@@ -1915,3 +1915,97 @@ fn compressed_publishes_are_consumed_whole() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `relq route NAME PATTERN TARGET` forwards what is published on matching topics (a topic it
+/// finds after starting too) into the target while other processes publish and consume through
+/// it; SIGTERM stops it with exit 0 and a report. `consume --pattern` reads every matching
+/// topic and prints each message with its topic. A bad pattern is a usage error.
+#[test]
+fn route_forwards_and_consume_reads_a_pattern() {
+    use std::io::{BufRead, BufReader, Read};
+    let dir = fresh_dir();
+    ok(&relq_in(&dir, &["publish", "in.eu", "job", "before"]));
+    let mut route = relq_cmd(
+        &dir,
+        &[
+            "--json",
+            "route",
+            "audit",
+            "in.>",
+            "audit-log",
+            "--start",
+            "earliest",
+        ],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut stderr = BufReader::new(route.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    assert!(line.contains("audit: in.> -> audit-log"), "{line}");
+    // Through the route's process (it holds the data directory): a new matching topic.
+    ok(&relq_in(&dir, &["publish", "in.us.east", "job", "after"]));
+    ok(&relq_in(&dir, &["publish", "other", "job", "not routed"]));
+    let out = relq_in(
+        &dir,
+        &[
+            "--json",
+            "consume",
+            "audit-log",
+            "--count",
+            "2",
+            "--idle",
+            "30s",
+        ],
+    );
+    let mut got = payloads(&ok(&out));
+    got.sort();
+    assert_eq!(got, ["after", "before"]);
+    let kill = Command::new("kill")
+        .args(["-TERM", &route.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = route.wait().unwrap();
+    let mut rest = String::new();
+    stderr.read_to_string(&mut rest).unwrap();
+    assert_eq!(status.code(), Some(0), "{rest}");
+    let mut report = String::new();
+    route
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut report)
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&report).unwrap();
+    assert_eq!(v["routes"][0]["forwarded"], 2, "{v}");
+
+    // A pattern consumer: every matching topic, each line naming its topic.
+    let out = relq_in(
+        &dir,
+        &[
+            "consume",
+            "in.>",
+            "--pattern",
+            "--count",
+            "2",
+            "--group",
+            "p",
+        ],
+    );
+    let text = ok(&out);
+    assert!(
+        text.contains("in.eu ") && text.contains("in.us.east "),
+        "{text}"
+    );
+    assert!(!text.contains("not routed"), "{text}");
+    fails_with(
+        &relq_in(&dir, &["consume", "in.>.x", "--pattern"]),
+        2,
+        "last segment",
+    );
+    fails_with(&relq_in(&dir, &["route"]), 2, "no route");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -344,6 +344,11 @@ pub const HEADER_EDITED: &str = "relq-edited";
 /// consumer does not handle a message past it: the message becomes a dead letter with reason
 /// `expired`, or is dropped (counted either way). A replay removes it.
 pub const HEADER_EXPIRES_AT: &str = "relq-expires-at";
+/// On a message a route forwarded: where it came from, `<topic>/<id>`.
+pub const HEADER_ROUTED_FROM: &str = "relq-routed-from";
+/// On a message a route forwarded: how many routes it has passed through. A route refuses a
+/// message that has passed through 8 (a loop of routes), as a permanent failure.
+pub const HEADER_ROUTE_HOPS: &str = "relq-route-hops";
 /// On a message stored compressed: the algorithm (`lz4`, `gzip` or `zstd`). A consumer
 /// decompresses the payload before its handler sees it (and drops this header); a payload that
 /// does not decompress is a permanent failure with category `decode`, its stored bytes kept in
@@ -389,6 +394,11 @@ pub struct Message {
     /// How many times this message has been delivered to this group, this delivery included.
     /// Kept by the backend, so it survives consumer restarts.
     pub attempt: u32,
+    /// The topic it came from: set on the messages a consumer hands to its handlers (a handler
+    /// of a pattern consumer tells its topics apart by it) and on what relq's `Broker::browse`
+    /// and `Broker::message` return; empty on a message read from a backend directly.
+    #[serde(skip)]
+    pub topic: std::sync::Arc<str>,
 }
 
 impl Message {
@@ -408,6 +418,7 @@ impl Message {
             published_at,
             deliver_at: outgoing.deliver_at,
             attempt,
+            topic: std::sync::Arc::default(),
         }
     }
 

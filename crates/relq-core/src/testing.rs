@@ -25,6 +25,7 @@ pub struct Faults {
     refuse_settle: AtomicBool,
     fail_next_read: AtomicBool,
     panic_settle: AtomicBool,
+    refuse_publish: Mutex<Option<String>>,
     on_fetch: Mutex<Option<FetchHook>>,
 }
 
@@ -55,6 +56,15 @@ impl Faults {
     /// Whether a read failure asked for by [`Faults::fail_next_read`] is still to happen.
     pub fn read_failure_pending(&self) -> bool {
         self.fail_next_read.load(Ordering::SeqCst)
+    }
+
+    /// While set, `publish` to this topic fails as [`BackendErrorKind::Unavailable`] and
+    /// stores nothing (`None`: every publish goes through).
+    pub fn refuse_publish(&self, topic: Option<&str>) {
+        *self
+            .refuse_publish
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = topic.map(str::to_owned);
     }
 
     /// While on, `settle` panics (a backend bug).
@@ -115,6 +125,16 @@ impl<B: Backend> Backend for Faulty<B> {
         topic: &str,
         batch: Vec<Outgoing>,
     ) -> Result<Vec<MessageId>, BackendError> {
+        let refused = self
+            .faults
+            .refuse_publish
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_deref()
+            == Some(topic);
+        if refused {
+            return Err(self.refused("publish"));
+        }
         self.inner.publish(topic, batch).await
     }
     async fn join(

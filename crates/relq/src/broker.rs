@@ -160,7 +160,12 @@ impl Broker {
                 broker = broker.with_topic_ttl(&t.name, ttl)?;
             }
             if let Some(algorithm) = t.compression {
-                broker = broker.with_topic_compression(&t.name, algorithm, t.compress_above)?;
+                broker = broker.with_topic_compression(
+                    &t.name,
+                    algorithm,
+                    t.compress_above
+                        .unwrap_or(crate::config::DEFAULT_COMPRESS_ABOVE),
+                )?;
             }
         }
         Ok(broker)
@@ -211,7 +216,7 @@ impl Broker {
     /// `relq_compression_output_bytes_total`.
     ///
     /// # Errors
-    /// An invalid topic name.
+    /// An invalid topic name, or zstd in a build without relq's `zstd` feature.
     pub fn with_topic_compression(
         mut self,
         topic: &str,
@@ -219,6 +224,15 @@ impl Broker {
         min_size: usize,
     ) -> Result<Broker> {
         validate_name("topic", topic)?;
+        if cfg!(not(feature = "zstd")) && algorithm == Compression::Zstd {
+            return Err(relq_core::ConfigError::new(
+                "compression",
+                format!(
+                    "topic {topic:?}: this build of relq has no zstd: enable relq's `zstd` feature"
+                ),
+            )
+            .into());
+        }
         Arc::make_mut(&mut self.topics)
             .entry(topic.to_owned())
             .or_default()
@@ -281,19 +295,11 @@ impl Broker {
             self.topics.get(topic).copied().unwrap_or_default()
         };
         let mut batch = Vec::with_capacity(messages.len());
-        // Bytes before and after compression, per algorithm (counted once the batch is stored).
-        let mut packed: Vec<(Compression, u64, u64)> = Vec::new();
+        // What compression did (counted once the batch is stored).
+        let mut packed = Vec::new();
         for m in messages {
             let (out, compressed) = m.prepare(self.max_payload, settings)?;
-            if let Some(c) = compressed {
-                match packed.iter_mut().find(|p| p.0 == c.algorithm) {
-                    Some(p) => {
-                        p.1 += c.before as u64;
-                        p.2 += c.after as u64;
-                    }
-                    None => packed.push((c.algorithm, c.before as u64, c.after as u64)),
-                }
-            }
+            packed.extend(compressed);
             batch.push(out);
         }
         let ids = self
@@ -309,15 +315,82 @@ impl Broker {
                 _ => Error::Backend(e),
             })?;
         metrics::counter!("relq_published_total", "topic" => topic.to_owned()).increment(n);
-        for (algorithm, before, after) in packed {
-            let labels = [
-                ("topic", topic.to_owned()),
-                ("algorithm", algorithm.as_str().to_owned()),
-            ];
-            metrics::counter!("relq_compression_input_bytes_total", &labels).increment(before);
-            metrics::counter!("relq_compression_output_bytes_total", &labels).increment(after);
-        }
+        count_compression(topic, &packed);
         Ok(ids)
+    }
+
+    /// Starts building a consumer in `group` of every topic matching `pattern`, current and
+    /// future ([`TopicPattern`](crate::TopicPattern): `orders.*`, `orders.>`, or a regular
+    /// expression after `re:`); an invalid pattern is an error of `build`. One consumer runs
+    /// per matching topic, sharing the handlers and the counters; the topics are listed every
+    /// [`discover_every`](ConsumerBuilder::discover_every). On the topics that match when it
+    /// starts the group starts where [`start`](ConsumerBuilder::start) says; on topics found
+    /// later, at their earliest message (they were created after the subscription, so nothing
+    /// in them is older than it). A handler tells the topics apart by
+    /// [`Message::topic`](crate::Message::topic).
+    pub fn consumer_matching(&self, pattern: &str, group: &str) -> ConsumerBuilder {
+        ConsumerBuilder::matching(self.clone(), pattern, group)
+    }
+
+    /// A route named `name`: forwards every message published on topics matching `from` (a
+    /// [`TopicPattern`](crate::TopicPattern)) into each topic of `to`, durably and at least
+    /// once: the source message is acknowledged only after every target stored it. Returns the
+    /// route's consumer (group `route.<name>`, a fallback handler that forwards) to tune and
+    /// start like any other; it starts at the latest message unless told otherwise. The
+    /// forwarded message keeps its type, payload (compressed again by the target's setting),
+    /// headers, time to live, content type and schema version, and gains `relq-routed-from:
+    /// <topic>/<id>` and a hop count: a message that has passed through 8 routes (a loop) is a
+    /// permanent failure (category `route_loop`) instead.
+    ///
+    /// # Errors
+    /// An invalid name, pattern or target, no target, or a target the pattern matches.
+    pub fn route(&self, name: &str, from: &str, to: &[&str]) -> Result<ConsumerBuilder> {
+        crate::route::route(self, name, from, to)
+    }
+
+    /// Publishes a message prepared elsewhere (a route's forward): the target topic's
+    /// compression applies; its headers are not checked against the reserved prefix.
+    pub(crate) async fn publish_outgoing(
+        &self,
+        topic: &str,
+        mut out: relq_core::Outgoing,
+    ) -> Result<MessageId> {
+        validate_name("topic", topic)?;
+        if let Some(c) = self.topics.get(topic).and_then(|s| s.compression) {
+            if out.payload.len() >= c.min_size
+                && !out.headers.contains_key(relq_core::HEADER_ENCODING)
+            {
+                let done = compression::compress_if_smaller(&mut out.payload, c.algorithm)?;
+                count_compression(topic, &[done]);
+                if done.applied() {
+                    out.headers.insert(
+                        relq_core::HEADER_ENCODING.to_owned(),
+                        done.algorithm.as_str().to_owned(),
+                    );
+                }
+            }
+        }
+        let ids = self
+            .backend
+            .publish(topic, vec![out])
+            .await
+            .map_err(|e| match e.kind {
+                BackendErrorKind::Full => Error::Full {
+                    topic: topic.to_owned(),
+                    limit: e.limit(),
+                    detail: e.message,
+                },
+                BackendErrorKind::Terminated => Error::Terminated(topic.to_owned()),
+                _ => Error::Backend(e),
+            })?;
+        metrics::counter!("relq_published_total", "topic" => topic.to_owned()).increment(1);
+        ids.into_iter().next().ok_or_else(|| {
+            Error::Backend(BackendError::new(
+                self.backend.name(),
+                BackendErrorKind::Invalid,
+                "publish returned no id",
+            ))
+        })
     }
 
     /// Starts building a consumer of `topic` in `group`.
@@ -478,8 +551,11 @@ impl Broker {
             .browse(topic, query)
             .await?
             .ok_or_else(|| Error::NotFound(NotFound::Topic(topic.to_owned())))?;
+        let shared: Arc<str> = Arc::from(topic);
+        let mut budget = READ_DECODE_BUDGET;
         for m in &mut page {
-            shown(m, self.max_payload);
+            shown(m, self.max_payload, &mut budget);
+            m.topic = shared.clone();
         }
         Ok(page)
     }
@@ -591,12 +667,44 @@ impl Broker {
     }
 }
 
+/// Counts payload bytes before compression and as stored, per algorithm: every payload
+/// compression was tried on (one kept as it was counts the same on both sides), so `output /
+/// input` is the ratio the topic gets.
+fn count_compression(topic: &str, done: &[compression::Compressed]) {
+    let mut sums: Vec<(Compression, u64, u64)> = Vec::new();
+    for c in done {
+        match sums.iter_mut().find(|s| s.0 == c.algorithm) {
+            Some(s) => {
+                s.1 += c.before as u64;
+                s.2 += c.after as u64;
+            }
+            None => sums.push((c.algorithm, c.before as u64, c.after as u64)),
+        }
+    }
+    for (algorithm, before, after) in sums {
+        let labels = [
+            ("topic", topic.to_owned()),
+            ("algorithm", algorithm.as_str().to_owned()),
+        ];
+        metrics::counter!("relq_compression_input_bytes_total", &labels).increment(before);
+        metrics::counter!("relq_compression_output_bytes_total", &labels).increment(after);
+    }
+}
+
+/// The most one read (a page of messages or dead letters) decompresses in all: a page of small
+/// stored payloads must not expand into gigabytes. Past it, payloads are shown as stored.
+const READ_DECODE_BUDGET: usize = 64 << 20;
+
 /// A stored message as the read operations show it: decompressed if it was stored compressed
-/// and decompresses within `limit`, else as stored (the header says how).
-fn shown(m: &mut Message, limit: usize) {
+/// and decompresses within `limit` and what is left of the read's `budget`, else as stored (its
+/// `relq-encoding` header says how).
+fn shown(m: &mut Message, limit: usize, budget: &mut usize) {
     if compression::is_encoded(m) {
-        if let Err(e) = compression::decode_message(m, limit) {
-            tracing::debug!(id = %m.id, error = %e, "a stored payload is shown as stored");
+        match compression::decode_message(m, limit.min(*budget)) {
+            Ok(()) => *budget -= m.payload.len(),
+            Err(e) => {
+                tracing::debug!(id = %m.id, error = %e, "a stored payload is shown as stored")
+            }
         }
     }
 }
@@ -655,8 +763,9 @@ impl DeadLetters {
         if page.is_empty() {
             self.exists().await?;
         }
+        let mut budget = READ_DECODE_BUDGET;
         for d in &mut page {
-            shown(&mut d.message, self.max_payload);
+            shown(&mut d.message, self.max_payload, &mut budget);
         }
         Ok(page)
     }
@@ -685,7 +794,8 @@ impl DeadLetters {
                     id,
                 })
             })?;
-        shown(&mut d.message, self.max_payload);
+        let mut budget = READ_DECODE_BUDGET;
+        shown(&mut d.message, self.max_payload, &mut budget);
         Ok(d)
     }
 

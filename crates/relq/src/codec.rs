@@ -175,7 +175,8 @@ impl NewMessage {
 /// - another content type than its codec's, an invalid encoding, a schema version header that
 ///   is not a positive integer, or an older version without an upgrade: a permanent failure;
 /// - a *newer* version than its own: a retryable failure with category `schema_version`
-///   (during a rolling deploy, a consumer that knows the version takes it on a retry).
+///   (during a rolling deploy, a consumer that knows the version takes it on a retry, if one
+///   comes within the retry budget; after it, a dead letter to replay once the deploy is done).
 pub struct TypedHandler<T, C, F> {
     codec: C,
     f: F,
@@ -226,7 +227,9 @@ impl<T: 'static, C: Decode<T>, F> TypedHandler<T, C, F> {
 
     /// Decodes messages of schema version `version` as `Old` (with the same codec) and turns
     /// them into a `T` with `upgrade`. Register one per older version you still accept, each
-    /// straight to the current type (compose the steps inside when they chain).
+    /// straight to the current type (compose the steps inside when they chain). An upgrade from
+    /// the handler's own version or a later one is never used: messages of its own version
+    /// decode as `T`, later ones are refused as described on [`TypedHandler`].
     pub fn upgrade_from<Old: 'static>(
         mut self,
         version: u32,

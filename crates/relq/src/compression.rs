@@ -50,8 +50,12 @@ impl Compression {
             |e: std::io::Error| Error::Encode(format!("{} compression failed: {e}", self.as_str()));
         match self {
             Compression::Lz4 => {
-                let mut enc =
-                    lz4_flex::frame::FrameEncoder::new(Vec::with_capacity(payload.len() / 2 + 64));
+                // With a checksum of the content: a flipped bit is a decode failure, not a
+                // garbled payload handed to a handler.
+                let mut enc = lz4_flex::frame::FrameEncoder::with_frame_info(
+                    lz4_flex::frame::FrameInfo::new().content_checksum(true),
+                    Vec::with_capacity(payload.len() / 2 + 64),
+                );
                 enc.write_all(payload).map_err(failed)?;
                 enc.finish().map_err(|e| failed(std::io::Error::other(e)))
             }
@@ -98,8 +102,13 @@ impl Compression {
                 Some(Err(())) => return Err(over()),
                 // No size in the frame header, or the frame is not what it says: streamed,
                 // bounded.
-                None => zstd::stream::read::Decoder::with_buffer(data)
-                    .and_then(|d| d.take(cap).read_to_end(&mut out)),
+                None => zstd::stream::read::Decoder::with_buffer(data).and_then(|mut d| {
+                    // The window the frame may ask for (the decoder allocates it up front):
+                    // enough for the limit and for what zstd's levels use, not the 128 MiB
+                    // zstd would allow.
+                    d.window_log_max(zstd_ctx::window_log(limit))?;
+                    d.take(cap).read_to_end(&mut out)
+                }),
             },
             #[cfg(not(feature = "zstd"))]
             Compression::Zstd => {
@@ -140,13 +149,24 @@ mod zstd_ctx {
         COMPRESSOR.with(|c| {
             let mut c = c.borrow_mut();
             if c.is_none() {
-                *c = Some(zstd::bulk::Compressor::new(LEVEL)?);
+                let mut new = zstd::bulk::Compressor::new(LEVEL)?;
+                // A checksum of the content: a flipped bit is a decode failure.
+                new.include_checksum(true)?;
+                *c = Some(new);
             }
             match c.as_mut() {
                 Some(c) => c.compress(data),
                 None => Err(std::io::Error::other("no zstd compressor")),
             }
         })
+    }
+
+    /// The largest window (as a power of two) a streamed frame may use: at least what the
+    /// payload limit needs and 8 MiB (zstd's levels up to 19 stay within it), at most zstd's
+    /// own default limit.
+    pub(super) fn window_log(limit: usize) -> u32 {
+        let need = usize::BITS - limit.max(1).saturating_sub(1).leading_zeros();
+        need.clamp(23, 27)
     }
 
     /// `data` decompressed in one call when its frame header gives its size: `Some(Err(()))`
@@ -258,14 +278,42 @@ mod gzip {
         Ok(pos)
     }
 
-    /// The first member of `data` decompressed, at most `limit` bytes, its CRC and length
-    /// checked.
+    /// Every member of `data` decompressed and joined (as gzip readers do), at most `limit`
+    /// bytes in all, each member's CRC and length checked. Bytes after the last member that do
+    /// not start another are an error.
     pub(super) fn decompress(data: &[u8], limit: usize) -> Result<Vec<u8>, Failed> {
-        let body = &data[body_start(data)?..];
         // One byte over the limit tells "exactly at the limit" from "over it".
         let cap = limit.saturating_add(1);
-        let mut out: Vec<u8> = Vec::with_capacity(body.len().saturating_mul(4).max(64).min(cap));
-        let consumed = INFLATE.with(|d| {
+        let mut out: Vec<u8> = Vec::with_capacity(data.len().saturating_mul(4).max(64).min(cap));
+        let mut rest = data;
+        loop {
+            let member_start = out.len();
+            let body = &rest[body_start(rest)?..];
+            let consumed = inflate(body, &mut out, limit)?;
+            let trailer = body
+                .get(consumed..consumed + 8)
+                .ok_or_else(|| Failed::Invalid("truncated trailer".into()))?;
+            let member = &out[member_start..];
+            let mut crc = Crc::new();
+            crc.update(member);
+            if trailer[..4] != crc.sum().to_le_bytes() {
+                return Err(Failed::Invalid("CRC mismatch".into()));
+            }
+            if trailer[4..] != (member.len() as u32).to_le_bytes() {
+                return Err(Failed::Invalid("length mismatch".into()));
+            }
+            rest = &body[consumed + 8..];
+            if rest.is_empty() {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Inflates the raw deflate stream at the start of `body` onto `out` (which stays at most
+    /// `limit` bytes); returns how many bytes of `body` it took.
+    fn inflate(body: &[u8], out: &mut Vec<u8>, limit: usize) -> Result<usize, Failed> {
+        let cap = limit.saturating_add(1);
+        INFLATE.with(|d| {
             let mut d = d.borrow_mut();
             let d = d.get_or_insert_with(|| Decompress::new(false));
             d.reset(false);
@@ -281,7 +329,7 @@ mod gzip {
                 let (in_before, out_before) = (d.total_in(), out.len());
                 let done = (in_before - start) as usize;
                 let status = d
-                    .decompress_vec(&body[done..], &mut out, FlushDecompress::None)
+                    .decompress_vec(&body[done..], out, FlushDecompress::None)
                     .map_err(|e| Failed::Invalid(e.to_string()))?;
                 if out.len() > limit {
                     return Err(Failed::OverLimit);
@@ -297,19 +345,7 @@ mod gzip {
                     _ => {}
                 }
             }
-        })?;
-        let trailer = body
-            .get(consumed..consumed + 8)
-            .ok_or_else(|| Failed::Invalid("truncated trailer".into()))?;
-        let mut crc = Crc::new();
-        crc.update(&out);
-        if trailer[..4] != crc.sum().to_le_bytes() {
-            return Err(Failed::Invalid("CRC mismatch".into()));
-        }
-        if trailer[4..] != (out.len() as u32).to_le_bytes() {
-            return Err(Failed::Invalid("length mismatch".into()));
-        }
-        Ok(out)
+        })
     }
 }
 
@@ -368,7 +404,8 @@ pub(crate) struct TopicCompression {
     pub(crate) min_size: usize,
 }
 
-/// What compressing a payload did: the algorithm and the sizes before and after (for metrics).
+/// What compressing a payload did: the algorithm and the sizes before and as stored (the same
+/// when compressing did not make it smaller and it was kept as it was), for metrics.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Compressed {
     pub(crate) algorithm: Compression,
@@ -376,23 +413,35 @@ pub(crate) struct Compressed {
     pub(crate) after: usize,
 }
 
-/// `payload` compressed with `algorithm` if that makes it smaller (else unchanged, and `None`):
-/// random or already compressed data stays as it is.
+impl Compressed {
+    /// Whether the payload is stored compressed.
+    pub(crate) fn applied(&self) -> bool {
+        self.after < self.before
+    }
+}
+
+/// Compresses `payload` with `algorithm` if that makes it smaller (else leaves it as it is:
+/// random or already compressed data); says which.
 pub(crate) fn compress_if_smaller(
     payload: &mut Bytes,
     algorithm: Compression,
-) -> Result<Option<Compressed>, Error> {
+) -> Result<Compressed, Error> {
     let packed = algorithm.compress(payload)?;
-    if packed.len() >= payload.len() {
-        return Ok(None);
+    let before = payload.len();
+    if packed.len() >= before {
+        return Ok(Compressed {
+            algorithm,
+            before,
+            after: before,
+        });
     }
     let c = Compressed {
         algorithm,
-        before: payload.len(),
+        before,
         after: packed.len(),
     };
     *payload = Bytes::from(packed);
-    Ok(Some(c))
+    Ok(c)
 }
 
 /// Undoes a stored message's compression in place (payload decompressed, header gone); a message
@@ -521,6 +570,39 @@ mod tests {
         }
     }
 
+    #[test]
+    fn gzip_members_are_joined_and_trailing_garbage_refused() {
+        let (a, b) = (json(20), json(30));
+        let mut two = Compression::Gzip.compress(&a).unwrap();
+        two.extend(Compression::Gzip.compress(&b).unwrap());
+        let both = Compression::Gzip.decompress(&two, 1 << 20).unwrap();
+        assert_eq!(both, [a.clone(), b.clone()].concat());
+        // The limit counts every member.
+        assert!(Compression::Gzip
+            .decompress(&two, a.len() + b.len() - 1)
+            .is_err());
+        let mut junk = Compression::Gzip.compress(&a).unwrap();
+        junk.extend_from_slice(b"trailing junk");
+        assert!(Compression::Gzip.decompress(&junk, 1 << 20).is_err());
+    }
+
+    #[test]
+    fn a_flipped_bit_is_caught_by_every_algorithm() {
+        let data = json(100);
+        for c in available() {
+            let packed = c.compress(&data).unwrap();
+            // Bytes across the middle of the stream, one at a time: none may decode to other
+            // data than what was compressed.
+            for at in (packed.len() / 4..packed.len() * 3 / 4).step_by(7) {
+                let mut bad = packed.clone();
+                bad[at] ^= 0x10;
+                if let Ok(back) = c.decompress(&bad, 1 << 20) {
+                    assert_eq!(back, data, "{c}: a flip at {at} decoded to other data");
+                }
+            }
+        }
+    }
+
     #[cfg(feature = "zstd")]
     #[test]
     fn zstd_frames_without_a_size_are_read_bounded() {
@@ -554,7 +636,7 @@ mod tests {
         let before = random.clone();
         for c in available() {
             assert!(
-                compress_if_smaller(&mut random, c).unwrap().is_none(),
+                !compress_if_smaller(&mut random, c).unwrap().applied(),
                 "{c}"
             );
             assert_eq!(random, before);

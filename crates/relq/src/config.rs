@@ -24,6 +24,11 @@
 //! ttl = "10m"                  # messages published without their own expire after this
 //! compression = "zstd"         # lz4 | gzip | zstd: payloads of compress_above bytes or more
 //! compress_above = 1024        # bytes (the default)
+//!
+//! [[routes]]                   # run by `relq route`: forward matching topics into others
+//! name = "audit"
+//! from = "orders.>"            # orders.* (one segment), orders.> (one or more), re:REGEX
+//! to = ["audit-log"]
 //! ```
 //!
 //! Every key has a default. An unknown key, a value of the wrong type or out of range is an
@@ -79,6 +84,22 @@ pub struct Config {
     pub server: ServerSection,
     /// Per-topic settings (`[[topics]]`).
     pub topics: Vec<TopicSection>,
+    /// Routes (`[[routes]]`), run by `relq route`.
+    pub routes: Vec<RouteSection>,
+}
+
+/// `[[routes]]`: a route forwarding every message of the topics matching `from` into each of
+/// `to` (see `Broker::route`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RouteSection {
+    /// The route's name (its consumer group is `route.<name>`).
+    pub name: String,
+    /// A topic pattern: `orders.*`, `orders.>`, or a regular expression after `re:`.
+    pub from: String,
+    /// The target topics.
+    pub to: Vec<String>,
 }
 
 /// `[[topics]]`: one topic's settings, applied by every broker built from the configuration.
@@ -100,14 +121,14 @@ pub struct TopicSection {
     /// Compress payloads of at least `compress_above` bytes: `"lz4"`, `"gzip"` or `"zstd"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compression: Option<crate::Compression>,
-    /// The smallest payload compressed, in bytes. Default 1024: smaller payloads gain little.
-    #[serde(default = "default_compress_above")]
-    pub compress_above: usize,
+    /// The smallest payload compressed, in bytes (with `compression` only). Default 1024:
+    /// smaller payloads gain little.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compress_above: Option<usize>,
 }
 
-fn default_compress_above() -> usize {
-    1024
-}
+/// `compress_above` when a topic does not set it.
+pub(crate) const DEFAULT_COMPRESS_ABOVE: usize = 1024;
 
 /// Optional durations in configuration (absent: `None`).
 mod opt_duration {
@@ -801,6 +822,12 @@ impl Config {
                     ),
                 ));
             }
+            if t.compress_above.is_some() && t.compression.is_none() {
+                return Err(config_error(
+                    "topics.compress_above",
+                    format!("topic {:?} sets compress_above without compression", t.name),
+                ));
+            }
             if t.ttl.is_some_and(|ttl| ttl.is_zero()) {
                 return Err(config_error(
                     "topics.ttl",
@@ -810,6 +837,18 @@ impl Config {
                     ),
                 ));
             }
+        }
+        let mut route_names = std::collections::BTreeSet::new();
+        for r in &self.routes {
+            if !route_names.insert(r.name.as_str()) {
+                return Err(config_error(
+                    "routes.name",
+                    format!("route {:?} is listed twice", r.name),
+                ));
+            }
+            let targets: Vec<&str> = r.to.iter().map(String::as_str).collect();
+            crate::route::check(&r.name, &r.from, &targets)
+                .map_err(|e| config_error("routes", e.to_string()))?;
         }
         self.retry.backoff().validate().map_err(|e| {
             let field = match e.field() {
@@ -1098,6 +1137,38 @@ mod tests {
     }
 
     #[test]
+    fn routes_are_read_and_checked() {
+        let p = write(
+            "relq.toml",
+            "[[routes]]\nname = \"audit\"\nfrom = \"orders.>\"\nto = [\"audit-log\", \"archive\"]\n",
+        );
+        let r = Layers::new().file(&p).unwrap().resolve().unwrap();
+        r.config.validate().unwrap();
+        assert_eq!(r.config.routes[0].name, "audit");
+        assert_eq!(r.config.routes[0].to, ["audit-log", "archive"]);
+        for (text, want) in [
+            ("[[routes]]\nname = \"a\"\nfrom = \"x.>.y\"\nto = [\"t\"]\n", "last segment"),
+            ("[[routes]]\nname = \"a\"\nfrom = \"x.>\"\nto = [\"x.y\"]\n", "go round"),
+            ("[[routes]]\nname = \"a\"\nfrom = \"x.>\"\nto = []\n", "no target"),
+            (
+                "[[routes]]\nname = \"a\"\nfrom = \"x.>\"\nto = [\"t\"]\n[[routes]]\nname = \"a\"\nfrom = \"y.>\"\nto = [\"t\"]\n",
+                "listed twice",
+            ),
+            ("[[routes]]\nname = \"a\"\nfrom = \"x.>\"\n", "to"),
+        ] {
+            let p = write("bad.toml", text);
+            let e = Layers::new()
+                .file(&p)
+                .and_then(Layers::resolve)
+                .map(|r| r.config)
+                .and_then(|c| c.validate().map(|()| c))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
     fn topic_compression_is_read() {
         let p = write(
             "relq.toml",
@@ -1109,7 +1180,14 @@ mod tests {
             .config
             .topics
             .iter()
-            .map(|t| (t.name.as_str(), t.compression, t.compress_above, t.ttl))
+            .map(|t| {
+                (
+                    t.name.as_str(),
+                    t.compression,
+                    t.compress_above.unwrap_or(DEFAULT_COMPRESS_ABOVE),
+                    t.ttl,
+                )
+            })
             .collect();
         assert_eq!(
             got,
@@ -1171,6 +1249,10 @@ mod tests {
             (
                 "[[topics]]\nname = \"t\"\ncompression = \"lz4\"\ncompress_above = -1\n",
                 "compress_above",
+            ),
+            (
+                "[[topics]]\nname = \"t\"\nttl = \"1s\"\ncompress_above = 10\n",
+                "without compression",
             ),
             (
                 "[[topics]]\nname = \"t\"\nttl = \"1s\"\nretention = \"1d\"\n",

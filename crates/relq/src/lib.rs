@@ -61,7 +61,9 @@ mod fast_hash;
 mod handler;
 mod memory;
 mod message;
+mod pattern;
 mod retry;
+mod route;
 
 pub use analysis::{fingerprint, FailureGroup, ReplayOutlook, Suggestion, Suggestions};
 pub use broker::{
@@ -76,8 +78,8 @@ pub use compression::{Compression, DecodeError};
 #[cfg(feature = "config")]
 pub use config::{
     BackendSection, Config, ConsumerSection, DeadLetterSection, DurabilityKind, EmbeddedSection,
-    Layers, Origin, RedisSection, Resolved, RetryKind, RetrySection, ServerSection, TokenEntry,
-    TokenRole,
+    Layers, Origin, RedisSection, Resolved, RetryKind, RetrySection, RouteSection, ServerSection,
+    TokenEntry, TokenRole, TopicSection,
 };
 pub use consumer::{
     Consumer, ConsumerBuilder, ConsumerHandle, ConsumerStats, OnExpired, ShutdownReport, StopReason,
@@ -85,6 +87,7 @@ pub use consumer::{
 pub use handler::{BatchConfig, BatchHandler, Handler, HandlerError};
 pub use memory::{MemoryBackend, MemoryConfig};
 pub use message::NewMessage;
+pub use pattern::TopicPattern;
 pub use relq_core::{
     replay_headers, validate_name, AttemptFailure, Backend, BackendError, BackendErrorKind,
     BackendMetric, Browse, CleanupReport, ConfigError, ConsumerInfo, DeadLetter, DeadLetterId,
@@ -92,8 +95,9 @@ pub use relq_core::{
     Health, HealthCheck, Limit, Message, MessageId, NameError, NotFound, Outgoing, Placement,
     Result, Retention, Settlement, StartPosition, Subscription, Timestamp, TopicInfo,
     HEADER_CONTENT_TYPE, HEADER_EDITED, HEADER_ENCODING, HEADER_EXPIRES_AT, HEADER_ORIGINAL_ID,
-    HEADER_REPLAY_GROUP, HEADER_REPLAY_OF, HEADER_SCHEMA_VERSION, MAX_HEADERS, MAX_HEADER_NAME_LEN,
-    MAX_HEADER_VALUE_LEN, MAX_KIND_LEN, MAX_NAME_LEN, MAX_RESERVED_HEADERS, RESERVED_HEADER_PREFIX,
+    HEADER_REPLAY_GROUP, HEADER_REPLAY_OF, HEADER_ROUTED_FROM, HEADER_ROUTE_HOPS,
+    HEADER_SCHEMA_VERSION, MAX_HEADERS, MAX_HEADER_NAME_LEN, MAX_HEADER_VALUE_LEN, MAX_KIND_LEN,
+    MAX_NAME_LEN, MAX_RESERVED_HEADERS, RESERVED_HEADER_PREFIX,
 };
 #[cfg(feature = "embedded")]
 pub use relq_embedded::{

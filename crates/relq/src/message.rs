@@ -171,10 +171,10 @@ impl NewMessage {
             _ => None,
         });
         let compressed = match algorithm {
-            Some(a) => compress_if_smaller(&mut self.payload, a)?,
+            Some(a) => Some(compress_if_smaller(&mut self.payload, a)?),
             None => None,
         };
-        if let Some(c) = compressed {
+        if let Some(c) = compressed.filter(Compressed::applied) {
             self.headers
                 .insert(HEADER_ENCODING.to_owned(), c.algorithm.as_str().to_owned());
         }

@@ -102,6 +102,7 @@ mod model;
 mod operations;
 mod recovery;
 mod retries;
+mod routing;
 
 pub use codecs::*;
 pub use dead_letters::*;
@@ -112,3 +113,4 @@ pub use model::*;
 pub use operations::*;
 pub use recovery::*;
 pub use retries::*;
+pub use routing::*;

@@ -1,6 +1,7 @@
 //! Consumers: the builder, the running handle, stop reasons and statistics.
 
 mod nack;
+mod pattern;
 mod runtime;
 
 use std::collections::HashMap;
@@ -13,6 +14,7 @@ use tokio::sync::watch;
 use crate::broker::Broker;
 use crate::fast_hash::KindMap;
 use crate::handler::{BatchConfig, BatchHandler, Handler};
+use crate::pattern::TopicPattern;
 use crate::retry::{Backoff, RetryPolicy};
 use relq_core::{validate_kind, validate_name, Result, StartPosition};
 use relq_core::{BackendError, BackendErrorKind, ConfigError, Error};
@@ -157,6 +159,7 @@ pub struct ShutdownReport {
     pub abandoned: u64,
 }
 
+#[derive(Clone)]
 pub(crate) struct Config {
     pub(crate) topic: String,
     pub(crate) group: String,
@@ -250,6 +253,9 @@ pub struct ConsumerBuilder {
     include_stack_trace: bool,
     forward: Option<Forwarding>,
     on_expired: OnExpired,
+    /// Set by [`Broker::consumer_matching`]: `topic` is a pattern.
+    matching: bool,
+    discover_every: Duration,
 }
 
 impl std::fmt::Debug for ConsumerBuilder {
@@ -295,7 +301,24 @@ impl ConsumerBuilder {
             include_stack_trace: d.include_stack_trace,
             forward: d.forward,
             on_expired: d.on_expired,
+            matching: false,
+            discover_every: Duration::from_secs(5),
         }
+    }
+
+    /// A builder whose `pattern` is a topic pattern (see [`Broker::consumer_matching`]).
+    pub(crate) fn matching(broker: Broker, pattern: &str, group: &str) -> ConsumerBuilder {
+        ConsumerBuilder {
+            matching: true,
+            ..ConsumerBuilder::new(broker, pattern, group)
+        }
+    }
+
+    /// With a topic pattern ([`Broker::consumer_matching`]): how often the topics are listed to
+    /// find new matches. Default 5 s.
+    pub fn discover_every(mut self, d: Duration) -> Self {
+        self.discover_every = d;
+        self
     }
 
     /// The consumer's name within its group. Use a stable name per process (e.g. the host name)
@@ -433,7 +456,15 @@ impl ConsumerBuilder {
     /// Invalid names, zero concurrency or batch sizes, a claim time not above the handler
     /// timeout, an invalid retry policy, or no handler at all.
     pub fn build(self) -> Result<Consumer, Error> {
-        validate_name("topic", &self.topic)?;
+        let pattern = if self.matching {
+            if self.discover_every.is_zero() {
+                return Err(ConfigError::new("discover_every", "must be above zero").into());
+            }
+            Some(Arc::new(self.topic.parse::<TopicPattern>()?))
+        } else {
+            validate_name("topic", &self.topic)?;
+            None
+        };
         validate_name("group", &self.group)?;
         let consumer = self
             .consumer
@@ -533,7 +564,9 @@ impl ConsumerBuilder {
             }
         };
         let max_payload = self.broker.max_payload();
+        let discover_every = self.discover_every;
         Ok(Consumer {
+            pattern: pattern.map(|p| (p, discover_every)),
             broker: self.broker,
             config: Arc::new(Config {
                 topic: self.topic,
@@ -570,6 +603,8 @@ impl ConsumerBuilder {
 pub struct Consumer {
     broker: Broker,
     config: Arc<Config>,
+    /// A consumer of every topic matching this pattern, listed this often.
+    pattern: Option<(Arc<TopicPattern>, Duration)>,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -590,37 +625,50 @@ impl Consumer {
     /// # Errors
     /// The backend failed to join.
     pub async fn start(self) -> Result<ConsumerHandle, Error> {
-        let c = &self.config;
-        let sub = self
-            .broker
-            .backend()
-            .join(&c.topic, &c.group, &c.consumer, c.start)
-            .await?;
         let counters = Arc::new(Counters::default());
-        let (stop_tx, stop_rx) = watch::channel(None::<Duration>);
-        let (done_tx, done_rx) = watch::channel(None::<StopReason>);
-        let (report_tx, report_rx) = watch::channel(None::<ShutdownReport>);
-        let span = tracing::info_span!("relq.consumer", topic = %sub.topic, group = %sub.group, consumer = %sub.consumer);
-        tokio::spawn(tracing::Instrument::instrument(
-            runtime::run(
-                self.broker.backend().clone(),
-                self.config.clone(),
-                sub,
-                counters.clone(),
-                stop_rx,
-                done_tx,
-                report_tx,
-            ),
-            span,
-        ));
-        Ok(ConsumerHandle {
-            name: self.config.consumer.clone(),
-            counters,
-            stop: stop_tx,
-            done: done_rx,
-            report: report_rx,
-        })
+        match self.pattern {
+            Some((pattern, every)) => {
+                pattern::start(self.broker, self.config, pattern, every, counters).await
+            }
+            None => start_one(&self.broker, self.config, counters).await,
+        }
     }
+}
+
+/// Starts a consumer of one topic (`config.topic`), counting into `counters`.
+async fn start_one(
+    broker: &Broker,
+    config: Arc<Config>,
+    counters: Arc<Counters>,
+) -> Result<ConsumerHandle, Error> {
+    let c = &config;
+    let sub = broker
+        .backend()
+        .join(&c.topic, &c.group, &c.consumer, c.start)
+        .await?;
+    let (stop_tx, stop_rx) = watch::channel(None::<Duration>);
+    let (done_tx, done_rx) = watch::channel(None::<StopReason>);
+    let (report_tx, report_rx) = watch::channel(None::<ShutdownReport>);
+    let span = tracing::info_span!("relq.consumer", topic = %sub.topic, group = %sub.group, consumer = %sub.consumer);
+    tokio::spawn(tracing::Instrument::instrument(
+        runtime::run(
+            broker.backend().clone(),
+            config.clone(),
+            sub,
+            counters.clone(),
+            stop_rx,
+            done_tx,
+            report_tx,
+        ),
+        span,
+    ));
+    Ok(ConsumerHandle {
+        name: config.consumer.clone(),
+        counters,
+        stop: stop_tx,
+        done: done_rx,
+        report: report_rx,
+    })
 }
 
 /// A running consumer. Dropping the handle does not stop it; call [`shutdown`](Self::shutdown).

@@ -129,6 +129,8 @@ pub(crate) struct Ctx {
     routes: KindMap<(Arc<str>, Arc<Route>)>,
     fallback: Option<Arc<Route>>,
     retries: Arc<RetryClock>,
+    /// The topic, shared with every message handed to a handler.
+    topic: Arc<str>,
 }
 
 /// The consumer's metric handles, registered once (not looked up per message).
@@ -933,7 +935,7 @@ pub(crate) async fn run(
     let settler = tokio::spawn(settler(
         backend.clone(),
         sub.clone(),
-        config.forward.clone(),
+        config.forward.clone().map(|f| (f, config.max_payload)),
         settle_rx,
         fatal_tx,
         abort_rx.clone(),
@@ -949,6 +951,7 @@ pub(crate) async fn run(
         abort: abort_rx,
         held: held_ids,
         meters: Meters::new(&config.topic, &config.group),
+        topic: Arc::from(config.topic.as_str()),
         watchdog: Watchdog::new(config.concurrency),
         routes: config
             .handlers
@@ -1317,6 +1320,8 @@ async fn dispatch(
 ) {
     let c = &ctx.config;
     ctx.meters.delivered.increment(1);
+    let mut d = d;
+    d.message.topic = ctx.topic.clone();
     let m = &d.message;
     if let Some(target) = m.header(HEADER_REPLAY_GROUP) {
         if target != c.group {
@@ -1667,7 +1672,8 @@ async fn send_settlement(ctx: &Ctx, s: Settlement) -> bool {
 async fn settler(
     backend: Arc<dyn Backend>,
     sub: Subscription,
-    forward: Option<super::Forwarding>,
+    // Where dead letters are forwarded, and the payload limit their decompression keeps to.
+    forward: Option<(super::Forwarding, usize)>,
     mut rx: mpsc::Receiver<Settlement>,
     fatal: watch::Sender<Option<StopReason>>,
     mut abort: watch::Receiver<bool>,
@@ -1697,12 +1703,13 @@ async fn settler(
                         Settlement::Retry { at, .. } => Some(*at),
                         _ => None,
                     }));
-                    if let Some(f) = &forward {
+                    if let Some((f, limit)) = &forward {
                         for s in &buf {
                             if let Settlement::DeadLetter(d) = s {
                                 tokio::spawn(forward_dead_letter(
                                     backend.clone(),
                                     f.clone(),
+                                    *limit,
                                     d.clone(),
                                 ));
                             }
@@ -1782,7 +1789,17 @@ pub(crate) fn failure_record(d: &DeadLetter) -> serde_json::Value {
 
 /// Publishes a stored dead letter's failure record on `<topic><suffix>`, trying `attempts`
 /// times; a failure is logged and counted (the dead letter itself is stored already).
-async fn forward_dead_letter(backend: Arc<dyn Backend>, f: super::Forwarding, d: Box<DeadLetter>) {
+async fn forward_dead_letter(
+    backend: Arc<dyn Backend>,
+    f: super::Forwarding,
+    limit: usize,
+    mut d: Box<DeadLetter>,
+) {
+    // The record shows the payload as published (decompressed where it decompresses, as stored
+    // where it does not).
+    if compression::is_encoded(&d.message) {
+        let _ = compression::decode_message(&mut d.message, limit);
+    }
     let target = format!("{}{}", d.topic, f.suffix);
     let mut headers = std::collections::BTreeMap::new();
     headers.insert(
