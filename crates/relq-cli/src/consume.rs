@@ -115,7 +115,7 @@ impl Printer {
             format!(
                 "{}{} {} attempt={} {}",
                 if self.pattern {
-                    format!("{} ", m.topic)
+                    format!("{} ", m.topic())
                 } else {
                     String::new()
                 },

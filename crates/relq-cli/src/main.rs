@@ -1234,8 +1234,8 @@ pub(crate) fn message_json(m: &Message) -> serde_json::Value {
         "published_at": m.published_at.to_string(), "attempt": m.attempt,
     });
     // The topic it came from, where known (a consumer of a topic pattern reads several).
-    if !m.topic.is_empty() {
-        v["topic"] = json!(&*m.topic);
+    if !m.topic().is_empty() {
+        v["topic"] = json!(m.topic());
     }
     v
 }

@@ -394,11 +394,10 @@ pub struct Message {
     /// How many times this message has been delivered to this group, this delivery included.
     /// Kept by the backend, so it survives consumer restarts.
     pub attempt: u32,
-    /// The topic it came from: set on the messages a consumer hands to its handlers (a handler
-    /// of a pattern consumer tells its topics apart by it) and on what relq's `Broker::browse`
-    /// and `Broker::message` return; empty on a message read from a backend directly.
+    /// The topic it came from (see [`Message::topic`]); `None` costs no allocation, which
+    /// matters on the per-message path.
     #[serde(skip)]
-    pub topic: std::sync::Arc<str>,
+    topic: Option<std::sync::Arc<str>>,
 }
 
 impl Message {
@@ -418,8 +417,21 @@ impl Message {
             published_at,
             deliver_at: outgoing.deliver_at,
             attempt,
-            topic: std::sync::Arc::default(),
+            topic: None,
         }
+    }
+
+    /// The topic it came from: set on the messages a consumer hands to its handlers (a handler
+    /// of a pattern consumer tells its topics apart by it) and on what relq's `Broker::browse`
+    /// and `Broker::message` return; empty on a message read from a backend directly.
+    pub fn topic(&self) -> &str {
+        self.topic.as_deref().unwrap_or("")
+    }
+
+    /// Sets [`topic`](Self::topic) (relq's consumer and reads do; a shared name, no copy).
+    #[doc(hidden)]
+    pub fn set_topic(&mut self, topic: std::sync::Arc<str>) {
+        self.topic = Some(topic);
     }
 
     /// The value of header `name`.

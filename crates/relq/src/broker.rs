@@ -555,7 +555,7 @@ impl Broker {
         let mut budget = READ_DECODE_BUDGET;
         for m in &mut page {
             shown(m, self.max_payload, &mut budget);
-            m.topic = shared.clone();
+            m.set_topic(shared.clone());
         }
         Ok(page)
     }

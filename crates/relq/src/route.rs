@@ -99,7 +99,7 @@ async fn forward(
         )))
         .category("route_loop"));
     }
-    let from = format!("{}/{}", m.topic, m.id);
+    let from = format!("{}/{}", m.topic(), m.id);
     let mut headers = m.headers;
     for h in [HEADER_REPLAY_OF, HEADER_ORIGINAL_ID, HEADER_REPLAY_GROUP] {
         headers.remove(h);

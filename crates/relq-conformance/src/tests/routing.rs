@@ -14,7 +14,7 @@ fn recorder(seen: &Seen2) -> impl Fn(Message) -> std::future::Ready<Result<(), H
     let seen = seen.clone();
     move |m: Message| {
         seen.lock().unwrap().push((
-            m.topic.to_string(),
+            m.topic().to_owned(),
             String::from_utf8_lossy(&m.payload).into_owned(),
         ));
         std::future::ready(Ok(()))

@@ -629,14 +629,18 @@ async fn worker<H: Handler>(
             continue;
         }
         // A compressed payload is decompressed here, in the worker (not in the fetch loop).
-        let message = match decoded(message, &ctx) {
-            Ok(message) => message,
-            Err(outcome) => {
-                if !settle_unrun(&job, &ctx, name, outcome).await {
-                    return;
+        let message = if compression::is_encoded(&message) {
+            match decoded(message, &ctx) {
+                Ok(message) => message,
+                Err(outcome) => {
+                    if !settle_unrun(&job, &ctx, name, outcome).await {
+                        return;
+                    }
+                    continue;
                 }
-                continue;
             }
+        } else {
+            message
         };
         ran = true;
         let started = Instant::now();
@@ -718,16 +722,13 @@ async fn settle_unrun(
     }
 }
 
-/// The message as its handler sees it: decompressed if it was stored compressed. A payload
+/// A message stored compressed as its handler sees it: decompressed. A payload
 /// that does not decompress (or expands past the consumer's payload limit) is a permanent
 /// failure with category `decode`; its dead letter keeps the stored bytes.
 fn decoded(
     mut m: relq_core::Message,
     ctx: &std::sync::Weak<Ctx>,
 ) -> Result<relq_core::Message, Outcome> {
-    if !compression::is_encoded(&m) {
-        return Ok(m);
-    }
     let limit = match ctx.upgrade() {
         Some(ctx) => ctx.config.max_payload,
         None => return Err(Outcome::simple(FailureKind::Permanent, String::new())),
@@ -1321,7 +1322,7 @@ async fn dispatch(
     let c = &ctx.config;
     ctx.meters.delivered.increment(1);
     let mut d = d;
-    d.message.topic = ctx.topic.clone();
+    d.message.set_topic(ctx.topic.clone());
     let m = &d.message;
     if let Some(target) = m.header(HEADER_REPLAY_GROUP) {
         if target != c.group {
