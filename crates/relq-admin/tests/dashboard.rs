@@ -36,6 +36,8 @@ async fn every_metric_in_the_alert_rules_and_the_dashboard_is_exported() {
         .start(StartPosition::Earliest)
         .retry(Backoff::fixed(Duration::from_millis(1)).max_attempts(2))
         .on_expired(relq::OnExpired::Drop)
+        // Filtered out: relq_filtered_total.
+        .filter("!header:skip".parse().unwrap())
         .handler("order", |m: Message| async move {
             if &m.payload[..] == b"bad" {
                 Err(HandlerError::retryable(std::io::Error::other("db down")).category("database"))
@@ -60,9 +62,22 @@ async fn every_metric_in_the_alert_rules_and_the_dashboard_is_exported() {
             .await
             .unwrap();
     }
+    // A compressed publish (relq_compression_*_bytes_total) and one the filter skips.
+    b.publish(
+        "orders",
+        NewMessage::new("order", "y".repeat(2000)).compress(relq::Compression::Gzip),
+    )
+    .await
+    .unwrap();
+    b.publish("orders", NewMessage::new("order", "x").header("skip", "1"))
+        .await
+        .unwrap();
     let dls = b.dead_letters("orders");
     for _ in 0..2000 {
-        if dls.count(&DeadLetterQuery::all()).await.unwrap() == 1 && c.stats().expired == 1 {
+        if dls.count(&DeadLetterQuery::all()).await.unwrap() == 1
+            && c.stats().expired == 1
+            && c.stats().filtered == 1
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;

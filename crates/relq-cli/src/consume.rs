@@ -27,6 +27,12 @@ pub(crate) struct ConsumeArgs {
     /// second and read from their first message); each message is printed with its topic.
     #[arg(long)]
     pattern: bool,
+    /// Print only messages that pass this filter (repeatable: each must pass); the others are
+    /// acknowledged for the group unprinted and counted. `type:GLOB`, `header:NAME`,
+    /// `header:NAME=VALUE`, `header:NAME~GLOB`, `payload~REGEX`, `json:POINTER`,
+    /// `json:POINTER=JSON`, `json:POINTER>N`, `json:POINTER<N`, `!FILTER`.
+    #[arg(long = "filter", value_parser = parse_filter)]
+    filters: Vec<relq::Filter>,
     /// Consumer group.
     #[arg(long, default_value = "relq-cli")]
     group: String,
@@ -84,6 +90,11 @@ async fn serve_metrics(broker: &Broker, addr: std::net::SocketAddr) -> anyhow::R
     });
     eprintln!("relq consume: metrics at http://{local}/metrics");
     Ok(())
+}
+
+/// `--filter`.
+fn parse_filter(s: &str) -> Result<relq::Filter, relq::Error> {
+    s.parse()
 }
 
 /// State shared by the printing handlers and the command.
@@ -204,6 +215,9 @@ pub(crate) async fn run(
         .on_expired(args.on_expired.unwrap_or(config.consumer.on_expired));
     if let Some(n) = &args.name {
         builder = builder.name(n);
+    }
+    for f in &args.filters {
+        builder = builder.filter(f.clone());
     }
     // Installed before the consumer starts: a signal from now on is a graceful stop.
     let signal = shutdown_signal();

@@ -22,9 +22,9 @@ pub(crate) struct RouteArgs {
     pattern: Option<String>,
     /// The topics to forward into.
     targets: Vec<String>,
-    /// Where a route's group starts on a topic it has not forwarded from before (the topics
-    /// that appear later start at their first message).
-    #[arg(long, default_value = "latest")]
+    /// Where a route's group starts on the topics it finds the first time it runs (topics
+    /// that appear later start at their first message; where the group exists it goes on).
+    #[arg(long, default_value = "earliest")]
     start: String,
     /// On SIGINT or SIGTERM, wait this long for forwards in progress.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
@@ -98,16 +98,21 @@ pub(crate) async fn run(
             stopped = any_stopped => Some(stopped),
         }
     };
+    // Every route drains at once, within the same deadline; the counts include the drain.
+    let timeout = args.shutdown_timeout;
+    let drains: Vec<_> = running
+        .into_iter()
+        .map(|(name, h)| tokio::spawn(async move { (name, h.shutdown(timeout).await) }))
+        .collect();
     let mut report = Vec::new();
-    for (name, h) in running {
-        let stats = h.stats();
-        let abandoned = h.shutdown(args.shutdown_timeout).await.abandoned;
+    for d in drains {
+        let (name, r) = d.await?;
         report.push(json!({
             "name": name,
-            "forwarded": stats.processed,
-            "retried": stats.retried,
-            "dead_lettered": stats.dead_lettered,
-            "abandoned": abandoned,
+            "forwarded": r.stats.processed,
+            "retried": r.stats.retried,
+            "dead_lettered": r.stats.dead_lettered,
+            "abandoned": r.abandoned,
         }));
     }
     if json_out {

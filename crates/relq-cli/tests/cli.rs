@@ -2009,3 +2009,48 @@ fn route_forwards_and_consume_reads_a_pattern() {
     fails_with(&relq_in(&dir, &["route"]), 2, "no route");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `consume --filter`: only what passes every filter is printed; the rest is acknowledged for
+/// the group (a second run prints nothing more); a bad filter is a usage error.
+#[test]
+fn consume_prints_only_what_passes_its_filters() {
+    let dir = fresh_dir();
+    for (tenant, body) in [
+        ("acme", r#"{"amount":120}"#),
+        ("other", r#"{"amount":130}"#),
+        ("acme", r#"{"amount":5}"#),
+    ] {
+        ok(&relq_in(
+            &dir,
+            &[
+                "publish",
+                "t",
+                "job",
+                body,
+                "-H",
+                &format!("tenant={tenant}"),
+            ],
+        ));
+    }
+    let out = relq_in(
+        &dir,
+        &[
+            "--json",
+            "consume",
+            "t",
+            "--filter",
+            "header:tenant=acme",
+            "--filter",
+            "json:/amount>100",
+        ],
+    );
+    assert_eq!(payloads(&ok(&out)), [r#"{"amount":120}"#]);
+    let out = relq_in(&dir, &["--json", "consume", "t"]);
+    assert!(payloads(&ok(&out)).is_empty(), "settled for the group");
+    fails_with(
+        &relq_in(&dir, &["consume", "t", "--filter", "tenant=acme"]),
+        2,
+        "write type:GLOB",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

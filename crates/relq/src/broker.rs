@@ -336,7 +336,9 @@ impl Broker {
     /// [`TopicPattern`](crate::TopicPattern)) into each topic of `to`, durably and at least
     /// once: the source message is acknowledged only after every target stored it. Returns the
     /// route's consumer (group `route.<name>`, a fallback handler that forwards) to tune and
-    /// start like any other; it starts at the latest message unless told otherwise. The
+    /// start like any other; it starts at the earliest message of each topic (a route forwards
+    /// everything; where its group already exists it goes on from where it was), unless told
+    /// otherwise with [`start`](ConsumerBuilder::start). The
     /// forwarded message keeps its type, payload (compressed again by the target's setting),
     /// headers, time to live, content type and schema version, and gains `relq-routed-from:
     /// <topic>/<id>` and a hop count: a message that has passed through 8 routes (a loop) is a

@@ -58,6 +58,7 @@ mod compression;
 mod config;
 mod consumer;
 mod fast_hash;
+mod filter;
 mod handler;
 mod memory;
 mod message;
@@ -84,6 +85,7 @@ pub use config::{
 pub use consumer::{
     Consumer, ConsumerBuilder, ConsumerHandle, ConsumerStats, OnExpired, ShutdownReport, StopReason,
 };
+pub use filter::Filter;
 pub use handler::{BatchConfig, BatchHandler, Handler, HandlerError};
 pub use memory::{MemoryBackend, MemoryConfig};
 pub use message::NewMessage;

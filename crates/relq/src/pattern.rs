@@ -49,7 +49,15 @@ impl TopicPattern {
                     match s {
                         Segment::Rest => {
                             debug_assert_eq!(i, segments.len() - 1);
-                            return parts.next().is_some();
+                            // One or more segments, none of them empty.
+                            let mut any = false;
+                            for p in parts.by_ref() {
+                                if p.is_empty() {
+                                    return false;
+                                }
+                                any = true;
+                            }
+                            return any;
                         }
                         Segment::One => {
                             if parts.next().is_none_or(str::is_empty) {
@@ -111,6 +119,11 @@ impl FromStr for TopicPattern {
             .into()
         };
         if let Some(re) = s.strip_prefix("re:") {
+            // Checked alone first: `a)|(b` must not turn the anchors below into part of it.
+            regex::RegexBuilder::new(re)
+                .size_limit(REGEX_SIZE_LIMIT)
+                .build()
+                .map_err(|e| bad(format!("an invalid regular expression ({e})")))?;
             let re = regex::RegexBuilder::new(&format!("^(?:{re})$"))
                 .size_limit(REGEX_SIZE_LIMIT)
                 .build()
@@ -175,6 +188,9 @@ mod tests {
         assert!(mid.matches("order.created.eu"));
         assert!(!mid.matches("order.updated.eu"));
         assert!(p(">").matches("anything.at.all"));
+        // `>` stands for segments, never empty ones.
+        assert!(!rest.matches("orders."));
+        assert!(!rest.matches("orders..x"));
         let lit = p("orders.v1_eu-west");
         assert!(lit.is_literal() && lit.matches("orders.v1_eu-west"));
         assert!(!lit.matches("orders.v1_eu"));
@@ -200,6 +216,7 @@ mod tests {
             ("orders:eu.*", "topic"),
             ("re:orders(", "regular expression"),
             ("re:(a{1000}){1000}", "regular expression"),
+            ("re:a)|(b", "regular expression"),
         ] {
             let e = bad.parse::<TopicPattern>().unwrap_err().to_string();
             assert!(e.contains(says), "{bad}: {e}");

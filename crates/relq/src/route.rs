@@ -45,6 +45,7 @@ pub(crate) fn route(
     let b = broker.clone();
     Ok(broker
         .consumer_matching(from, &route_group(name))
+        .start(relq_core::StartPosition::Earliest)
         .fallback(move |m: Message| {
             let (b, targets) = (b.clone(), targets.clone());
             async move { forward(&b, &targets, m).await }
@@ -88,10 +89,12 @@ async fn forward(
     targets: &[String],
     m: Message,
 ) -> std::result::Result<(), HandlerError> {
-    let hops = m
-        .header(HEADER_ROUTE_HOPS)
-        .and_then(|h| h.parse::<u32>().ok())
-        .unwrap_or(0);
+    // A value that is not a count (only routes write it) counts as the limit: a loop is never
+    // given a fresh start.
+    let hops = match m.header(HEADER_ROUTE_HOPS) {
+        None => 0,
+        Some(h) => h.parse::<u32>().unwrap_or(MAX_ROUTE_HOPS),
+    };
     if hops >= MAX_ROUTE_HOPS {
         return Err(HandlerError::permanent(Error::Config(ConfigError::new(
             "route",

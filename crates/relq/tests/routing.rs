@@ -107,3 +107,48 @@ async fn a_route_out_of_attempts_leaves_a_dead_letter() {
     );
     route.shutdown(Duration::from_secs(5)).await;
 }
+
+/// Two targets, the second refusing: the source stays unacknowledged (the first target may get
+/// copies, told apart by nothing lost), and once the second takes publishes both hold it.
+#[tokio::test]
+async fn a_route_acks_only_once_every_target_has_the_message() {
+    let backend = Faulty::new(MemoryBackend::new());
+    let faults = backend.faults();
+    let b = Broker::new(backend);
+    faults.refuse_publish(Some("out2"));
+    let route = b
+        .route("out", "in.>", &["out1", "out2"])
+        .unwrap()
+        .discover_every(Duration::from_millis(20))
+        .retry(Backoff::fixed(Duration::from_millis(20)).max_attempts(1000))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    b.publish("in.a", NewMessage::new("job", "both"))
+        .await
+        .unwrap();
+    wait_for("retries", async || route.stats().retried >= 2).await;
+    assert_eq!(route_group_holds(&b, "in.a").await, 1, "not acknowledged");
+    assert!(b.topic_info("out2").await.is_err());
+    faults.refuse_publish(None);
+    wait_for("the forward", async || route.stats().processed == 1).await;
+    for t in ["out1", "out2"] {
+        let got = b.browse(t, &relq::Browse::oldest()).await.unwrap();
+        assert!(
+            !got.is_empty() && got.iter().all(|m| &m.payload[..] == b"both"),
+            "{t}"
+        );
+    }
+    assert_eq!(
+        b.browse("out2", &relq::Browse::oldest())
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    wait_for("the ack", async || route_group_holds(&b, "in.a").await == 0).await;
+    let report = route.shutdown(Duration::from_secs(5)).await;
+    assert_eq!((report.stats.processed, report.abandoned), (1, 0));
+}

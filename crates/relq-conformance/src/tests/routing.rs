@@ -21,67 +21,89 @@ fn recorder(seen: &Seen2) -> impl Fn(Message) -> std::future::Ready<Result<(), H
     }
 }
 
-/// Topics matching when it starts are read from where `start` says; a matching topic created
-/// later is found and read from its first message; other topics are not read. The handler
-/// tells topics apart by `Message::topic`.
+/// The first time it runs, the topics that match are read from where `start` says (latest: the
+/// old messages are not read); a matching topic created later is found and read from its first
+/// message; so is one created while the consumer was down, once it runs again; other topics are
+/// not read. The handler tells topics apart by `Message::topic`; one set of counters covers
+/// every topic.
 pub async fn a_pattern_consumer_reads_current_and_future_matching_topics(b: Broker) {
     let p = unique("pat");
+    let t = |s: &str| format!("{p}{s}");
     for (topic, payload) in [
-        (format!("{p}.eu"), "eu-1"),
-        (format!("{p}.us"), "us-1"),
-        (format!("{p}-other"), "other-1"),
-        (format!("{p}.eu.paris"), "paris-1"),
+        (t(".eu"), "eu-old"),
+        (t(".us"), "us-old"),
+        (t("-other"), "other-1"),
+        (t(".eu.paris"), "paris-1"),
     ] {
         b.publish(&topic, NewMessage::new("job", payload))
             .await
             .unwrap();
     }
     let seen: Seen2 = Arc::default();
-    let c = b
-        .consumer_matching(&format!("{p}.*"), "g")
-        .start(StartPosition::Earliest)
-        .discover_every(ms(50))
-        .handler("job", recorder(&seen))
-        .build()
-        .unwrap()
-        .start()
+    let start = || async {
+        b.consumer_matching(&format!("{p}.*"), "g")
+            .name("w")
+            .start(StartPosition::Latest)
+            .discover_every(ms(50))
+            .handler("job", recorder(&seen))
+            .build()
+            .unwrap()
+            .start()
+            .await
+            .unwrap()
+    };
+    let c = start().await;
+    b.publish(&t(".eu"), NewMessage::new("job", "eu-1"))
         .await
         .unwrap();
-    wait_until("the two matching topics read", LONG, || async {
-        seen.lock().unwrap().len() == 2
-    })
-    .await;
+    b.publish(&t(".us"), NewMessage::new("job", "us-1"))
+        .await
+        .unwrap();
     // A new matching topic: its first message is published before the consumer can know of it.
-    let asia = format!("{p}.asia");
-    b.publish(&asia, NewMessage::new("job", "asia-1"))
-        .await
-        .unwrap();
-    b.publish(&asia, NewMessage::new("job", "asia-2"))
-        .await
-        .unwrap();
-    wait_until("the new topic read from its start", LONG, || async {
+    for m in ["asia-1", "asia-2"] {
+        b.publish(&t(".asia"), NewMessage::new("job", m))
+            .await
+            .unwrap();
+    }
+    wait_until("four read", LONG, || async {
         seen.lock().unwrap().len() == 4
     })
     .await;
-    let mut got = seen.lock().unwrap().clone();
-    got.sort();
+    let report = c.shutdown(LONG).await;
     assert_eq!(
-        got,
-        [
-            (asia.clone(), "asia-1".to_owned()),
-            (asia.clone(), "asia-2".to_owned()),
-            (format!("{p}.eu"), "eu-1".to_owned()),
-            (format!("{p}.us"), "us-1".to_owned()),
-        ]
-    );
-    assert_eq!(
-        c.stats().processed,
-        4,
+        report.stats.processed, 4,
         "one set of counters for every topic"
     );
+    assert_eq!(report.abandoned, 0);
+    // While it is down: a new matching topic, and a message on an old one.
+    b.publish(&t(".jp"), NewMessage::new("job", "jp-1"))
+        .await
+        .unwrap();
+    b.publish(&t(".eu"), NewMessage::new("job", "eu-2"))
+        .await
+        .unwrap();
+    let c = start().await;
+    wait_until("six read", LONG, || async {
+        seen.lock().unwrap().len() == 6
+    })
+    .await;
     c.shutdown(LONG).await;
+    let mut got = seen.lock().unwrap().clone();
+    got.sort();
+    let want: Vec<(String, String)> = [
+        (".asia", "asia-1"),
+        (".asia", "asia-2"),
+        (".eu", "eu-1"),
+        (".eu", "eu-2"),
+        (".jp", "jp-1"),
+        (".us", "us-1"),
+    ]
+    .iter()
+    .map(|(topic, m)| (t(topic), (*m).to_owned()))
+    .collect();
+    assert_eq!(got, want);
     // Nothing was read from the topics that do not match: their groups do not exist.
-    for other in [format!("{p}-other"), format!("{p}.eu.paris")] {
+    for other in [t("-other"), t(".eu.paris")] {
         let info = b.topic_info(&other).await.unwrap();
         assert!(info.groups.is_empty(), "{other}: {:?}", info.groups);
     }
@@ -105,10 +127,15 @@ pub async fn a_route_forwards_every_matching_message_into_its_targets(b: Broker)
         format!("{p}-audit"),
         format!("{p}-archive"),
     );
+    // A message published before the route's first run is forwarded too (routes start at the
+    // earliest message).
+    let early = b
+        .publish(&orders, NewMessage::new("order.created", "o-0"))
+        .await
+        .unwrap();
     let route = b
         .route("audit", &format!("{p}.>"), &[&audit, &archive])
         .unwrap()
-        .start(StartPosition::Earliest)
         .discover_every(ms(50))
         .build()
         .unwrap()
@@ -138,13 +165,18 @@ pub async fn a_route_forwards_every_matching_message_into_its_targets(b: Broker)
             .start()
             .await
             .unwrap();
-        wait_until("the three forwarded", LONG, || async { log.len() == 3 }).await;
+        wait_until("the four forwarded", LONG, || async { log.len() == 4 }).await;
         c.shutdown(LONG).await;
+        let source_id = |s: &Seen| -> MessageId {
+            let from = &s.headers[HEADER_ROUTED_FROM];
+            from.rsplit('/').next().unwrap().parse().unwrap()
+        };
         let mut seen = log.all();
-        seen.sort_by_key(|s| s.headers.get(HEADER_ROUTED_FROM).cloned());
+        seen.sort_by_key(source_id);
         let payloads: Vec<&str> = seen.iter().map(|s| s.payload.as_str()).collect();
-        assert_eq!(payloads, ["o-1", body.as_str(), "o-3"], "{target}");
-        for (s, id) in seen.iter().zip(&ids) {
+        assert_eq!(payloads, ["o-0", "o-1", body.as_str(), "o-3"], "{target}");
+        let all_ids: Vec<MessageId> = std::iter::once(early).chain(ids.iter().copied()).collect();
+        for (s, id) in seen.iter().zip(&all_ids) {
             assert_eq!(
                 s.headers.get(HEADER_ROUTED_FROM),
                 Some(&format!("{orders}/{id}"))
@@ -154,6 +186,7 @@ pub async fn a_route_forwards_every_matching_message_into_its_targets(b: Broker)
                 Some("1")
             );
         }
+        let seen = &seen[1..];
         assert_eq!(
             seen[0].headers.get("tenant").map(String::as_str),
             Some("acme")

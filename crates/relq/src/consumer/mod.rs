@@ -13,6 +13,7 @@ use tokio::sync::watch;
 
 use crate::broker::Broker;
 use crate::fast_hash::KindMap;
+use crate::filter::Filter;
 use crate::handler::{BatchConfig, BatchHandler, Handler};
 use crate::pattern::TopicPattern;
 use crate::retry::{Backoff, RetryPolicy};
@@ -94,6 +95,9 @@ pub struct ConsumerStats {
     /// Messages not handled because their time to live had ended (dead-lettered with reason
     /// `expired`, or dropped, as [`OnExpired`] says).
     pub expired: u64,
+    /// Messages acknowledged unhandled because they did not pass the group's filters
+    /// ([`ConsumerBuilder::filter`]).
+    pub filtered: u64,
 }
 
 /// What a consumer does with a message whose time to live ended before it was handled
@@ -135,10 +139,11 @@ pub(crate) struct Counters {
     pub(crate) dead_lettered: AtomicU64,
     pub(crate) in_flight: AtomicU64,
     pub(crate) expired: AtomicU64,
+    pub(crate) filtered: AtomicU64,
 }
 
 impl Counters {
-    fn snapshot(&self) -> ConsumerStats {
+    pub(crate) fn snapshot(&self) -> ConsumerStats {
         ConsumerStats {
             processed: self.processed.load(Ordering::Relaxed),
             failed: self.failed.load(Ordering::Relaxed),
@@ -146,6 +151,7 @@ impl Counters {
             dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
             in_flight: self.in_flight.load(Ordering::Relaxed),
             expired: self.expired.load(Ordering::Relaxed),
+            filtered: self.filtered.load(Ordering::Relaxed),
         }
     }
 }
@@ -157,6 +163,8 @@ pub struct ShutdownReport {
     /// Handlers still running at the deadline, cancelled; their messages stay pending and are
     /// delivered again (to this consumer name on restart, or claimed by another consumer).
     pub abandoned: u64,
+    /// The consumer's counters once it stopped (what it did in all, the drain included).
+    pub stats: ConsumerStats,
 }
 
 #[derive(Clone)]
@@ -180,6 +188,8 @@ pub(crate) struct Config {
     pub(crate) on_expired: OnExpired,
     /// The largest payload a compressed one may expand to (the broker's payload limit).
     pub(crate) max_payload: usize,
+    /// Every one must pass for a message to be handled.
+    pub(crate) filters: Vec<Filter>,
 }
 
 /// Where dead letters are also published (seed 000's failure topic): `<topic><suffix>`, each
@@ -253,6 +263,7 @@ pub struct ConsumerBuilder {
     include_stack_trace: bool,
     forward: Option<Forwarding>,
     on_expired: OnExpired,
+    filters: Vec<Filter>,
     /// Set by [`Broker::consumer_matching`]: `topic` is a pattern.
     matching: bool,
     discover_every: Duration,
@@ -301,6 +312,7 @@ impl ConsumerBuilder {
             include_stack_trace: d.include_stack_trace,
             forward: d.forward,
             on_expired: d.on_expired,
+            filters: Vec::new(),
             matching: false,
             discover_every: Duration::from_secs(5),
         }
@@ -312,6 +324,17 @@ impl ConsumerBuilder {
             matching: true,
             ..ConsumerBuilder::new(broker, pattern, group)
         }
+    }
+
+    /// Handles only messages that pass `filter` (add several: each must pass). A message that
+    /// does not is acknowledged for this group without a handler and counted
+    /// ([`ConsumerStats::filtered`], `relq_filtered_total`); the group never sees it again,
+    /// other groups are not affected. Filters are checked before anything else (a filtered-out
+    /// message is not dead-lettered by this group for any reason), on the payload as the handler
+    /// would see it (decompressed).
+    pub fn filter(mut self, filter: Filter) -> Self {
+        self.filters.push(filter);
+        self
     }
 
     /// With a topic pattern ([`Broker::consumer_matching`]): how often the topics are listed to
@@ -541,7 +564,9 @@ impl ConsumerBuilder {
                 )
                 .into());
             }
-            validate_name("topic", &format!("{}{}", self.topic, f.suffix))?;
+            // The failure topic's name (with a pattern, a name of the pattern's shape).
+            let sample = if self.matching { "t" } else { &self.topic };
+            validate_name("topic", &format!("{sample}{}", f.suffix))?;
             if f.attempts == 0 {
                 return Err(
                     ConfigError::new("forward_retry", "attempts must be at least 1").into(),
@@ -593,6 +618,7 @@ impl ConsumerBuilder {
                 forward: self.forward,
                 on_expired: self.on_expired,
                 max_payload,
+                filters: self.filters,
             }),
         })
     }
@@ -736,7 +762,10 @@ impl ConsumerHandle {
                 return r;
             }
             if rx.changed().await.is_err() {
-                return rx.borrow().unwrap_or(ShutdownReport { abandoned: 0 });
+                return rx.borrow().unwrap_or(ShutdownReport {
+                    abandoned: 0,
+                    stats: self.counters.snapshot(),
+                });
             }
         }
     }

@@ -142,6 +142,7 @@ struct Meters {
     publish_to_handled: metrics::Histogram,
     retried: metrics::Counter,
     dead_lettered: metrics::Counter,
+    filtered: metrics::Counter,
 }
 
 impl Meters {
@@ -155,6 +156,7 @@ impl Meters {
             publish_to_handled: metrics::histogram!("relq_publish_to_handled_seconds", &labels),
             retried: metrics::counter!("relq_retried_total", &labels),
             dead_lettered: metrics::counter!("relq_dead_lettered_total", &labels),
+            filtered: metrics::counter!("relq_filtered_total", &labels),
         }
     }
 }
@@ -701,6 +703,21 @@ async fn worker<H: Handler>(
     }
 }
 
+/// Whether `m` passes the group's filters, judged on the payload a handler would see: a
+/// compressed one is decompressed (a copy) when a filter reads the payload. One that does not
+/// decompress passes, so its handler's worker dead-letters it as a `decode` failure instead of
+/// it vanishing as filtered.
+fn filters_pass(c: &Config, m: &relq_core::Message) -> bool {
+    if compression::is_encoded(m) && c.filters.iter().any(crate::filter::Filter::reads_payload) {
+        let mut copy = m.clone();
+        if compression::decode_message(&mut copy, c.max_payload).is_err() {
+            return true;
+        }
+        return crate::filter::passes_all(&c.filters, &copy);
+    }
+    crate::filter::passes_all(&c.filters, m)
+}
+
 /// Settles a job whose handler is not run (`outcome` says why). `false`: the worker retires
 /// (the consumer is gone, or the watchdog took the job past its deadline and replaced it).
 async fn settle_unrun(
@@ -992,7 +1009,8 @@ pub(crate) async fn run(
         .await
         .is_err()
     {
-        abandoned = counters.in_flight.load(Ordering::Relaxed);
+        // This run's own (the counters may be shared with other topics' runs).
+        abandoned = u64::from(all).saturating_sub(permits.available_permits() as u64);
         if abandoned > 0 {
             tracing::warn!(
                 abandoned,
@@ -1025,7 +1043,10 @@ pub(crate) async fn run(
         let _ = abort_tx.send(true);
         let _ = settler.await;
     }
-    let _ = report.send(Some(ShutdownReport { abandoned }));
+    let _ = report.send(Some(ShutdownReport {
+        abandoned,
+        stats: counters.snapshot(),
+    }));
     let _ = done.send(Some(reason));
 }
 
@@ -1332,6 +1353,15 @@ async fn dispatch(
             ctx.leave([m.id]);
             return;
         }
+    }
+    if !c.filters.is_empty() && !filters_pass(c, m) {
+        start(ctx, staged);
+        // Not for this group: acknowledged unhandled, counted.
+        ctx.counters.filtered.fetch_add(1, Ordering::Relaxed);
+        ctx.meters.filtered.increment(1);
+        send_settlement(ctx, Settlement::Ack(m.id)).await;
+        ctx.leave([m.id]);
+        return;
     }
     if m.attempt > c.retry.max_attempts() {
         start(ctx, staged);
