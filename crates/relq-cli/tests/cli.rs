@@ -2038,6 +2038,8 @@ fn consume_prints_only_what_passes_its_filters() {
             "--json",
             "consume",
             "t",
+            "--name",
+            "w",
             "--filter",
             "header:tenant=acme",
             "--filter",
@@ -2045,8 +2047,17 @@ fn consume_prints_only_what_passes_its_filters() {
         ],
     );
     assert_eq!(payloads(&ok(&out)), [r#"{"amount":120}"#]);
-    let out = relq_in(&dir, &["--json", "consume", "t"]);
+    // The same consumer name takes back at once anything the first run left pending: nothing.
+    let out = relq_in(&dir, &["--json", "consume", "t", "--name", "w"]);
     assert!(payloads(&ok(&out)).is_empty(), "settled for the group");
+    let info = ok(&relq_in(&dir, &["--json", "info", "t"]));
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    let g = &info[0]["groups"][0];
+    assert_eq!(
+        (&g["pending"], &g["lag"]),
+        (&serde_json::json!(0), &serde_json::json!(0)),
+        "{info}"
+    );
     fails_with(
         &relq_in(&dir, &["consume", "t", "--filter", "tenant=acme"]),
         2,

@@ -13,9 +13,9 @@
 //! | `header:NAME=VALUE` | the header equals VALUE |
 //! | `header:NAME~GLOB` | the header matches GLOB |
 //! | `payload~REGEX` | the payload (as text) contains a match of REGEX |
-//! | `json:POINTER` | the payload is JSON and has a value at POINTER (`/order/status`) |
+//! | `json:POINTER` | the payload is JSON and has a value at POINTER (`/order/status`; an empty pointer is the whole document: the payload is JSON) |
 //! | `json:POINTER=JSON` | that value equals JSON (`json:/status="paid"`, `json:/count=3`) |
-//! | `json:POINTER>NUMBER`, `json:POINTER<NUMBER` | that value is a number above / below |
+//! | `json:POINTER>NUMBER`, `json:POINTER<NUMBER` | that value is a number above / below (integers compared exactly) |
 //! | `!FILTER` | FILTER does not pass |
 
 use std::fmt;
@@ -46,8 +46,36 @@ enum Test {
 enum JsonTest {
     Exists,
     Equals(serde_json::Value),
-    Above(f64),
-    Below(f64),
+    Above(serde_json::Number),
+    Below(serde_json::Number),
+}
+
+/// Two JSON values equal, numbers by value (`3` equals `3.0`).
+fn json_eq(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    match (a, b) {
+        (serde_json::Value::Number(x), serde_json::Value::Number(y)) => {
+            num_cmp(x, y) == Some(std::cmp::Ordering::Equal)
+        }
+        _ => a == b,
+    }
+}
+
+/// A JSON value against a number: `None` when it is not a number.
+fn compare(v: &serde_json::Value, n: &serde_json::Number) -> Option<std::cmp::Ordering> {
+    v.as_number().and_then(|x| num_cmp(x, n))
+}
+
+/// Numbers compared exactly when both are integers (no loss above 2^53), else as floats.
+fn num_cmp(a: &serde_json::Number, b: &serde_json::Number) -> Option<std::cmp::Ordering> {
+    let int = |n: &serde_json::Number| {
+        n.as_i64()
+            .map(i128::from)
+            .or_else(|| n.as_u64().map(i128::from))
+    };
+    match (int(a), int(b)) {
+        (Some(x), Some(y)) => Some(x.cmp(&y)),
+        _ => a.as_f64()?.partial_cmp(&b.as_f64()?),
+    }
 }
 
 /// `*` any run of characters, `?` one character, the rest literal.
@@ -63,13 +91,14 @@ impl Glob {
         let (mut p, mut t) = (0, 0);
         let (mut star, mut mark) = (None, 0);
         while t < text.len() {
-            if p < pat.len() && (pat[p] == '?' || pat[p] == text[t]) {
-                p += 1;
-                t += 1;
-            } else if p < pat.len() && pat[p] == '*' {
+            // `*` first: a `*` in the text is not the pattern's wildcard matched literally.
+            if p < pat.len() && pat[p] == '*' {
                 star = Some(p);
                 mark = t;
                 p += 1;
+            } else if p < pat.len() && (pat[p] == '?' || pat[p] == text[t]) {
+                p += 1;
+                t += 1;
             } else if let Some(sp) = star {
                 p = sp + 1;
                 mark += 1;
@@ -84,8 +113,9 @@ impl Glob {
 
 /// The largest regex a filter may compile to.
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
-/// The longest payload a payload or JSON filter reads: beyond it the filter does not pass (a
-/// filter is a routing decision, not a reason to parse megabytes per message).
+/// The longest payload a payload or JSON filter reads: beyond it the filter does not pass (so
+/// under `!` it does; a filter is a routing decision, not a reason to parse megabytes per
+/// message).
 const MAX_FILTERED_PAYLOAD: usize = 1 << 20;
 
 impl Filter {
@@ -137,9 +167,9 @@ impl Test {
                 };
                 match test {
                     JsonTest::Exists => true,
-                    JsonTest::Equals(want) => v == want,
-                    JsonTest::Above(n) => v.as_f64().is_some_and(|x| x > *n),
-                    JsonTest::Below(n) => v.as_f64().is_some_and(|x| x < *n),
+                    JsonTest::Equals(want) => json_eq(v, want),
+                    JsonTest::Above(n) => compare(v, n) == Some(std::cmp::Ordering::Greater),
+                    JsonTest::Below(n) => compare(v, n) == Some(std::cmp::Ordering::Less),
                 }
             }
             Test::Not(t) => !t.passes(m),
@@ -181,19 +211,20 @@ fn parse(s: &str) -> Result<Test, String> {
         return nonempty(g, "type").map(|g| Test::Kind(Glob(g.chars().collect())));
     }
     if let Some(h) = s.strip_prefix("header:") {
-        if let Some((name, value)) = h.split_once('=') {
-            return Ok(Test::HeaderEquals(
-                nonempty(name, "header name")?.to_owned(),
-                value.to_owned(),
-            ));
-        }
-        if let Some((name, g)) = h.split_once('~') {
-            return Ok(Test::HeaderGlob(
-                nonempty(name, "header name")?.to_owned(),
-                Glob(g.chars().collect()),
-            ));
-        }
-        return Ok(Test::HeaderExists(nonempty(h, "header name")?.to_owned()));
+        // The first `=` or `~` ends the name (names cannot hold either): the value or glob
+        // after it may.
+        return Ok(match h.find(['=', '~']) {
+            Some(at) => {
+                let name = nonempty(&h[..at], "header name")?.to_owned();
+                let rest = &h[at + 1..];
+                if h[at..].starts_with('=') {
+                    Test::HeaderEquals(name, rest.to_owned())
+                } else {
+                    Test::HeaderGlob(name, Glob(rest.chars().collect()))
+                }
+            }
+            None => Test::HeaderExists(nonempty(h, "header name")?.to_owned()),
+        });
     }
     if let Some(re) = s.strip_prefix("payload~") {
         return regex::RegexBuilder::new(re)
@@ -214,13 +245,10 @@ fn parse(s: &str) -> Result<Test, String> {
                 format!("the value after `=` is not JSON ({e}): write strings in quotes")
             })?),
             Some(op) => {
-                let n: f64 = j[at + 1..]
+                let n: serde_json::Number = j[at + 1..]
                     .trim()
                     .parse()
-                    .map_err(|_| format!("`{op}` needs a number"))?;
-                if !n.is_finite() {
-                    return Err(format!("`{op}` needs a finite number"));
-                }
+                    .map_err(|_| format!("`{op}` needs a finite number"))?;
                 if op == '>' {
                     JsonTest::Above(n)
                 } else {
@@ -239,11 +267,6 @@ fn nonempty<'a>(s: &'a str, what: &str) -> Result<&'a str, String> {
     } else {
         Ok(s)
     }
-}
-
-/// Whether `m` passes every filter (none: every message does).
-pub(crate) fn passes_all(filters: &[Filter], m: &Message) -> bool {
-    filters.iter().all(|f| f.passes(m))
 }
 
 #[cfg(test)]
@@ -302,6 +325,24 @@ mod tests {
         ] {
             assert_eq!(f(filter).passes(&m), passes, "{filter}");
         }
+        // Globs with a `*` in the text, `=` in a glob, big integers, `3` against `3.0`.
+        let m2 = msg(
+            "x",
+            r#"{"id":9007199254740993,"n":3.0}"#,
+            &[("accept", "*/*"), ("auth", "k==")],
+        );
+        for (filter, passes) in [
+            ("header:accept~*/*", true),
+            ("header:accept~a*", false),
+            ("header:auth~*==", true),
+            ("header:auth=k==", true),
+            ("json:/id>9007199254740992", true),
+            ("json:/id<9007199254740993", false),
+            ("json:/n=3", true),
+            ("json:/n>2.5", true),
+        ] {
+            assert_eq!(f(filter).passes(&m2), passes, "{filter}");
+        }
         // A payload that is not JSON fails every JSON condition, `!` turns that round.
         let text = msg("x", "not json", &[]);
         assert!(!f("json:/a").passes(&text));
@@ -319,7 +360,7 @@ mod tests {
             ("payload~(", "regular expression"),
             ("json:order=1", "starts with `/`"),
             ("json:/a=paid", "not JSON"),
-            ("json:/a>x", "needs a number"),
+            ("json:/a>x", "needs a finite number"),
             ("json:/a>inf", "finite"),
             ("!", "write type:GLOB"),
         ] {
@@ -334,6 +375,10 @@ mod tests {
         let s = "a".repeat(10_000);
         assert!(!g.matches(&s));
         assert!(Glob("a*".chars().collect()).matches("a"));
+        assert!(Glob("a*".chars().collect()).matches("a*x"));
+        assert!(Glob("*b".chars().collect()).matches("*ab"));
+        assert!(Glob("a*b".chars().collect()).matches("aXbYb"));
+        assert!(!Glob("a*b".chars().collect()).matches("aXbYc"));
         assert!(Glob("*".chars().collect()).matches(""));
         assert!(!Glob("?".chars().collect()).matches(""));
     }

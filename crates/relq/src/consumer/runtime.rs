@@ -703,19 +703,28 @@ async fn worker<H: Handler>(
     }
 }
 
-/// Whether `m` passes the group's filters, judged on the payload a handler would see: a
-/// compressed one is decompressed (a copy) when a filter reads the payload. One that does not
-/// decompress passes, so its handler's worker dead-letters it as a `decode` failure instead of
-/// it vanishing as filtered.
+/// Whether `m` passes the group's filters. Filters on the type and headers judge the message as
+/// stored; filters on the payload judge it as the handler would see it (a compressed one is
+/// decompressed, a copy). A payload that does not decompress passes the payload filters, so it
+/// becomes a `decode` dead letter of a group it is otherwise for instead of vanishing as
+/// filtered.
 fn filters_pass(c: &Config, m: &relq_core::Message) -> bool {
-    if compression::is_encoded(m) && c.filters.iter().any(crate::filter::Filter::reads_payload) {
-        let mut copy = m.clone();
-        if compression::decode_message(&mut copy, c.max_payload).is_err() {
-            return true;
-        }
-        return crate::filter::passes_all(&c.filters, &copy);
+    use crate::filter::Filter;
+    if !c.filters.iter().all(|f| f.reads_payload() || f.passes(m)) {
+        return false;
     }
-    crate::filter::passes_all(&c.filters, m)
+    let payload_filters = || c.filters.iter().filter(|f| f.reads_payload());
+    if payload_filters().next().is_none() {
+        return true;
+    }
+    if !compression::is_encoded(m) {
+        return payload_filters().all(|f| f.passes(m));
+    }
+    let mut copy = m.clone();
+    match compression::decode_message(&mut copy, c.max_payload) {
+        Ok(()) => payload_filters().all(|f: &Filter| f.passes(&copy)),
+        Err(_) => true,
+    }
 }
 
 /// Settles a job whose handler is not run (`outcome` says why). `false`: the worker retires
@@ -1348,9 +1357,9 @@ async fn dispatch(
     if let Some(target) = m.header(HEADER_REPLAY_GROUP) {
         if target != c.group {
             start(ctx, staged);
-            // A dead letter replayed for another group of this topic.
-            send_settlement(ctx, Settlement::Ack(m.id)).await;
-            ctx.leave([m.id]);
+            // A dead letter replayed for another group of this topic. Its ack is marked as
+            // queued (a recovery meanwhile does not hand it over again).
+            queue(ctx, Settlement::Ack(m.id)).await;
             return;
         }
     }
@@ -1359,8 +1368,7 @@ async fn dispatch(
         // Not for this group: acknowledged unhandled, counted.
         ctx.counters.filtered.fetch_add(1, Ordering::Relaxed);
         ctx.meters.filtered.increment(1);
-        send_settlement(ctx, Settlement::Ack(m.id)).await;
-        ctx.leave([m.id]);
+        queue(ctx, Settlement::Ack(m.id)).await;
         return;
     }
     if m.attempt > c.retry.max_attempts() {
