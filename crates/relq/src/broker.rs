@@ -269,6 +269,11 @@ impl Broker {
     /// full ([`Error::Full`]) or failed. On error nothing was published.
     pub async fn publish(&self, topic: &str, message: NewMessage) -> Result<MessageId> {
         let ids = self.publish_batch(topic, vec![message]).await?;
+        self.only_id(ids)
+    }
+
+    /// The id of a publish of one message.
+    fn only_id(&self, ids: Vec<MessageId>) -> Result<MessageId> {
         ids.into_iter().next().ok_or_else(|| {
             Error::Backend(BackendError::new(
                 self.backend.name(),
@@ -278,30 +283,9 @@ impl Broker {
         })
     }
 
-    /// Publishes messages in one backend call; ids are returned in order.
-    ///
-    /// # Errors
-    /// As [`publish`](Self::publish); the batch is validated as a whole first.
-    pub async fn publish_batch(
-        &self,
-        topic: &str,
-        messages: Vec<NewMessage>,
-    ) -> Result<Vec<MessageId>> {
-        validate_name("topic", topic)?;
-        let n = messages.len() as u64;
-        let settings = if self.topics.is_empty() {
-            TopicSettings::default()
-        } else {
-            self.topics.get(topic).copied().unwrap_or_default()
-        };
-        let mut batch = Vec::with_capacity(messages.len());
-        // What compression did (counted once the batch is stored).
-        let mut packed = Vec::new();
-        for m in messages {
-            let (out, compressed) = m.prepare(self.max_payload, settings)?;
-            packed.extend(compressed);
-            batch.push(out);
-        }
+    /// Stores prepared messages on `topic`, counted; a full backend is [`Error::Full`].
+    async fn store(&self, topic: &str, batch: Vec<relq_core::Outgoing>) -> Result<Vec<MessageId>> {
+        let n = batch.len() as u64;
         let ids = self
             .backend
             .publish(topic, batch)
@@ -315,6 +299,33 @@ impl Broker {
                 _ => Error::Backend(e),
             })?;
         metrics::counter!("relq_published_total", "topic" => topic.to_owned()).increment(n);
+        Ok(ids)
+    }
+
+    /// Publishes messages in one backend call; ids are returned in order.
+    ///
+    /// # Errors
+    /// As [`publish`](Self::publish); the batch is validated as a whole first.
+    pub async fn publish_batch(
+        &self,
+        topic: &str,
+        messages: Vec<NewMessage>,
+    ) -> Result<Vec<MessageId>> {
+        validate_name("topic", topic)?;
+        let settings = if self.topics.is_empty() {
+            TopicSettings::default()
+        } else {
+            self.topics.get(topic).copied().unwrap_or_default()
+        };
+        let mut batch = Vec::with_capacity(messages.len());
+        // What compression did (counted once the batch is stored).
+        let mut packed = Vec::new();
+        for m in messages {
+            let (out, compressed) = m.prepare(self.max_payload, settings)?;
+            packed.extend(compressed);
+            batch.push(out);
+        }
+        let ids = self.store(topic, batch).await?;
         count_compression(topic, &packed);
         Ok(ids)
     }
@@ -362,37 +373,13 @@ impl Broker {
             if out.payload.len() >= c.min_size
                 && !out.headers.contains_key(relq_core::HEADER_ENCODING)
             {
-                let done = compression::compress_if_smaller(&mut out.payload, c.algorithm)?;
+                let done =
+                    compression::compress_stored(&mut out.payload, &mut out.headers, c.algorithm)?;
                 count_compression(topic, &[done]);
-                if done.applied() {
-                    out.headers.insert(
-                        relq_core::HEADER_ENCODING.to_owned(),
-                        done.algorithm.as_str().to_owned(),
-                    );
-                }
             }
         }
-        let ids = self
-            .backend
-            .publish(topic, vec![out])
-            .await
-            .map_err(|e| match e.kind {
-                BackendErrorKind::Full => Error::Full {
-                    topic: topic.to_owned(),
-                    limit: e.limit(),
-                    detail: e.message,
-                },
-                BackendErrorKind::Terminated => Error::Terminated(topic.to_owned()),
-                _ => Error::Backend(e),
-            })?;
-        metrics::counter!("relq_published_total", "topic" => topic.to_owned()).increment(1);
-        ids.into_iter().next().ok_or_else(|| {
-            Error::Backend(BackendError::new(
-                self.backend.name(),
-                BackendErrorKind::Invalid,
-                "publish returned no id",
-            ))
-        })
+        let ids = self.store(topic, vec![out]).await?;
+        self.only_id(ids)
     }
 
     /// Starts building a consumer of `topic` in `group`.

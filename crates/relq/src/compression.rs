@@ -413,17 +413,12 @@ pub(crate) struct Compressed {
     pub(crate) after: usize,
 }
 
-impl Compressed {
-    /// Whether the payload is stored compressed.
-    pub(crate) fn applied(&self) -> bool {
-        self.after < self.before
-    }
-}
-
-/// Compresses `payload` with `algorithm` if that makes it smaller (else leaves it as it is:
-/// random or already compressed data); says which.
-pub(crate) fn compress_if_smaller(
+/// Compresses `payload` with `algorithm` if that makes it smaller, and then records the
+/// algorithm in `headers` ([`HEADER_ENCODING`]); else leaves both as they are (random or already
+/// compressed data). Says which.
+pub(crate) fn compress_stored(
     payload: &mut Bytes,
+    headers: &mut std::collections::BTreeMap<String, String>,
     algorithm: Compression,
 ) -> Result<Compressed, Error> {
     let packed = algorithm.compress(payload)?;
@@ -441,6 +436,7 @@ pub(crate) fn compress_if_smaller(
         after: packed.len(),
     };
     *payload = Bytes::from(packed);
+    headers.insert(HEADER_ENCODING.to_owned(), algorithm.as_str().to_owned());
     Ok(c)
 }
 
@@ -635,10 +631,9 @@ mod tests {
         let mut random = Bytes::from((0..4096).map(|_| fastrand::u8(..)).collect::<Vec<_>>());
         let before = random.clone();
         for c in available() {
-            assert!(
-                !compress_if_smaller(&mut random, c).unwrap().applied(),
-                "{c}"
-            );
+            let mut headers = std::collections::BTreeMap::new();
+            let done = compress_stored(&mut random, &mut headers, c).unwrap();
+            assert!(done.after == done.before && headers.is_empty(), "{c}");
             assert_eq!(random, before);
         }
     }

@@ -7,11 +7,11 @@ use bytes::Bytes;
 
 use relq_core::{
     shorten, validate_headers, validate_kind, Outgoing, Timestamp, HEADER_CONTENT_TYPE,
-    HEADER_ENCODING, HEADER_EXPIRES_AT, HEADER_SCHEMA_VERSION, RESERVED_HEADER_PREFIX,
+    HEADER_EXPIRES_AT, HEADER_SCHEMA_VERSION, RESERVED_HEADER_PREFIX,
 };
 use relq_core::{Error, Result};
 
-use crate::compression::{compress_if_smaller, Compressed, Compression, TopicCompression};
+use crate::compression::{compress_stored, Compressed, Compression, TopicCompression};
 
 /// A message to publish.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -171,13 +171,9 @@ impl NewMessage {
             _ => None,
         });
         let compressed = match algorithm {
-            Some(a) => Some(compress_if_smaller(&mut self.payload, a)?),
+            Some(a) => Some(compress_stored(&mut self.payload, &mut self.headers, a)?),
             None => None,
         };
-        if let Some(c) = compressed.filter(Compressed::applied) {
-            self.headers
-                .insert(HEADER_ENCODING.to_owned(), c.algorithm.as_str().to_owned());
-        }
         Ok((
             Outgoing {
                 kind: self.kind,

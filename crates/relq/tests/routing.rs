@@ -3,10 +3,11 @@
 //! target takes publishes again it is forwarded and acknowledged; a route that runs out of
 //! attempts leaves a dead letter in its group, the message kept.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use relq::{Backoff, Broker, DeadLetterQuery, MemoryBackend, NewMessage, StartPosition};
-use relq_core::testing::Faulty;
+use relq::{Backoff, Broker, DeadLetterQuery, MemoryBackend, NewMessage};
+use relq_core::testing::{Faults, Faulty};
 
 async fn wait_for(what: &str, mut cond: impl AsyncFnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -28,23 +29,33 @@ async fn route_group_holds(b: &Broker, topic: &str) -> u64 {
         .sum()
 }
 
-#[tokio::test]
-async fn a_route_holds_what_its_target_refuses_until_it_is_stored() {
+/// A broker on a faulty in-memory backend refusing publishes to `refused`, and route "out" from
+/// `in.>` into `targets`, retried every 20 ms up to `attempts` times.
+async fn setup(
+    refused: &str,
+    targets: &[&str],
+    attempts: u32,
+) -> (Broker, Arc<Faults>, relq::ConsumerHandle) {
     let backend = Faulty::new(MemoryBackend::new());
     let faults = backend.faults();
     let b = Broker::new(backend);
-    faults.refuse_publish(Some("out"));
+    faults.refuse_publish(Some(refused));
     let route = b
-        .route("out", "in.>", &["out"])
+        .route("out", "in.>", targets)
         .unwrap()
-        .start(StartPosition::Earliest)
         .discover_every(Duration::from_millis(20))
-        .retry(Backoff::fixed(Duration::from_millis(20)).max_attempts(1000))
+        .retry(Backoff::fixed(Duration::from_millis(20)).max_attempts(attempts))
         .build()
         .unwrap()
         .start()
         .await
         .unwrap();
+    (b, faults, route)
+}
+
+#[tokio::test]
+async fn a_route_holds_what_its_target_refuses_until_it_is_stored() {
+    let (b, faults, route) = setup("out", &["out"], 1000).await;
     b.publish("in.a", NewMessage::new("job", "held"))
         .await
         .unwrap();
@@ -68,21 +79,7 @@ async fn a_route_holds_what_its_target_refuses_until_it_is_stored() {
 
 #[tokio::test]
 async fn a_route_out_of_attempts_leaves_a_dead_letter() {
-    let backend = Faulty::new(MemoryBackend::new());
-    let faults = backend.faults();
-    let b = Broker::new(backend);
-    faults.refuse_publish(Some("out"));
-    let route = b
-        .route("out", "in.>", &["out"])
-        .unwrap()
-        .start(StartPosition::Earliest)
-        .discover_every(Duration::from_millis(20))
-        .retry(Backoff::fixed(Duration::from_millis(10)).max_attempts(3))
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+    let (b, _faults, route) = setup("out", &["out"], 3).await;
     let id = b
         .publish("in.a", NewMessage::new("job", "kept"))
         .await
@@ -112,20 +109,7 @@ async fn a_route_out_of_attempts_leaves_a_dead_letter() {
 /// copies, told apart by nothing lost), and once the second takes publishes both hold it.
 #[tokio::test]
 async fn a_route_acks_only_once_every_target_has_the_message() {
-    let backend = Faulty::new(MemoryBackend::new());
-    let faults = backend.faults();
-    let b = Broker::new(backend);
-    faults.refuse_publish(Some("out2"));
-    let route = b
-        .route("out", "in.>", &["out1", "out2"])
-        .unwrap()
-        .discover_every(Duration::from_millis(20))
-        .retry(Backoff::fixed(Duration::from_millis(20)).max_attempts(1000))
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+    let (b, faults, route) = setup("out2", &["out1", "out2"], 1000).await;
     b.publish("in.a", NewMessage::new("job", "both"))
         .await
         .unwrap();
