@@ -566,6 +566,10 @@ pub(crate) struct PublishRequest {
     /// Store the payload compressed (kept as it is if that would not make it smaller);
     /// consumers and reads see it decompressed.
     pub(crate) compress: Option<CompressionName>,
+    /// Publish at most once per key within the topic's deduplication window (two minutes
+    /// unless configured): a repeat stores nothing and answers the first message's id.
+    #[schema(min_length = 1, max_length = 512)]
+    pub(crate) idempotency_key: Option<String>,
 }
 
 /// A compression algorithm.
@@ -623,6 +627,9 @@ pub(crate) async fn publish(
     if let Some(c) = req.compress {
         m = m.compress(c.into());
     }
+    if let Some(k) = &req.idempotency_key {
+        m = m.idempotency_key(k.clone());
+    }
     let params = audit::params([
         ("type", serde_json::json!(req.kind)),
         ("bytes", serde_json::json!(req.payload.len())),
@@ -632,6 +639,7 @@ pub(crate) async fn publish(
             "compress",
             serde_json::json!(req.compress.map(|c| relq::Compression::from(c).as_str())),
         ),
+        ("idempotency_key", serde_json::json!(req.idempotency_key)),
     ]);
     let r = s.broker.publish(&topic, m).await.map_err(Problem::from);
     let r = r.map(|id| Published { id: id.to_string() });

@@ -78,6 +78,7 @@ pub(crate) async fn run(args: CrashArgs) -> anyhow::Result<()> {
                         payload: format!("m{}", n + i as u64).into(),
                         headers: Default::default(),
                         deliver_at: None,
+                        dedup_window: None,
                     })
                     .collect();
                 let ids = backend.publish("t", batch).await?;

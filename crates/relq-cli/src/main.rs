@@ -67,10 +67,10 @@ enum Command {
         /// Read messages from stdin, one JSON object per line:
         /// {"type": "...", "payload": "text" or any JSON value (published as its JSON text),
         /// "payload_hex": "00ff..", "headers": {"k": "v"}, "delay": "5s", "ttl": "10m",
-        /// "compress": "zstd"};
+        /// "compress": "zstd", "idempotency_key": "order-42"};
         /// published in batches with a progress bar. A bad line stops it: the lines before it
         /// are published.
-        #[arg(long, conflicts_with_all = ["kind", "payload", "file", "headers", "delay", "ttl"])]
+        #[arg(long, conflicts_with_all = ["kind", "payload", "file", "headers", "delay", "ttl", "idempotency_key"])]
         jsonl: bool,
         /// Messages per batch with --jsonl.
         #[arg(long, default_value_t = 500, requires = "jsonl")]
@@ -93,6 +93,11 @@ enum Command {
         /// without its own "compress".
         #[arg(long, value_parser = parse_compression)]
         compress: Option<relq::Compression>,
+        /// Publish at most once per key within the topic's deduplication window (default 2m,
+        /// `[[topics]] dedup_window`): a repeat stores nothing and prints the first message's
+        /// id, so a script may retry a publish it is unsure of.
+        #[arg(long)]
+        idempotency_key: Option<String>,
     },
     /// Consume and print messages, acknowledging each only after it was written to stdout.
     Consume(consume::ConsumeArgs),
@@ -579,6 +584,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             delay,
             ttl,
             compress,
+            idempotency_key,
             ..
         } => {
             let kind = kind.unwrap_or_default();
@@ -606,6 +612,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if let Some(c) = compress {
                 m = m.compress(c);
+            }
+            if let Some(k) = idempotency_key {
+                m = m.idempotency_key(k);
             }
             let id = broker.publish(&topic, m).await?;
             print_out(cli.json, json!({ "id": id }), || id.to_string());
@@ -882,6 +891,8 @@ struct Line {
     ttl: Option<String>,
     #[serde(default)]
     compress: Option<relq::Compression>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
 }
 
 /// `--compress`.
@@ -923,6 +934,9 @@ fn parse_line(text: &str, compress: Option<relq::Compression>) -> anyhow::Result
     }
     if let Some(c) = line.compress.or(compress) {
         m = m.compress(c);
+    }
+    if let Some(k) = line.idempotency_key {
+        m = m.idempotency_key(k);
     }
     Ok(m)
 }

@@ -493,6 +493,7 @@ async fn idle_consumers_holding_nothing_are_forgotten() {
                 payload: "x".into(),
                 headers: Default::default(),
                 deliver_at: None,
+                dedup_window: None,
             }],
         )
         .await

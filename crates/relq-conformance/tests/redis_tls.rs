@@ -126,6 +126,7 @@ async fn tls_with_a_trusted_private_ca_works_and_an_untrusted_server_is_refused(
                 payload: "over tls".into(),
                 headers: Default::default(),
                 deliver_at: None,
+                dedup_window: None,
             }],
         )
         .await

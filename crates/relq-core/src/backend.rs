@@ -627,6 +627,7 @@ pub fn replay_message(dl: &DeadLetter) -> Outgoing {
         payload: dl.message.payload.clone(),
         headers: replay_headers(dl),
         deliver_at: None,
+        dedup_window: None,
     }
 }
 

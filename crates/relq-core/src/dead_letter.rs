@@ -217,6 +217,7 @@ mod tests {
             payload: bytes::Bytes::from_static(b"{}"),
             headers: BTreeMap::new(),
             deliver_at: None,
+            dedup_window: None,
         };
         let m = Message::new(MessageId { ms: 1, seq: 0 }, out, Timestamp(1), 1);
         let failure = AttemptFailure {

@@ -9,6 +9,7 @@
 
 mod backend;
 mod dead_letter;
+mod dedup;
 mod error;
 mod failure;
 mod model;
@@ -21,6 +22,7 @@ pub use backend::{
     Subscription, TopicInfo,
 };
 pub use dead_letter::{DeadLetter, DeadLetterId, DeadLetterQuery, DeadLetterStats};
+pub use dedup::DedupIndex;
 pub use error::{
     BackendError, BackendErrorKind, ConfigError, Error, Limit, NameError, NotFound, Result,
 };
@@ -28,7 +30,9 @@ pub use failure::{AttemptFailure, FailureKind};
 pub use model::{
     instant_after, shorten, validate_headers, validate_kind, validate_name, Message, MessageId,
     Outgoing, StartPosition, Timestamp, HEADER_CONTENT_TYPE, HEADER_EDITED, HEADER_ENCODING,
-    HEADER_EXPIRES_AT, HEADER_ORIGINAL_ID, HEADER_REPLAY_GROUP, HEADER_REPLAY_OF,
-    HEADER_ROUTED_FROM, HEADER_ROUTE_HOPS, HEADER_SCHEMA_VERSION, MAX_HEADERS, MAX_HEADER_NAME_LEN,
-    MAX_HEADER_VALUE_LEN, MAX_KIND_LEN, MAX_NAME_LEN, MAX_RESERVED_HEADERS, RESERVED_HEADER_PREFIX,
+    HEADER_EXPIRES_AT, HEADER_IDEMPOTENCY_KEY, HEADER_ORIGINAL_ID, HEADER_REPLAY_GROUP,
+    HEADER_REPLAY_OF, HEADER_ROUTED_FROM, HEADER_ROUTE_HOPS, HEADER_SCHEMA_VERSION,
+    MAX_DEDUP_WINDOW, MAX_HEADERS, MAX_HEADER_NAME_LEN, MAX_HEADER_VALUE_LEN,
+    MAX_IDEMPOTENCY_KEY_LEN, MAX_KIND_LEN, MAX_NAME_LEN, MAX_RESERVED_HEADERS,
+    RESERVED_HEADER_PREFIX,
 };

@@ -361,6 +361,14 @@ pub const HEADER_CONTENT_TYPE: &str = "relq-content-type";
 /// On a message published typed with a schema version: the version, a positive integer. A typed
 /// handler upgrades an older version with the function registered for it.
 pub const HEADER_SCHEMA_VERSION: &str = "relq-schema-version";
+/// On a message published with an idempotency key: the key. Within the topic's deduplication
+/// window a second publish with the same key stores nothing and returns the first one's id (see
+/// [`Outgoing::dedup_window`]).
+pub const HEADER_IDEMPOTENCY_KEY: &str = "relq-idempotency-key";
+/// The longest idempotency key, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 512;
+/// The longest deduplication window: 30 days.
+pub const MAX_DEDUP_WINDOW: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// A message as a backend stores it: what was published, with the time it becomes deliverable.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -373,6 +381,22 @@ pub struct Outgoing {
     pub headers: BTreeMap<String, String>,
     /// Not delivered before this time.
     pub deliver_at: Option<Timestamp>,
+    /// Deduplicate by the message's [`HEADER_IDEMPOTENCY_KEY`] over this window (at most
+    /// [`MAX_DEDUP_WINDOW`]): when the topic stored a message with the same key less than this
+    /// long ago, the publish stores nothing for this message and returns that message's id. The
+    /// check and the append are one atomic step, so concurrent publishers of one key store it
+    /// once. `None`, or no key header: stored as is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dedup_window: Option<Duration>,
+}
+
+impl Outgoing {
+    /// The idempotency key and window this message is deduplicated by, if any.
+    pub fn dedup(&self) -> Option<(&str, Duration)> {
+        let w = self.dedup_window?;
+        let k = self.headers.get(HEADER_IDEMPOTENCY_KEY)?;
+        Some((k.as_str(), w.min(MAX_DEDUP_WINDOW)))
+    }
 }
 
 /// A message as stored in a topic and handed to handlers.

@@ -9,14 +9,14 @@ use std::time::Instant;
 use tokio::sync::{oneshot, Notify};
 
 use relq_core::{
-    replay_message, BackendError, BackendErrorKind, DeadLetter, DeadLetterId, MessageId, Outgoing,
-    Subscription, Timestamp,
+    replay_message, BackendError, BackendErrorKind, DeadLetter, DeadLetterId, DedupIndex,
+    MessageId, Outgoing, Subscription, Timestamp,
 };
 
 use super::codec::{self, Record};
 use super::fs::StorageFile;
 use super::log::{LogConfig, TopicLog};
-use super::state::{self, Batch};
+use super::state::{self, Batch, DedupChange};
 use super::{
     db_error, fatal, group_deleted, invalid, io_error, lock, panicked, panicked_here, terminated,
     topic_dir, Durability, Inner, Op, Replayed, Reply, Shared, TopicState, NAME, SYNCER,
@@ -24,6 +24,62 @@ use super::{
 
 /// A replayed dead letter, an index into `CycleWork::published` and the record's index there.
 type ReplayItem = (DeadLetterId, usize, usize);
+
+/// Where a published message's id comes from.
+#[derive(Clone, Copy, Debug)]
+enum Slot {
+    /// The n-th record this publish appended.
+    New(usize),
+    /// A message stored earlier with the same idempotency key.
+    Known(MessageId),
+}
+
+/// The ids a publish answers with: its records', and the known ones of its duplicates.
+fn publish_ids(records: &[Arc<Record>], n: usize, slots: Option<&[Slot]>) -> Vec<MessageId> {
+    let id = |r: &Record| MessageId::new(r.ms, r.offset);
+    match slots {
+        None => records[..n].iter().map(|r| id(r)).collect(),
+        Some(slots) => slots
+            .iter()
+            .map(|s| match s {
+                Slot::New(j) => id(&records[*j]),
+                Slot::Known(k) => *k,
+            })
+            .collect(),
+    }
+}
+
+/// A publish to answer once its cycle committed.
+struct PublishReply {
+    reply: Reply<Vec<MessageId>>,
+    /// Its records' index in `CycleWork::published`.
+    published: usize,
+    /// How many records it appended.
+    appended: usize,
+    /// When some of its messages were duplicates: where each message's id comes from.
+    slots: Option<Vec<Slot>>,
+}
+
+impl PublishReply {
+    fn answer(self, published: &[Published]) {
+        let ids = publish_ids(
+            &published[self.published].records,
+            self.appended,
+            self.slots.as_deref(),
+        );
+        let _ = self.reply.send(Ok(ids));
+    }
+}
+
+/// A publish split by deduplication (see `Shared::deduplicate`).
+struct Deduplicated {
+    /// The messages to append.
+    append: Vec<Outgoing>,
+    /// Where each published message's id comes from.
+    slots: Vec<Slot>,
+    /// The keys to index once appended: position among `append`, key, end of the window.
+    keyed: Vec<(usize, String, u64)>,
+}
 
 /// Records appended for one operation.
 struct Published {
@@ -36,7 +92,10 @@ struct Published {
 #[derive(Default)]
 struct CycleWork {
     published: Vec<Published>,
-    publish_replies: Vec<(Reply<Vec<MessageId>>, usize, usize)>,
+    publish_replies: Vec<PublishReply>,
+    /// Changes to the deduplication index, committed (durably, on their own) before the logs
+    /// are synced.
+    dedup: Vec<DedupChange>,
     created: Vec<Reply<()>>,
     terminated: Vec<(Reply<bool>, bool)>,
     destroy: Vec<(Arc<TopicLog>, Arc<Notify>)>,
@@ -61,12 +120,8 @@ impl CycleWork {
             p.log.make_visible(&p.records);
             p.ready.notify_waiters();
         }
-        for (reply, i, n) in self.publish_replies.drain(..) {
-            let r = &self.published[i].records;
-            let _ = reply.send(Ok(r[..n]
-                .iter()
-                .map(|r| MessageId::new(r.ms, r.offset))
-                .collect()));
+        for r in self.publish_replies.drain(..) {
+            r.answer(&self.published);
         }
         self.published.clear();
     }
@@ -74,8 +129,8 @@ impl CycleWork {
     /// Answers every caller of the batch with `e`.
     fn fail(self, e: &BackendError) {
         let err = || BackendError::new(NAME, e.kind, e.message.clone());
-        for (r, _, _) in self.publish_replies {
-            let _ = r.send(Err(err()));
+        for r in self.publish_replies {
+            let _ = r.reply.send(Err(err()));
         }
         for r in self.created {
             let _ = r.send(Err(err()));
@@ -455,6 +510,16 @@ impl Shared {
         } else {
             Vec::new()
         };
+        // The index first: an entry whose message did not become durable (a crash before the
+        // log sync) is dropped by open, which checks it against the log's end; the other order
+        // would leave a durable message without its entry, stored again by a repeat.
+        let dedup: Vec<DedupChange> = works
+            .iter_mut()
+            .flat_map(|w| std::mem::take(&mut w.dedup))
+            .collect();
+        if !dedup.is_empty() {
+            state::commit_dedup(&self.db, &dedup)?;
+        }
         let (batch, seq) = lock(&self.inner).snapshot();
         // State never refers to unsynced records (readers only see synced ones), so the two
         // syncs can overlap; a replay deletes dead letters whose copies it just appended, so
@@ -532,9 +597,8 @@ impl Shared {
             let r = &w.published[i].records[j];
             MessageId::new(r.ms, r.offset)
         };
-        for (reply, i, n) in w.publish_replies.drain(..) {
-            let ids = (0..n).map(|j| id(i, j)).collect();
-            let _ = reply.send(Ok(ids));
+        for r in w.publish_replies.drain(..) {
+            r.answer(&w.published);
         }
         for (reply, items) in w.replays.drain(..) {
             let out = items.iter().map(|(dl, i, j)| (*dl, id(*i, *j))).collect();
@@ -586,12 +650,55 @@ impl Shared {
                     groups: BTreeMap::new(),
                     stopped: BTreeMap::new(),
                     ready: Arc::new(Notify::new()),
+                    dedup: DedupIndex::default(),
                 },
             );
             inner.dirty.topics.insert(topic.to_owned());
             inner.touch();
         }
         Ok(inner.topics.get_mut(topic).expect("inserted above"))
+    }
+
+    /// Splits a publish into the messages to append and, for each message, where its id comes
+    /// from: a key stored within its window answers with that id, a key repeated within the
+    /// batch with its first message's. Prunes the topic's ended keys first.
+    fn deduplicate(
+        &self,
+        topic: &str,
+        msgs: Vec<Outgoing>,
+        now: u64,
+        w: &mut CycleWork,
+    ) -> Deduplicated {
+        let mut inner = lock(&self.inner);
+        let mut index = inner.topics.get_mut(topic).map(|ts| &mut ts.dedup);
+        if let Some(ix) = index.as_deref_mut() {
+            ix.prune(now, |k| {
+                w.dedup
+                    .push(DedupChange::Remove(topic.to_owned(), k.to_owned()))
+            });
+        }
+        let mut d = Deduplicated {
+            append: Vec::with_capacity(msgs.len()),
+            slots: Vec::with_capacity(msgs.len()),
+            keyed: Vec::new(),
+        };
+        for m in msgs {
+            if let Some((key, window)) = m.dedup() {
+                if let Some(id) = index.as_deref().and_then(|ix| ix.get(key, now)) {
+                    d.slots.push(Slot::Known(id));
+                    continue;
+                }
+                if let Some((j, _, _)) = d.keyed.iter().find(|(_, k, _)| k == key) {
+                    d.slots.push(Slot::New(*j));
+                    continue;
+                }
+                let until = Timestamp(now).plus(window).0;
+                d.keyed.push((d.append.len(), key.to_owned(), until));
+            }
+            d.slots.push(Slot::New(d.append.len()));
+            d.append.push(m);
+        }
+        d
     }
 
     /// Carries out the log part of one operation (committer only).
@@ -613,9 +720,20 @@ impl Shared {
                     }
                     Err(e) => return Err(e),
                 };
+                let now = Timestamp::now().0;
+                let (msgs, slots, keyed) = if msgs.iter().any(|m| m.dedup().is_some()) {
+                    let d = self.deduplicate(&topic, msgs, now, w);
+                    (d.append, Some(d.slots), d.keyed)
+                } else {
+                    (msgs, None, Vec::new())
+                };
                 let mut records = Vec::with_capacity(msgs.len());
                 let n = msgs.len();
-                match log.append(msgs, Timestamp::now().0, &mut records) {
+                let appended = match n {
+                    0 => Ok(()),
+                    _ => log.append(msgs, now, &mut records),
+                };
+                match appended {
                     Ok(()) => {}
                     // A full disk, or a message the record format cannot hold, refuses this
                     // publish before anything is written; the engine stays healthy.
@@ -628,8 +746,29 @@ impl Shared {
                     Err(e) => return Err(e),
                 }
                 self.counters.records.fetch_add(n as u64, Ordering::Relaxed);
+                if !keyed.is_empty() {
+                    let mut inner = lock(&self.inner);
+                    if let Some(ts) = inner.topics.get_mut(&topic) {
+                        for (j, key, until) in keyed {
+                            let r = &records[j];
+                            ts.dedup.insert(&key, MessageId::new(r.ms, r.offset), until);
+                            w.dedup.push(DedupChange::Put(
+                                topic.clone(),
+                                key,
+                                r.ms,
+                                r.offset,
+                                until,
+                            ));
+                        }
+                    }
+                }
                 w.touched.push(log.clone());
-                w.publish_replies.push((reply, w.published.len(), n));
+                w.publish_replies.push(PublishReply {
+                    reply,
+                    published: w.published.len(),
+                    appended: n,
+                    slots,
+                });
                 w.published.push(Published {
                     log,
                     ready,
@@ -656,6 +795,7 @@ impl Shared {
                         inner.dirty.drop_topics.push(topic.clone());
                         inner.dirty.topics.remove(&topic);
                         inner.touch();
+                        w.dedup.push(DedupChange::DropTopic(topic.clone()));
                         w.destroy.push((ts.log.clone(), ts.ready.clone()));
                         w.terminated.push((reply, true));
                     }

@@ -402,6 +402,8 @@ struct TopicState {
     /// Stopped offsets and their ids' milliseconds.
     stopped: BTreeMap<u64, u64>,
     ready: Arc<Notify>,
+    /// Idempotency keys published within their window (see `state::DEDUP`).
+    dedup: relq_core::DedupIndex,
 }
 
 impl TopicState {
@@ -578,6 +580,7 @@ fn message_of(r: &Record, attempt: u32) -> Message {
         payload: r.payload.clone(),
         headers: r.headers.clone(),
         deliver_at: r.deliver_at.map(Timestamp),
+        dedup_window: None,
     };
     Message::new(
         MessageId::new(r.ms, r.offset),

@@ -1682,6 +1682,7 @@ mod tests {
             payload: bytes::Bytes::from(vec![b'a' + (i % 26) as u8; size]),
             headers: Default::default(),
             deliver_at: None,
+            dedup_window: None,
         }
     }
 

@@ -146,7 +146,7 @@ impl EmbeddedBackend {
         let boot = storage.boot_id();
         // Every offset the committed state refers to, per topic: the log must not hand any of
         // them out again (see `log`, "Offsets are never reused").
-        let (loaded, referenced) = guard_db(&db_path, root, || {
+        let (mut loaded, referenced) = guard_db(&db_path, root, || {
             let loaded = state::load(&db, boot)?;
             let referenced = referenced_offsets(&db, &loaded)?;
             Ok((loaded, referenced))
@@ -249,8 +249,25 @@ impl EmbeddedBackend {
                     groups: BTreeMap::new(),
                     stopped: BTreeMap::new(),
                     ready: Arc::new(Notify::new()),
+                    dedup: relq_core::DedupIndex::default(),
                 },
             );
+        }
+        // Idempotency keys: those whose window ended, and those past their log's end (the
+        // index is committed before the log is synced, and that message never became durable),
+        // go.
+        let mut dedup_gone = Vec::new();
+        for (t, key, ms, o, until) in std::mem::take(&mut loaded.dedup) {
+            let live = until > now.0 && found_ends.get(&t).is_some_and(|end| o < *end);
+            match inner.topics.get_mut(&t) {
+                Some(ts) if live => ts
+                    .dedup
+                    .insert(&key, relq_core::MessageId::new(ms, o), until),
+                _ => dedup_gone.push(state::DedupChange::Remove(t, key)),
+            }
+        }
+        if !dedup_gone.is_empty() && !read_only {
+            state::commit_dedup(&db, &dedup_gone)?;
         }
         for ((t, g), rec) in &loaded.groups {
             if let Some(ts) = inner.topics.get_mut(t) {

@@ -40,6 +40,7 @@ fn msg(payload: String) -> Outgoing {
         payload: payload.into(),
         headers: Default::default(),
         deliver_at: None,
+        dedup_window: None,
     }
 }
 

@@ -44,6 +44,13 @@ pub(crate) const SPILL_AT: TableDefinition<'_, (&str, &str, u64), u64> =
 pub(crate) const SPILL_COUNT: TableDefinition<'_, (&str, &str), u64> =
     TableDefinition::new("spill_count");
 
+/// Each topic's idempotency keys published within their window: (topic, key) -> (the id's ms,
+/// its offset, the end of the window in ms). Written in a durable commit of its own before the
+/// log of the same cycle is synced; open drops the entries past the log's end (their messages
+/// never became durable) and those whose window ended.
+pub(crate) const DEDUP: TableDefinition<'_, (&str, &str), (u64, u64, u64)> =
+    TableDefinition::new("dedup");
+
 /// `meta` key: the `gen` of the last session that opened the directory for writing.
 pub(crate) const SESSION_GEN: &str = "session_gen";
 /// `meta` key: how that session ended, one of the `SESSION_*` values.
@@ -202,6 +209,48 @@ pub(crate) struct Loaded {
     pub(crate) stopped: BTreeMap<(String, u64), u64>,
     /// Per group: spilled rows and the earliest due time among them.
     pub(crate) spilled: BTreeMap<(String, String), (u64, Option<u64>)>,
+    /// Idempotency keys: (topic, key, id ms, offset, end of the window).
+    pub(crate) dedup: Vec<(String, String, u64, u64, u64)>,
+}
+
+/// A change to the `dedup` table, applied in order.
+#[derive(Debug)]
+pub(crate) enum DedupChange {
+    /// A key published: topic, key, id ms, offset, end of the window.
+    Put(String, String, u64, u64, u64),
+    /// A key whose window ended.
+    Remove(String, String),
+    /// A terminated topic: every key goes.
+    DropTopic(String),
+}
+
+/// Commits `changes` durably, in a transaction of their own.
+pub(crate) fn commit_dedup(
+    db: &redb::Database,
+    changes: &[DedupChange],
+) -> Result<(), BackendError> {
+    let tx = db.begin_write().map_err(db_error)?;
+    {
+        let mut t = tx.open_table(DEDUP).map_err(db_error)?;
+        for c in changes {
+            match c {
+                DedupChange::Put(topic, key, ms, o, until) => {
+                    t.insert((topic.as_str(), key.as_str()), (*ms, *o, *until))
+                        .map_err(db_error)?;
+                }
+                DedupChange::Remove(topic, key) => {
+                    t.remove((topic.as_str(), key.as_str())).map_err(db_error)?;
+                }
+                DedupChange::DropTopic(topic) => {
+                    // Keys are any text, so the range ends at the next possible topic name.
+                    let next = format!("{topic}\0");
+                    t.retain_in((topic.as_str(), "")..(next.as_str(), ""), |_, _| false)
+                        .map_err(db_error)?;
+                }
+            }
+        }
+    }
+    tx.commit().map_err(db_error)
 }
 
 /// The format version this build writes. Format 1 (no spill tables) is upgraded in place: its
@@ -223,6 +272,7 @@ pub(crate) fn load(db: &redb::Database, boot: Option<u64>) -> Result<Loaded, Bac
         rows: BTreeMap::new(),
         stopped: BTreeMap::new(),
         spilled: BTreeMap::new(),
+        dedup: Vec::new(),
     };
     {
         let mut meta = tx.open_table(META).map_err(db_error)?;
@@ -304,6 +354,13 @@ pub(crate) fn load(db: &redb::Database, boot: Option<u64>) -> Result<Loaded, Bac
             let (k, v) = e.map_err(db_error)?;
             let (t, o) = k.value();
             out.stopped.insert((t.to_owned(), o), v.value());
+        }
+        let dedup = tx.open_table(DEDUP).map_err(db_error)?;
+        for e in dedup.iter().map_err(db_error)? {
+            let (k, v) = e.map_err(db_error)?;
+            let (t, key) = k.value();
+            let (ms, o, until) = v.value();
+            out.dedup.push((t.to_owned(), key.to_owned(), ms, o, until));
         }
         tx.open_table(DEAD).map_err(db_error)?;
         tx.open_table(SPILL_AT).map_err(db_error)?;
@@ -923,6 +980,7 @@ mod db_tests {
                     payload: bytes::Bytes::from_static(b"\x00\xffpayload"),
                     headers: Default::default(),
                     deliver_at: None,
+                    dedup_window: None,
                 },
                 now,
                 3,

@@ -51,6 +51,11 @@ impl Backend for RedisBackend {
                 }
             })
             .collect();
+        if batch.iter().any(|m| m.dedup().is_some()) {
+            return self
+                .publish_keyed(&key, &pre, &nonce, &batch, &headers)
+                .await;
+        }
         let started = tokio::time::Instant::now();
         let mut first = true;
         enum Attempt<'a> {
@@ -912,5 +917,55 @@ impl Backend for RedisBackend {
         let mut stats = DeadLetterStats::default();
         self.each_dead_letter(topic, |dl| stats.add(dl)).await?;
         Ok(stats)
+    }
+}
+
+impl RedisBackend {
+    /// A publish with idempotency keys, in one script (see `scripts::PUBLISH_KEYED`). Every
+    /// attempt runs the same script: a keyed message applied by an attempt whose reply was lost
+    /// is found by its key, and an unkeyed one by the batch's nonce.
+    async fn publish_keyed(
+        &self,
+        key: &str,
+        pre: &str,
+        nonce: &str,
+        batch: &[Outgoing],
+        headers: &[String],
+    ) -> Result<Vec<MessageId>, BackendError> {
+        let nonce_ttl = if batch.iter().all(|m| m.dedup().is_some()) {
+            0
+        } else {
+            redis_millis(self.config.retry_for).saturating_add(60_000)
+        };
+        let reply: Value = self
+            .call(|mut c| {
+                let mut inv = self.scripts.publish_keyed.key(key);
+                inv.arg(pre).arg(nonce).arg(nonce_ttl).arg(batch.len());
+                for (m, h) in batch.iter().zip(headers) {
+                    inv.arg(&m.kind).arg(m.payload.as_ref()).arg(h);
+                    match m.deliver_at {
+                        Some(at) => inv.arg(at.0),
+                        None => inv.arg(""),
+                    };
+                    match m.dedup() {
+                        Some((k, window)) => inv.arg(k).arg(redis_millis(window).max(1)),
+                        None => inv.arg("").arg(0),
+                    };
+                }
+                async move { inv.invoke_async(&mut c).await }
+            })
+            .await?;
+        let ids = items(reply)
+            .iter()
+            .map(id_of)
+            .collect::<Result<Vec<_>, _>>()?;
+        if ids.len() != batch.len() {
+            return Err(corrupt(format!(
+                "publish of {} messages returned {} ids",
+                batch.len(),
+                ids.len()
+            )));
+        }
+        Ok(ids)
     }
 }

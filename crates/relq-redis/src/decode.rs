@@ -152,6 +152,7 @@ pub(crate) fn message_of(id: MessageId, fields: Value, attempt: u32) -> Message 
         payload,
         headers,
         deliver_at,
+        dedup_window: None,
     };
     Message::new(id, stored, Timestamp(id.ms), attempt)
 }

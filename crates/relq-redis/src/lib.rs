@@ -62,6 +62,7 @@ const NAME: &str = "redis";
 
 struct Scripts {
     publish: Script,
+    publish_keyed: Script,
     join: Script,
     promote: Script,
     recreate: Script,
@@ -85,6 +86,7 @@ impl Scripts {
         let s = |body: &str| Script::new(&scripts::source(body));
         Scripts {
             publish: s(scripts::PUBLISH),
+            publish_keyed: s(scripts::PUBLISH_KEYED),
             join: s(scripts::JOIN),
             promote: s(scripts::PROMOTE),
             recreate: s(scripts::RECREATE),

@@ -142,6 +142,59 @@ end
 return ids
 "#;
 
+/// A publish with idempotency keys: each keyed message whose key the topic stored within its
+/// window answers with that message's id and is not appended; the others are appended and their
+/// keys recorded (`dedup`: key -> "<id> <end of window ms>", `dedup_at`: key by the end of its
+/// window, for pruning). ARGV: prefix, nonce, nonce_ttl_ms (0: the batch has no unkeyed
+/// message, whose keys alone make a retry safe), count, then per message: type, data, headers
+/// (JSON or ""), deliver_at (ms or ""), key ("" for none), window_ms. Returns the ids. With a
+/// nonce TTL the ids are also kept under the nonce, so a retry of a batch whose reply was lost
+/// answers the same ids.
+pub(super) const PUBLISH_KEYED: &str = r#"
+local nonce, nonce_ttl, count = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local NK = P .. 'n:' .. nonce
+if nonce_ttl > 0 then
+  local done = redis.call('GET', NK)
+  if done then return cjson.decode(done) end
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local D, DA = P .. 'dedup', P .. 'dedup_at'
+local gone = redis.call('ZRANGEBYSCORE', DA, '-inf', now, 'LIMIT', 0, 1000)
+if #gone > 0 then
+  redis.call('HDEL', D, unpack(gone))
+  redis.call('ZREM', DA, unpack(gone))
+end
+local ids = {}
+local i = 5
+for n = 1, count do
+  local key = ARGV[i + 4]
+  local id = nil
+  if key ~= '' then
+    local v = redis.call('HGET', D, key)
+    if v then
+      local known, untl = string.match(v, '^(%S+) (%d+)$')
+      if known and tonumber(untl) > now then id = known end
+    end
+  end
+  if not id then
+    local fields = {'type', ARGV[i], 'data', ARGV[i + 1]}
+    if ARGV[i + 2] ~= '' then fields[#fields + 1] = 'headers'; fields[#fields + 1] = ARGV[i + 2] end
+    if ARGV[i + 3] ~= '' then fields[#fields + 1] = 'deliver_at'; fields[#fields + 1] = ARGV[i + 3] end
+    id = redis.call('XADD', S, '*', unpack(fields))
+    if key ~= '' then
+      local untl = now + tonumber(ARGV[i + 5])
+      redis.call('HSET', D, key, id .. ' ' .. string.format('%d', untl))
+      redis.call('ZADD', DA, untl, key)
+    end
+  end
+  ids[n] = id
+  i = i + 6
+end
+if nonce_ttl > 0 then redis.call('SET', NK, cjson.encode(ids), 'PX', nonce_ttl) end
+return ids
+"#;
+
 /// Creates the topic and the group if needed. ARGV: prefix, group, consumer, start id ('$', '0'
 /// or an id). Returns the topic's epoch.
 pub(super) const JOIN: &str = r#"
@@ -448,7 +501,7 @@ if redis.call('EXISTS', S) == 1 then
     redis.call('DEL', gkey .. 'sched', gkey .. 'park', gkey .. 'm', gkey .. 'held', gkey .. 'skip')
   end
 end
-redis.call('DEL', S, P .. 'meta', P .. 'stop', P .. 'dl', P .. 'deleted')
+redis.call('DEL', S, P .. 'meta', P .. 'stop', P .. 'dl', P .. 'deleted', P .. 'dedup', P .. 'dedup_at')
 if existed == 1 then
   if not epoch then epoch = new_epoch() end
   local last = redis.call('GET', P .. 'ended')

@@ -159,6 +159,9 @@ impl Broker {
             if let Some(ttl) = t.ttl {
                 broker = broker.with_topic_ttl(&t.name, ttl)?;
             }
+            if let Some(window) = t.dedup_window {
+                broker = broker.with_topic_dedup_window(&t.name, window)?;
+            }
             if let Some(algorithm) = t.compression {
                 broker = broker.with_topic_compression(
                     &t.name,
@@ -240,6 +243,35 @@ impl Broker {
             algorithm,
             min_size,
         });
+        Ok(self)
+    }
+
+    /// How long `topic` remembers the idempotency key of a message this broker publishes
+    /// ([`NewMessage::idempotency_key`]): a publish with a key the topic stored less than
+    /// `window` ago stores nothing and returns the first message's id. Two minutes by default
+    /// ([`DEFAULT_DEDUP_WINDOW`](crate::DEFAULT_DEDUP_WINDOW)); the window of each key is the
+    /// one its first publish set. The embedded engine and the in-memory backend keep the keys
+    /// of the window in memory (about 100 bytes each plus the key), Redis in a hash per topic.
+    ///
+    /// # Errors
+    /// An invalid topic name, or a window of zero or over 30 days.
+    pub fn with_topic_dedup_window(mut self, topic: &str, window: Duration) -> Result<Broker> {
+        validate_name("topic", topic)?;
+        if window.is_zero() || window > relq_core::MAX_DEDUP_WINDOW {
+            return Err(relq_core::ConfigError::new(
+                "dedup window",
+                format!(
+                    "the deduplication window of topic {topic:?} must be above zero and at \
+                     most 30 days, not {}",
+                    humantime::format_duration(window)
+                ),
+            )
+            .into());
+        }
+        Arc::make_mut(&mut self.topics)
+            .entry(topic.to_owned())
+            .or_default()
+            .dedup_window = Some(window);
         Ok(self)
     }
 

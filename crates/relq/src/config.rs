@@ -24,6 +24,7 @@
 //! ttl = "10m"                  # messages published without their own expire after this
 //! compression = "zstd"         # lz4 | gzip | zstd: payloads of compress_above bytes or more
 //! compress_above = 1024        # bytes (the default)
+//! dedup_window = "10m"         # how long an idempotency key is remembered (default 2m)
 //!
 //! [[routes]]                   # run by `relq route`: forward matching topics into others
 //! name = "audit"
@@ -103,7 +104,7 @@ pub struct RouteSection {
 }
 
 /// `[[topics]]`: one topic's settings, applied by every broker built from the configuration.
-/// Each table sets at least one of `ttl` and `compression`.
+/// Each table sets at least one of `ttl`, `compression` and `dedup_window`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
@@ -125,6 +126,15 @@ pub struct TopicSection {
     /// smaller payloads gain little.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compress_above: Option<usize>,
+    /// How long the topic remembers an idempotency key (`"10m"`; default 2 minutes, at most
+    /// 30 days): a publish with a key stored within it stores nothing and returns the first
+    /// message's id.
+    #[serde(
+        with = "opt_duration",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub dedup_window: Option<Duration>,
 }
 
 /// `compress_above` when a topic does not set it.
@@ -813,11 +823,11 @@ impl Config {
                     format!("topic {:?} is listed twice", t.name),
                 ));
             }
-            if t.ttl.is_none() && t.compression.is_none() {
+            if t.ttl.is_none() && t.compression.is_none() && t.dedup_window.is_none() {
                 return Err(config_error(
                     "topics",
                     format!(
-                        "topic {:?} sets nothing: give it a ttl, a compression or both",
+                        "topic {:?} sets nothing: give it a ttl, a compression or a dedup_window",
                         t.name
                     ),
                 ));
@@ -826,6 +836,17 @@ impl Config {
                 return Err(config_error(
                     "topics.compress_above",
                     format!("topic {:?} sets compress_above without compression", t.name),
+                ));
+            }
+            if t.dedup_window
+                .is_some_and(|w| w.is_zero() || w > relq_core::MAX_DEDUP_WINDOW)
+            {
+                return Err(config_error(
+                    "topics.dedup_window",
+                    format!(
+                        "must be above zero and at most 30 days (topic {:?})",
+                        t.name
+                    ),
                 ));
             }
             if t.ttl.is_some_and(|ttl| ttl.is_zero()) {
@@ -1233,6 +1254,14 @@ mod tests {
         for (text, want) in [
             ("[consumer]\non_expired = \"later\"\n", "on_expired"),
             ("[[topics]]\nname = \"t\"\nttl = \"0s\"\n", "topics.ttl"),
+            (
+                "[[topics]]\nname = \"t\"\ndedup_window = \"0s\"\n",
+                "topics.dedup_window",
+            ),
+            (
+                "[[topics]]\nname = \"t\"\ndedup_window = \"31d\"\n",
+                "topics.dedup_window",
+            ),
             (
                 "[[topics]]\nname = \"t\"\nttl = \"1s\"\n[[topics]]\nname = \"t\"\nttl = \"2s\"\n",
                 "listed twice",

@@ -283,6 +283,7 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             deliver_at: None,
+            dedup_window: None,
         };
         Message::new(MessageId::new(1, 0), out, Timestamp(1), 1)
     }

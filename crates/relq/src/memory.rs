@@ -22,7 +22,9 @@ use async_trait::async_trait;
 use tokio::sync::Notify;
 
 use crate::fast_hash::IdMap;
-use relq_core::{instant_after, Message, MessageId, Outgoing, StartPosition, Timestamp};
+use relq_core::{
+    instant_after, DedupIndex, Message, MessageId, Outgoing, StartPosition, Timestamp,
+};
 use relq_core::{
     replay_message, AttemptFailure, Backend, Browse, CleanupReport, ConsumerInfo, Delivery,
     GroupInfo, GroupPlacement, Placement, Retention, Settlement, Subscription, TopicInfo,
@@ -247,9 +249,27 @@ struct Topic {
     stopped: BTreeSet<MessageId>,
     dead: BTreeMap<DeadLetterId, DeadLetter>,
     last_dead_id: DeadLetterId,
+    /// Idempotency keys published within their window.
+    dedup: DedupIndex,
 }
 
 impl Topic {
+    /// Appends `m`, or returns the id of the message its idempotency key already became.
+    fn publish(&mut self, m: Outgoing, now: Timestamp) -> MessageId {
+        let Some((key, window)) = m.dedup() else {
+            return self.append(m, now);
+        };
+        self.dedup.prune(now.0, |_| {});
+        if let Some(id) = self.dedup.get(key, now.0) {
+            return id;
+        }
+        let key = key.to_owned();
+        let until = now.plus(window).0;
+        let id = self.append(m, now);
+        self.dedup.insert(&key, id, until);
+        id
+    }
+
     fn append(&mut self, m: Outgoing, now: Timestamp) -> MessageId {
         let id = self.last_id.next_after(now.0);
         self.last_id = id;
@@ -468,6 +488,7 @@ impl Stored {
             payload: self.payload.clone(),
             headers: self.headers.clone(),
             deliver_at: self.deliver_at,
+            dedup_window: None,
         };
         Message::new(id, stored, self.published_at, attempt)
     }
@@ -621,7 +642,7 @@ impl Backend for MemoryBackend {
                 if topic_state.messages.len() + batch.len() <= self.config.capacity {
                     let ids = batch
                         .into_iter()
-                        .map(|m| topic_state.append(m, now))
+                        .map(|m| topic_state.publish(m, now))
                         .collect();
                     self.ready.notify_waiters();
                     return Ok(ids);
@@ -1225,6 +1246,7 @@ mod tests {
             payload: bytes::Bytes::from_static(b"x"),
             headers: BTreeMap::new(),
             deliver_at: None,
+            dedup_window: None,
         }
     }
 

@@ -7,7 +7,8 @@ use bytes::Bytes;
 
 use relq_core::{
     shorten, validate_headers, validate_kind, Outgoing, Timestamp, HEADER_CONTENT_TYPE,
-    HEADER_EXPIRES_AT, HEADER_SCHEMA_VERSION, RESERVED_HEADER_PREFIX,
+    HEADER_EXPIRES_AT, HEADER_IDEMPOTENCY_KEY, HEADER_SCHEMA_VERSION, MAX_IDEMPOTENCY_KEY_LEN,
+    RESERVED_HEADER_PREFIX,
 };
 use relq_core::{Error, Result};
 
@@ -27,6 +28,7 @@ pub struct NewMessage {
     /// Set by a typed publish ([`NewMessage::encode`]).
     pub(crate) content_type: Option<&'static str>,
     pub(crate) schema_version: Option<u32>,
+    pub(crate) idempotency_key: Option<String>,
 }
 
 /// A topic's settings a publisher applies to each message: a time to live and a compression.
@@ -34,7 +36,12 @@ pub struct NewMessage {
 pub(crate) struct TopicSettings {
     pub(crate) ttl: Option<Duration>,
     pub(crate) compression: Option<TopicCompression>,
+    pub(crate) dedup_window: Option<Duration>,
 }
+
+/// How long a topic remembers an idempotency key unless configured otherwise
+/// ([`Broker::with_topic_dedup_window`](crate::Broker::with_topic_dedup_window)): two minutes.
+pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(120);
 
 /// When a message expires: at a time, or a time to live counted from its publish.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,6 +63,7 @@ impl NewMessage {
             compression: None,
             content_type: None,
             schema_version: None,
+            idempotency_key: None,
         }
     }
 
@@ -99,6 +107,20 @@ impl NewMessage {
     /// topic's compression ([`Broker::with_topic_compression`](crate::Broker::with_topic_compression)).
     pub fn compress(mut self, algorithm: Compression) -> NewMessage {
         self.compression = Some(algorithm);
+        self
+    }
+
+    /// Publishes it at most once per `key` within the topic's deduplication window (two
+    /// minutes unless [`Broker::with_topic_dedup_window`](crate::Broker::with_topic_dedup_window)
+    /// says otherwise): when the topic stored a message with this key within the window, the
+    /// publish stores nothing and returns that message's id. So a publisher that retries after
+    /// a timeout or a crash, not knowing whether its publish landed, stores the message once.
+    /// The check and the append are one atomic step on every backend, and the key survives a
+    /// restart of the embedded engine. The key is the message's `relq-idempotency-key` header,
+    /// which handlers see (and [`skip_processed`](crate::ConsumerBuilder::skip_processed)
+    /// uses). At most 512 bytes, no control characters; a publish with an invalid key fails.
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> NewMessage {
+        self.idempotency_key = Some(key.into());
         self
     }
 
@@ -162,6 +184,12 @@ impl NewMessage {
             self.headers
                 .insert(HEADER_CONTENT_TYPE.to_owned(), t.to_owned());
         }
+        let mut dedup_window = None;
+        if let Some(key) = self.idempotency_key {
+            validate_idempotency_key(&key)?;
+            self.headers.insert(HEADER_IDEMPOTENCY_KEY.to_owned(), key);
+            dedup_window = Some(topic.dedup_window.unwrap_or(DEFAULT_DEDUP_WINDOW));
+        }
         if let Some(v) = self.schema_version {
             self.headers
                 .insert(HEADER_SCHEMA_VERSION.to_owned(), v.to_string());
@@ -180,8 +208,32 @@ impl NewMessage {
                 payload: self.payload,
                 headers: self.headers,
                 deliver_at,
+                dedup_window,
             },
             compressed,
         ))
+    }
+}
+
+/// An idempotency key: 1 to 512 bytes, no control characters.
+fn validate_idempotency_key(key: &str) -> Result<()> {
+    let why = if key.is_empty() {
+        Some("it is empty".to_owned())
+    } else if key.len() > MAX_IDEMPOTENCY_KEY_LEN {
+        Some(format!(
+            "it is {} bytes, over the limit of {MAX_IDEMPOTENCY_KEY_LEN}",
+            key.len()
+        ))
+    } else if key.chars().any(char::is_control) {
+        Some("it contains a control character".to_owned())
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(Error::InvalidHeader {
+            name: HEADER_IDEMPOTENCY_KEY.to_owned(),
+            reason: format!("the idempotency key {:?} is invalid: {why}", shorten(key)),
+        }),
+        None => Ok(()),
     }
 }

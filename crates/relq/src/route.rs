@@ -114,6 +114,7 @@ async fn forward(
         payload: m.payload,
         headers,
         deliver_at: None,
+        dedup_window: None,
     };
     // A failed publish (a target that is down, full or terminated) is retried like any
     // failure, then dead-lettered with its reason in the route's group: never dropped.

@@ -56,6 +56,7 @@ async fn publish(b: &EmbeddedBackend, topic: &str, n: usize, size: usize) -> Vec
                 payload: bytes::Bytes::from(format!("{i:0size$}")),
                 headers: Default::default(),
                 deliver_at: None,
+                dedup_window: None,
             })
             .collect();
         ids.extend(b.publish(topic, batch).await.expect("publish"));
@@ -397,6 +398,7 @@ async fn publish_delayed(
         payload: bytes::Bytes::from(format!("m{i}")),
         headers: Default::default(),
         deliver_at,
+        dedup_window: None,
     };
     let mut batch: Vec<relq::Outgoing> = (0..n).map(|i| msg(i, Some(at))).collect();
     batch.extend((n..n + normal).map(|i| msg(i, None)));
@@ -858,6 +860,7 @@ fn outgoing(kind: &str, headers: BTreeMap<String, String>) -> relq::Outgoing {
         payload: bytes::Bytes::from_static(b"payload"),
         headers,
         deliver_at: None,
+        dedup_window: None,
     }
 }
 
@@ -1260,4 +1263,91 @@ async fn implausible_offsets_in_file_names_are_refused_as_corruption() {
             Ok(_) => panic!("{name}: an implausible offset was accepted"),
         }
     }
+}
+
+/// Publishes `key` on topic "t" with a window of `window`.
+async fn publish_keyed(b: &Broker, key: &str, window: Duration) -> relq::MessageId {
+    let b = b.clone().with_topic_dedup_window("t", window).unwrap();
+    b.publish(
+        "t",
+        NewMessage::new("job", key.to_owned()).idempotency_key(key),
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys_survive_a_crash_and_a_clean_close_until_their_window_ends() {
+    let dir = TempDir::new("dedup");
+    let long = Duration::from_secs(600);
+    let short = Duration::from_millis(200);
+    let (kept, brief) = {
+        let b = Broker::new(open(&dir));
+        let kept: Vec<_> = publish_keys(&b, 0..20, long).await;
+        (kept, publish_keyed(&b, "brief", short).await)
+        // Dropped without closing: a crash.
+    };
+    // The short window ends while the engine is down.
+    tokio::time::sleep(short + Duration::from_millis(50)).await;
+    {
+        let b = Broker::new(open(&dir));
+        assert_eq!(publish_keys(&b, 0..20, long).await, kept, "after a crash");
+        let again = publish_keyed(&b, "brief", short).await;
+        assert_ne!(again, brief, "a key whose window ended is stored again");
+        assert_eq!(b.topic_info("t").await.unwrap().length, 22);
+        b.backend().close().await;
+    }
+    let b = Broker::new(open(&dir));
+    assert_eq!(
+        publish_keys(&b, 0..20, long).await,
+        kept,
+        "after a clean close"
+    );
+    assert_eq!(b.topic_info("t").await.unwrap().length, 22);
+}
+
+/// Publishes keys `k<i>` for `range`, one publish each, and returns their ids.
+async fn publish_keys(
+    b: &Broker,
+    range: std::ops::Range<usize>,
+    window: Duration,
+) -> Vec<relq::MessageId> {
+    let mut ids = Vec::new();
+    for i in range {
+        ids.push(publish_keyed(b, &format!("k{i}"), window).await);
+    }
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_whose_message_was_cut_from_the_log_is_forgotten() {
+    let dir = TempDir::new("dedup-cut");
+    let long = Duration::from_secs(600);
+    let ids = {
+        let b = Broker::new(open(&dir));
+        publish_keys(&b, 0..5, long).await
+    };
+    // Records 3 and 4 cut away (the operator's cut of a damaged tail): their keys' entries
+    // point past the log's end and must not answer for messages that are gone.
+    let seg = segments(&dir).pop().unwrap();
+    let starts = record_starts(&seg);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .set_len(starts[3] + 10)
+        .unwrap();
+    let b = Broker::new(
+        EmbeddedBackend::open_with(dir.path(), small().recovery(Recovery::CutDamagedTail)).unwrap(),
+    );
+    assert_eq!(b.topic_info("t").await.unwrap().length, 3);
+    let again = publish_keys(&b, 0..5, long).await;
+    assert_eq!(again[..3], ids[..3], "the kept messages' keys still answer");
+    // Stored again: each answered id is a message that exists and carries that key's payload
+    // (an entry kept past the cut would answer with an id no message has).
+    for (i, id) in again.iter().enumerate().skip(3) {
+        let m = b.message("t", *id).await.unwrap();
+        assert_eq!(&m.payload[..], format!("k{i}").as_bytes());
+    }
+    assert_eq!(b.topic_info("t").await.unwrap().length, 5);
 }

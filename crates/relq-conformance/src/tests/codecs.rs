@@ -130,6 +130,7 @@ pub async fn a_payload_that_does_not_decode_is_dead_lettered_with_its_stored_byt
         payload: payload.into(),
         headers: [(HEADER_ENCODING.to_owned(), encoding.to_owned())].into(),
         deliver_at: None,
+        dedup_window: None,
     };
     let bad = vec![
         raw("zstd", b"not zstd at all".to_vec()),

@@ -111,6 +111,7 @@ pub async fn an_undecodable_payload_is_not_filtered_away(b: Broker) {
         payload: bytes::Bytes::from_static(b"not lz4"),
         headers: [(relq::HEADER_ENCODING.to_owned(), "lz4".to_owned())].into(),
         deliver_at: None,
+        dedup_window: None,
     };
     b.backend()
         .publish(&topic, vec![raw("job"), raw("other")])

@@ -95,6 +95,7 @@ async fn dead_count(b: &Broker, topic: &str) -> u64 {
 
 mod codecs;
 mod dead_letters;
+mod dedup;
 mod delivery;
 mod expiry;
 mod filters;
@@ -107,6 +108,7 @@ mod routing;
 
 pub use codecs::*;
 pub use dead_letters::*;
+pub use dedup::*;
 pub use delivery::*;
 pub use expiry::*;
 pub use filters::*;

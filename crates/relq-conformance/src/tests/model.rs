@@ -156,6 +156,7 @@ pub async fn model_based_random_operations_lose_nothing(b: Broker) {
                                     payload: Default::default(),
                                     headers: Default::default(),
                                     deliver_at: None,
+                                    dedup_window: None,
                                 },
                                 now,
                                 attempt,

@@ -374,6 +374,7 @@ impl Kept {
             payload: self.payload,
             headers: self.headers,
             deliver_at: self.deliver_at,
+            dedup_window: None,
         };
         Delivery::new(
             relq_core::Message::new(self.id, out, self.published_at, self.attempt),
@@ -1850,6 +1851,7 @@ async fn forward_dead_letter(
         payload: bytes::Bytes::from(failure_record(&d).to_string()),
         headers,
         deliver_at: None,
+        dedup_window: None,
     };
     let mut last = None;
     for attempt in 1..=f.attempts {
