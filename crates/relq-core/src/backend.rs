@@ -617,6 +617,23 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Counts by failure kind, message type and error category.
     async fn dead_letter_stats(&self, topic: &str) -> Result<DeadLetterStats, BackendError>;
+
+    /// Whether `key` is recorded as processed for `group` of `topic` (by
+    /// [`record_processed`](Self::record_processed)) and its record has not expired. `false`
+    /// when the topic or the group does not exist.
+    async fn processed(&self, topic: &str, group: &str, key: &str) -> Result<bool, BackendError>;
+
+    /// Records `key` as processed for `group` of `topic` for `ttl` (at most
+    /// [`MAX_DEDUP_WINDOW`](crate::MAX_DEDUP_WINDOW)), durably to the backend's degree before it
+    /// returns. Nothing is recorded for a group that does not exist. Deleting the group or
+    /// terminating the topic removes its records.
+    async fn record_processed(
+        &self,
+        topic: &str,
+        group: &str,
+        key: &str,
+        ttl: Duration,
+    ) -> Result<(), BackendError>;
 }
 
 /// The message a replay of `dl` publishes: the original type and payload, the replay headers, a

@@ -385,7 +385,7 @@ pub struct Outgoing {
     /// [`MAX_DEDUP_WINDOW`]): when the topic stored a message with the same key less than this
     /// long ago, the publish stores nothing for this message and returns that message's id. The
     /// check and the append are one atomic step, so concurrent publishers of one key store it
-    /// once. `None`, or no key header: stored as is.
+    /// once. `None` or zero, or no key header (or an empty one): stored as is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dedup_window: Option<Duration>,
 }
@@ -393,8 +393,11 @@ pub struct Outgoing {
 impl Outgoing {
     /// The idempotency key and window this message is deduplicated by, if any.
     pub fn dedup(&self) -> Option<(&str, Duration)> {
-        let w = self.dedup_window?;
-        let k = self.headers.get(HEADER_IDEMPOTENCY_KEY)?;
+        let w = self.dedup_window.filter(|w| !w.is_zero())?;
+        let k = self
+            .headers
+            .get(HEADER_IDEMPOTENCY_KEY)
+            .filter(|k| !k.is_empty())?;
         Some((k.as_str(), w.min(MAX_DEDUP_WINDOW)))
     }
 }

@@ -288,4 +288,16 @@ impl<B: Backend> Backend for Faulty<B> {
     async fn dead_letter_stats(&self, topic: &str) -> Result<DeadLetterStats, BackendError> {
         self.inner.dead_letter_stats(topic).await
     }
+    async fn processed(&self, topic: &str, group: &str, key: &str) -> Result<bool, BackendError> {
+        self.inner.processed(topic, group, key).await
+    }
+    async fn record_processed(
+        &self,
+        topic: &str,
+        group: &str,
+        key: &str,
+        ttl: std::time::Duration,
+    ) -> Result<(), BackendError> {
+        self.inner.record_processed(topic, group, key, ttl).await
+    }
 }

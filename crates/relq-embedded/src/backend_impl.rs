@@ -1059,4 +1059,51 @@ impl Backend for EmbeddedBackend {
         })?;
         Ok(stats)
     }
+
+    async fn processed(&self, topic: &str, group: &str, key: &str) -> Result<bool, BackendError> {
+        let s = &self.shared;
+        s.check()?;
+        let now = Timestamp::now().0;
+        let inner = lock(&s.inner);
+        Ok(inner
+            .topics
+            .get(topic)
+            .and_then(|ts| ts.groups.get(group))
+            .is_some_and(|gs| gs.processed.get(key, now).is_some()))
+    }
+
+    async fn record_processed(
+        &self,
+        topic: &str,
+        group: &str,
+        key: &str,
+        ttl: Duration,
+    ) -> Result<(), BackendError> {
+        let s = &self.shared;
+        s.writable()?;
+        let now = Timestamp::now();
+        let ticket = {
+            let mut inner = lock(&s.inner);
+            let Inner { topics, dirty, .. } = &mut *inner;
+            let Some(gs) = topics
+                .get_mut(topic)
+                .and_then(|ts| ts.groups.get_mut(group))
+            else {
+                return Ok(());
+            };
+            gs.processed.prune(now.0, |k| {
+                dirty
+                    .processed
+                    .push(((topic.to_owned(), group.to_owned(), k.to_owned()), None))
+            });
+            let until = now.plus(ttl.min(relq_core::MAX_DEDUP_WINDOW)).0;
+            gs.processed.insert(key, MessageId::ZERO, until);
+            dirty.processed.push((
+                (topic.to_owned(), group.to_owned(), key.to_owned()),
+                Some(until),
+            ));
+            inner.touch()
+        };
+        s.durable(ticket).await
+    }
 }

@@ -1,7 +1,7 @@
 //! The commit cycle: the committer takes every queued operation and state change, appends
 //! to the logs, syncs them, commits the state database, then answers the callers.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,7 +16,7 @@ use relq_core::{
 use super::codec::{self, Record};
 use super::fs::StorageFile;
 use super::log::{LogConfig, TopicLog};
-use super::state::{self, Batch, DedupChange};
+use super::state::{self, Batch, DedupPut};
 use super::{
     db_error, fatal, group_deleted, invalid, io_error, lock, panicked, panicked_here, terminated,
     topic_dir, Durability, Inner, Op, Replayed, Reply, Shared, TopicState, NAME, SYNCER,
@@ -93,9 +93,9 @@ struct Published {
 struct CycleWork {
     published: Vec<Published>,
     publish_replies: Vec<PublishReply>,
-    /// Changes to the deduplication index, committed (durably, on their own) before the logs
-    /// are synced.
-    dedup: Vec<DedupChange>,
+    /// New entries of the deduplication index, committed on their own before the logs are
+    /// synced.
+    dedup: Vec<DedupPut>,
     created: Vec<Reply<()>>,
     terminated: Vec<(Reply<bool>, bool)>,
     destroy: Vec<(Arc<TopicLog>, Arc<Notify>)>,
@@ -510,15 +510,16 @@ impl Shared {
         } else {
             Vec::new()
         };
-        // The index first: an entry whose message did not become durable (a crash before the
-        // log sync) is dropped by open, which checks it against the log's end; the other order
-        // would leave a durable message without its entry, stored again by a repeat.
-        let dedup: Vec<DedupChange> = works
+        // New index entries first: an entry whose message did not become durable (a crash
+        // before the log sync) is dropped by open, which checks it against the log's end; the
+        // other order would leave a durable message without its entry, stored again by a
+        // repeat. As durable as the round (periodic mode keeps its sync interval).
+        let dedup: Vec<DedupPut> = works
             .iter_mut()
             .flat_map(|w| std::mem::take(&mut w.dedup))
             .collect();
         if !dedup.is_empty() {
-            state::commit_dedup(&self.db, &dedup)?;
+            state::commit_dedup(&self.db, &dedup, sync)?;
         }
         let (batch, seq) = lock(&self.inner).snapshot();
         // State never refers to unsynced records (readers only see synced ones), so the two
@@ -662,38 +663,39 @@ impl Shared {
     /// Splits a publish into the messages to append and, for each message, where its id comes
     /// from: a key stored within its window answers with that id, a key repeated within the
     /// batch with its first message's. Prunes the topic's ended keys first.
-    fn deduplicate(
-        &self,
-        topic: &str,
-        msgs: Vec<Outgoing>,
-        now: u64,
-        w: &mut CycleWork,
-    ) -> Deduplicated {
+    fn deduplicate(&self, topic: &str, msgs: Vec<Outgoing>, now: u64) -> Deduplicated {
         let mut inner = lock(&self.inner);
-        let mut index = inner.topics.get_mut(topic).map(|ts| &mut ts.dedup);
-        if let Some(ix) = index.as_deref_mut() {
+        let Inner { topics, dirty, .. } = &mut *inner;
+        let index = topics.get_mut(topic).map(|ts| &mut ts.dedup);
+        if let Some(ix) = index {
             ix.prune(now, |k| {
-                w.dedup
-                    .push(DedupChange::Remove(topic.to_owned(), k.to_owned()))
+                dirty
+                    .dedup_remove
+                    .push((topic.to_owned(), k.to_owned(), now))
             });
         }
+        let index = topics.get(topic).map(|ts| &ts.dedup);
         let mut d = Deduplicated {
             append: Vec::with_capacity(msgs.len()),
             slots: Vec::with_capacity(msgs.len()),
             keyed: Vec::new(),
         };
+        // The keys new in this batch, by their position among the appended messages.
+        let mut fresh: HashMap<String, usize> = HashMap::new();
         for m in msgs {
             if let Some((key, window)) = m.dedup() {
-                if let Some(id) = index.as_deref().and_then(|ix| ix.get(key, now)) {
+                if let Some(id) = index.and_then(|ix| ix.get(key, now)) {
                     d.slots.push(Slot::Known(id));
                     continue;
                 }
-                if let Some((j, _, _)) = d.keyed.iter().find(|(_, k, _)| k == key) {
+                if let Some(j) = fresh.get(key) {
                     d.slots.push(Slot::New(*j));
                     continue;
                 }
-                let until = Timestamp(now).plus(window).0;
-                d.keyed.push((d.append.len(), key.to_owned(), until));
+                let j = d.append.len();
+                fresh.insert(key.to_owned(), j);
+                d.keyed
+                    .push((j, key.to_owned(), Timestamp(now).plus(window).0));
             }
             d.slots.push(Slot::New(d.append.len()));
             d.append.push(m);
@@ -722,7 +724,7 @@ impl Shared {
                 };
                 let now = Timestamp::now().0;
                 let (msgs, slots, keyed) = if msgs.iter().any(|m| m.dedup().is_some()) {
-                    let d = self.deduplicate(&topic, msgs, now, w);
+                    let d = self.deduplicate(&topic, msgs, now);
                     (d.append, Some(d.slots), d.keyed)
                 } else {
                     (msgs, None, Vec::new())
@@ -752,13 +754,14 @@ impl Shared {
                         for (j, key, until) in keyed {
                             let r = &records[j];
                             ts.dedup.insert(&key, MessageId::new(r.ms, r.offset), until);
-                            w.dedup.push(DedupChange::Put(
-                                topic.clone(),
+                            w.dedup.push(DedupPut {
+                                topic: topic.clone(),
                                 key,
-                                r.ms,
-                                r.offset,
+                                ms: r.ms,
+                                offset: r.offset,
                                 until,
-                            ));
+                                epoch: ts.epoch,
+                            });
                         }
                     }
                 }
@@ -795,7 +798,6 @@ impl Shared {
                         inner.dirty.drop_topics.push(topic.clone());
                         inner.dirty.topics.remove(&topic);
                         inner.touch();
-                        w.dedup.push(DedupChange::DropTopic(topic.clone()));
                         w.destroy.push((ts.log.clone(), ts.ready.clone()));
                         w.terminated.push((reply, true));
                     }

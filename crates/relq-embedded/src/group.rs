@@ -53,6 +53,8 @@ pub(crate) struct GroupState {
     /// After a move back, offsets below this one may be done (a row's key) or pending already:
     /// a read passes over those instead of delivering them twice.
     pub(crate) rewound: u64,
+    /// Keys recorded as processed (`Backend::record_processed`), until their records expire.
+    pub(crate) processed: relq_core::DedupIndex,
 }
 
 impl GroupState {

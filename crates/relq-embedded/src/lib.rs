@@ -429,6 +429,10 @@ struct Dirty {
     trim_spill: Vec<SpillRange>,
     stopped: BTreeSet<(String, u64)>,
     dead: Vec<(DeadKey, Option<Vec<u8>>)>,
+    /// Processed-key records: (topic, group, key) and the end of the record, `None` to remove.
+    processed: Vec<((String, String, String), Option<u64>)>,
+    /// Ended idempotency keys: topic, key, when found ended (see `Batch::dedup_remove`).
+    dedup_remove: Vec<(String, String, u64)>,
 }
 
 struct Inner {
@@ -455,8 +459,17 @@ impl Inner {
             next_epoch: dirty.next_epoch.then_some(self.next_epoch),
             dead: dirty.dead,
             trim_spill: dirty.trim_spill,
+            dedup_remove: dirty.dedup_remove,
             ..Batch::default()
         };
+        // A record of a group deleted since is removed (the group's drop comes first).
+        for ((t, g, k), v) in dirty.processed {
+            let exists = self
+                .topics
+                .get(&t)
+                .is_some_and(|ts| ts.groups.contains_key(&g));
+            b.processed.push(((t, g, k), v.filter(|_| exists)));
+        }
         for t in dirty.topics {
             let v = self
                 .topics

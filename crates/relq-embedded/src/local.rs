@@ -152,6 +152,17 @@ enum Request {
         topic: String,
         before: Timestamp,
     },
+    Processed {
+        topic: String,
+        group: String,
+        key: String,
+    },
+    RecordProcessed {
+        topic: String,
+        group: String,
+        key: String,
+        ttl_ms: u64,
+    },
     DeadLetterStats {
         topic: String,
     },
@@ -468,6 +479,15 @@ async fn dispatch(b: &dyn Backend, req: Request) -> Answer {
         R::DeleteDeadLetters { topic, ids } => ok(b.delete_dead_letters(&topic, &ids).await),
         R::PurgeDeadLetters { topic, before } => ok(b.purge_dead_letters(&topic, before).await),
         R::DeadLetterStats { topic } => ok(b.dead_letter_stats(&topic).await),
+        R::Processed { topic, group, key } => ok(b.processed(&topic, &group, &key).await),
+        R::RecordProcessed {
+            topic,
+            group,
+            key,
+            ttl_ms,
+        } => ok(b
+            .record_processed(&topic, &group, &key, Duration::from_millis(ttl_ms))
+            .await),
     }
 }
 
@@ -976,6 +996,35 @@ impl Backend for LocalClient {
         };
         self.run(req, move |b| {
             Box::pin(async move { b.dead_letter_stats(topic).await })
+        })
+        .await
+    }
+    async fn processed(&self, topic: &str, group: &str, key: &str) -> Result<bool, BackendError> {
+        let req = Request::Processed {
+            topic: topic.into(),
+            group: group.into(),
+            key: key.into(),
+        };
+        self.run(req, move |b| {
+            Box::pin(async move { b.processed(topic, group, key).await })
+        })
+        .await
+    }
+    async fn record_processed(
+        &self,
+        topic: &str,
+        group: &str,
+        key: &str,
+        ttl: Duration,
+    ) -> Result<(), BackendError> {
+        let req = Request::RecordProcessed {
+            topic: topic.into(),
+            group: group.into(),
+            key: key.into(),
+            ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+        };
+        self.run(req, move |b| {
+            Box::pin(async move { b.record_processed(topic, group, key, ttl).await })
         })
         .await
     }

@@ -256,18 +256,17 @@ impl EmbeddedBackend {
         // Idempotency keys: those whose window ended, and those past their log's end (the
         // index is committed before the log is synced, and that message never became durable),
         // go.
-        let mut dedup_gone = Vec::new();
-        for (t, key, ms, o, until) in std::mem::take(&mut loaded.dedup) {
-            let live = until > now.0 && found_ends.get(&t).is_some_and(|end| o < *end);
-            match inner.topics.get_mut(&t) {
+        for (t, key, ms, o, until, epoch) in std::mem::take(&mut loaded.dedup) {
+            let ts = inner.topics.get_mut(&t);
+            let live = until > now.0
+                && ts.as_ref().is_some_and(|ts| ts.epoch == epoch)
+                && found_ends.get(&t).is_some_and(|end| o < *end);
+            match ts {
                 Some(ts) if live => ts
                     .dedup
                     .insert(&key, relq_core::MessageId::new(ms, o), until),
-                _ => dedup_gone.push(state::DedupChange::Remove(t, key)),
+                _ => inner.dirty.dedup_remove.push((t, key, u64::MAX)),
             }
-        }
-        if !dedup_gone.is_empty() && !read_only {
-            state::commit_dedup(&db, &dedup_gone)?;
         }
         for ((t, g), rec) in &loaded.groups {
             if let Some(ts) = inner.topics.get_mut(t) {
@@ -277,6 +276,18 @@ impl EmbeddedBackend {
                     gs.spill_min = *first;
                 }
                 ts.groups.insert(g.clone(), gs);
+            }
+        }
+        for (t, g, key, until) in std::mem::take(&mut loaded.processed) {
+            match inner
+                .topics
+                .get_mut(&t)
+                .and_then(|ts| ts.groups.get_mut(&g))
+            {
+                Some(gs) if until > now.0 => {
+                    gs.processed.insert(&key, relq_core::MessageId::ZERO, until)
+                }
+                _ => inner.dirty.processed.push(((t, g, key), None)),
             }
         }
         // Rows beyond the window (written by a build without spilling, or with a wider window)

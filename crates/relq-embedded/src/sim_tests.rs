@@ -1342,3 +1342,124 @@ async fn a_damaged_last_record_is_a_torn_tail_only_when_the_last_session_can_hav
     assert_eq!(e.kind, BackendErrorKind::Corrupt, "{e}");
     assert!(e.message.contains("this boot"), "{e}");
 }
+
+/// A message with an idempotency key and a ten-minute window.
+fn keyed(key: &str, payload: &str) -> Outgoing {
+    let mut m = msg(payload.to_owned());
+    m.headers
+        .insert(relq_core::HEADER_IDEMPOTENCY_KEY.into(), key.into());
+    m.dedup_window = Some(Duration::from_secs(600));
+    m
+}
+
+/// Keyed publishes (new keys, repeats, repeats within a batch, unkeyed messages between), each
+/// round ended by a power loss: after every reopen, each acknowledged key still answers with its
+/// first id, and that id is a stored message carrying the key's first payload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys_survive_simulated_power_loss() {
+    let mut problems = Vec::new();
+    for seed in 0..seeds() {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let fs = SimFs::new();
+        fs.create_dir_all_durable(Path::new(ROOT)).unwrap();
+        // key -> (id, first payload)
+        let mut acked: BTreeMap<String, (MessageId, String)> = BTreeMap::new();
+        let mut next = 0u64;
+        for round in 0..4 {
+            let b = match open(&fs) {
+                Ok(b) => b,
+                Err(e) => {
+                    problems.push(format!("seed {seed} round {round}: reopen failed: {e}"));
+                    break;
+                }
+            };
+            if round > 0 {
+                let stored: BTreeMap<MessageId, String> = b
+                    .browse("k", &relq_core::Browse::oldest().limit(100_000))
+                    .await
+                    .unwrap()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|m| (m.id, String::from_utf8_lossy(&m.payload).into_owned()))
+                    .collect();
+                for (key, (id, payload)) in &acked {
+                    if stored.get(id) != Some(payload) {
+                        problems.push(format!(
+                            "seed {seed} round {round}: key {key}'s message {id} ({payload}) lost: {:?}",
+                            stored.get(id)
+                        ));
+                    }
+                    let again = b.publish("k", vec![keyed(key, "again")]).await.unwrap();
+                    if again[0] != *id {
+                        problems.push(format!(
+                            "seed {seed} round {round}: key {key} answered {} after the reopen, not {id}",
+                            again[0]
+                        ));
+                    }
+                }
+            }
+            if round == 3 {
+                break;
+            }
+            for _ in 0..rng.usize(5..20) {
+                let mut batch = Vec::new();
+                let mut keys = Vec::new();
+                for _ in 0..rng.usize(1..6) {
+                    let key = match (
+                        rng.u8(0..4),
+                        acked.keys().nth(rng.usize(0..acked.len().max(1))),
+                    ) {
+                        (0, Some(old)) => old.clone(),
+                        (1, _) if !keys.is_empty() => {
+                            let k: &String = &keys[rng.usize(0..keys.len())];
+                            k.clone()
+                        }
+                        (2, _) => {
+                            next += 1;
+                            batch.push(msg(format!("u{next}")));
+                            keys.push(String::new());
+                            continue;
+                        }
+                        _ => {
+                            next += 1;
+                            format!("key{next}")
+                        }
+                    };
+                    next += 1;
+                    batch.push(keyed(&key, &format!("p{next}")));
+                    keys.push(key);
+                }
+                let payloads: Vec<String> = batch
+                    .iter()
+                    .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+                    .collect();
+                let ids = b.publish("k", batch).await.unwrap();
+                let mut first_in_batch: BTreeMap<&str, MessageId> = BTreeMap::new();
+                for ((key, id), payload) in keys.iter().zip(&ids).zip(&payloads) {
+                    if key.is_empty() {
+                        continue;
+                    }
+                    match acked.get(key) {
+                        Some((old, _)) if old != id => problems.push(format!(
+                            "seed {seed} round {round}: key {key} answered {id}, first {old}"
+                        )),
+                        Some(_) => {}
+                        None => match first_in_batch.get(key.as_str()) {
+                            Some(first) if first != id => problems.push(format!(
+                                "seed {seed} round {round}: key {key} twice in a batch: {first} and {id}"
+                            )),
+                            Some(_) => {}
+                            None => {
+                                first_in_batch.insert(key, *id);
+                                acked.insert(key.clone(), (*id, payload.clone()));
+                            }
+                        },
+                    }
+                }
+            }
+            fs.crash(&mut rng);
+            drop(b);
+        }
+    }
+    assert!(problems.is_empty(), "{problems:#?}");
+}

@@ -45,11 +45,17 @@ pub(crate) const SPILL_COUNT: TableDefinition<'_, (&str, &str), u64> =
     TableDefinition::new("spill_count");
 
 /// Each topic's idempotency keys published within their window: (topic, key) -> (the id's ms,
-/// its offset, the end of the window in ms). Written in a durable commit of its own before the
-/// log of the same cycle is synced; open drops the entries past the log's end (their messages
-/// never became durable) and those whose window ended.
-pub(crate) const DEDUP: TableDefinition<'_, (&str, &str), (u64, u64, u64)> =
-    TableDefinition::new("dedup");
+/// its offset, the end of the window in ms, the topic's epoch). A new entry is committed in a
+/// transaction of its own before the log of its cycle is synced; removals go with the state.
+/// Open keeps an entry only if its window has not ended, its epoch is the topic's (a terminate
+/// leaves its entries to open) and its offset is below the log's end (else its message never
+/// became durable).
+pub(crate) const DEDUP: TableDefinition<'_, (&str, &str), (u64, u64, u64, u64)> =
+    TableDefinition::new("dedup_keys");
+
+/// Processed-key records of each group: (topic, group, key) -> the end of the record, in ms.
+pub(crate) const PROCESSED: TableDefinition<'_, (&str, &str, &str), u64> =
+    TableDefinition::new("processed");
 
 /// `meta` key: the `gen` of the last session that opened the directory for writing.
 pub(crate) const SESSION_GEN: &str = "session_gen";
@@ -209,53 +215,51 @@ pub(crate) struct Loaded {
     pub(crate) stopped: BTreeMap<(String, u64), u64>,
     /// Per group: spilled rows and the earliest due time among them.
     pub(crate) spilled: BTreeMap<(String, String), (u64, Option<u64>)>,
-    /// Idempotency keys: (topic, key, id ms, offset, end of the window).
-    pub(crate) dedup: Vec<(String, String, u64, u64, u64)>,
+    /// Idempotency keys: (topic, key, id ms, offset, end of the window, epoch).
+    pub(crate) dedup: Vec<(String, String, u64, u64, u64, u64)>,
+    /// Processed-key records: (topic, group, key, end).
+    pub(crate) processed: Vec<(String, String, String, u64)>,
 }
 
-/// A change to the `dedup` table, applied in order.
+/// A new entry of the `dedup` table.
 #[derive(Debug)]
-pub(crate) enum DedupChange {
-    /// A key published: topic, key, id ms, offset, end of the window.
-    Put(String, String, u64, u64, u64),
-    /// A key whose window ended.
-    Remove(String, String),
-    /// A terminated topic: every key goes.
-    DropTopic(String),
+pub(crate) struct DedupPut {
+    pub(crate) topic: String,
+    pub(crate) key: String,
+    pub(crate) ms: u64,
+    pub(crate) offset: u64,
+    pub(crate) until: u64,
+    pub(crate) epoch: u64,
 }
 
-/// Commits `changes` durably, in a transaction of their own.
+/// Commits new `dedup` entries in a transaction of their own (durable when `sync`).
 pub(crate) fn commit_dedup(
     db: &redb::Database,
-    changes: &[DedupChange],
+    puts: &[DedupPut],
+    sync: bool,
 ) -> Result<(), BackendError> {
-    let tx = db.begin_write().map_err(db_error)?;
+    let mut tx = db.begin_write().map_err(db_error)?;
+    if !sync {
+        tx.set_durability(redb::Durability::None)
+            .map_err(|e| db_error(redb::Error::from(e)))?;
+    }
     {
         let mut t = tx.open_table(DEDUP).map_err(db_error)?;
-        for c in changes {
-            match c {
-                DedupChange::Put(topic, key, ms, o, until) => {
-                    t.insert((topic.as_str(), key.as_str()), (*ms, *o, *until))
-                        .map_err(db_error)?;
-                }
-                DedupChange::Remove(topic, key) => {
-                    t.remove((topic.as_str(), key.as_str())).map_err(db_error)?;
-                }
-                DedupChange::DropTopic(topic) => {
-                    // Keys are any text, so the range ends at the next possible topic name.
-                    let next = format!("{topic}\0");
-                    t.retain_in((topic.as_str(), "")..(next.as_str(), ""), |_, _| false)
-                        .map_err(db_error)?;
-                }
-            }
+        for p in puts {
+            t.insert(
+                (p.topic.as_str(), p.key.as_str()),
+                (p.ms, p.offset, p.until, p.epoch),
+            )
+            .map_err(db_error)?;
         }
     }
     tx.commit().map_err(db_error)
 }
 
-/// The format version this build writes. Format 1 (no spill tables) is upgraded in place: its
-/// rows all live in `rows`, which this build reads as well.
-const FORMAT: u64 = 2;
+/// The format version this build writes. Formats 1 (no spill tables) and 2 (no deduplication
+/// or processed-key tables) are upgraded in place: this build reads everything they hold. A
+/// build of format 2 refuses format 3, since it would not keep the new tables.
+const FORMAT: u64 = 3;
 
 /// Creates missing tables, checks the format, bumps `gen` and loads the state. `boot` is this
 /// machine's boot id (see [`Storage::boot_id`](super::fs::Storage::boot_id)), to tell whether
@@ -273,6 +277,7 @@ pub(crate) fn load(db: &redb::Database, boot: Option<u64>) -> Result<Loaded, Bac
         stopped: BTreeMap::new(),
         spilled: BTreeMap::new(),
         dedup: Vec::new(),
+        processed: Vec::new(),
     };
     {
         let mut meta = tx.open_table(META).map_err(db_error)?;
@@ -282,7 +287,7 @@ pub(crate) fn load(db: &redb::Database, boot: Option<u64>) -> Result<Loaded, Bac
                 meta.insert("format", FORMAT).map_err(db_error)?;
             }
             Some(FORMAT) => {}
-            Some(1) => {
+            Some(1 | 2) => {
                 meta.insert("format", FORMAT).map_err(db_error)?;
             }
             Some(other) => {
@@ -359,8 +364,16 @@ pub(crate) fn load(db: &redb::Database, boot: Option<u64>) -> Result<Loaded, Bac
         for e in dedup.iter().map_err(db_error)? {
             let (k, v) = e.map_err(db_error)?;
             let (t, key) = k.value();
-            let (ms, o, until) = v.value();
-            out.dedup.push((t.to_owned(), key.to_owned(), ms, o, until));
+            let (ms, o, until, epoch) = v.value();
+            out.dedup
+                .push((t.to_owned(), key.to_owned(), ms, o, until, epoch));
+        }
+        let processed = tx.open_table(PROCESSED).map_err(db_error)?;
+        for e in processed.iter().map_err(db_error)? {
+            let (k, v) = e.map_err(db_error)?;
+            let (t, g, key) = k.value();
+            out.processed
+                .push((t.to_owned(), g.to_owned(), key.to_owned(), v.value()));
         }
         tx.open_table(DEAD).map_err(db_error)?;
         tx.open_table(SPILL_AT).map_err(db_error)?;
@@ -581,6 +594,11 @@ pub(crate) struct Batch {
     pub(crate) dead: Vec<(DeadKey, Option<Vec<u8>>)>,
     /// This session's `gen`, `SESSION_*` state and boot id (0: unknown), recorded by open.
     pub(crate) session: Option<(u64, u64, u64)>,
+    /// Processed-key records to write (`Some(end)`) or remove.
+    pub(crate) processed: Vec<((String, String, String), Option<u64>)>,
+    /// `dedup` entries to remove: topic, key, and the time they were found ended (an entry
+    /// written since, ending later, stays).
+    pub(crate) dedup_remove: Vec<(String, String, u64)>,
 }
 
 impl Batch {
@@ -597,6 +615,8 @@ impl Batch {
             && self.stopped.is_empty()
             && self.dead.is_empty()
             && self.session.is_none()
+            && self.processed.is_empty()
+            && self.dedup_remove.is_empty()
     }
 }
 
@@ -665,8 +685,12 @@ pub(crate) fn apply(tx: &redb::WriteTransaction, batch: &Batch) -> Result<Vec<u6
     let mut rows = tx.open_table(ROWS).map_err(db_error)?;
     let mut stopped = tx.open_table(STOPPED).map_err(db_error)?;
     let mut dead = tx.open_table(DEAD).map_err(db_error)?;
+    let mut processed = tx.open_table(PROCESSED).map_err(db_error)?;
     for t in &batch.drop_topics {
         let t = t.as_str();
+        processed
+            .retain_in((t, "", "")..(t, NAME_MAX, ""), |_, _| false)
+            .map_err(db_error)?;
         topics.remove(t).map_err(db_error)?;
         groups
             .retain_in((t, "")..(t, NAME_MAX), |_, _| false)
@@ -680,6 +704,14 @@ pub(crate) fn apply(tx: &redb::WriteTransaction, batch: &Batch) -> Result<Vec<u6
             .map_err(db_error)?;
     }
     for (t, g) in &batch.drop_groups {
+        // Keys are any text: the range ends at the next possible group name.
+        let next = format!("{g}\0");
+        processed
+            .retain_in(
+                (t.as_str(), g.as_str(), "")..(t.as_str(), next.as_str(), ""),
+                |_, _| false,
+            )
+            .map_err(db_error)?;
         let (t, g) = (t.as_str(), g.as_str());
         groups.remove((t, g)).map_err(db_error)?;
         rows.retain_in((t, g, 0)..=(t, g, u64::MAX), |_, _| false)
@@ -720,6 +752,24 @@ pub(crate) fn apply(tx: &redb::WriteTransaction, batch: &Batch) -> Result<Vec<u6
         match v {
             Some(v) => stopped.insert(k, *v).map(drop),
             None => stopped.remove(k).map(drop),
+        }
+        .map_err(db_error)?;
+    }
+    if !batch.dedup_remove.is_empty() {
+        let mut dedup = tx.open_table(DEDUP).map_err(db_error)?;
+        for (t, k, ended) in &batch.dedup_remove {
+            let key = (t.as_str(), k.as_str());
+            let until = dedup.get(key).map_err(db_error)?.map(|v| v.value().2);
+            if until.is_some_and(|u| u <= *ended) {
+                dedup.remove(key).map_err(db_error)?;
+            }
+        }
+    }
+    for ((t, g, k), v) in &batch.processed {
+        let key = (t.as_str(), g.as_str(), k.as_str());
+        match v {
+            Some(until) => processed.insert(key, *until).map(drop),
+            None => processed.remove(key).map(drop),
         }
         .map_err(db_error)?;
     }

@@ -918,6 +918,39 @@ impl Backend for RedisBackend {
         self.each_dead_letter(topic, |dl| stats.add(dl)).await?;
         Ok(stats)
     }
+
+    async fn processed(&self, topic: &str, group: &str, key: &str) -> Result<bool, BackendError> {
+        let stream = stream_key(topic);
+        let pre = prefix(topic);
+        let r: Value = self
+            .call(|mut c| {
+                let mut inv = self.scripts.processed.key(&stream);
+                inv.arg(&pre).arg(group).arg(key);
+                async move { inv.invoke_async(&mut c).await }
+            })
+            .await?;
+        Ok(int(&r) == Some(1))
+    }
+
+    async fn record_processed(
+        &self,
+        topic: &str,
+        group: &str,
+        key: &str,
+        ttl: Duration,
+    ) -> Result<(), BackendError> {
+        let stream = stream_key(topic);
+        let pre = prefix(topic);
+        let ttl = redis_millis(ttl.min(relq_core::MAX_DEDUP_WINDOW)).max(1);
+        let _: Value = self
+            .call(|mut c| {
+                let mut inv = self.scripts.record_processed.key(&stream);
+                inv.arg(&pre).arg(group).arg(key).arg(ttl);
+                async move { inv.invoke_async(&mut c).await }
+            })
+            .await?;
+        Ok(())
+    }
 }
 
 impl RedisBackend {

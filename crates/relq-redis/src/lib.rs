@@ -63,6 +63,8 @@ const NAME: &str = "redis";
 struct Scripts {
     publish: Script,
     publish_keyed: Script,
+    processed: Script,
+    record_processed: Script,
     join: Script,
     promote: Script,
     recreate: Script,
@@ -87,6 +89,8 @@ impl Scripts {
         Scripts {
             publish: s(scripts::PUBLISH),
             publish_keyed: s(scripts::PUBLISH_KEYED),
+            processed: s(scripts::PROCESSED),
+            record_processed: s(scripts::RECORD_PROCESSED),
             join: s(scripts::JOIN),
             promote: s(scripts::PROMOTE),
             recreate: s(scripts::RECREATE),

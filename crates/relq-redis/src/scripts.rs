@@ -195,6 +195,37 @@ if nonce_ttl > 0 then redis.call('SET', NK, cjson.encode(ids), 'PX', nonce_ttl) 
 return ids
 "#;
 
+/// Whether a key is recorded as processed for a group, its record not expired. ARGV: prefix,
+/// group, key. Returns 1 or 0.
+pub(super) const PROCESSED: &str = r#"
+local v = redis.call('HGET', gk(ARGV[2]) .. 'p', ARGV[3])
+if not v then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if tonumber(v) > now then return 1 end
+return 0
+"#;
+
+/// Records a key as processed for a group (`p`: key -> end of the record in ms; `pa`: keys by
+/// end, for pruning), unless the group was deleted. ARGV: prefix, group, key, ttl_ms. Returns
+/// 1 when recorded.
+pub(super) const RECORD_PROCESSED: &str = r#"
+local g = ARGV[2]
+if deleted(g) then return 0 end
+local gkey = gk(g)
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local gone = redis.call('ZRANGEBYSCORE', gkey .. 'pa', '-inf', now, 'LIMIT', 0, 100)
+if #gone > 0 then
+  redis.call('HDEL', gkey .. 'p', unpack(gone))
+  redis.call('ZREM', gkey .. 'pa', unpack(gone))
+end
+local untl = now + tonumber(ARGV[4])
+redis.call('HSET', gkey .. 'p', ARGV[3], string.format('%d', untl))
+redis.call('ZADD', gkey .. 'pa', untl, ARGV[3])
+return 1
+"#;
+
 /// Creates the topic and the group if needed. ARGV: prefix, group, consumer, start id ('$', '0'
 /// or an id). Returns the topic's epoch.
 pub(super) const JOIN: &str = r#"
@@ -498,7 +529,7 @@ if redis.call('EXISTS', S) == 1 then
   existed = 1
   for _, info in ipairs(redis.call('XINFO', 'GROUPS', S)) do
     local gkey = gk(info[2])
-    redis.call('DEL', gkey .. 'sched', gkey .. 'park', gkey .. 'm', gkey .. 'held', gkey .. 'skip')
+    redis.call('DEL', gkey .. 'sched', gkey .. 'park', gkey .. 'm', gkey .. 'held', gkey .. 'skip', gkey .. 'p', gkey .. 'pa')
   end
 end
 redis.call('DEL', S, P .. 'meta', P .. 'stop', P .. 'dl', P .. 'deleted', P .. 'dedup', P .. 'dedup_at')
@@ -613,7 +644,7 @@ local g = ARGV[2]
 if redis.call('EXISTS', S) == 0 then return 0 end
 local r = redis.call('XGROUP', 'DESTROY', S, g)
 local gkey = gk(g)
-redis.call('DEL', gkey .. 'sched', gkey .. 'park', gkey .. 'm', gkey .. 'held', gkey .. 'skip')
+redis.call('DEL', gkey .. 'sched', gkey .. 'park', gkey .. 'm', gkey .. 'held', gkey .. 'skip', gkey .. 'p', gkey .. 'pa')
 if r == 1 then redis.call('SADD', P .. 'deleted', g) end
 return r
 "#;

@@ -192,6 +192,8 @@ struct Group {
     /// After a move back: the ids the group held (pending, scheduled or parked) between the
     /// new and the old cursor; a read passes over them instead of delivering them twice.
     skip: BTreeSet<MessageId>,
+    /// Keys recorded as processed, until their records expire.
+    processed: DedupIndex,
 }
 
 impl Group {
@@ -254,6 +256,21 @@ struct Topic {
 }
 
 impl Topic {
+    /// How many of `batch` a publish at `now` appends (the rest are duplicates).
+    fn appended_by(&self, batch: &[Outgoing], now: Timestamp) -> usize {
+        if batch.iter().all(|m| m.dedup().is_none()) {
+            return batch.len();
+        }
+        let mut fresh = std::collections::HashSet::new();
+        batch
+            .iter()
+            .filter(|m| match m.dedup() {
+                Some((key, _)) => self.dedup.get(key, now.0).is_none() && fresh.insert(key),
+                None => true,
+            })
+            .count()
+    }
+
     /// Appends `m`, or returns the id of the message its idempotency key already became.
     fn publish(&mut self, m: Outgoing, now: Timestamp) -> MessageId {
         let Some((key, window)) = m.dedup() else {
@@ -634,12 +651,15 @@ impl Backend for MemoryBackend {
                 let mut state = self.lock();
                 let topic_state = state.topic_or_create(topic);
                 let now = Timestamp::now();
+                // Duplicates of stored keys take no room (a retried publish on a full topic
+                // gets its first id).
+                let needed = topic_state.appended_by(&batch, now);
                 let free =
                     self.config.capacity - topic_state.messages.len().min(self.config.capacity);
-                if free < batch.len() {
-                    topic_state.remove_acked(now, batch.len() - free);
+                if free < needed {
+                    topic_state.remove_acked(now, needed - free);
                 }
-                if topic_state.messages.len() + batch.len() <= self.config.capacity {
+                if topic_state.messages.len() + needed <= self.config.capacity {
                     let ids = batch
                         .into_iter()
                         .map(|m| topic_state.publish(m, now))
@@ -1150,6 +1170,37 @@ impl Backend for MemoryBackend {
             t.dead.values().for_each(|d| stats.add(d));
         }
         Ok(stats)
+    }
+
+    async fn processed(&self, topic: &str, group: &str, key: &str) -> Result<bool, BackendError> {
+        let now = Timestamp::now().0;
+        Ok(self
+            .lock()
+            .topics
+            .get(topic)
+            .and_then(|t| t.groups.get(group))
+            .is_some_and(|g| g.processed.get(key, now).is_some()))
+    }
+
+    async fn record_processed(
+        &self,
+        topic: &str,
+        group: &str,
+        key: &str,
+        ttl: Duration,
+    ) -> Result<(), BackendError> {
+        let now = Timestamp::now();
+        let mut state = self.lock();
+        if let Some(g) = state
+            .topics
+            .get_mut(topic)
+            .and_then(|t| t.groups.get_mut(group))
+        {
+            g.processed.prune(now.0, |_| {});
+            let until = now.plus(ttl.min(relq_core::MAX_DEDUP_WINDOW)).0;
+            g.processed.insert(key, MessageId::ZERO, until);
+        }
+        Ok(())
     }
 }
 

@@ -1277,7 +1277,7 @@ async fn publish_keyed(b: &Broker, key: &str, window: Duration) -> relq::Message
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idempotency_keys_survive_a_crash_and_a_clean_close_until_their_window_ends() {
+async fn idempotency_keys_survive_reopens_until_their_window_ends() {
     let dir = TempDir::new("dedup");
     let long = Duration::from_secs(600);
     let short = Duration::from_millis(200);
@@ -1285,13 +1285,13 @@ async fn idempotency_keys_survive_a_crash_and_a_clean_close_until_their_window_e
         let b = Broker::new(open(&dir));
         let kept: Vec<_> = publish_keys(&b, 0..20, long).await;
         (kept, publish_keyed(&b, "brief", short).await)
-        // Dropped without closing: a crash.
+        // Dropped: closed (power loss is `sim_tests::idempotency_keys_survive_simulated_power_loss`).
     };
     // The short window ends while the engine is down.
     tokio::time::sleep(short + Duration::from_millis(50)).await;
     {
         let b = Broker::new(open(&dir));
-        assert_eq!(publish_keys(&b, 0..20, long).await, kept, "after a crash");
+        assert_eq!(publish_keys(&b, 0..20, long).await, kept, "after a reopen");
         let again = publish_keyed(&b, "brief", short).await;
         assert_ne!(again, brief, "a key whose window ended is stored again");
         assert_eq!(b.topic_info("t").await.unwrap().length, 22);
@@ -1301,7 +1301,7 @@ async fn idempotency_keys_survive_a_crash_and_a_clean_close_until_their_window_e
     assert_eq!(
         publish_keys(&b, 0..20, long).await,
         kept,
-        "after a clean close"
+        "after a second reopen"
     );
     assert_eq!(b.topic_info("t").await.unwrap().length, 22);
 }
@@ -1350,4 +1350,81 @@ async fn an_idempotency_key_whose_message_was_cut_from_the_log_is_forgotten() {
         assert_eq!(&m.payload[..], format!("k{i}").as_bytes());
     }
     assert_eq!(b.topic_info("t").await.unwrap().length, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_topics_keys_do_not_answer_for_its_successor_after_a_reopen() {
+    let dir = TempDir::new("dedup-term");
+    let long = Duration::from_secs(600);
+    let new_k0 = {
+        let b = Broker::new(open(&dir));
+        publish_keys(&b, 0..3, long).await;
+        assert!(b.terminate("t").await.unwrap());
+        // The successor: k0 again, and enough messages that the old keys' offsets are below
+        // its log's end.
+        let k0 = publish_keys(&b, 0..1, long).await[0];
+        for i in 0..5 {
+            b.publish("t", NewMessage::new("job", format!("u{i}")))
+                .await
+                .unwrap();
+        }
+        k0
+    };
+    let b = Broker::new(open(&dir));
+    let again = publish_keys(&b, 0..3, long).await;
+    assert_eq!(again[0], new_k0, "the successor's own key answers");
+    for (i, id) in again.iter().enumerate().skip(1) {
+        let m = b.message("t", *id).await.unwrap();
+        assert_eq!(
+            &m.payload[..],
+            format!("k{i}").as_bytes(),
+            "key k{i} of the terminated topic answered with {id}"
+        );
+    }
+    assert_eq!(b.topic_info("t").await.unwrap().length, 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processed_records_survive_a_reopen_until_they_expire_or_their_group_goes() {
+    let dir = TempDir::new("processed");
+    {
+        let b = open(&dir);
+        b.create_group("t", "g", StartPosition::Earliest)
+            .await
+            .unwrap();
+        b.create_group("t", "h", StartPosition::Earliest)
+            .await
+            .unwrap();
+        b.record_processed("t", "g", "k:long", Duration::from_secs(600))
+            .await
+            .unwrap();
+        b.record_processed("t", "g", "k:brief", Duration::from_millis(100))
+            .await
+            .unwrap();
+        b.record_processed("t", "h", "k:long", Duration::from_secs(600))
+            .await
+            .unwrap();
+        // No group, no record.
+        b.record_processed("t", "nobody", "k:long", Duration::from_secs(600))
+            .await
+            .unwrap();
+        assert!(b.processed("t", "g", "k:brief").await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    {
+        let b = open(&dir);
+        assert!(b.processed("t", "g", "k:long").await.unwrap());
+        assert!(!b.processed("t", "g", "k:brief").await.unwrap(), "expired");
+        assert!(!b.processed("t", "nobody", "k:long").await.unwrap());
+        assert!(b.delete_group("t", "g").await.unwrap());
+        b.create_group("t", "g", StartPosition::Earliest)
+            .await
+            .unwrap();
+    }
+    let b = open(&dir);
+    assert!(
+        !b.processed("t", "g", "k:long").await.unwrap(),
+        "a deleted group's records went with it"
+    );
+    assert!(b.processed("t", "h", "k:long").await.unwrap());
 }

@@ -174,3 +174,58 @@ async fn the_runtime_never_fetches_more_than_it_can_start() {
         "fetches asked for more than the free slots"
     );
 }
+
+/// A consumer handles a message but its ack never reaches the backend (down, then the consumer
+/// stops): another consumer of the group claims the message. With `skip_processed` the record
+/// written before the ack makes it acknowledge the message without running it again; without,
+/// it runs twice (the control).
+#[tokio::test(start_paused = true)]
+async fn skip_processed_stops_a_claimed_message_whose_ack_was_lost_from_running_again() {
+    for skip in [true, false] {
+        let backend = Faulty::new(MemoryBackend::new());
+        let faults = backend.faults();
+        faults.refuse_settle(true);
+        let broker = Broker::new(backend);
+        let runs = Arc::new(AtomicU32::new(0));
+        let consumer = |name: &str| {
+            let r = runs.clone();
+            let mut c = broker
+                .consumer("t", "g")
+                .name(name)
+                .start(StartPosition::Earliest)
+                .claim_after(Duration::from_secs(2))
+                .handler_timeout(Duration::from_secs(1))
+                .handler("job", move |_m: Message| {
+                    r.fetch_add(1, Ordering::Relaxed);
+                    async { Ok(()) }
+                });
+            if skip {
+                c = c.skip_processed(Duration::from_secs(600));
+            }
+            c.build().unwrap()
+        };
+        let w = consumer("w").start().await.unwrap();
+        broker
+            .publish("t", NewMessage::new("job", "x"))
+            .await
+            .unwrap();
+        while runs.load(Ordering::Relaxed) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        w.shutdown(Duration::from_secs(1)).await;
+        assert_eq!(pending(&broker).await, 1, "the ack never arrived");
+        faults.refuse_settle(false);
+        let v = consumer("v").start().await.unwrap();
+        while pending(&broker).await > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let report = v.shutdown(Duration::from_secs(1)).await;
+        if skip {
+            assert_eq!(runs.load(Ordering::Relaxed), 1, "it ran again");
+            assert_eq!(report.stats.already_processed, 1);
+        } else {
+            assert_eq!(runs.load(Ordering::Relaxed), 2, "the control runs it twice");
+            assert_eq!(report.stats.already_processed, 0);
+        }
+    }
+}

@@ -98,6 +98,9 @@ pub struct ConsumerStats {
     /// Messages acknowledged unhandled because they did not pass the group's filters
     /// ([`ConsumerBuilder::filter`]).
     pub filtered: u64,
+    /// Messages acknowledged unhandled because their key was recorded as processed
+    /// ([`ConsumerBuilder::skip_processed`]).
+    pub already_processed: u64,
 }
 
 /// What a consumer does with a message whose time to live ended before it was handled
@@ -140,6 +143,7 @@ pub(crate) struct Counters {
     pub(crate) in_flight: AtomicU64,
     pub(crate) expired: AtomicU64,
     pub(crate) filtered: AtomicU64,
+    pub(crate) already_processed: AtomicU64,
 }
 
 impl Counters {
@@ -152,6 +156,7 @@ impl Counters {
             in_flight: self.in_flight.load(Ordering::Relaxed),
             expired: self.expired.load(Ordering::Relaxed),
             filtered: self.filtered.load(Ordering::Relaxed),
+            already_processed: self.already_processed.load(Ordering::Relaxed),
         }
     }
 }
@@ -190,6 +195,8 @@ pub(crate) struct Config {
     pub(crate) max_payload: usize,
     /// Every one must pass for a message to be handled.
     pub(crate) filters: Vec<Filter>,
+    /// Record handled messages' keys for this long, and skip a message whose key is recorded.
+    pub(crate) skip_processed: Option<Duration>,
 }
 
 /// Where dead letters are also published (seed 000's failure topic): `<topic><suffix>`, each
@@ -264,6 +271,7 @@ pub struct ConsumerBuilder {
     forward: Option<Forwarding>,
     on_expired: OnExpired,
     filters: Vec<Filter>,
+    skip_processed: Option<Duration>,
     /// Set by [`Broker::consumer_matching`]: `topic` is a pattern.
     matching: bool,
     discover_every: Duration,
@@ -313,6 +321,7 @@ impl ConsumerBuilder {
             forward: d.forward,
             on_expired: d.on_expired,
             filters: Vec::new(),
+            skip_processed: None,
             matching: false,
             discover_every: Duration::from_secs(5),
         }
@@ -334,6 +343,24 @@ impl ConsumerBuilder {
     /// would see it (decompressed).
     pub fn filter(mut self, filter: Filter) -> Self {
         self.filters.push(filter);
+        self
+    }
+
+    /// Seed 004's 记录已处理的消息ID: records, for `ttl`, the key of every message a handler
+    /// of this group handled successfully (its idempotency key, else its id), and acknowledges
+    /// a message whose key is recorded without running its handler again (counted in
+    /// [`ConsumerStats::already_processed`] and `relq_already_processed_total`). The record is
+    /// written to the backend (durable as its acks are) before the ack.
+    ///
+    /// It closes the window between a handler's success and its ack (a crash, a backend outage,
+    /// a claim by another consumer meanwhile), and catches a message published twice with one
+    /// idempotency key outside the topic's deduplication window. A duplicate can still run
+    /// when the process dies after the handler's side effects and before the record is stored;
+    /// when two deliveries of one key run at once (the record is written after the handler);
+    /// and after `ttl`. For no window at all, record the key in the handler's own transaction.
+    /// Costs a backend call before and after each handler. Single-message handlers only.
+    pub fn skip_processed(mut self, ttl: Duration) -> Self {
+        self.skip_processed = Some(ttl);
         self
     }
 
@@ -573,6 +600,24 @@ impl ConsumerBuilder {
                 );
             }
         }
+        if let Some(ttl) = self.skip_processed {
+            if ttl.is_zero() || ttl > relq_core::MAX_DEDUP_WINDOW {
+                return Err(ConfigError::new(
+                    "skip_processed",
+                    "the record time must be above zero and at most 30 days",
+                )
+                .into());
+            }
+            if let Some(kind) = self.batch_handlers.keys().next() {
+                return Err(ConfigError::new(
+                    "skip_processed",
+                    format!(
+                        "applies to single-message handlers; batch handler {kind:?} would not skip"
+                    ),
+                )
+                .into());
+            }
+        }
         if self.handlers.is_empty() && self.batch_handlers.is_empty() && self.fallback.is_none() {
             return Err(ConfigError::new(
                 "handlers",
@@ -619,6 +664,7 @@ impl ConsumerBuilder {
                 on_expired: self.on_expired,
                 max_payload,
                 filters: self.filters,
+                skip_processed: self.skip_processed,
             }),
         })
     }

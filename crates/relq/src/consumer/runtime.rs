@@ -143,6 +143,7 @@ struct Meters {
     retried: metrics::Counter,
     dead_lettered: metrics::Counter,
     filtered: metrics::Counter,
+    already_processed: metrics::Counter,
 }
 
 impl Meters {
@@ -157,6 +158,7 @@ impl Meters {
             retried: metrics::counter!("relq_retried_total", &labels),
             dead_lettered: metrics::counter!("relq_dead_lettered_total", &labels),
             filtered: metrics::counter!("relq_filtered_total", &labels),
+            already_processed: metrics::counter!("relq_already_processed_total", &labels),
         }
     }
 }
@@ -645,6 +647,19 @@ async fn worker<H: Handler>(
         } else {
             message
         };
+        // With `skip_processed`: a message whose key a handler of this group already
+        // processed is acknowledged without running again.
+        let processed_key = match skip_processed(&ctx) {
+            Some(_) => {
+                let key = processed_key(&message);
+                match already_processed(&job, &ctx, &key).await {
+                    Checked::Run => Some(key),
+                    Checked::Done => continue,
+                    Checked::Stop => return,
+                }
+            }
+            None => None,
+        };
         ran = true;
         let started = Instant::now();
         let span = tracing::debug_span!("relq.handle", id = %message.id, kind = %message.kind, attempt = message.attempt);
@@ -674,6 +689,9 @@ async fn worker<H: Handler>(
         let Some(ctx) = ctx.upgrade() else {
             return;
         };
+        if let (Some(key), Some(Ok(Ok(())))) = (&processed_key, &result) {
+            record_processed(&ctx, key).await;
+        }
         // A success needs only the id and publish time from the job; a failure the delivery.
         let settled = match result {
             Some(Ok(Ok(()))) => job
@@ -701,6 +719,85 @@ async fn worker<H: Handler>(
             .record(ended.saturating_duration_since(started).as_secs_f64());
         queue(&ctx, settlement).await;
         drop(permit);
+    }
+}
+
+/// The record time of `skip_processed`, if the consumer has it.
+fn skip_processed(ctx: &std::sync::Weak<Ctx>) -> Option<Duration> {
+    ctx.upgrade().and_then(|c| c.config.skip_processed)
+}
+
+/// The key a message is recorded as processed under: its idempotency key (so a message
+/// published twice counts once), else its id (a redelivery of the same message).
+fn processed_key(m: &relq_core::Message) -> String {
+    match m.header(relq_core::HEADER_IDEMPOTENCY_KEY) {
+        Some(k) => format!("k:{k}"),
+        None => format!("i:{}", m.id),
+    }
+}
+
+/// What `already_processed` found.
+enum Checked {
+    /// Not recorded: run the handler.
+    Run,
+    /// Recorded (acknowledged unrun, counted), or the check failed (a retry scheduled): next.
+    Done,
+    /// The consumer is gone.
+    Stop,
+}
+
+/// Checks a message's processed record. A recorded one is acknowledged without running; a
+/// failed check is a retryable failure (category `processed_check`): running the handler then
+/// could repeat work already done.
+async fn already_processed(job: &Job, ctx: &std::sync::Weak<Ctx>, key: &str) -> Checked {
+    let Some(c) = ctx.upgrade() else {
+        return Checked::Stop;
+    };
+    match c.backend.processed(&c.sub.topic, &c.sub.group, key).await {
+        Ok(false) => Checked::Run,
+        Ok(true) => {
+            let Some((id, _, permit)) = job.take_ok() else {
+                return if job.replaced() {
+                    Checked::Stop
+                } else {
+                    Checked::Done
+                };
+            };
+            c.counters.already_processed.fetch_add(1, Ordering::Relaxed);
+            c.meters.already_processed.increment(1);
+            queue(&c, Settlement::Ack(id)).await;
+            drop(permit);
+            Checked::Done
+        }
+        Err(e) => {
+            let outcome = Outcome::Failed {
+                kind: FailureKind::Retryable,
+                chain: vec![format!("checking whether it was already processed: {e}")],
+                category: Some("processed_check".to_owned()),
+                backtrace: None,
+            };
+            drop(c);
+            if settle_unrun(job, ctx, HandlerName::None, outcome).await {
+                Checked::Done
+            } else {
+                Checked::Stop
+            }
+        }
+    }
+}
+
+/// Records a handled message's key (before its ack is queued). A failure is logged and
+/// counted, and the message acknowledged anyway: the handler's work is done, and a redelivery
+/// would repeat it (what the record only narrows).
+async fn record_processed(ctx: &Ctx, key: &str) {
+    let Some(ttl) = ctx.config.skip_processed else {
+        return;
+    };
+    let (topic, group) = (&ctx.sub.topic, &ctx.sub.group);
+    if let Err(e) = ctx.backend.record_processed(topic, group, key, ttl).await {
+        metrics::counter!("relq_processed_record_failures_total", "topic" => topic.clone(), "group" => group.clone())
+            .increment(1);
+        tracing::warn!(error = %e, topic = %topic, group = %group, key, "recording a processed key failed; acknowledging anyway (a redelivery would run it again)");
     }
 }
 
