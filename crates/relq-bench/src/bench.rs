@@ -25,6 +25,8 @@ pub(crate) enum BenchCommand {
     /// Payload compression (off, lz4, gzip, zstd) on realistic JSON: throughput against
     /// compression off in the same round, and the bytes stored.
     Compression(crate::bench_compression::CompressionArgs),
+    /// A rate-limited group: the achieved rate against the limit.
+    RateLimit(crate::bench_rate::RateArgs),
     /// Internal: fills a data directory with a backlog, prints "ready", waits to be killed.
     #[command(hide = true)]
     Fill {
@@ -91,6 +93,7 @@ pub(crate) async fn run(cmd: BenchCommand, json_out: bool) -> anyhow::Result<()>
         BenchCommand::Redis(args) => crate::bench_redis::run(args, json_out).await,
         BenchCommand::Memory(args) => crate::bench_memory::run(args, json_out).await,
         BenchCommand::Compression(args) => crate::bench_compression::run(args, json_out).await,
+        BenchCommand::RateLimit(args) => crate::bench_rate::run(args, json_out).await,
     }
 }
 

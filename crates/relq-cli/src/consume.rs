@@ -33,6 +33,10 @@ pub(crate) struct ConsumeArgs {
     /// `json:POINTER=JSON`, `json:POINTER>N`, `json:POINTER<N`, `!FILTER`.
     #[arg(long = "filter", value_parser = parse_filter)]
     filters: Vec<relq::Filter>,
+    /// Limit the whole group (every process consuming it with this limit) to N messages per
+    /// period: `100/s`, `5/m`, `50/10s`. Messages over the limit wait in the topic.
+    #[arg(long, value_parser = parse_rate_limit)]
+    rate_limit: Option<relq::RateLimit>,
     /// Consumer group.
     #[arg(long, default_value = "relq-cli")]
     group: String,
@@ -90,6 +94,11 @@ async fn serve_metrics(broker: &Broker, addr: std::net::SocketAddr) -> anyhow::R
     });
     eprintln!("relq consume: metrics at http://{local}/metrics");
     Ok(())
+}
+
+/// `--rate-limit`.
+fn parse_rate_limit(s: &str) -> Result<relq::RateLimit, relq::Error> {
+    s.parse()
 }
 
 /// `--filter`.
@@ -218,6 +227,9 @@ pub(crate) async fn run(
     }
     for f in &args.filters {
         builder = builder.filter(f.clone());
+    }
+    if let Some(limit) = args.rate_limit {
+        builder = builder.rate_limit(limit);
     }
     // Installed before the consumer starts: a signal from now on is a graceful stop.
     let signal = shutdown_signal();

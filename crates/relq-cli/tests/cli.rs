@@ -2065,3 +2065,90 @@ fn consume_prints_only_what_passes_its_filters() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Three `relq consume` processes of one group with `--rate-limit 20/1s` on Redis share one
+/// bucket: a backlog of 60 is consumed once in all, and at no time more than the bucket (20)
+/// plus the rate times the time since they started (a bucket per process would let 60 through
+/// at once).
+#[test]
+fn a_rate_limit_is_held_across_three_consumer_processes_on_redis() {
+    use std::io::{BufRead, BufReader};
+    let Some(server) = relq_conformance::redis_server::RedisServer::start() else {
+        return;
+    };
+    let url = server.url();
+    let dir = fresh_dir();
+    let lines: String = (0..60)
+        .map(|i| format!("{{\"type\":\"job\",\"payload\":\"m{i}\"}}\n"))
+        .collect();
+    let mut publish = relq_cmd(&dir, &["--url", &url, "publish", "limited", "--jsonl"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut publish.stdin.take().unwrap(), lines.as_bytes()).unwrap();
+    assert!(publish.wait().unwrap().success());
+    let started = std::time::Instant::now();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let children: Vec<_> = (0..3)
+        .map(|i| {
+            let name = format!("c{i}");
+            let mut child = relq_cmd(
+                &dir,
+                &[
+                    "--url",
+                    &url,
+                    "--json",
+                    "consume",
+                    "limited",
+                    "--group",
+                    "g",
+                    "--name",
+                    &name,
+                    "--rate-limit",
+                    "20/1s",
+                    "--idle",
+                    "3s",
+                ],
+            )
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+            let out = child.stdout.take().unwrap();
+            let tx = tx.clone();
+            let reader = std::thread::spawn(move || {
+                for line in BufReader::new(out).lines() {
+                    let line = line.unwrap();
+                    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+                    let payload = v["payload"].as_str().unwrap_or_default().to_owned();
+                    tx.send((started.elapsed(), i, payload)).unwrap();
+                }
+            });
+            (child, reader)
+        })
+        .collect();
+    drop(tx);
+    for (mut child, reader) in children {
+        assert!(child.wait().unwrap().success());
+        reader.join().unwrap();
+    }
+    let mut got: Vec<(std::time::Duration, usize, String)> = rx.into_iter().collect();
+    got.sort();
+    let payloads: std::collections::BTreeSet<&str> =
+        got.iter().map(|(_, _, p)| p.as_str()).collect();
+    assert_eq!(got.len(), 60, "each message consumed once: {got:?}");
+    assert_eq!(payloads.len(), 60);
+    let processes: std::collections::BTreeSet<usize> = got.iter().map(|(_, i, _)| *i).collect();
+    assert!(processes.len() >= 2, "the work was shared: {processes:?}");
+    // Lines arrive after their messages were taken, so counting by arrival never overstates.
+    for (n, (at, _, _)) in got.iter().enumerate() {
+        let allowed = 20.0 + 20.0 * at.as_secs_f64() + 1.0;
+        assert!(
+            (n + 1) as f64 <= allowed,
+            "{} consumed {at:?} after the start; the limit allows {allowed:.1}",
+            n + 1
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -15,6 +15,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::rate::{Grant, RateLimit};
+
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
@@ -623,17 +625,30 @@ pub trait Backend: Send + Sync + 'static {
     /// when the topic or the group does not exist.
     async fn processed(&self, topic: &str, group: &str, key: &str) -> Result<bool, BackendError>;
 
-    /// Records `key` as processed for `group` of `topic` for `ttl` (at most
+    /// Records `key` as processed for the subscription's group for `ttl` (at most
     /// [`MAX_DEDUP_WINDOW`](crate::MAX_DEDUP_WINDOW)), durably to the backend's degree before it
-    /// returns. Nothing is recorded for a group that does not exist. Deleting the group or
-    /// terminating the topic removes its records.
+    /// returns. Nothing is recorded when the group does not exist or the subscription's topic
+    /// generation ended (a terminate). Deleting the group or terminating the topic removes its
+    /// records.
     async fn record_processed(
         &self,
-        topic: &str,
-        group: &str,
+        sub: &Subscription,
         key: &str,
         ttl: Duration,
     ) -> Result<(), BackendError>;
+
+    /// Takes up to `want` tokens from the rate limit bucket of `group` on `topic` (a bucket of
+    /// `limit.n()` tokens refilled at `limit`'s rate, created full). The bucket is shared by
+    /// every consumer of the group that reaches this backend: on Redis every process, on the
+    /// embedded engine every process using the directory, in memory the process. Not durable:
+    /// a restart starts it full.
+    async fn take_tokens(
+        &self,
+        topic: &str,
+        group: &str,
+        want: u32,
+        limit: RateLimit,
+    ) -> Result<Grant, BackendError>;
 }
 
 /// The message a replay of `dl` publishes: the original type and payload, the replay headers, a

@@ -13,6 +13,7 @@ mod dedup;
 mod error;
 mod failure;
 mod model;
+mod rate;
 #[cfg(feature = "testing")]
 pub mod testing;
 
@@ -36,3 +37,4 @@ pub use model::{
     MAX_IDEMPOTENCY_KEY_LEN, MAX_KIND_LEN, MAX_NAME_LEN, MAX_RESERVED_HEADERS,
     RESERVED_HEADER_PREFIX,
 };
+pub use rate::{Grant, RateLimit, TokenBuckets};

@@ -25,6 +25,7 @@ pub struct Faults {
     refuse_settle: AtomicBool,
     fail_next_read: AtomicBool,
     panic_settle: AtomicBool,
+    fail_processed: AtomicBool,
     refuse_publish: Mutex<Option<String>>,
     on_fetch: Mutex<Option<FetchHook>>,
 }
@@ -46,6 +47,12 @@ impl Faults {
     /// While on, `settle` fails as [`BackendErrorKind::Unavailable`] and changes nothing.
     pub fn refuse_settle(&self, on: bool) {
         self.refuse_settle.store(on, Ordering::SeqCst);
+    }
+
+    /// While on, `processed` and `record_processed` fail as [`BackendErrorKind::Unavailable`]
+    /// and change nothing.
+    pub fn fail_processed(&self, on: bool) {
+        self.fail_processed.store(on, Ordering::SeqCst);
     }
 
     /// The next `read` fails as [`BackendErrorKind::Unavailable`] (once).
@@ -289,15 +296,29 @@ impl<B: Backend> Backend for Faulty<B> {
         self.inner.dead_letter_stats(topic).await
     }
     async fn processed(&self, topic: &str, group: &str, key: &str) -> Result<bool, BackendError> {
+        if self.faults.fail_processed.load(Ordering::SeqCst) {
+            return Err(self.refused("processed"));
+        }
         self.inner.processed(topic, group, key).await
     }
     async fn record_processed(
         &self,
-        topic: &str,
-        group: &str,
+        sub: &Subscription,
         key: &str,
         ttl: std::time::Duration,
     ) -> Result<(), BackendError> {
-        self.inner.record_processed(topic, group, key, ttl).await
+        if self.faults.fail_processed.load(Ordering::SeqCst) {
+            return Err(self.refused("record_processed"));
+        }
+        self.inner.record_processed(sub, key, ttl).await
+    }
+    async fn take_tokens(
+        &self,
+        topic: &str,
+        group: &str,
+        want: u32,
+        limit: crate::RateLimit,
+    ) -> Result<crate::Grant, BackendError> {
+        self.inner.take_tokens(topic, group, want, limit).await
     }
 }

@@ -1074,19 +1074,20 @@ impl Backend for EmbeddedBackend {
 
     async fn record_processed(
         &self,
-        topic: &str,
-        group: &str,
+        sub: &Subscription,
         key: &str,
         ttl: Duration,
     ) -> Result<(), BackendError> {
         let s = &self.shared;
         s.writable()?;
         let now = Timestamp::now();
+        let (topic, group) = (sub.topic.as_str(), sub.group.as_str());
         let ticket = {
             let mut inner = lock(&s.inner);
             let Inner { topics, dirty, .. } = &mut *inner;
             let Some(gs) = topics
                 .get_mut(topic)
+                .filter(|ts| ts.epoch == sub.epoch)
                 .and_then(|ts| ts.groups.get_mut(group))
             else {
                 return Ok(());
@@ -1105,5 +1106,19 @@ impl Backend for EmbeddedBackend {
             inner.touch()
         };
         s.durable(ticket).await
+    }
+
+    async fn take_tokens(
+        &self,
+        topic: &str,
+        group: &str,
+        want: u32,
+        limit: relq_core::RateLimit,
+    ) -> Result<relq_core::Grant, BackendError> {
+        self.shared.check()?;
+        // Whole milliseconds add up exactly (each take moves the bucket's time to now).
+        let now = Timestamp::now().0 as f64;
+        let name = format!("{topic}/{group}");
+        Ok(lock(&self.shared.buckets).take(&name, want, limit, now))
     }
 }

@@ -256,6 +256,8 @@ struct Shared {
     /// Read-only only: topics whose log an open would refuse (corruption), with the error their
     /// info answers. A normal open fails as a whole instead.
     damaged: BTreeMap<String, String>,
+    /// Rate limit buckets by `<topic>/<group>` (not durable: a reopen starts them full).
+    buckets: Mutex<relq_core::TokenBuckets>,
 }
 
 /// The state database. It is closed under `catch_unwind`: redb left broken by a panic inside it

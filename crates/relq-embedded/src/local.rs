@@ -158,10 +158,15 @@ enum Request {
         key: String,
     },
     RecordProcessed {
-        topic: String,
-        group: String,
+        sub: Subscription,
         key: String,
         ttl_ms: u64,
+    },
+    TakeTokens {
+        topic: String,
+        group: String,
+        want: u32,
+        limit: relq_core::RateLimit,
     },
     DeadLetterStats {
         topic: String,
@@ -480,13 +485,14 @@ async fn dispatch(b: &dyn Backend, req: Request) -> Answer {
         R::PurgeDeadLetters { topic, before } => ok(b.purge_dead_letters(&topic, before).await),
         R::DeadLetterStats { topic } => ok(b.dead_letter_stats(&topic).await),
         R::Processed { topic, group, key } => ok(b.processed(&topic, &group, &key).await),
-        R::RecordProcessed {
+        R::TakeTokens {
             topic,
             group,
-            key,
-            ttl_ms,
-        } => ok(b
-            .record_processed(&topic, &group, &key, Duration::from_millis(ttl_ms))
+            want,
+            limit,
+        } => ok(b.take_tokens(&topic, &group, want, limit).await),
+        R::RecordProcessed { sub, key, ttl_ms } => ok(b
+            .record_processed(&sub, &key, Duration::from_millis(ttl_ms))
             .await),
     }
 }
@@ -1012,19 +1018,35 @@ impl Backend for LocalClient {
     }
     async fn record_processed(
         &self,
-        topic: &str,
-        group: &str,
+        sub: &Subscription,
         key: &str,
         ttl: Duration,
     ) -> Result<(), BackendError> {
         let req = Request::RecordProcessed {
-            topic: topic.into(),
-            group: group.into(),
+            sub: sub.clone(),
             key: key.into(),
             ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
         };
         self.run(req, move |b| {
-            Box::pin(async move { b.record_processed(topic, group, key, ttl).await })
+            Box::pin(async move { b.record_processed(sub, key, ttl).await })
+        })
+        .await
+    }
+    async fn take_tokens(
+        &self,
+        topic: &str,
+        group: &str,
+        want: u32,
+        limit: relq_core::RateLimit,
+    ) -> Result<relq_core::Grant, BackendError> {
+        let req = Request::TakeTokens {
+            topic: topic.into(),
+            group: group.into(),
+            want,
+            limit,
+        };
+        self.run(req, move |b| {
+            Box::pin(async move { b.take_tokens(topic, group, want, limit).await })
         })
         .await
     }

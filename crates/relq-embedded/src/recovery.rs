@@ -456,6 +456,7 @@ impl EmbeddedBackend {
             _lock: lock_guard,
             read_only,
             damaged,
+            buckets: Mutex::new(relq_core::TokenBuckets::default()),
         });
         if read_only {
             return Ok(EmbeddedBackend {

@@ -934,22 +934,52 @@ impl Backend for RedisBackend {
 
     async fn record_processed(
         &self,
-        topic: &str,
-        group: &str,
+        sub: &Subscription,
         key: &str,
         ttl: Duration,
     ) -> Result<(), BackendError> {
-        let stream = stream_key(topic);
-        let pre = prefix(topic);
+        let stream = stream_key(&sub.topic);
+        let pre = prefix(&sub.topic);
         let ttl = redis_millis(ttl.min(relq_core::MAX_DEDUP_WINDOW)).max(1);
         let _: Value = self
             .call(|mut c| {
                 let mut inv = self.scripts.record_processed.key(&stream);
-                inv.arg(&pre).arg(group).arg(key).arg(ttl);
+                inv.arg(&pre)
+                    .arg(&sub.group)
+                    .arg(key)
+                    .arg(ttl)
+                    .arg(sub.epoch);
                 async move { inv.invoke_async(&mut c).await }
             })
             .await?;
         Ok(())
+    }
+
+    async fn take_tokens(
+        &self,
+        topic: &str,
+        group: &str,
+        want: u32,
+        limit: relq_core::RateLimit,
+    ) -> Result<relq_core::Grant, BackendError> {
+        let stream = stream_key(topic);
+        let pre = prefix(topic);
+        let rate = format!("{:.9}", limit.per_ms());
+        let r: Value = self
+            .call(|mut c| {
+                let mut inv = self.scripts.take_tokens.key(&stream);
+                inv.arg(&pre).arg(group).arg(want).arg(limit.n()).arg(&rate);
+                async move { inv.invoke_async(&mut c).await }
+            })
+            .await?;
+        let v = items(r);
+        match (v.first().and_then(int), v.get(1).and_then(int)) {
+            (Some(granted), Some(wait)) => Ok(relq_core::Grant {
+                granted: u32::try_from(granted.max(0)).unwrap_or(0).min(want),
+                retry_after: Duration::from_millis(u64::try_from(wait.max(0)).unwrap_or(0)),
+            }),
+            _ => Err(corrupt(format!("a token take answered {v:?}"))),
+        }
     }
 }
 

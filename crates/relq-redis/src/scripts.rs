@@ -207,11 +207,13 @@ return 0
 "#;
 
 /// Records a key as processed for a group (`p`: key -> end of the record in ms; `pa`: keys by
-/// end, for pruning), unless the group was deleted. ARGV: prefix, group, key, ttl_ms. Returns
-/// 1 when recorded.
+/// end, for pruning), unless the subscription's generation ended or the group does not exist.
+/// ARGV: prefix, group, key, ttl_ms, epoch. Returns 1 when recorded.
 pub(super) const RECORD_PROCESSED: &str = r#"
 local g = ARGV[2]
-if deleted(g) then return 0 end
+if ended(ARGV[5]) or deleted(g) then return 0 end
+local r = redis.pcall('XINFO', 'CONSUMERS', S, g)
+if type(r) == 'table' and r.err then return 0 end
 local gkey = gk(g)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -224,6 +226,28 @@ local untl = now + tonumber(ARGV[4])
 redis.call('HSET', gkey .. 'p', ARGV[3], string.format('%d', untl))
 redis.call('ZADD', gkey .. 'pa', untl, ARGV[3])
 return 1
+"#;
+
+/// Takes up to `want` tokens from a group's rate limit bucket (`g:{G}:rl`: tokens and the
+/// time of the last take, by the server's clock in ms), created full. ARGV: prefix, group,
+/// want, capacity, tokens per ms. Returns {granted, ms until a token is there (0 when some
+/// were granted)}. The bucket expires once it would be full again.
+pub(super) const TAKE_TOKENS: &str = r#"
+local key = gk(ARGV[2]) .. 'rl'
+local want, cap, rate = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local st = redis.call('HMGET', key, 'tokens', 'at')
+local tokens, at = tonumber(st[1]), tonumber(st[2])
+if not tokens or not at then tokens, at = cap, now end
+if now > at then tokens = math.min(cap, tokens + (now - at) * rate) else now = at end
+local granted = math.max(0, math.min(want, math.floor(tokens)))
+tokens = tokens - granted
+redis.call('HSET', key, 'tokens', string.format('%.6f', tokens), 'at', string.format('%.3f', now))
+redis.call('PEXPIRE', key, math.ceil(cap / rate) + 1000)
+local wait = 0
+if granted == 0 then wait = math.max(1, math.ceil((1 - tokens) / rate)) end
+return {granted, wait}
 "#;
 
 /// Creates the topic and the group if needed. ARGV: prefix, group, consumer, start id ('$', '0'
@@ -529,7 +553,7 @@ if redis.call('EXISTS', S) == 1 then
   existed = 1
   for _, info in ipairs(redis.call('XINFO', 'GROUPS', S)) do
     local gkey = gk(info[2])
-    redis.call('DEL', gkey .. 'sched', gkey .. 'park', gkey .. 'm', gkey .. 'held', gkey .. 'skip', gkey .. 'p', gkey .. 'pa')
+    redis.call('DEL', gkey .. 'sched', gkey .. 'park', gkey .. 'm', gkey .. 'held', gkey .. 'skip', gkey .. 'p', gkey .. 'pa', gkey .. 'rl')
   end
 end
 redis.call('DEL', S, P .. 'meta', P .. 'stop', P .. 'dl', P .. 'deleted', P .. 'dedup', P .. 'dedup_at')
@@ -644,7 +668,7 @@ local g = ARGV[2]
 if redis.call('EXISTS', S) == 0 then return 0 end
 local r = redis.call('XGROUP', 'DESTROY', S, g)
 local gkey = gk(g)
-redis.call('DEL', gkey .. 'sched', gkey .. 'park', gkey .. 'm', gkey .. 'held', gkey .. 'skip', gkey .. 'p', gkey .. 'pa')
+redis.call('DEL', gkey .. 'sched', gkey .. 'park', gkey .. 'm', gkey .. 'held', gkey .. 'skip', gkey .. 'p', gkey .. 'pa', gkey .. 'rl')
 if r == 1 then redis.call('SADD', P .. 'deleted', g) end
 return r
 "#;

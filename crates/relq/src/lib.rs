@@ -93,12 +93,12 @@ pub use pattern::TopicPattern;
 pub use relq_core::{
     replay_headers, validate_name, AttemptFailure, Backend, BackendError, BackendErrorKind,
     BackendMetric, Browse, CleanupReport, ConfigError, ConsumerInfo, DeadLetter, DeadLetterId,
-    DeadLetterQuery, DeadLetterStats, Delivery, Error, FailureKind, GroupInfo, GroupPlacement,
-    Health, HealthCheck, Limit, Message, MessageId, NameError, NotFound, Outgoing, Placement,
-    Result, Retention, Settlement, StartPosition, Subscription, Timestamp, TopicInfo,
-    HEADER_CONTENT_TYPE, HEADER_EDITED, HEADER_ENCODING, HEADER_EXPIRES_AT, HEADER_IDEMPOTENCY_KEY,
-    HEADER_ORIGINAL_ID, HEADER_REPLAY_GROUP, HEADER_REPLAY_OF, HEADER_ROUTED_FROM,
-    HEADER_ROUTE_HOPS, HEADER_SCHEMA_VERSION, MAX_HEADERS, MAX_HEADER_NAME_LEN,
+    DeadLetterQuery, DeadLetterStats, Delivery, Error, FailureKind, Grant, GroupInfo,
+    GroupPlacement, Health, HealthCheck, Limit, Message, MessageId, NameError, NotFound, Outgoing,
+    Placement, RateLimit, Result, Retention, Settlement, StartPosition, Subscription, Timestamp,
+    TopicInfo, HEADER_CONTENT_TYPE, HEADER_EDITED, HEADER_ENCODING, HEADER_EXPIRES_AT,
+    HEADER_IDEMPOTENCY_KEY, HEADER_ORIGINAL_ID, HEADER_REPLAY_GROUP, HEADER_REPLAY_OF,
+    HEADER_ROUTED_FROM, HEADER_ROUTE_HOPS, HEADER_SCHEMA_VERSION, MAX_HEADERS, MAX_HEADER_NAME_LEN,
     MAX_HEADER_VALUE_LEN, MAX_KIND_LEN, MAX_NAME_LEN, MAX_RESERVED_HEADERS, RESERVED_HEADER_PREFIX,
 };
 #[cfg(feature = "embedded")]

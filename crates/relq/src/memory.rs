@@ -83,6 +83,8 @@ pub struct MemoryBackend {
 struct State {
     topics: HashMap<String, Topic>,
     next_epoch: u64,
+    /// Rate limit buckets by `<topic>/<group>`.
+    buckets: relq_core::TokenBuckets,
 }
 
 impl State {
@@ -1184,8 +1186,7 @@ impl Backend for MemoryBackend {
 
     async fn record_processed(
         &self,
-        topic: &str,
-        group: &str,
+        sub: &Subscription,
         key: &str,
         ttl: Duration,
     ) -> Result<(), BackendError> {
@@ -1193,14 +1194,28 @@ impl Backend for MemoryBackend {
         let mut state = self.lock();
         if let Some(g) = state
             .topics
-            .get_mut(topic)
-            .and_then(|t| t.groups.get_mut(group))
+            .get_mut(&sub.topic)
+            .filter(|t| t.epoch == sub.epoch)
+            .and_then(|t| t.groups.get_mut(&sub.group))
         {
             g.processed.prune(now.0, |_| {});
             let until = now.plus(ttl.min(relq_core::MAX_DEDUP_WINDOW)).0;
             g.processed.insert(key, MessageId::ZERO, until);
         }
         Ok(())
+    }
+
+    async fn take_tokens(
+        &self,
+        topic: &str,
+        group: &str,
+        want: u32,
+        limit: relq_core::RateLimit,
+    ) -> Result<relq_core::Grant, BackendError> {
+        // Whole milliseconds add up exactly (each take moves the bucket's time to now).
+        let now = Timestamp::now().0 as f64;
+        let name = format!("{topic}/{group}");
+        Ok(self.lock().buckets.take(&name, want, limit, now))
     }
 }
 

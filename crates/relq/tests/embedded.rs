@@ -1387,30 +1387,43 @@ async fn a_terminated_topics_keys_do_not_answer_for_its_successor_after_a_reopen
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn processed_records_survive_a_reopen_until_they_expire_or_their_group_goes() {
     let dir = TempDir::new("processed");
+    let brief = Duration::from_secs(1);
     {
         let b = open(&dir);
-        b.create_group("t", "g", StartPosition::Earliest)
+        let g = b
+            .join("t", "g", "c", StartPosition::Earliest)
             .await
             .unwrap();
-        b.create_group("t", "h", StartPosition::Earliest)
+        let h = b
+            .join("t", "h", "c", StartPosition::Earliest)
             .await
             .unwrap();
-        b.record_processed("t", "g", "k:long", Duration::from_secs(600))
+        b.record_processed(&g, "k:long", Duration::from_secs(600))
             .await
             .unwrap();
-        b.record_processed("t", "g", "k:brief", Duration::from_millis(100))
+        b.record_processed(&g, "k:brief", brief).await.unwrap();
+        b.record_processed(&h, "k:long", Duration::from_secs(600))
             .await
             .unwrap();
-        b.record_processed("t", "h", "k:long", Duration::from_secs(600))
+        // No group, no record; nor for an older generation of the topic.
+        let nobody = relq::Subscription {
+            group: "nobody".into(),
+            ..g.clone()
+        };
+        b.record_processed(&nobody, "k:long", Duration::from_secs(600))
             .await
             .unwrap();
-        // No group, no record.
-        b.record_processed("t", "nobody", "k:long", Duration::from_secs(600))
+        let stale = relq::Subscription {
+            epoch: g.epoch + 1,
+            ..g.clone()
+        };
+        b.record_processed(&stale, "k:stale", Duration::from_secs(600))
             .await
             .unwrap();
-        assert!(b.processed("t", "g", "k:brief").await.unwrap());
+        assert!(!b.processed("t", "g", "k:stale").await.unwrap());
     }
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // The brief record's time passes while the engine is closed.
+    tokio::time::sleep(brief + Duration::from_millis(100)).await;
     {
         let b = open(&dir);
         assert!(b.processed("t", "g", "k:long").await.unwrap());

@@ -216,7 +216,12 @@ async fn skip_processed_stops_a_claimed_message_whose_ack_was_lost_from_running_
         assert_eq!(pending(&broker).await, 1, "the ack never arrived");
         faults.refuse_settle(false);
         let v = consumer("v").start().await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         while pending(&broker).await > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never claimed and settled"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let report = v.shutdown(Duration::from_secs(1)).await;
@@ -228,4 +233,73 @@ async fn skip_processed_stops_a_claimed_message_whose_ack_was_lost_from_running_
             assert_eq!(report.stats.already_processed, 0);
         }
     }
+}
+
+/// With `skip_processed`, a check the backend fails is a retryable failure (category
+/// `processed_check`, the handler not run: here until the attempts run out); a record that
+/// fails after a success leaves the message acknowledged (its work is done), unrecorded.
+#[tokio::test(start_paused = true)]
+async fn skip_processed_fails_a_failed_check_and_acks_despite_a_failed_record() {
+    let backend = Faulty::new(MemoryBackend::new());
+    let faults = backend.faults();
+    let broker = Broker::new(backend);
+    let runs = Arc::new(AtomicU32::new(0));
+    let (r, f) = (runs.clone(), faults.clone());
+    let c = broker
+        .consumer("t", "g")
+        .start(StartPosition::Earliest)
+        .skip_processed(Duration::from_secs(600))
+        .retry(relq::Backoff::fixed(Duration::from_millis(100)).max_attempts(2))
+        .handler("job", move |m: Message| {
+            r.fetch_add(1, Ordering::Relaxed);
+            // The backend goes down while this one runs: its record fails.
+            if &m.payload[..] == b"y" {
+                f.fail_processed(true);
+            }
+            async { Ok(()) }
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    faults.fail_processed(true);
+    broker
+        .publish("t", NewMessage::new("job", "x"))
+        .await
+        .unwrap();
+    while c.stats().dead_lettered == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no dead letter");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(runs.load(Ordering::Relaxed), 0, "not run while unchecked");
+    let dl = broker
+        .dead_letters("t")
+        .list(&relq::DeadLetterQuery::all())
+        .await
+        .unwrap();
+    assert_eq!(dl[0].category.as_deref(), Some("processed_check"), "{dl:?}");
+    faults.fail_processed(false);
+    let y = broker
+        .publish("t", NewMessage::new("job", "y"))
+        .await
+        .unwrap();
+    while c.stats().processed == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "y never acked");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let report = c.shutdown(Duration::from_secs(1)).await;
+    assert_eq!(runs.load(Ordering::Relaxed), 1);
+    assert_eq!(report.stats.dead_lettered, 1);
+    assert_eq!(pending(&broker).await, 0, "y is acknowledged");
+    faults.fail_processed(false);
+    assert!(
+        !broker
+            .backend()
+            .processed("t", "g", &format!("i:{y}"))
+            .await
+            .unwrap(),
+        "the failed record is not there"
+    );
 }

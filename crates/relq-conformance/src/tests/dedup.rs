@@ -296,4 +296,31 @@ pub async fn skip_processed_acknowledges_a_processed_key_unhandled(b: Broker) {
         .await
         .unwrap();
     assert!(!b.backend().processed(&topic, "g", "k:pay-1").await.unwrap());
+    // Nothing is recorded for a group that does not exist, nor for an ended generation.
+    let sub = b
+        .backend()
+        .join(&topic, "g", "probe", StartPosition::Earliest)
+        .await
+        .unwrap();
+    let nobody = relq::Subscription {
+        group: "nobody".into(),
+        ..sub.clone()
+    };
+    let ttl = Duration::from_secs(600);
+    b.backend()
+        .record_processed(&nobody, "k:x", ttl)
+        .await
+        .unwrap();
+    assert!(!b
+        .backend()
+        .processed(&topic, "nobody", "k:x")
+        .await
+        .unwrap());
+    assert!(b.terminate(&topic).await.unwrap());
+    b.create_group(&topic, "g", StartPosition::Earliest)
+        .await
+        .unwrap();
+    // A late record of the terminated generation does not reach the new group.
+    let _ = b.backend().record_processed(&sub, "k:late", ttl).await;
+    assert!(!b.backend().processed(&topic, "g", "k:late").await.unwrap());
 }

@@ -17,7 +17,7 @@ use crate::filter::Filter;
 use crate::handler::{BatchConfig, BatchHandler, Handler};
 use crate::pattern::TopicPattern;
 use crate::retry::{Backoff, RetryPolicy};
-use relq_core::{validate_kind, validate_name, Result, StartPosition};
+use relq_core::{validate_kind, validate_name, RateLimit, Result, StartPosition};
 use relq_core::{BackendError, BackendErrorKind, ConfigError, Error};
 use runtime::Runner;
 pub(crate) use runtime::DECODE_CATEGORY;
@@ -197,6 +197,8 @@ pub(crate) struct Config {
     pub(crate) filters: Vec<Filter>,
     /// Record handled messages' keys for this long, and skip a message whose key is recorded.
     pub(crate) skip_processed: Option<Duration>,
+    /// The group's rate limit, shared through the backend.
+    pub(crate) rate_limit: Option<RateLimit>,
 }
 
 /// Where dead letters are also published (seed 000's failure topic): `<topic><suffix>`, each
@@ -272,6 +274,7 @@ pub struct ConsumerBuilder {
     on_expired: OnExpired,
     filters: Vec<Filter>,
     skip_processed: Option<Duration>,
+    rate_limit: Option<RateLimit>,
     /// Set by [`Broker::consumer_matching`]: `topic` is a pattern.
     matching: bool,
     discover_every: Duration,
@@ -322,6 +325,7 @@ impl ConsumerBuilder {
             on_expired: d.on_expired,
             filters: Vec::new(),
             skip_processed: None,
+            rate_limit: None,
             matching: false,
             discover_every: Duration::from_secs(5),
         }
@@ -361,6 +365,19 @@ impl ConsumerBuilder {
     /// Costs a backend call before and after each handler. Single-message handlers only.
     pub fn skip_processed(mut self, ttl: Duration) -> Self {
         self.skip_processed = Some(ttl);
+        self
+    }
+
+    /// Limits the whole group to `limit` ([`RateLimit`], e.g. `"100/s".parse()?`): every
+    /// consumer of the group takes tokens from one bucket kept by the backend (on Redis shared
+    /// by every process, on the embedded engine by every process using the directory) before
+    /// it fetches, and fetches only as many messages as it got tokens for. A message over the
+    /// limit waits in the topic: it is not fetched, not failed and burns no attempt. Retries,
+    /// recoveries and claims count against the limit like first deliveries. Give every
+    /// consumer of the group the same limit (each take uses the caller's). The wait is in
+    /// `relq_rate_limit_wait_seconds`. A rate-limited consumer fetches one batch at a time.
+    pub fn rate_limit(mut self, limit: RateLimit) -> Self {
+        self.rate_limit = Some(limit);
         self
     }
 
@@ -665,6 +682,7 @@ impl ConsumerBuilder {
                 max_payload,
                 filters: self.filters,
                 skip_processed: self.skip_processed,
+                rate_limit: self.rate_limit,
             }),
         })
     }

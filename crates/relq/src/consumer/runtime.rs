@@ -35,7 +35,7 @@ use crate::retry::Failure;
 use relq_core::DeadLetter;
 use relq_core::{instant_after, MessageId, Outgoing, Timestamp, HEADER_REPLAY_GROUP};
 use relq_core::{AttemptFailure, Backend, Delivery, FailureKind, Settlement, Subscription};
-use relq_core::{BackendError, BackendErrorKind};
+use relq_core::{BackendError, BackendErrorKind, RateLimit};
 
 /// The error category of a payload that could not be decoded (decompressed, or decoded by a
 /// typed handler).
@@ -144,6 +144,7 @@ struct Meters {
     dead_lettered: metrics::Counter,
     filtered: metrics::Counter,
     already_processed: metrics::Counter,
+    rate_wait: metrics::Histogram,
 }
 
 impl Meters {
@@ -159,6 +160,7 @@ impl Meters {
             dead_lettered: metrics::counter!("relq_dead_lettered_total", &labels),
             filtered: metrics::counter!("relq_filtered_total", &labels),
             already_processed: metrics::counter!("relq_already_processed_total", &labels),
+            rate_wait: metrics::histogram!("relq_rate_limit_wait_seconds", &labels),
         }
     }
 }
@@ -604,6 +606,8 @@ async fn worker<H: Handler>(
         }
     }
     let _counted = Counted(work.clone());
+    // Read once: the consumer's config does not change.
+    let skip = ctx.upgrade().and_then(|c| Skip::of(&c));
     let mut ran = false;
     // Only a multi-threaded runtime keeps a woken task in a slot of the waking thread.
     let lifo = tokio::runtime::Handle::current().runtime_flavor()
@@ -649,10 +653,10 @@ async fn worker<H: Handler>(
         };
         // With `skip_processed`: a message whose key a handler of this group already
         // processed is acknowledged without running again.
-        let processed_key = match skip_processed(&ctx) {
-            Some(_) => {
+        let processed_key = match &skip {
+            Some(skip) => {
                 let key = processed_key(&message);
-                match already_processed(&job, &ctx, &key).await {
+                match skip.check(&job, &ctx, &key).await {
                     Checked::Run => Some(key),
                     Checked::Done => continue,
                     Checked::Stop => return,
@@ -686,16 +690,25 @@ async fn worker<H: Handler>(
             }
         };
         let ended = Instant::now();
+        // With `skip_processed`, a success is taken first (the watchdog no longer times it
+        // out), then its key recorded, then acknowledged.
+        let recorded = match (&skip, &processed_key, &result) {
+            (Some(skip), Some(key), Some(Ok(Ok(())))) => {
+                let taken = job.take_ok();
+                if taken.is_some() {
+                    skip.record(key).await;
+                }
+                Some(taken)
+            }
+            _ => None,
+        };
         let Some(ctx) = ctx.upgrade() else {
             return;
         };
-        if let (Some(key), Some(Ok(Ok(())))) = (&processed_key, &result) {
-            record_processed(&ctx, key).await;
-        }
         // A success needs only the id and publish time from the job; a failure the delivery.
         let settled = match result {
-            Some(Ok(Ok(()))) => job
-                .take_ok()
+            Some(Ok(Ok(()))) => recorded
+                .unwrap_or_else(|| job.take_ok())
                 .map(|(id, published_at, permit)| (ack(&ctx, id, published_at, ended), permit)),
             Some(r) => job.take(false).map(|(d, permit)| {
                 let outcome = match r {
@@ -722,83 +735,118 @@ async fn worker<H: Handler>(
     }
 }
 
-/// The record time of `skip_processed`, if the consumer has it.
-fn skip_processed(ctx: &std::sync::Weak<Ctx>) -> Option<Duration> {
-    ctx.upgrade().and_then(|c| c.config.skip_processed)
+/// A worker's `skip_processed` setting, with what its backend calls need (so no `Ctx` is held
+/// across them: a shutdown must not wait for a backend call to give up).
+struct Skip {
+    backend: Arc<dyn Backend>,
+    sub: Subscription,
+    ttl: Duration,
+    record_failures: metrics::Counter,
+}
+
+impl Skip {
+    fn of(ctx: &Ctx) -> Option<Skip> {
+        let ttl = ctx.config.skip_processed?;
+        Some(Skip {
+            backend: ctx.backend.clone(),
+            sub: ctx.sub.clone(),
+            ttl,
+            record_failures: metrics::counter!(
+                "relq_processed_record_failures_total",
+                "topic" => ctx.sub.topic.clone(),
+                "group" => ctx.sub.group.clone()
+            ),
+        })
+    }
+
+    /// Checks a message's processed record. A recorded one is acknowledged without running; a
+    /// failed check is a retryable failure (category `processed_check`): running the handler
+    /// then could repeat work already done. A job the watchdog settled meanwhile (timed out, or
+    /// left pending at an abort) is not run.
+    async fn check(&self, job: &Job, ctx: &std::sync::Weak<Ctx>, key: &str) -> Checked {
+        let found = self
+            .backend
+            .processed(&self.sub.topic, &self.sub.group, key)
+            .await;
+        if job.is_done() {
+            return if job.replaced() {
+                Checked::Stop
+            } else {
+                Checked::Done
+            };
+        }
+        match found {
+            Ok(false) => Checked::Run,
+            Ok(true) => {
+                let Some(c) = ctx.upgrade() else {
+                    return Checked::Stop;
+                };
+                let Some((id, _, permit)) = job.take_ok() else {
+                    return if job.replaced() {
+                        Checked::Stop
+                    } else {
+                        Checked::Done
+                    };
+                };
+                c.counters.already_processed.fetch_add(1, Ordering::Relaxed);
+                c.meters.already_processed.increment(1);
+                queue(&c, Settlement::Ack(id)).await;
+                drop(permit);
+                Checked::Done
+            }
+            Err(e) => {
+                let outcome = Outcome::Failed {
+                    kind: FailureKind::Retryable,
+                    chain: vec![format!("checking whether it was already processed: {e}")],
+                    category: Some("processed_check".to_owned()),
+                    backtrace: None,
+                };
+                if settle_unrun(job, ctx, HandlerName::None, outcome).await {
+                    Checked::Done
+                } else {
+                    Checked::Stop
+                }
+            }
+        }
+    }
+
+    /// Records a handled message's key (before its ack is queued). A failure is logged and
+    /// counted, and the message acknowledged anyway: the handler's work is done, and a
+    /// redelivery would repeat it (what the record only narrows).
+    async fn record(&self, key: &str) {
+        if let Err(e) = self
+            .backend
+            .record_processed(&self.sub, key, self.ttl)
+            .await
+        {
+            self.record_failures.increment(1);
+            tracing::warn!(error = %e, topic = %self.sub.topic, group = %self.sub.group, key, "recording a processed key failed; acknowledging anyway (a redelivery would run it again)");
+        }
+    }
 }
 
 /// The key a message is recorded as processed under: its idempotency key (so a message
-/// published twice counts once), else its id (a redelivery of the same message).
+/// published twice counts once), else (also for an empty key) its id (a redelivery of the same
+/// message).
 fn processed_key(m: &relq_core::Message) -> String {
-    match m.header(relq_core::HEADER_IDEMPOTENCY_KEY) {
+    match m
+        .header(relq_core::HEADER_IDEMPOTENCY_KEY)
+        .filter(|k| !k.is_empty())
+    {
         Some(k) => format!("k:{k}"),
         None => format!("i:{}", m.id),
     }
 }
 
-/// What `already_processed` found.
+/// What `Skip::check` found.
 enum Checked {
     /// Not recorded: run the handler.
     Run,
-    /// Recorded (acknowledged unrun, counted), or the check failed (a retry scheduled): next.
+    /// Recorded (acknowledged unrun, counted), the check failed (a retry scheduled), or the
+    /// watchdog settled the job meanwhile: next.
     Done,
-    /// The consumer is gone.
+    /// The consumer is gone, or this worker was replaced.
     Stop,
-}
-
-/// Checks a message's processed record. A recorded one is acknowledged without running; a
-/// failed check is a retryable failure (category `processed_check`): running the handler then
-/// could repeat work already done.
-async fn already_processed(job: &Job, ctx: &std::sync::Weak<Ctx>, key: &str) -> Checked {
-    let Some(c) = ctx.upgrade() else {
-        return Checked::Stop;
-    };
-    match c.backend.processed(&c.sub.topic, &c.sub.group, key).await {
-        Ok(false) => Checked::Run,
-        Ok(true) => {
-            let Some((id, _, permit)) = job.take_ok() else {
-                return if job.replaced() {
-                    Checked::Stop
-                } else {
-                    Checked::Done
-                };
-            };
-            c.counters.already_processed.fetch_add(1, Ordering::Relaxed);
-            c.meters.already_processed.increment(1);
-            queue(&c, Settlement::Ack(id)).await;
-            drop(permit);
-            Checked::Done
-        }
-        Err(e) => {
-            let outcome = Outcome::Failed {
-                kind: FailureKind::Retryable,
-                chain: vec![format!("checking whether it was already processed: {e}")],
-                category: Some("processed_check".to_owned()),
-                backtrace: None,
-            };
-            drop(c);
-            if settle_unrun(job, ctx, HandlerName::None, outcome).await {
-                Checked::Done
-            } else {
-                Checked::Stop
-            }
-        }
-    }
-}
-
-/// Records a handled message's key (before its ack is queued). A failure is logged and
-/// counted, and the message acknowledged anyway: the handler's work is done, and a redelivery
-/// would repeat it (what the record only narrows).
-async fn record_processed(ctx: &Ctx, key: &str) {
-    let Some(ttl) = ctx.config.skip_processed else {
-        return;
-    };
-    let (topic, group) = (&ctx.sub.topic, &ctx.sub.group);
-    if let Err(e) = ctx.backend.record_processed(topic, group, key, ttl).await {
-        metrics::counter!("relq_processed_record_failures_total", "topic" => topic.clone(), "group" => group.clone())
-            .increment(1);
-        tracing::warn!(error = %e, topic = %topic, group = %group, key, "recording a processed key failed; acknowledging anyway (a redelivery would run it again)");
-    }
 }
 
 /// Whether `m` passes the group's filters. Filters on the type and headers judge the message as
@@ -1247,7 +1295,9 @@ async fn fetch_loop(
         let in_flight = reads.iter().filter(|r| r.is_some()).count();
         let (permit, fetched, kind) = if in_flight > 0 {
             // No read ahead once recovery or a claim is due: the reads out drain first.
+            // A rate-limited consumer takes its tokens before each fetch, one fetch at a time.
             let another = in_flight < READS_IN_FLIGHT
+                && c.rate_limit.is_none()
                 && !recovering
                 && Instant::now() < next_claim
                 && !held(&ctx.held).recover;
@@ -1309,6 +1359,20 @@ async fn fetch_loop(
             // Every free permit (up to a read's size) is taken now, so a read asks for as many
             // messages as can start, and each starts without waiting on the semaphore again.
             top_up(permits, &mut permit, read_permits(c, backlog));
+            if let Some(limit) = c.rate_limit {
+                // Fetch only as many messages as the group's rate limit has tokens for; with
+                // none, wait (nothing is fetched, so nothing burns an attempt).
+                match take_tokens(ctx, limit, permit.num_permits(), stop, fatal).await {
+                    Tokens::Granted(n) if n < permit.num_permits() => {
+                        if let Some(keep) = permit.split(n) {
+                            drop(permit);
+                            permit = keep;
+                        }
+                    }
+                    Tokens::Granted(_) => {}
+                    Tokens::Again => continue,
+                }
+            }
             let max = permit.num_permits();
             let now = Instant::now();
             let claiming = !recovering && now >= next_claim;
@@ -1395,6 +1459,48 @@ async fn fetch_loop(
         }
         start(ctx, &mut staged);
     }
+}
+
+/// What `take_tokens` got.
+enum Tokens {
+    /// Fetch at most this many (at least one).
+    Granted(usize),
+    /// None (it waited, or a stop came): back to the top of the fetch loop.
+    Again,
+}
+
+/// Takes up to `want` tokens of the group's rate limit. With none, waits until one should be
+/// there (or a stop) and answers `Again`; a backend failure waits a moment likewise (the fetch
+/// would likely fail too).
+async fn take_tokens(
+    ctx: &Ctx,
+    limit: RateLimit,
+    want: usize,
+    stop: &mut watch::Receiver<Option<Duration>>,
+    fatal: &mut watch::Receiver<Option<StopReason>>,
+) -> Tokens {
+    let want = u32::try_from(want).unwrap_or(u32::MAX);
+    let wait = match ctx
+        .backend
+        .take_tokens(&ctx.sub.topic, &ctx.sub.group, want, limit)
+        .await
+    {
+        Ok(g) if g.granted > 0 => return Tokens::Granted(g.granted as usize),
+        Ok(g) => g
+            .retry_after
+            .clamp(Duration::from_millis(1), Duration::from_secs(1)),
+        Err(e) => {
+            tracing::warn!(error = %e, "taking rate limit tokens failed; retrying");
+            Duration::from_millis(200)
+        }
+    };
+    ctx.meters.rate_wait.record(wait.as_secs_f64());
+    tokio::select! {
+        () = tokio::time::sleep(wait) => {}
+        _ = changed(stop) => {}
+        _ = changed(fatal) => {}
+    }
+    Tokens::Again
 }
 
 /// Resolves when `rx` changes; never, once its sender is gone (a dropped `ConsumerHandle` must not

@@ -1,0 +1,207 @@
+//! Rate limits: a group's limit, and the token buckets that backends keeping them in process use.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ConfigError, Error};
+
+/// At most `n` messages per `per` for a consumer group, across every consumer of the group: a
+/// token bucket holding up to `n` tokens, refilled at `n / per`. A message over the limit waits
+/// (it is not fetched, so it burns no attempt).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateLimit {
+    n: u32,
+    #[serde(with = "millis")]
+    per: Duration,
+}
+
+mod millis {
+    use super::*;
+    pub(super) fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+    pub(super) fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
+    }
+}
+
+/// The longest period of a rate limit: a day.
+const MAX_PER: Duration = Duration::from_secs(24 * 3600);
+
+impl RateLimit {
+    /// At most `n` messages per `per`.
+    ///
+    /// # Errors
+    /// `n` is zero, or `per` is under a millisecond or over a day.
+    pub fn new(n: u32, per: Duration) -> Result<RateLimit, Error> {
+        if n == 0 {
+            return Err(ConfigError::new(
+                "rate_limit",
+                "the number of messages must be above zero",
+            )
+            .into());
+        }
+        if per < Duration::from_millis(1) || per > MAX_PER {
+            return Err(ConfigError::new(
+                "rate_limit",
+                format!("the period must be from 1ms to 1 day, not {per:?}"),
+            )
+            .into());
+        }
+        Ok(RateLimit { n, per })
+    }
+
+    /// The messages allowed per period (and the bucket's size).
+    pub fn n(&self) -> u32 {
+        self.n
+    }
+
+    /// The period.
+    pub fn per(&self) -> Duration {
+        self.per
+    }
+
+    /// Tokens added per millisecond.
+    pub fn per_ms(&self) -> f64 {
+        f64::from(self.n) / (self.per.as_secs_f64() * 1000.0)
+    }
+}
+
+impl std::fmt::Display for RateLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.per {
+            p if p == Duration::from_secs(1) => write!(f, "{}/s", self.n),
+            p if p == Duration::from_secs(60) => write!(f, "{}/m", self.n),
+            p if p == Duration::from_secs(3600) => write!(f, "{}/h", self.n),
+            p => write!(f, "{}/{}", self.n, humantime::format_duration(p)),
+        }
+    }
+}
+
+/// `"100/s"`, `"5/m"`, `"1000/h"`, or a count over any duration: `"50/10s"`.
+impl FromStr for RateLimit {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<RateLimit, Error> {
+        let bad = |why: &str| -> Error {
+            ConfigError::new(
+                "rate_limit",
+                format!(
+                    "{:?} is not a rate limit like 100/s, 5/m or 50/10s: {why}",
+                    crate::shorten(s)
+                ),
+            )
+            .into()
+        };
+        let (n, per) = s.split_once('/').ok_or_else(|| bad("no /"))?;
+        let n: u32 = n
+            .trim()
+            .parse()
+            .map_err(|_| bad("the count is not a whole number"))?;
+        let per = match per.trim() {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "m" | "min" | "minute" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            other => humantime::parse_duration(other).map_err(|e| bad(&e.to_string()))?,
+        };
+        RateLimit::new(n, per)
+    }
+}
+
+/// What a request for tokens got: `granted` of those asked for (maybe none), and, when none,
+/// how long until one is there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    /// Tokens granted.
+    pub granted: u32,
+    /// With none granted: when to ask again.
+    #[serde(with = "millis")]
+    pub retry_after: Duration,
+}
+
+/// Token buckets by name, for a backend that keeps them in its process (the in-memory backend,
+/// the embedded engine). Times are a monotonic clock's, in milliseconds.
+#[derive(Debug, Default)]
+pub struct TokenBuckets {
+    buckets: HashMap<String, (f64, f64)>,
+}
+
+impl TokenBuckets {
+    /// Takes up to `want` tokens from bucket `name` under `limit` at `now_ms`; a new bucket
+    /// starts full.
+    pub fn take(&mut self, name: &str, want: u32, limit: RateLimit, now_ms: f64) -> Grant {
+        let cap = f64::from(limit.n());
+        let rate = limit.per_ms();
+        let (tokens, at) = self.buckets.entry(name.to_owned()).or_insert((cap, now_ms));
+        *tokens = (*tokens + (now_ms - *at).max(0.0) * rate).min(cap);
+        *at = now_ms.max(*at);
+        let granted = (*tokens).floor().min(f64::from(want)).max(0.0);
+        *tokens -= granted;
+        // Whole tokens only: `granted` is below u32::MAX (it is at most `want`).
+        let granted = granted as u32;
+        let retry_after = if granted == 0 {
+            Duration::from_secs_f64(((1.0 - *tokens) / rate).max(0.0) / 1000.0)
+                .max(Duration::from_millis(1))
+        } else {
+            Duration::ZERO
+        };
+        Grant {
+            granted,
+            retry_after,
+        }
+    }
+
+    /// Forgets the buckets whose names `gone` says.
+    pub fn forget(&mut self, mut gone: impl FnMut(&str) -> bool) {
+        self.buckets.retain(|k, _| !gone(k));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_shows_rate_limits() {
+        for (text, n, per) in [
+            ("100/s", 100, Duration::from_secs(1)),
+            ("5/m", 5, Duration::from_secs(60)),
+            ("7/h", 7, Duration::from_secs(3600)),
+            ("50/10s", 50, Duration::from_secs(10)),
+        ] {
+            let r: RateLimit = text.parse().unwrap();
+            assert_eq!((r.n(), r.per()), (n, per));
+            assert_eq!(r.to_string().parse::<RateLimit>().unwrap(), r);
+        }
+        for bad in ["", "100", "0/s", "x/s", "1/0s", "1/2d", "-1/s", "1/banana"] {
+            assert!(bad.parse::<RateLimit>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_bucket_grants_its_size_then_its_rate() {
+        let limit = RateLimit::new(10, Duration::from_secs(1)).unwrap();
+        let mut b = TokenBuckets::default();
+        assert_eq!(b.take("g", 4, limit, 0.0).granted, 4);
+        assert_eq!(b.take("g", 100, limit, 0.0).granted, 6);
+        let none = b.take("g", 1, limit, 0.0);
+        assert_eq!(none.granted, 0);
+        assert_eq!(none.retry_after, Duration::from_millis(100));
+        // 250 ms later: 2.5 tokens, 2 granted.
+        assert_eq!(b.take("g", 100, limit, 250.0).granted, 2);
+        // Over 10 s at most 10 + 100 are granted, whatever the asks.
+        let mut total = 0;
+        let mut t = 250.0;
+        while t < 10_250.0 {
+            t += 7.0;
+            total += b.take("g", 3, limit, t).granted;
+        }
+        assert!((99..=101).contains(&total), "{total}");
+        // Another bucket is full.
+        assert_eq!(b.take("h", 100, limit, t).granted, 10);
+    }
+}
