@@ -110,14 +110,23 @@ pub(crate) async fn run(args: RateArgs, json_out: bool) -> anyhow::Result<()> {
                     .await?,
             );
         }
+        // The limit needs (messages - bucket) / rate; ten times that (and a minute) is a hang.
+        let limit_per_s = f64::from(args.limit.n()) / args.limit.per().as_secs_f64();
+        let give_up =
+            Duration::from_secs_f64((args.messages - bucket) as f64 / limit_per_s * 10.0 + 60.0);
         while handled.load(Ordering::Relaxed) < args.messages {
+            anyhow::ensure!(
+                started.elapsed() < give_up,
+                "only {} of {} messages handled after {give_up:?}",
+                handled.load(Ordering::Relaxed),
+                args.messages
+            );
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let took = started.elapsed().as_secs_f64();
         for c in consumers {
             c.shutdown(Duration::from_secs(10)).await;
         }
-        let limit_per_s = f64::from(args.limit.n()) / args.limit.per().as_secs_f64();
         let achieved = (args.messages - bucket) as f64 / took;
         let ratio = achieved / limit_per_s;
         crate::bench::say(

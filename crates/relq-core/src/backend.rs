@@ -638,7 +638,8 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<(), BackendError>;
 
     /// Takes up to `want` tokens from the rate limit bucket of `group` on `topic` (a bucket of
-    /// `limit.n()` tokens refilled at `limit`'s rate, created full). The bucket is shared by
+    /// `limit.n()` tokens refilled at `limit`'s rate, created full), first putting back
+    /// `give_back` tokens an earlier take got and did not use (never above the bucket's size). The bucket is shared by
     /// every consumer of the group that reaches this backend: on Redis every process, on the
     /// embedded engine every process using the directory, in memory the process. Not durable:
     /// a restart starts it full.
@@ -647,6 +648,7 @@ pub trait Backend: Send + Sync + 'static {
         topic: &str,
         group: &str,
         want: u32,
+        give_back: u32,
         limit: RateLimit,
     ) -> Result<Grant, BackendError>;
 }

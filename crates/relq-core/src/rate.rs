@@ -12,10 +12,26 @@ use crate::error::{ConfigError, Error};
 /// token bucket holding up to `n` tokens, refilled at `n / per`. A message over the limit waits
 /// (it is not fetched, so it burns no attempt).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "RawRateLimit")]
 pub struct RateLimit {
     n: u32,
     #[serde(with = "millis")]
     per: Duration,
+}
+
+/// A rate limit as it travels (the admin socket), checked by [`RateLimit::new`] when read.
+#[derive(Deserialize)]
+struct RawRateLimit {
+    n: u32,
+    #[serde(with = "millis")]
+    per: Duration,
+}
+
+impl TryFrom<RawRateLimit> for RateLimit {
+    type Error = String;
+    fn try_from(r: RawRateLimit) -> Result<RateLimit, String> {
+        RateLimit::new(r.n, r.per).map_err(|e| e.to_string())
+    }
 }
 
 mod millis {
@@ -131,13 +147,20 @@ pub struct TokenBuckets {
 }
 
 impl TokenBuckets {
-    /// Takes up to `want` tokens from bucket `name` under `limit` at `now_ms`; a new bucket
-    /// starts full.
-    pub fn take(&mut self, name: &str, want: u32, limit: RateLimit, now_ms: f64) -> Grant {
+    /// Puts back `give_back` unused tokens, then takes up to `want` from bucket `name` under
+    /// `limit` at `now_ms`; a new bucket starts full.
+    pub fn take(
+        &mut self,
+        name: &str,
+        want: u32,
+        give_back: u32,
+        limit: RateLimit,
+        now_ms: f64,
+    ) -> Grant {
         let cap = f64::from(limit.n());
         let rate = limit.per_ms();
         let (tokens, at) = self.buckets.entry(name.to_owned()).or_insert((cap, now_ms));
-        *tokens = (*tokens + (now_ms - *at).max(0.0) * rate).min(cap);
+        *tokens = (*tokens + f64::from(give_back) + (now_ms - *at).max(0.0) * rate).min(cap);
         *at = now_ms.max(*at);
         let granted = (*tokens).floor().min(f64::from(want)).max(0.0);
         *tokens -= granted;
@@ -186,22 +209,26 @@ mod tests {
     fn a_bucket_grants_its_size_then_its_rate() {
         let limit = RateLimit::new(10, Duration::from_secs(1)).unwrap();
         let mut b = TokenBuckets::default();
-        assert_eq!(b.take("g", 4, limit, 0.0).granted, 4);
-        assert_eq!(b.take("g", 100, limit, 0.0).granted, 6);
-        let none = b.take("g", 1, limit, 0.0);
+        assert_eq!(b.take("g", 4, 0, limit, 0.0).granted, 4);
+        assert_eq!(b.take("g", 100, 0, limit, 0.0).granted, 6);
+        let none = b.take("g", 1, 0, limit, 0.0);
         assert_eq!(none.granted, 0);
         assert_eq!(none.retry_after, Duration::from_millis(100));
         // 250 ms later: 2.5 tokens, 2 granted.
-        assert_eq!(b.take("g", 100, limit, 250.0).granted, 2);
+        assert_eq!(b.take("g", 100, 0, limit, 250.0).granted, 2);
+        // Unused tokens put back are taken again (never above the bucket's size).
+        assert_eq!(b.take("g", 100, 2, limit, 250.0).granted, 2);
+        assert_eq!(b.take("g", 100, 50, limit, 250.0).granted, 10);
+        assert_eq!(b.take("g", 100, 0, limit, 250.0).granted, 0);
         // Over 10 s at most 10 + 100 are granted, whatever the asks.
         let mut total = 0;
         let mut t = 250.0;
         while t < 10_250.0 {
             t += 7.0;
-            total += b.take("g", 3, limit, t).granted;
+            total += b.take("g", 3, 0, limit, t).granted;
         }
         assert!((99..=101).contains(&total), "{total}");
         // Another bucket is full.
-        assert_eq!(b.take("h", 100, limit, t).granted, 10);
+        assert_eq!(b.take("h", 100, 0, limit, t).granted, 10);
     }
 }

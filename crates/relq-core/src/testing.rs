@@ -317,8 +317,11 @@ impl<B: Backend> Backend for Faulty<B> {
         topic: &str,
         group: &str,
         want: u32,
+        give_back: u32,
         limit: crate::RateLimit,
     ) -> Result<crate::Grant, BackendError> {
-        self.inner.take_tokens(topic, group, want, limit).await
+        self.inner
+            .take_tokens(topic, group, want, give_back, limit)
+            .await
     }
 }

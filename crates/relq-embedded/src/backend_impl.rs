@@ -411,6 +411,8 @@ impl Backend for EmbeddedBackend {
 
     async fn terminate(&self, topic: &str) -> Result<bool, BackendError> {
         self.shared.writable()?;
+        let prefix = format!("{topic}/");
+        lock(&self.shared.buckets).forget(|k| k.starts_with(&prefix));
         let (reply, rx) = oneshot::channel();
         self.shared
             .call(
@@ -449,6 +451,8 @@ impl Backend for EmbeddedBackend {
             ts.ready.notify_waiters();
             inner.touch()
         };
+        let name = format!("{topic}/{group}");
+        lock(&s.buckets).forget(|k| k == name);
         s.durable(ticket).await?;
         Ok(true)
     }
@@ -1113,12 +1117,13 @@ impl Backend for EmbeddedBackend {
         topic: &str,
         group: &str,
         want: u32,
+        give_back: u32,
         limit: relq_core::RateLimit,
     ) -> Result<relq_core::Grant, BackendError> {
         self.shared.check()?;
         // Whole milliseconds add up exactly (each take moves the bucket's time to now).
         let now = Timestamp::now().0 as f64;
         let name = format!("{topic}/{group}");
-        Ok(lock(&self.shared.buckets).take(&name, want, limit, now))
+        Ok(lock(&self.shared.buckets).take(&name, want, give_back, limit, now))
     }
 }

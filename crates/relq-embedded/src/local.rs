@@ -166,6 +166,7 @@ enum Request {
         topic: String,
         group: String,
         want: u32,
+        give_back: u32,
         limit: relq_core::RateLimit,
     },
     DeadLetterStats {
@@ -489,8 +490,9 @@ async fn dispatch(b: &dyn Backend, req: Request) -> Answer {
             topic,
             group,
             want,
+            give_back,
             limit,
-        } => ok(b.take_tokens(&topic, &group, want, limit).await),
+        } => ok(b.take_tokens(&topic, &group, want, give_back, limit).await),
         R::RecordProcessed { sub, key, ttl_ms } => ok(b
             .record_processed(&sub, &key, Duration::from_millis(ttl_ms))
             .await),
@@ -1037,16 +1039,18 @@ impl Backend for LocalClient {
         topic: &str,
         group: &str,
         want: u32,
+        give_back: u32,
         limit: relq_core::RateLimit,
     ) -> Result<relq_core::Grant, BackendError> {
         let req = Request::TakeTokens {
             topic: topic.into(),
             group: group.into(),
             want,
+            give_back,
             limit,
         };
         self.run(req, move |b| {
-            Box::pin(async move { b.take_tokens(topic, group, want, limit).await })
+            Box::pin(async move { b.take_tokens(topic, group, want, give_back, limit).await })
         })
         .await
     }

@@ -960,15 +960,22 @@ impl Backend for RedisBackend {
         topic: &str,
         group: &str,
         want: u32,
+        give_back: u32,
         limit: relq_core::RateLimit,
     ) -> Result<relq_core::Grant, BackendError> {
         let stream = stream_key(topic);
         let pre = prefix(topic);
-        let rate = format!("{:.9}", limit.per_ms());
+        let per_ms = redis_millis(limit.per()).max(1);
+        // One attempt: the fetch loop waits and asks again (a stop must not wait out retries).
         let r: Value = self
-            .call(|mut c| {
+            .call_once(|mut c| {
                 let mut inv = self.scripts.take_tokens.key(&stream);
-                inv.arg(&pre).arg(group).arg(want).arg(limit.n()).arg(&rate);
+                inv.arg(&pre)
+                    .arg(group)
+                    .arg(want)
+                    .arg(limit.n())
+                    .arg(per_ms)
+                    .arg(give_back);
                 async move { inv.invoke_async(&mut c).await }
             })
             .await?;

@@ -229,22 +229,25 @@ return 1
 "#;
 
 /// Takes up to `want` tokens from a group's rate limit bucket (`g:{G}:rl`: tokens and the
-/// time of the last take, by the server's clock in ms), created full. ARGV: prefix, group,
-/// want, capacity, tokens per ms. Returns {granted, ms until a token is there (0 when some
-/// were granted)}. The bucket expires once it would be full again.
+/// time of the last take, by the server's clock in ms), created full, after putting back unused
+/// tokens. ARGV: prefix, group, want, capacity (n), period in ms, tokens to put back. Returns
+/// {granted, ms until a token is there (0 when some were granted)}. The bucket expires once it
+/// would be full again.
 pub(super) const TAKE_TOKENS: &str = r#"
 local key = gk(ARGV[2]) .. 'rl'
-local want, cap, rate = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local want, cap, per = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local rate = cap / per
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local st = redis.call('HMGET', key, 'tokens', 'at')
 local tokens, at = tonumber(st[1]), tonumber(st[2])
 if not tokens or not at then tokens, at = cap, now end
+tokens = math.min(cap, tokens + tonumber(ARGV[6]))
 if now > at then tokens = math.min(cap, tokens + (now - at) * rate) else now = at end
 local granted = math.max(0, math.min(want, math.floor(tokens)))
 tokens = tokens - granted
 redis.call('HSET', key, 'tokens', string.format('%.6f', tokens), 'at', string.format('%.3f', now))
-redis.call('PEXPIRE', key, math.ceil(cap / rate) + 1000)
+redis.call('PEXPIRE', key, per + 1000)
 local wait = 0
 if granted == 0 then wait = math.max(1, math.ceil((1 - tokens) / rate)) end
 return {granted, wait}

@@ -852,7 +852,12 @@ impl Backend for MemoryBackend {
     }
 
     async fn terminate(&self, topic: &str) -> Result<bool, BackendError> {
-        let existed = self.lock().topics.remove(topic).is_some();
+        let existed = {
+            let mut state = self.lock();
+            let prefix = format!("{topic}/");
+            state.buckets.forget(|k| k.starts_with(&prefix));
+            state.topics.remove(topic).is_some()
+        };
         self.ready.notify_waiters();
         self.space.notify_waiters();
         Ok(existed)
@@ -881,11 +886,15 @@ impl Backend for MemoryBackend {
     }
 
     async fn delete_group(&self, topic: &str, group: &str) -> Result<bool, BackendError> {
-        let existed = self
-            .lock()
-            .topics
-            .get_mut(topic)
-            .is_some_and(|t| t.groups.remove(group).is_some());
+        let existed = {
+            let mut state = self.lock();
+            let name = format!("{topic}/{group}");
+            state.buckets.forget(|k| k == name);
+            state
+                .topics
+                .get_mut(topic)
+                .is_some_and(|t| t.groups.remove(group).is_some())
+        };
         self.ready.notify_waiters();
         self.space.notify_waiters();
         Ok(existed)
@@ -1210,12 +1219,13 @@ impl Backend for MemoryBackend {
         topic: &str,
         group: &str,
         want: u32,
+        give_back: u32,
         limit: relq_core::RateLimit,
     ) -> Result<relq_core::Grant, BackendError> {
         // Whole milliseconds add up exactly (each take moves the bucket's time to now).
         let now = Timestamp::now().0 as f64;
         let name = format!("{topic}/{group}");
-        Ok(self.lock().buckets.take(&name, want, limit, now))
+        Ok(self.lock().buckets.take(&name, want, give_back, limit, now))
     }
 }
 

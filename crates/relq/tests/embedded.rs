@@ -1402,6 +1402,7 @@ async fn processed_records_survive_a_reopen_until_they_expire_or_their_group_goe
             .await
             .unwrap();
         b.record_processed(&g, "k:brief", brief).await.unwrap();
+        assert!(b.processed("t", "g", "k:brief").await.unwrap());
         b.record_processed(&h, "k:long", Duration::from_secs(600))
             .await
             .unwrap();

@@ -55,3 +55,34 @@ pub async fn a_rate_limited_group_stays_within_its_limit(b: Broker) {
         times[39] - started.0
     );
 }
+
+/// A slow limit (one message per 300 ms) on a consumer that looks for stuck messages every
+/// 100 ms: a look that finds nothing hands its token back, so the messages still flow at the
+/// limit instead of every token going to empty looks.
+pub async fn a_slow_rate_limit_is_not_spent_on_fetches_that_find_nothing(b: Broker) {
+    let topic = unique("rate-slow");
+    let limit = RateLimit::new(1, ms(300)).unwrap();
+    publish_n(&b, &topic, 5).await;
+    let log = Log::default();
+    let c = b
+        .consumer(&topic, "g")
+        .start(StartPosition::Earliest)
+        .rate_limit(limit)
+        .claim_after(ms(200))
+        .handler_timeout(ms(100))
+        .handler("job", ok_handler(&log))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    // At the limit, 4 messages beyond the bucket take 1.2 s; ten times that is starvation.
+    wait_until(
+        "5 handled at the limit",
+        Duration::from_secs(12),
+        || async { log.len() >= 5 },
+    )
+    .await;
+    c.shutdown(LONG).await;
+    assert_eq!(log.len(), 5);
+}

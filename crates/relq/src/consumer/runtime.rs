@@ -690,25 +690,19 @@ async fn worker<H: Handler>(
             }
         };
         let ended = Instant::now();
-        // With `skip_processed`, a success is taken first (the watchdog no longer times it
-        // out), then its key recorded, then acknowledged.
-        let recorded = match (&skip, &processed_key, &result) {
-            (Some(skip), Some(key), Some(Ok(Ok(())))) => {
-                let taken = job.take_ok();
-                if taken.is_some() {
-                    skip.record(key).await;
-                }
-                Some(taken)
-            }
-            _ => None,
-        };
+        // With `skip_processed`, a success's key is recorded before its ack. The record counts
+        // against the handler's time (the watchdog may time it out, or an abort leave it
+        // pending: then the wait for it ends, and the job is not taken below).
+        if let (Some(skip), Some(key), Some(Ok(Ok(())))) = (&skip, &processed_key, &result) {
+            until_cancelled(skip.record(key), &job.cancel).await;
+        }
         let Some(ctx) = ctx.upgrade() else {
             return;
         };
         // A success needs only the id and publish time from the job; a failure the delivery.
         let settled = match result {
-            Some(Ok(Ok(()))) => recorded
-                .unwrap_or_else(|| job.take_ok())
+            Some(Ok(Ok(()))) => job
+                .take_ok()
                 .map(|(id, published_at, permit)| (ack(&ctx, id, published_at, ended), permit)),
             Some(r) => job.take(false).map(|(d, permit)| {
                 let outcome = match r {
@@ -1285,6 +1279,10 @@ async fn fetch_loop(
     let mut backlog = false;
     // A second read waits for a quarter of a read's worth of free permits, so reads stay large.
     let ahead_at = c.read_batch.min(c.concurrency).div_ceil(4).max(1);
+    // Rate limited: the tokens the fetch out was granted, and those granted earlier and not
+    // used (a fetch that found fewer messages), put back at the next take.
+    let mut charged: Option<usize> = None;
+    let mut unused_tokens: u32 = 0;
     loop {
         if stop.borrow().is_some() {
             return StopReason::Shutdown;
@@ -1362,14 +1360,17 @@ async fn fetch_loop(
             if let Some(limit) = c.rate_limit {
                 // Fetch only as many messages as the group's rate limit has tokens for; with
                 // none, wait (nothing is fetched, so nothing burns an attempt).
-                match take_tokens(ctx, limit, permit.num_permits(), stop, fatal).await {
-                    Tokens::Granted(n) if n < permit.num_permits() => {
-                        if let Some(keep) = permit.split(n) {
-                            drop(permit);
-                            permit = keep;
+                let want = permit.num_permits();
+                match take_tokens(ctx, limit, want, &mut unused_tokens, stop, fatal).await {
+                    Tokens::Granted(n) => {
+                        if n < want {
+                            if let Some(keep) = permit.split(n) {
+                                drop(permit);
+                                permit = keep;
+                            }
                         }
+                        charged = Some(n.min(want));
                     }
-                    Tokens::Granted(_) => {}
                     Tokens::Again => continue,
                 }
             }
@@ -1395,6 +1396,12 @@ async fn fetch_loop(
             }
         };
         let max = permit.num_permits();
+        if let Some(n) = charged.take() {
+            // What the fetch did not use goes back at the next take (all of it when it failed).
+            let used = fetched.as_ref().map_or(0, Vec::len);
+            unused_tokens = unused_tokens
+                .saturating_add(u32::try_from(n.saturating_sub(used)).unwrap_or(u32::MAX));
+        }
         let mut deliveries = match fetched {
             Ok(d) => {
                 backoff = Duration::from_millis(50);
@@ -1469,26 +1476,33 @@ enum Tokens {
     Again,
 }
 
-/// Takes up to `want` tokens of the group's rate limit. With none, waits until one should be
-/// there (or a stop) and answers `Again`; a backend failure waits a moment likewise (the fetch
-/// would likely fail too).
+/// Takes up to `want` tokens of the group's rate limit, putting back `unused` (then zero). With
+/// none, waits until one should be there and answers `Again`; so does a backend failure (the
+/// fetch would likely fail too), after a moment. A stop or a fatal stop ends the wait, and the
+/// backend call, at once.
 async fn take_tokens(
     ctx: &Ctx,
     limit: RateLimit,
     want: usize,
+    unused: &mut u32,
     stop: &mut watch::Receiver<Option<Duration>>,
     fatal: &mut watch::Receiver<Option<StopReason>>,
 ) -> Tokens {
     let want = u32::try_from(want).unwrap_or(u32::MAX);
-    let wait = match ctx
-        .backend
-        .take_tokens(&ctx.sub.topic, &ctx.sub.group, want, limit)
-        .await
-    {
-        Ok(g) if g.granted > 0 => return Tokens::Granted(g.granted as usize),
-        Ok(g) => g
-            .retry_after
-            .clamp(Duration::from_millis(1), Duration::from_secs(1)),
+    let taken = tokio::select! {
+        r = ctx.backend.take_tokens(&ctx.sub.topic, &ctx.sub.group, want, *unused, limit) => r,
+        _ = changed(stop) => return Tokens::Again,
+        _ = changed(fatal) => return Tokens::Again,
+    };
+    let wait = match taken {
+        Ok(g) => {
+            *unused = 0;
+            if g.granted > 0 {
+                return Tokens::Granted(g.granted as usize);
+            }
+            g.retry_after
+                .clamp(Duration::from_millis(1), Duration::from_secs(1))
+        }
         Err(e) => {
             tracing::warn!(error = %e, "taking rate limit tokens failed; retrying");
             Duration::from_millis(200)
