@@ -22,7 +22,7 @@ use crate::jobs::JobView;
 use crate::problem::{ApiResult, Problem};
 use crate::views::{
     decode_payload, DeadLetterView, Encoding, FailureGroupView, GroupView, MessageView, Page,
-    TopicView,
+    RouteSourceView, RouteView, TopicView,
 };
 use crate::Shared;
 
@@ -160,6 +160,53 @@ pub(crate) async fn list_topics(State(s): St) -> ApiResult<Json<Vec<TopicView>>>
             Err(relq::Error::NotFound(_)) => {}
             Err(e) => return Err(e.into()),
         }
+    }
+    Ok(Json(out))
+}
+
+/// The configuration's routes (`[[routes]]`) and, on each topic their pattern matches, how far
+/// the route's group (`route.<name>`) is: its lag is what is still to be forwarded.
+#[utoipa::path(get, path = "/api/routes", tag = "topics",
+    responses((status = 200, body = Vec<RouteView>), (status = "default", body = Problem, content_type = "application/problem+json")))]
+pub(crate) async fn list_routes(State(s): St) -> ApiResult<Json<Vec<RouteView>>> {
+    let now = Timestamp::now();
+    let topics = if s.routes.is_empty() {
+        Vec::new()
+    } else {
+        s.broker.topics().await?
+    };
+    let mut out = Vec::new();
+    for r in &s.routes {
+        let group = format!("route.{}", r.name);
+        // The configuration was validated at start: the pattern parses.
+        let pattern = relq::TopicPattern::from_str(&r.from).map_err(Problem::from)?;
+        let mut sources = Vec::new();
+        for t in topics
+            .iter()
+            .filter(|t| pattern.matches(t) && **t != AUDIT_TOPIC)
+        {
+            let info = match s.broker.topic_info(t).await {
+                Ok(info) => info,
+                Err(relq::Error::NotFound(_)) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let g = info
+                .groups
+                .into_iter()
+                .find(|g| g.name == group)
+                .map(|g| GroupView::new(g, now));
+            sources.push(RouteSourceView {
+                topic: t.clone(),
+                group: g,
+            });
+        }
+        out.push(RouteView {
+            name: r.name.clone(),
+            from: r.from.clone(),
+            to: r.to.clone(),
+            group,
+            sources,
+        });
     }
     Ok(Json(out))
 }

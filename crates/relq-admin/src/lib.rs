@@ -50,6 +50,8 @@ pub(crate) struct Shared {
     pub(crate) metrics: Option<PrometheusHandle>,
     pub(crate) jobs: jobs::Jobs,
     pub(crate) prometheus: Option<latency::Prometheus>,
+    /// The routes of the configuration (`[[routes]]`), shown by `GET /api/routes`.
+    pub(crate) routes: Vec<relq::RouteSection>,
 }
 
 /// The admin server's router, built from a broker and options.
@@ -61,6 +63,7 @@ pub struct Admin {
     cors_origins: Vec<String>,
     max_body: usize,
     prometheus_url: Option<String>,
+    routes: Vec<relq::RouteSection>,
 }
 
 impl Admin {
@@ -73,6 +76,7 @@ impl Admin {
             cors_origins: Vec::new(),
             max_body: 4 << 20,
             prometheus_url: None,
+            routes: Vec::new(),
         }
     }
 
@@ -83,6 +87,13 @@ impl Admin {
         self.prometheus_url = server.prometheus_url.clone();
         self.cors_origins = server.cors_origins.clone();
         self.max_body = usize::try_from(server.max_body_bytes).unwrap_or(usize::MAX);
+        self
+    }
+
+    /// The routes `GET /api/routes` shows with their progress (the configuration's
+    /// `[[routes]]`, which `relq route` processes run).
+    pub fn routes(mut self, routes: Vec<relq::RouteSection>) -> Admin {
+        self.routes = routes;
         self
     }
 
@@ -106,6 +117,7 @@ impl Admin {
             tokens: auth::Tokens::new(self.tokens),
             metrics: self.metrics,
             jobs: jobs::Jobs::default(),
+            routes: self.routes,
             prometheus: self.prometheus_url.as_deref().and_then(|u| {
                 let p = latency::Prometheus::new(u);
                 if p.is_none() {
@@ -176,6 +188,7 @@ impl Admin {
                 "/api/topics/{topic}/dead-letters/{id}/replay",
                 post(api::replay_edited),
             )
+            .route("/api/routes", get(api::list_routes))
             .route("/api/whoami", get(api::whoami))
             .route("/api/latency", get(api::latency))
             .route("/api/audit", get(api::audit_log))
@@ -224,6 +237,7 @@ pub fn metrics_router(broker: Broker, handle: Option<PrometheusHandle>) -> Route
         metrics: handle,
         jobs: jobs::Jobs::default(),
         prometheus: None,
+        routes: Vec::new(),
     });
     Router::new()
         .route("/metrics", get(metrics))
@@ -247,7 +261,7 @@ pub fn openapi() -> String {
         api::publish, api::browse, api::get_message, api::locate, api::stop, api::resume,
         api::list_dead_letters, api::failure_groups, api::dead_letter_stats, api::get_dead_letter,
         api::replay, api::delete_dead_letters, api::purge_dead_letters, api::audit_log,
-        api::list_jobs, api::get_job, api::cancel_job, api::replay_edited, api::whoami, api::latency,
+        api::list_jobs, api::get_job, api::cancel_job, api::replay_edited, api::whoami, api::latency, api::list_routes,
         healthz, readyz, metrics,
     ),
     components(schemas(Problem, HealthView)),

@@ -101,8 +101,33 @@ impl TopicView {
     }
 }
 
+/// A route of the configuration and how far its group is on each topic it forwards.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct RouteView {
+    /// Its name.
+    pub(crate) name: String,
+    /// The topic pattern it forwards from.
+    pub(crate) from: String,
+    /// The topics it forwards into.
+    pub(crate) to: Vec<String>,
+    /// Its consumer group on every source topic: `route.<name>`.
+    pub(crate) group: String,
+    /// Each existing topic the pattern matches, with the route's group there (absent until a
+    /// `relq route` process joined it).
+    pub(crate) sources: Vec<RouteSourceView>,
+}
+
+/// A source topic of a route.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct RouteSourceView {
+    /// The topic.
+    pub(crate) topic: String,
+    /// The route's group on it.
+    pub(crate) group: Option<GroupView>,
+}
+
 impl GroupView {
-    fn new(g: GroupInfo, now: Timestamp) -> GroupView {
+    pub(crate) fn new(g: GroupInfo, now: Timestamp) -> GroupView {
         GroupView {
             oldest_pending_age_ms: age_ms(g.oldest_pending, now),
             oldest_unread_age_ms: age_ms(g.oldest_unread, now),

@@ -1499,3 +1499,76 @@ async fn messages_are_browsed_by_type_header_and_time() {
     let r = get("since=yesterday").await;
     problem(&r, StatusCode::BAD_REQUEST);
 }
+
+/// `GET /api/routes` lists the configuration's routes with their group on each topic the
+/// pattern matches (none yet where no `relq route` joined); a publish with an idempotency key
+/// repeated answers the first id and stores once.
+#[tokio::test]
+async fn routes_are_listed_with_their_progress_and_a_keyed_publish_stores_once() {
+    let b = Broker::memory();
+    for (topic, n) in [("orders.eu", 2), ("orders.us", 1), ("other", 1)] {
+        for i in 0..n {
+            b.publish(topic, relq::NewMessage::new("job", format!("m{i}")))
+                .await
+                .unwrap();
+        }
+    }
+    b.create_group("orders.eu", "route.fanout", relq::StartPosition::Earliest)
+        .await
+        .unwrap();
+    let route: relq::RouteSection =
+        serde_json::from_value(json!({"name": "fanout", "from": "orders.*", "to": ["all"]}))
+            .unwrap();
+    let app = relq_admin::Admin::new(b.clone())
+        .tokens(tokens())
+        .routes(vec![route])
+        .router();
+    let r = call(&app, Method::GET, "/api/routes", Some(READER), None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let routes = r.body.as_array().unwrap();
+    assert_eq!(routes.len(), 1, "{}", r.text);
+    assert_eq!(routes[0]["group"], "route.fanout");
+    assert_eq!(routes[0]["to"], json!(["all"]));
+    let sources = routes[0]["sources"].as_array().unwrap();
+    let topics: Vec<&str> = sources
+        .iter()
+        .map(|s| s["topic"].as_str().unwrap())
+        .collect();
+    assert_eq!(topics.len(), 2, "{}", r.text);
+    assert!(topics.contains(&"orders.eu") && topics.contains(&"orders.us"));
+    for s in sources {
+        match s["topic"].as_str().unwrap() {
+            "orders.eu" => assert_eq!(s["group"]["lag"], 2, "{s}"),
+            _ => assert!(s["group"].is_null(), "{s}"),
+        }
+    }
+    let publish = json!({"type": "job", "payload": "x", "idempotency_key": "order-42"});
+    let first = call(
+        &app,
+        Method::POST,
+        "/api/topics/keyed/messages",
+        Some(ADMIN),
+        Some(publish.clone()),
+    )
+    .await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.text);
+    let again = call(
+        &app,
+        Method::POST,
+        "/api/topics/keyed/messages",
+        Some(ADMIN),
+        Some(publish),
+    )
+    .await;
+    assert_eq!(again.body["id"], first.body["id"]);
+    assert_eq!(b.topic_info("keyed").await.unwrap().length, 1);
+    let bad = call(
+        &app,
+        Method::POST,
+        "/api/topics/keyed/messages",
+        Some(ADMIN),
+        Some(json!({"type": "job", "payload": "x", "idempotency_key": ""})),
+    )
+    .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST, "{}", bad.text);
+}

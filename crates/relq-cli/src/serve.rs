@@ -67,6 +67,7 @@ pub(crate) async fn run(
     }
     let app = relq_admin::Admin::new(broker)
         .configure(&server)
+        .routes(config.routes.clone())
         .tokens(tokens)
         .metrics(relq_admin::install_recorder())
         .router();
