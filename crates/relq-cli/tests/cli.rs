@@ -2152,3 +2152,50 @@ fn a_rate_limit_is_held_across_three_consumer_processes_on_redis() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `relq publish --idempotency-key` run twice, as two processes (a script retrying a publish it
+/// was unsure of), stores the message once and prints the first id both times: on the
+/// embedded engine (the second process reopens the directory) and on Redis.
+#[test]
+fn a_publish_retried_by_another_process_with_its_idempotency_key_is_stored_once() {
+    let server = relq_conformance::redis_server::RedisServer::start();
+    let dir = fresh_dir();
+    let mut urls = vec![format!("file://{}", dir.join("data").display())];
+    if let Some(s) = &server {
+        urls.push(s.url());
+    }
+    for url in &urls {
+        let publish = |payload: &str| {
+            let out = ok(&relq_in(
+                &dir,
+                &[
+                    "--url",
+                    url,
+                    "--json",
+                    "publish",
+                    "payments",
+                    "charge",
+                    payload,
+                    "--idempotency-key",
+                    "charge-7",
+                ],
+            ));
+            let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+            v["id"].as_str().unwrap().to_owned()
+        };
+        let first = publish("first");
+        assert_eq!(publish("retry"), first, "{url}");
+        let info = ok(&relq_in(
+            &dir,
+            &["--url", url, "--json", "info", "payments"],
+        ));
+        let v: serde_json::Value = serde_json::from_str(info.trim()).unwrap();
+        assert_eq!(v[0]["length"], 1, "{url}: {info}");
+        let shown = ok(&relq_in(
+            &dir,
+            &["--url", url, "--json", "message", "payments", &first],
+        ));
+        assert!(shown.contains("\"first\""), "{url}: {shown}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
