@@ -66,10 +66,11 @@ pub(crate) struct EmbeddedArgs {
     latency_rate: Option<f64>,
 }
 
-struct Scratch(PathBuf);
+/// A directory removed (with what is in it) when dropped: declare it before the broker using it.
+pub(crate) struct Scratch(pub(crate) PathBuf);
 
 impl Scratch {
-    fn new(base: &Path, name: &str) -> Scratch {
+    pub(crate) fn new(base: &Path, name: &str) -> Scratch {
         let dir = base.join(format!("relq-bench-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         Scratch(dir)

@@ -205,20 +205,9 @@ pub(crate) async fn run(args: CompressionArgs, json_out: bool) -> anyhow::Result
 
 /// Publishes `n` orders with `mode`, then consumes them (checking each payload arrives whole).
 async fn one(backend: Where, mode: Option<Compression>, n: u64) -> anyhow::Result<Run> {
-    let scratch = std::env::temp_dir().join(format!(
-        "relq-bench-compression-{}-{}",
-        std::process::id(),
-        fastrand::u32(..)
-    ));
-    struct Remove(std::path::PathBuf);
-    impl Drop for Remove {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _remove = Remove(scratch.clone());
+    let scratch = crate::bench::Scratch::new(&std::env::temp_dir(), "compression");
     let broker = match backend {
-        Where::Embedded => Broker::from_arc(Arc::new(EmbeddedBackend::open(&scratch)?)),
+        Where::Embedded => Broker::from_arc(Arc::new(EmbeddedBackend::open(&scratch.0)?)),
         Where::Memory => Broker::memory(),
     };
     // The same documents for every mode (the same seed).

@@ -63,21 +63,12 @@ pub(crate) async fn run(args: RateArgs, json_out: bool) -> anyhow::Result<()> {
     };
     let mut ratios = Vec::new();
     for round in 0..args.rounds {
-        let scratch = std::env::temp_dir().join(format!(
-            "relq-bench-rate-{}-{}",
-            std::process::id(),
-            fastrand::u32(..)
-        ));
-        struct Remove(std::path::PathBuf);
-        impl Drop for Remove {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_dir_all(&self.0);
-            }
-        }
-        let _remove = Remove(scratch.clone());
+        let scratch = crate::bench::Scratch::new(&std::env::temp_dir(), "rate");
         let broker = match (&server, args.backend) {
             (Some(s), _) => Broker::connect(&s.url()).await?,
-            (None, Where::Embedded) => Broker::from_arc(Arc::new(EmbeddedBackend::open(&scratch)?)),
+            (None, Where::Embedded) => {
+                Broker::from_arc(Arc::new(EmbeddedBackend::open(&scratch.0)?))
+            }
             (None, _) => Broker::memory(),
         };
         let topic = format!("rate-{round}-{:08x}", fastrand::u32(..));

@@ -139,17 +139,44 @@ pub struct Grant {
     pub retry_after: Duration,
 }
 
-/// Token buckets by name, for a backend that keeps them in its process (the in-memory backend,
-/// the embedded engine). Times are a monotonic clock's, in milliseconds.
+/// The groups' token buckets, for a backend that keeps them in its process (the in-memory
+/// backend, the embedded engine), keyed by topic and group.
 #[derive(Debug, Default)]
 pub struct TokenBuckets {
+    /// By `<topic>/<group>` (names cannot contain `/`): (tokens, time of the last take in ms).
     buckets: HashMap<String, (f64, f64)>,
 }
 
 impl TokenBuckets {
+    /// [`Backend::take_tokens`](crate::Backend::take_tokens) for `group` of `topic`, at
+    /// [`Timestamp::now`](crate::Timestamp::now) (whole milliseconds add up exactly: each take
+    /// moves the bucket's time to now).
+    pub fn take_now(
+        &mut self,
+        topic: &str,
+        group: &str,
+        want: u32,
+        give_back: u32,
+        limit: RateLimit,
+    ) -> Grant {
+        let now = crate::Timestamp::now().0 as f64;
+        self.take(&format!("{topic}/{group}"), want, give_back, limit, now)
+    }
+
+    /// Forgets the bucket of `group` of `topic` (deleted).
+    pub fn forget_group(&mut self, topic: &str, group: &str) {
+        self.buckets.remove(&format!("{topic}/{group}"));
+    }
+
+    /// Forgets every bucket of `topic` (terminated).
+    pub fn forget_topic(&mut self, topic: &str) {
+        let prefix = format!("{topic}/");
+        self.buckets.retain(|k, _| !k.starts_with(&prefix));
+    }
+
     /// Puts back `give_back` unused tokens, then takes up to `want` from bucket `name` under
     /// `limit` at `now_ms`; a new bucket starts full.
-    pub fn take(
+    fn take(
         &mut self,
         name: &str,
         want: u32,
@@ -176,11 +203,6 @@ impl TokenBuckets {
             granted,
             retry_after,
         }
-    }
-
-    /// Forgets the buckets whose names `gone` says.
-    pub fn forget(&mut self, mut gone: impl FnMut(&str) -> bool) {
-        self.buckets.retain(|k, _| !gone(k));
     }
 }
 
@@ -230,5 +252,25 @@ mod tests {
         assert!((99..=101).contains(&total), "{total}");
         // Another bucket is full.
         assert_eq!(b.take("h", 100, 0, limit, t).granted, 10);
+    }
+
+    #[test]
+    fn a_forgotten_group_or_topic_starts_full_again() {
+        let limit = RateLimit::new(5, Duration::from_secs(3600)).unwrap();
+        let mut b = TokenBuckets::default();
+        for (t, g) in [("t", "g"), ("t", "h"), ("t2", "g")] {
+            assert_eq!(b.take_now(t, g, 5, 0, limit).granted, 5);
+            assert_eq!(b.take_now(t, g, 5, 0, limit).granted, 0);
+        }
+        b.forget_group("t", "g");
+        assert_eq!(b.take_now("t", "g", 5, 0, limit).granted, 5);
+        assert_eq!(b.take_now("t", "h", 5, 0, limit).granted, 0);
+        b.forget_topic("t");
+        assert_eq!(b.take_now("t", "h", 5, 0, limit).granted, 5);
+        assert_eq!(
+            b.take_now("t2", "g", 5, 0, limit).granted,
+            0,
+            "another topic keeps its own"
+        );
     }
 }

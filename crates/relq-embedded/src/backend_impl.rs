@@ -411,8 +411,7 @@ impl Backend for EmbeddedBackend {
 
     async fn terminate(&self, topic: &str) -> Result<bool, BackendError> {
         self.shared.writable()?;
-        let prefix = format!("{topic}/");
-        lock(&self.shared.buckets).forget(|k| k.starts_with(&prefix));
+        lock(&self.shared.buckets).forget_topic(topic);
         let (reply, rx) = oneshot::channel();
         self.shared
             .call(
@@ -451,8 +450,7 @@ impl Backend for EmbeddedBackend {
             ts.ready.notify_waiters();
             inner.touch()
         };
-        let name = format!("{topic}/{group}");
-        lock(&s.buckets).forget(|k| k == name);
+        lock(&s.buckets).forget_group(topic, group);
         s.durable(ticket).await?;
         Ok(true)
     }
@@ -1121,9 +1119,6 @@ impl Backend for EmbeddedBackend {
         limit: relq_core::RateLimit,
     ) -> Result<relq_core::Grant, BackendError> {
         self.shared.check()?;
-        // Whole milliseconds add up exactly (each take moves the bucket's time to now).
-        let now = Timestamp::now().0 as f64;
-        let name = format!("{topic}/{group}");
-        Ok(lock(&self.shared.buckets).take(&name, want, give_back, limit, now))
+        Ok(lock(&self.shared.buckets).take_now(topic, group, want, give_back, limit))
     }
 }

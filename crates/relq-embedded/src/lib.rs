@@ -256,7 +256,7 @@ struct Shared {
     /// Read-only only: topics whose log an open would refuse (corruption), with the error their
     /// info answers. A normal open fails as a whole instead.
     damaged: BTreeMap<String, String>,
-    /// Rate limit buckets by `<topic>/<group>` (not durable: a reopen starts them full).
+    /// The groups' rate limit buckets (not durable: a reopen starts them full).
     buckets: Mutex<relq_core::TokenBuckets>,
 }
 

@@ -22,6 +22,31 @@ use super::keys::{group_prefix, prefix, redis_millis, start_id, stream_key, IdAr
 use super::read::Promoted;
 use super::{scripts, RedisBackend, NAME};
 
+/// A publish script's arguments for one message: type, data, headers (JSON or ""), deliver_at
+/// (ms or "").
+fn message_args(inv: &mut ::redis::ScriptInvocation<'_>, m: &Outgoing, headers: &str) {
+    inv.arg(&m.kind).arg(m.payload.as_ref()).arg(headers);
+    match m.deliver_at {
+        Some(at) => inv.arg(at.0),
+        None => inv.arg(""),
+    };
+}
+
+/// The ids a publish of `n` messages answered with, one per message.
+fn published_ids(reply: Value, n: usize) -> Result<Vec<MessageId>, BackendError> {
+    let ids = items(reply)
+        .iter()
+        .map(id_of)
+        .collect::<Result<Vec<_>, _>>()?;
+    if ids.len() != n {
+        return Err(corrupt(format!(
+            "publish of {n} messages returned {} ids",
+            ids.len()
+        )));
+    }
+    Ok(ids)
+}
+
 fn random_nonce() -> String {
     format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
 }
@@ -98,11 +123,7 @@ impl Backend for RedisBackend {
                     let mut inv = self.scripts.publish.key(&key);
                     inv.arg(&pre).arg(window).arg(&nonce).arg(batch.len());
                     for (m, h) in batch.iter().zip(&headers) {
-                        inv.arg(&m.kind).arg(m.payload.as_ref()).arg(h);
-                        match m.deliver_at {
-                            Some(at) => inv.arg(at.0),
-                            None => inv.arg(""),
-                        };
+                        message_args(&mut inv, m, h);
                     }
                     Attempt::Retry(inv)
                 };
@@ -115,18 +136,7 @@ impl Backend for RedisBackend {
                 }
             })
             .await?;
-        let ids = items(reply)
-            .iter()
-            .map(id_of)
-            .collect::<Result<Vec<_>, _>>()?;
-        if ids.len() != batch.len() {
-            return Err(corrupt(format!(
-                "publish of {} messages returned {} ids",
-                batch.len(),
-                ids.len()
-            )));
-        }
-        Ok(ids)
+        published_ids(reply, batch.len())
     }
 
     async fn join(
@@ -1012,11 +1022,7 @@ impl RedisBackend {
                 let mut inv = self.scripts.publish_keyed.key(key);
                 inv.arg(pre).arg(nonce).arg(nonce_ttl).arg(batch.len());
                 for (m, h) in batch.iter().zip(headers) {
-                    inv.arg(&m.kind).arg(m.payload.as_ref()).arg(h);
-                    match m.deliver_at {
-                        Some(at) => inv.arg(at.0),
-                        None => inv.arg(""),
-                    };
+                    message_args(&mut inv, m, h);
                     match m.dedup() {
                         Some((k, window)) => inv.arg(k).arg(redis_millis(window).max(1)),
                         None => inv.arg("").arg(0),
@@ -1025,17 +1031,6 @@ impl RedisBackend {
                 async move { inv.invoke_async(&mut c).await }
             })
             .await?;
-        let ids = items(reply)
-            .iter()
-            .map(id_of)
-            .collect::<Result<Vec<_>, _>>()?;
-        if ids.len() != batch.len() {
-            return Err(corrupt(format!(
-                "publish of {} messages returned {} ids",
-                batch.len(),
-                ids.len()
-            )));
-        }
-        Ok(ids)
+        published_ids(reply, batch.len())
     }
 }

@@ -83,7 +83,7 @@ pub struct MemoryBackend {
 struct State {
     topics: HashMap<String, Topic>,
     next_epoch: u64,
-    /// Rate limit buckets by `<topic>/<group>`.
+    /// The groups' rate limit buckets.
     buckets: relq_core::TokenBuckets,
 }
 
@@ -854,8 +854,7 @@ impl Backend for MemoryBackend {
     async fn terminate(&self, topic: &str) -> Result<bool, BackendError> {
         let existed = {
             let mut state = self.lock();
-            let prefix = format!("{topic}/");
-            state.buckets.forget(|k| k.starts_with(&prefix));
+            state.buckets.forget_topic(topic);
             state.topics.remove(topic).is_some()
         };
         self.ready.notify_waiters();
@@ -888,8 +887,7 @@ impl Backend for MemoryBackend {
     async fn delete_group(&self, topic: &str, group: &str) -> Result<bool, BackendError> {
         let existed = {
             let mut state = self.lock();
-            let name = format!("{topic}/{group}");
-            state.buckets.forget(|k| k == name);
+            state.buckets.forget_group(topic, group);
             state
                 .topics
                 .get_mut(topic)
@@ -1222,10 +1220,10 @@ impl Backend for MemoryBackend {
         give_back: u32,
         limit: relq_core::RateLimit,
     ) -> Result<relq_core::Grant, BackendError> {
-        // Whole milliseconds add up exactly (each take moves the bucket's time to now).
-        let now = Timestamp::now().0 as f64;
-        let name = format!("{topic}/{group}");
-        Ok(self.lock().buckets.take(&name, want, give_back, limit, now))
+        Ok(self
+            .lock()
+            .buckets
+            .take_now(topic, group, want, give_back, limit))
     }
 }
 

@@ -217,23 +217,21 @@ impl NewMessage {
 
 /// An idempotency key: 1 to 512 bytes, no control characters.
 fn validate_idempotency_key(key: &str) -> Result<()> {
-    let why = if key.is_empty() {
-        Some("it is empty".to_owned())
-    } else if key.len() > MAX_IDEMPOTENCY_KEY_LEN {
-        Some(format!(
+    let bad = |why: String| Error::InvalidHeader {
+        name: HEADER_IDEMPOTENCY_KEY.to_owned(),
+        reason: format!("the idempotency key {:?} is invalid: {why}", shorten(key)),
+    };
+    if key.is_empty() {
+        return Err(bad("it is empty".into()));
+    }
+    if key.len() > MAX_IDEMPOTENCY_KEY_LEN {
+        return Err(bad(format!(
             "it is {} bytes, over the limit of {MAX_IDEMPOTENCY_KEY_LEN}",
             key.len()
-        ))
-    } else if key.chars().any(char::is_control) {
-        Some("it contains a control character".to_owned())
-    } else {
-        None
-    };
-    match why {
-        Some(why) => Err(Error::InvalidHeader {
-            name: HEADER_IDEMPOTENCY_KEY.to_owned(),
-            reason: format!("the idempotency key {:?} is invalid: {why}", shorten(key)),
-        }),
-        None => Ok(()),
+        )));
     }
+    if key.chars().any(char::is_control) {
+        return Err(bad("it contains a control character".into()));
+    }
+    Ok(())
 }

@@ -763,11 +763,7 @@ impl Skip {
             .processed(&self.sub.topic, &self.sub.group, key)
             .await;
         if job.is_done() {
-            return if job.replaced() {
-                Checked::Stop
-            } else {
-                Checked::Done
-            };
+            return Checked::settled_elsewhere(job);
         }
         match found {
             Ok(false) => Checked::Run,
@@ -776,11 +772,7 @@ impl Skip {
                     return Checked::Stop;
                 };
                 let Some((id, _, permit)) = job.take_ok() else {
-                    return if job.replaced() {
-                        Checked::Stop
-                    } else {
-                        Checked::Done
-                    };
+                    return Checked::settled_elsewhere(job);
                 };
                 c.counters.already_processed.fetch_add(1, Ordering::Relaxed);
                 c.meters.already_processed.increment(1);
@@ -841,6 +833,17 @@ enum Checked {
     Done,
     /// The consumer is gone, or this worker was replaced.
     Stop,
+}
+
+impl Checked {
+    /// A job the watchdog settled: this worker goes on, unless it was replaced meanwhile.
+    fn settled_elsewhere(job: &Job) -> Checked {
+        if job.replaced() {
+            Checked::Stop
+        } else {
+            Checked::Done
+        }
+    }
 }
 
 /// Whether `m` passes the group's filters. Filters on the type and headers judge the message as
