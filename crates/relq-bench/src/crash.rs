@@ -133,6 +133,7 @@ pub(crate) async fn run(args: CrashArgs) -> anyhow::Result<()> {
                         kind: FailureKind::Retryable,
                         error: "retried by the crash test".into(),
                     },
+                    release_key: false,
                 });
                 done.push(format!("T {}", payload(d)));
             } else {

@@ -70,6 +70,12 @@ pub enum Settlement {
         at: Timestamp,
         /// The failure of this attempt.
         failure: AttemptFailure,
+        /// For a message with an ordering key: let the key's next message go ahead while this
+        /// one waits for its retry (it then runs outside the key's order). Otherwise (the
+        /// default) the message keeps its key, and the later messages of the key wait behind
+        /// it until it succeeds or becomes a dead letter.
+        #[serde(default)]
+        release_key: bool,
     },
     /// Given up: remove from pending and store the dead letter, in one atomic step.
     DeadLetter(Box<DeadLetter>),
@@ -227,6 +233,9 @@ pub enum Placement {
     },
     /// Held back by a stop until it is resumed.
     Stopped,
+    /// Waiting behind an earlier message of its ordering key, which is delivered, waiting for a
+    /// retry, or stopped.
+    Blocked,
     /// Settled: acknowledged, or given up on (then it is among the dead letters).
     Done,
 }
@@ -346,6 +355,10 @@ pub struct GroupInfo {
     pub scheduled: u64,
     /// Stopped messages held back.
     pub parked: u64,
+    /// Messages waiting behind an earlier message of their ordering key (delivered, waiting
+    /// for a retry, or stopped).
+    #[serde(default)]
+    pub blocked: u64,
     /// Its consumers.
     pub consumers: Vec<ConsumerInfo>,
     /// The smallest id delivered and not settled (its `ms` is when it was published).
@@ -403,6 +416,7 @@ impl GroupInfo {
             lag: 0,
             scheduled: 0,
             parked: 0,
+            blocked: 0,
             consumers: Vec::new(),
             oldest_pending: None,
             oldest_unread: None,

@@ -13,6 +13,7 @@ mod dedup;
 mod error;
 mod failure;
 mod model;
+mod ordering;
 mod rate;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -29,12 +30,13 @@ pub use error::{
 };
 pub use failure::{AttemptFailure, FailureKind};
 pub use model::{
-    instant_after, shorten, validate_headers, validate_kind, validate_name, Message, MessageId,
-    Outgoing, StartPosition, Timestamp, HEADER_CONTENT_TYPE, HEADER_EDITED, HEADER_ENCODING,
-    HEADER_EXPIRES_AT, HEADER_IDEMPOTENCY_KEY, HEADER_ORIGINAL_ID, HEADER_REPLAY_GROUP,
-    HEADER_REPLAY_OF, HEADER_ROUTED_FROM, HEADER_ROUTE_HOPS, HEADER_SCHEMA_VERSION,
-    MAX_DEDUP_WINDOW, MAX_HEADERS, MAX_HEADER_NAME_LEN, MAX_HEADER_VALUE_LEN,
-    MAX_IDEMPOTENCY_KEY_LEN, MAX_KIND_LEN, MAX_NAME_LEN, MAX_RESERVED_HEADERS,
-    RESERVED_HEADER_PREFIX,
+    instant_after, ordering_key, shorten, validate_headers, validate_kind, validate_name, Message,
+    MessageId, Outgoing, StartPosition, Timestamp, HEADER_CONTENT_TYPE, HEADER_EDITED,
+    HEADER_ENCODING, HEADER_EXPIRES_AT, HEADER_IDEMPOTENCY_KEY, HEADER_ORDERING_KEY,
+    HEADER_ORIGINAL_ID, HEADER_REPLAY_GROUP, HEADER_REPLAY_OF, HEADER_ROUTED_FROM,
+    HEADER_ROUTE_HOPS, HEADER_SCHEMA_VERSION, MAX_DEDUP_WINDOW, MAX_HEADERS, MAX_HEADER_NAME_LEN,
+    MAX_HEADER_VALUE_LEN, MAX_IDEMPOTENCY_KEY_LEN, MAX_KIND_LEN, MAX_NAME_LEN,
+    MAX_ORDERING_KEY_LEN, MAX_RESERVED_HEADERS, RESERVED_HEADER_PREFIX,
 };
+pub use ordering::KeyQueues;
 pub use rate::{Grant, RateLimit, TokenBuckets};

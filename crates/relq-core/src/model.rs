@@ -367,6 +367,13 @@ pub const HEADER_SCHEMA_VERSION: &str = "relq-schema-version";
 pub const HEADER_IDEMPOTENCY_KEY: &str = "relq-idempotency-key";
 /// The longest idempotency key, in bytes.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 512;
+/// On a message published with an ordering key: the key. Within a group, messages with the same
+/// key are handled one at a time, in publish order, across every consumer of the group; a
+/// message waits (unread by any handler) while an earlier one of its key is delivered, waiting
+/// for a retry, or stopped. Different keys run in parallel.
+pub const HEADER_ORDERING_KEY: &str = "relq-ordering-key";
+/// The longest ordering key, in bytes.
+pub const MAX_ORDERING_KEY_LEN: usize = 512;
 /// The longest deduplication window: 30 days.
 pub const MAX_DEDUP_WINDOW: Duration = Duration::from_secs(30 * 24 * 3600);
 
@@ -391,6 +398,11 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
+    /// Its ordering key ([`HEADER_ORDERING_KEY`]), if it has a non-empty one.
+    pub fn ordering_key(&self) -> Option<&str> {
+        ordering_key(&self.headers)
+    }
+
     /// The idempotency key and window this message is deduplicated by, if any.
     pub fn dedup(&self) -> Option<(&str, Duration)> {
         let w = self.dedup_window.filter(|w| !w.is_zero())?;
@@ -466,6 +478,11 @@ impl Message {
         self.headers.get(name).map(String::as_str)
     }
 
+    /// Its ordering key ([`HEADER_ORDERING_KEY`]), if it has a non-empty one.
+    pub fn ordering_key(&self) -> Option<&str> {
+        ordering_key(&self.headers)
+    }
+
     /// When the message expires ([`HEADER_EXPIRES_AT`]), if it has a time to live. A value that
     /// is not a number of milliseconds (written by another program) counts as no expiry: the
     /// message is handled, never dropped for it.
@@ -474,6 +491,14 @@ impl Message {
             .and_then(|v| v.parse::<u64>().ok())
             .map(Timestamp)
     }
+}
+
+/// The ordering key among `headers`, if set and not empty (an empty one orders nothing).
+pub fn ordering_key(headers: &BTreeMap<String, String>) -> Option<&str> {
+    headers
+        .get(HEADER_ORDERING_KEY)
+        .map(String::as_str)
+        .filter(|k| !k.is_empty())
 }
 
 /// Where a new consumer group starts reading a topic (applied only when the group is created;

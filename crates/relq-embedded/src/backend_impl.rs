@@ -315,8 +315,7 @@ impl Backend for EmbeddedBackend {
         let (retried, ticket) = self.shared.group_ops(sub, |ops| {
             let mut retried = false;
             for s in batch {
-                retried |=
-                    ops.settle(s, &sub.consumer, now) && matches!(s, Settlement::Retry { .. });
+                retried |= ops.settle(s, &sub.consumer, now);
             }
             Ok(retried)
         })?;
@@ -362,8 +361,9 @@ impl Backend for EmbeddedBackend {
                     }
                 }
                 // Waiting for its time (not in flight, not parked already): park it.
-                let scheduled =
-                    !gs.pending.contains_key(&o) && gs.rows.get(&o).is_some_and(|r| !r.parked);
+                // One waiting behind its ordering key is parked when its key passes to it.
+                let scheduled = !gs.pending.contains_key(&o)
+                    && gs.rows.get(&o).is_some_and(|r| !r.parked && !r.waiting);
                 if scheduled {
                     let mut row = gs.remove_row(o).expect("scheduled rows exist");
                     row.parked = true;
@@ -587,14 +587,24 @@ impl Backend for EmbeddedBackend {
                         return Ok(None);
                     }
                     start = trim_to;
+                    let now = Timestamp::now().0;
                     for (g, gs) in ts.groups.iter_mut() {
-                        let doomed: Vec<u64> =
+                        let mut doomed: Vec<u64> =
                             gs.rows.keys().filter(|o| **o < start).copied().collect();
-                        for o in doomed {
+                        doomed.extend(gs.pending.range(..start).map(|(o, _)| *o));
+                        doomed.sort_unstable();
+                        doomed.dedup();
+                        for &o in &doomed {
                             gs.remove_row(o);
                             dirty.rows.insert((topic.to_owned(), g.clone(), o));
                         }
                         gs.pending.retain(|o, _| *o >= start);
+                        // Their ordering keys pass on (to messages kept, or trimmed too).
+                        for o in doomed {
+                            if let Some(next) = gs.release_key(o, now) {
+                                dirty.rows.insert((topic.to_owned(), g.clone(), next));
+                            }
+                        }
                         dirty
                             .trim_spill
                             .push((topic.to_owned(), g.clone(), 0, start));
@@ -738,10 +748,10 @@ impl Backend for EmbeddedBackend {
             let mut out = Vec::new();
             for (name, g) in &t.groups {
                 let row = match g.rows.get(&o) {
-                    Some(r) => Some((r.due, r.deliveries, r.parked)),
+                    Some(r) => Some((r.due, r.deliveries, r.parked, r.waiting)),
                     None if g.spilled > 0 && !g.unspilling.contains(&o) => {
                         state::spilled_row(&s.db, topic, name, o)?
-                            .map(|r| (r.due, r.deliveries, r.parked))
+                            .map(|r| (r.due, r.deliveries, r.parked, r.waiting))
                     }
                     None => None,
                 };
@@ -750,9 +760,11 @@ impl Backend for EmbeddedBackend {
                         consumer: p.consumer.clone(),
                         deliveries: p.attempt,
                     }
-                } else if let Some((due, deliveries, parked)) = row {
+                } else if let Some((due, deliveries, parked, waiting)) = row {
                     if parked {
                         Placement::Stopped
+                    } else if waiting {
+                        Placement::Blocked
                     } else {
                         Placement::Scheduled {
                             due: Timestamp(due),
@@ -874,6 +886,7 @@ impl Backend for EmbeddedBackend {
                     lag: t.log.stored_between(g.cursor, end),
                     scheduled: g.scheduled(),
                     parked: g.parked as u64,
+                    blocked: g.keys.waiting() as u64,
                     oldest_pending: None,
                     oldest_unread: None,
                     consumers: g

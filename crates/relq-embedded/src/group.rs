@@ -55,6 +55,9 @@ pub(crate) struct GroupState {
     pub(crate) rewound: u64,
     /// Keys recorded as processed (`Backend::record_processed`), until their records expire.
     pub(crate) processed: relq_core::DedupIndex,
+    /// Ordering keys of the messages read and not settled (rows with a key, and first
+    /// deliveries of keyed messages in flight).
+    pub(crate) keys: relq_core::KeyQueues<u64>,
 }
 
 impl GroupState {
@@ -241,12 +244,68 @@ impl GroupState {
         out
     }
 
+    /// Ends `offset`'s place under its ordering key; the key's next message (its row waiting)
+    /// becomes due, at `now` or its delivery time if later. Returns that row's offset.
+    pub(crate) fn release_key(&mut self, offset: u64, now: u64) -> Option<u64> {
+        let mut o = offset;
+        loop {
+            let next = self.keys.release(o)?;
+            match self.remove_row(next) {
+                Some(mut row) => {
+                    row.waiting = false;
+                    row.due = row.due.max(now);
+                    self.put_row(next, row, false);
+                    return Some(next);
+                }
+                // Its row is gone (trimmed by retention): the key passes on.
+                None => o = next,
+            }
+        }
+    }
+
+    /// Rebuilds the ordering keys from the rows (at open). Returns the rows it changed: a key
+    /// whose holder is gone passes to its first waiting message, which becomes due at `now`.
+    pub(crate) fn rebuild_keys(&mut self, now: u64) -> Vec<u64> {
+        let mut keyed: Vec<(u64, bool, String)> = self
+            .rows
+            .iter()
+            .filter_map(|(o, r)| r.key.clone().map(|k| (*o, r.waiting, k)))
+            .collect();
+        keyed.sort_unstable();
+        let mut changed = Vec::new();
+        for (o, waiting, k) in &keyed {
+            // Holders first (in offset order), so waiting rows queue behind them.
+            if !waiting && !self.keys.enter(k, *o) {
+                // Two holders of one key (not written by this build): the later one waits.
+                if let Some(mut row) = self.remove_row(*o) {
+                    row.waiting = true;
+                    self.put_row(*o, row, false);
+                    changed.push(*o);
+                }
+            }
+        }
+        for (o, waiting, k) in &keyed {
+            if *waiting {
+                self.keys.restore_waiting(k, *o);
+            }
+        }
+        for o in self.keys.settle_holders() {
+            if let Some(mut row) = self.remove_row(o) {
+                row.waiting = false;
+                row.due = row.due.max(now);
+                self.put_row(o, row, false);
+                changed.push(o);
+            }
+        }
+        changed
+    }
+
     /// Inserts or replaces a row, keeping `due` and `parked` consistent.
     pub(crate) fn put_row(&mut self, offset: u64, row: Row, in_flight: bool) {
         self.remove_row(offset);
         if row.parked {
             self.parked += 1;
-        } else if !in_flight {
+        } else if !in_flight && !row.waiting {
             self.due.insert((row.due, offset));
         }
         self.rows.insert(offset, row);

@@ -69,10 +69,20 @@ impl GroupOps<'_> {
         self.g().mark_done(o);
         self.dirty_group();
         Row {
-            due: now_ms,
-            deliveries: 0,
-            failures: Vec::new(),
-            parked: false,
+            key: self.g().keys.key(o).map(str::to_owned),
+            ..Row::fresh(now_ms)
+        }
+    }
+
+    /// Ends `o`'s place under its ordering key; the key's next message becomes due. Returns
+    /// whether one did.
+    fn release_key(&mut self, o: u64, now_ms: u64) -> bool {
+        match self.g().release_key(o, now_ms) {
+            Some(next) => {
+                self.dirty_row(next);
+                true
+            }
+            None => false,
         }
     }
 
@@ -125,7 +135,9 @@ impl GroupOps<'_> {
                 continue;
             }
             let Some(rec) = rec else {
-                continue; // removed by retention: the row goes
+                // Removed by retention: the row goes, and its key passes on.
+                self.release_key(o, now.0);
+                continue;
             };
             row.deliveries += 1;
             let attempt = row.deliveries;
@@ -204,6 +216,25 @@ impl GroupOps<'_> {
                 if g.held_already(o) {
                     continue;
                 }
+                let key = relq_core::ordering_key(&rec.headers);
+                if let Some(k) = key {
+                    if !g.keys.enter(k, o) {
+                        // Waits behind an earlier message of its key.
+                        g.mark_done(o);
+                        g.put_row(
+                            o,
+                            Row {
+                                key: Some(k.to_owned()),
+                                waiting: true,
+                                ..Row::fresh(rec.deliver_at.unwrap_or(0))
+                            },
+                            false,
+                        );
+                        self.dirty_row(o);
+                        set_aside += 1;
+                        continue;
+                    }
+                }
                 if self.ts.stopped.contains_key(&o) || rec.deliver_at.is_some_and(|at| at > now.0) {
                     let parked = self.ts.stopped.contains_key(&o);
                     let g = self.g();
@@ -211,10 +242,9 @@ impl GroupOps<'_> {
                     g.put_row(
                         o,
                         Row {
-                            due: rec.deliver_at.unwrap_or(now.0),
-                            deliveries: 0,
-                            failures: Vec::new(),
                             parked,
+                            key: key.map(str::to_owned),
+                            ..Row::fresh(rec.deliver_at.unwrap_or(now.0))
                         },
                         false,
                     );
@@ -329,6 +359,8 @@ impl GroupOps<'_> {
                         row.deliveries = p.attempt;
                         row.parked = true;
                         g.put_row(o, row, false);
+                    } else {
+                        self.release_key(o, now.0);
                     }
                     continue;
                 }
@@ -350,7 +382,8 @@ impl GroupOps<'_> {
         Ok(out)
     }
 
-    /// Applies one settlement; returns whether the message was pending.
+    /// Applies one settlement; returns whether it made a message due (a retry, or the next
+    /// message of an ordering key the settled one let go).
     pub(crate) fn settle(&mut self, s: &Settlement, consumer: &str, now: Timestamp) -> bool {
         let o = s.id().seq;
         let g = self.g();
@@ -375,16 +408,32 @@ impl GroupOps<'_> {
             return false;
         };
         match s {
-            Settlement::Ack(_) => self.drop_delivery(o, p.row),
-            Settlement::Retry { at, failure, .. } => {
+            Settlement::Ack(_) => {
+                self.drop_delivery(o, p.row);
+                self.release_key(o, now.0)
+            }
+            Settlement::Retry {
+                at,
+                failure,
+                release_key,
+                ..
+            } => {
                 let mut row = self.take_row(o, p.row, at.0);
                 row.due = at.0;
                 row.deliveries = p.attempt;
                 row.failures.push(failure.clone());
+                if *release_key {
+                    row.key = None;
+                }
                 self.g().put_row(o, row, false);
+                if *release_key {
+                    self.release_key(o, now.0);
+                }
+                true
             }
             Settlement::DeadLetter(dl) => {
                 self.drop_delivery(o, p.row);
+                let woke = self.release_key(o, now.0);
                 let id = self.ts.last_dead.next_after(now.0);
                 self.ts.last_dead = id;
                 self.ts.dead_count += 1;
@@ -395,9 +444,9 @@ impl GroupOps<'_> {
                     Some(state::encode_dead(&dl)),
                 ));
                 self.dirty.topics.insert(self.topic.to_owned());
+                woke
             }
         }
-        true
     }
 }
 

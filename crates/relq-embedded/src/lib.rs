@@ -494,7 +494,7 @@ impl Inner {
             };
             let row = gs.rows.get(&o);
             let spill = row
-                .filter(|r| !r.parked && r.due > line && !gs.pending.contains_key(&o))
+                .filter(|r| r.spillable() && r.due > line && !gs.pending.contains_key(&o))
                 .map(|r| (r.due, state::encode_spilled(r)));
             let spill_due = spill.as_ref().map(|(d, _)| *d);
             let v = match spill {
@@ -565,7 +565,7 @@ impl Inner {
             };
             let unchanged = gs.spill_at.get(o) == Some(d)
                 && !gs.pending.contains_key(o)
-                && gs.rows.get(o).is_some_and(|r| !r.parked && r.due == *d);
+                && gs.rows.get(o).is_some_and(|r| r.spillable() && r.due == *d);
             // A row changed since the snapshot is dirty again: the next snapshot decides.
             if unchanged && !dirty.rows.contains(&(t.clone(), g.clone(), *o)) {
                 gs.remove_row(*o);

@@ -300,7 +300,7 @@ impl EmbeddedBackend {
                 .get_mut(&t)
                 .and_then(|ts| ts.groups.get_mut(&g))
             {
-                if !row.parked && row.due > line {
+                if row.spillable() && row.due > line {
                     dirty_rows.push((t, g.clone(), o));
                 }
                 gs.put_row(o, row, false);
@@ -360,18 +360,26 @@ impl EmbeddedBackend {
                     if gs.rows.contains_key(&o) {
                         continue;
                     }
+                    // A keyed message in flight held its key: its row keeps it.
+                    let key = match ts.log.get(o) {
+                        Ok(Some(rec)) => relq_core::ordering_key(&rec.headers).map(str::to_owned),
+                        _ => None,
+                    };
                     gs.put_row(
                         o,
                         Row {
                             due: now.0,
                             deliveries: 1,
-                            failures: Vec::new(),
-                            parked: false,
+                            key,
+                            ..Row::default()
                         },
                         false,
                     );
                     dirty_rows.push((t.clone(), g.clone(), o));
                     recovered += 1;
+                }
+                for o in gs.rebuild_keys(now.0) {
+                    dirty_rows.push((t.clone(), g.clone(), o));
                 }
                 if gs.record() != before {
                     dirty_groups.push((t.clone(), g.clone()));

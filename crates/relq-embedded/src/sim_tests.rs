@@ -174,6 +174,7 @@ async fn workload(b: &EmbeddedBackend, rng: &mut fastrand::Rng, next: &mut u64, 
                                     kind: FailureKind::Retryable,
                                     error: "again".into(),
                                 },
+                                release_key: false,
                             });
                             if far_away {
                                 far.push((text(d), d.message.id));
@@ -1456,6 +1457,164 @@ async fn idempotency_keys_survive_simulated_power_loss() {
                         },
                     }
                 }
+            }
+            fs.crash(&mut rng);
+            drop(b);
+        }
+    }
+    assert!(problems.is_empty(), "{problems:#?}");
+}
+
+/// A message with an ordering key.
+fn ordered(key: &str, payload: String) -> Outgoing {
+    let mut m = msg(payload);
+    m.headers
+        .insert(relq_core::HEADER_ORDERING_KEY.into(), key.into());
+    m
+}
+
+/// Keyed messages read, acknowledged, retried (holding their key or letting it go) and
+/// dead-lettered at random, each round ended by a power loss. Whenever a message is delivered,
+/// every earlier message of its key must be settled for good (acknowledged or dead-lettered)
+/// or have let its key go, and no other message of its key may be in hand; after the last
+/// reopen, every message is delivered until all are settled (no key stays blocked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordering_keys_hold_through_simulated_power_loss() {
+    const KEYS: [&str; 3] = ["a", "b", "c"];
+    let mut problems = Vec::new();
+    for seed in 0..seeds() {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let fs = SimFs::new();
+        fs.create_dir_all_durable(Path::new(ROOT)).unwrap();
+        // Per key, its messages' payloads in publish order.
+        let mut published: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        // Settled for good, or retried with the key let go: no longer ahead of the key.
+        let mut passed: BTreeSet<String> = BTreeSet::new();
+        let mut settled: BTreeSet<String> = BTreeSet::new();
+        let mut next = 0u64;
+        let check = |d: &relq_core::Delivery,
+                     in_hand: &BTreeMap<String, relq_core::Delivery>,
+                     published: &BTreeMap<&str, Vec<String>>,
+                     passed: &BTreeSet<String>,
+                     round: usize|
+         -> Vec<String> {
+            let p = text(d);
+            let key = p.split(':').next().unwrap();
+            let mut out = Vec::new();
+            for earlier in published[key].iter().take_while(|e| **e != p) {
+                if !passed.contains(earlier) {
+                    out.push(format!(
+                        "seed {seed} round {round}: {p} delivered before {earlier} was settled"
+                    ));
+                }
+            }
+            // (A retry that let its key go runs outside the key's order.)
+            if !passed.contains(&p)
+                && in_hand
+                    .keys()
+                    .any(|h| h.starts_with(&format!("{key}:")) && *h != p && !passed.contains(h))
+            {
+                out.push(format!(
+                    "seed {seed} round {round}: {p} delivered while another of its key is in hand"
+                ));
+            }
+            out
+        };
+        for round in 0..5 {
+            let b = match open(&fs) {
+                Ok(b) => b,
+                Err(e) => {
+                    problems.push(format!("seed {seed} round {round}: reopen failed: {e}"));
+                    break;
+                }
+            };
+            let sub = b
+                .join("o", "g", "c", StartPosition::Earliest)
+                .await
+                .unwrap();
+            let mut in_hand: BTreeMap<String, relq_core::Delivery> = BTreeMap::new();
+            let last = round == 4;
+            let steps = if last { 400 } else { rng.usize(10..40) };
+            for _ in 0..steps {
+                if !last && rng.u8(0..3) == 0 {
+                    let mut batch = Vec::new();
+                    for _ in 0..rng.usize(1..5) {
+                        next += 1;
+                        let key = KEYS[rng.usize(0..KEYS.len())];
+                        let p = format!("{key}:{next}");
+                        batch.push(ordered(key, p.clone()));
+                        published.entry(key).or_default().push(p);
+                    }
+                    b.publish("o", batch).await.unwrap();
+                    continue;
+                }
+                for d in b.read(&sub, 5, Duration::from_millis(20)).await.unwrap() {
+                    problems.extend(check(&d, &in_hand, &published, &passed, round));
+                    in_hand.insert(text(&d), d);
+                }
+                // Settle some of what is in hand (all of it in the last round's drain).
+                let picks: Vec<String> = in_hand
+                    .keys()
+                    .filter(|_| last || rng.bool())
+                    .cloned()
+                    .collect();
+                let now = Timestamp::now();
+                for p in picks {
+                    let d = in_hand.remove(&p).unwrap();
+                    let choice = if last { 0 } else { rng.u8(0..6) };
+                    let s = match choice {
+                        0..=2 => Settlement::Ack(d.message.id),
+                        3 | 4 => Settlement::Retry {
+                            id: d.message.id,
+                            at: now.plus(Duration::from_millis(rng.u64(0..30))),
+                            failure: AttemptFailure {
+                                attempt: d.message.attempt,
+                                at: now,
+                                consumer: "c".into(),
+                                kind: FailureKind::Retryable,
+                                error: "again".into(),
+                            },
+                            release_key: choice == 4,
+                        },
+                        _ => Settlement::DeadLetter(Box::new(dead_letter(&d))),
+                    };
+                    let done = matches!(s, Settlement::Ack(_) | Settlement::DeadLetter(_));
+                    let lets_go = matches!(
+                        s,
+                        Settlement::Retry {
+                            release_key: true,
+                            ..
+                        }
+                    );
+                    b.settle(&sub, &[s]).await.unwrap();
+                    if done {
+                        settled.insert(p.clone());
+                    }
+                    if done || lets_go {
+                        passed.insert(p);
+                    }
+                }
+                if last && published.values().flatten().all(|p| settled.contains(p)) {
+                    break;
+                }
+            }
+            if last {
+                let stuck: Vec<&String> = published
+                    .values()
+                    .flatten()
+                    .filter(|p| !settled.contains(*p))
+                    .collect();
+                if !stuck.is_empty() {
+                    problems.push(format!("seed {seed}: never delivered again: {stuck:?}"));
+                }
+                let info = b.topic_info("o").await.unwrap().unwrap();
+                if info.groups[0].blocked != 0 {
+                    problems.push(format!(
+                        "seed {seed}: {} still blocked",
+                        info.groups[0].blocked
+                    ));
+                }
+                break;
             }
             fs.crash(&mut rng);
             drop(b);

@@ -150,10 +150,10 @@ impl GroupRecord {
 }
 
 /// A message a group delivers again: a retry, a delayed message, a parked (stopped) message, a
-/// redelivery after a claim or a crash.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// redelivery after a claim or a crash, or a message waiting behind its ordering key.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Row {
-    /// When it is due (ms).
+    /// When it is due (ms); for a waiting row, not before this once its key passes to it.
     pub(crate) due: u64,
     /// Deliveries made so far.
     pub(crate) deliveries: u32,
@@ -161,6 +161,29 @@ pub(crate) struct Row {
     pub(crate) failures: Vec<AttemptFailure>,
     /// Held back by a stop marker.
     pub(crate) parked: bool,
+    /// The message's ordering key, while it holds or waits for it (a row with a key is never
+    /// spilled, so every keyed row is in memory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) key: Option<String>,
+    /// Waiting behind an earlier message of its key: not due until the key passes to it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) waiting: bool,
+}
+
+impl Row {
+    /// Whether it may leave memory for the `spill` table: not parked, not keyed (the ordering
+    /// keys are all in memory), not waiting.
+    pub(crate) fn spillable(&self) -> bool {
+        !self.parked && !self.waiting && self.key.is_none()
+    }
+
+    /// A row of a message not delivered yet, due at `due`.
+    pub(crate) fn fresh(due: u64) -> Row {
+        Row {
+            due,
+            ..Row::default()
+        }
+    }
 }
 
 pub(crate) fn encode_json<T: Serialize>(v: &T) -> Vec<u8> {
@@ -394,7 +417,7 @@ pub(crate) fn load(db: &redb::Database, boot: Option<u64>) -> Result<Loaded, Bac
 /// Encodes a spilled row: empty for a message not delivered yet (a delayed message a group read
 /// past: most of them, and the due time is in the key), else the row's JSON.
 pub(crate) fn encode_spilled(row: &Row) -> Vec<u8> {
-    if row.deliveries == 0 && row.failures.is_empty() && !row.parked {
+    if row.deliveries == 0 && row.failures.is_empty() && !row.parked && row.key.is_none() {
         Vec::new()
     } else {
         encode_json(row)
@@ -403,12 +426,7 @@ pub(crate) fn encode_spilled(row: &Row) -> Vec<u8> {
 
 fn decode_spilled(due: u64, buf: &[u8]) -> Result<Row, BackendError> {
     if buf.is_empty() {
-        return Ok(Row {
-            due,
-            deliveries: 0,
-            failures: Vec::new(),
-            parked: false,
-        });
+        return Ok(Row::fresh(due));
     }
     let row: Row = decode_json("spilled row", buf)?;
     if row.due != due {
@@ -988,12 +1006,7 @@ mod tests {
 
     #[test]
     fn spilled_rows_round_trip_and_a_misfiled_one_is_refused() {
-        let fresh = Row {
-            due: 77,
-            deliveries: 0,
-            failures: Vec::new(),
-            parked: false,
-        };
+        let fresh = Row::fresh(77);
         assert!(encode_spilled(&fresh).is_empty(), "the key holds all of it");
         assert_eq!(decode_spilled(77, &encode_spilled(&fresh)).unwrap(), fresh);
         let retried = Row {

@@ -30,6 +30,7 @@ fn message_args(inv: &mut ::redis::ScriptInvocation<'_>, m: &Outgoing, headers: 
         Some(at) => inv.arg(at.0),
         None => inv.arg(""),
     };
+    inv.arg(m.ordering_key().unwrap_or(""));
 }
 
 /// The ids a publish of `n` messages answered with, one per message.
@@ -94,8 +95,13 @@ impl Backend for RedisBackend {
                     // batch is contiguous in the stream (a retry finds it by the nonce on its
                     // first entry).
                     let mut pipe = ::redis::pipe();
-                    if batch.len() > 1 {
+                    let keyed = batch.iter().any(|m| m.ordering_key().is_some());
+                    if batch.len() > 1 || keyed {
                         pipe.atomic();
+                    }
+                    if keyed {
+                        // Reads check ordering keys only on topics marked so.
+                        pipe.cmd("SET").arg(format!("{pre}keyed")).arg(1).ignore();
                     }
                     for (i, (m, h)) in batch.iter().zip(&headers).enumerate() {
                         let cmd = pipe.cmd("XADD");
@@ -110,6 +116,9 @@ impl Backend for RedisBackend {
                         }
                         if let Some(at) = m.deliver_at {
                             cmd.arg("deliver_at").arg(at.0);
+                        }
+                        if let Some(k) = m.ordering_key() {
+                            cmd.arg("key").arg(k);
                         }
                         if i == 0 {
                             cmd.arg("nonce").arg(&nonce);
@@ -307,12 +316,22 @@ impl Backend for RedisBackend {
                     args.push(scripts::SETTLE_ACK.to_vec());
                     args.push(id.to_string().into_bytes());
                 }
-                Settlement::Retry { id, at, failure } => {
+                Settlement::Retry {
+                    id,
+                    at,
+                    failure,
+                    release_key,
+                } => {
                     args.push(scripts::SETTLE_RETRY.to_vec());
                     args.push(id.to_string().into_bytes());
                     args.push(at.0.to_string().into_bytes());
                     args.push(serde_json::to_vec(failure).expect("failures serialize"));
                     args.push(failure.attempt.to_string().into_bytes());
+                    args.push(if *release_key {
+                        b"1".to_vec()
+                    } else {
+                        b"0".to_vec()
+                    });
                 }
                 Settlement::DeadLetter(dl) => {
                     let mut record = (**dl).clone();
@@ -325,18 +344,23 @@ impl Backend for RedisBackend {
                 }
             }
         }
-        self.call(|mut c| {
-            let mut inv = self.scripts.settle.key(&key);
-            inv.arg(&pre)
-                .arg(&sub.group)
-                .arg(sub.epoch)
-                .arg(&sub.consumer);
-            for a in &args {
-                inv.arg(a.as_slice());
-            }
-            async move { inv.invoke_async::<Value>(&mut c).await }
-        })
-        .await?;
+        let woke: Value = self
+            .call(|mut c| {
+                let mut inv = self.scripts.settle.key(&key);
+                inv.arg(&pre)
+                    .arg(&sub.group)
+                    .arg(sub.epoch)
+                    .arg(&sub.consumer);
+                for a in &args {
+                    inv.arg(a.as_slice());
+                }
+                async move { inv.invoke_async::<Value>(&mut c).await }
+            })
+            .await?;
+        if int(&woke).is_some_and(|n| n > 0) {
+            // Settled entries let their ordering keys pass to entries now due.
+            self.due().scheduled(&sub.topic, &sub.group, 0);
+        }
         // Reads promote once the first retry is due (a call that failed after being applied
         // is seen by the next read's look at the schedule).
         if let Some(at) = batch
@@ -525,6 +549,9 @@ impl Backend for RedisBackend {
                 let mut cmd = ::redis::cmd("SISMEMBER");
                 cmd.arg(format!("{gkey}park")).arg(&id_text);
                 let parked = int(&self.query(cmd).await?).unwrap_or(0) == 1;
+                let mut cmd = ::redis::cmd("ZSCORE");
+                cmd.arg(format!("{gkey}kw")).arg(&id_text);
+                let blocked = !matches!(self.query(cmd).await?, Value::Nil);
                 if let Some(due) = due {
                     let mut cmd = ::redis::cmd("HGET");
                     cmd.arg(format!("{gkey}m")).arg(&id_text);
@@ -537,6 +564,8 @@ impl Backend for RedisBackend {
                     }
                 } else if parked {
                     Placement::Stopped
+                } else if blocked {
+                    Placement::Blocked
                 } else if id > cursor {
                     Placement::Unread
                 } else {
@@ -701,6 +730,9 @@ impl Backend for RedisBackend {
                 let mut cmd = ::redis::cmd("SCARD");
                 cmd.arg(format!("{gkey}park"));
                 let parked = int(&self.query(cmd).await?).unwrap_or(0) as u64;
+                let mut cmd = ::redis::cmd("ZCARD");
+                cmd.arg(format!("{gkey}kw"));
+                let blocked = int(&self.query(cmd).await?).unwrap_or(0) as u64;
                 let mut cmd = ::redis::cmd("XINFO");
                 cmd.arg("CONSUMERS").arg(&key).arg(&name);
                 let consumers = items(self.query(cmd).await?)
@@ -744,6 +776,7 @@ impl Backend for RedisBackend {
                     lag,
                     scheduled,
                     parked,
+                    blocked,
                     consumers,
                     oldest_pending,
                     oldest_unread,

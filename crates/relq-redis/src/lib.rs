@@ -81,6 +81,7 @@ struct Scripts {
     group_delete: Script,
     group_move: Script,
     skip: Script,
+    keycheck: Script,
     give_back: Script,
 }
 
@@ -108,6 +109,7 @@ impl Scripts {
             group_delete: s(scripts::GROUP_DELETE),
             group_move: s(scripts::GROUP_MOVE),
             skip: s(scripts::SKIP),
+            keycheck: s(scripts::KEYCHECK),
             give_back: s(scripts::GIVE_BACK),
         }
     }

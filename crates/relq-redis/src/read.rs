@@ -23,11 +23,14 @@ impl RedisBackend {
 
     /// Notes which deliveries carry a failure history (all but first deliveries of new entries).
     fn note_history(&self, out: &[Delivery]) {
+        self.note_history_ids(out.iter().map(|d| d.message.id));
+    }
+
+    /// Notes deliveries whose settlement needs the settle script: those with a failure history,
+    /// and those with an ordering key (an ack passes the key on).
+    fn note_history_ids(&self, ids: impl Iterator<Item = MessageId>) {
         let mut h = self.with_history.lock().unwrap_or_else(|e| e.into_inner());
-        h.note(
-            out.iter().map(|d| d.message.id),
-            tokio::time::Instant::now(),
-        );
+        h.note(ids, tokio::time::Instant::now());
     }
 
     fn warn_lost(&self, sub: &Subscription, lost: bool) {
@@ -333,10 +336,7 @@ impl RedisBackend {
             true => self.skip_again(sub, &entries).await?,
             false => HashSet::new(),
         };
-        let now = Timestamp::now();
-        let mut out = Vec::new();
-        let mut held: Vec<(MessageId, i64)> = Vec::new();
-        let mut parked = HashMap::new();
+        let mut read = Vec::with_capacity(entries.len());
         for e in entries {
             let mut parts = items(e).into_iter();
             let (Some(id), Some(fields)) = (parts.next(), parts.next()) else {
@@ -346,7 +346,37 @@ impl RedisBackend {
             if passed.contains(&id) {
                 continue;
             }
-            let message = message_of(id, fields, 1);
+            read.push(message_of(id, fields, 1));
+        }
+        if read.iter().any(|m| m.ordering_key().is_some()) {
+            match self.check_keys(sub, &read).await {
+                Ok(waiting) => {
+                    read.retain(|m| !waiting.contains(&m.id));
+                    // Acks of keyed messages go through the settle script, which passes keys on.
+                    self.note_history_ids(
+                        read.iter()
+                            .filter(|m| m.ordering_key().is_some())
+                            .map(|m| m.id),
+                    );
+                }
+                // Unchecked, the keyed entries must not run: they stay pending for this
+                // consumer, and its recovery checks them first. The others go on.
+                Err(e) => {
+                    read.retain(|m| m.ordering_key().is_none());
+                    self.flag_recovery(sub);
+                    if read.is_empty() {
+                        return Err(e);
+                    }
+                    tracing::debug!(error = %e, "checking ordering keys failed; those messages are recovered");
+                }
+            }
+        }
+        let now = Timestamp::now();
+        let mut out = Vec::new();
+        let mut held: Vec<(MessageId, i64)> = Vec::new();
+        let mut parked = HashMap::new();
+        for message in read {
+            let id = message.id;
             if stopped.contains(&id) {
                 held.push((id, -1));
                 parked.insert(id, message);
@@ -403,6 +433,37 @@ impl RedisBackend {
             }
         }
         Ok(out)
+    }
+
+    /// Runs the key check (see the KEYCHECK script) for the keyed messages among `read` (in id
+    /// order); returns those that wait for their key.
+    async fn check_keys(
+        &self,
+        sub: &Subscription,
+        read: &[relq_core::Message],
+    ) -> Result<HashSet<MessageId>, BackendError> {
+        let key = stream_key(&sub.topic);
+        let pre = prefix(&sub.topic);
+        let mut ids: Vec<MessageId> = read
+            .iter()
+            .filter(|m| m.ordering_key().is_some())
+            .map(|m| m.id)
+            .collect();
+        ids.sort_unstable();
+        let waiting: Value = self
+            .call(|mut c| {
+                let mut inv = self.scripts.keycheck.key(&key);
+                inv.arg(&pre).arg(&sub.group).arg(sub.epoch);
+                for id in &ids {
+                    inv.arg(id.to_string());
+                }
+                async move { inv.invoke_async(&mut c).await }
+            })
+            .await?;
+        Ok(items(waiting)
+            .iter()
+            .filter_map(|v| id_of(v).ok())
+            .collect())
     }
 
     /// After a move back: which of the entries a read took again the group holds already (the

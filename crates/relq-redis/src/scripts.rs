@@ -102,11 +102,113 @@ local function new_epoch()
   if last and numcmp(last, e) >= 0 then e = inc(last) end
   return e
 end
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+-- Ordering keys (docs/design.md, "Per-key ordering"). Per group: `kq`, a sorted set (score 0)
+-- of every keyed entry read and not settled, as key NUL padded-id, so a key's entries sort in
+-- id order; `ki`, id -> key; `kw`, the entries waiting for their key (also in `held`); `kc`,
+-- the last id whose key was checked. Keys hold no control characters.
+local function pad(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return string.rep('0', 20 - #ms) .. ms .. '-' .. string.rep('0', 20 - #seq) .. seq
+end
+local function strip(d)
+  local s = string.gsub(d, '^0+', '')
+  if s == '' then return '0' end
+  return s
+end
+local function key_first(gkey, k)
+  return redis.call('ZRANGEBYLEX', gkey .. 'kq', '[' .. k .. '\0', '(' .. k .. '\1', 'LIMIT', 0, 1)[1]
+end
+-- Ends `id`'s place under its key. If it held the key, the key's next entry (waiting) becomes
+-- due now, or at its delivery time if later. Returns 1 if an entry became due, else 0.
+local function release_key(g, id)
+  local gkey = gk(g)
+  local k = redis.call('HGET', gkey .. 'ki', id)
+  if not k then return 0 end
+  redis.call('HDEL', gkey .. 'ki', id)
+  redis.call('ZREM', gkey .. 'kq', k .. '\0' .. pad(id))
+  if redis.call('ZREM', gkey .. 'kw', id) == 1 then return 0 end
+  while true do
+    local m = key_first(gkey, k)
+    if not m then return 0 end
+    local ms, seq = string.match(string.sub(m, #k + 2), '^(%d+)-(%d+)$')
+    local nid = strip(ms) .. '-' .. strip(seq)
+    if redis.call('ZREM', gkey .. 'kw', nid) == 0 then return 0 end
+    local e = redis.call('XRANGE', S, nid, nid)[1]
+    if e then
+      local due = now_ms()
+      local at = due_at(e[2])
+      if at and at > due then due = at end
+      redis.call('ZADD', gkey .. 'sched', due, nid)
+      return 1
+    end
+    -- Trimmed by a max-length policy while it waited: the key passes on.
+    redis.call('HDEL', gkey .. 'ki', nid)
+    redis.call('ZREM', gkey .. 'kq', m)
+    redis.call('ZREM', gkey .. 'held', nid)
+    redis.call('HDEL', gkey .. 'm', nid)
+  end
+end
+-- Checks the keys of the entries the group read after `kc` up to `upto` (every one of them was
+-- delivered), in id order: an entry whose key has an unsettled entry waits (it leaves the
+-- pending list for `kw`), else it holds its key. Each entry is checked once, whoever read it,
+-- so keys pass in id order however reads interleave. Returns the new `kc`.
+local function keys_catch_up(g, upto, kc)
+  local gkey = gk(g)
+  -- A group without `kc` (created before ordering keys were used on it) starts at `upto`.
+  local from = kc and ('(' .. kc) or upto
+  if kc and idcmp(upto, kc) <= 0 then return kc end
+  while true do
+    local page = redis.call('XRANGE', S, from, upto, 'COUNT', 500)
+    for _, e in ipairs(page) do
+      local id = e[1]
+      local k = field(e[2], 'key')
+      if k and redis.call('HEXISTS', gkey .. 'ki', id) == 0 then
+        local first = key_first(gkey, k)
+        redis.call('ZADD', gkey .. 'kq', 0, k .. '\0' .. pad(id))
+        redis.call('HSET', gkey .. 'ki', id, k)
+        if first and redis.call('XACK', S, g, id) == 1 then
+          redis.call('ZADD', gkey .. 'held', idms(id), id)
+          redis.call('ZADD', gkey .. 'kw', idms(id), id)
+        end
+      end
+    end
+    if #page < 500 then break end
+    from = '(' .. page[#page][1]
+  end
+  redis.call('SET', gkey .. 'kc', upto)
+  return upto
+end
+-- Starts a new (or recreated) group's key checks at its cursor `at` (an id, '$' or '0').
+local function keys_start(g, at)
+  local gkey = gk(g)
+  redis.call('DEL', gkey .. 'kq', gkey .. 'ki', gkey .. 'kw')
+  if at == '$' then
+    at = '0-0'
+    local st = redis.pcall('XINFO', 'STREAM', S)
+    if type(st) == 'table' and not st.err then
+      for j = 1, #st, 2 do
+        if st[j] == 'last-generated-id' then at = st[j + 1] end
+      end
+    end
+  elseif at == '0' then
+    at = '0-0'
+  end
+  redis.call('SET', gkey .. 'kc', at)
+end
+local GROUP_KEYS = {'sched', 'park', 'm', 'held', 'skip', 'p', 'pa', 'rl', 'kq', 'ki', 'kw', 'kc'}
+local function del_group_keys(g)
+  local gkey = gk(g)
+  for _, k in ipairs(GROUP_KEYS) do redis.call('DEL', gkey .. k) end
+end
 "#;
 
 /// A retried publish (the first attempt, a plain MULTI/EXEC of XADDs, may have been applied
 /// before its reply was lost). ARGV: prefix, window_ms, nonce, count, then per message: type,
-/// data, headers (JSON or ""), deliver_at (ms or ""). Looks for the batch carrying `nonce` among
+/// data, headers (JSON or ""), deliver_at (ms or ""), ordering key (or ""). Looks for the batch carrying `nonce` among
 /// the entries of the last window_ms and returns its ids; appends the batch if it is not there.
 pub(super) const PUBLISH: &str = r#"
 local window, nonce, count = tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
@@ -135,9 +237,13 @@ for n = 1, count do
   local fields = {'type', ARGV[i], 'data', ARGV[i + 1]}
   if ARGV[i + 2] ~= '' then fields[#fields + 1] = 'headers'; fields[#fields + 1] = ARGV[i + 2] end
   if ARGV[i + 3] ~= '' then fields[#fields + 1] = 'deliver_at'; fields[#fields + 1] = ARGV[i + 3] end
+  if ARGV[i + 4] ~= '' then
+    fields[#fields + 1] = 'key'; fields[#fields + 1] = ARGV[i + 4]
+    redis.call('SET', P .. 'keyed', '1')
+  end
   if n == 1 then fields[#fields + 1] = 'nonce'; fields[#fields + 1] = nonce end
   ids[n] = redis.call('XADD', S, '*', unpack(fields))
-  i = i + 4
+  i = i + 5
 end
 return ids
 "#;
@@ -147,7 +253,8 @@ return ids
 /// keys recorded (`dedup`: key -> "<id> <end of window ms>", `dedup_at`: key by the end of its
 /// window, for pruning). ARGV: prefix, nonce, nonce_ttl_ms (0: the batch has no unkeyed
 /// message, whose keys alone make a retry safe), count, then per message: type, data, headers
-/// (JSON or ""), deliver_at (ms or ""), key ("" for none), window_ms. Returns the ids. With a
+/// (JSON or ""), deliver_at (ms or ""), ordering key (or ""), idempotency key ("" for none),
+/// window_ms. Returns the ids. With a
 /// nonce TTL the ids are also kept under the nonce, so a retry of a batch whose reply was lost
 /// answers the same ids.
 pub(super) const PUBLISH_KEYED: &str = r#"
@@ -168,7 +275,7 @@ end
 local ids = {}
 local i = 5
 for n = 1, count do
-  local key = ARGV[i + 4]
+  local key = ARGV[i + 5]
   local id = nil
   if key ~= '' then
     local v = redis.call('HGET', D, key)
@@ -181,15 +288,19 @@ for n = 1, count do
     local fields = {'type', ARGV[i], 'data', ARGV[i + 1]}
     if ARGV[i + 2] ~= '' then fields[#fields + 1] = 'headers'; fields[#fields + 1] = ARGV[i + 2] end
     if ARGV[i + 3] ~= '' then fields[#fields + 1] = 'deliver_at'; fields[#fields + 1] = ARGV[i + 3] end
+    if ARGV[i + 4] ~= '' then
+      fields[#fields + 1] = 'key'; fields[#fields + 1] = ARGV[i + 4]
+      redis.call('SET', P .. 'keyed', '1')
+    end
     id = redis.call('XADD', S, '*', unpack(fields))
     if key ~= '' then
-      local untl = now + tonumber(ARGV[i + 5])
+      local untl = now + tonumber(ARGV[i + 6])
       redis.call('HSET', D, key, id .. ' ' .. string.format('%d', untl))
       redis.call('ZADD', DA, untl, key)
     end
   end
   ids[n] = id
-  i = i + 6
+  i = i + 7
 end
 if nonce_ttl > 0 then redis.call('SET', NK, cjson.encode(ids), 'PX', nonce_ttl) end
 return ids
@@ -263,6 +374,7 @@ end
 redis.call('SREM', P .. 'deleted', g)
 local r = redis.pcall('XGROUP', 'CREATE', S, g, start, 'MKSTREAM')
 if type(r) == 'table' and r.err and not string.find(r.err, 'BUSYGROUP') then return r end
+if not (type(r) == 'table' and r.err) then keys_start(g, start) end
 redis.call('XGROUP', 'CREATECONSUMER', S, g, c)
 return redis.call('HGET', P .. 'meta', 'epoch')
 "#;
@@ -296,13 +408,16 @@ if #due > 0 then
       local r = redis.pcall('XCLAIM', S, g, c, 0, id, 'FORCE', 'RETRYCOUNT', n + 1)
       if type(r) == 'table' and r.err then
         redis.call('XGROUP', 'CREATE', S, g, '0', 'MKSTREAM')
+        keys_start(g, '0')
         lost = 1
         r = redis.call('XCLAIM', S, g, c, 0, id, 'FORCE', 'RETRYCOUNT', n + 1)
       end
       if r[1] and r[1][2] then
         out[#out + 1] = {id, n + 1, r[1][2], f}
       else
-        redis.call('HDEL', gkey .. 'm', id) -- trimmed by a max-length policy
+        -- Trimmed by a max-length policy: its key passes on.
+        redis.call('HDEL', gkey .. 'm', id)
+        release_key(g, id)
       end
     end
   end
@@ -313,6 +428,7 @@ if #out < max then
   local r = redis.pcall('XREADGROUP', 'GROUP', g, c, 'COUNT', max - #out, 'STREAMS', S, '>')
   if type(r) == 'table' and r.err and string.find(r.err, 'NOGROUP') then
     redis.call('XGROUP', 'CREATE', S, g, '0', 'MKSTREAM')
+    keys_start(g, '0')
     lost = 1
     r = redis.pcall('XREADGROUP', 'GROUP', g, c, 'COUNT', max - #out, 'STREAMS', S, '>')
   end
@@ -335,6 +451,7 @@ if deleted(g) then return redis.error_reply(GROUP_DELETED) end
 ensure_meta(epoch)
 local r = redis.pcall('XGROUP', 'CREATE', S, g, '0', 'MKSTREAM')
 if type(r) == 'table' and r.err and not string.find(r.err, 'BUSYGROUP') then return r end
+if not (type(r) == 'table' and r.err) then keys_start(g, '0') end
 return 1
 "#;
 
@@ -402,9 +519,14 @@ end
 if type(pend) == 'table' and pend.err then
   if not string.find(pend.err, 'NOGROUP') then return pend end
   redis.call('XGROUP', 'CREATE', S, g, '0', 'MKSTREAM')
+  keys_start(g, '0')
   return {1, {}}
 end
 local stop = stopped_set()
+-- An entry read but not yet key-checked (its reader died before the check) is checked before
+-- it is delivered again.
+local keyed = redis.call('EXISTS', P .. 'keyed') == 1
+local kc = keyed and redis.call('GET', gkey .. 'kc')
 local out = {}
 local min_idle = 0
 if mode ~= 'recover' then min_idle = arg end
@@ -418,6 +540,7 @@ while true do
   for _, p in ipairs(pend) do
     local id, count = p[1], p[4]
     last = id
+    if keyed and (not kc or idcmp(id, kc) > 0) then kc = keys_catch_up(g, id, kc) end
     local r = redis.call('XCLAIM', S, g, c, min_idle, id, 'RETRYCOUNT', count + 1)
     if r[1] and r[1][2] then
       local fields = r[1][2]
@@ -435,6 +558,7 @@ while true do
       if redis.call('XRANGE', S, id, id)[1] == nil then
         redis.call('XACK', S, g, id)
         redis.call('HDEL', gkey .. 'm', id)
+        release_key(g, id)
       end
     end
   end
@@ -472,7 +596,9 @@ pub(super) const SETTLE_RETRY: &[u8] = b"r";
 pub(super) const SETTLE_DEAD_LETTER: &[u8] = b"d";
 
 /// Settles a batch. ARGV: prefix, group, epoch, settling consumer, then entries: 'a', id | 'r', id, due_ms,
-/// failure_json, attempt | 'd', id, dead_letter_json, payload, attempts. Entries no longer
+/// failure_json, attempt, release key ('1' or '0') | 'd', id, dead_letter_json, payload,
+/// attempts. Returns how many entries became due because a settled entry let their ordering key
+/// pass to them. Entries no longer
 /// pending are ignored, and so is a retry or dead letter for a delivery that was superseded: the
 /// entry's count moved on and another consumer holds it (claimed from the settling one).
 pub(super) const SETTLE: &str = r#"
@@ -481,6 +607,8 @@ if ended(ARGV[3]) then return redis.error_reply('RELQ_TERMINATED the topic was t
 if deleted(g) then return redis.error_reply(GROUP_DELETED) end
 local gkey = gk(g)
 local has_meta = redis.call('EXISTS', gkey .. 'm') == 1
+-- Entries whose key passed to their next entry (which became due).
+local woke = 0
 -- A retry or dead letter settles the delivery it names: it applies if the entry is pending with
 -- that delivery count, or still held by the settling consumer (which may have recovered it
 -- meanwhile, raising the count). Claimed by another consumer since: stale, ignored.
@@ -493,7 +621,10 @@ while i <= #ARGV do
   if op == 'a' then
     -- The failure history goes only with the delivery it belongs to: an ack of an entry that
     -- is no longer pending (claimed and retried by another consumer) leaves it alone.
-    if redis.pcall('XACK', S, g, id) == 1 and has_meta then redis.call('HDEL', gkey .. 'm', id) end
+    if redis.pcall('XACK', S, g, id) == 1 then
+      if has_meta then redis.call('HDEL', gkey .. 'm', id) end
+      woke = woke + release_key(g, id)
+    end
     i = i + 2
   elseif op == 'r' then
     local p = redis.pcall('XPENDING', S, g, id, id, 1)
@@ -507,19 +638,46 @@ while i <= #ARGV do
       redis.call('ZADD', gkey .. 'held', idms(id), id)
       redis.call('ZADD', gkey .. 'sched', ARGV[i + 2], id)
       has_meta = true
+      if ARGV[i + 5] == '1' then woke = woke + release_key(g, id) end
     end
-    i = i + 5
+    i = i + 6
   else
     local p = redis.pcall('XPENDING', S, g, id, id, 1)
     if type(p) == 'table' and not p.err and current(p, ARGV[i + 4]) then
       redis.call('XACK', S, g, id)
       if has_meta then redis.call('HDEL', gkey .. 'm', id) end
       redis.call('XADD', P .. 'dl', '*', 'record', ARGV[i + 2], 'data', ARGV[i + 3])
+      woke = woke + release_key(g, id)
     end
     i = i + 5
   end
 end
-return 1
+return woke
+"#;
+
+/// Checks the ordering keys of entries a read delivered (see `keys_catch_up`). ARGV: prefix,
+/// group, epoch, then the ids the read took that carry a key, in id order. Returns those of them
+/// that wait for their key (no longer pending: the reader must not run them).
+pub(super) const KEYCHECK: &str = r#"
+local g = ARGV[2]
+if ended(ARGV[3]) then return redis.error_reply('RELQ_TERMINATED the topic was terminated') end
+if deleted(g) then return redis.error_reply(GROUP_DELETED) end
+local gkey = gk(g)
+local kc = redis.call('GET', gkey .. 'kc')
+-- Ids the read took that a forward move put behind `kc`, unchecked: checked now.
+for i = 4, #ARGV do
+  local id = ARGV[i]
+  if kc and idcmp(id, kc) <= 0 and redis.call('HEXISTS', gkey .. 'ki', id) == 0 then
+    keys_catch_up(g, id, nil)
+    redis.call('SET', gkey .. 'kc', kc)
+  end
+end
+keys_catch_up(g, ARGV[#ARGV], kc)
+local out = {}
+for i = 4, #ARGV do
+  if redis.call('ZSCORE', gkey .. 'kw', ARGV[i]) then out[#out + 1] = ARGV[i] end
+end
+return out
 "#;
 
 /// Stops a message for every group. ARGV: prefix, id. Returns 0 if the topic does not exist.
@@ -555,11 +713,10 @@ local existed = epoch and 1 or 0
 if redis.call('EXISTS', S) == 1 then
   existed = 1
   for _, info in ipairs(redis.call('XINFO', 'GROUPS', S)) do
-    local gkey = gk(info[2])
-    redis.call('DEL', gkey .. 'sched', gkey .. 'park', gkey .. 'm', gkey .. 'held', gkey .. 'skip', gkey .. 'p', gkey .. 'pa', gkey .. 'rl')
+    del_group_keys(info[2])
   end
 end
-redis.call('DEL', S, P .. 'meta', P .. 'stop', P .. 'dl', P .. 'deleted', P .. 'dedup', P .. 'dedup_at')
+redis.call('DEL', S, P .. 'meta', P .. 'stop', P .. 'dl', P .. 'deleted', P .. 'dedup', P .. 'dedup_at', P .. 'keyed')
 if existed == 1 then
   if not epoch then epoch = new_epoch() end
   local last = redis.call('GET', P .. 'ended')
@@ -619,6 +776,7 @@ if max_len >= 0 and removed == 0 then
       if floor and idcmp(e[1], floor) < 0 then removed = removed + 1 else trimmed = trimmed + 1 end
       for _, info in ipairs(groups) do
         local gkey = gk(info[2])
+        release_key(info[2], e[1])
         redis.call('ZREM', gkey .. 'sched', e[1])
         redis.call('ZREM', gkey .. 'held', e[1])
         redis.call('ZREM', gkey .. 'skip', e[1])
@@ -661,6 +819,7 @@ if type(r) == 'table' and r.err then
   if string.find(r.err, 'BUSYGROUP') then return 0 end
   return r
 end
+keys_start(g, start)
 return 1
 "#;
 
@@ -670,8 +829,7 @@ pub(super) const GROUP_DELETE: &str = r#"
 local g = ARGV[2]
 if redis.call('EXISTS', S) == 0 then return 0 end
 local r = redis.call('XGROUP', 'DESTROY', S, g)
-local gkey = gk(g)
-redis.call('DEL', gkey .. 'sched', gkey .. 'park', gkey .. 'm', gkey .. 'held', gkey .. 'skip', gkey .. 'p', gkey .. 'pa', gkey .. 'rl')
+del_group_keys(g)
 if r == 1 then redis.call('SADD', P .. 'deleted', g) end
 return r
 "#;
@@ -720,6 +878,9 @@ else
   end
 end
 redis.call('XGROUP', 'SETID', S, g, to)
+-- Entries after `to` are read again (or, moving forward, never): their keys are checked from
+-- there (those the group holds are in `ki` already and keep their place).
+redis.call('SET', gkey .. 'kc', to)
 return 1
 "#;
 

@@ -23,7 +23,8 @@ use tokio::sync::Notify;
 
 use crate::fast_hash::IdMap;
 use relq_core::{
-    instant_after, DedupIndex, Message, MessageId, Outgoing, StartPosition, Timestamp,
+    instant_after, ordering_key, DedupIndex, KeyQueues, Message, MessageId, Outgoing,
+    StartPosition, Timestamp,
 };
 use relq_core::{
     replay_message, AttemptFailure, Backend, Browse, CleanupReport, ConsumerInfo, Delivery,
@@ -196,9 +197,31 @@ struct Group {
     skip: BTreeSet<MessageId>,
     /// Keys recorded as processed, until their records expire.
     processed: DedupIndex,
+    /// Ordering keys of the messages read and not settled; waiting messages are only here.
+    keys: KeyQueues<MessageId>,
 }
 
 impl Group {
+    /// Ends `id`'s place under its ordering key; the key's next message becomes due (at its
+    /// delivery time if it is delayed). Returns whether one did.
+    fn release_key(&mut self, id: MessageId, messages: &Log, now: Timestamp) -> bool {
+        let mut id = id;
+        loop {
+            let Some(next) = self.keys.release(id) else {
+                return false;
+            };
+            match messages.get(&next) {
+                Some(s) => {
+                    let due = s.deliver_at.map_or(now, |at| at.max(now));
+                    self.schedule(next, due, Meta::default());
+                    return true;
+                }
+                // Trimmed by a max-length policy while it waited: the key passes on.
+                None => id = next,
+            }
+        }
+    }
+
     fn schedule(&mut self, id: MessageId, due: Timestamp, meta: Meta) {
         if let Some((old, _)) = self.scheduled_meta.insert(id, (due, meta)) {
             self.scheduled.remove(&(old, id));
@@ -224,6 +247,9 @@ impl Group {
         if let Some((id, _)) = self.parked.first_key_value() {
             floor = floor.min(*id);
         }
+        if let Some(id) = self.keys.first_waiting() {
+            floor = floor.min(id);
+        }
         floor
     }
 
@@ -232,13 +258,16 @@ impl Group {
         self.pending.contains_key(&id)
             || self.scheduled_meta.contains_key(&id)
             || self.parked.contains_key(&id)
+            || self.keys.is_waiting(id)
     }
 
-    fn forget(&mut self, id: MessageId) {
+    /// `id` left the topic (trimmed): the group forgets it, and its key passes on.
+    fn forget(&mut self, id: MessageId, messages: &Log, now: Timestamp) {
         self.skip.remove(&id);
         self.pending.remove(&id);
         self.unschedule(id);
         self.parked.remove(&id);
+        self.release_key(id, messages, now);
     }
 }
 
@@ -389,7 +418,9 @@ impl Topic {
             }
             meta.deliveries += 1;
             let Some(message) = message_of(&self.messages, id, meta.deliveries) else {
-                continue; // trimmed by a max-length policy
+                // Trimmed by a max-length policy.
+                g.release_key(id, &self.messages, now);
+                continue;
             };
             out.push(Delivery {
                 message,
@@ -416,6 +447,11 @@ impl Topic {
             g.cursor = id;
             if g.skip.remove(&id) {
                 continue;
+            }
+            if let Some(key) = ordering_key(&stored.headers) {
+                if !g.keys.enter(key, id) {
+                    continue; // waits behind an earlier message of its key
+                }
             }
             if self.stopped.contains(&id) {
                 g.parked.insert(id, Meta::default());
@@ -482,6 +518,7 @@ impl Topic {
             };
             let Some(message) = message_of(&self.messages, id, p.meta.deliveries + 1) else {
                 g.pending.remove(&id);
+                g.release_key(id, &self.messages, now);
                 continue;
             };
             p.meta.deliveries += 1;
@@ -613,8 +650,9 @@ impl MemoryBackend {
                 } else {
                     report.removed += 1;
                 }
+                let now = Timestamp::now();
                 for g in t.groups.values_mut() {
-                    g.forget(id);
+                    g.forget(id, &t.messages, now);
                 }
             }
         }
@@ -768,11 +806,13 @@ impl Backend for MemoryBackend {
 
     async fn settle(&self, sub: &Subscription, batch: &[Settlement]) -> Result<(), BackendError> {
         let mut retried = false;
+        let now = Timestamp::now();
         self.with_topic(sub, |t| {
             let Topic {
                 groups,
                 dead,
                 last_dead_id,
+                messages,
                 ..
             } = t;
             let Some(g) = groups.get_mut(&sub.group) else {
@@ -781,9 +821,16 @@ impl Backend for MemoryBackend {
             for s in batch {
                 match s {
                     Settlement::Ack(id) => {
-                        g.pending.remove(id);
+                        if g.pending.remove(id).is_some() {
+                            retried |= g.release_key(*id, messages, now);
+                        }
                     }
-                    Settlement::Retry { id, at, failure } => {
+                    Settlement::Retry {
+                        id,
+                        at,
+                        failure,
+                        release_key,
+                    } => {
                         if g.pending
                             .get(id)
                             .is_some_and(|p| current(p, &sub.consumer, failure.attempt))
@@ -791,6 +838,9 @@ impl Backend for MemoryBackend {
                             let mut p = g.pending.remove(id).expect("pending");
                             p.meta.failures.push(failure.clone());
                             g.schedule(*id, *at, p.meta);
+                            if *release_key {
+                                g.release_key(*id, messages, now);
+                            }
                             retried = true;
                         }
                     }
@@ -800,6 +850,7 @@ impl Backend for MemoryBackend {
                             .is_some_and(|p| current(p, &sub.consumer, dl.message.attempt))
                         {
                             g.pending.remove(&dl.message.id);
+                            retried |= g.release_key(dl.message.id, messages, now);
                             let id = last_dead_id.next_after(Timestamp::now().0);
                             *last_dead_id = id;
                             let mut dl = (**dl).clone();
@@ -997,6 +1048,7 @@ impl Backend for MemoryBackend {
                         .count() as u64,
                     scheduled: g.scheduled.len() as u64,
                     parked: g.parked.len() as u64,
+                    blocked: g.keys.waiting() as u64,
                     consumers,
                     oldest_pending: g.pending.keys().min().copied(),
                     oldest_unread: t
@@ -1047,6 +1099,8 @@ impl Backend for MemoryBackend {
                         }
                     } else if g.parked.contains_key(&id) {
                         Placement::Stopped
+                    } else if g.keys.is_waiting(id) {
+                        Placement::Blocked
                     } else if id > g.cursor {
                         Placement::Unread
                     } else {

@@ -7,8 +7,8 @@ use bytes::Bytes;
 
 use relq_core::{
     shorten, validate_headers, validate_kind, Outgoing, Timestamp, HEADER_CONTENT_TYPE,
-    HEADER_EXPIRES_AT, HEADER_IDEMPOTENCY_KEY, HEADER_SCHEMA_VERSION, MAX_IDEMPOTENCY_KEY_LEN,
-    RESERVED_HEADER_PREFIX,
+    HEADER_EXPIRES_AT, HEADER_IDEMPOTENCY_KEY, HEADER_ORDERING_KEY, HEADER_SCHEMA_VERSION,
+    MAX_IDEMPOTENCY_KEY_LEN, MAX_ORDERING_KEY_LEN, RESERVED_HEADER_PREFIX,
 };
 use relq_core::{Error, Result};
 
@@ -29,6 +29,7 @@ pub struct NewMessage {
     pub(crate) content_type: Option<&'static str>,
     pub(crate) schema_version: Option<u32>,
     pub(crate) idempotency_key: Option<String>,
+    pub(crate) ordering_key: Option<String>,
 }
 
 /// A topic's settings a publisher applies to each message: a time to live and a compression.
@@ -64,6 +65,7 @@ impl NewMessage {
             content_type: None,
             schema_version: None,
             idempotency_key: None,
+            ordering_key: None,
         }
     }
 
@@ -121,6 +123,21 @@ impl NewMessage {
     /// uses). At most 512 bytes, no control characters; a publish with an invalid key fails.
     pub fn idempotency_key(mut self, key: impl Into<String>) -> NewMessage {
         self.idempotency_key = Some(key.into());
+        self
+    }
+
+    /// Orders it by `key` within every consumer group: the messages of one key are handled one
+    /// at a time, in publish order, across every consumer process of a group, while different
+    /// keys run in parallel (like a Kafka partition key, without partitions). A message waits,
+    /// unread by any handler, while an earlier one of its key is being handled, waits for a
+    /// retry (unless the consumer's [`KeyRetries`](crate::KeyRetries) says to skip ahead), or is
+    /// stopped; a dead letter lets the key go on. A consumer that dies with a key's message
+    /// leaves it pending, so another consumer claims it (after its claim time) before the key
+    /// goes on. The key is the message's `relq-ordering-key` header; at most 512 bytes, no
+    /// control characters. A replayed dead letter keeps the key but is a new message, ordered
+    /// after those published before the replay.
+    pub fn ordering_key(mut self, key: impl Into<String>) -> NewMessage {
+        self.ordering_key = Some(key.into());
         self
     }
 
@@ -186,9 +203,18 @@ impl NewMessage {
         }
         let mut dedup_window = None;
         if let Some(key) = self.idempotency_key {
-            validate_idempotency_key(&key)?;
+            validate_key(
+                HEADER_IDEMPOTENCY_KEY,
+                "idempotency",
+                &key,
+                MAX_IDEMPOTENCY_KEY_LEN,
+            )?;
             self.headers.insert(HEADER_IDEMPOTENCY_KEY.to_owned(), key);
             dedup_window = Some(topic.dedup_window.unwrap_or(DEFAULT_DEDUP_WINDOW));
+        }
+        if let Some(key) = self.ordering_key {
+            validate_key(HEADER_ORDERING_KEY, "ordering", &key, MAX_ORDERING_KEY_LEN)?;
+            self.headers.insert(HEADER_ORDERING_KEY.to_owned(), key);
         }
         if let Some(v) = self.schema_version {
             self.headers
@@ -215,18 +241,18 @@ impl NewMessage {
     }
 }
 
-/// An idempotency key: 1 to 512 bytes, no control characters.
-fn validate_idempotency_key(key: &str) -> Result<()> {
+/// An idempotency or ordering key (the header `name`): 1 to `max` bytes, no control characters.
+fn validate_key(name: &str, what: &str, key: &str, max: usize) -> Result<()> {
     let bad = |why: String| Error::InvalidHeader {
-        name: HEADER_IDEMPOTENCY_KEY.to_owned(),
-        reason: format!("the idempotency key {:?} is invalid: {why}", shorten(key)),
+        name: name.to_owned(),
+        reason: format!("the {what} key {:?} is invalid: {why}", shorten(key)),
     };
     if key.is_empty() {
         return Err(bad("it is empty".into()));
     }
-    if key.len() > MAX_IDEMPOTENCY_KEY_LEN {
+    if key.len() > max {
         return Err(bad(format!(
-            "it is {} bytes, over the limit of {MAX_IDEMPOTENCY_KEY_LEN}",
+            "it is {} bytes, over the limit of {max}",
             key.len()
         )));
     }

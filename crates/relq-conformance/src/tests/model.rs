@@ -144,6 +144,7 @@ pub async fn model_based_random_operations_lose_nothing(b: Broker) {
                                     id,
                                     at: due,
                                     failure,
+                                    release_key: false,
                                 },
                                 State::Scheduled { due },
                             )

@@ -94,6 +94,7 @@ pub async fn locate_tells_where_a_message_stands_in_each_group(b: Broker) {
                 id: ids[1],
                 at: due,
                 failure,
+                release_key: false,
             }],
         )
         .await

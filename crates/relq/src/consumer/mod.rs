@@ -199,6 +199,43 @@ pub(crate) struct Config {
     pub(crate) skip_processed: Option<Duration>,
     /// The group's rate limit, shared through the backend.
     pub(crate) rate_limit: Option<RateLimit>,
+    /// What a retried message with an ordering key does with its key.
+    pub(crate) key_retries: KeyRetries,
+}
+
+/// What a message with an ordering key does with its key while it waits for a retry (see
+/// [`NewMessage::ordering_key`](crate::NewMessage::ordering_key)).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyRetries {
+    /// It keeps the key: the later messages of its key wait until it succeeds or becomes a dead
+    /// letter, so the key's messages are handled in publish order even across failures (the
+    /// default).
+    #[default]
+    Hold,
+    /// It lets the key go: the key's next message is delivered while this one waits for its
+    /// retry, which then runs outside the key's order. For keys whose messages must not be
+    /// held up by one that keeps failing.
+    SkipAhead,
+}
+
+impl std::str::FromStr for KeyRetries {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "hold" => Ok(KeyRetries::Hold),
+            "skip_ahead" | "skip-ahead" => Ok(KeyRetries::SkipAhead),
+            other => Err(ConfigError::new(
+                "key_retries",
+                format!(
+                    "{:?} is neither hold nor skip_ahead",
+                    relq_core::shorten(other)
+                ),
+            )
+            .into()),
+        }
+    }
 }
 
 /// Where dead letters are also published (seed 000's failure topic): `<topic><suffix>`, each
@@ -275,6 +312,7 @@ pub struct ConsumerBuilder {
     filters: Vec<Filter>,
     skip_processed: Option<Duration>,
     rate_limit: Option<RateLimit>,
+    key_retries: KeyRetries,
     /// Set by [`Broker::consumer_matching`]: `topic` is a pattern.
     matching: bool,
     discover_every: Duration,
@@ -326,6 +364,7 @@ impl ConsumerBuilder {
             filters: Vec::new(),
             skip_processed: None,
             rate_limit: None,
+            key_retries: KeyRetries::Hold,
             matching: false,
             discover_every: Duration::from_secs(5),
         }
@@ -378,6 +417,14 @@ impl ConsumerBuilder {
     /// `relq_rate_limit_wait_seconds`. A rate-limited consumer fetches one batch at a time.
     pub fn rate_limit(mut self, limit: RateLimit) -> Self {
         self.rate_limit = Some(limit);
+        self
+    }
+
+    /// What a failed message with an ordering key does with its key while it waits for its
+    /// retry: [`KeyRetries::Hold`] (the default) keeps the key, so its later messages wait;
+    /// [`KeyRetries::SkipAhead`] lets them go on. A dead letter always lets the key go.
+    pub fn key_retries(mut self, policy: KeyRetries) -> Self {
+        self.key_retries = policy;
         self
     }
 
@@ -683,6 +730,7 @@ impl ConsumerBuilder {
                 filters: self.filters,
                 skip_processed: self.skip_processed,
                 rate_limit: self.rate_limit,
+                key_retries: self.key_retries,
             }),
         })
     }

@@ -1863,6 +1863,8 @@ fn settlement(
                         id: d.message.id,
                         at,
                         failure,
+                        release_key: c.key_retries == super::KeyRetries::SkipAhead
+                            && d.message.ordering_key().is_some(),
                     }
                 }
                 Nack::DeadLetter { reason } => {
