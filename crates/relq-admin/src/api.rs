@@ -617,6 +617,10 @@ pub(crate) struct PublishRequest {
     /// unless configured): a repeat stores nothing and answers the first message's id.
     #[schema(min_length = 1, max_length = 512)]
     pub(crate) idempotency_key: Option<String>,
+    /// Order by this key in every group: the key's messages are handled one at a time, in
+    /// publish order.
+    #[schema(min_length = 1, max_length = 512)]
+    pub(crate) ordering_key: Option<String>,
 }
 
 /// A compression algorithm.
@@ -677,6 +681,9 @@ pub(crate) async fn publish(
     if let Some(k) = &req.idempotency_key {
         m = m.idempotency_key(k.clone());
     }
+    if let Some(k) = &req.ordering_key {
+        m = m.ordering_key(k.clone());
+    }
     let params = audit::params([
         ("type", serde_json::json!(req.kind)),
         ("bytes", serde_json::json!(req.payload.len())),
@@ -687,6 +694,7 @@ pub(crate) async fn publish(
             serde_json::json!(req.compress.map(|c| relq::Compression::from(c).as_str())),
         ),
         ("idempotency_key", serde_json::json!(req.idempotency_key)),
+        ("ordering_key", serde_json::json!(req.ordering_key)),
     ]);
     let r = s.broker.publish(&topic, m).await.map_err(Problem::from);
     let r = r.map(|id| Published { id: id.to_string() });
@@ -832,7 +840,8 @@ pub(crate) async fn get_message(
 pub(crate) struct PlacementView {
     /// The group.
     pub(crate) group: String,
-    /// `unread`, `pending`, `scheduled`, `stopped` or `done`.
+    /// `unread`, `pending`, `scheduled`, `stopped`, `blocked` (waiting behind an earlier
+    /// message of its ordering key) or `done`.
     pub(crate) state: String,
     /// The consumer holding it (pending).
     pub(crate) consumer: Option<String>,
@@ -866,6 +875,7 @@ pub(crate) async fn locate(
                         ("scheduled", None, Some(deliveries), Some(due.to_string()))
                     }
                     P::Stopped => ("stopped", None, None, None),
+                    P::Blocked => ("blocked", None, None, None),
                     P::Done => ("done", None, None, None),
                     _ => ("unknown", None, None, None),
                 };

@@ -107,6 +107,10 @@ pub async fn render(broker: &Broker, handle: Option<&PrometheusHandle>) -> Strin
         "relq_group_stopped",
         "Stopped messages the group holds back",
     );
+    let mut blocked = Family::new(
+        "relq_group_blocked",
+        "Messages waiting behind an earlier message of their ordering key",
+    );
     let mut consumers = Family::new("relq_group_consumers", "Consumers registered in the group");
     let mut oldest_pending = Family::new(
         "relq_group_oldest_pending_age_seconds",
@@ -143,6 +147,7 @@ pub async fn render(broker: &Broker, handle: Option<&PrometheusHandle>) -> Strin
                         lag.add(&l, g.lag as f64);
                         scheduled.add(&l, g.scheduled as f64);
                         stopped.add(&l, g.parked as f64);
+                        blocked.add(&l, g.blocked as f64);
                         consumers.add(&l, g.consumers.len() as f64);
                         oldest_pending.add(&l, age_seconds(g.oldest_pending, now));
                         oldest_unread.add(&l, age_seconds(g.oldest_unread, now));
@@ -179,6 +184,7 @@ pub async fn render(broker: &Broker, handle: Option<&PrometheusHandle>) -> Strin
         &lag,
         &scheduled,
         &stopped,
+        &blocked,
         &consumers,
         &oldest_pending,
         &oldest_unread,

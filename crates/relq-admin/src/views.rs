@@ -63,6 +63,8 @@ pub(crate) struct GroupView {
     pub(crate) scheduled: u64,
     /// Stopped messages held back.
     pub(crate) stopped: u64,
+    /// Messages waiting behind an earlier message of their ordering key.
+    pub(crate) blocked: u64,
     /// Milliseconds since the oldest pending message was published.
     pub(crate) oldest_pending_age_ms: Option<u64>,
     /// Milliseconds since the oldest unread message was published.
@@ -137,6 +139,7 @@ impl GroupView {
             lag: g.lag,
             scheduled: g.scheduled,
             stopped: g.parked,
+            blocked: g.blocked,
             consumers: g.consumers.into_iter().map(ConsumerView::from).collect(),
         }
     }

@@ -27,6 +27,8 @@ pub(crate) enum BenchCommand {
     Compression(crate::bench_compression::CompressionArgs),
     /// A rate-limited group: the achieved rate against the limit.
     RateLimit(crate::bench_rate::RateArgs),
+    /// Per-key ordering: throughput with messages spread over ordering keys against none.
+    Ordering(crate::bench_ordering::OrderingArgs),
     /// Internal: fills a data directory with a backlog, prints "ready", waits to be killed.
     #[command(hide = true)]
     Fill {
@@ -95,6 +97,7 @@ pub(crate) async fn run(cmd: BenchCommand, json_out: bool) -> anyhow::Result<()>
         BenchCommand::Memory(args) => crate::bench_memory::run(args, json_out).await,
         BenchCommand::Compression(args) => crate::bench_compression::run(args, json_out).await,
         BenchCommand::RateLimit(args) => crate::bench_rate::run(args, json_out).await,
+        BenchCommand::Ordering(args) => crate::bench_ordering::run(args, json_out).await,
     }
 }
 

@@ -23,6 +23,16 @@ pub(crate) enum Where {
     Redis,
 }
 
+impl Where {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Where::Memory => "memory",
+            Where::Embedded => "embedded",
+            Where::Redis => "redis",
+        }
+    }
+}
+
 #[derive(Args)]
 pub(crate) struct RateArgs {
     /// The group's limit (`2000/s`, `500/100ms`).
@@ -137,11 +147,7 @@ pub(crate) async fn run(args: RateArgs, json_out: bool) -> anyhow::Result<()> {
     let mut sorted = ratios.clone();
     sorted.sort_by(f64::total_cmp);
     let median = sorted[sorted.len() / 2];
-    let backend = match args.backend {
-        Where::Memory => "memory",
-        Where::Embedded => "embedded",
-        Where::Redis => "redis",
-    };
+    let backend = args.backend.name();
     if json_out {
         println!(
             "{}",

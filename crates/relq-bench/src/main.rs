@@ -7,6 +7,7 @@
 mod bench;
 mod bench_compression;
 mod bench_memory;
+mod bench_ordering;
 mod bench_rate;
 mod bench_redis;
 mod crash;

@@ -84,13 +84,14 @@ fn not_found(topic: &str, group: &str) -> anyhow::Error {
 
 fn line(g: &GroupInfo) -> String {
     format!(
-        "{}: position {} pending {} lag {} scheduled {} stopped {} consumers {}",
+        "{}: position {} pending {} lag {} scheduled {} stopped {} blocked {} consumers {}",
         g.name,
         g.cursor,
         g.pending,
         g.lag,
         g.scheduled,
         g.parked,
+        g.blocked,
         g.consumers.len()
     )
 }

@@ -67,10 +67,10 @@ enum Command {
         /// Read messages from stdin, one JSON object per line:
         /// {"type": "...", "payload": "text" or any JSON value (published as its JSON text),
         /// "payload_hex": "00ff..", "headers": {"k": "v"}, "delay": "5s", "ttl": "10m",
-        /// "compress": "zstd", "idempotency_key": "order-42"};
+        /// "compress": "zstd", "idempotency_key": "order-42", "ordering_key": "customer-7"};
         /// published in batches with a progress bar. A bad line stops it: the lines before it
         /// are published.
-        #[arg(long, conflicts_with_all = ["kind", "payload", "file", "headers", "delay", "ttl", "idempotency_key"])]
+        #[arg(long, conflicts_with_all = ["kind", "payload", "file", "headers", "delay", "ttl", "idempotency_key", "ordering_key"])]
         jsonl: bool,
         /// Messages per batch with --jsonl.
         #[arg(long, default_value_t = 500, requires = "jsonl")]
@@ -98,6 +98,10 @@ enum Command {
         /// id, so a script may retry a publish it is unsure of.
         #[arg(long)]
         idempotency_key: Option<String>,
+        /// Order by this key in every group: the key's messages are handled one at a time, in
+        /// publish order, across every consumer of a group.
+        #[arg(long)]
+        ordering_key: Option<String>,
     },
     /// Consume and print messages, acknowledging each only after it was written to stdout.
     Consume(consume::ConsumeArgs),
@@ -585,6 +589,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ttl,
             compress,
             idempotency_key,
+            ordering_key,
             ..
         } => {
             let kind = kind.unwrap_or_default();
@@ -615,6 +620,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if let Some(k) = idempotency_key {
                 m = m.idempotency_key(k);
+            }
+            if let Some(k) = ordering_key {
+                m = m.ordering_key(k);
             }
             let id = broker.publish(&topic, m).await?;
             print_out(cli.json, json!({ "id": id }), || id.to_string());
@@ -893,6 +901,8 @@ struct Line {
     compress: Option<relq::Compression>,
     #[serde(default)]
     idempotency_key: Option<String>,
+    #[serde(default)]
+    ordering_key: Option<String>,
 }
 
 /// `--compress`.
@@ -937,6 +947,9 @@ fn parse_line(text: &str, compress: Option<relq::Compression>) -> anyhow::Result
     }
     if let Some(k) = line.idempotency_key {
         m = m.idempotency_key(k);
+    }
+    if let Some(k) = line.ordering_key {
+        m = m.ordering_key(k);
     }
     Ok(m)
 }
@@ -1085,12 +1098,13 @@ async fn info(broker: &Broker, topic: Option<String>, json_out: bool) -> anyhow:
             );
             for g in i["groups"].as_array().into_iter().flatten() {
                 out += &format!(
-                    "  group {}: pending {} lag {} scheduled {} parked {} consumers {}\n",
+                    "  group {}: pending {} lag {} scheduled {} parked {} blocked {} consumers {}\n",
                     g["name"].as_str().unwrap_or("?"),
                     g["pending"],
                     g["lag"],
                     g["scheduled"],
                     g["parked"],
+                    g["blocked"],
                     g["consumers"].as_array().map_or(0, Vec::len)
                 );
             }
@@ -1186,6 +1200,9 @@ async fn show_message(
                         format!("scheduled for {due}, after {deliveries} deliveries")
                     }
                     relq::Placement::Stopped => "stopped".to_owned(),
+                    relq::Placement::Blocked => {
+                        "blocked (waiting behind an earlier message of its ordering key)".to_owned()
+                    }
                     relq::Placement::Done => "done".to_owned(),
                     _ => "unknown".to_owned(),
                 };

@@ -2199,3 +2199,163 @@ fn a_publish_retried_by_another_process_with_its_idempotency_key_is_stored_once(
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Per-key ordering under kill -9, model-checked: consumer processes of one group print keyed
+/// messages (20 keys, 60 messages each, paced by a group rate limit) into one shared pipe, so the pipe's order is the order
+/// of the prints (a line is one atomic write, flushed before its ack). Every few hundred
+/// milliseconds one process is killed with SIGKILL and another started (under the same name
+/// half the time, which recovers what the dead one held at once; else under a new name, which
+/// claims it after `--claim-after`). For each key, every printed message must be the one
+/// printed last (a delivery redone after a kill) or the key's next message in publish order;
+/// and every message is printed. Redis with three processes; the embedded engine with one
+/// process at a time (each restart reopens the directory).
+#[test]
+fn per_key_order_holds_while_consumers_are_killed() {
+    let server = relq_conformance::redis_server::RedisServer::start();
+    let dir = fresh_dir();
+    let mut runs = vec![(format!("file://{}", dir.join("data").display()), 1usize)];
+    if let Some(s) = &server {
+        runs.push((s.url(), 3));
+    }
+    for (url, processes) in runs {
+        killed_consumers_keep_key_order(&dir, &url, processes);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn killed_consumers_keep_key_order(dir: &std::path::Path, url: &str, processes: usize) {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::io::{BufRead, BufReader};
+    const KEYS: usize = 20;
+    const PER_KEY: usize = 60;
+    // In runs of three per key (k0:0, k0:1, k0:2, k1:0, ...), so unordered consumers would
+    // take a key's messages at once.
+    let lines: String = (0..PER_KEY / 3)
+        .flat_map(|r| {
+            (0..KEYS).flat_map(move |k| {
+                (3 * r..3 * r + 3).map(move |n| {
+                    format!(
+                        "{{\"type\":\"job\",\"payload\":\"k{k}:{n}\",\"ordering_key\":\"k{k}\"}}\n"
+                    )
+                })
+            })
+        })
+        .collect();
+    let mut publish = relq_cmd(dir, &["--url", url, "publish", "keyed", "--jsonl"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut publish.stdin.take().unwrap(), lines.as_bytes()).unwrap();
+    assert!(publish.wait().unwrap().success(), "{url}: publish");
+    let (reader, writer) = std::io::pipe().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let collector = std::thread::spawn(move || {
+        for line in BufReader::new(reader).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let spawn = |name: &str| {
+        relq_cmd(
+            dir,
+            &[
+                "--url",
+                url,
+                "--json",
+                "consume",
+                "keyed",
+                "--group",
+                "g",
+                "--name",
+                name,
+                "--claim-after",
+                "1s",
+                // Paced, so the kills land while the keys are being worked through.
+                "--rate-limit",
+                "200/1s",
+                "--idle",
+                "600s",
+            ],
+        )
+        .stdout(std::process::Stdio::from(writer.try_clone().unwrap()))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+    };
+    let mut rng = fastrand::Rng::with_seed(7);
+    let mut next_name = 0;
+    let mut children: Vec<(String, std::process::Child)> = (0..processes)
+        .map(|_| {
+            next_name += 1;
+            let name = format!("c{next_name}");
+            let child = spawn(&name);
+            (name, child)
+        })
+        .collect();
+    let mut printed: Vec<String> = Vec::new();
+    let mut distinct: BTreeSet<String> = BTreeSet::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    let mut kills = 0;
+    while distinct.len() < KEYS * PER_KEY && std::time::Instant::now() < deadline {
+        let wait = std::time::Duration::from_millis(rng.u64(200..700));
+        let until = std::time::Instant::now() + wait;
+        while let Ok(line) =
+            rx.recv_timeout(until.saturating_duration_since(std::time::Instant::now()))
+        {
+            let v: serde_json::Value = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("{url}: a torn line {line:?}: {e}"));
+            let p = v["payload"].as_str().unwrap().to_owned();
+            distinct.insert(p.clone());
+            printed.push(p);
+        }
+        if distinct.len() >= KEYS * PER_KEY || kills >= 15 {
+            continue;
+        }
+        let i = rng.usize(0..children.len());
+        let (name, mut child) = children.swap_remove(i);
+        child.kill().unwrap();
+        let _ = child.wait();
+        kills += 1;
+        let name = if rng.bool() {
+            name
+        } else {
+            next_name += 1;
+            format!("c{next_name}")
+        };
+        let child = spawn(&name);
+        children.push((name, child));
+    }
+    for (_, mut child) in children {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    drop(writer);
+    drop(rx);
+    let _ = collector.join();
+    assert_eq!(
+        distinct.len(),
+        KEYS * PER_KEY,
+        "{url}: every message printed ({} after {kills} kills)",
+        distinct.len()
+    );
+    let mut last: BTreeMap<String, usize> = BTreeMap::new();
+    let mut repeats = 0;
+    for p in &printed {
+        let (k, n) = p.split_once(':').unwrap();
+        let n: usize = n.parse().unwrap();
+        match last.get(k) {
+            Some(&l) if l == n => repeats += 1,
+            Some(&l) => assert_eq!(n, l + 1, "{url}: key {k} printed {n} after {l}"),
+            None => assert_eq!(n, 0, "{url}: key {k} began with {n}"),
+        }
+        last.insert(k.to_owned(), n);
+    }
+    eprintln!(
+        "{url}: {} prints of {} messages, {repeats} redone after {kills} kills",
+        printed.len(),
+        KEYS * PER_KEY
+    );
+}

@@ -154,6 +154,7 @@ impl Broker {
                     delay: config.dead_letters.forward_retry_delay,
                 }),
             on_expired: c.on_expired,
+            key_retries: c.key_retries,
         });
         for t in &config.topics {
             if let Some(ttl) = t.ttl {

@@ -276,6 +276,9 @@ pub struct ConsumerSection {
     /// What becomes of a message whose time to live ended before it was handled:
     /// `"dead_letter"` (default; reason `expired`) or `"drop"`.
     pub on_expired: crate::OnExpired,
+    /// What a failed message with an ordering key does with its key while it waits for its
+    /// retry: `"hold"` (default; the key's later messages wait) or `"skip_ahead"`.
+    pub key_retries: crate::KeyRetries,
 }
 
 impl Default for ConsumerSection {
@@ -287,6 +290,7 @@ impl Default for ConsumerSection {
             handler_timeout: Duration::from_secs(30),
             poll_wait: Duration::from_secs(1),
             on_expired: crate::OnExpired::DeadLetter,
+            key_retries: crate::KeyRetries::Hold,
         }
     }
 }
@@ -1232,6 +1236,16 @@ mod tests {
         );
         let r = Layers::new().file(&p).unwrap().resolve().unwrap();
         assert_eq!(r.config.consumer.on_expired, crate::OnExpired::Drop);
+        assert_eq!(r.config.consumer.key_retries, crate::KeyRetries::Hold);
+        let env = [(
+            "RELQ_CONSUMER_KEY_RETRIES".to_owned(),
+            "skip_ahead".to_owned(),
+        )];
+        let skip = Layers::new().env(env).unwrap().resolve().unwrap();
+        assert_eq!(
+            skip.config.consumer.key_retries,
+            crate::KeyRetries::SkipAhead
+        );
         let ttls: Vec<(&str, Duration)> = r
             .config
             .topics
@@ -1253,6 +1267,7 @@ mod tests {
         assert_eq!(r.config.consumer.on_expired, crate::OnExpired::DeadLetter);
         for (text, want) in [
             ("[consumer]\non_expired = \"later\"\n", "on_expired"),
+            ("[consumer]\nkey_retries = \"skip\"\n", "key_retries"),
             ("[[topics]]\nname = \"t\"\nttl = \"0s\"\n", "topics.ttl"),
             (
                 "[[topics]]\nname = \"t\"\ndedup_window = \"0s\"\n",

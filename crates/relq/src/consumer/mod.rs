@@ -270,6 +270,7 @@ pub(crate) struct ConsumerDefaults {
     pub(crate) include_stack_trace: bool,
     pub(crate) forward: Option<Forwarding>,
     pub(crate) on_expired: OnExpired,
+    pub(crate) key_retries: KeyRetries,
 }
 
 impl Default for ConsumerDefaults {
@@ -284,6 +285,7 @@ impl Default for ConsumerDefaults {
             include_stack_trace: false,
             forward: None,
             on_expired: OnExpired::DeadLetter,
+            key_retries: KeyRetries::Hold,
         }
     }
 }
@@ -364,7 +366,7 @@ impl ConsumerBuilder {
             filters: Vec::new(),
             skip_processed: None,
             rate_limit: None,
-            key_retries: KeyRetries::Hold,
+            key_retries: d.key_retries,
             matching: false,
             discover_every: Duration::from_secs(5),
         }
