@@ -372,6 +372,9 @@ pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 512;
 /// message waits (unread by any handler) while an earlier one of its key is delivered, waiting
 /// for a retry, or stopped. Different keys run in parallel.
 pub const HEADER_ORDERING_KEY: &str = "relq-ordering-key";
+/// On a message published with a priority above 0: the level (see relq's
+/// `NewMessage::priority`).
+pub const HEADER_PRIORITY: &str = "relq-priority";
 /// The longest ordering key, in bytes.
 pub const MAX_ORDERING_KEY_LEN: usize = 512;
 /// The longest deduplication window: 30 days.

@@ -89,7 +89,7 @@ pub use consumer::{
 pub use filter::Filter;
 pub use handler::{BatchConfig, BatchHandler, Handler, HandlerError};
 pub use memory::{MemoryBackend, MemoryConfig};
-pub use message::{NewMessage, DEFAULT_DEDUP_WINDOW};
+pub use message::{priority_topic, NewMessage, DEFAULT_DEDUP_WINDOW, MAX_PRIORITIES};
 pub use pattern::TopicPattern;
 pub use relq_core::{
     replay_headers, validate_name, AttemptFailure, Backend, BackendError, BackendErrorKind,
@@ -98,10 +98,10 @@ pub use relq_core::{
     GroupPlacement, Health, HealthCheck, Limit, Message, MessageId, NameError, NotFound, Outgoing,
     Placement, RateLimit, Result, Retention, Settlement, StartPosition, Subscription, Timestamp,
     TopicInfo, HEADER_CONTENT_TYPE, HEADER_EDITED, HEADER_ENCODING, HEADER_EXPIRES_AT,
-    HEADER_IDEMPOTENCY_KEY, HEADER_ORDERING_KEY, HEADER_ORIGINAL_ID, HEADER_REPLAY_GROUP,
-    HEADER_REPLAY_OF, HEADER_ROUTED_FROM, HEADER_ROUTE_HOPS, HEADER_SCHEMA_VERSION, MAX_HEADERS,
-    MAX_HEADER_NAME_LEN, MAX_HEADER_VALUE_LEN, MAX_KIND_LEN, MAX_NAME_LEN, MAX_RESERVED_HEADERS,
-    RESERVED_HEADER_PREFIX,
+    HEADER_IDEMPOTENCY_KEY, HEADER_ORDERING_KEY, HEADER_ORIGINAL_ID, HEADER_PRIORITY,
+    HEADER_REPLAY_GROUP, HEADER_REPLAY_OF, HEADER_ROUTED_FROM, HEADER_ROUTE_HOPS,
+    HEADER_SCHEMA_VERSION, MAX_HEADERS, MAX_HEADER_NAME_LEN, MAX_HEADER_VALUE_LEN, MAX_KIND_LEN,
+    MAX_NAME_LEN, MAX_RESERVED_HEADERS, RESERVED_HEADER_PREFIX,
 };
 #[cfg(feature = "embedded")]
 pub use relq_embedded::{

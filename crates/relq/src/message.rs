@@ -7,8 +7,8 @@ use bytes::Bytes;
 
 use relq_core::{
     shorten, validate_headers, validate_kind, Outgoing, Timestamp, HEADER_CONTENT_TYPE,
-    HEADER_EXPIRES_AT, HEADER_IDEMPOTENCY_KEY, HEADER_ORDERING_KEY, HEADER_SCHEMA_VERSION,
-    MAX_IDEMPOTENCY_KEY_LEN, MAX_ORDERING_KEY_LEN, RESERVED_HEADER_PREFIX,
+    HEADER_EXPIRES_AT, HEADER_IDEMPOTENCY_KEY, HEADER_ORDERING_KEY, HEADER_PRIORITY,
+    HEADER_SCHEMA_VERSION, MAX_IDEMPOTENCY_KEY_LEN, MAX_ORDERING_KEY_LEN, RESERVED_HEADER_PREFIX,
 };
 use relq_core::{Error, Result};
 
@@ -30,6 +30,7 @@ pub struct NewMessage {
     pub(crate) schema_version: Option<u32>,
     pub(crate) idempotency_key: Option<String>,
     pub(crate) ordering_key: Option<String>,
+    pub(crate) priority: u8,
 }
 
 /// A topic's settings a publisher applies to each message: a time to live and a compression.
@@ -38,6 +39,22 @@ pub(crate) struct TopicSettings {
     pub(crate) ttl: Option<Duration>,
     pub(crate) compression: Option<TopicCompression>,
     pub(crate) dedup_window: Option<Duration>,
+    /// Priority levels (0: none).
+    pub(crate) priorities: u8,
+}
+
+/// The most priority levels a topic can have.
+pub const MAX_PRIORITIES: u8 = 10;
+
+/// The topic that stores `topic`'s messages of priority `level`: `topic` itself for level 0,
+/// `<topic>.priority-<level>` above it. Each level is a topic of its own on every backend (its
+/// groups, dead letters and retention are its own), so a consumer asks the levels in turn
+/// instead of skipping over low ones in one log.
+pub fn priority_topic(topic: &str, level: u8) -> String {
+    match level {
+        0 => topic.to_owned(),
+        l => format!("{topic}.priority-{l}"),
+    }
 }
 
 /// How long a topic remembers an idempotency key unless configured otherwise
@@ -66,6 +83,7 @@ impl NewMessage {
             schema_version: None,
             idempotency_key: None,
             ordering_key: None,
+            priority: 0,
         }
     }
 
@@ -138,6 +156,17 @@ impl NewMessage {
     /// after those published before the replay.
     pub fn ordering_key(mut self, key: impl Into<String>) -> NewMessage {
         self.ordering_key = Some(key.into());
+        self
+    }
+
+    /// Publishes it at priority `level` (0, the default, is the lowest) on a topic with
+    /// priority levels ([`Broker::with_topic_priorities`](crate::Broker::with_topic_priorities),
+    /// config `[[topics]] priorities`): a consumer of the topic takes higher levels first, by
+    /// weight, so a lower level still gets its share. The message is stored on the level's
+    /// topic ([`priority_topic`](crate::priority_topic)) with a `relq-priority` header. A
+    /// level the topic does not have is refused at publish.
+    pub fn priority(mut self, level: u8) -> NewMessage {
+        self.priority = level;
         self
     }
 
@@ -215,6 +244,10 @@ impl NewMessage {
         if let Some(key) = self.ordering_key {
             validate_key(HEADER_ORDERING_KEY, "ordering", &key, MAX_ORDERING_KEY_LEN)?;
             self.headers.insert(HEADER_ORDERING_KEY.to_owned(), key);
+        }
+        if self.priority > 0 {
+            self.headers
+                .insert(HEADER_PRIORITY.to_owned(), self.priority.to_string());
         }
         if let Some(v) = self.schema_version {
             self.headers

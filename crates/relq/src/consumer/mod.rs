@@ -2,7 +2,9 @@
 
 mod nack;
 mod pattern;
+mod priority;
 mod runtime;
+mod slots;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -201,6 +203,8 @@ pub(crate) struct Config {
     pub(crate) rate_limit: Option<RateLimit>,
     /// What a retried message with an ordering key does with its key.
     pub(crate) key_retries: KeyRetries,
+    /// A run of one priority level: the slots it shares with the other levels, and its level.
+    pub(crate) shared_slots: Option<(Arc<slots::Shared>, usize)>,
 }
 
 /// What a message with an ordering key does with its key while it waits for a retry (see
@@ -315,6 +319,7 @@ pub struct ConsumerBuilder {
     skip_processed: Option<Duration>,
     rate_limit: Option<RateLimit>,
     key_retries: KeyRetries,
+    priority_weights: Option<Vec<u64>>,
     /// Set by [`Broker::consumer_matching`]: `topic` is a pattern.
     matching: bool,
     discover_every: Duration,
@@ -367,6 +372,7 @@ impl ConsumerBuilder {
             skip_processed: None,
             rate_limit: None,
             key_retries: d.key_retries,
+            priority_weights: None,
             matching: false,
             discover_every: Duration::from_secs(5),
         }
@@ -427,6 +433,15 @@ impl ConsumerBuilder {
     /// [`KeyRetries::SkipAhead`] lets them go on. A dead letter always lets the key go.
     pub fn key_retries(mut self, policy: KeyRetries) -> Self {
         self.key_retries = policy;
+        self
+    }
+
+    /// On a topic with priority levels
+    /// ([`Broker::with_topic_priorities`](crate::Broker::with_topic_priorities)): each level's
+    /// weight, lowest level first (one per level, each at least 1). When several levels have
+    /// messages, each gets free handler slots in proportion to its weight. Default `4^level`.
+    pub fn priority_weights(mut self, weights: impl Into<Vec<u64>>) -> Self {
+        self.priority_weights = Some(weights.into());
         self
     }
 
@@ -699,10 +714,34 @@ impl ConsumerBuilder {
                 Arc::new(b)
             }
         };
+        let levels = match pattern {
+            Some(_) => 0,
+            None => self.broker.topic_priorities(&self.topic),
+        };
+        let priority = match (levels, self.priority_weights) {
+            (0 | 1, None) => None,
+            (0 | 1, Some(_)) => {
+                return Err(ConfigError::new(
+                    "priority_weights",
+                    format!("topic {:?} has no priority levels", self.topic),
+                )
+                .into())
+            }
+            (n, Some(w)) if w.len() != usize::from(n) || w.contains(&0) => {
+                return Err(ConfigError::new(
+                    "priority_weights",
+                    format!("topic {:?} has {n} priority levels: give {n} weights, each at least 1, not {w:?}", self.topic),
+                )
+                .into())
+            }
+            (_, Some(w)) => Some(w),
+            (n, None) => Some((0..u32::from(n)).map(|l| 4u64.pow(l)).collect()),
+        };
         let max_payload = self.broker.max_payload();
         let discover_every = self.discover_every;
         Ok(Consumer {
             pattern: pattern.map(|p| (p, discover_every)),
+            priority,
             broker: self.broker,
             config: Arc::new(Config {
                 topic: self.topic,
@@ -733,6 +772,7 @@ impl ConsumerBuilder {
                 skip_processed: self.skip_processed,
                 rate_limit: self.rate_limit,
                 key_retries: self.key_retries,
+                shared_slots: None,
             }),
         })
     }
@@ -745,6 +785,8 @@ pub struct Consumer {
     config: Arc<Config>,
     /// A consumer of every topic matching this pattern, listed this often.
     pattern: Option<(Arc<TopicPattern>, Duration)>,
+    /// A topic with priority levels: their weights, lowest level first.
+    priority: Option<Vec<u64>>,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -766,11 +808,14 @@ impl Consumer {
     /// The backend failed to join.
     pub async fn start(self) -> Result<ConsumerHandle, Error> {
         let counters = Arc::new(Counters::default());
-        match self.pattern {
-            Some((pattern, every)) => {
+        match (self.pattern, self.priority) {
+            (Some((pattern, every)), _) => {
                 pattern::start(self.broker, self.config, pattern, every, counters).await
             }
-            None => start_one(&self.broker, self.config, counters).await,
+            (None, Some(weights)) => {
+                priority::start(&self.broker, self.config, weights, counters).await
+            }
+            (None, None) => start_one(&self.broker, self.config, counters).await,
         }
     }
 }

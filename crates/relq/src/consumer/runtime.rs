@@ -22,7 +22,9 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, Notify};
+
+use super::slots::{Permit, Slots};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -329,7 +331,7 @@ struct Job {
 }
 
 struct Slot {
-    held: Option<(Kept, OwnedSemaphorePermit)>,
+    held: Option<(Kept, Permit)>,
     /// The message, until the worker that runs the handler takes it.
     message: Option<relq_core::Message>,
     /// The watchdog cut the handler off at its timeout and started another worker: the one
@@ -388,7 +390,7 @@ impl Kept {
 }
 
 impl Job {
-    fn new(d: Delivery, kind: Arc<str>, permit: OwnedSemaphorePermit) -> Job {
+    fn new(d: Delivery, kind: Arc<str>, permit: Permit) -> Job {
         let (kept, message) = Kept::split(d, kind);
         Job {
             slot: Mutex::new(Slot {
@@ -406,7 +408,7 @@ impl Job {
     }
 
     /// Takes what settles the job; `replace`: the watchdog cuts it off and replaces its worker.
-    fn take(&self, replace: bool) -> Option<(Delivery, OwnedSemaphorePermit)> {
+    fn take(&self, replace: bool) -> Option<(Delivery, Permit)> {
         let mut slot = self.lock();
         let (kept, permit) = slot.held.take()?;
         slot.replaced = replace;
@@ -426,7 +428,7 @@ impl Job {
 
     /// Takes what settles a job whose handler succeeded: only the message's id and publish
     /// time are needed.
-    fn take_ok(&self) -> Option<(MessageId, Timestamp, OwnedSemaphorePermit)> {
+    fn take_ok(&self) -> Option<(MessageId, Timestamp, Permit)> {
         let mut slot = self.lock();
         let (kept, permit) = slot.held.take()?;
         self.done.store(true, Ordering::Release);
@@ -1096,7 +1098,7 @@ pub(crate) async fn run(
     done: watch::Sender<Option<StopReason>>,
     report: watch::Sender<Option<ShutdownReport>>,
 ) {
-    let permits = Arc::new(Semaphore::new(config.concurrency));
+    let permits = Slots::new(config.concurrency, config.shared_slots.clone());
     let (settle_tx, settle_rx) = mpsc::channel(config.concurrency.max(SETTLE_BATCH) * 2);
     let held_ids = Arc::new(std::sync::Mutex::new(Held::default()));
     let (abort_tx, abort_rx) = watch::channel(false);
@@ -1146,6 +1148,7 @@ pub(crate) async fn run(
     }
 
     let reason = fetch_loop(&ctx, &permits, &batchers, &mut stop, &mut fatal_rx).await;
+    permits.backlog(false);
     tracing::info!(reason = ?reason, "consumer stopping");
 
     // Drain: batchers run what they hold; handlers get until the deadline.
@@ -1157,12 +1160,12 @@ pub(crate) async fn run(
     let deadline_at = instant_after(Instant::now(), deadline);
     let all = u32::try_from(config.concurrency).unwrap_or(u32::MAX);
     let mut abandoned = 0;
-    if tokio::time::timeout_at(deadline_at, permits.acquire_many(all))
+    if tokio::time::timeout_at(deadline_at, permits.drain(all))
         .await
         .is_err()
     {
         // This run's own (the counters may be shared with other topics' runs).
-        abandoned = u64::from(all).saturating_sub(permits.available_permits() as u64);
+        abandoned = permits.in_use(all as usize) as u64;
         if abandoned > 0 {
             tracing::warn!(
                 abandoned,
@@ -1170,7 +1173,7 @@ pub(crate) async fn run(
             );
         }
         let _ = abort_tx.send(true);
-        let _ = permits.acquire_many(all).await;
+        permits.drain(all).await;
     }
     for t in batcher_tasks {
         let _ = t.await;
@@ -1210,7 +1213,7 @@ enum Fetch {
 }
 
 /// A read in flight: the permits it holds and its result.
-type Read = Pin<Box<dyn Future<Output = (OwnedSemaphorePermit, Fetched)> + Send>>;
+type Read = Pin<Box<dyn Future<Output = (Permit, Fetched)> + Send>>;
 type Fetched = Result<Vec<Delivery>, BackendError>;
 
 /// Reads kept in flight at most. With a backlog, a second read goes out while the first is
@@ -1220,7 +1223,7 @@ const READS_IN_FLIGHT: usize = 2;
 
 /// Awaits the read in `slot` and empties it; never resolves for an empty slot. Cancel-safe: the
 /// read stays in the slot if this is dropped first.
-async fn read_done(slot: &mut Option<Read>) -> (OwnedSemaphorePermit, Fetched) {
+async fn read_done(slot: &mut Option<Read>) -> (Permit, Fetched) {
     let Some(read) = slot.as_mut() else {
         return std::future::pending().await;
     };
@@ -1229,7 +1232,7 @@ async fn read_done(slot: &mut Option<Read>) -> (OwnedSemaphorePermit, Fetched) {
     out
 }
 
-fn start_read(ctx: &Arc<Ctx>, permit: OwnedSemaphorePermit, wait: Duration) -> Read {
+fn start_read(ctx: &Arc<Ctx>, permit: Permit, wait: Duration) -> Read {
     let ctx = ctx.clone();
     Box::pin(async move {
         let r = ctx.backend.read(&ctx.sub, permit.num_permits(), wait).await;
@@ -1240,33 +1243,22 @@ fn start_read(ctx: &Arc<Ctx>, permit: OwnedSemaphorePermit, wait: Duration) -> R
 /// The most permits a read takes: a read's size, less one permit when the read may wait for new
 /// messages (no backlog) and more than one message may run at once, so a retry that falls due
 /// meanwhile can be read at once (see `RetryClock`). With a backlog a read returns at once.
+/// With slots shared by priority levels, a read that may wait takes one slot (an idle level
+/// does not sit on the slots of busy ones); one that comes back full makes the next one large.
 fn read_permits(c: &Config, backlog: bool) -> usize {
     if backlog {
         c.read_batch
+    } else if c.shared_slots.is_some() {
+        1
     } else {
         c.read_batch.min(c.concurrency.saturating_sub(1).max(1))
     }
 }
 
-/// Takes every free permit into `permit`, up to `max` in all.
-fn top_up(permits: &Arc<Semaphore>, permit: &mut OwnedSemaphorePermit, max: usize) {
-    let extra = permits
-        .available_permits()
-        .min(max.saturating_sub(permit.num_permits()));
-    if extra > 0 {
-        if let Ok(more) = permits
-            .clone()
-            .try_acquire_many_owned(u32::try_from(extra).unwrap_or(u32::MAX))
-        {
-            permit.merge(more);
-        }
-    }
-}
-
 async fn fetch_loop(
     ctx: &Arc<Ctx>,
-    permits: &Arc<Semaphore>,
-    batchers: &KindMap<mpsc::Sender<(Delivery, OwnedSemaphorePermit)>>,
+    permits: &Slots,
+    batchers: &KindMap<mpsc::Sender<(Delivery, Permit)>>,
     stop: &mut watch::Receiver<Option<Duration>>,
     fatal: &mut watch::Receiver<Option<StopReason>>,
 ) -> StopReason {
@@ -1317,12 +1309,11 @@ async fn fetch_loop(
                 (p, r) = read_done(second) => (p, r, Fetch::Read),
                 p = async {
                     tokio::time::sleep_until(retry_at).await;
-                    permits.clone().acquire_owned().await
+                    permits.acquire(1, read_permits(c, true)).await
                 }, if retry_read => {
-                    let Ok(mut permit) = p else {
+                    let Ok(permit) = p else {
                         return StopReason::runtime_failure("permit semaphore closed");
                     };
-                    top_up(permits, &mut permit, read_permits(c, true));
                     ctx.retries.taken();
                     if let Some(slot) = reads.iter_mut().find(|r| r.is_none()) {
                         *slot = Some(start_read(ctx, permit, Duration::ZERO));
@@ -1330,11 +1321,10 @@ async fn fetch_loop(
                     continue;
                 }
                 () = ctx.retries.changed.notified() => continue,
-                p = permits.clone().acquire_many_owned(ahead_at as u32), if ahead => {
-                    let Ok(mut permit) = p else {
+                p = permits.acquire(ahead_at, read_permits(c, true)), if ahead => {
+                    let Ok(permit) = p else {
                         return StopReason::runtime_failure("permit semaphore closed");
                     };
-                    top_up(permits, &mut permit, read_permits(c, true));
                     let wait = c.poll_wait.min(next_claim.saturating_duration_since(Instant::now()));
                     if let Some(slot) = reads.iter_mut().find(|r| r.is_none()) {
                         *slot = Some(start_read(ctx, permit, wait));
@@ -1345,8 +1335,10 @@ async fn fetch_loop(
                 _ = changed(fatal) => continue,
             }
         } else {
+            // Every free permit (up to a read's size) is taken, so a read asks for as many
+            // messages as can start, and each starts without waiting on the semaphore again.
             let mut permit = tokio::select! {
-                p = permits.clone().acquire_owned() => match p {
+                p = permits.acquire(1, read_permits(c, backlog)) => match p {
                     Ok(p) => p,
                     Err(_) => return StopReason::runtime_failure("permit semaphore closed"),
                 },
@@ -1357,9 +1349,6 @@ async fn fetch_loop(
                 recovering = true;
                 recovered_up_to = MessageId::ZERO;
             }
-            // Every free permit (up to a read's size) is taken now, so a read asks for as many
-            // messages as can start, and each starts without waiting on the semaphore again.
-            top_up(permits, &mut permit, read_permits(c, backlog));
             if let Some(limit) = c.rate_limit {
                 // Fetch only as many messages as the group's rate limit has tokens for; with
                 // none, wait (nothing is fetched, so nothing burns an attempt).
@@ -1417,6 +1406,7 @@ async fn fetch_loop(
                     tracing::warn!(error = %e, retry_in = ?backoff, "backend unavailable; retrying");
                     drop(permit);
                     backlog = false;
+                    permits.backlog(false);
                     // The failed call may have been applied with its reply lost (a read or claim
                     // whose connection dropped leaves messages pending for this consumer), so
                     // recover this consumer's pending messages before reading on. Messages it is
@@ -1448,7 +1438,10 @@ async fn fetch_loop(
                 );
             }
             Fetch::Claim => {}
-            Fetch::Read => backlog = deliveries.len() >= max,
+            Fetch::Read => {
+                backlog = deliveries.len() >= max;
+                permits.backlog(backlog);
+            }
         }
         let mut permit = permit;
         let mut staged = Vec::with_capacity(deliveries.len());
@@ -1459,7 +1452,7 @@ async fn fetch_loop(
                 // A backend returned more than asked for.
                 None => {
                     start(ctx, &mut staged);
-                    match permits.clone().acquire_owned().await {
+                    match permits.acquire(1, 1).await {
                         Ok(p) => p,
                         Err(_) => return StopReason::runtime_failure("permit semaphore closed"),
                     }
@@ -1565,9 +1558,9 @@ fn start(ctx: &Arc<Ctx>, staged: &mut Vec<(Arc<Route>, Task)>) {
 /// before anything here waits.
 async fn dispatch(
     ctx: &Arc<Ctx>,
-    batchers: &KindMap<mpsc::Sender<(Delivery, OwnedSemaphorePermit)>>,
+    batchers: &KindMap<mpsc::Sender<(Delivery, Permit)>>,
     d: Delivery,
-    permit: OwnedSemaphorePermit,
+    permit: Permit,
     staged: &mut Vec<(Arc<Route>, Task)>,
 ) {
     let c = &ctx.config;
@@ -1662,7 +1655,7 @@ async fn batcher(
     ctx: Arc<Ctx>,
     cfg: BatchConfig,
     handler: Arc<dyn BatchHandler>,
-    mut rx: mpsc::Receiver<(Delivery, OwnedSemaphorePermit)>,
+    mut rx: mpsc::Receiver<(Delivery, Permit)>,
 ) {
     while let Some(first) = rx.recv().await {
         let started = Instant::now();
@@ -1679,11 +1672,7 @@ async fn batcher(
     }
 }
 
-async fn run_batch(
-    ctx: Arc<Ctx>,
-    handler: Arc<dyn BatchHandler>,
-    batch: Vec<(Delivery, OwnedSemaphorePermit)>,
-) {
+async fn run_batch(ctx: Arc<Ctx>, handler: Arc<dyn BatchHandler>, batch: Vec<(Delivery, Permit)>) {
     // A message may have expired while the batch filled; a compressed one is decompressed for
     // the handler (its delivery keeps the stored bytes, for a dead letter).
     let mut kept = Vec::with_capacity(batch.len());
