@@ -588,6 +588,7 @@ impl Backend for EmbeddedBackend {
                     }
                     start = trim_to;
                     let now = Timestamp::now().0;
+                    let mut passed = false;
                     for (g, gs) in ts.groups.iter_mut() {
                         let mut doomed: Vec<u64> =
                             gs.rows.keys().filter(|o| **o < start).copied().collect();
@@ -603,6 +604,7 @@ impl Backend for EmbeddedBackend {
                         for o in doomed {
                             if let Some(next) = gs.release_key(o, now) {
                                 dirty.rows.insert((topic.to_owned(), g.clone(), next));
+                                passed = true;
                             }
                         }
                         dirty
@@ -613,6 +615,9 @@ impl Backend for EmbeddedBackend {
                         }
                         gs.raise_floor(start);
                         dirty.groups.insert((topic.to_owned(), g.clone()));
+                    }
+                    if passed {
+                        ts.ready.notify_waiters();
                     }
                 }
             }

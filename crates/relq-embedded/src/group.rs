@@ -244,23 +244,40 @@ impl GroupState {
         out
     }
 
-    /// Ends `offset`'s place under its ordering key; the key's next message (its row waiting)
-    /// becomes due, at `now` or its delivery time if later. Returns that row's offset.
-    pub(crate) fn release_key(&mut self, offset: u64, now: u64) -> Option<u64> {
+    /// Ends `offset`'s place under its ordering key; the key passes to its next message, whose
+    /// row (still waiting) is returned, to be made due ([`make_due`](Self::make_due)).
+    pub(crate) fn pass_key(&mut self, offset: u64) -> Option<u64> {
         let mut o = offset;
         loop {
             let next = self.keys.release(o)?;
-            match self.remove_row(next) {
-                Some(mut row) => {
-                    row.waiting = false;
-                    row.due = row.due.max(now);
-                    self.put_row(next, row, false);
-                    return Some(next);
-                }
-                // Its row is gone (trimmed by retention): the key passes on.
-                None => o = next,
+            if self.rows.contains_key(&next) {
+                return Some(next);
             }
+            // Its row is gone (trimmed by retention): the key passes on.
+            o = next;
         }
+    }
+
+    /// A waiting row the key passed to becomes due, at `now` or its delivery time if later.
+    /// Returns whether it was waiting.
+    pub(crate) fn make_due(&mut self, offset: u64, now: u64) -> bool {
+        if !self.rows.get(&offset).is_some_and(|r| r.waiting) {
+            return false;
+        }
+        let Some(mut row) = self.remove_row(offset) else {
+            return false;
+        };
+        row.waiting = false;
+        row.due = row.due.max(now);
+        self.put_row(offset, row, false);
+        true
+    }
+
+    /// [`pass_key`](Self::pass_key) and [`make_due`](Self::make_due) at once (for a holder
+    /// that left without a settlement to wait for: trimmed, gone). Returns the row made due.
+    pub(crate) fn release_key(&mut self, offset: u64, now: u64) -> Option<u64> {
+        let next = self.pass_key(offset)?;
+        self.make_due(next, now).then_some(next)
     }
 
     /// Rebuilds the ordering keys from the rows (at open). Returns the rows it changed: a key
@@ -290,10 +307,7 @@ impl GroupState {
             }
         }
         for o in self.keys.settle_holders() {
-            if let Some(mut row) = self.remove_row(o) {
-                row.waiting = false;
-                row.due = row.due.max(now);
-                self.put_row(o, row, false);
+            if self.make_due(o, now) {
                 changed.push(o);
             }
         }

@@ -86,6 +86,16 @@ impl GroupOps<'_> {
         }
     }
 
+    /// Ends settled `o`'s place under its ordering key: the key's next message becomes due
+    /// once this change is durable (see `Batch::promote`).
+    fn pass_key(&mut self, o: u64) {
+        if let Some(next) = self.g().pass_key(o) {
+            self.dirty
+                .promote
+                .push((self.topic.to_owned(), self.group.to_owned(), next));
+        }
+    }
+
     /// Due rows first, then new records after the cursor. Records come from the tail cache or
     /// `pre`; one that would have to be read from a segment file is read here only if
     /// `allow_io`, otherwise the deliveries so far are returned with `missed` set, so the caller
@@ -382,8 +392,8 @@ impl GroupOps<'_> {
         Ok(out)
     }
 
-    /// Applies one settlement; returns whether it made a message due (a retry, or the next
-    /// message of an ordering key the settled one let go).
+    /// Applies one settlement; returns whether it scheduled a retry. (An ordering key it lets go
+    /// passes to the key's next message once the change is durable: `Batch::promote`.)
     pub(crate) fn settle(&mut self, s: &Settlement, consumer: &str, now: Timestamp) -> bool {
         let o = s.id().seq;
         let g = self.g();
@@ -410,7 +420,8 @@ impl GroupOps<'_> {
         match s {
             Settlement::Ack(_) => {
                 self.drop_delivery(o, p.row);
-                self.release_key(o, now.0)
+                self.pass_key(o);
+                false
             }
             Settlement::Retry {
                 at,
@@ -427,13 +438,13 @@ impl GroupOps<'_> {
                 }
                 self.g().put_row(o, row, false);
                 if *release_key {
-                    self.release_key(o, now.0);
+                    self.pass_key(o);
                 }
                 true
             }
             Settlement::DeadLetter(dl) => {
                 self.drop_delivery(o, p.row);
-                let woke = self.release_key(o, now.0);
+                self.pass_key(o);
                 let id = self.ts.last_dead.next_after(now.0);
                 self.ts.last_dead = id;
                 self.ts.dead_count += 1;
@@ -444,7 +455,7 @@ impl GroupOps<'_> {
                     Some(state::encode_dead(&dl)),
                 ));
                 self.dirty.topics.insert(self.topic.to_owned());
-                woke
+                false
             }
         }
     }

@@ -435,6 +435,8 @@ struct Dirty {
     processed: Vec<((String, String, String), Option<u64>)>,
     /// Ended idempotency keys: topic, key, when found ended (see `Batch::dedup_remove`).
     dedup_remove: Vec<(String, String, u64)>,
+    /// Rows an ordering key passed to, made due once committed (see `Batch::promote`).
+    promote: Vec<RowKey>,
 }
 
 struct Inner {
@@ -462,6 +464,7 @@ impl Inner {
             dead: dirty.dead,
             trim_spill: dirty.trim_spill,
             dedup_remove: dirty.dedup_remove,
+            promote: dirty.promote,
             ..Batch::default()
         };
         // A record of a group deleted since is removed (the group's drop comes first).
@@ -552,6 +555,20 @@ impl Inner {
         for ((t, g, o), _) in &batch.unspill {
             if let Some(gs) = group(topics, t, g) {
                 gs.unspilling.remove(o);
+            }
+        }
+        // Keys passed on by settlements now durable: their next messages become due.
+        let now = Timestamp::now().0;
+        for (t, g, o) in &batch.promote {
+            let Some(ts) = topics.get_mut(t) else {
+                continue;
+            };
+            let Some(gs) = ts.groups.get_mut(g) else {
+                continue;
+            };
+            if gs.make_due(*o, now) {
+                dirty.rows.insert((t.clone(), g.clone(), *o));
+                ts.ready.notify_waiters();
             }
         }
         for ((t, g, _, _), n) in batch.trim_spill.iter().zip(trimmed) {

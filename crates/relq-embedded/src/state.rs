@@ -617,6 +617,11 @@ pub(crate) struct Batch {
     /// `dedup` entries to remove: topic, key, and the time they were found ended (an entry
     /// written since, ending later, stays).
     pub(crate) dedup_remove: Vec<(String, String, u64)>,
+    /// Rows waiting for an ordering key that passed to them with this batch (an ack or a dead
+    /// letter of the key's holder): made due once the batch is durable, so the key's next
+    /// message never runs before the settlement of the one before it survives a crash. Not
+    /// written (a reopen passes a key whose holder is gone to its first waiting row).
+    pub(crate) promote: Vec<RowKey>,
 }
 
 impl Batch {
@@ -635,6 +640,7 @@ impl Batch {
             && self.session.is_none()
             && self.processed.is_empty()
             && self.dedup_remove.is_empty()
+            && self.promote.is_empty()
     }
 }
 

@@ -82,6 +82,16 @@ impl Backend for RedisBackend {
                 .publish_keyed(&key, &pre, &nonce, &batch, &headers)
                 .await;
         }
+        if batch.iter().any(|m| m.ordering_key().is_some()) && !self.is_keyed(topic) {
+            // Once per topic and process: reads check ordering keys on a topic marked so.
+            self.call(|mut c| {
+                let mut inv = self.scripts.mark_keyed.key(&key);
+                inv.arg(&pre);
+                async move { inv.invoke_async::<Value>(&mut c).await }
+            })
+            .await?;
+            self.note_keyed(topic);
+        }
         let started = tokio::time::Instant::now();
         let mut first = true;
         enum Attempt<'a> {
@@ -95,13 +105,8 @@ impl Backend for RedisBackend {
                     // batch is contiguous in the stream (a retry finds it by the nonce on its
                     // first entry).
                     let mut pipe = ::redis::pipe();
-                    let keyed = batch.iter().any(|m| m.ordering_key().is_some());
-                    if batch.len() > 1 || keyed {
+                    if batch.len() > 1 {
                         pipe.atomic();
-                    }
-                    if keyed {
-                        // Reads check ordering keys only on topics marked so.
-                        pipe.cmd("SET").arg(format!("{pre}keyed")).arg(1).ignore();
                     }
                     for (i, (m, h)) in batch.iter().zip(&headers).enumerate() {
                         let cmd = pipe.cmd("XADD");
@@ -288,7 +293,7 @@ impl Backend for RedisBackend {
         }
         let key = stream_key(&sub.topic);
         let pre = prefix(&sub.topic);
-        let plain_acks = {
+        let plain_acks = !self.is_keyed(&sub.topic) && {
             let history = self.with_history.lock().unwrap_or_else(|e| e.into_inner());
             batch
                 .iter()

@@ -61,6 +61,7 @@ impl RedisBackend {
             scripts: Scripts::new(),
             registered: Mutex::new(HashMap::new()),
             with_history: Mutex::new(History::default()),
+            keyed_topics: Mutex::new(Default::default()),
             needs_recovery: Mutex::new(HashSet::new()),
             due: Mutex::new(Default::default()),
             server_version: std::sync::OnceLock::new(),

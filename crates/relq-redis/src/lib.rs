@@ -82,6 +82,7 @@ struct Scripts {
     group_move: Script,
     skip: Script,
     keycheck: Script,
+    mark_keyed: Script,
     give_back: Script,
 }
 
@@ -110,6 +111,7 @@ impl Scripts {
             group_move: s(scripts::GROUP_MOVE),
             skip: s(scripts::SKIP),
             keycheck: s(scripts::KEYCHECK),
+            mark_keyed: s(scripts::MARK_KEYED),
             give_back: s(scripts::GIVE_BACK),
         }
     }
@@ -131,6 +133,9 @@ pub struct RedisBackend {
     /// Ids delivered with a failure history (`g:{G}:m`), and when: their acks go through the
     /// settle script, which deletes the history only if the ack removed the entry.
     with_history: Mutex<History>,
+    /// Topics this process has handed out a message with an ordering key from: every ack on
+    /// them goes through the settle script, which passes the key on (never the plain XACK).
+    keyed_topics: Mutex<HashSet<String>>,
     /// Subscriptions (topic, group, consumer) whose last read handed out messages but failed
     /// in a later step: the next read reports an error, so the runtime recovers the consumer's
     /// pending messages (what the failed step may have left pending for it).

@@ -21,9 +21,28 @@ impl RedisBackend {
             .insert((sub.topic.clone(), sub.group.clone(), sub.consumer.clone()));
     }
 
-    /// Notes which deliveries carry a failure history (all but first deliveries of new entries).
-    fn note_history(&self, out: &[Delivery]) {
+    /// Notes which deliveries carry a failure history (all but first deliveries of new entries),
+    /// and whether any carries an ordering key.
+    fn note_history(&self, sub: &Subscription, out: &[Delivery]) {
         self.note_history_ids(out.iter().map(|d| d.message.id));
+        if out.iter().any(|d| d.message.ordering_key().is_some()) {
+            self.note_keyed(&sub.topic);
+        }
+    }
+
+    /// Notes that `topic` carries ordering keys: this process's acks on it go through the
+    /// settle script from now on.
+    pub(crate) fn note_keyed(&self, topic: &str) {
+        let mut k = self.keyed_topics.lock().unwrap_or_else(|e| e.into_inner());
+        if !k.contains(topic) {
+            k.insert(topic.to_owned());
+        }
+    }
+
+    /// Whether this process handed out keyed messages of `topic`.
+    pub(crate) fn is_keyed(&self, topic: &str) -> bool {
+        let k = self.keyed_topics.lock().unwrap_or_else(|e| e.into_inner());
+        !k.is_empty() && k.contains(topic)
     }
 
     /// Notes deliveries whose settlement needs the settle script: those with a failure history,
@@ -82,7 +101,7 @@ impl RedisBackend {
             .filter_map(|v| id_of(v).ok())
             .collect();
         let mut out = deliveries(out)?;
-        self.note_history(&out);
+        self.note_history(sub, &out);
         let entries = stream_entries(fresh);
         let read_new = !entries.is_empty();
         if read_new {
@@ -353,11 +372,7 @@ impl RedisBackend {
                 Ok(waiting) => {
                     read.retain(|m| !waiting.contains(&m.id));
                     // Acks of keyed messages go through the settle script, which passes keys on.
-                    self.note_history_ids(
-                        read.iter()
-                            .filter(|m| m.ordering_key().is_some())
-                            .map(|m| m.id),
-                    );
+                    self.note_keyed(&sub.topic);
                 }
                 // Unchecked, the keyed entries must not run: they stay pending for this
                 // consumer, and its recovery checks them first. The others go on.
@@ -436,7 +451,7 @@ impl RedisBackend {
     }
 
     /// Runs the key check (see the KEYCHECK script) for the keyed messages among `read` (in id
-    /// order); returns those that wait for their key.
+    /// order); returns those the reader must not run.
     async fn check_keys(
         &self,
         sub: &Subscription,
@@ -444,18 +459,20 @@ impl RedisBackend {
     ) -> Result<HashSet<MessageId>, BackendError> {
         let key = stream_key(&sub.topic);
         let pre = prefix(&sub.topic);
-        let mut ids: Vec<MessageId> = read
+        let mut keyed: Vec<(MessageId, &str)> = read
             .iter()
-            .filter(|m| m.ordering_key().is_some())
-            .map(|m| m.id)
+            .filter_map(|m| Some((m.id, m.ordering_key()?)))
             .collect();
-        ids.sort_unstable();
+        keyed.sort_unstable();
         let waiting: Value = self
             .call(|mut c| {
                 let mut inv = self.scripts.keycheck.key(&key);
-                inv.arg(&pre).arg(&sub.group).arg(sub.epoch);
-                for id in &ids {
-                    inv.arg(id.to_string());
+                inv.arg(&pre)
+                    .arg(&sub.group)
+                    .arg(sub.epoch)
+                    .arg(&sub.consumer);
+                for (id, k) in &keyed {
+                    inv.arg(id.to_string()).arg(*k);
                 }
                 async move { inv.invoke_async(&mut c).await }
             })
@@ -524,7 +541,7 @@ impl RedisBackend {
         };
         self.warn_lost(sub, int(&lost) == Some(1));
         let out = deliveries(out)?;
-        self.note_history(&out);
+        self.note_history(sub, &out);
         Ok(out)
     }
 }

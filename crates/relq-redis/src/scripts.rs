@@ -152,29 +152,53 @@ local function release_key(g, id)
     redis.call('HDEL', gkey .. 'm', nid)
   end
 end
--- Checks the keys of the entries the group read after `kc` up to `upto` (every one of them was
--- delivered), in id order: an entry whose key has an unsettled entry waits (it leaves the
--- pending list for `kw`), else it holds its key. Each entry is checked once, whoever read it,
--- so keys pass in id order however reads interleave. Returns the new `kc`.
+-- Enters entry `id` of key `k`, delivered and unchecked, under its key: it holds the key if
+-- no entry of the key is unsettled; else it waits (it leaves the pending list for `kw`). Only
+-- an entry pending in the group is entered (one settled or set aside without a check is not
+-- in flight, and must not hold or wait for a key).
+local function key_enter(g, id, k)
+  local gkey = gk(g)
+  if redis.call('HEXISTS', gkey .. 'ki', id) == 1 then return end
+  local p = redis.call('XPENDING', S, g, id, id, 1)
+  if not p[1] then return end
+  local first = key_first(gkey, k)
+  redis.call('ZADD', gkey .. 'kq', 0, k .. '\0' .. pad(id))
+  redis.call('HSET', gkey .. 'ki', id, k)
+  if first then
+    redis.call('XACK', S, g, id)
+    redis.call('ZADD', gkey .. 'held', idms(id), id)
+    redis.call('ZADD', gkey .. 'kw', idms(id), id)
+  end
+end
+-- The group's last-delivered id.
+local function last_delivered(g)
+  for _, info in ipairs(redis.call('XINFO', 'GROUPS', S)) do
+    local name, last
+    for j = 1, #info, 2 do
+      if info[j] == 'name' then name = info[j + 1] end
+      if info[j] == 'last-delivered-id' then last = info[j + 1] end
+    end
+    if name == g then return last end
+  end
+  return nil
+end
+-- Checks the keys of the entries the group read after `kc` up to `upto`, in id order (see
+-- `key_enter`). Each entry is checked once, whoever read it, so keys pass in id order however
+-- reads interleave. Never past the group's last-delivered id (after a move back, entries above
+-- it are read again first). Returns the new `kc`.
 local function keys_catch_up(g, upto, kc)
   local gkey = gk(g)
-  -- A group without `kc` (created before ordering keys were used on it) starts at `upto`.
-  local from = kc and ('(' .. kc) or upto
+  local last = last_delivered(g)
+  if not last then return kc end
+  if idcmp(upto, last) > 0 then upto = last end
   if kc and idcmp(upto, kc) <= 0 then return kc end
+  -- A group without `kc` (created by a build without ordering keys) starts at `upto`.
+  local from = kc and ('(' .. kc) or upto
   while true do
     local page = redis.call('XRANGE', S, from, upto, 'COUNT', 500)
     for _, e in ipairs(page) do
-      local id = e[1]
       local k = field(e[2], 'key')
-      if k and redis.call('HEXISTS', gkey .. 'ki', id) == 0 then
-        local first = key_first(gkey, k)
-        redis.call('ZADD', gkey .. 'kq', 0, k .. '\0' .. pad(id))
-        redis.call('HSET', gkey .. 'ki', id, k)
-        if first and redis.call('XACK', S, g, id) == 1 then
-          redis.call('ZADD', gkey .. 'held', idms(id), id)
-          redis.call('ZADD', gkey .. 'kw', idms(id), id)
-        end
-      end
+      if k then key_enter(g, e[1], k) end
     end
     if #page < 500 then break end
     from = '(' .. page[#page][1]
@@ -182,9 +206,30 @@ local function keys_catch_up(g, upto, kc)
   redis.call('SET', gkey .. 'kc', upto)
   return upto
 end
+-- Marks the topic as carrying ordering keys (reads check keys from then on); the first time,
+-- every group's checks start at its cursor (nothing before was keyed).
+local function mark_keyed()
+  if redis.call('SET', P .. 'keyed', '1', 'NX') then
+    if redis.call('EXISTS', S) == 1 then
+      for _, info in ipairs(redis.call('XINFO', 'GROUPS', S)) do
+        local name, last
+        for j = 1, #info, 2 do
+          if info[j] == 'name' then name = info[j + 1] end
+          if info[j] == 'last-delivered-id' then last = info[j + 1] end
+        end
+        redis.call('SET', gk(name) .. 'kc', last, 'NX')
+      end
+    end
+  end
+end
 -- Starts a new (or recreated) group's key checks at its cursor `at` (an id, '$' or '0').
 local function keys_start(g, at)
   local gkey = gk(g)
+  -- Waiting entries of a group lost and created again leave `held` with it.
+  for _, id in ipairs(redis.call('ZRANGE', gkey .. 'kw', 0, -1)) do
+    redis.call('ZREM', gkey .. 'held', id)
+    redis.call('HDEL', gkey .. 'm', id)
+  end
   redis.call('DEL', gkey .. 'kq', gkey .. 'ki', gkey .. 'kw')
   if at == '$' then
     at = '0-0'
@@ -239,7 +284,7 @@ for n = 1, count do
   if ARGV[i + 3] ~= '' then fields[#fields + 1] = 'deliver_at'; fields[#fields + 1] = ARGV[i + 3] end
   if ARGV[i + 4] ~= '' then
     fields[#fields + 1] = 'key'; fields[#fields + 1] = ARGV[i + 4]
-    redis.call('SET', P .. 'keyed', '1')
+    mark_keyed()
   end
   if n == 1 then fields[#fields + 1] = 'nonce'; fields[#fields + 1] = nonce end
   ids[n] = redis.call('XADD', S, '*', unpack(fields))
@@ -290,7 +335,7 @@ for n = 1, count do
     if ARGV[i + 3] ~= '' then fields[#fields + 1] = 'deliver_at'; fields[#fields + 1] = ARGV[i + 3] end
     if ARGV[i + 4] ~= '' then
       fields[#fields + 1] = 'key'; fields[#fields + 1] = ARGV[i + 4]
-      redis.call('SET', P .. 'keyed', '1')
+      mark_keyed()
     end
     id = redis.call('XADD', S, '*', unpack(fields))
     if key ~= '' then
@@ -542,6 +587,14 @@ while true do
     last = id
     if keyed and (not kc or idcmp(id, kc) > 0) then kc = keys_catch_up(g, id, kc) end
     local r = redis.call('XCLAIM', S, g, c, min_idle, id, 'RETRYCOUNT', count + 1)
+    if r[1] and r[1][2] and keyed then
+      -- Keyed and still unchecked (behind `kc` after a forward move): checked now.
+      local k = field(r[1][2], 'key')
+      if k then
+        key_enter(g, id, k)
+        if redis.call('ZSCORE', gkey .. 'kw', id) then r = {} end
+      end
+    end
     if r[1] and r[1][2] then
       local fields = r[1][2]
       local at = due_at(fields)
@@ -656,28 +709,32 @@ return woke
 "#;
 
 /// Checks the ordering keys of entries a read delivered (see `keys_catch_up`). ARGV: prefix,
-/// group, epoch, then the ids the read took that carry a key, in id order. Returns those of them
-/// that wait for their key (no longer pending: the reader must not run them).
+/// group, epoch, consumer, then pairs of id and key for the entries the read took that carry a
+/// key, in id order. Returns those the reader must not run: waiting for their key, or no longer
+/// pending for it (another check made one wait and its key passed to it since: it is delivered
+/// from the schedule).
 pub(super) const KEYCHECK: &str = r#"
-local g = ARGV[2]
+local g, c = ARGV[2], ARGV[4]
 if ended(ARGV[3]) then return redis.error_reply('RELQ_TERMINATED the topic was terminated') end
 if deleted(g) then return redis.error_reply(GROUP_DELETED) end
 local gkey = gk(g)
-local kc = redis.call('GET', gkey .. 'kc')
--- Ids the read took that a forward move put behind `kc`, unchecked: checked now.
-for i = 4, #ARGV do
-  local id = ARGV[i]
-  if kc and idcmp(id, kc) <= 0 and redis.call('HEXISTS', gkey .. 'ki', id) == 0 then
-    keys_catch_up(g, id, nil)
-    redis.call('SET', gkey .. 'kc', kc)
-  end
-end
-keys_catch_up(g, ARGV[#ARGV], kc)
+local kc = keys_catch_up(g, ARGV[#ARGV - 1], redis.call('GET', gkey .. 'kc'))
 local out = {}
-for i = 4, #ARGV do
-  if redis.call('ZSCORE', gkey .. 'kw', ARGV[i]) then out[#out + 1] = ARGV[i] end
+for i = 5, #ARGV, 2 do
+  local id = ARGV[i]
+  -- Behind `kc` unchecked (a forward move, or a group without `kc`): checked now.
+  if redis.call('HEXISTS', gkey .. 'ki', id) == 0 then key_enter(g, id, ARGV[i + 1]) end
+  local p = redis.call('XPENDING', S, g, id, id, 1)
+  if redis.call('ZSCORE', gkey .. 'kw', id) or not p[1] or p[1][2] ~= c then out[#out + 1] = id end
 end
 return out
+"#;
+
+/// Marks a topic as carrying ordering keys (see `mark_keyed`), before a publish of keyed
+/// messages that does not run a script. ARGV: prefix. Returns 1.
+pub(super) const MARK_KEYED: &str = r#"
+mark_keyed()
+return 1
 "#;
 
 /// Stops a message for every group. ARGV: prefix, id. Returns 0 if the topic does not exist.
@@ -799,7 +856,15 @@ if not topic_exists() then return {} end
 local out = {}
 for i = 2, #ARGV, 4 do
   if redis.call('XDEL', P .. 'dl', ARGV[i]) == 1 then
-    local id = redis.call('XADD', S, '*', 'type', ARGV[i + 1], 'data', ARGV[i + 2], 'headers', ARGV[i + 3])
+    local id
+    local ok, h = pcall(cjson.decode, ARGV[i + 3])
+    local k = ok and type(h) == 'table' and h['relq-ordering-key']
+    if type(k) == 'string' and k ~= '' then
+      mark_keyed()
+      id = redis.call('XADD', S, '*', 'type', ARGV[i + 1], 'data', ARGV[i + 2], 'headers', ARGV[i + 3], 'key', k)
+    else
+      id = redis.call('XADD', S, '*', 'type', ARGV[i + 1], 'data', ARGV[i + 2], 'headers', ARGV[i + 3])
+    end
     out[#out + 1] = {ARGV[i], id}
   end
 end

@@ -350,3 +350,98 @@ pub async fn unkeyed_messages_are_not_held_and_bad_keys_are_refused(b: Broker) {
     let runs: Vec<String> = log.all().into_iter().map(|s| s.payload).collect();
     assert_eq!(runs, ["a:0", "free:0", "free:1", "a:0"]);
 }
+
+/// Two groups of one topic, consumed in one process, each keep every key's order and finish:
+/// an ack in one group passes the key on in that group only.
+pub async fn two_groups_keep_key_order_independently(b: Broker) {
+    let topic = unique("order-groups");
+    let mut batch = Vec::new();
+    for n in 0..10 {
+        for k in 0..3 {
+            batch.push(keyed(&format!("k{k}"), n));
+        }
+    }
+    b.publish_batch(&topic, batch).await.unwrap();
+    let logs = [Log::default(), Log::default()];
+    let mut handles = Vec::new();
+    for (g, log) in ["g1", "g2"].into_iter().zip(&logs) {
+        handles.push(
+            b.consumer(&topic, g)
+                .start(StartPosition::Earliest)
+                .concurrency(4)
+                .handler("job", ok_handler(log))
+                .build()
+                .unwrap()
+                .start()
+                .await
+                .unwrap(),
+        );
+    }
+    wait_until("both groups handled 30", LONG, || async {
+        logs.iter().all(|l| l.len() >= 30)
+    })
+    .await;
+    for h in handles {
+        h.shutdown(LONG).await;
+    }
+    for log in &logs {
+        for (k, seq) in per_key(&log.all()) {
+            assert_eq!(seq, (0..10).collect::<Vec<_>>(), "key {k}");
+        }
+    }
+    wait_until("nothing pending or blocked", LONG, || async {
+        let info = b.topic_info(&topic).await.unwrap();
+        info.groups.iter().all(|g| g.pending == 0 && g.blocked == 0)
+    })
+    .await;
+}
+
+/// A replayed dead letter keeps its ordering key: it waits behind the key's message in flight.
+pub async fn a_replayed_dead_letter_keeps_its_key(b: Broker) {
+    let topic = unique("order-replay");
+    b.publish(&topic, keyed("a", 0)).await.unwrap();
+    let log = Log::default();
+    let l = log.clone();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let g = gate.clone();
+    let c = b
+        .consumer(&topic, "g")
+        .start(StartPosition::Earliest)
+        .concurrency(4)
+        .handler("job", move |m: Message| {
+            l.record(&m);
+            let g = g.clone();
+            async move {
+                match (m.payload.as_ref(), m.header(relq::HEADER_REPLAY_OF)) {
+                    (b"a:0", None) => Err(HandlerError::permanent(std::io::Error::other("bad"))),
+                    (b"a:1", _) => {
+                        let _ = g.acquire().await;
+                        Ok(())
+                    }
+                    _ => Ok(()),
+                }
+            }
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    wait_until("dead-lettered", LONG, || async {
+        dead_count(&b, &topic).await == 1
+    })
+    .await;
+    b.publish(&topic, keyed("a", 1)).await.unwrap();
+    wait_until("a:1 running", LONG, || async { log.len() == 2 }).await;
+    let dl = first_dead_letter(&b, &topic).await;
+    b.dead_letters(&topic).replay(&[dl.id]).await.unwrap();
+    wait_until("the replay blocked behind a:1", LONG, || async {
+        b.topic_info(&topic).await.unwrap().groups[0].blocked == 1
+    })
+    .await;
+    assert_eq!(log.len(), 2);
+    gate.add_permits(1);
+    wait_until("the replay handled", LONG, || async { log.len() == 3 }).await;
+    c.shutdown(LONG).await;
+    assert_eq!(log.all()[2].payload, "a:0");
+}
