@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use relq::{Broker, EmbeddedBackend, Message, NewMessage, StartPosition};
+use relq::{Broker, Message, NewMessage, StartPosition};
 use serde_json::json;
 
 use crate::bench_rate::Where;
@@ -111,25 +111,11 @@ pub(crate) async fn run(args: OrderingArgs, json_out: bool) -> anyhow::Result<()
         args.keys > 0 && args.messages > 0 && args.rounds > 0 && args.consumers > 0,
         "--keys, --messages, --rounds and --consumers must be above zero"
     );
-    let server = match args.backend {
-        Where::Redis => match relq_redis_server::RedisServer::start() {
-            Some(s) => Some(s),
-            None => {
-                anyhow::bail!("redis-server is not installed (apt-get install -y redis-server)")
-            }
-        },
-        _ => None,
-    };
+    let server = args.backend.server()?;
     let mut rounds = Vec::new();
     for round in 0..args.rounds {
         let scratch = crate::bench::Scratch::new(&std::env::temp_dir(), "ordering");
-        let broker = match (&server, args.backend) {
-            (Some(s), _) => Broker::connect(&s.url()).await?,
-            (None, Where::Embedded) => {
-                Broker::from_arc(Arc::new(EmbeddedBackend::open(&scratch.0)?))
-            }
-            (None, _) => Broker::memory(),
-        };
+        let broker = args.backend.broker(server.as_ref(), &scratch).await?;
         let tag = fastrand::u32(..);
         let mut rates = [0.0f64; 2];
         let order: [bool; 2] = if round % 2 == 0 {

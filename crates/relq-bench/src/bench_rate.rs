@@ -24,6 +24,34 @@ pub(crate) enum Where {
 }
 
 impl Where {
+    /// The redis-server this backend needs, started (none for the others).
+    pub(crate) fn server(self) -> anyhow::Result<Option<relq_redis_server::RedisServer>> {
+        match self {
+            Where::Redis => match relq_redis_server::RedisServer::start() {
+                Some(s) => Ok(Some(s)),
+                None => {
+                    anyhow::bail!("redis-server is not installed (apt-get install -y redis-server)")
+                }
+            },
+            _ => Ok(None),
+        }
+    }
+
+    /// A broker on this backend: on `server`, in `scratch`, or in memory.
+    pub(crate) async fn broker(
+        self,
+        server: Option<&relq_redis_server::RedisServer>,
+        scratch: &crate::bench::Scratch,
+    ) -> anyhow::Result<Broker> {
+        Ok(match (server, self) {
+            (Some(s), _) => Broker::connect(&s.url()).await?,
+            (None, Where::Embedded) => {
+                Broker::from_arc(Arc::new(EmbeddedBackend::open(&scratch.0)?))
+            }
+            (None, _) => Broker::memory(),
+        })
+    }
+
     pub(crate) fn name(self) -> &'static str {
         match self {
             Where::Memory => "memory",
@@ -62,25 +90,11 @@ pub(crate) async fn run(args: RateArgs, json_out: bool) -> anyhow::Result<()> {
         args.messages > 2 * bucket && args.rounds > 0 && args.consumers > 0,
         "--messages must exceed twice the limit's count ({bucket}), and --rounds and --consumers be above zero"
     );
-    let server = match args.backend {
-        Where::Redis => match relq_redis_server::RedisServer::start() {
-            Some(s) => Some(s),
-            None => {
-                anyhow::bail!("redis-server is not installed (apt-get install -y redis-server)")
-            }
-        },
-        _ => None,
-    };
+    let server = args.backend.server()?;
     let mut ratios = Vec::new();
     for round in 0..args.rounds {
         let scratch = crate::bench::Scratch::new(&std::env::temp_dir(), "rate");
-        let broker = match (&server, args.backend) {
-            (Some(s), _) => Broker::connect(&s.url()).await?,
-            (None, Where::Embedded) => {
-                Broker::from_arc(Arc::new(EmbeddedBackend::open(&scratch.0)?))
-            }
-            (None, _) => Broker::memory(),
-        };
+        let broker = args.backend.broker(server.as_ref(), &scratch).await?;
         let topic = format!("rate-{round}-{:08x}", fastrand::u32(..));
         let mut i = 0;
         while i < args.messages {

@@ -150,14 +150,6 @@ impl<Id: Ord + Copy + std::hash::Hash> KeyQueues<Id> {
     pub fn first_waiting(&self) -> Option<Id> {
         self.waiting.first().copied()
     }
-
-    /// Waiting ids in `range`.
-    pub fn waiting_in(
-        &self,
-        range: impl std::ops::RangeBounds<Id>,
-    ) -> impl Iterator<Item = Id> + '_ {
-        self.waiting.range(range).copied()
-    }
 }
 
 #[cfg(test)]

@@ -126,10 +126,7 @@ impl Slots {
 
     /// Waits until every one of the run's own slots is free (its handlers are done).
     pub(crate) async fn drain(&self, all: u32) {
-        if let Ok(p) = self.own.acquire_many(all).await {
-            p.forget();
-            self.own.add_permits(all as usize);
-        }
+        let _ = self.own.acquire_many(all).await;
     }
 
     /// The run's own slots in use.
